@@ -1,0 +1,72 @@
+"""The Celery configuration derived from `Settings`: queues, acknowledgement and broker options."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from config.settings import Settings
+
+#: New orders: consumed by every worker.
+MAIN_QUEUE: Final = "oncelery"
+#: Retries and replays: their own queue, so a storm of failures cannot starve new orders.
+RETRY_QUEUE: Final = "oncelery.retry"
+
+#: How often the embedded file broker looks for new messages, in seconds.
+_FILESYSTEM_POLLING_INTERVAL: Final = 0.05
+
+
+def broker_transport_options(settings: Settings) -> dict[str, object]:
+    """Transport options for the configured broker family."""
+    if settings.broker_kind == "filesystem":
+        folder = settings.broker_dir
+        return {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "control_folder": str(folder / "control"),
+            "polling_interval": _FILESYSTEM_POLLING_INTERVAL,
+        }
+    if settings.broker_kind == "amqp":
+        # Without confirms a publish into a restarting RabbitMQ can "succeed" and vanish.
+        return {"confirm_publish": True}
+    return {}
+
+
+def prepare_broker(settings: Settings) -> None:
+    """Create what the embedded broker needs on disk (its folders); other brokers need nothing."""
+    if settings.broker_kind == "filesystem":
+        for name in ("queue", "control"):
+            (settings.broker_dir / name).mkdir(parents=True, exist_ok=True)
+
+
+def celery_config(settings: Settings) -> dict[str, object]:
+    """The Celery settings oncelery runs with (lower-case setting names)."""
+    embedded = settings.broker_kind == "filesystem"
+    hard_limit = settings.step_time_limit + 5.0
+    return {
+        "broker_url": settings.broker_url,
+        "broker_transport_options": broker_transport_options(settings),
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "event_serializer": "json",
+        "result_backend": None,
+        "task_ignore_result": True,
+        # Ack after the step is recorded; a killed child's message goes back to the broker.
+        # The ledger absorbs the duplicates this causes and counts attempts so a poison
+        # message cannot loop forever.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 4,
+        "task_default_queue": MAIN_QUEUE,
+        "task_create_missing_queues": True,
+        "task_soft_time_limit": settings.step_time_limit,
+        "task_time_limit": hard_limit,
+        "worker_send_task_events": settings.task_events and not embedded,
+        "task_send_sent_event": settings.task_events and not embedded,
+        # The file transport has no broadcast between separate hosts worth having.
+        "worker_enable_remote_control": not embedded,
+        "timezone": "UTC",
+        "enable_utc": True,
+        "worker_hijack_root_logger": False,
+    }

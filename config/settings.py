@@ -1,0 +1,204 @@
+"""The one `Settings` object, read from the environment: the only reader of `os.environ`.
+
+Unset `DATABASE_URL` / `BROKER_URL` mean the embedded default: SQLite and kombu's file-based
+transport under `ONCELERY_DATA_DIR`, so a newcomer needs no server at all.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Annotated, Final
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+#: Where `oncelery sandbox` listens unless told otherwise, and where steps look for it.
+DEFAULT_PROVIDER_URL: Final = "http://127.0.0.1:8765"
+
+_DATABASE_SCHEMES: Final = ("postgresql+psycopg", "sqlite")
+_BROKER_SCHEMES: Final = ("amqp", "pyamqp", "redis", "rediss", "filesystem")
+
+
+class ConfigError(Exception):
+    """Raised when an environment variable holds a value oncelery cannot use."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        self.variable = variable
+        self.problem = problem
+        super().__init__(f"{variable}: {problem}")
+
+
+def _env(name: str) -> AliasChoices:
+    return AliasChoices(name)
+
+
+class Settings(BaseSettings):
+    """Everything oncelery can be told, each field named after its environment variable."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ONCELERY_", extra="ignore", frozen=True, populate_by_name=True
+    )
+
+    database_url_raw: str | None = Field(
+        default=None, validation_alias=_env("DATABASE_URL"), repr=False
+    )
+    broker_url_raw: str | None = Field(
+        default=None, validation_alias=_env("BROKER_URL"), repr=False
+    )
+    data_dir: Path = Field(default=Path(".oncelery"), validation_alias=_env("ONCELERY_DATA_DIR"))
+    provider_url: str = Field(default=DEFAULT_PROVIDER_URL, validation_alias=_env("PROVIDER_URL"))
+    webhook_secret: SecretStr | None = Field(default=None, validation_alias=_env("WEBHOOK_SECRET"))
+    api_token: SecretStr | None = Field(default=None, validation_alias=_env("API_TOKEN"))
+    flower_basic_auth: SecretStr | None = Field(
+        default=None, validation_alias=_env("FLOWER_BASIC_AUTH")
+    )
+
+    #: Seconds a step may wait for one provider answer before it counts as a timeout.
+    provider_timeout: float = Field(default=5.0, gt=0, le=300)
+    #: Seconds a claimed step stays leased to its owner; must outlast the step's time limit.
+    step_lease: float = Field(default=60.0, gt=0, le=86_400)
+    #: Soft time limit of one step attempt; the hard limit is a few seconds later.
+    step_time_limit: float = Field(default=30.0, gt=0, le=3_600)
+    #: Attempts per step before the job is dead-lettered (counted by the ledger, crashes included).
+    retry_max_attempts: int = Field(default=8, ge=1, le=100)
+    #: First retry delay in seconds; each further attempt doubles it (full jitter applies).
+    retry_backoff_base: float = Field(default=0.5, gt=0, le=3_600)
+    #: The longest delay between two attempts, in seconds.
+    retry_backoff_max: float = Field(default=30.0, gt=0, le=86_400)
+    #: Modules declaring extra pipelines, imported by workers and the CLI (comma-separated).
+    pipelines: Annotated[tuple[str, ...], NoDecode] = ()
+    #: Whether workers send task events (Flower needs them; they cost a little CPU per task).
+    task_events: bool = True
+
+    @field_validator("database_url_raw")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        try:
+            url = make_url(value.strip())
+        except ArgumentError:
+            raise ValueError(
+                "is not a URL; expected postgresql+psycopg://… or sqlite:///…"
+            ) from None
+        drivername = url.drivername
+        if drivername in ("postgresql", "postgres"):
+            # A bare postgresql:// would make SQLAlchemy look for psycopg2, which we do not ship.
+            return url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+        if drivername not in _DATABASE_SCHEMES:
+            raise ValueError(
+                f"scheme {drivername!r} is not supported; expected postgresql+psycopg://… or sqlite:///…"
+            )
+        return url.render_as_string(hide_password=False)
+
+    @field_validator("broker_url_raw")
+    @classmethod
+    def _check_broker_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        scheme, sep, _ = value.strip().partition("://")
+        if not sep or scheme not in _BROKER_SCHEMES:
+            raise ValueError(f"expected amqp://… or redis://…, got a URL with scheme {scheme!r}")
+        return value.strip()
+
+    @field_validator("provider_url")
+    @classmethod
+    def _check_provider_url(cls, value: str) -> str:
+        scheme, sep, rest = value.strip().partition("://")
+        if scheme not in ("http", "https") or not sep or not rest:
+            raise ValueError("expected an http:// or https:// URL")
+        return value.strip().rstrip("/")
+
+    @field_validator("flower_basic_auth")
+    @classmethod
+    def _check_basic_auth(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and ":" not in value.get_secret_value():
+            raise ValueError("expected user:password")
+        return value
+
+    @field_validator("pipelines", mode="before")
+    @classmethod
+    def _split_pipelines(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @property
+    def embedded_database(self) -> bool:
+        """True when the ledger lives in the embedded SQLite file."""
+        return self.database_url_raw is None
+
+    @property
+    def database_url(self) -> str:
+        """The ledger's SQLAlchemy URL: `DATABASE_URL`, or a SQLite file in the data folder."""
+        if self.database_url_raw is not None:
+            return self.database_url_raw
+        return f"sqlite:///{(self.data_dir / 'ledger.sqlite3').resolve()}"
+
+    @property
+    def broker_url(self) -> str:
+        """The broker URL: `BROKER_URL`, or kombu's file-based transport."""
+        return self.broker_url_raw or "filesystem://"
+
+    @property
+    def broker_kind(self) -> str:
+        """`amqp`, `redis` or `filesystem`: the family of the configured broker."""
+        scheme = self.broker_url.partition("://")[0]
+        return {"pyamqp": "amqp", "rediss": "redis"}.get(scheme, scheme)
+
+    @property
+    def broker_dir(self) -> Path:
+        """Where the embedded broker keeps its message files."""
+        return (self.data_dir / "broker").resolve()
+
+
+#: Which environment variable each field is read from, for error messages.
+_VARIABLES: Final = {
+    "database_url_raw": "DATABASE_URL",
+    "broker_url_raw": "BROKER_URL",
+    "data_dir": "ONCELERY_DATA_DIR",
+    "provider_url": "PROVIDER_URL",
+    "webhook_secret": "WEBHOOK_SECRET",
+    "api_token": "API_TOKEN",
+    "flower_basic_auth": "FLOWER_BASIC_AUTH",
+}
+
+
+def _variable_for(location: str) -> str:
+    if location in _VARIABLES:
+        return _VARIABLES[location]
+    if location in _VARIABLES.values():
+        return location
+    return f"ONCELERY_{location.upper()}"
+
+
+def load_settings() -> Settings:
+    """Read the settings from the environment.
+
+    Raises:
+        ConfigError: naming the first variable whose value is unusable (never echoing it,
+            since URLs carry passwords).
+    """
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        location = str(first["loc"][0]) if first["loc"] else "environment"
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(_variable_for(location), message) from None
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once (tests call `get_settings.cache_clear()`)."""
+    return load_settings()
+
+
+def child_environment(overrides: dict[str, str]) -> dict[str, str]:
+    """This process's environment with `overrides`, for the processes oncelery starts (the
+    demo's workers and sandbox): they read their settings from it like any other."""
+    return {**os.environ, **overrides}

@@ -1,0 +1,304 @@
+"""The `oncelery` command line. Exit codes: 0 success, 1 failure of the work (or drift found),
+2 bad input or usage, always as one line on stderr, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+from uuid import UUID
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.table import Table
+
+from config import ConfigError, Settings, get_settings
+from jobs.errors import InvalidEvent, JobError
+from ledger import JSON, JobNotFound, JobStore, LedgerError, create_engine, upgrade
+
+cli = typer.Typer(
+    name="oncelery",
+    help="Business processes run exactly once on Celery.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+db_cli = typer.Typer(help="The ledger's database.", no_args_is_help=True)
+cli.add_typer(db_cli, name="db")
+
+stdout = Console(soft_wrap=True)
+stderr = Console(stderr=True, soft_wrap=True)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+
+
+class BadInput(Exception):
+    """A command's input is wrong: exit 2 with this one line."""
+
+
+def print_json(value: object) -> None:
+    """Print one JSON object on stdout."""
+    sys.stdout.write(json.dumps(value, default=str) + "\n")
+
+
+def _store(settings: Settings) -> JobStore:
+    return JobStore(engine=create_engine(settings.database_url))
+
+
+@db_cli.command("upgrade")
+def db_upgrade() -> None:
+    """Create or migrate the ledger's tables (safe to run again)."""
+    settings = get_settings()
+    upgrade(create_engine(settings.database_url))
+    stderr.print("ledger schema is up to date")
+
+
+@cli.command()
+def enqueue(
+    source: Annotated[str, typer.Argument(help="A JSON event or JSON Lines file, or - for stdin.")],
+) -> None:
+    """Start one order-placed job per event; prints one job id per line.
+
+    Every event is validated before any is enqueued. The same event id again prints the same
+    job id and enqueues nothing.
+    """
+    from jobs.app import CeleryDispatch
+    from jobs.enqueue import enqueue_orders, parse_events
+
+    text = _read_source(source)
+    events = parse_events(text)
+    settings = get_settings()
+    for item in enqueue_orders(_store(settings), CeleryDispatch(), events):
+        stdout.print(item.job_id, highlight=False)
+        if not item.sent:
+            stderr.print(
+                f"warning: job {item.job_id} is stored but not yet sent; the sweeper will send it"
+            )
+
+
+def _read_source(source: str) -> str:
+    if source == "-":
+        return sys.stdin.read()
+    path = Path(source)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadInput(f"FILE: no such file: {source}") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise BadInput(f"FILE: cannot read {source}: {exc}") from None
+
+
+@cli.command()
+def history(
+    job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    as_json: JsonFlag = False,
+) -> None:
+    """A job's state and every step's state, attempts, input, output, error and duration."""
+    from jobs.history import history_view
+    from jobs.runtime import load_pipelines
+
+    parsed = _job_id(job_id)
+    settings = get_settings()
+    load_pipelines(settings)
+    view = history_view(_store(settings).history(parsed))
+    if as_json:
+        print_json(view)
+        return
+    _print_history(view)
+
+
+def _job_id(value: str) -> UUID:
+    try:
+        return UUID(value)
+    except ValueError:
+        raise BadInput(f"JOB_ID: not a job id: {value!r}") from None
+
+
+def _print_history(view: dict[str, JSON]) -> None:
+    stdout.print(
+        f"job {view['job_id']} ({view['pipeline']}, event {view['event_id']}): {view['state']}"
+    )
+    table = Table("step", "state", "attempts", "duration ms", "output / error")
+    steps = view["steps"] if isinstance(view["steps"], list) else []
+    for step in steps:
+        if not isinstance(step, dict):
+            continue
+        shown = step["error"] if step["error"] is not None else step["output"]
+        table.add_row(
+            str(step["name"]),
+            str(step["state"]) + (" (dedup)" if step["deduplicated"] else ""),
+            str(step["attempts"]),
+            str(step["duration_ms"] or ""),
+            json.dumps(shown)[:100],
+        )
+    stdout.print(table)
+
+
+@cli.command()
+def audit(
+    as_json: JsonFlag = False,
+    sandbox_db: Annotated[
+        Path | None,
+        typer.Option(
+            help="Read the sandbox's effects from its file instead of asking it over HTTP."
+        ),
+    ] = None,
+) -> None:
+    """Reconcile the ledger with the effects the sandbox provider applied; exit 1 on drift."""
+    from jobs.audit import run_audit
+
+    report, source = run_audit(get_settings(), sandbox_db=sandbox_db)
+    stderr.print(f"effects read from {source}")
+    if as_json:
+        print_json(report.as_json())
+    else:
+        stdout.print(
+            f"effects: {dict(report.effects)}; duplicates: {dict(report.duplicates)}; "
+            f"ledger entries: {report.ledger_entries}; in flight: {report.in_flight}"
+        )
+        for drift in report.drift[:50]:
+            stdout.print(
+                f"DRIFT {drift.problem}: {drift.kind} key={drift.key} "
+                f"order={drift.order_id} {drift.detail}"
+            )
+        stdout.print("clean" if report.clean else f"{len(report.drift)} drift finding(s)")
+    if not report.clean:
+        raise typer.Exit(1)
+
+
+@cli.command()
+def demo(
+    orders: Annotated[int, typer.Option(min=1, max=1_000_000, help="How many orders.")] = 200,
+    fault_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of provider calls answered 5xx.")
+    ] = 0.0,
+    timeout_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share that hang past the timeout.")
+    ] = 0.0,
+    lost_reply_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share applied whose reply is lost.")
+    ] = 0.0,
+    latency_ms: Annotated[int, typer.Option(min=0, help="Added provider latency.")] = 0,
+    declined_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of customers whose card is declined.")
+    ] = 0.0,
+    workers: Annotated[int, typer.Option(min=1, max=16, help="Worker processes.")] = 2,
+    concurrency: Annotated[int, typer.Option(min=1, max=64, help="Pool size per worker.")] = 2,
+    timeout: Annotated[
+        float, typer.Option(min=1.0, help="Give up waiting after this many seconds.")
+    ] = 600.0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Start the sandbox and workers, run N generated orders, and report what the provider saw."""
+    from jobs.demo import DemoOptions, run_demo
+
+    if fault_rate + timeout_rate + lost_reply_rate > 1:
+        raise BadInput("--fault-rate, --timeout-rate and --lost-reply-rate add up to more than 1")
+    options = DemoOptions(
+        orders=orders,
+        fault_rate=fault_rate,
+        timeout_rate=timeout_rate,
+        lost_reply_rate=lost_reply_rate,
+        latency_ms=latency_ms,
+        declined_rate=declined_rate,
+        workers=workers,
+        concurrency=concurrency,
+        timeout=timeout,
+    )
+    settings = get_settings()
+    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=stderr, transient=as_json) as bar:
+        task = bar.add_task("orders finished", total=orders)
+        report = run_demo(
+            settings, options, lambda done, total: bar.update(task, completed=done, total=total)
+        )
+    if as_json:
+        print_json(report.as_json())
+    else:
+        _print_demo(report.as_json())
+    if report.stuck or not report.audit_clean:
+        raise typer.Exit(1)
+
+
+def _print_demo(figures: dict[str, object]) -> None:
+    table = Table("figure", "value", title="oncelery demo (counted at the provider)")
+    for name, value in figures.items():
+        if name != "drift":
+            table.add_row(name, str(value))
+    stdout.print(table)
+
+
+@cli.command()
+def sandbox(
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8765,
+    host: str = "127.0.0.1",
+    db: Annotated[
+        Path | None, typer.Option(help="Its SQLite file (default: in the data folder).")
+    ] = None,
+    fault_rate: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.0,
+    timeout_rate: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.0,
+    lost_reply_rate: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.0,
+    latency_ms: Annotated[int, typer.Option(min=0)] = 0,
+    hang_seconds: Annotated[
+        float, typer.Option(min=0.0, help="How long a timeout or lost reply hangs.")
+    ] = 30.0,
+    no_idempotency: Annotated[
+        bool, typer.Option("--no-idempotency", help="Ignore Idempotency-Key.")
+    ] = False,
+) -> None:
+    """Run the sandbox provider: customers, prices, payments and notifications over HTTP."""
+    from pydantic import ValidationError
+
+    from jobs.sandbox import Faults, serve
+
+    try:
+        faults = Faults(
+            fault_rate=fault_rate,
+            timeout_rate=timeout_rate,
+            lost_reply_rate=lost_reply_rate,
+            latency_ms=latency_ms,
+        )
+    except ValidationError as exc:
+        raise BadInput(f"faults: {exc.errors()[0]['msg']}") from None
+    path = db if db is not None else get_settings().data_dir / "sandbox.sqlite3"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stderr.print(f"sandbox provider on http://{host}:{port} (effects in {path})")
+    serve(
+        host=host,
+        port=port,
+        db_path=path,
+        faults=faults,
+        honour_keys=not no_idempotency,
+        hang_seconds=hang_seconds,
+    )
+
+
+def _fail(code: int, message: str) -> NoReturn:
+    stderr.print(f"error: {message}", highlight=False, markup=False, soft_wrap=True)
+    sys.exit(code)
+
+
+def main() -> None:
+    """The console script: run the CLI, turning every known error into one line and an exit code."""
+    command = typer.main.get_command(cli)
+    try:
+        result = command.main(prog_name="oncelery", standalone_mode=False)
+    except click.UsageError as exc:
+        _fail(2, exc.format_message().replace("\n", " "))
+    except click.exceptions.Abort:
+        _fail(130, "interrupted")
+    except (ConfigError, InvalidEvent, BadInput) as exc:
+        _fail(2, str(exc))
+    except JobNotFound as exc:
+        _fail(1, str(exc))
+    except (LedgerError, JobError, RuntimeError) as exc:
+        _fail(1, str(exc))
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

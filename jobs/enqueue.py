@@ -1,0 +1,115 @@
+"""Turning order-placed events into jobs: parse and validate every event first, then write the
+job rows, then publish their first steps.
+
+The job row is committed before anything is sent: if the publish is lost, the job is still in
+the ledger (pending) and the sweeper sends it again; the broker never holds the only copy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from jobs.errors import InvalidEvent
+from jobs.orders import OrderPlaced, order_job, order_placed
+from jobs.pipelines import Pipeline
+from jobs.runner import Dispatch
+from ledger import JobStore, NewJob
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    """One event's job: its id, whether this call created it (False: seen before), and whether
+    its first step was published (when not, the job waits in the ledger for the sweeper)."""
+
+    job_id: str
+    created: bool
+    sent: bool = True
+
+
+def parse_events(text: str) -> list[OrderPlaced]:
+    """Parse one JSON event, or JSON Lines (one event a line; blank lines are skipped).
+
+    Raises:
+        InvalidEvent: naming the line (for JSON Lines) and the field of the first problem.
+    """
+    stripped = text.strip()
+    if not stripped:
+        raise InvalidEvent("no event given (empty input)")
+    try:
+        whole = json.loads(stripped)
+    except json.JSONDecodeError:
+        whole = None
+    else:
+        if isinstance(whole, dict):
+            return [_validate(whole, line=None)]
+    events = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidEvent(f"not JSON ({exc.msg} at column {exc.colno})", line=number) from None
+        events.append(_validate(value, line=number))
+    return events
+
+
+def _validate(value: object, *, line: int | None) -> OrderPlaced:
+    if not isinstance(value, dict):
+        raise InvalidEvent(f"expected a JSON object, got {type(value).__name__}", line=line)
+    try:
+        return OrderPlaced.model_validate(value)
+    except ValidationError as exc:
+        raise InvalidEvent(describe_validation_error(exc), line=line) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """The first problem of a validation error, naming its field (`items[0].quantity: …`)."""
+    first = exc.errors()[0]
+    field = "".join(
+        f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]
+    ).lstrip(".")
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown field"
+    more = len(exc.errors()) - 1
+    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    return f"{field or 'event'}: {message}{suffix}"
+
+
+def start_jobs(
+    store: JobStore, dispatch: Dispatch, pipeline: Pipeline[object], new_jobs: Sequence[NewJob]
+) -> list[Enqueued]:
+    """Create the jobs (deduplicated by event id), then publish the first step of each new one."""
+    first = pipeline.steps[0].name
+    answer = []
+    for job_id, is_new in store.create_jobs(new_jobs):
+        sent = True
+        if is_new:
+            try:
+                dispatch.send(pipeline.name, first, str(job_id))
+            except Exception as exc:  # noqa: BLE001 - the job is stored; the sweeper sends it
+                sent = False
+                logger.warning(
+                    "job %s stored but not sent (%s); the sweeper will send it",
+                    job_id,
+                    exc,
+                    extra={"action": "send_failed", "job_id": str(job_id), "step": first},
+                )
+        answer.append(Enqueued(str(job_id), is_new, sent))
+    return answer
+
+
+def enqueue_orders(
+    store: JobStore, dispatch: Dispatch, events: Sequence[OrderPlaced]
+) -> list[Enqueued]:
+    """Start one order-placed job per event."""
+    pipeline: Pipeline[object] = order_placed  # type: ignore[assignment]
+    return start_jobs(store, dispatch, pipeline, [order_job(event) for event in events])

@@ -1,0 +1,60 @@
+"""The jobs package's exceptions: one root, `JobError`; `TransientError` and `PermanentError`
+decide retry (see `jobs/retry.py`), the rest name a situation the CLI or intake reports."""
+
+from __future__ import annotations
+
+
+class JobError(Exception):
+    """Root of every error the jobs package raises."""
+
+
+class TransientError(JobError):
+    """Raised by a step when trying again later may succeed (timeouts, 5xx, 429, connection).
+
+    Args:
+        message: what went wrong, for the history.
+        retry_after: seconds the other side asked us to wait (`Retry-After`), if it did.
+        maybe_applied: True when the request may have taken effect before the failure (a
+            timeout after sending it); an at-most-once step must not repeat it.
+    """
+
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, maybe_applied: bool = False
+    ) -> None:
+        self.retry_after = retry_after
+        self.maybe_applied = maybe_applied
+        super().__init__(message)
+
+
+class PermanentError(JobError):
+    """Raised by a step when trying again cannot help (4xx, validation, a declined card)."""
+
+
+class InvalidEvent(JobError):
+    """Raised when an event (or a line of a JSON Lines file) is not a valid order-placed event.
+
+    The message names the line (when there are lines) and the field.
+    """
+
+    def __init__(self, problem: str, *, line: int | None = None) -> None:
+        self.problem = problem
+        self.line = line
+        where = f"line {line}: " if line is not None else ""
+        super().__init__(f"{where}{problem}")
+
+
+class UnknownPipeline(JobError):
+    """Raised when a job or command names a pipeline nobody declared."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"no pipeline named {name!r} is declared")
+
+
+class ProviderUnavailable(JobError):
+    """Raised when the sandbox provider cannot be reached (by the audit, say)."""
+
+    def __init__(self, url: str, detail: str) -> None:
+        self.url = url
+        self.detail = detail
+        super().__init__(f"provider at {url} is unreachable: {detail}")

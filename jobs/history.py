@@ -1,0 +1,88 @@
+"""A job's history as people and scripts read it: its state, then each step with its state,
+attempts, input, output, error, duration and events."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from jobs.errors import UnknownPipeline
+from jobs.pipelines import registry
+from ledger import JSON, EventKind, Job, JobHistory, StepEntry, StepEvent
+
+
+def history_view(history: JobHistory) -> dict[str, JSON]:
+    """The JSON object `oncelery history --json` prints."""
+    job = history.job
+    entries = {entry.key: entry for entry in history.entries}
+    steps: list[JSON] = []
+    earlier: dict[str, JSON] = {}
+    for name in _step_order(history):
+        events = [event for event in history.events if event.step == name]
+        entry = entries.get(job.step_keys[name])
+        steps.append(_step_view(job, name, entry, events, dict(earlier)))
+        if name in job.results:
+            earlier[name] = job.results[name]
+    return {
+        "job_id": str(job.id),
+        "pipeline": job.pipeline,
+        "event_id": job.event_id,
+        "state": str(job.state),
+        "current_step": job.current_step,
+        "created_at": _time(job.created_at),
+        "updated_at": _time(job.updated_at),
+        "finished_at": _time(job.finished_at),
+        "steps": steps,
+    }
+
+
+def _step_order(history: JobHistory) -> list[str]:
+    try:
+        return [step.name for step in registry.get(history.job.pipeline).steps]
+    except UnknownPipeline:
+        # A pipeline this process did not load: the plan's own order is still meaningful.
+        return list(history.job.step_keys)
+
+
+def _step_view(
+    job: Job, name: str, entry: StepEntry | None, events: list[StepEvent], earlier: dict[str, JSON]
+) -> JSON:
+    adopted = any(event.kind is EventKind.DEDUPLICATED for event in events)
+    state = "not_started" if entry is None else str(entry.state)
+    if adopted:
+        state = "succeeded"
+    errors = [
+        event.detail
+        for event in events
+        if event.kind in (EventKind.FAILED, EventKind.DEAD_LETTERED)
+    ]
+    last_error = errors[-1].get("error") if errors and isinstance(errors[-1], dict) else None
+    durations = [event.duration_ms for event in events if event.kind is EventKind.SUCCEEDED]
+    return {
+        "name": name,
+        "key": job.step_keys[name],
+        "state": state,
+        "deduplicated": adopted,
+        "attempts": entry.attempts if entry is not None and not adopted else 0,
+        "input": {"context": dict(job.context), "results": earlier},
+        "output": job.results.get(name),
+        "error": last_error if state != "succeeded" else None,
+        "errors": len(errors),
+        "duration_ms": round(durations[-1], 3) if durations and durations[-1] is not None else None,
+        "started_at": _time(entry.started_at) if entry else None,
+        "finished_at": _time(entry.finished_at) if entry else None,
+        "events": [_event_view(event) for event in events],
+    }
+
+
+def _event_view(event: StepEvent) -> JSON:
+    return {
+        "kind": str(event.kind),
+        "attempt": event.attempt,
+        "at": _time(event.at),
+        "duration_ms": round(event.duration_ms, 3) if event.duration_ms is not None else None,
+        "detail": event.detail,
+    }
+
+
+def _time(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None

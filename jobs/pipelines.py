@@ -1,0 +1,176 @@
+"""The public API to declare a pipeline: an ordered list of named steps, each a plain function.
+
+A step function receives a `StepContext` (the job's context, the earlier steps' recorded
+results, its idempotency key) and returns a JSON-able result. The engine claims, records,
+retries and chains; the function only acts.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import string
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from config import Settings
+from jobs.errors import UnknownPipeline
+from jobs.retry import RetryPolicy
+from ledger import JSON, NewJob
+
+R = TypeVar("R")
+
+
+class Delivery(enum.StrEnum):
+    """What a step promises about its effect on the outside world."""
+
+    #: The provider honours idempotency keys: a repeat after a crash is deduplicated there.
+    EXACTLY_ONCE = "exactly_once"
+    #: The provider ignores keys: a crash between acting and recording leaves the step
+    #: `unknown` and the job dead-lettered for a person, never silently resent.
+    AT_MOST_ONCE = "at_most_once"
+
+
+@dataclass(frozen=True)
+class StepContext(Generic[R]):
+    """What a step function receives."""
+
+    job_id: str
+    pipeline: str
+    step: str
+    #: The idempotency key: pass it to the provider (e.g. as `Idempotency-Key`).
+    key: str
+    #: This attempt's number, from 1.
+    attempt: int
+    #: The job's input, as enqueued.
+    context: Mapping[str, JSON]
+    #: The recorded results of the steps before this one, by step name.
+    results: Mapping[str, JSON]
+    #: The pipeline's per-process resources (an HTTP client, say).
+    resources: R
+
+
+@dataclass(frozen=True)
+class Step(Generic[R]):
+    """One named step of a pipeline.
+
+    Args:
+        name: unique within the pipeline; part of the Celery task name.
+        run: the function that acts.
+        key: the idempotency key, a template over the job's context (`"order:{order_id}:charge"`)
+            or a function of it; derive it from the business identity, not from the job id, so
+            the same request arriving as two events is still done once.
+        delivery: exactly-once (the provider honours keys) or at-most-once.
+        effect: the kind of outside effect this step applies (`"charge"`), for the audit.
+        retry: this step's retry policy; the settings' policy when None.
+    """
+
+    name: str
+    run: Callable[[StepContext[R]], JSON]
+    key: str | Callable[[Mapping[str, JSON]], str]
+    delivery: Delivery = Delivery.EXACTLY_ONCE
+    effect: str | None = None
+    retry: RetryPolicy | None = None
+
+    def key_for(self, context: Mapping[str, JSON]) -> str:
+        """This step's idempotency key for a job context."""
+        if callable(self.key):
+            return self.key(context)
+        fields = {name for _, name, _, _ in string.Formatter().parse(self.key) if name}
+        missing = sorted(fields - set(context))
+        if missing:
+            raise KeyError(f"key template {self.key!r} needs context fields {missing}")
+        return self.key.format_map(context)
+
+
+@dataclass(frozen=True)
+class Pipeline(Generic[R]):
+    """An ordered list of named steps, and the per-process resources they share.
+
+    Args:
+        name: unique; part of the Celery task names (`oncelery.<name>.<step>`).
+        steps: run in order; each sees the results of those before it.
+        resources: builds what the steps share from the settings, once per worker process
+            (after the fork, so sockets are never shared between processes).
+    """
+
+    name: str
+    steps: Sequence[Step[R]]
+    resources: Callable[[Settings], R]
+    _by_name: dict[str, Step[R]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.steps:
+            raise ValueError(f"pipeline {self.name!r} has no steps")
+        by_name = {step.name: step for step in self.steps}
+        if len(by_name) != len(self.steps):
+            raise ValueError(f"pipeline {self.name!r} has two steps with the same name")
+        object.__setattr__(self, "_by_name", by_name)
+        registry.add(self)
+
+    def step(self, name: str) -> Step[R]:
+        """The step called `name`."""
+        return self._by_name[name]
+
+    def next_step(self, name: str) -> Step[R] | None:
+        """The step after `name`, or None after the last one."""
+        names = [step.name for step in self.steps]
+        index = names.index(name) + 1
+        return self.steps[index] if index < len(self.steps) else None
+
+    def new_job(self, event_id: str, context: Mapping[str, JSON]) -> NewJob:
+        """The job to create for one event: every step's key, and the context's fingerprint."""
+        return NewJob(
+            pipeline=self.name,
+            event_id=event_id,
+            context=context,
+            fingerprint=fingerprint(self.name, context),
+            step_keys={step.name: step.key_for(context) for step in self.steps},
+            first_step=self.steps[0].name,
+        )
+
+
+def fingerprint(pipeline: str, context: Mapping[str, JSON]) -> str:
+    """A stable hash of a pipeline name and a job context (key order does not matter)."""
+    canonical = json.dumps([pipeline, context], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class PipelineRegistry:
+    """Every declared pipeline, by name; the Celery app binds a task to each step."""
+
+    def __init__(self) -> None:
+        self._pipelines: dict[str, Pipeline[object]] = {}
+        self._listeners: list[Callable[[Pipeline[object]], None]] = []
+
+    def add(self, pipeline: Pipeline[R]) -> None:
+        """Declare a pipeline (done by `Pipeline` itself); redeclaring a name replaces it."""
+        self._pipelines[pipeline.name] = pipeline  # type: ignore[assignment]
+        for listener in self._listeners:
+            listener(pipeline)  # type: ignore[arg-type]
+
+    def get(self, name: str) -> Pipeline[object]:
+        """The pipeline called `name`.
+
+        Raises:
+            UnknownPipeline: none was declared under that name.
+        """
+        try:
+            return self._pipelines[name]
+        except KeyError:
+            raise UnknownPipeline(name) from None
+
+    def on_add(self, listener: Callable[[Pipeline[object]], None]) -> None:
+        """Call `listener` for every pipeline declared so far and from now on."""
+        self._listeners.append(listener)
+        for pipeline in list(self._pipelines.values()):
+            listener(pipeline)
+
+    def __iter__(self) -> Iterator[Pipeline[object]]:
+        return iter(list(self._pipelines.values()))
+
+
+#: The process-wide registry every `Pipeline` adds itself to.
+registry = PipelineRegistry()

@@ -1,0 +1,138 @@
+"""Starting and stopping the processes the demo (and the tests) run: Celery workers and the
+sandbox provider, each in its own session so it is stopped by its process group id."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+from config import MAIN_QUEUE, RETRY_QUEUE
+
+
+@dataclass
+class ManagedProcess:
+    """A process we started, with its log file."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    _log: IO[bytes]
+
+    @property
+    def pid(self) -> int:
+        """The process id (also its process group id)."""
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        """Whether it is still running."""
+        return self.popen.poll() is None
+
+    def signal(self, signum: int) -> None:
+        """Send a signal to the whole process group (a prefork worker's children included)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signum)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL after `timeout` seconds; reaps the process."""
+        if self.alive():
+            self.signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.popen.wait(timeout=timeout)
+        # Orphaned children of a killed leader keep the group id: make sure none survive.
+        self.signal(signal.SIGKILL)
+        self._log.close()
+
+
+def start(name: str, argv: list[str], *, env: dict[str, str], log_dir: Path) -> ManagedProcess:
+    """Start `argv` in a new session, its output appended to `<log_dir>/<name>.log`."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    log = log_path.open("ab")
+    popen = subprocess.Popen(  # noqa: S603 - argv is built by us, never by a shell
+        argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    return ManagedProcess(name, popen, log_path, log)
+
+
+def worker_argv(
+    name: str, *, concurrency: int, pool: str = "prefork", loglevel: str = "INFO"
+) -> list[str]:
+    """A `celery -A jobs worker` command line consuming the main and the retry queue."""
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "jobs",
+        "worker",
+        "--hostname",
+        f"{name}@%h",
+        "--concurrency",
+        str(concurrency),
+        "--pool",
+        pool,
+        "--queues",
+        f"{MAIN_QUEUE},{RETRY_QUEUE}",
+        "--loglevel",
+        loglevel,
+        "--without-gossip",
+        "--without-mingle",
+    ]
+
+
+def sandbox_argv(port: int, *, db_path: Path, options: list[str]) -> list[str]:
+    """An `oncelery sandbox` command line."""
+    return [
+        sys.executable,
+        "-m",
+        "jobs.cli",
+        "sandbox",
+        "--port",
+        str(port),
+        "--db",
+        str(db_path),
+        *options,
+    ]
+
+
+def wait_until_answers(url: str, *, process: ManagedProcess, timeout: float = 30.0) -> None:
+    """Wait until `url` answers 200, failing early if the process died.
+
+    Raises:
+        RuntimeError: the process exited, or nothing answered in time.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not process.alive():
+            raise RuntimeError(f"{process.name} exited early; see {process.log_path}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{process.name} did not answer at {url} within {timeout:.0f}s")
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether nothing listens on `host:port`."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        return probe.connect_ex((host, port)) != 0
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

@@ -1,0 +1,77 @@
+"""The retry policy: which errors are worth retrying, and how long to wait before the next try.
+
+Retry is decided here, by exception type, and nowhere else; backoff is a pure function of the
+attempt number and a random draw.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from billiard.exceptions import SoftTimeLimitExceeded
+
+from jobs.errors import PermanentError, TransientError
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often, and how patiently, a step is tried.
+
+    Args:
+        max_attempts: attempts in all (crashed ones included) before the job is dead-lettered.
+        backoff_base: the ceiling of the first retry's delay, in seconds; it doubles per attempt.
+        backoff_max: the ceiling of any delay, in seconds.
+    """
+
+    max_attempts: int = 8
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1 or self.backoff_base <= 0 or self.backoff_max <= 0:
+            raise ValueError(f"invalid retry policy: {self}")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What to do after a failed attempt: retry after `delay` seconds, or give up (None)."""
+
+    delay: float | None
+    reason: str
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors worth retrying: `TransientError`, a step's soft time limit, and the
+    standard library's connection errors and timeouts. Anything else, a bug included, is
+    permanent: retrying a bug only repeats it, and the dead letter waits for the fix."""
+    return isinstance(exc, TransientError | SoftTimeLimitExceeded | ConnectionError | TimeoutError)
+
+
+def backoff(attempt: int, policy: RetryPolicy, draw: float) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(max, base · 2^(attempt-1))].
+
+    Args:
+        attempt: the attempt that just failed, from 1.
+        policy: the step's policy.
+        draw: a number in [0, 1), e.g. `random.random()`.
+    """
+    exponent = min(attempt - 1, 62)
+    ceiling = min(policy.backoff_max, policy.backoff_base * (2.0**exponent))
+    return ceiling * draw
+
+
+def decide(
+    exc: BaseException, attempt: int, policy: RetryPolicy, rng: random.Random | None = None
+) -> Verdict:
+    """Whether, and when, to try again after `exc` ended attempt number `attempt`."""
+    if isinstance(exc, PermanentError) or not is_transient(exc):
+        return Verdict(None, "permanent")
+    if attempt >= policy.max_attempts:
+        return Verdict(None, "attempts_exhausted")
+    delay = backoff(attempt, policy, (rng or random).random())
+    retry_after = exc.retry_after if isinstance(exc, TransientError) else None
+    if retry_after is not None:
+        # The other side said when it can take us again: never sooner, but within our cap.
+        delay = max(delay, min(retry_after, policy.backoff_max))
+    return Verdict(delay, "transient")

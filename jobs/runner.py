@@ -1,0 +1,238 @@
+"""Running one step of one job: claim → act → record, then hand the job on.
+
+Celery-free on purpose: `jobs/app.py` binds it to tasks through a `Dispatch`, and tests can
+drive it with their own.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import time
+import traceback
+from typing import NoReturn, Protocol
+from uuid import UUID
+
+from jobs import retry
+from jobs.errors import TransientError
+from jobs.pipelines import Delivery, Pipeline, Step, StepContext
+from jobs.runtime import Runtime
+from ledger import (
+    JSON,
+    AlreadySucceeded,
+    Claim,
+    Failure,
+    FingerprintMismatch,
+    InFlight,
+    JobInactive,
+    JobState,
+    LeaseLost,
+    OutcomeUnknown,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class Dispatch(Protocol):
+    """How the runner hands a job on."""
+
+    def send(self, pipeline: str, step: str, job_id: str) -> None:
+        """Publish a step of a job now."""
+
+    def retry_later(self, delay: float) -> NoReturn:
+        """Publish the current step again after `delay` seconds, and end this attempt."""
+
+
+class Outcome(enum.StrEnum):
+    """How one delivery of a step ended."""
+
+    SUCCEEDED = "succeeded"
+    RETRYING = "retrying"
+    DEAD_LETTERED = "dead_lettered"
+    #: The key was already recorded: a duplicate delivery, absorbed by the ledger.
+    DUPLICATE = "duplicate"
+    #: The job may not run (finished, cancelled, dead-lettered, missing).
+    INACTIVE = "inactive"
+    #: The lease was taken over while acting: this owner neither records nor continues.
+    FENCED = "fenced"
+
+
+def run_step(
+    rt: Runtime, dispatch: Dispatch, pipeline: Pipeline[object], step: Step[object], job_id: str
+) -> Outcome:
+    """Run one delivery of a step; see DESIGN.md, "The step protocol"."""
+    job = UUID(job_id)
+    log = {"job_id": job_id, "step": step.name}
+    try:
+        outcome = rt.ledger.claim_step(
+            job, step.name, takeover_expired=step.delivery is Delivery.EXACTLY_ONCE
+        )
+    except FingerprintMismatch as exc:
+        logger.error("%s", exc, extra={"action": "dead_letter", **log, "key": exc.key})
+        rt.ledger.dead_letter(job, step.name, _error_json(exc, retryable=False), key=exc.key)
+        return Outcome.DEAD_LETTERED
+    if isinstance(outcome, JobInactive):
+        logger.info("job is %s; step not run", outcome.state, extra={"action": "skip", **log})
+        return Outcome.INACTIVE
+    if isinstance(outcome, InFlight):
+        logger.info(
+            "key in flight elsewhere", extra={"action": "in_flight", **log, "key": outcome.key}
+        )
+        dispatch.retry_later(outcome.retry_in)
+    if isinstance(outcome, OutcomeUnknown):
+        error: JSON = {
+            "type": "OutcomeUnknown",
+            "message": "owner vanished between acting and recording",
+            "retryable": False,
+        }
+        logger.error("outcome unknown", extra={"action": "dead_letter", **log, "key": outcome.key})
+        rt.ledger.declare_unknown(outcome, error)
+        return Outcome.DEAD_LETTERED
+    if isinstance(outcome, AlreadySucceeded):
+        return _absorb_duplicate(rt, dispatch, pipeline, step, outcome)
+    return _act(rt, dispatch, pipeline, step, outcome)
+
+
+def _absorb_duplicate(
+    rt: Runtime,
+    dispatch: Dispatch,
+    pipeline: Pipeline[object],
+    step: Step[object],
+    outcome: AlreadySucceeded,
+) -> Outcome:
+    following = pipeline.next_step(step.name)
+    next_name = following.name if following else None
+    if outcome.recorded_for_this_job:
+        # A redelivery after the record: the next step's publish may have been lost with
+        # the worker, so publish it again; a second copy is absorbed the same way.
+        if following is not None and outcome.current_step == next_name:
+            dispatch.send(pipeline.name, following.name, str(outcome.job_id))
+    elif rt.ledger.adopt_result(outcome, next_step=next_name) is JobState.RUNNING and following:
+        dispatch.send(pipeline.name, following.name, str(outcome.job_id))
+    logger.info(
+        "duplicate absorbed",
+        extra={
+            "action": "duplicate",
+            "job_id": str(outcome.job_id),
+            "step": step.name,
+            "key": outcome.key,
+        },
+    )
+    return Outcome.DUPLICATE
+
+
+def _act(
+    rt: Runtime, dispatch: Dispatch, pipeline: Pipeline[object], step: Step[object], claim: Claim
+) -> Outcome:
+    policy = step.retry or rt.retry_policy
+    if claim.attempt > policy.max_attempts:
+        # Only crashed attempts get here: a message that kills its worker every time.
+        error: JSON = {
+            "type": "worker_lost",
+            "retryable": False,
+            "message": f"{claim.attempt - 1} attempts ended without a record",
+        }
+        return _record_failure(rt, dispatch, claim, Failure(error=error, retry_in=None))
+    ctx = StepContext(
+        job_id=str(claim.job_id),
+        pipeline=pipeline.name,
+        step=step.name,
+        key=claim.key,
+        attempt=claim.attempt,
+        context=claim.context,
+        results=claim.results,
+        resources=rt.resources_for(pipeline),
+    )
+    started = time.monotonic()
+    try:
+        result = step.run(ctx)
+        json.dumps(result)
+    except Exception as exc:  # noqa: BLE001 - every failure is classified and recorded
+        duration_ms = (time.monotonic() - started) * 1000
+        return _handle_failure(rt, dispatch, step, claim, exc, duration_ms)
+    duration_ms = (time.monotonic() - started) * 1000
+    following = pipeline.next_step(step.name)
+    try:
+        recorded = rt.ledger.record_success(
+            claim, result, next_step=following.name if following else None, duration_ms=duration_ms
+        )
+    except LeaseLost as exc:
+        logger.warning("%s", exc, extra={"action": "fenced", **_log(claim)})
+        return Outcome.FENCED
+    logger.info("step succeeded", extra={"action": "succeeded", **_log(claim)})
+    if following is not None and recorded.job_state is JobState.RUNNING:
+        dispatch.send(pipeline.name, following.name, str(claim.job_id))
+    return Outcome.SUCCEEDED
+
+
+def _handle_failure(
+    rt: Runtime,
+    dispatch: Dispatch,
+    step: Step[object],
+    claim: Claim,
+    exc: Exception,
+    duration_ms: float,
+) -> Outcome:
+    policy = step.retry or rt.retry_policy
+    verdict = retry.decide(exc, claim.attempt, policy)
+    error = _error_json(exc, retryable=verdict.delay is not None)
+    if verdict.reason == "attempts_exhausted":
+        error["reason"] = verdict.reason
+    maybe_applied = isinstance(exc, TransientError) and exc.maybe_applied
+    if step.delivery is Delivery.AT_MOST_ONCE and maybe_applied:
+        # The provider ignores keys and may have acted: repeating could do it twice.
+        rt.ledger.declare_unknown(
+            OutcomeUnknown(claim.job_id, claim.step, claim.key, claim.attempt), error
+        )
+        return Outcome.DEAD_LETTERED
+    failure = Failure(error=error, retry_in=verdict.delay, duration_ms=duration_ms)
+    return _record_failure(rt, dispatch, claim, failure)
+
+
+def _record_failure(rt: Runtime, dispatch: Dispatch, claim: Claim, failure: Failure) -> Outcome:
+    try:
+        recorded = rt.ledger.record_failure(claim, failure)
+    except LeaseLost as exc:
+        logger.warning("%s", exc, extra={"action": "fenced", **_log(claim)})
+        return Outcome.FENCED
+    if failure.retry_in is None:
+        logger.error(
+            "step failed for good: %s",
+            _message(failure.error),
+            extra={"action": "dead_letter", **_log(claim)},
+        )
+        return Outcome.DEAD_LETTERED
+    logger.warning(
+        "step failed, retrying in %.2fs: %s",
+        failure.retry_in,
+        _message(failure.error),
+        extra={"action": "retry", **_log(claim)},
+    )
+    if recorded.job_state is not JobState.RUNNING:
+        return Outcome.INACTIVE
+    dispatch.retry_later(failure.retry_in)
+
+
+def _error_json(exc: BaseException, *, retryable: bool) -> dict[str, JSON]:
+    error: dict[str, JSON] = {
+        "type": type(exc).__name__,
+        "message": str(exc)[:2000],
+        "retryable": retryable,
+    }
+    if not retryable:
+        error["traceback"] = "".join(traceback.format_exception(exc))[-8000:]
+    return error
+
+
+def _message(error: JSON) -> str:
+    return str(error.get("message", "")) if isinstance(error, dict) else str(error)
+
+
+def _log(claim: Claim) -> dict[str, object]:
+    return {
+        "job_id": str(claim.job_id),
+        "step": claim.step,
+        "key": claim.key,
+        "attempt": claim.attempt,
+    }

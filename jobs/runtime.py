@@ -1,0 +1,71 @@
+"""`Runtime`: what one process needs to run steps: its engine, ledger, store and the pipelines'
+resources, built after the fork so no connection is ever shared between processes."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+
+from sqlalchemy.engine import Engine
+
+from config import Settings
+from jobs.pipelines import Pipeline, registry
+from jobs.retry import RetryPolicy
+from ledger import JobStore, StepLedger, create_engine
+
+
+@dataclass
+class Runtime:
+    """One process's connections and resources."""
+
+    settings: Settings
+    engine: Engine
+    ledger: StepLedger
+    store: JobStore
+    retry_policy: RetryPolicy
+    pid: int = field(default_factory=os.getpid)
+    _resources: dict[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Runtime:
+        """Open an engine and build the ledger and store on it."""
+        engine = create_engine(settings.database_url)
+        return cls(
+            settings=settings,
+            engine=engine,
+            ledger=StepLedger(engine=engine, lease_seconds=settings.step_lease),
+            store=JobStore(engine=engine),
+            retry_policy=RetryPolicy(
+                max_attempts=settings.retry_max_attempts,
+                backoff_base=settings.retry_backoff_base,
+                backoff_max=settings.retry_backoff_max,
+            ),
+        )
+
+    def resources_for(self, pipeline: Pipeline[object]) -> object:
+        """The pipeline's resources in this process, built on first use."""
+        if pipeline.name not in self._resources:
+            self._resources[pipeline.name] = pipeline.resources(self.settings)
+        return self._resources[pipeline.name]
+
+    def close(self) -> None:
+        """Release the connections (resources with a `close` method are closed too)."""
+        for resource in self._resources.values():
+            close = getattr(resource, "close", None)
+            if callable(close):
+                close()
+        self._resources.clear()
+        self.engine.dispose()
+
+
+def load_pipelines(settings: Settings) -> None:
+    """Import the order-placed pipeline and the modules named in `ONCELERY_PIPELINES`."""
+    importlib.import_module("jobs.orders")
+    for module in settings.pipelines:
+        importlib.import_module(module)
+
+
+def declared_pipelines() -> list[Pipeline[object]]:
+    """Every pipeline declared in this process."""
+    return list(registry)

@@ -1,0 +1,191 @@
+"""Engines, transactions and the few places where Postgres and SQLite differ.
+
+Must not import celery, kombu, jobs or config: the ledger is used and tested on its own.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.expression import ColumnElement, FunctionElement
+
+from ledger.errors import DatabaseUnavailable, LedgerError, SchemaMissing
+
+#: Seconds a SQLite writer waits for the file lock before giving up.
+_SQLITE_BUSY_TIMEOUT: Final = 30.0
+
+
+def create_engine(url: str, *, pool_size: int = 5) -> Engine:
+    """An engine for `url`, tuned for the ledger.
+
+    Create one per process: a pooled connection inherited across `fork` is shared by parent
+    and child and corrupts both (see DESIGN.md, hazard 7).
+    """
+    if url.startswith("sqlite"):
+        database = sa.make_url(url).database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(
+            url, connect_args={"timeout": _SQLITE_BUSY_TIMEOUT, "isolation_level": None}
+        )
+        event.listen(engine, "connect", _configure_sqlite)
+        event.listen(engine, "begin", _begin_immediate)
+        return engine
+    # Pre-ping: after a Postgres restart, pooled connections are dead; find out before use.
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size)
+
+
+def _configure_sqlite(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets readers and one writer share the file across worker processes.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _begin_immediate(connection: Connection) -> None:
+    # A deferred transaction that reads and then writes can fail with "database is locked"
+    # without waiting; taking the write lock up front makes SQLite queue writers instead.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def is_postgres(engine_or_connection: Engine | Connection) -> bool:
+    """True on Postgres, False on SQLite."""
+    return engine_or_connection.dialect.name == "postgresql"
+
+
+@contextmanager
+def transaction(engine: Engine) -> Iterator[Connection]:
+    """A transaction, committed on exit; driver errors come out as ledger errors."""
+    with wrap_errors(), engine.begin() as conn:
+        yield conn
+
+
+@contextmanager
+def single_statement(engine: Engine) -> Iterator[Connection]:
+    """A connection for one statement: on Postgres in autocommit, one round trip with no
+    BEGIN and COMMIT around it; on SQLite a transaction, which costs no round trip."""
+    if not is_postgres(engine):
+        with transaction(engine) as conn:
+            yield conn
+        return
+    with wrap_errors(), engine.connect() as conn:
+        yield conn.execution_options(isolation_level="AUTOCOMMIT")
+
+
+@contextmanager
+def wrap_errors() -> Iterator[None]:
+    """Turn driver errors into `LedgerError`s, so no psycopg or sqlite3 type escapes."""
+    try:
+        yield
+    except (OperationalError, ProgrammingError) as exc:
+        raise classify_error(exc) from exc
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise DatabaseUnavailable(_first_line(exc)) from exc
+        raise
+
+
+def classify_error(exc: DBAPIError) -> LedgerError:
+    """The ledger error a driver error stands for."""
+    message = str(exc.orig).lower()
+    if "no such table" in message or ("relation" in message and "does not exist" in message):
+        return SchemaMissing()
+    return DatabaseUnavailable(_first_line(exc))
+
+
+def _first_line(exc: DBAPIError) -> str:
+    return str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc).__name__
+
+
+def insert_for(dialect_name: str) -> Any:
+    """The dialect's `insert` construct, which knows `ON CONFLICT`."""
+    return postgresql.insert if dialect_name == "postgresql" else sqlite.insert
+
+
+def for_update_skip_locked(select: sa.Select[Any], dialect_name: str) -> sa.Select[Any]:
+    """Lock the selected rows, skipping rows other sessions hold (Postgres); SQLite has one
+    writer at a time, which already serialises sweepers."""
+    if dialect_name == "postgresql":
+        return select.with_for_update(skip_locked=True)
+    return select
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive timestamps; they are UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+class utcnow(FunctionElement[datetime]):  # noqa: N801 - reads as the SQL function it renders
+    """The database's clock, so leases compare against one clock, not each worker's."""
+
+    type = sa.DateTime(timezone=True)
+    inherit_cache = True
+
+
+class utcnow_plus(FunctionElement[datetime]):  # noqa: N801
+    """The database's clock plus a number of seconds (a bound parameter)."""
+
+    type = sa.DateTime(timezone=True)
+    inherit_cache = True
+
+
+class json_set_key(FunctionElement[Any]):  # noqa: N801
+    """A JSON object with one more key: `json_set_key(column, key, value)`."""
+
+    inherit_cache = True
+
+
+@compiles(utcnow, "postgresql")
+def _utcnow_pg(_element: utcnow, _compiler: SQLCompiler, **_kw: Any) -> str:
+    return "statement_timestamp()"
+
+
+@compiles(utcnow, "sqlite")
+def _utcnow_sqlite(_element: utcnow, _compiler: SQLCompiler, **_kw: Any) -> str:
+    return "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+
+
+@compiles(utcnow_plus, "postgresql")
+def _utcnow_plus_pg(element: utcnow_plus, compiler: SQLCompiler, **kw: Any) -> str:
+    (seconds,) = element.clauses
+    return f"statement_timestamp() + make_interval(secs => {compiler.process(seconds, **kw)})"
+
+
+@compiles(utcnow_plus, "sqlite")
+def _utcnow_plus_sqlite(element: utcnow_plus, compiler: SQLCompiler, **kw: Any) -> str:
+    (seconds,) = element.clauses
+    modifier = f"printf('%+f seconds', {compiler.process(seconds, **kw)})"
+    return f"strftime('%Y-%m-%d %H:%M:%f', 'now', {modifier})"
+
+
+@compiles(json_set_key, "postgresql")
+def _json_set_key_pg(element: json_set_key, compiler: SQLCompiler, **kw: Any) -> str:
+    column, key, value = (compiler.process(clause, **kw) for clause in element.clauses)
+    return f"({column} || jsonb_build_object({key}::text, {value}))"
+
+
+@compiles(json_set_key, "sqlite")
+def _json_set_key_sqlite(element: json_set_key, compiler: SQLCompiler, **kw: Any) -> str:
+    column, key, value = (compiler.process(clause, **kw) for clause in element.clauses)
+    return f"json_set({column}, '$.\"' || {key} || '\"', json({value}))"
+
+
+def seconds(value: float) -> ColumnElement[float]:
+    """A bound number of seconds for `utcnow_plus`."""
+    return sa.literal(value, sa.Float())

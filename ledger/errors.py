@@ -1,0 +1,69 @@
+"""The ledger's exceptions: one root, `LedgerError`, and a subclass per situation.
+
+No driver exception (psycopg, sqlite3) escapes `ledger/`: they are wrapped at the edge.
+"""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+
+class LedgerError(Exception):
+    """Root of every error the ledger raises."""
+
+
+class DatabaseUnavailable(LedgerError):
+    """Raised when the database cannot be reached or dropped the connection mid-statement.
+
+    The statement may or may not have been applied (an ambiguous commit); every ledger write
+    is idempotent per owner token, so the caller may simply try again.
+    """
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(f"database unavailable: {detail}")
+
+
+class SchemaMissing(LedgerError):
+    """Raised when the ledger's tables are not there: run `oncelery db upgrade` first."""
+
+    def __init__(self) -> None:
+        super().__init__("the ledger's tables are missing; run `oncelery db upgrade`")
+
+
+class JobNotFound(LedgerError):
+    """Raised when a job id names no job."""
+
+    def __init__(self, job_id: UUID | str) -> None:
+        self.job_id = job_id
+        super().__init__(f"no job {job_id}")
+
+
+class FingerprintMismatch(LedgerError):
+    """Raised when a key is claimed for a request that differs from the one it was first used for.
+
+    A key reused for different input is a bug in how keys are derived, not a duplicate: acting
+    on it could, say, skip a charge whose amount changed.
+    """
+
+    def __init__(self, key: str, job_id: UUID, step: str) -> None:
+        self.key = key
+        self.job_id = job_id
+        self.step = step
+        super().__init__(
+            f"idempotency key {key!r} was first used for a different request "
+            f"(job {job_id}, step {step!r})"
+        )
+
+
+class LeaseLost(LedgerError):
+    """Raised when an owner records a step whose lease another owner took over.
+
+    The late owner (a paused or partitioned worker) must neither record nor continue the chain.
+    """
+
+    def __init__(self, key: str, job_id: UUID, step: str) -> None:
+        self.key = key
+        self.job_id = job_id
+        self.step = step
+        super().__init__(f"lease on {key!r} (job {job_id}, step {step!r}) was taken over")

@@ -1,0 +1,89 @@
+"""Every table of the ledger, declared once on one `MetaData` with named constraints.
+
+Alembic migrations are generated from this module and reviewed by hand.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+from ledger.types import EventKind, JobState, StepState
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+#: JSON on SQLite, JSONB on Postgres (compact, and `||` merges objects).
+JSONDocument = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+#: 64-bit ids on Postgres; SQLite only auto-increments an INTEGER PRIMARY KEY.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+Timestamp = sa.DateTime(timezone=True)
+
+
+def _one_of(column: str, values: type[JobState] | type[StepState] | type[EventKind]) -> str:
+    return f"{column} IN ({', '.join(repr(str(v)) for v in values)})"
+
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", sa.Uuid(), primary_key=True),
+    sa.Column("pipeline", sa.String(100), nullable=False),
+    sa.Column("event_id", sa.String(200), nullable=False),
+    sa.Column("state", sa.String(20), nullable=False),
+    sa.Column("context", JSONDocument, nullable=False),
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("step_keys", JSONDocument, nullable=False),
+    sa.Column("results", JSONDocument, nullable=False),
+    sa.Column("current_step", sa.String(100), nullable=True),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("updated_at", Timestamp, nullable=False),
+    sa.Column("finished_at", Timestamp, nullable=True),
+    sa.UniqueConstraint("pipeline", "event_id"),
+    sa.CheckConstraint(_one_of("state", JobState), name="state"),
+)
+# The sweeper and `status` look for unfinished jobs by age; finished ones are the bulk.
+sa.Index("ix_jobs_state_updated_at", jobs.c.state, jobs.c.updated_at)
+
+ledger_entries = sa.Table(
+    "ledger_entries",
+    metadata,
+    sa.Column("key", sa.String(300), primary_key=True),
+    sa.Column("job_id", sa.Uuid(), sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("step", sa.String(100), nullable=False),
+    sa.Column("state", sa.String(20), nullable=False),
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("owner", sa.Uuid(), nullable=True),
+    sa.Column("locked_until", Timestamp, nullable=True),
+    sa.Column("attempts", sa.Integer(), nullable=False),
+    sa.Column("result", JSONDocument, nullable=True),
+    sa.Column("error", JSONDocument, nullable=True),
+    sa.Column("started_at", Timestamp, nullable=True),
+    sa.Column("finished_at", Timestamp, nullable=True),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("updated_at", Timestamp, nullable=False),
+    sa.CheckConstraint(_one_of("state", StepState), name="state"),
+)
+sa.Index("ix_ledger_entries_job_id", ledger_entries.c.job_id)
+
+step_events = sa.Table(
+    "step_events",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.Uuid(), sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("step", sa.String(100), nullable=False),
+    sa.Column("key", sa.String(300), nullable=True),
+    sa.Column("attempt", sa.Integer(), nullable=True),
+    sa.Column("kind", sa.String(30), nullable=False),
+    sa.Column("at", Timestamp, nullable=False),
+    sa.Column("duration_ms", sa.Float(), nullable=True),
+    sa.Column("detail", JSONDocument, nullable=True),
+)
+sa.Index("ix_step_events_job_id_id", step_events.c.job_id, step_events.c.id)

@@ -1,0 +1,379 @@
+"""`StepLedger`: the claim → act → record protocol over idempotency keys, fenced by owner token.
+
+Must not import celery, kombu, jobs or config. On Postgres the happy path of a step is two
+statements (claim, record), each one round trip in autocommit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+from uuid import UUID, uuid4
+
+from sqlalchemy.engine import Engine
+
+from ledger import db, queries
+from ledger.errors import DatabaseUnavailable, FingerprintMismatch, LeaseLost, LedgerError
+from ledger.types import (
+    JSON,
+    AlreadySucceeded,
+    Claim,
+    ClaimOutcome,
+    EventKind,
+    InFlight,
+    JobInactive,
+    JobState,
+    OutcomeUnknown,
+    Recorded,
+    StepState,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Shortest wait suggested to a claimant that found a live lease, in seconds.
+_MIN_IN_FLIGHT_WAIT = 0.5
+
+
+class StepNotInJob(LedgerError):
+    """Raised when a job's plan has no key for the step being claimed."""
+
+    def __init__(self, job_id: UUID, step: str) -> None:
+        self.job_id = job_id
+        self.step = step
+        super().__init__(f"job {job_id} has no step {step!r}")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How a step attempt failed, as recorded in the ledger and the job's history."""
+
+    error: JSON
+    #: Seconds until the next attempt, or None when the job is dead-lettered instead.
+    retry_in: float | None
+    duration_ms: float | None = None
+
+
+class StepLedger:
+    """Claims, records and fences steps; usable from plain Python, without Celery.
+
+    Args:
+        engine: where the ledger lives (one engine per process).
+        lease_seconds: how long a claim stays its owner's before another may take it over.
+        unavailable_for: how long a call keeps retrying while the database is unreachable.
+    """
+
+    def __init__(
+        self, *, engine: Engine, lease_seconds: float, unavailable_for: float = 15.0
+    ) -> None:
+        self.engine = engine
+        self.lease_seconds = lease_seconds
+        self.unavailable_for = unavailable_for
+        self._postgres = db.is_postgres(engine)
+
+    # --- claim ----------------------------------------------------------------------------
+
+    def claim_step(
+        self, job_id: UUID, step: str, *, takeover_expired: bool = True, owner: UUID | None = None
+    ) -> ClaimOutcome:
+        """Claim a job's step: the key becomes ours, or we learn why not.
+
+        Args:
+            job_id: the job.
+            step: the step's name; its key comes from the job's plan.
+            takeover_expired: whether a key whose owner's lease ran out may be taken over
+                (True for exactly-once steps; an at-most-once step's expired key is unknown).
+            owner: the owner token; a fresh one unless retrying an ambiguous claim.
+
+        Raises:
+            FingerprintMismatch: the key was first used for a different request.
+        """
+        token = owner or uuid4()
+        row = self._retrying(lambda: self._claim_row(job_id, step, token, takeover_expired))
+        if row is None:
+            return JobInactive(job_id=job_id, step=step, state=self._job_state(job_id))
+        return self._decode_claim(job_id, step, token, row)
+
+    def _claim_row(
+        self, job_id: UUID, step: str, owner: UUID, takeover_expired: bool
+    ) -> Mapping[str, Any] | None:
+        lease = self.lease_seconds
+        if self._postgres:
+            statement = queries.claim_step_in_one(
+                job_id,
+                step=step,
+                owner=owner,
+                lease_seconds=lease,
+                takeover_expired=takeover_expired,
+            )
+            with db.single_statement(self.engine) as conn:
+                found = conn.execute(statement).mappings().one_or_none()
+            return dict(found) if found is not None else None
+        with db.transaction(self.engine) as conn:
+            job = conn.execute(queries.start_job(job_id, step)).mappings().one_or_none()
+            if job is None:
+                return None
+            if job["key"] is None:
+                raise StepNotInJob(job_id, step)
+            claim = queries.claim_step(
+                conn.dialect.name,
+                queries.claim_source(job["key"], job_id, job["fingerprint"]),
+                step=step,
+                owner=owner,
+                lease_seconds=lease,
+                takeover_expired=takeover_expired,
+            )
+            attempts = conn.execute(claim).scalar_one_or_none()
+            entry: dict[str, Any] = {}
+            if attempts is None:
+                lost_to = conn.execute(queries.select_entry_for_claim(job["key"])).mappings()
+                entry = dict(lost_to.one_or_none() or {})
+            return {**job, "claimed_attempts": attempts, **entry}
+
+    def _decode_claim(
+        self, job_id: UUID, step: str, owner: UUID, row: Mapping[str, Any]
+    ) -> ClaimOutcome:
+        key = row["key"]
+        if key is None:
+            raise StepNotInJob(job_id, step)
+        context, results = row["context"], row["results"]
+        if row["claimed_attempts"] is not None:
+            return Claim(
+                job_id,
+                step,
+                key,
+                owner,
+                row["claimed_attempts"],
+                context,
+                results,
+                row["current_step"],
+            )
+        state = row.get("entry_state")
+        if state is None:
+            # Inserted by a concurrent claimant after this statement's snapshot was taken.
+            return InFlight(job_id, step, key, retry_in=_MIN_IN_FLIGHT_WAIT)
+        if row["entry_step"] != step:
+            raise FingerprintMismatch(key, job_id, step)
+        if row["entry_fingerprint"] != row["fingerprint"]:
+            raise FingerprintMismatch(key, job_id, step)
+        if state == StepState.SUCCEEDED:
+            return AlreadySucceeded(
+                job_id,
+                step,
+                key,
+                row["entry_result"],
+                step in results,
+                context,
+                results,
+                row["current_step"],
+            )
+        if state == StepState.UNKNOWN or (
+            state == StepState.STARTED and row["entry_lease_expired"]
+        ):
+            return OutcomeUnknown(job_id, step, key, attempts=row["entry_attempts"])
+        return InFlight(job_id, step, key, retry_in=_remaining(row["entry_locked_until"]))
+
+    def _job_state(self, job_id: UUID) -> JobState | None:
+        with db.single_statement(self.engine) as conn:
+            found = conn.execute(queries.select_job(job_id)).mappings().one_or_none()
+        return JobState(found["state"]) if found is not None else None
+
+    # --- record ---------------------------------------------------------------------------
+
+    def record_success(
+        self, claim: Claim, result: JSON, *, next_step: str | None, duration_ms: float | None
+    ) -> Recorded:
+        """Record the step's result and move the job to `next_step` (or finish it).
+
+        Raises:
+            LeaseLost: another owner took the key over; do not continue the chain.
+        """
+        state = JobState.RUNNING if next_step is not None else JobState.SUCCEEDED
+        return self._record(
+            claim,
+            entry=(StepState.SUCCEEDED, result, None),
+            event=(EventKind.SUCCEEDED, duration_ms, result),
+            job=(state, next_step, (claim.step, result)),
+        )
+
+    def record_failure(self, claim: Claim, failure: Failure) -> Recorded:
+        """Record a failed attempt: the key is free for a retry, or the job is dead-lettered.
+
+        Raises:
+            LeaseLost: another owner took the key over meanwhile.
+        """
+        if failure.retry_in is not None:
+            detail: JSON = {"error": failure.error, "retry_in": round(failure.retry_in, 3)}
+            kind, job_state = EventKind.FAILED, JobState.RUNNING
+        else:
+            detail, kind, job_state = (
+                {"error": failure.error},
+                EventKind.DEAD_LETTERED,
+                JobState.DEAD_LETTERED,
+            )
+        return self._record(
+            claim,
+            entry=(StepState.FAILED, None, failure.error),
+            event=(kind, failure.duration_ms, detail),
+            job=(job_state, claim.step, None),
+        )
+
+    def _record(
+        self,
+        claim: Claim,
+        *,
+        entry: tuple[StepState, JSON, JSON],
+        event: tuple[EventKind, float | None, JSON],
+        job: tuple[JobState, str | None, tuple[str, JSON] | None],
+    ) -> Recorded:
+        entry_state, result, error = entry
+        finished = queries.finish_entry(
+            claim.key, claim.owner, state=entry_state, result=result, error=error
+        )
+        kind, duration_ms, detail = event
+
+        def attempt() -> JobState | None:
+            if self._postgres:
+                statement = queries.record_step_in_one(
+                    finished, (claim.job_id, kind, duration_ms, detail), job
+                )
+                with db.single_statement(self.engine) as conn:
+                    found = conn.execute(statement).one_or_none()
+                return JobState(found.state) if found is not None else None
+            with db.transaction(self.engine) as conn:
+                if conn.execute(finished).one_or_none() is None:
+                    return None
+                after = queries.entry_after_record(claim.key)
+                conn.execute(
+                    queries.append_event_after(after, claim.job_id, kind, duration_ms, detail)
+                )
+                state, current_step, job_result = job
+                advance = queries.advance_job(
+                    claim.job_id, after, state=state, current_step=current_step, result=job_result
+                )
+                return JobState(conn.execute(advance).scalar_one())
+
+        job_state = self._retrying(attempt)
+        if job_state is None:
+            job_state = self._recorded_before(claim, entry_state)
+        logger.debug(
+            "recorded %s for %s",
+            entry_state,
+            claim.key,
+            extra={
+                "action": "record",
+                "job_id": str(claim.job_id),
+                "step": claim.step,
+                "key": claim.key,
+                "attempt": claim.attempt,
+            },
+        )
+        return Recorded(key=claim.key, job_state=job_state)
+
+    def _recorded_before(self, claim: Claim, entry_state: StepState) -> JobState:
+        """After a fenced-out record: our own earlier write (an ambiguous commit) or a takeover."""
+        with db.single_statement(self.engine) as conn:
+            found = conn.execute(queries.select_entry(claim.key)).mappings().one_or_none()
+        if found is not None and found["owner"] == claim.owner and found["state"] == entry_state:
+            state = self._job_state(claim.job_id)
+            if state is not None:
+                return state
+        raise LeaseLost(claim.key, claim.job_id, claim.step)
+
+    # --- the non-happy paths --------------------------------------------------------------
+
+    def adopt_result(self, outcome: AlreadySucceeded, *, next_step: str | None) -> JobState:
+        """Give a job the result another job already recorded under the same key.
+
+        The same business request arrived twice (two events for one order): the second job
+        reuses the first one's result instead of acting again.
+        """
+        adopt = queries.adopt_result(outcome.job_id, outcome.step, outcome.result, next_step)
+        event = queries.append_event(
+            outcome.job_id,
+            outcome.step,
+            EventKind.DEDUPLICATED,
+            key=outcome.key,
+            detail=outcome.result,
+        )
+
+        def attempt() -> JobState | None:
+            with db.transaction(self.engine) as conn:
+                adopted: str | None = conn.execute(adopt).scalar_one_or_none()
+                if adopted is None:
+                    return None
+                conn.execute(event)
+                return JobState(adopted)
+
+        state = self._retrying(attempt)
+        return state if state is not None else (self._job_state(outcome.job_id) or JobState.PENDING)
+
+    def declare_unknown(self, outcome: OutcomeUnknown, error: JSON) -> None:
+        """Mark an at-most-once key unknown and dead-letter its job: a person decides."""
+        detail: JSON = {"error": error}
+
+        def attempt() -> None:
+            with db.transaction(self.engine) as conn:
+                conn.execute(queries.mark_unknown(outcome.key))
+                finished = conn.execute(queries.finish_job(outcome.job_id, JobState.DEAD_LETTERED))
+                if finished.one_or_none() is not None:
+                    conn.execute(
+                        queries.append_event(
+                            outcome.job_id,
+                            outcome.step,
+                            EventKind.DEAD_LETTERED,
+                            key=outcome.key,
+                            attempt=outcome.attempts,
+                            detail=detail,
+                        )
+                    )
+
+        self._retrying(attempt)
+
+    def dead_letter(self, job_id: UUID, step: str, error: JSON, *, key: str | None = None) -> None:
+        """Dead-letter a job at a step without a claim (e.g. its key's fingerprint mismatched)."""
+
+        def attempt() -> None:
+            with db.transaction(self.engine) as conn:
+                if conn.execute(queries.finish_job(job_id, JobState.DEAD_LETTERED)).one_or_none():
+                    conn.execute(
+                        queries.append_event(
+                            job_id, step, EventKind.DEAD_LETTERED, key=key, detail={"error": error}
+                        )
+                    )
+
+        self._retrying(attempt)
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    def _retrying(self, call: Callable[[], T]) -> T:
+        """Run `call`, retrying while the database is unavailable (every write here is
+        idempotent per owner token, so a retry after an ambiguous commit is safe)."""
+        deadline = time.monotonic() + self.unavailable_for
+        delay = 0.1
+        while True:
+            try:
+                return call()
+            except DatabaseUnavailable as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                logger.warning(
+                    "database unavailable, retrying in %.1fs: %s",
+                    delay,
+                    exc.detail,
+                    extra={"action": "db_retry"},
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+
+def _remaining(locked_until: datetime | None) -> float:
+    until = db.as_utc(locked_until)
+    if until is None:
+        return _MIN_IN_FLIGHT_WAIT
+    return max(_MIN_IN_FLIGHT_WAIT, (until - datetime.now(UTC)).total_seconds())

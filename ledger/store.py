@@ -1,0 +1,228 @@
+"""`JobStore`: creating jobs (deduplicated by event id), reading them and their history.
+
+Must not import celery, kombu, jobs or config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+from uuid import UUID, uuid4
+
+from sqlalchemy.engine import Engine, RowMapping
+
+from ledger import db, queries
+from ledger.errors import JobNotFound
+from ledger.types import (
+    EventKind,
+    Job,
+    JobHistory,
+    JobState,
+    NewJob,
+    StepEntry,
+    StepEvent,
+    StepState,
+)
+
+#: Rows per INSERT when creating many jobs at once, and keys per IN list when reading.
+_INSERT_BATCH = 500
+
+
+class JobStore:
+    """Jobs and their history, over one engine.
+
+    Args:
+        engine: where the ledger lives (one engine per process).
+    """
+
+    def __init__(self, *, engine: Engine) -> None:
+        self.engine = engine
+
+    def create_jobs(self, new_jobs: Sequence[NewJob]) -> list[tuple[UUID, bool]]:
+        """Create jobs, one per event; an event seen before keeps its first job.
+
+        Returns:
+            For each new job in order, its id and whether it was created now (False when the
+            event id, or an earlier one in the same batch, already had a job).
+        """
+        ids: dict[tuple[str, str], tuple[UUID, bool]] = {}
+        for start in range(0, len(new_jobs), _INSERT_BATCH):
+            batch = new_jobs[start : start + _INSERT_BATCH]
+            ids.update(
+                self._create_batch([j for j in batch if (j.pipeline, j.event_id) not in ids])
+            )
+        seen: set[tuple[str, str]] = set()
+        answer = []
+        for job in new_jobs:
+            identity = (job.pipeline, job.event_id)
+            job_id, created = ids[identity]
+            answer.append((job_id, created and identity not in seen))
+            seen.add(identity)
+        return answer
+
+    def _create_batch(self, batch: Sequence[NewJob]) -> dict[tuple[str, str], tuple[UUID, bool]]:
+        unique = {(job.pipeline, job.event_id): job for job in batch}
+        if not unique:
+            return {}
+        rows = [_job_row(job) for job in unique.values()]
+        found: dict[tuple[str, str], tuple[UUID, bool]] = {}
+        with db.transaction(self.engine) as conn:
+            for row in conn.execute(queries.insert_jobs(conn.dialect.name, rows)):
+                found[(row.pipeline, row.event_id)] = (row.id, True)
+            missing: dict[str, list[str]] = {}
+            for pipeline, event_id in unique:
+                if (pipeline, event_id) not in found:
+                    missing.setdefault(pipeline, []).append(event_id)
+            for pipeline, event_ids in missing.items():
+                for row in conn.execute(queries.select_job_ids(pipeline, event_ids)):
+                    found[(pipeline, row.event_id)] = (row.id, False)
+        return found
+
+    def get_job(self, job_id: UUID) -> Job:
+        """One job.
+
+        Raises:
+            JobNotFound: no job has that id.
+        """
+        with db.single_statement(self.engine) as conn:
+            row = conn.execute(queries.select_job(job_id)).mappings().one_or_none()
+        if row is None:
+            raise JobNotFound(job_id)
+        return job_from_row(row)
+
+    def history(self, job_id: UUID) -> JobHistory:
+        """A job, every ledger entry it claimed or adopted, and its events, oldest first.
+
+        Raises:
+            JobNotFound: no job has that id.
+        """
+        with db.transaction(self.engine) as conn:
+            row = conn.execute(queries.select_job(job_id)).mappings().one_or_none()
+            if row is None:
+                raise JobNotFound(job_id)
+            entries = conn.execute(queries.select_entries_for_job(job_id)).mappings().all()
+            events = conn.execute(queries.select_events(job_id)).mappings().all()
+        return JobHistory(
+            job=job_from_row(row),
+            entries=tuple(entry_from_row(e) for e in entries),
+            events=tuple(event_from_row(e) for e in events),
+        )
+
+    def list_jobs(
+        self, *, state: JobState | None = None, limit: int = 50, pipeline: str | None = None
+    ) -> list[Job]:
+        """The most recently created jobs, optionally of one state."""
+        with db.single_statement(self.engine) as conn:
+            rows = conn.execute(queries.select_jobs(state, limit, pipeline=pipeline)).mappings()
+            return [job_from_row(row) for row in rows]
+
+    def jobs_with_event_prefix(self, prefix: str) -> list[Job]:
+        """Every job whose event id starts with `prefix`."""
+        with db.single_statement(self.engine) as conn:
+            rows = conn.execute(queries.select_jobs_by_event_prefix(prefix)).mappings()
+            return [job_from_row(row) for row in rows]
+
+    def count_by_state(self, *, event_prefix: str | None = None) -> dict[JobState, int]:
+        """How many jobs are in each state (every state present, zero included), optionally
+        only those whose event id starts with `event_prefix`."""
+        counts = dict.fromkeys(JobState, 0)
+        with db.single_statement(self.engine) as conn:
+            for row in conn.execute(queries.count_jobs_by_state(event_prefix)):
+                counts[JobState(row.state)] = int(row.jobs)
+        return counts
+
+    def entries_of_steps(
+        self, steps: Sequence[tuple[str, str]], *, keys: Sequence[str] | None = None
+    ) -> list[tuple[str, StepEntry]]:
+        """The entries of some (pipeline, step) pairs as (pipeline, entry), by key; optionally
+        only those of some keys."""
+        chunks: list[Sequence[str] | None] = [None]
+        if keys is not None:
+            ordered = sorted(keys)
+            chunks = [ordered[i : i + _INSERT_BATCH] for i in range(0, len(ordered), _INSERT_BATCH)]
+        found: list[tuple[str, StepEntry]] = []
+        with db.transaction(self.engine) as conn:
+            for chunk in chunks:
+                rows = conn.execute(queries.select_entries_of_steps(steps, chunk)).mappings()
+                found.extend((row["pipeline"], entry_from_row(row)) for row in rows)
+        return found
+
+    def count_events(self, kind: EventKind, job_ids: Sequence[UUID] | None = None) -> int:
+        """How many history events of a kind exist, optionally for some jobs only."""
+        with db.single_statement(self.engine) as conn:
+            return int(conn.execute(queries.count_events(kind, job_ids)).scalar_one())
+
+
+def _job_row(job: NewJob) -> dict[str, Any]:
+    now = db.utcnow()
+    return {
+        "id": uuid4(),
+        "pipeline": job.pipeline,
+        "event_id": job.event_id,
+        "state": str(JobState.PENDING),
+        "context": dict(job.context),
+        "fingerprint": job.fingerprint,
+        "step_keys": dict(job.step_keys),
+        "results": {},
+        "current_step": job.first_step,
+        "created_at": now,
+        "updated_at": now,
+        "finished_at": None,
+    }
+
+
+def _utc(value: datetime | None) -> datetime:
+    converted = db.as_utc(value)
+    assert converted is not None
+    return converted
+
+
+def job_from_row(row: RowMapping) -> Job:
+    """A `Job` from a `jobs` row."""
+    return Job(
+        id=row["id"],
+        pipeline=row["pipeline"],
+        event_id=row["event_id"],
+        state=JobState(row["state"]),
+        context=row["context"],
+        fingerprint=row["fingerprint"],
+        step_keys=row["step_keys"],
+        results=row["results"],
+        current_step=row["current_step"],
+        created_at=_utc(row["created_at"]),
+        updated_at=_utc(row["updated_at"]),
+        finished_at=db.as_utc(row["finished_at"]),
+    )
+
+
+def entry_from_row(row: RowMapping) -> StepEntry:
+    """A `StepEntry` from a `ledger_entries` row."""
+    return StepEntry(
+        key=row["key"],
+        job_id=row["job_id"],
+        step=row["step"],
+        state=StepState(row["state"]),
+        fingerprint=row["fingerprint"],
+        attempts=row["attempts"],
+        result=row["result"],
+        error=row["error"],
+        locked_until=db.as_utc(row["locked_until"]),
+        started_at=db.as_utc(row["started_at"]),
+        finished_at=db.as_utc(row["finished_at"]),
+    )
+
+
+def event_from_row(row: RowMapping) -> StepEvent:
+    """A `StepEvent` from a `step_events` row."""
+    return StepEvent(
+        id=row["id"],
+        job_id=row["job_id"],
+        step=row["step"],
+        key=row["key"],
+        attempt=row["attempt"],
+        kind=EventKind(row["kind"]),
+        at=_utc(row["at"]),
+        duration_ms=row["duration_ms"],
+        detail=row["detail"],
+    )

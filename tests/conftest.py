@@ -1,0 +1,170 @@
+"""Shared fixtures: real Postgres databases cloned from a migrated template, SQLite files,
+brokers purged before and after, and the environment stripped of oncelery's variables.
+
+A service that cannot be reached fails the test under `CI=true`, and skips it (saying why)
+elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from kombu import Connection
+
+from config import MAIN_QUEUE, RETRY_QUEUE, Settings, get_settings
+from ledger import create_engine, upgrade
+
+# Strip what would point the code under test elsewhere: tests configure it explicitly.
+for _name in list(os.environ):
+    if _name.startswith("ONCELERY_") or _name in (
+        "DATABASE_URL", "BROKER_URL", "PROVIDER_URL", "WEBHOOK_SECRET", "API_TOKEN",
+        "FLOWER_BASIC_AUTH",
+    ):  # fmt: skip
+        del os.environ[_name]
+
+#: Where the test services are; `scripts/services.sh` sets them up this way.
+POSTGRES_URL = os.environ.get(
+    "TEST_DATABASE_URL", "postgresql+psycopg://oncelery:oncelery@127.0.0.1:5432/oncelery"
+)
+AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/1")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def unavailable(service: str, problem: object) -> None:
+    """Fail under CI, skip elsewhere: a test that needs a service never silently passes."""
+    message = f"{service} is not reachable ({problem}); run scripts/services.sh"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_settings() -> Iterator[None]:
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+# --- databases ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_admin() -> Iterator[sa.Engine]:
+    """An autocommit engine on the server's maintenance database, for CREATE/DROP DATABASE."""
+    url = sa.make_url(POSTGRES_URL).set(database="postgres")
+    engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except sa.exc.OperationalError as exc:
+        engine.dispose()
+        unavailable("Postgres", str(exc.orig).strip().splitlines()[0])
+    yield engine
+    engine.dispose()
+
+
+def _database_url(name: str) -> str:
+    return sa.make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def postgres_template(postgres_admin: sa.Engine) -> Iterator[str]:
+    """A database migrated once per run; each test clones it (see `setup_db` in procrastinate)."""
+    name = f"oncelery_template_{uuid.uuid4().hex[:8]}"
+    with postgres_admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    engine = create_engine(_database_url(name))
+    upgrade(engine)
+    engine.dispose()
+    yield name
+    with postgres_admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def postgres_url(postgres_admin: sa.Engine, postgres_template: str) -> Iterator[str]:
+    """A fresh, migrated Postgres database for one test, dropped after it."""
+    name = f"oncelery_test_{uuid.uuid4().hex[:12]}"
+    with postgres_admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}" TEMPLATE "{postgres_template}"'))
+    yield _database_url(name)
+    with postgres_admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A fresh, migrated SQLite ledger file for one test."""
+    url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    engine = create_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    return url
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """Each ledger test runs on Postgres and on SQLite."""
+    return str(request.getfixturevalue(f"{request.param}_url"))
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[sa.Engine]:
+    """An engine on the test's database."""
+    engine = create_engine(database_url)
+    yield engine
+    engine.dispose()
+
+
+# --- brokers -----------------------------------------------------------------------------
+
+
+def purge_queues(url: str) -> None:
+    """Empty oncelery's queues on a broker."""
+    with Connection(url, connect_timeout=5) as conn:
+        channel = conn.channel()
+        for queue in (MAIN_QUEUE, RETRY_QUEUE):
+            try:
+                channel.queue_purge(queue)
+            except Exception:  # noqa: BLE001 - a queue not declared yet has nothing to purge
+                channel = conn.channel()
+
+
+def _broker(url: str, name: str) -> Iterator[str]:
+    try:
+        with Connection(url, connect_timeout=5) as conn:
+            conn.ensure_connection(max_retries=1)
+    except Exception as exc:  # noqa: BLE001 - whatever the transport raises, it is unreachable
+        unavailable(name, exc)
+    purge_queues(url)
+    yield url
+    purge_queues(url)
+
+
+@pytest.fixture
+def amqp_url() -> Iterator[str]:
+    """The real RabbitMQ, its oncelery queues purged before and after the test."""
+    yield from _broker(AMQP_URL, "RabbitMQ")
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """The real Redis (a database of its own), purged before and after the test."""
+    yield from _broker(REDIS_URL, "Redis")
+
+
+def settings_for(
+    *, database_url: str, broker_url: str | None, data_dir: Path, **extra: object
+) -> Settings:
+    """Settings built explicitly (the environment is stripped)."""
+    return Settings.model_validate(
+        {"DATABASE_URL": database_url, "BROKER_URL": broker_url,
+         "ONCELERY_DATA_DIR": str(data_dir), **extra}
+    )  # fmt: skip

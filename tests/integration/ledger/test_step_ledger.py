@@ -1,0 +1,275 @@
+"""The claim → act → record protocol on real Postgres and SQLite, without Celery."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import event
+
+from ledger import (
+    AlreadySucceeded,
+    Claim,
+    EventKind,
+    Failure,
+    FingerprintMismatch,
+    InFlight,
+    JobInactive,
+    JobState,
+    JobStore,
+    LeaseLost,
+    OutcomeUnknown,
+    StepLedger,
+    StepState,
+    create_engine,
+)
+from tests.factories import create_job, new_job
+
+
+@pytest.fixture
+def store(engine: sa.Engine) -> JobStore:
+    return JobStore(engine=engine)
+
+
+@pytest.fixture
+def ledger(engine: sa.Engine) -> StepLedger:
+    return StepLedger(engine=engine, lease_seconds=30)
+
+
+def claimed(outcome: object) -> Claim:
+    assert isinstance(outcome, Claim), outcome
+    return outcome
+
+
+def test_happy_path_records_each_step_and_finishes_the_job(
+    store: JobStore, ledger: StepLedger
+) -> None:
+    job_id = create_job(store)
+
+    first = claimed(ledger.claim_step(job_id, "first"))
+    assert first.attempt == 1
+    assert first.results == {}
+    assert ledger.record_success(first, {"n": 1}, next_step="second", duration_ms=1.0).job_state is (
+        JobState.RUNNING
+    )
+    second = claimed(ledger.claim_step(job_id, "second"))
+    assert second.results == {"first": {"n": 1}}
+    assert ledger.record_success(second, {"n": 2}, next_step=None, duration_ms=1.0).job_state is (
+        JobState.SUCCEEDED
+    )
+
+    history = store.history(job_id)
+    assert history.job.state is JobState.SUCCEEDED
+    assert history.job.results == {"first": {"n": 1}, "second": {"n": 2}}
+    assert history.job.current_step is None
+    assert history.job.finished_at is not None
+    assert [e.state for e in history.entries] == [StepState.SUCCEEDED, StepState.SUCCEEDED]
+    assert [(e.step, e.kind) for e in history.events] == [
+        ("first", EventKind.SUCCEEDED),
+        ("second", EventKind.SUCCEEDED),
+    ]
+
+
+def test_a_recorded_key_returns_its_result_and_is_not_claimed_again(
+    store: JobStore, ledger: StepLedger
+) -> None:
+    job_id = create_job(store)
+    first = claimed(ledger.claim_step(job_id, "first"))
+    ledger.record_success(first, {"charge_id": "ch_1"}, next_step="second", duration_ms=1.0)
+
+    repeat = ledger.claim_step(job_id, "first")
+
+    assert isinstance(repeat, AlreadySucceeded)
+    assert repeat.result == {"charge_id": "ch_1"}
+    assert repeat.recorded_for_this_job
+    assert repeat.current_step == "second"
+
+
+def test_two_connections_racing_for_one_key_let_exactly_one_act(database_url: str) -> None:
+    engines = [create_engine(database_url) for _ in range(2)]
+    try:
+        ledgers = [StepLedger(engine=e, lease_seconds=30) for e in engines]
+        store = JobStore(engine=engines[0])
+        for _ in range(20):
+            job_id = create_job(store)
+            barrier = threading.Barrier(2)
+            outcomes: list[object] = []
+
+            def claim(ledger: StepLedger, job: uuid.UUID = job_id, gate: threading.Barrier = barrier) -> None:
+                gate.wait()
+                outcomes.append(ledger.claim_step(job, "first"))
+
+            threads = [threading.Thread(target=claim, args=(ledger,)) for ledger in ledgers]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+
+            assert sum(isinstance(o, Claim) for o in outcomes) == 1, outcomes
+            assert sum(isinstance(o, InFlight) for o in outcomes) == 1, outcomes
+    finally:
+        for engine in engines:
+            engine.dispose()
+
+
+def test_an_expired_lease_is_taken_over_and_the_late_owner_is_fenced(
+    engine: sa.Engine, store: JobStore
+) -> None:
+    ledger = StepLedger(engine=engine, lease_seconds=0.3)
+    job_id = create_job(store)
+    late = claimed(ledger.claim_step(job_id, "first"))
+    assert isinstance(ledger.claim_step(job_id, "first"), InFlight)
+
+    time.sleep(0.5)
+    current = claimed(ledger.claim_step(job_id, "first"))
+    assert current.attempt == 2
+
+    with pytest.raises(LeaseLost):
+        ledger.record_success(late, {"from": "late"}, next_step="second", duration_ms=1.0)
+    with pytest.raises(LeaseLost):
+        ledger.record_failure(late, Failure(error={"type": "X"}, retry_in=1.0))
+    ledger.record_success(current, {"from": "current"}, next_step="second", duration_ms=1.0)
+    job = store.get_job(job_id)
+    assert job.results == {"first": {"from": "current"}}
+    assert job.current_step == "second"
+
+
+def test_a_key_reused_for_a_different_request_fails_loudly(
+    store: JobStore, ledger: StepLedger
+) -> None:
+    first_job = create_job(store, key_base="order:7", context={"amount": 100})
+    ledger.record_success(
+        claimed(ledger.claim_step(first_job, "first")), {}, next_step="second", duration_ms=1.0
+    )
+    other_job = create_job(store, key_base="order:7", context={"amount": 999})
+
+    with pytest.raises(FingerprintMismatch) as raised:
+        ledger.claim_step(other_job, "first")
+    assert raised.value.key == "order:7:first"
+
+
+def test_the_same_request_from_another_job_reuses_the_recorded_result(
+    store: JobStore, ledger: StepLedger
+) -> None:
+    first_job = create_job(store, key_base="order:8", context={"amount": 100})
+    ledger.record_success(
+        claimed(ledger.claim_step(first_job, "first")), {"charge_id": "ch_8"},
+        next_step="second", duration_ms=1.0,
+    )  # fmt: skip
+    second_job = create_job(store, key_base="order:8", context={"amount": 100})
+
+    outcome = ledger.claim_step(second_job, "first")
+    assert isinstance(outcome, AlreadySucceeded)
+    assert not outcome.recorded_for_this_job
+    assert ledger.adopt_result(outcome, next_step="second") is JobState.RUNNING
+
+    adopted = store.history(second_job)
+    assert adopted.job.results == {"first": {"charge_id": "ch_8"}}
+    assert [e.kind for e in adopted.events] == [EventKind.DEDUPLICATED]
+
+
+def test_a_failed_attempt_frees_the_key_and_counts_attempts(
+    store: JobStore, ledger: StepLedger
+) -> None:
+    job_id = create_job(store)
+    first = claimed(ledger.claim_step(job_id, "first"))
+    ledger.record_failure(first, Failure(error={"type": "Timeout"}, retry_in=0.5, duration_ms=3.0))
+
+    retry = claimed(ledger.claim_step(job_id, "first"))
+    assert retry.attempt == 2
+    ledger.record_failure(retry, Failure(error={"type": "Boom"}, retry_in=None))
+
+    history = store.history(job_id)
+    assert history.job.state is JobState.DEAD_LETTERED
+    assert [e.kind for e in history.events] == [EventKind.FAILED, EventKind.DEAD_LETTERED]
+    assert history.events[0].detail == {"error": {"type": "Timeout"}, "retry_in": 0.5}
+    assert isinstance(ledger.claim_step(job_id, "first"), JobInactive)
+
+
+def test_claim_and_record_are_idempotent_per_owner_token(
+    store: JobStore, ledger: StepLedger
+) -> None:
+    """A retry after an ambiguous commit (the first call applied, its answer was lost)."""
+    job_id = create_job(store)
+    owner = uuid.uuid4()
+    first = claimed(ledger.claim_step(job_id, "first", owner=owner))
+    again = claimed(ledger.claim_step(job_id, "first", owner=owner))
+    assert again.attempt == first.attempt == 1
+
+    ledger.record_success(first, {"n": 1}, next_step="second", duration_ms=1.0)
+    repeated = ledger.record_success(again, {"n": 1}, next_step="second", duration_ms=1.0)
+
+    assert repeated.job_state is JobState.RUNNING
+    assert len(store.history(job_id).events) == 1
+
+
+def test_an_at_most_once_key_whose_owner_vanished_is_unknown(
+    engine: sa.Engine, store: JobStore
+) -> None:
+    ledger = StepLedger(engine=engine, lease_seconds=0.2)
+    job_id = create_job(store)
+    claimed(ledger.claim_step(job_id, "first", takeover_expired=False))
+    time.sleep(0.4)
+
+    outcome = ledger.claim_step(job_id, "first", takeover_expired=False)
+    assert isinstance(outcome, OutcomeUnknown)
+    ledger.declare_unknown(outcome, {"type": "OutcomeUnknown"})
+
+    history = store.history(job_id)
+    assert history.job.state is JobState.DEAD_LETTERED
+    assert history.entries[0].state is StepState.UNKNOWN
+    assert isinstance(ledger.claim_step(job_id, "first"), JobInactive)
+
+
+def test_a_job_that_is_not_active_claims_nothing(store: JobStore, ledger: StepLedger) -> None:
+    job_id = create_job(store)
+    ledger.dead_letter(job_id, "first", {"type": "Manual"})
+
+    outcome = ledger.claim_step(job_id, "first")
+
+    assert outcome == JobInactive(job_id, "first", JobState.DEAD_LETTERED)
+    missing = uuid.uuid4()
+    assert ledger.claim_step(missing, "first") == JobInactive(missing, "first", None)
+
+
+@pytest.fixture
+def statements(engine: sa.Engine) -> Iterator[list[str]]:
+    seen: list[str] = []
+
+    def count(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if not statement.lstrip().upper().startswith(("BEGIN", "PRAGMA")):
+            seen.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count)
+    yield seen
+    event.remove(engine, "before_cursor_execute", count)
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_the_happy_path_costs_two_statements_per_step_on_postgres(
+    store: JobStore, ledger: StepLedger, statements: list[str]
+) -> None:
+    job_id = create_job(store)
+    statements.clear()
+
+    first = claimed(ledger.claim_step(job_id, "first"))
+    ledger.record_success(first, {"n": 1}, next_step="second", duration_ms=1.0)
+
+    assert len(statements) == 2, statements
+
+
+def test_create_jobs_deduplicates_by_event_id(store: JobStore) -> None:
+    plan = new_job()
+    again = new_job(event_id=plan.event_id)
+
+    [(job_id, created)] = store.create_jobs([plan])
+    assert created
+    assert store.create_jobs([again, plan]) == [(job_id, False), (job_id, False)]
+    other = new_job()
+    [(new_id, new), (same_id, same)] = store.create_jobs([other, other])
+    assert (new, same) == (True, False)
+    assert new_id == same_id
