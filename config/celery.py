@@ -13,6 +13,9 @@ RETRY_QUEUE: Final = "oncelery.retry"
 
 #: How often the embedded file broker looks for new messages, in seconds.
 _FILESYSTEM_POLLING_INTERVAL: Final = 0.05
+#: kombu's file transport, fixed to write each message atomically (a path, so that config
+#: stays free of Celery-side imports).
+EMBEDDED_TRANSPORT: Final = "jobs.embedded_broker:Transport"
 
 
 def broker_transport_options(settings: Settings) -> dict[str, object]:
@@ -44,6 +47,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
     hard_limit = settings.step_time_limit + 5.0
     return {
         "broker_url": settings.broker_url,
+        "broker_transport": EMBEDDED_TRANSPORT if embedded else None,
         "broker_transport_options": broker_transport_options(settings),
         "broker_connection_retry_on_startup": True,
         "task_serializer": "json",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Final
 
@@ -21,6 +22,8 @@ DEFAULT_PROVIDER_URL: Final = "http://127.0.0.1:8765"
 
 _DATABASE_SCHEMES: Final = ("postgresql+psycopg", "sqlite")
 _BROKER_SCHEMES: Final = ("amqp", "pyamqp", "redis", "rediss", "filesystem")
+#: What a URL scheme looks like; anything else is not echoed in errors.
+_SCHEME: Final = re.compile(r"[a-z][a-z0-9+.-]{0,30}")
 
 
 class ConfigError(Exception):
@@ -50,7 +53,9 @@ class Settings(BaseSettings):
         default=None, validation_alias=_env("BROKER_URL"), repr=False
     )
     data_dir: Path = Field(default=Path(".oncelery"), validation_alias=_env("ONCELERY_DATA_DIR"))
-    provider_url: str = Field(default=DEFAULT_PROVIDER_URL, validation_alias=_env("PROVIDER_URL"))
+    provider_url: str = Field(
+        default=DEFAULT_PROVIDER_URL, validation_alias=_env("PROVIDER_URL"), repr=False
+    )
     webhook_secret: SecretStr | None = Field(default=None, validation_alias=_env("WEBHOOK_SECRET"))
     api_token: SecretStr | None = Field(default=None, validation_alias=_env("API_TOKEN"))
     flower_basic_auth: SecretStr | None = Field(
@@ -81,7 +86,8 @@ class Settings(BaseSettings):
             return None
         try:
             url = make_url(value.strip())
-        except ArgumentError:
+        except (ArgumentError, ValueError):
+            # Never echo the value: it may hold a password (a stray '@' splits it anywhere).
             raise ValueError(
                 "is not a URL; expected postgresql+psycopg://… or sqlite:///…"
             ) from None
@@ -90,8 +96,9 @@ class Settings(BaseSettings):
             # A bare postgresql:// would make SQLAlchemy look for psycopg2, which we do not ship.
             return url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
         if drivername not in _DATABASE_SCHEMES:
+            shown = f"scheme {drivername!r}" if _SCHEME.fullmatch(drivername) else "that scheme"
             raise ValueError(
-                f"scheme {drivername!r} is not supported; expected postgresql+psycopg://… or sqlite:///…"
+                f"{shown} is not supported; expected postgresql+psycopg://… or sqlite:///…"
             )
         return url.render_as_string(hide_password=False)
 
@@ -102,7 +109,12 @@ class Settings(BaseSettings):
             return None
         scheme, sep, _ = value.strip().partition("://")
         if not sep or scheme not in _BROKER_SCHEMES:
-            raise ValueError(f"expected amqp://… or redis://…, got a URL with scheme {scheme!r}")
+            # Name the scheme only when it looks like one: the text before "://" of a
+            # malformed URL could be a password.
+            shown = (
+                f"scheme {scheme!r}" if sep and _SCHEME.fullmatch(scheme) else "no usable scheme"
+            )
+            raise ValueError(f"expected amqp://… or redis://…, got a URL with {shown}")
         return value.strip()
 
     @field_validator("provider_url")

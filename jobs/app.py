@@ -27,6 +27,8 @@ def _configure() -> dict[str, object]:
     # Called by Celery when its configuration is first read: settings errors surface then,
     # not at import, so `oncelery` can report them as one line.
     settings = get_settings()
+    # Beat keeps its schedule file there; the embedded broker and ledger live there too.
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     prepare_broker(settings)
     load_pipelines(settings)
     config = celery_config(settings)

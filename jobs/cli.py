@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 from uuid import UUID
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
@@ -17,7 +16,7 @@ from rich.table import Table
 
 from config import ConfigError, Settings, get_settings
 from jobs.errors import InvalidEvent, JobError
-from ledger import JSON, JobNotFound, JobStore, LedgerError, create_engine, upgrade
+from ledger import JSON, JobStore, LedgerError, create_engine, upgrade
 
 cli = typer.Typer(
     name="oncelery",
@@ -122,7 +121,7 @@ def _print_history(view: dict[str, JSON]) -> None:
     stdout.print(
         f"job {view['job_id']} ({view['pipeline']}, event {view['event_id']}): {view['state']}"
     )
-    table = Table("step", "state", "attempts", "duration ms", "output / error")
+    table = Table("step", "state", "attempts", "duration s", "output / error")
     steps = view["steps"] if isinstance(view["steps"], list) else []
     for step in steps:
         if not isinstance(step, dict):
@@ -132,7 +131,7 @@ def _print_history(view: dict[str, JSON]) -> None:
             str(step["name"]),
             str(step["state"]) + (" (dedup)" if step["deduplicated"] else ""),
             str(step["attempts"]),
-            str(step["duration_ms"] or ""),
+            str(step["duration"] or ""),
             json.dumps(shown)[:100],
         )
     stdout.print(table)
@@ -282,21 +281,34 @@ def _fail(code: int, message: str) -> NoReturn:
     sys.exit(code)
 
 
+def _usage_error(exc: Exception) -> str | None:
+    """The one-line message of a command-line parsing error, None for any other exception.
+
+    Typer raises click's exceptions, or those of the copy of click it vendors (typer 0.29), so
+    they are recognised by their interface rather than by class.
+    """
+    format_message = getattr(exc, "format_message", None)
+    if callable(format_message) and isinstance(getattr(exc, "exit_code", None), int):
+        return " ".join(str(format_message()).split())
+    return None
+
+
 def main() -> None:
     """The console script: run the CLI, turning every known error into one line and an exit code."""
     command = typer.main.get_command(cli)
     try:
         result = command.main(prog_name="oncelery", standalone_mode=False)
-    except click.UsageError as exc:
-        _fail(2, exc.format_message().replace("\n", " "))
-    except click.exceptions.Abort:
-        _fail(130, "interrupted")
     except (ConfigError, InvalidEvent, BadInput) as exc:
         _fail(2, str(exc))
-    except JobNotFound as exc:
+    except (LedgerError, JobError) as exc:
         _fail(1, str(exc))
-    except (LedgerError, JobError, RuntimeError) as exc:
-        _fail(1, str(exc))
+    except (KeyboardInterrupt, typer.Abort):
+        _fail(130, "interrupted")
+    except Exception as exc:
+        usage = _usage_error(exc)
+        if usage is None:
+            raise
+        _fail(2, usage)
     sys.exit(result if isinstance(result, int) else 0)
 
 

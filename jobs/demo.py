@@ -17,6 +17,7 @@ from jobs import processes
 from jobs.app import CeleryDispatch
 from jobs.audit import AuditReport, Scope, effect_steps, fetch_effects, reconcile
 from jobs.enqueue import enqueue_orders
+from jobs.errors import ProcessFailed
 from jobs.orders import OrderItem, OrderPlaced, order_placed
 from ledger import JSON, EventKind, JobState, JobStore, create_engine, upgrade
 
@@ -116,8 +117,7 @@ def run_demo(settings: Settings, options: DemoOptions, progress: Progress) -> De
         seconds = time.monotonic() - began
         audit = _audit(settings, store, prefix)
     finally:
-        for process in reversed(started):
-            process.stop()
+        processes.stop_all(started)
         engine.dispose()
     job_ids = [uuid.UUID(item.job_id) for item in enqueued]
     return DemoReport(
@@ -144,7 +144,7 @@ def _start_services(
 ) -> None:
     port = urlsplit(settings.provider_url).port or 80
     if not processes.port_is_free(port):
-        raise RuntimeError(
+        raise ProcessFailed(
             f"port {port} is taken: stop what listens there or set PROVIDER_URL to a free port"
         )
     faults = [

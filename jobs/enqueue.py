@@ -44,7 +44,7 @@ def parse_events(text: str) -> list[OrderPlaced]:
         raise InvalidEvent("no event given (empty input)")
     try:
         whole = json.loads(stripped)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         whole = None
     else:
         if isinstance(whole, dict):
@@ -57,6 +57,8 @@ def parse_events(text: str) -> list[OrderPlaced]:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
             raise InvalidEvent(f"not JSON ({exc.msg} at column {exc.colno})", line=number) from None
+        except RecursionError:
+            raise InvalidEvent("JSON nested too deeply", line=number) from None
         events.append(_validate(value, line=number))
     return events
 

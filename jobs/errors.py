@@ -58,3 +58,8 @@ class ProviderUnavailable(JobError):
         self.url = url
         self.detail = detail
         super().__init__(f"provider at {url} is unreachable: {detail}")
+
+
+class ProcessFailed(JobError):
+    """Raised when a process oncelery started (a worker, the sandbox) exits early or never
+    answers, or cannot start (its port is taken)."""

@@ -67,7 +67,10 @@ def _step_view(
         "output": job.results.get(name),
         "error": last_error if state != "succeeded" else None,
         "errors": len(errors),
-        "duration_ms": round(durations[-1], 3) if durations and durations[-1] is not None else None,
+        # Seconds the successful attempt took (each event keeps its own `duration_ms`).
+        "duration": round(durations[-1] / 1000, 6)
+        if durations and durations[-1] is not None
+        else None,
         "started_at": _time(entry.started_at) if entry else None,
         "finished_at": _time(entry.finished_at) if entry else None,
         "events": [_event_view(event) for event in events],

@@ -17,6 +17,7 @@ from typing import IO
 import httpx
 
 from config import MAIN_QUEUE, RETRY_QUEUE
+from jobs.errors import ProcessFailed
 
 
 @dataclass
@@ -42,18 +43,31 @@ class ManagedProcess:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signum)
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM, then SIGKILL after `timeout` seconds; reaps the process."""
+    def terminate(self) -> None:
+        """Ask the leader to stop (a Celery worker then finishes its tasks and stops its pool)."""
         if self.alive():
-            self.signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.signal(signal.SIGKILL)
-                self.popen.wait(timeout=timeout)
+            with contextlib.suppress(ProcessLookupError):
+                self.popen.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM the leader, SIGKILL the group after `timeout` seconds; reaps the process."""
+        self.terminate()
+        try:
+            self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.popen.wait(timeout=timeout)
         # Orphaned children of a killed leader keep the group id: make sure none survive.
         self.signal(signal.SIGKILL)
         self._log.close()
+
+
+def stop_all(started: list[ManagedProcess], timeout: float = 15.0) -> None:
+    """Stop processes together: all are asked first, so their shutdowns overlap."""
+    for process in started:
+        process.terminate()
+    for process in reversed(started):
+        process.stop(timeout)
 
 
 def start(name: str, argv: list[str], *, env: dict[str, str], log_dir: Path) -> ManagedProcess:
@@ -112,17 +126,17 @@ def wait_until_answers(url: str, *, process: ManagedProcess, timeout: float = 30
     """Wait until `url` answers 200, failing early if the process died.
 
     Raises:
-        RuntimeError: the process exited, or nothing answered in time.
+        ProcessFailed: the process exited, or nothing answered in time.
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not process.alive():
-            raise RuntimeError(f"{process.name} exited early; see {process.log_path}")
+            raise ProcessFailed(f"{process.name} exited early; see {process.log_path}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(url, timeout=1.0).status_code == 200:
                 return
         time.sleep(0.1)
-    raise RuntimeError(f"{process.name} did not answer at {url} within {timeout:.0f}s")
+    raise ProcessFailed(f"{process.name} did not answer at {url} within {timeout:.0f}s")
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:

@@ -84,8 +84,9 @@ def _answer(method: str, path: str, response: httpx.Response) -> dict[str, JSON]
     try:
         payload = response.json()
     except ValueError as exc:
+        # A success status means the provider acted, whatever became of its body.
         raise TransientError(
-            f"{method} {path} answered {status} with a body that is not JSON"
+            f"{method} {path} answered {status} with a body that is not JSON", maybe_applied=True
         ) from exc
     if not isinstance(payload, dict):
         raise PermanentError(f"{method} {path} answered {status} with a body that is not an object")
@@ -106,7 +107,7 @@ def retry_after_seconds(value: str | None, *, now: float | None = None) -> float
     if value is None or not value.strip():
         return None
     text = value.strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return float(text)
     try:
         moment = email.utils.parsedate_to_datetime(text)

@@ -29,7 +29,8 @@ class RetryPolicy:
     backoff_max: float = 30.0
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1 or self.backoff_base <= 0 or self.backoff_max <= 0:
+        # Written as "not >" so that NaN, which compares false with everything, is refused.
+        if not (self.max_attempts >= 1 and self.backoff_base > 0 and self.backoff_max > 0):
             raise ValueError(f"invalid retry policy: {self}")
 
 

@@ -14,6 +14,8 @@ import traceback
 from typing import NoReturn, Protocol
 from uuid import UUID
 
+from billiard.exceptions import SoftTimeLimitExceeded
+
 from jobs import retry
 from jobs.errors import TransientError
 from jobs.pipelines import Delivery, Pipeline, Step, StepContext
@@ -133,7 +135,9 @@ def _act(
             "retryable": False,
             "message": f"{claim.attempt - 1} attempts ended without a record",
         }
-        return _record_failure(rt, dispatch, claim, Failure(error=error, retry_in=None))
+        # The crashed attempts may have acted before dying.
+        failure = Failure(error=error, retry_in=None, outcome_unknown=step.effect is not None)
+        return _record_failure(rt, dispatch, claim, failure)
     ctx = StepContext(
         job_id=str(claim.job_id),
         pipeline=pipeline.name,
@@ -179,14 +183,21 @@ def _handle_failure(
     error = _error_json(exc, retryable=verdict.delay is not None)
     if verdict.reason == "attempts_exhausted":
         error["reason"] = verdict.reason
-    maybe_applied = isinstance(exc, TransientError) and exc.maybe_applied
-    if step.delivery is Delivery.AT_MOST_ONCE and maybe_applied:
-        # The provider ignores keys and may have acted: repeating could do it twice.
-        rt.ledger.declare_unknown(
-            OutcomeUnknown(claim.job_id, claim.step, claim.key, claim.attempt), error
-        )
-        return Outcome.DEAD_LETTERED
-    failure = Failure(error=error, retry_in=verdict.delay, duration_ms=duration_ms)
+    maybe_applied = (isinstance(exc, TransientError) and exc.maybe_applied) or isinstance(
+        exc, SoftTimeLimitExceeded
+    )
+    # At most once: the provider ignores keys and may have acted, so repeating could do it
+    # twice. Exactly once, giving up after transient errors: no attempt got a definite
+    # answer, so an effect may exist (the provider's key makes a replay safe).
+    unknown = (step.delivery is Delivery.AT_MOST_ONCE and maybe_applied) or (
+        verdict.reason == "attempts_exhausted" and step.effect is not None
+    )
+    failure = Failure(
+        error=error,
+        retry_in=None if unknown else verdict.delay,
+        duration_ms=duration_ms,
+        outcome_unknown=unknown,
+    )
     return _record_failure(rt, dispatch, claim, failure)
 
 

@@ -57,6 +57,13 @@ class Failure:
     #: Seconds until the next attempt, or None when the job is dead-lettered instead.
     retry_in: float | None
     duration_ms: float | None = None
+    #: The attempt may have acted before failing (a timeout after sending): the key becomes
+    #: `unknown` rather than `failed`, so nobody mistakes it for "nothing happened".
+    outcome_unknown: bool = False
+
+    def __post_init__(self) -> None:
+        if self.outcome_unknown and self.retry_in is not None:
+            raise ValueError("an attempt whose outcome is unknown is not retried")
 
 
 class StepLedger:
@@ -216,9 +223,10 @@ class StepLedger:
                 EventKind.DEAD_LETTERED,
                 JobState.DEAD_LETTERED,
             )
+        state = StepState.UNKNOWN if failure.outcome_unknown else StepState.FAILED
         return self._record(
             claim,
-            entry=(StepState.FAILED, None, failure.error),
+            entry=(state, None, failure.error),
             event=(kind, failure.duration_ms, detail),
             job=(job_state, claim.step, None),
         )

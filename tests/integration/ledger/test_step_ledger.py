@@ -53,9 +53,9 @@ def test_happy_path_records_each_step_and_finishes_the_job(
     first = claimed(ledger.claim_step(job_id, "first"))
     assert first.attempt == 1
     assert first.results == {}
-    assert ledger.record_success(first, {"n": 1}, next_step="second", duration_ms=1.0).job_state is (
-        JobState.RUNNING
-    )
+    assert ledger.record_success(
+        first, {"n": 1}, next_step="second", duration_ms=1.0
+    ).job_state is (JobState.RUNNING)
     second = claimed(ledger.claim_step(job_id, "second"))
     assert second.results == {"first": {"n": 1}}
     assert ledger.record_success(second, {"n": 2}, next_step=None, duration_ms=1.0).job_state is (
@@ -99,9 +99,14 @@ def test_two_connections_racing_for_one_key_let_exactly_one_act(database_url: st
             barrier = threading.Barrier(2)
             outcomes: list[object] = []
 
-            def claim(ledger: StepLedger, job: uuid.UUID = job_id, gate: threading.Barrier = barrier) -> None:
+            def claim(
+                ledger: StepLedger,
+                job: uuid.UUID = job_id,
+                gate: threading.Barrier = barrier,
+                seen: list[object] = outcomes,
+            ) -> None:
                 gate.wait()
-                outcomes.append(ledger.claim_step(job, "first"))
+                seen.append(ledger.claim_step(job, "first"))
 
             threads = [threading.Thread(target=claim, args=(ledger,)) for ledger in ledgers]
             for thread in threads:

@@ -1,0 +1,153 @@
+"""Real processes for system tests: the sandbox provider and `celery -A jobs worker`s on a
+chosen broker and database, stopped by process group id when the test ends."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from config import child_environment
+from jobs import processes
+from ledger import JobState, JobStore, create_engine
+from tests.conftest import REPO_ROOT
+
+#: Fast retries, so a test with injected faults finishes in seconds.
+TEST_WORKER_SETTINGS = {
+    "ONCELERY_RETRY_BACKOFF_BASE": "0.05",
+    "ONCELERY_RETRY_BACKOFF_MAX": "0.5",
+    "ONCELERY_RETRY_MAX_ATTEMPTS": "12",
+    "ONCELERY_PROVIDER_TIMEOUT": "2",
+    "ONCELERY_PIPELINES": "tests.toy_pipeline",
+}
+FINISHED = (JobState.SUCCEEDED, JobState.DEAD_LETTERED, JobState.CANCELLED)
+
+
+@dataclass
+class System:
+    """A running oncelery: sandbox, workers, and the environment they share."""
+
+    env: dict[str, str]
+    data_dir: Path
+    provider_url: str
+    store: JobStore
+    log_dir: Path
+    started: list[processes.ManagedProcess] = field(default_factory=list)
+
+    def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run `oncelery ARGS` against this system."""
+        return subprocess.run(
+            [sys.executable, "-m", "jobs.cli", *args], input=stdin, env=self.env,
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+
+    def enqueue(self, events: Sequence[dict[str, object]]) -> list[str]:
+        """Enqueue events through the CLI (JSON Lines on stdin); returns the job ids."""
+        done = self.cli("enqueue", "-", stdin="".join(json.dumps(e) + "\n" for e in events))
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    def start_worker(self, name: str, *, concurrency: int = 2) -> processes.ManagedProcess:
+        """Start one more `celery -A jobs worker`."""
+        argv = processes.worker_argv(name, concurrency=concurrency)
+        worker = processes.start(name, argv, env=self.env, log_dir=self.log_dir)
+        self.started.append(worker)
+        return worker
+
+    def wait_finished(
+        self, event_prefix: str, count: int, *, timeout: float = 180.0
+    ) -> dict[JobState, int]:
+        """Wait until `count` jobs of the prefix are finished; returns the counts by state."""
+        deadline = time.monotonic() + timeout
+        while True:
+            counts = self.store.count_by_state(event_prefix=event_prefix)
+            if sum(counts[state] for state in FINISHED) >= count:
+                return counts
+            if time.monotonic() > deadline:
+                pytest.fail(f"jobs not finished after {timeout}s: {counts}; logs in {self.log_dir}")
+            for process in self.started:
+                assert process.alive(), f"{process.name} died; see {process.log_path}"
+            time.sleep(0.2)
+
+    def effects(self) -> list[dict[str, object]]:
+        """What the sandbox applied."""
+        answer: list[dict[str, object]] = httpx.get(
+            f"{self.provider_url}/sandbox/effects", timeout=30
+        ).json()
+        return answer
+
+    def requests(self) -> list[dict[str, object]]:
+        """What the sandbox received."""
+        answer: list[dict[str, object]] = httpx.get(
+            f"{self.provider_url}/sandbox/requests", timeout=30
+        ).json()
+        return answer
+
+
+SystemFactory = Callable[..., System]
+
+
+@pytest.fixture
+def system_factory(tmp_path: Path) -> Iterator[SystemFactory]:
+    """Builds running systems; every process they started is stopped at teardown."""
+    systems: list[System] = []
+
+    def build(
+        *,
+        database_url: str | None,
+        broker_url: str | None,
+        workers: int = 2,
+        sandbox_options: Sequence[str] = (),
+        extra_env: dict[str, str] | None = None,
+    ) -> System:
+        data_dir = tmp_path / f"data{len(systems)}"
+        port = processes.free_port()
+        provider_url = f"http://127.0.0.1:{port}"
+        overrides = {
+            **TEST_WORKER_SETTINGS,
+            "ONCELERY_DATA_DIR": str(data_dir),
+            "PROVIDER_URL": provider_url,
+            "PYTHONPATH": str(REPO_ROOT),
+            **(extra_env or {}),
+        }
+        if database_url:
+            overrides["DATABASE_URL"] = database_url
+        if broker_url:
+            overrides["BROKER_URL"] = broker_url
+        env = child_environment(overrides)
+        ledger_url = database_url or f"sqlite:///{data_dir / 'ledger.sqlite3'}"
+        system = System(env, data_dir, provider_url, JobStore(engine=create_engine(ledger_url)),
+                        data_dir / "logs")  # fmt: skip
+        systems.append(system)
+        upgraded = system.cli("db", "upgrade")
+        assert upgraded.returncode == 0, upgraded.stderr
+        options = ["--hang-seconds", "3", *sandbox_options]
+        argv = processes.sandbox_argv(port, db_path=data_dir / "sandbox.sqlite3", options=options)
+        sandbox = processes.start("sandbox", argv, env=env, log_dir=system.log_dir)
+        system.started.append(sandbox)
+        processes.wait_until_answers(f"{provider_url}/healthz", process=sandbox)
+        for number in range(workers):
+            system.start_worker(f"worker{number}")
+        return system
+
+    yield build
+    for system in systems:
+        processes.stop_all(system.started)
+        system.store.engine.dispose()
+
+
+def per_order(effects: Sequence[dict[str, object]], kind: str) -> dict[str, int]:
+    """How many effects of a kind each order got."""
+    counts: dict[str, int] = {}
+    for effect in effects:
+        if effect["kind"] == kind:
+            order = str(effect["order_id"])
+            counts[order] = counts.get(order, 0) + 1
+    return counts

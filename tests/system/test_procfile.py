@@ -1,0 +1,106 @@
+"""The Procfile, run by honcho against the local services: orders go through, and stopping
+honcho leaves no process behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from config import child_environment
+from jobs import processes
+from ledger import JobState, JobStore, create_engine
+from tests.conftest import REPO_ROOT
+from tests.factories import order_event
+from tests.system.conftest import TEST_WORKER_SETTINGS, System, per_order
+
+pytestmark = pytest.mark.system
+
+
+def process_groups_below(root: int) -> set[int]:
+    """The process groups of `root`'s descendants other than its own (honcho starts each
+    Procfile line in a session of its own)."""
+    parents: dict[int, tuple[int, int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                parents[int(entry.name)] = (int(fields[1]), int(fields[2]))
+    below: set[int] = set()
+    frontier = {root}
+    while frontier:
+        frontier = {pid for pid, (ppid, _) in parents.items() if ppid in frontier} - below
+        below |= frontier
+    return {parents[pid][1] for pid in below if pid in parents} - {root}
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_the_procfile_runs_the_system(tmp_path: Path, postgres_url: str, redis_url: str) -> None:
+    # Given the Procfile's processes started by honcho, on Postgres and Redis
+    sandbox_port, flower_port = processes.free_port(), processes.free_port()
+    provider_url = f"http://127.0.0.1:{sandbox_port}"
+    env = child_environment({
+        **TEST_WORKER_SETTINGS, "DATABASE_URL": postgres_url, "BROKER_URL": redis_url,
+        "ONCELERY_DATA_DIR": str(tmp_path / "data"), "PROVIDER_URL": provider_url,
+        "SANDBOX_PORT": str(sandbox_port), "FLOWER_PORT": str(flower_port),
+        "FLOWER_BASIC_AUTH": "ops:secret", "PYTHONPATH": str(REPO_ROOT),
+    })  # fmt: skip
+    honcho = processes.start(
+        "honcho", [sys.executable, "-m", "honcho", "start", "-f", str(REPO_ROOT / "Procfile"),
+                   "-d", str(REPO_ROOT)],
+        env=env, log_dir=tmp_path / "logs",
+    )  # fmt: skip
+    store = JobStore(engine=create_engine(postgres_url))
+    system = System(env, tmp_path / "data", provider_url, store, tmp_path / "logs", [honcho])
+    groups: set[int] = set()
+    try:
+        processes.wait_until_answers(f"{provider_url}/healthz", process=honcho, timeout=60)
+        deadline = time.monotonic() + 30
+        while len(groups) < 4 and time.monotonic() < deadline:
+            groups = process_groups_below(honcho.pid)
+            time.sleep(0.2)
+        assert len(groups) == 4, groups  # sandbox, worker, beat, flower
+
+        # When orders are enqueued
+        prefix = f"procfile-{uuid.uuid4().hex[:6]}-"
+        system.enqueue(
+            [order_event(event_id=f"{prefix}{n}", order_id=f"{prefix}{n}") for n in range(20)]
+        )
+
+        # Then they complete once each, and Flower answers, behind its basic auth
+        assert system.wait_finished(prefix, 20, timeout=120)[JobState.SUCCEEDED] == 20
+        assert set(per_order(system.effects(), "charge").values()) == {1}
+        processes.wait_until_answers(
+            f"http://127.0.0.1:{flower_port}/healthcheck", process=honcho, timeout=60
+        )
+        flower = f"http://127.0.0.1:{flower_port}/api/workers"
+        assert httpx.get(flower, timeout=10).status_code == 401
+        assert httpx.get(flower, auth=("ops", "secret"), timeout=10).status_code == 200
+
+        # When honcho is stopped, every process it started stops too
+        honcho.popen.send_signal(signal.SIGTERM)
+        honcho.popen.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while any(group_alive(g) for g in groups) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [g for g in groups if group_alive(g)]
+    finally:
+        honcho.stop()
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
+        store.engine.dispose()
