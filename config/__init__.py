@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from config.celery import MAIN_QUEUE, RETRY_QUEUE, celery_config, prepare_broker
+from config.celery import (
+    DEAD_QUEUE,
+    MAIN_QUEUE,
+    RETRY_QUEUE,
+    SWEEP_TASK,
+    celery_config,
+    dead_letter_queue,
+    prepare_broker,
+)
 from config.settings import (
     DEFAULT_PROVIDER_URL,
     ConfigError,
@@ -13,13 +21,16 @@ from config.settings import (
 )
 
 __all__ = [
+    "DEAD_QUEUE",
     "DEFAULT_PROVIDER_URL",
     "MAIN_QUEUE",
     "RETRY_QUEUE",
+    "SWEEP_TASK",
     "ConfigError",
     "Settings",
     "celery_config",
     "child_environment",
+    "dead_letter_queue",
     "get_settings",
     "load_settings",
     "prepare_broker",

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from typing import Final
 
+from kombu import Exchange, Queue
+
 from config.settings import Settings
 
 #: New orders: consumed by every worker.
 MAIN_QUEUE: Final = "oncelery"
 #: Retries and replays: their own queue, so a storm of failures cannot starve new orders.
 RETRY_QUEUE: Final = "oncelery.retry"
+#: RabbitMQ only: where a dead-lettered step's message goes (the Postgres row is the dead
+#: letter people work with; this copy is for broker-side tooling).
+DEAD_EXCHANGE: Final = "oncelery.dlx"
+DEAD_QUEUE: Final = "oncelery.dead"
+#: The task beat runs to re-drive stalled jobs.
+SWEEP_TASK: Final = "oncelery.sweep"
 
 #: How often the embedded file broker looks for new messages, in seconds.
 _FILESYSTEM_POLLING_INTERVAL: Final = 0.05
@@ -41,6 +49,18 @@ def prepare_broker(settings: Settings) -> None:
             (settings.broker_dir / name).mkdir(parents=True, exist_ok=True)
 
 
+def task_queues(settings: Settings) -> list[Queue]:
+    """The queues workers consume. Every app (worker, CLI, tests) declares them alike: RabbitMQ
+    refuses a queue redeclared with other arguments."""
+    arguments = {"x-dead-letter-exchange": DEAD_EXCHANGE} if settings.broker_kind == "amqp" else {}
+    return [Queue(name, queue_arguments=arguments or None) for name in (MAIN_QUEUE, RETRY_QUEUE)]
+
+
+def dead_letter_queue() -> Queue:
+    """The RabbitMQ queue that keeps rejected messages (not consumed by workers)."""
+    return Queue(DEAD_QUEUE, Exchange(DEAD_EXCHANGE, type="fanout", durable=True), durable=True)
+
+
 def celery_config(settings: Settings) -> dict[str, object]:
     """The Celery settings oncelery runs with (lower-case setting names)."""
     embedded = settings.broker_kind == "filesystem"
@@ -63,6 +83,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 4,
         "task_default_queue": MAIN_QUEUE,
+        "task_queues": task_queues(settings),
         "task_create_missing_queues": True,
         "task_soft_time_limit": settings.step_time_limit,
         "task_time_limit": hard_limit,
@@ -73,4 +94,12 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "timezone": "UTC",
         "enable_utc": True,
         "worker_hijack_root_logger": False,
+        "beat_schedule": {
+            "oncelery-sweep": {
+                "task": SWEEP_TASK,
+                "schedule": settings.sweep_interval,
+                # A sweep nobody ran in time is pointless: the next one is on its way.
+                "options": {"queue": RETRY_QUEUE, "expires": settings.sweep_interval},
+            }
+        },
     }

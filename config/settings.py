@@ -7,13 +7,22 @@ transport under `ONCELERY_DATA_DIR`, so a newcomer needs no server at all.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 from pathlib import Path
 from typing import Annotated, Final
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -24,6 +33,18 @@ _DATABASE_SCHEMES: Final = ("postgresql+psycopg", "sqlite")
 _BROKER_SCHEMES: Final = ("amqp", "pyamqp", "redis", "rediss", "filesystem")
 #: What a URL scheme looks like; anything else is not echoed in errors.
 _SCHEME: Final = re.compile(r"[a-z][a-z0-9+.-]{0,30}")
+
+
+class StepPolicy(BaseModel):
+    """One step's overrides of the retry policy and time limit (all optional)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_attempts: int | None = Field(default=None, ge=1, le=100)
+    backoff_base: float | None = Field(default=None, gt=0, le=3_600)
+    backoff_max: float | None = Field(default=None, gt=0, le=86_400)
+    #: Soft time limit of one attempt, in seconds (the hard limit is 5 s later).
+    time_limit: float | None = Field(default=None, gt=0, le=3_600)
 
 
 class ConfigError(Exception):
@@ -78,6 +99,13 @@ class Settings(BaseSettings):
     pipelines: Annotated[tuple[str, ...], NoDecode] = ()
     #: Whether workers send task events (Flower needs them; they cost a little CPU per task).
     task_events: bool = True
+    #: Per-step overrides, JSON: {"<pipeline>.<step>": {"max_attempts": 3, "time_limit": 10}}.
+    step_policies: Annotated[dict[str, StepPolicy], NoDecode] = Field(default_factory=dict)
+    #: Seconds between two sweeps run by beat.
+    sweep_interval: float = Field(default=30.0, gt=0, le=86_400)
+    #: Seconds an unfinished job may go without progress before the sweeper sends its step
+    #: again; by default the lease, plus the longest retry delay, plus 30 s.
+    sweep_stalled_after: float | None = Field(default=None, gt=0, le=30 * 86_400)
 
     @field_validator("database_url_raw")
     @classmethod
@@ -132,12 +160,29 @@ class Settings(BaseSettings):
             raise ValueError("expected user:password")
         return value
 
+    @field_validator("step_policies", mode="before")
+    @classmethod
+    def _parse_step_policies(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                return json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not JSON ({exc.msg} at column {exc.colno})") from None
+        return value
+
     @field_validator("pipelines", mode="before")
     @classmethod
     def _split_pipelines(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    @property
+    def stalled_after(self) -> float:
+        """Seconds without progress after which the sweeper re-drives a job."""
+        if self.sweep_stalled_after is not None:
+            return self.sweep_stalled_after
+        return self.step_lease + self.retry_backoff_max + 30.0
 
     @property
     def embedded_database(self) -> bool:
@@ -201,7 +246,13 @@ def load_settings() -> Settings:
         first = exc.errors()[0]
         location = str(first["loc"][0]) if first["loc"] else "environment"
         message = first["msg"].removeprefix("Value error, ")
-        raise ConfigError(_variable_for(location), message) from None
+        inner = ".".join(str(part) for part in first["loc"][1:])
+        raise ConfigError(
+            _variable_for(location), f"{inner}: {message}" if inner else message
+        ) from None
+    except SettingsError as exc:
+        field = str(exc).partition('field "')[2].partition('"')[0]
+        raise ConfigError(_variable_for(field or "environment"), "cannot be parsed") from None
 
 
 @functools.cache

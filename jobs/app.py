@@ -1,26 +1,40 @@
 """The Celery app: one task per pipeline step (`oncelery.<pipeline>.<step>`), each running
-`jobs.runner.run_step`; the per-process runtime, rebuilt after every fork."""
+`jobs.runner.run_step`, and the sweep task beat runs; the per-process runtime, rebuilt after
+every fork."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any, NoReturn
 
 from celery import Celery, Task
-from celery.signals import worker_process_init, worker_process_shutdown
-from kombu import Queue
+from celery.exceptions import Reject, SoftTimeLimitExceeded
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
 
-from config import MAIN_QUEUE, RETRY_QUEUE, Settings, celery_config, get_settings, prepare_broker
+from config import (
+    MAIN_QUEUE,
+    RETRY_QUEUE,
+    SWEEP_TASK,
+    Settings,
+    celery_config,
+    dead_letter_queue,
+    get_settings,
+    prepare_broker,
+)
 from jobs.pipelines import Pipeline, registry
-from jobs.runner import run_step
+from jobs.runner import Outcome, run_step
 from jobs.runtime import Runtime, load_pipelines
+from jobs.sweeper import SweepReport, sweep
 from ledger import DatabaseUnavailable
 
 logger = logging.getLogger(__name__)
 
 #: Seconds before a step is tried again when the database could not be reached at all.
 _DATABASE_DOWN_DELAY = 5.0
+#: Seconds between a step's soft time limit (an exception it can handle) and the hard one.
+_HARD_LIMIT_GRACE = 5
 
 
 def _configure() -> dict[str, object]:
@@ -31,9 +45,7 @@ def _configure() -> dict[str, object]:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     prepare_broker(settings)
     load_pipelines(settings)
-    config = celery_config(settings)
-    config["task_queues"] = [Queue(MAIN_QUEUE), Queue(RETRY_QUEUE)]
-    return config
+    return celery_config(settings)
 
 
 app = Celery("oncelery")
@@ -64,6 +76,14 @@ def _close_runtime(**_: Any) -> None:
         _runtime.close()
 
 
+@worker_ready.connect
+def _declare_dead_letter_queue(**_: Any) -> None:
+    # RabbitMQ drops a rejected message whose dead-letter exchange does not exist.
+    if get_settings().broker_kind == "amqp":
+        with app.connection_for_write() as conn:
+            dead_letter_queue()(conn.default_channel).declare()
+
+
 def task_name(pipeline: str, step: str) -> str:
     """The Celery task name of a pipeline's step."""
     return f"oncelery.{pipeline}.{step}"
@@ -79,25 +99,53 @@ def client_app(settings: Settings) -> Celery:
 
 
 class CeleryDispatch:
-    """Hands jobs on through Celery: next steps on the main queue, retries on their own.
+    """Hands jobs on through Celery: next steps on the main queue; retries, replays and
+    re-drives on the retry queue. Each message carries its step's time limits.
 
     Args:
         task: the running task, for `retry_later` (None when only sending, e.g. enqueueing).
         sender: the app that publishes; the worker's own app by default.
+        settings: where per-step time limits come from; the app's settings by default.
     """
 
-    def __init__(self, task: Task[Any, Any] | None = None, *, sender: Celery | None = None) -> None:
+    def __init__(
+        self,
+        task: Task[Any, Any] | None = None,
+        *,
+        sender: Celery | None = None,
+        settings: Settings | None = None,
+    ) -> None:
         self.task = task
         self.sender = sender or app
+        self.settings = settings
 
-    def send(self, pipeline: str, step: str, job_id: str) -> None:
-        """Publish a step of a job now."""
-        self.sender.send_task(task_name(pipeline, step), args=[job_id], queue=MAIN_QUEUE)
+    def send(self, pipeline: str, step: str, job_id: str, *, resend: bool = False) -> None:
+        """Publish a step of a job now (`resend`: again, on the retry queue)."""
+        # Whole seconds: Celery's message format and its stubs take integers.
+        soft = math.ceil(self._time_limit(pipeline, step))
+        self.sender.send_task(
+            task_name(pipeline, step),
+            args=[job_id],
+            queue=RETRY_QUEUE if resend else MAIN_QUEUE,
+            soft_time_limit=soft,
+            time_limit=soft + _HARD_LIMIT_GRACE,
+        )
 
     def retry_later(self, delay: float) -> NoReturn:
         """Publish the running task again on the retry queue after `delay` seconds."""
         assert self.task is not None
         raise self.task.retry(countdown=delay, queue=RETRY_QUEUE)
+
+    def _time_limit(self, pipeline: str, step: str) -> float:
+        settings = self.settings or get_settings()
+        configured = settings.step_policies.get(f"{pipeline}.{step}")
+        if configured is not None and configured.time_limit is not None:
+            return configured.time_limit
+        try:
+            declared = registry.get(pipeline).step(step).time_limit
+        except (KeyError, LookupError):
+            declared = None
+        return declared or settings.step_time_limit
 
 
 def _bind(pipeline: Pipeline[object]) -> None:
@@ -107,11 +155,21 @@ def _bind(pipeline: Pipeline[object]) -> None:
         def run(task: Task[Any, Any], job_id: str, *, _step: str = step.name) -> str:
             dispatch = CeleryDispatch(task)
             try:
-                return str(run_step(runtime(), dispatch, pipeline, pipeline.step(_step), job_id))
+                outcome = run_step(runtime(), dispatch, pipeline, pipeline.step(_step), job_id)
             except DatabaseUnavailable as exc:
                 # Acking now would drop the step; send it again and let the ledger sort it out.
                 logger.warning("database unavailable: %s", exc.detail, extra={"action": "db_down"})
                 dispatch.retry_later(_DATABASE_DOWN_DELAY)
+            except SoftTimeLimitExceeded:
+                # The limit struck while the attempt was being recorded, not while it acted:
+                # send it again; its claim's lease tells the next delivery what to do.
+                logger.warning("time limit hit while recording", extra={"action": "late_limit"})
+                dispatch.retry_later(_DATABASE_DOWN_DELAY)
+            if outcome is Outcome.DEAD_LETTERED:
+                # The dead letter is in Postgres already; rejecting also hands RabbitMQ the
+                # message for its dead-letter queue (other brokers drop it).
+                raise Reject(f"job {job_id} dead-lettered at {_step}", requeue=False)
+            return str(outcome)
 
         # max_retries=None: the ledger counts attempts and decides when to stop, not Celery.
         app.task(
@@ -120,3 +178,10 @@ def _bind(pipeline: Pipeline[object]) -> None:
 
 
 registry.on_add(_bind)
+
+
+@app.task(name=SWEEP_TASK, acks_late=False, ignore_result=True)
+def sweep_task() -> dict[str, int]:
+    """Beat's sweep: re-drive stalled jobs (see `jobs.sweeper`)."""
+    report: SweepReport = sweep(runtime(), CeleryDispatch())
+    return {"redriven": report.redriven, "skipped": report.skipped}

@@ -7,16 +7,24 @@ import json
 import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
-from uuid import UUID
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
-from config import ConfigError, Settings, get_settings
+from config import ConfigError, get_settings
+from jobs import operator_commands
+from jobs.cli_support import (
+    BadInput,
+    JsonFlag,
+    job_store,
+    parse_job_id,
+    print_json,
+    stderr,
+    stdout,
+)
 from jobs.errors import InvalidEvent, JobError
-from ledger import JSON, JobStore, LedgerError, create_engine, upgrade
+from ledger import JSON, LedgerError, create_engine, upgrade
 
 cli = typer.Typer(
     name="oncelery",
@@ -28,24 +36,6 @@ cli = typer.Typer(
 )
 db_cli = typer.Typer(help="The ledger's database.", no_args_is_help=True)
 cli.add_typer(db_cli, name="db")
-
-stdout = Console(soft_wrap=True)
-stderr = Console(stderr=True, soft_wrap=True)
-
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
-
-
-class BadInput(Exception):
-    """A command's input is wrong: exit 2 with this one line."""
-
-
-def print_json(value: object) -> None:
-    """Print one JSON object on stdout."""
-    sys.stdout.write(json.dumps(value, default=str) + "\n")
-
-
-def _store(settings: Settings) -> JobStore:
-    return JobStore(engine=create_engine(settings.database_url))
 
 
 @db_cli.command("upgrade")
@@ -71,7 +61,7 @@ def enqueue(
     text = _read_source(source)
     events = parse_events(text)
     settings = get_settings()
-    for item in enqueue_orders(_store(settings), CeleryDispatch(), events):
+    for item in enqueue_orders(job_store(settings), CeleryDispatch(), events):
         stdout.print(item.job_id, highlight=False)
         if not item.sent:
             stderr.print(
@@ -100,21 +90,14 @@ def history(
     from jobs.history import history_view
     from jobs.runtime import load_pipelines
 
-    parsed = _job_id(job_id)
+    parsed = parse_job_id(job_id)
     settings = get_settings()
     load_pipelines(settings)
-    view = history_view(_store(settings).history(parsed))
+    view = history_view(job_store(settings).history(parsed))
     if as_json:
         print_json(view)
         return
     _print_history(view)
-
-
-def _job_id(value: str) -> UUID:
-    try:
-        return UUID(value)
-    except ValueError:
-        raise BadInput(f"JOB_ID: not a job id: {value!r}") from None
 
 
 def _print_history(view: dict[str, JSON]) -> None:
@@ -274,6 +257,9 @@ def sandbox(
         honour_keys=not no_idempotency,
         hang_seconds=hang_seconds,
     )
+
+
+operator_commands.register(cli)
 
 
 def _fail(code: int, message: str) -> NoReturn:

@@ -65,6 +65,8 @@ class Step(Generic[R]):
         delivery: exactly-once (the provider honours keys) or at-most-once.
         effect: the kind of outside effect this step applies (`"charge"`), for the audit.
         retry: this step's retry policy; the settings' policy when None.
+        time_limit: seconds one attempt may take before it is interrupted (soft limit; the
+            hard limit follows 5 s later); the settings' `ONCELERY_STEP_TIME_LIMIT` when None.
     """
 
     name: str
@@ -73,6 +75,7 @@ class Step(Generic[R]):
     delivery: Delivery = Delivery.EXACTLY_ONCE
     effect: str | None = None
     retry: RetryPolicy | None = None
+    time_limit: float | None = None
 
     def key_for(self, context: Mapping[str, JSON]) -> str:
         """This step's idempotency key for a job context."""

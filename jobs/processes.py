@@ -107,6 +107,22 @@ def worker_argv(
     ]
 
 
+def beat_argv(schedule: Path, *, loglevel: str = "INFO") -> list[str]:
+    """A `celery -A jobs beat` command line keeping its schedule in `schedule`."""
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "jobs",
+        "beat",
+        "--schedule",
+        str(schedule),
+        "--loglevel",
+        loglevel,
+    ]
+
+
 def sandbox_argv(port: int, *, db_path: Path, options: list[str]) -> list[str]:
     """An `oncelery sandbox` command line."""
     return [

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from billiard.exceptions import SoftTimeLimitExceeded
 
+from config.settings import StepPolicy
 from jobs.errors import PermanentError, TransientError
 
 
@@ -32,6 +33,21 @@ class RetryPolicy:
         # Written as "not >" so that NaN, which compares false with everything, is refused.
         if not (self.max_attempts >= 1 and self.backoff_base > 0 and self.backoff_max > 0):
             raise ValueError(f"invalid retry policy: {self}")
+
+
+def effective_policy(
+    default: RetryPolicy, in_code: RetryPolicy | None, configured: StepPolicy | None
+) -> RetryPolicy:
+    """A step's policy: the settings' override field by field, else the step's own, else the
+    default."""
+    base = in_code or default
+    if configured is None:
+        return base
+    return RetryPolicy(
+        max_attempts=configured.max_attempts or base.max_attempts,
+        backoff_base=configured.backoff_base or base.backoff_base,
+        backoff_max=configured.backoff_max or base.backoff_max,
+    )
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import random
 import time
 import traceback
 from typing import NoReturn, Protocol
@@ -24,6 +25,7 @@ from ledger import (
     JSON,
     AlreadySucceeded,
     Claim,
+    DeadLetterReason,
     Failure,
     FingerprintMismatch,
     InFlight,
@@ -35,12 +37,16 @@ from ledger import (
 
 logger = logging.getLogger(__name__)
 
+#: Seconds between looks at a key another owner holds (at most the rest of its lease).
+_IN_FLIGHT_POLL = 1.0
+
 
 class Dispatch(Protocol):
     """How the runner hands a job on."""
 
-    def send(self, pipeline: str, step: str, job_id: str) -> None:
-        """Publish a step of a job now."""
+    def send(self, pipeline: str, step: str, job_id: str, *, resend: bool = False) -> None:
+        """Publish a step of a job now (`resend`: it was sent before, e.g. a replay or a
+        re-drive, so it travels on the retry queue)."""
 
     def retry_later(self, delay: float) -> NoReturn:
         """Publish the current step again after `delay` seconds, and end this attempt."""
@@ -72,7 +78,13 @@ def run_step(
         )
     except FingerprintMismatch as exc:
         logger.error("%s", exc, extra={"action": "dead_letter", **log, "key": exc.key})
-        rt.ledger.dead_letter(job, step.name, _error_json(exc, retryable=False), key=exc.key)
+        rt.ledger.dead_letter(
+            job,
+            step.name,
+            _error_json(exc, retryable=False),
+            reason=DeadLetterReason.FINGERPRINT_MISMATCH,
+            key=exc.key,
+        )
         return Outcome.DEAD_LETTERED
     if isinstance(outcome, JobInactive):
         logger.info("job is %s; step not run", outcome.state, extra={"action": "skip", **log})
@@ -81,7 +93,8 @@ def run_step(
         logger.info(
             "key in flight elsewhere", extra={"action": "in_flight", **log, "key": outcome.key}
         )
-        dispatch.retry_later(outcome.retry_in)
+        # Poll rather than wait out the whole lease: the other owner usually finishes soon.
+        dispatch.retry_later(min(outcome.retry_in, _IN_FLIGHT_POLL + random.random() / 2))
     if isinstance(outcome, OutcomeUnknown):
         error: JSON = {
             "type": "OutcomeUnknown",
@@ -127,7 +140,7 @@ def _absorb_duplicate(
 def _act(
     rt: Runtime, dispatch: Dispatch, pipeline: Pipeline[object], step: Step[object], claim: Claim
 ) -> Outcome:
-    policy = step.retry or rt.retry_policy
+    policy = rt.retry_policy_for(pipeline.name, step)
     if claim.attempt > policy.max_attempts:
         # Only crashed attempts get here: a message that kills its worker every time.
         error: JSON = {
@@ -136,7 +149,12 @@ def _act(
             "message": f"{claim.attempt - 1} attempts ended without a record",
         }
         # The crashed attempts may have acted before dying.
-        failure = Failure(error=error, retry_in=None, outcome_unknown=step.effect is not None)
+        failure = Failure(
+            error=error,
+            retry_in=None,
+            outcome_unknown=step.effect is not None,
+            reason=DeadLetterReason.WORKER_LOST,
+        )
         return _record_failure(rt, dispatch, claim, failure)
     ctx = StepContext(
         job_id=str(claim.job_id),
@@ -154,7 +172,9 @@ def _act(
         json.dumps(result)
     except Exception as exc:  # noqa: BLE001 - every failure is classified and recorded
         duration_ms = (time.monotonic() - started) * 1000
-        return _handle_failure(rt, dispatch, step, claim, exc, duration_ms)
+        return _handle_failure(
+            rt, dispatch, step, claim, exc, duration_ms=duration_ms, policy=policy
+        )
     duration_ms = (time.monotonic() - started) * 1000
     following = pipeline.next_step(step.name)
     try:
@@ -176,9 +196,10 @@ def _handle_failure(
     step: Step[object],
     claim: Claim,
     exc: Exception,
+    *,
     duration_ms: float,
+    policy: retry.RetryPolicy,
 ) -> Outcome:
-    policy = step.retry or rt.retry_policy
     verdict = retry.decide(exc, claim.attempt, policy)
     error = _error_json(exc, retryable=verdict.delay is not None)
     if verdict.reason == "attempts_exhausted":
@@ -197,8 +218,19 @@ def _handle_failure(
         retry_in=None if unknown else verdict.delay,
         duration_ms=duration_ms,
         outcome_unknown=unknown,
+        reason=_reason(verdict.reason, unknown and verdict.delay is not None),
     )
     return _record_failure(rt, dispatch, claim, failure)
+
+
+def _reason(verdict: str, cut_short: bool) -> DeadLetterReason:
+    """Why a failed attempt ends the job (`cut_short`: it would have been retried, but may
+    have acted)."""
+    if cut_short:
+        return DeadLetterReason.OUTCOME_UNKNOWN
+    if verdict == "attempts_exhausted":
+        return DeadLetterReason.ATTEMPTS_EXHAUSTED
+    return DeadLetterReason.PERMANENT
 
 
 def _record_failure(rt: Runtime, dispatch: Dispatch, claim: Claim, failure: Failure) -> Outcome:

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from sqlalchemy.engine import Engine
 
 from config import Settings
-from jobs.pipelines import Pipeline, registry
-from jobs.retry import RetryPolicy
+from jobs.pipelines import Pipeline, Step, registry
+from jobs.retry import RetryPolicy, effective_policy
 from ledger import JobStore, StepLedger, create_engine
 
 
@@ -42,6 +42,11 @@ class Runtime:
                 backoff_max=settings.retry_backoff_max,
             ),
         )
+
+    def retry_policy_for(self, pipeline: str, step: Step[object]) -> RetryPolicy:
+        """The step's retry policy: settings override, then the step's own, then the default."""
+        configured = self.settings.step_policies.get(f"{pipeline}.{step.name}")
+        return effective_policy(self.retry_policy, step.retry, configured)
 
     def resources_for(self, pipeline: Pipeline[object]) -> object:
         """The pipeline's resources in this process, built on first use."""

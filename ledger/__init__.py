@@ -7,6 +7,7 @@ tested, from plain Python: hand it an engine.
 from __future__ import annotations
 
 from ledger.db import create_engine
+from ledger.dead_letters import DeadLetterNotFound, DeadLetterStore
 from ledger.errors import (
     DatabaseUnavailable,
     FingerprintMismatch,
@@ -17,12 +18,15 @@ from ledger.errors import (
 )
 from ledger.migrations import current_revision, head_revision, upgrade
 from ledger.step_ledger import Failure, StepLedger, StepNotInJob
-from ledger.store import JobStore
+from ledger.store import JobStore, Stalled
 from ledger.types import (
     JSON,
     AlreadySucceeded,
     Claim,
     ClaimOutcome,
+    DeadLetter,
+    DeadLetterReason,
+    DeadLetterState,
     EventKind,
     InFlight,
     Job,
@@ -32,6 +36,9 @@ from ledger.types import (
     NewJob,
     OutcomeUnknown,
     Recorded,
+    Refused,
+    Reopened,
+    Settled,
     StepEntry,
     StepEvent,
     StepState,
@@ -43,6 +50,11 @@ __all__ = [
     "Claim",
     "ClaimOutcome",
     "DatabaseUnavailable",
+    "DeadLetter",
+    "DeadLetterNotFound",
+    "DeadLetterReason",
+    "DeadLetterState",
+    "DeadLetterStore",
     "EventKind",
     "Failure",
     "FingerprintMismatch",
@@ -58,7 +70,11 @@ __all__ = [
     "NewJob",
     "OutcomeUnknown",
     "Recorded",
+    "Refused",
+    "Reopened",
     "SchemaMissing",
+    "Settled",
+    "Stalled",
     "StepEntry",
     "StepEvent",
     "StepLedger",

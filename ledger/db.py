@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, overload
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -124,6 +124,10 @@ def for_update_skip_locked(select: sa.Select[Any], dialect_name: str) -> sa.Sele
     return select
 
 
+@overload
+def as_utc(value: datetime) -> datetime: ...
+@overload
+def as_utc(value: None) -> None: ...
 def as_utc(value: datetime | None) -> datetime | None:
     """SQLite hands back naive timestamps; they are UTC."""
     if value is None or value.tzinfo is not None:
@@ -156,9 +160,14 @@ def _utcnow_pg(_element: utcnow, _compiler: SQLCompiler, **_kw: Any) -> str:
     return "statement_timestamp()"
 
 
+# SQLite's clock has milliseconds ("SS.SSS"); SQLAlchemy stores Python datetimes with six
+# digits ("SS.SSSSSS"). Timestamps are compared as text, so both must have six.
+_SQLITE_MICROSECONDS = "'000'"
+
+
 @compiles(utcnow, "sqlite")
 def _utcnow_sqlite(_element: utcnow, _compiler: SQLCompiler, **_kw: Any) -> str:
-    return "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+    return f"(strftime('%Y-%m-%d %H:%M:%f', 'now') || {_SQLITE_MICROSECONDS})"
 
 
 @compiles(utcnow_plus, "postgresql")
@@ -171,7 +180,7 @@ def _utcnow_plus_pg(element: utcnow_plus, compiler: SQLCompiler, **kw: Any) -> s
 def _utcnow_plus_sqlite(element: utcnow_plus, compiler: SQLCompiler, **kw: Any) -> str:
     (seconds,) = element.clauses
     modifier = f"printf('%+f seconds', {compiler.process(seconds, **kw)})"
-    return f"strftime('%Y-%m-%d %H:%M:%f', 'now', {modifier})"
+    return f"(strftime('%Y-%m-%d %H:%M:%f', 'now', {modifier}) || {_SQLITE_MICROSECONDS})"
 
 
 @compiles(json_set_key, "postgresql")

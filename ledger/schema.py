@@ -8,7 +8,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from ledger.types import EventKind, JobState, StepState
+from ledger.types import DeadLetterState, JobState, StepState
 
 metadata = sa.MetaData(
     naming_convention={
@@ -27,7 +27,7 @@ BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 Timestamp = sa.DateTime(timezone=True)
 
 
-def _one_of(column: str, values: type[JobState] | type[StepState] | type[EventKind]) -> str:
+def _one_of(column: str, values: type[JobState] | type[StepState] | type[DeadLetterState]) -> str:
     return f"{column} IN ({', '.join(repr(str(v)) for v in values)})"
 
 
@@ -69,6 +69,8 @@ ledger_entries = sa.Table(
     sa.Column("finished_at", Timestamp, nullable=True),
     sa.Column("created_at", Timestamp, nullable=False),
     sa.Column("updated_at", Timestamp, nullable=False),
+    #: When the current run of failures began; copied onto the dead letter.
+    sa.Column("first_failed_at", Timestamp, nullable=True),
     sa.CheckConstraint(_one_of("state", StepState), name="state"),
 )
 sa.Index("ix_ledger_entries_job_id", ledger_entries.c.job_id)
@@ -87,3 +89,29 @@ step_events = sa.Table(
     sa.Column("detail", JSONDocument, nullable=True),
 )
 sa.Index("ix_step_events_job_id_id", step_events.c.job_id, step_events.c.id)
+
+dead_letters = sa.Table(
+    "dead_letters",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.Uuid(), sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("pipeline", sa.String(100), nullable=False),
+    sa.Column("step", sa.String(100), nullable=False),
+    sa.Column("key", sa.String(300), nullable=True),
+    sa.Column("state", sa.String(20), nullable=False),
+    sa.Column("reason", sa.String(40), nullable=False),
+    sa.Column("error_type", sa.String(200), nullable=False),
+    sa.Column("message", sa.Text(), nullable=False),
+    sa.Column("traceback", sa.Text(), nullable=True),
+    sa.Column("input", JSONDocument, nullable=False),
+    sa.Column("attempts", sa.Integer(), nullable=False),
+    sa.Column("first_failed_at", Timestamp, nullable=False),
+    sa.Column("last_failed_at", Timestamp, nullable=False),
+    sa.Column("closed_at", Timestamp, nullable=True),
+    sa.Column("closed_by", sa.String(200), nullable=True),
+    sa.CheckConstraint(_one_of("state", DeadLetterState), name="state"),
+)
+sa.Index(
+    "ix_dead_letters_state_last_failed_at", dead_letters.c.state, dead_letters.c.last_failed_at
+)
+sa.Index("ix_dead_letters_job_id", dead_letters.c.job_id)

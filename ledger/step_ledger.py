@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 from uuid import UUID, uuid4
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from ledger import db, queries
 from ledger.errors import DatabaseUnavailable, FingerprintMismatch, LeaseLost, LedgerError
@@ -23,6 +23,8 @@ from ledger.types import (
     AlreadySucceeded,
     Claim,
     ClaimOutcome,
+    DeadLetterReason,
+    DeadLetterState,
     EventKind,
     InFlight,
     JobInactive,
@@ -60,6 +62,8 @@ class Failure:
     #: The attempt may have acted before failing (a timeout after sending): the key becomes
     #: `unknown` rather than `failed`, so nobody mistakes it for "nothing happened".
     outcome_unknown: bool = False
+    #: Why the job is dead-lettered, when `retry_in` is None.
+    reason: DeadLetterReason | None = None
 
     def __post_init__(self) -> None:
         if self.outcome_unknown and self.retry_in is not None:
@@ -209,27 +213,47 @@ class StepLedger:
         )
 
     def record_failure(self, claim: Claim, failure: Failure) -> Recorded:
-        """Record a failed attempt: the key is free for a retry, or the job is dead-lettered.
+        """Record a failed attempt: the key is free for a retry, or the job is dead-lettered
+        (with a durable dead letter, in the same transaction).
 
         Raises:
             LeaseLost: another owner took the key over meanwhile.
         """
-        if failure.retry_in is not None:
-            detail: JSON = {"error": failure.error, "retry_in": round(failure.retry_in, 3)}
-            kind, job_state = EventKind.FAILED, JobState.RUNNING
-        else:
-            detail, kind, job_state = (
-                {"error": failure.error},
-                EventKind.DEAD_LETTERED,
-                JobState.DEAD_LETTERED,
-            )
-        state = StepState.UNKNOWN if failure.outcome_unknown else StepState.FAILED
+        if failure.retry_in is None:
+            return self._record_dead_letter(claim, failure)
+        detail: JSON = {"error": failure.error, "retry_in": round(failure.retry_in, 3)}
         return self._record(
             claim,
-            entry=(state, None, failure.error),
-            event=(kind, failure.duration_ms, detail),
-            job=(job_state, claim.step, None),
+            entry=(StepState.FAILED, None, failure.error),
+            event=(EventKind.FAILED, failure.duration_ms, detail),
+            job=(JobState.RUNNING, claim.step, None),
         )
+
+    def _record_dead_letter(self, claim: Claim, failure: Failure) -> Recorded:
+        entry_state = StepState.UNKNOWN if failure.outcome_unknown else StepState.FAILED
+        finish = queries.finish_entry(
+            claim.key, claim.owner, state=entry_state, result=None, error=failure.error
+        )
+        letter = _Letter(
+            claim.job_id,
+            claim.step,
+            claim.key,
+            failure.error,
+            failure.reason or DeadLetterReason.PERMANENT,
+            failure.duration_ms,
+        )
+
+        def attempt() -> JobState | None:
+            with db.transaction(self.engine) as conn:
+                finished = conn.execute(finish).one_or_none()
+                if finished is None:
+                    return None
+                return _dead_letter_job(conn, letter, finished.attempts, finished.first_failed_at)
+
+        job_state = self._retrying(attempt)
+        if job_state is None:
+            job_state = self._recorded_before(claim, entry_state)
+        return Recorded(key=claim.key, job_state=job_state)
 
     def _record(
         self,
@@ -323,37 +347,32 @@ class StepLedger:
 
     def declare_unknown(self, outcome: OutcomeUnknown, error: JSON) -> None:
         """Mark an at-most-once key unknown and dead-letter its job: a person decides."""
-        detail: JSON = {"error": error}
+        letter = _Letter(
+            outcome.job_id, outcome.step, outcome.key, error, DeadLetterReason.OUTCOME_UNKNOWN
+        )
 
         def attempt() -> None:
             with db.transaction(self.engine) as conn:
                 conn.execute(queries.mark_unknown(outcome.key))
-                finished = conn.execute(queries.finish_job(outcome.job_id, JobState.DEAD_LETTERED))
-                if finished.one_or_none() is not None:
-                    conn.execute(
-                        queries.append_event(
-                            outcome.job_id,
-                            outcome.step,
-                            EventKind.DEAD_LETTERED,
-                            key=outcome.key,
-                            attempt=outcome.attempts,
-                            detail=detail,
-                        )
-                    )
+                _dead_letter_job(conn, letter, outcome.attempts, None)
 
         self._retrying(attempt)
 
-    def dead_letter(self, job_id: UUID, step: str, error: JSON, *, key: str | None = None) -> None:
-        """Dead-letter a job at a step without a claim (e.g. its key's fingerprint mismatched)."""
+    def dead_letter(
+        self,
+        job_id: UUID,
+        step: str,
+        error: JSON,
+        *,
+        reason: DeadLetterReason,
+        key: str | None = None,
+    ) -> None:
+        """Dead-letter a job at a step it could not claim (its key's fingerprint mismatched)."""
+        letter = _Letter(job_id, step, key, error, reason)
 
         def attempt() -> None:
             with db.transaction(self.engine) as conn:
-                if conn.execute(queries.finish_job(job_id, JobState.DEAD_LETTERED)).one_or_none():
-                    conn.execute(
-                        queries.append_event(
-                            job_id, step, EventKind.DEAD_LETTERED, key=key, detail={"error": error}
-                        )
-                    )
+                _dead_letter_job(conn, letter, 0, None)
 
         self._retrying(attempt)
 
@@ -378,6 +397,64 @@ class StepLedger:
                 )
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+
+@dataclass(frozen=True)
+class _Letter:
+    """What a dead letter says, before the job's row adds its input."""
+
+    job_id: UUID
+    step: str
+    key: str | None
+    error: JSON
+    reason: DeadLetterReason
+    duration_ms: float | None = None
+
+
+def _dead_letter_job(
+    conn: Connection, letter: _Letter, attempts: int, first_failed_at: datetime | None
+) -> JobState:
+    """Inside the caller's transaction: end an active job as dead-lettered, append the event and
+    write the dead letter; a job no longer active (cancelled meanwhile) keeps its state."""
+    job = conn.execute(queries.finish_job(letter.job_id, JobState.DEAD_LETTERED)).one_or_none()
+    if job is None:
+        state = conn.execute(queries.select_job(letter.job_id)).mappings().one_or_none()
+        return JobState(state["state"]) if state is not None else JobState.CANCELLED
+    detail: JSON = {"error": letter.error, "reason": str(letter.reason)}
+    conn.execute(
+        queries.append_event(
+            letter.job_id,
+            letter.step,
+            EventKind.DEAD_LETTERED,
+            key=letter.key,
+            attempt=attempts or None,
+            duration_ms=letter.duration_ms,
+            detail=detail,
+        )
+    )
+    error = letter.error if isinstance(letter.error, dict) else {"message": str(letter.error)}
+    conn.execute(
+        queries.insert_dead_letter(
+            {
+                "job_id": letter.job_id,
+                "pipeline": job.pipeline,
+                "step": letter.step,
+                "key": letter.key,
+                "state": str(DeadLetterState.OPEN),
+                "reason": str(letter.reason),
+                "error_type": str(error.get("type", "Error"))[:200],
+                "message": str(error.get("message", "")),
+                "traceback": error.get("traceback")
+                if isinstance(error.get("traceback"), str)
+                else None,
+                "input": {"context": job.context, "results": job.results},
+                "attempts": attempts,
+                "first_failed_at": first_failed_at if first_failed_at is not None else db.utcnow(),
+                "last_failed_at": db.utcnow(),
+            }
+        )
+    )
+    return JobState.DEAD_LETTERED
 
 
 def _remaining(locked_until: datetime | None) -> float:

@@ -6,7 +6,7 @@ Must not import celery, kombu, jobs or config.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -15,6 +15,7 @@ from sqlalchemy.engine import Engine, RowMapping
 from ledger import db, queries
 from ledger.errors import JobNotFound
 from ledger.types import (
+    JSON,
     EventKind,
     Job,
     JobHistory,
@@ -27,6 +28,16 @@ from ledger.types import (
 
 #: Rows per INSERT when creating many jobs at once, and keys per IN list when reading.
 _INSERT_BATCH = 500
+
+
+@dataclass(frozen=True)
+class Stalled:
+    """A job the sweeper took: send `step` of it again."""
+
+    job_id: UUID
+    pipeline: str
+    step: str | None
+    state: JobState
 
 
 class JobStore:
@@ -148,6 +159,63 @@ class JobStore:
                 found.extend((row["pipeline"], entry_from_row(row)) for row in rows)
         return found
 
+    def cancel(self, job_id: UUID, *, by: str, reason: str | None = None) -> Job:
+        """Cancel a pending or running job: no further step will be claimed. A step already
+        acting finishes and is recorded (its effect is real), but the job does not move on.
+
+        Returns:
+            The job as it stands afterwards (check `state`: a finished job stays as it was).
+
+        Raises:
+            JobNotFound: no job has that id.
+        """
+        with db.transaction(self.engine) as conn:
+            cancelled = conn.execute(queries.finish_job(job_id, JobState.CANCELLED)).one_or_none()
+            if cancelled is not None:
+                detail: JSON = {"by": by, "reason": reason}
+                step = conn.execute(queries.select_job(job_id)).mappings().one()["current_step"]
+                conn.execute(
+                    queries.append_event(job_id, step or "-", EventKind.CANCELLED, detail=detail)
+                )
+        return self.get_job(job_id)
+
+    def take_stalled(self, *, stalled_after: float, limit: int = 500) -> list[Stalled]:
+        """Take unfinished jobs that made no progress for `stalled_after` seconds, for the
+        sweeper to send again; each is marked touched and its history says so. Concurrent
+        sweepers get disjoint batches (rows are locked with SKIP LOCKED)."""
+        with db.transaction(self.engine) as conn:
+            statement = queries.take_stalled_jobs(conn.dialect.name, stalled_after, limit)
+            taken = [
+                Stalled(row.id, row.pipeline, row.current_step, JobState(row.state))
+                for row in conn.execute(statement)
+            ]
+            for job in taken:
+                conn.execute(
+                    queries.append_event(
+                        job.job_id,
+                        job.step or "-",
+                        EventKind.REDRIVEN,
+                        detail={"stalled_after": stalled_after},
+                    )
+                )
+        return taken
+
+    def prune(self, *, older_than: float, batch: int = 1000) -> int:
+        """Delete succeeded and cancelled jobs untouched for `older_than` seconds, with their
+        ledger entries and history, in batches of `batch`; never an unfinished or
+        dead-lettered job. Returns how many jobs were deleted.
+
+        Their keys leave the ledger with them: the same request arriving again afterwards
+        would act again (as with any provider's key retention).
+        """
+        deleted = 0
+        while True:
+            with db.transaction(self.engine) as conn:
+                count = len(conn.execute(queries.delete_finished_jobs(older_than, batch)).all())
+            deleted += count
+            if count < batch:
+                return deleted
+
     def count_events(self, kind: EventKind, job_ids: Sequence[UUID] | None = None) -> int:
         """How many history events of a kind exist, optionally for some jobs only."""
         with db.single_statement(self.engine) as conn:
@@ -172,12 +240,6 @@ def _job_row(job: NewJob) -> dict[str, Any]:
     }
 
 
-def _utc(value: datetime | None) -> datetime:
-    converted = db.as_utc(value)
-    assert converted is not None
-    return converted
-
-
 def job_from_row(row: RowMapping) -> Job:
     """A `Job` from a `jobs` row."""
     return Job(
@@ -190,8 +252,8 @@ def job_from_row(row: RowMapping) -> Job:
         step_keys=row["step_keys"],
         results=row["results"],
         current_step=row["current_step"],
-        created_at=_utc(row["created_at"]),
-        updated_at=_utc(row["updated_at"]),
+        created_at=db.as_utc(row["created_at"]),
+        updated_at=db.as_utc(row["updated_at"]),
         finished_at=db.as_utc(row["finished_at"]),
     )
 
@@ -222,7 +284,7 @@ def event_from_row(row: RowMapping) -> StepEvent:
         key=row["key"],
         attempt=row["attempt"],
         kind=EventKind(row["kind"]),
-        at=_utc(row["at"]),
+        at=db.as_utc(row["at"]),
         duration_ms=row["duration_ms"],
         detail=row["detail"],
     )

@@ -50,11 +50,50 @@ class StepState(enum.StrEnum):
 class EventKind(enum.StrEnum):
     """What an entry of a job's append-only history says happened."""
 
+    #: An attempt recorded its result.
     SUCCEEDED = "succeeded"
+    #: An attempt failed; another follows after `retry_in` seconds.
     FAILED = "failed"
+    #: The key was recorded by another job: its result was adopted, nothing was done again.
     DEDUPLICATED = "deduplicated"
+    #: The job stopped at this step for good; a dead letter was written.
     DEAD_LETTERED = "dead_lettered"
-    LEASE_EXPIRED = "lease_expired"
+    #: A person replayed the dead letter: the job resumes at this step.
+    REPLAYED = "replayed"
+    #: A person decided an unknown or failed step's outcome (`dlq resolve`).
+    RESOLVED = "resolved"
+    #: A person cancelled the job.
+    CANCELLED = "cancelled"
+    #: A person purged the job's dead letter: the job is given up.
+    PURGED = "purged"
+    #: The sweeper found the job stalled and sent its step again.
+    REDRIVEN = "redriven"
+
+
+class DeadLetterState(enum.StrEnum):
+    """Where a dead letter stands."""
+
+    #: Waiting for a person.
+    OPEN = "open"
+    #: Replayed: the job resumed at the failed step.
+    REPLAYED = "replayed"
+    #: A person decided the step's outcome (`dlq resolve`).
+    RESOLVED = "resolved"
+
+
+class DeadLetterReason(enum.StrEnum):
+    """Why a job was dead-lettered."""
+
+    #: The step failed in a way retrying cannot fix (4xx, validation, a declined card, a bug).
+    PERMANENT = "permanent"
+    #: Every attempt the policy allows failed transiently.
+    ATTEMPTS_EXHAUSTED = "attempts_exhausted"
+    #: Attempts kept ending without a record: the step kills its worker.
+    WORKER_LOST = "worker_lost"
+    #: The step may have acted, and repeating it could act twice (see `StepState.UNKNOWN`).
+    OUTCOME_UNKNOWN = "outcome_unknown"
+    #: The key was first used for a different request.
+    FINGERPRINT_MISMATCH = "fingerprint_mismatch"
 
 
 @dataclass(frozen=True)
@@ -199,3 +238,55 @@ class Recorded:
 
     key: str
     job_state: JobState
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A job that stopped for good at a step, as a person sees it."""
+
+    id: int
+    job_id: UUID
+    pipeline: str
+    step: str
+    key: str | None
+    state: DeadLetterState
+    reason: DeadLetterReason
+    error_type: str
+    message: str
+    traceback: str | None
+    #: What the step received: the job's context and the earlier steps' results.
+    input: JSON
+    attempts: int
+    first_failed_at: datetime
+    last_failed_at: datetime
+    closed_at: datetime | None
+    closed_by: str | None
+
+
+@dataclass(frozen=True)
+class Reopened:
+    """A dead letter's job was put back to running at `step`: send that step now."""
+
+    letter_id: int
+    job_id: UUID
+    pipeline: str
+    step: str
+
+
+@dataclass(frozen=True)
+class Settled:
+    """A person settled a dead letter's step as succeeded; the job is now in `job_state`."""
+
+    letter_id: int
+    job_id: UUID
+    pipeline: str
+    job_state: JobState
+    next_step: str | None
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A dead letter was left as it was, and why."""
+
+    letter_id: int
+    reason: str

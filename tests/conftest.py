@@ -17,15 +17,19 @@ import pytest
 import sqlalchemy as sa
 from kombu import Connection, Queue
 
-from config import MAIN_QUEUE, RETRY_QUEUE, Settings, get_settings
+from config import DEAD_QUEUE, MAIN_QUEUE, RETRY_QUEUE, Settings, get_settings
 from ledger import create_engine, upgrade
 
 # Strip what would point the code under test elsewhere: tests configure it explicitly.
 for _name in list(os.environ):
     if _name.startswith("ONCELERY_") or _name in (
-        "DATABASE_URL", "BROKER_URL", "PROVIDER_URL", "WEBHOOK_SECRET", "API_TOKEN",
+        "DATABASE_URL",
+        "BROKER_URL",
+        "PROVIDER_URL",
+        "WEBHOOK_SECRET",
+        "API_TOKEN",
         "FLOWER_BASIC_AUTH",
-    ):  # fmt: skip
+    ):
         del os.environ[_name]
 
 #: Where the test services are; `scripts/services.sh` sets them up this way.
@@ -130,10 +134,30 @@ def engine(database_url: str) -> Iterator[sa.Engine]:
 def purge_queues(url: str) -> None:
     """Empty oncelery's queues on a broker."""
     with Connection(url, connect_timeout=5) as conn:
-        for name in (MAIN_QUEUE, RETRY_QUEUE):
+        for name in (MAIN_QUEUE, RETRY_QUEUE, DEAD_QUEUE):
             # A queue no worker declared yet has nothing to purge (RabbitMQ says NOT_FOUND).
             with contextlib.suppress(*conn.channel_errors):
                 Queue(name, channel=conn.channel()).purge()
+
+
+def delete_queues(url: str) -> None:
+    """Remove oncelery's queues, so each test declares them afresh (RabbitMQ refuses to
+    redeclare a queue with other arguments, e.g. one left by an older version)."""
+    with Connection(url, connect_timeout=5) as conn:
+        for name in (MAIN_QUEUE, RETRY_QUEUE, DEAD_QUEUE):
+            with contextlib.suppress(*conn.channel_errors):
+                Queue(name, channel=conn.channel()).delete()
+
+
+def queue_length(url: str, name: str) -> int:
+    """How many messages wait in a queue (0 if it does not exist)."""
+    with Connection(url, connect_timeout=5) as conn:
+        try:
+            declared = Queue(name, channel=conn.channel()).queue_declare(passive=True)
+        except conn.channel_errors:
+            return 0
+        # py-amqp answers (queue, message_count, consumer_count).
+        return int(declared[1]) if isinstance(declared, tuple) else 0
 
 
 def _broker(url: str, name: str) -> Iterator[str]:
@@ -142,9 +166,9 @@ def _broker(url: str, name: str) -> Iterator[str]:
             conn.ensure_connection(max_retries=1)
     except Exception as exc:  # noqa: BLE001 - whatever the transport raises, it is unreachable
         unavailable(name, exc)
-    purge_queues(url)
+    delete_queues(url)
     yield url
-    purge_queues(url)
+    delete_queues(url)
 
 
 @pytest.fixture
@@ -164,6 +188,10 @@ def settings_for(
 ) -> Settings:
     """Settings built explicitly (the environment is stripped)."""
     return Settings.model_validate(
-        {"DATABASE_URL": database_url, "BROKER_URL": broker_url,
-         "ONCELERY_DATA_DIR": str(data_dir), **extra}
-    )  # fmt: skip
+        {
+            "DATABASE_URL": database_url,
+            "BROKER_URL": broker_url,
+            "ONCELERY_DATA_DIR": str(data_dir),
+            **extra,
+        }
+    )

@@ -1,10 +1,17 @@
-"""A second pipeline, declared with the same public API as order-placed: the engine is not
-order-specific. Workers load it through `ONCELERY_PIPELINES=tests.toy_pipeline`."""
+"""More pipelines, declared with the same public API as order-placed: the engine is not
+order-specific. Workers load them through `ONCELERY_PIPELINES=tests.toy_pipeline`.
+
+- `toy`: a pure step, then an exactly-once notification.
+- `toy-once`: the same notification declared at-most-once (as if the provider ignored keys).
+- `toy-slow`: a step that sleeps `seconds`, to meet time limits.
+"""
 
 from __future__ import annotations
 
+import time
+
 from config import Settings
-from jobs import Pipeline, Step, StepContext
+from jobs import Delivery, Pipeline, Step, StepContext
 from jobs.provider import ProviderClient
 from ledger import JSON
 
@@ -43,4 +50,35 @@ toy: Pipeline[ProviderClient] = Pipeline(
         Step("announce", announce, key="toy:{word}:announce", effect="notification"),
     ],
     resources=_provider,
+)
+
+
+toy_once: Pipeline[ProviderClient] = Pipeline(
+    name="toy-once",
+    steps=[
+        Step("measure", measure, key="toy-once:{word}:measure"),
+        Step(
+            "announce",
+            announce,
+            key="toy-once:{word}:announce",
+            effect="notification",
+            delivery=Delivery.AT_MOST_ONCE,
+        ),
+    ],
+    resources=_provider,
+)
+
+
+def nap(ctx: StepContext[None]) -> JSON:
+    """Sleeps as long as the job says: a step that hangs, for time limits."""
+    seconds = ctx.context["seconds"]
+    assert isinstance(seconds, int | float)
+    time.sleep(seconds)
+    return {"slept": seconds}
+
+
+toy_slow: Pipeline[None] = Pipeline(
+    name="toy-slow",
+    steps=[Step("nap", nap, key="toy-slow:{name}:nap")],
+    resources=lambda _settings: None,
 )

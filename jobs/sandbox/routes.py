@@ -126,9 +126,11 @@ def _once(
     stored = state.store.find_response(str(service), key)
     if stored is None:
         reply = _apply(state, service, key, produce())
-        state.store.store_response(
-            str(service), key, fingerprint=fingerprint, status=reply.status, body=reply.body
-        )
+        if reply.status < 500:
+            # A 5xx is not a final answer: the next try with the key gets a fresh one.
+            state.store.store_response(
+                str(service), key, fingerprint=fingerprint, status=reply.status, body=reply.body
+            )
         return reply
     if stored.fingerprint != fingerprint:
         logger.info(

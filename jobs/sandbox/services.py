@@ -17,6 +17,9 @@ from .store import EffectKind, NewEffect
 
 #: The prefix of a customer id whose card is always declined (and who reads as `declined`).
 DECLINED_PREFIX = "declined"
+#: The prefix of a customer id whose payment is always answered 503 (a transient failure that
+#: never clears: the order retries until its attempts run out).
+UNAVAILABLE_PREFIX = "unavailable"
 
 _FIRST_NAMES = ("Ada", "Alan", "Barbara", "Donald", "Edsger", "Frances", "Grace", "Ken")
 _LAST_NAMES = ("Allen", "Dijkstra", "Hopper", "Knuth", "Liskov", "Lovelace", "Thompson", "Turing")
@@ -127,6 +130,11 @@ def quote(request: QuoteRequest) -> Reply:
 
 def charge(request: ChargeRequest) -> Reply:
     """Answer `POST /payments/charges`: 201 and a charge effect, or a permanent 402 and none."""
+    if request.customer_id.startswith(UNAVAILABLE_PREFIX):
+        unavailable: dict[str, object] = {
+            "error": {"type": "processor_unavailable", "message": "Try again later."}
+        }
+        return Reply(status=503, body=unavailable)
     if request.customer_id.startswith(DECLINED_PREFIX):
         declined: dict[str, object] = {
             "error": {"type": "card_declined", "message": "The customer's card was declined."}

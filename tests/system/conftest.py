@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -44,9 +45,15 @@ class System:
     def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         """Run `oncelery ARGS` against this system."""
         return subprocess.run(
-            [sys.executable, "-m", "jobs.cli", *args], input=stdin, env=self.env,
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False,
-        )  # fmt: skip
+            [sys.executable, "-m", "jobs.cli", *args],
+            input=stdin,
+            env=self.env,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
 
     def enqueue(self, events: Sequence[dict[str, object]]) -> list[str]:
         """Enqueue events through the CLI (JSON Lines on stdin); returns the job ids."""
@@ -76,6 +83,33 @@ class System:
                 assert process.alive(), f"{process.name} died; see {process.log_path}"
             time.sleep(0.2)
 
+    def faults(self, **faults: object) -> None:
+        """Change the sandbox's faults at run time (`POST /sandbox/faults`)."""
+        response = httpx.post(f"{self.provider_url}/sandbox/faults", json=faults, timeout=10)
+        assert response.status_code == 200, response.text
+
+    def history(self, job_id: str) -> dict[str, Any]:
+        """`oncelery history JOB_ID --json`."""
+        done = self.cli("history", job_id, "--json")
+        assert done.returncode == 0, done.stderr
+        view: dict[str, Any] = json.loads(done.stdout)
+        return view
+
+    def cli_json(self, *args: str, expect: int = 0) -> dict[str, Any]:
+        """Run a `--json` command, check its exit code, return its object."""
+        done = self.cli(*args, "--json")
+        assert done.returncode == expect, (done.returncode, done.stdout, done.stderr)
+        answer: dict[str, Any] = json.loads(done.stdout)
+        return answer
+
+    def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+        """Poll `condition` until it holds, failing with `what` after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out waiting for {what}; logs in {self.log_dir}")
+            time.sleep(0.1)
+
     def effects(self) -> list[dict[str, object]]:
         """What the sandbox applied."""
         answer: list[dict[str, object]] = httpx.get(
@@ -96,7 +130,11 @@ SystemFactory = Callable[..., System]
 
 @pytest.fixture
 def system_factory(tmp_path: Path) -> Iterator[SystemFactory]:
-    """Builds running systems; every process they started is stopped at teardown."""
+    """Builds running systems; every process they started is stopped at teardown.
+
+    Request it after the database and broker fixtures: fixtures are torn down in reverse
+    order, and the workers must stop before their database is dropped.
+    """
     systems: list[System] = []
 
     def build(
@@ -123,8 +161,13 @@ def system_factory(tmp_path: Path) -> Iterator[SystemFactory]:
             overrides["BROKER_URL"] = broker_url
         env = child_environment(overrides)
         ledger_url = database_url or f"sqlite:///{data_dir / 'ledger.sqlite3'}"
-        system = System(env, data_dir, provider_url, JobStore(engine=create_engine(ledger_url)),
-                        data_dir / "logs")  # fmt: skip
+        system = System(
+            env,
+            data_dir,
+            provider_url,
+            JobStore(engine=create_engine(ledger_url)),
+            data_dir / "logs",
+        )
         systems.append(system)
         upgraded = system.cli("db", "upgrade")
         assert upgraded.returncode == 0, upgraded.stderr

@@ -26,12 +26,13 @@ def system_urls(request: pytest.FixtureRequest) -> tuple[str | None, str | None]
 
 
 def test_orders_complete_exactly_once_despite_faults(
-    system_factory: SystemFactory, system_urls: tuple[str | None, str | None]
+    system_urls: tuple[str | None, str | None], system_factory: SystemFactory
 ) -> None:
     # Given a sandbox that answers 20 % of calls with a 5xx, and two real workers
     database_url, broker_url = system_urls
-    system = system_factory(database_url=database_url, broker_url=broker_url,
-                            sandbox_options=["--fault-rate", "0.2"])  # fmt: skip
+    system = system_factory(
+        database_url=database_url, broker_url=broker_url, sandbox_options=["--fault-rate", "0.2"]
+    )
     prefix = f"run-{uuid.uuid4().hex[:8]}-"
     events = [order_event(event_id=f"{prefix}{n}", order_id=f"{prefix}{n}") for n in range(ORDERS)]
 
@@ -67,7 +68,7 @@ def test_orders_complete_exactly_once_despite_faults(
 
 
 def test_a_second_pipeline_runs_on_the_same_engine(
-    system_factory: SystemFactory, postgres_url: str, redis_url: str
+    postgres_url: str, redis_url: str, system_factory: SystemFactory
 ) -> None:
     from jobs.app import CeleryDispatch, client_app
     from jobs.enqueue import start_jobs

@@ -53,17 +53,34 @@ def test_the_procfile_runs_the_system(tmp_path: Path, postgres_url: str, redis_u
     # Given the Procfile's processes started by honcho, on Postgres and Redis
     sandbox_port, flower_port = processes.free_port(), processes.free_port()
     provider_url = f"http://127.0.0.1:{sandbox_port}"
-    env = child_environment({
-        **TEST_WORKER_SETTINGS, "DATABASE_URL": postgres_url, "BROKER_URL": redis_url,
-        "ONCELERY_DATA_DIR": str(tmp_path / "data"), "PROVIDER_URL": provider_url,
-        "SANDBOX_PORT": str(sandbox_port), "FLOWER_PORT": str(flower_port),
-        "FLOWER_BASIC_AUTH": "ops:secret", "PYTHONPATH": str(REPO_ROOT),
-    })  # fmt: skip
+    env = child_environment(
+        {
+            **TEST_WORKER_SETTINGS,
+            "DATABASE_URL": postgres_url,
+            "BROKER_URL": redis_url,
+            "ONCELERY_DATA_DIR": str(tmp_path / "data"),
+            "PROVIDER_URL": provider_url,
+            "SANDBOX_PORT": str(sandbox_port),
+            "FLOWER_PORT": str(flower_port),
+            "FLOWER_BASIC_AUTH": "ops:secret",
+            "PYTHONPATH": str(REPO_ROOT),
+        }
+    )
     honcho = processes.start(
-        "honcho", [sys.executable, "-m", "honcho", "start", "-f", str(REPO_ROOT / "Procfile"),
-                   "-d", str(REPO_ROOT)],
-        env=env, log_dir=tmp_path / "logs",
-    )  # fmt: skip
+        "honcho",
+        [
+            sys.executable,
+            "-m",
+            "honcho",
+            "start",
+            "-f",
+            str(REPO_ROOT / "Procfile"),
+            "-d",
+            str(REPO_ROOT),
+        ],
+        env=env,
+        log_dir=tmp_path / "logs",
+    )
     store = JobStore(engine=create_engine(postgres_url))
     system = System(env, tmp_path / "data", provider_url, store, tmp_path / "logs", [honcho])
     groups: set[int] = set()

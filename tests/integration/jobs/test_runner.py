@@ -32,7 +32,7 @@ class RetryRequested(Exception):
 class RecordingDispatch:
     sent: list[tuple[str, str, str]] = field(default_factory=list)
 
-    def send(self, pipeline: str, step: str, job_id: str) -> None:
+    def send(self, pipeline: str, step: str, job_id: str, *, resend: bool = False) -> None:
         self.sent.append((pipeline, step, job_id))
 
     def retry_later(self, delay: float) -> NoReturn:

@@ -14,6 +14,7 @@ from sqlalchemy import event
 from ledger import (
     AlreadySucceeded,
     Claim,
+    DeadLetterReason,
     EventKind,
     Failure,
     FingerprintMismatch,
@@ -162,9 +163,11 @@ def test_the_same_request_from_another_job_reuses_the_recorded_result(
 ) -> None:
     first_job = create_job(store, key_base="order:8", context={"amount": 100})
     ledger.record_success(
-        claimed(ledger.claim_step(first_job, "first")), {"charge_id": "ch_8"},
-        next_step="second", duration_ms=1.0,
-    )  # fmt: skip
+        claimed(ledger.claim_step(first_job, "first")),
+        {"charge_id": "ch_8"},
+        next_step="second",
+        duration_ms=1.0,
+    )
     second_job = create_job(store, key_base="order:8", context={"amount": 100})
 
     outcome = ledger.claim_step(second_job, "first")
@@ -232,7 +235,7 @@ def test_an_at_most_once_key_whose_owner_vanished_is_unknown(
 
 def test_a_job_that_is_not_active_claims_nothing(store: JobStore, ledger: StepLedger) -> None:
     job_id = create_job(store)
-    ledger.dead_letter(job_id, "first", {"type": "Manual"})
+    ledger.dead_letter(job_id, "first", {"type": "Manual"}, reason=DeadLetterReason.PERMANENT)
 
     outcome = ledger.claim_step(job_id, "first")
 

@@ -205,9 +205,14 @@ def test_fingerprint_ignores_key_order(context: dict[str, JSON]) -> None:
 
 @pytest.mark.parametrize(
     ("one", "two"),
-    [({"x": 1}, {"x": 2}), ({"x": 1}, {"x": True}), ({"x": [1, 2]}, {"x": [2, 1]}),
-     ({"x": 1}, {"x": 1, "y": None}), ({"x": "1"}, {"x": 1})],
-)  # fmt: skip
+    [
+        ({"x": 1}, {"x": 2}),
+        ({"x": 1}, {"x": True}),
+        ({"x": [1, 2]}, {"x": [2, 1]}),
+        ({"x": 1}, {"x": 1, "y": None}),
+        ({"x": "1"}, {"x": 1}),
+    ],
+)
 def test_fingerprint_tells_contexts_apart(one: dict[str, JSON], two: dict[str, JSON]) -> None:
     assert fingerprint("p", one) != fingerprint("p", two)
 

@@ -91,9 +91,17 @@ def test_a_2xx_object_is_the_result(status: int) -> None:
 
 @pytest.mark.parametrize(
     ("status", "maybe_applied"),
-    [(500, False), (502, True), (503, False), (504, True), (429, False), (409, False),
-     (408, False), (425, False)],
-)  # fmt: skip
+    [
+        (500, False),
+        (502, True),
+        (503, False),
+        (504, True),
+        (429, False),
+        (409, False),
+        (408, False),
+        (425, False),
+    ],
+)
 def test_overload_and_conflict_are_transient(status: int, maybe_applied: bool) -> None:
     response = _response(
         status,
@@ -119,9 +127,8 @@ def test_a_transient_answer_without_retry_after_or_body() -> None:
 
 @pytest.mark.parametrize(
     ("status", "error_type"),
-    [(402, "card_declined"), (400, "bad_request"), (404, "not_found"),
-     (422, "validation_error")],
-)  # fmt: skip
+    [(402, "card_declined"), (400, "bad_request"), (404, "not_found"), (422, "validation_error")],
+)
 def test_client_errors_are_permanent_and_name_the_error_type(status: int, error_type: str) -> None:
     response = _response(status, json={"error": {"type": error_type, "message": "no"}})
 

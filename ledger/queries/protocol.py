@@ -1,8 +1,5 @@
-"""Every statement the ledger runs, each a small function returning a SQLAlchemy Core statement.
-
-Functions here build statements and never execute them; `step_ledger.py` and `store.py` run
-them and decide what the rows mean.
-"""
+"""The step protocol's statements: creating and reading jobs, claiming and recording keys, and
+the append-only history."""
 
 from __future__ import annotations
 
@@ -17,10 +14,11 @@ from ledger import db
 from ledger.schema import JSONDocument, jobs, ledger_entries, step_events
 from ledger.types import ACTIVE_JOB_STATES, JSON, EventKind, JobState, StepState
 
-_ACTIVE = [str(state) for state in ACTIVE_JOB_STATES]
+ACTIVE = [str(state) for state in ACTIVE_JOB_STATES]
 
 
-def _json(value: JSON) -> ColumnElement[Any]:
+def json_value(value: JSON) -> ColumnElement[Any]:
+    """A JSON document as a bound value (JSONB on Postgres)."""
     return sa.literal(value, JSONDocument)
 
 
@@ -79,7 +77,7 @@ def start_job(job_id: UUID, step: str) -> sa.Update:
     """Mark a job that may still run as running; returns what its step needs."""
     return (
         sa.update(jobs)
-        .where(jobs.c.id == job_id, jobs.c.state.in_(_ACTIVE))
+        .where(jobs.c.id == job_id, jobs.c.state.in_(ACTIVE))
         .values(state=str(JobState.RUNNING), updated_at=db.utcnow())
         .returning(
             jobs.c.id,
@@ -106,17 +104,17 @@ def advance_job(
     recorded in its entry, but the job does not move.
     """
     values: dict[str, Any] = {
-        "state": sa.case((jobs.c.state.in_(_ACTIVE), str(state)), else_=jobs.c.state),
+        "state": sa.case((jobs.c.state.in_(ACTIVE), str(state)), else_=jobs.c.state),
         "current_step": sa.case(
-            (jobs.c.state.in_(_ACTIVE), current_step), else_=jobs.c.current_step
+            (jobs.c.state.in_(ACTIVE), current_step), else_=jobs.c.current_step
         ),
         "updated_at": db.utcnow(),
     }
     if state not in ACTIVE_JOB_STATES:
-        values["finished_at"] = sa.case((jobs.c.state.in_(_ACTIVE), db.utcnow()), else_=None)
+        values["finished_at"] = sa.case((jobs.c.state.in_(ACTIVE), db.utcnow()), else_=None)
     if result is not None:
         step, value = result
-        values["results"] = db.json_set_key(jobs.c.results, sa.literal(step), _json(value))
+        values["results"] = db.json_set_key(jobs.c.results, sa.literal(step), json_value(value))
     return (
         sa.update(jobs)
         .where(jobs.c.id == job_id, sa.exists(sa.select(sa.literal(1)).select_from(after)))
@@ -129,7 +127,7 @@ def adopt_result(job_id: UUID, step: str, value: JSON, next_step: str | None) ->
     """Give an active job a result another job recorded under the same key; returns its state."""
     state = JobState.RUNNING if next_step is not None else JobState.SUCCEEDED
     values: dict[str, Any] = {
-        "results": db.json_set_key(jobs.c.results, sa.literal(step), _json(value)),
+        "results": db.json_set_key(jobs.c.results, sa.literal(step), json_value(value)),
         "current_step": next_step,
         "state": str(state),
         "updated_at": db.utcnow(),
@@ -138,19 +136,20 @@ def adopt_result(job_id: UUID, step: str, value: JSON, next_step: str | None) ->
         values["finished_at"] = db.utcnow()
     return (
         sa.update(jobs)
-        .where(jobs.c.id == job_id, jobs.c.state.in_(_ACTIVE))
+        .where(jobs.c.id == job_id, jobs.c.state.in_(ACTIVE))
         .values(values)
         .returning(jobs.c.state)
     )
 
 
 def finish_job(job_id: UUID, state: JobState) -> sa.Update:
-    """End an active job in a final state (dead-lettered, cancelled); returns its state."""
+    """End an active job in a final state (dead-lettered, cancelled); returns its state, and
+    what a dead letter copies (pipeline, context, results)."""
     return (
         sa.update(jobs)
-        .where(jobs.c.id == job_id, jobs.c.state.in_(_ACTIVE))
+        .where(jobs.c.id == job_id, jobs.c.state.in_(ACTIVE))
         .values(state=str(state), updated_at=db.utcnow(), finished_at=db.utcnow())
-        .returning(jobs.c.state)
+        .returning(jobs.c.state, jobs.c.pipeline, jobs.c.context, jobs.c.results)
     )
 
 
@@ -279,18 +278,23 @@ def finish_entry(
 ) -> sa.Update:
     """Record an owner's outcome on its key, fenced by the owner token; returns the entry."""
     entry = ledger_entries.c
+    failed = state is not StepState.SUCCEEDED
     return (
         sa.update(ledger_entries)
         .where(entry.key == key, entry.owner == owner, entry.state == str(StepState.STARTED))
         .values(
             state=str(state),
-            result=_json(result) if result is not None else sa.null(),
-            error=_json(error) if error is not None else sa.null(),
+            result=json_value(result) if result is not None else sa.null(),
+            error=json_value(error) if error is not None else sa.null(),
             locked_until=None,
             finished_at=db.utcnow(),
             updated_at=db.utcnow(),
+            # The first failure of a run of failures; a success ends the run.
+            first_failed_at=sa.func.coalesce(entry.first_failed_at, db.utcnow())
+            if failed
+            else None,
         )
-        .returning(entry.key, entry.step, entry.attempts)
+        .returning(entry.key, entry.step, entry.attempts, entry.first_failed_at)
     )
 
 
@@ -356,7 +360,7 @@ def append_event_after(
         sa.literal(str(kind)),
         db.utcnow(),
         sa.literal(duration_ms, sa.Float()),
-        _json(detail),
+        json_value(detail),
     ).select_from(after)
     columns = ["job_id", "step", "key", "attempt", "kind", "at", "duration_ms", "detail"]
     return sa.insert(step_events).from_select(columns, source).returning(step_events.c.id)
@@ -381,7 +385,7 @@ def append_event(
         kind=str(kind),
         at=db.utcnow(),
         duration_ms=duration_ms,
-        detail=_json(detail) if detail is not None else sa.null(),
+        detail=json_value(detail) if detail is not None else sa.null(),
     )
 
 

@@ -1,0 +1,68 @@
+"""What the `oncelery` commands share: the consoles, JSON output, the bad-input error, and
+parsing of ids and durations."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import re
+import sys
+from typing import Annotated, Final
+from uuid import UUID
+
+import typer
+from rich.console import Console
+
+from config import Settings
+from ledger import JobStore, create_engine
+
+stdout = Console(soft_wrap=True)
+stderr = Console(stderr=True, soft_wrap=True)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+ByOption = Annotated[
+    str | None, typer.Option("--by", help="Who does this, for the history (default: your login).")
+]
+
+_DURATION: Final = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d|w)")
+_SECONDS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+
+
+class BadInput(Exception):
+    """A command's input is wrong: exit 2 with this one line."""
+
+
+def print_json(value: object) -> None:
+    """Print one JSON object on stdout."""
+    sys.stdout.write(json.dumps(value, default=str) + "\n")
+
+
+def job_store(settings: Settings) -> JobStore:
+    """The job store on the configured database."""
+    return JobStore(engine=create_engine(settings.database_url))
+
+
+def parse_job_id(value: str, *, name: str = "JOB_ID") -> UUID:
+    """A job id from the command line."""
+    try:
+        return UUID(value)
+    except ValueError:
+        raise BadInput(f"{name}: not a job id: {value!r}") from None
+
+
+def parse_duration(value: str, *, name: str) -> float:
+    """Seconds from `30d`, `12h`, `90m`, `45s` or `2w`."""
+    match = _DURATION.fullmatch(value.strip().lower())
+    if match is None:
+        raise BadInput(f"{name}: expected a duration such as 30d, 12h, 90m or 45s, got {value!r}")
+    return float(match.group(1)) * _SECONDS[match.group(2)]
+
+
+def who(by: str | None) -> str:
+    """The person acting: `--by`, else the login name."""
+    if by is not None and by.strip():
+        return by.strip()
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"

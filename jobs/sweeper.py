@@ -1,0 +1,75 @@
+"""The sweeper: finds unfinished jobs that made no progress in Postgres and sends their step
+again. The broker is never trusted to redeliver (DESIGN.md, "Failure handling"); duplicates
+this causes are absorbed by the ledger."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from jobs.errors import UnknownPipeline
+from jobs.pipelines import registry
+from jobs.runner import Dispatch
+from jobs.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+#: Jobs taken per statement; a sweep goes on until a batch comes back short.
+_BATCH = 500
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    """What one sweep did."""
+
+    redriven: int
+    skipped: int
+    job_ids: list[str] = field(default_factory=list)
+
+
+def sweep(rt: Runtime, dispatch: Dispatch, *, stalled_after: float | None = None) -> SweepReport:
+    """Send again the current step of every job stalled for `stalled_after` seconds (the
+    settings' value by default). Safe to run in several processes at once."""
+    after = stalled_after if stalled_after is not None else rt.settings.stalled_after
+    redriven: list[str] = []
+    skipped = 0
+    while True:
+        taken = rt.store.take_stalled(stalled_after=after, limit=_BATCH)
+        for job in taken:
+            if job.step is None or not _declared(job.pipeline):
+                skipped += 1
+                logger.error(
+                    "stalled job %s cannot be re-driven (pipeline %s, step %s)",
+                    job.job_id,
+                    job.pipeline,
+                    job.step,
+                    extra={"action": "sweep_skip", "job_id": str(job.job_id), "step": job.step},
+                )
+                continue
+            try:
+                dispatch.send(job.pipeline, job.step, str(job.job_id), resend=True)
+            except Exception as exc:  # noqa: BLE001 - the next sweep tries again
+                skipped += 1
+                logger.warning(
+                    "re-drive of %s not sent: %s",
+                    job.job_id,
+                    exc,
+                    extra={"action": "sweep_send_failed", "job_id": str(job.job_id)},
+                )
+                continue
+            redriven.append(str(job.job_id))
+            logger.warning(
+                "re-drove stalled job at %s",
+                job.step,
+                extra={"action": "redrive", "job_id": str(job.job_id), "step": job.step},
+            )
+        if len(taken) < _BATCH:
+            return SweepReport(redriven=len(redriven), skipped=skipped, job_ids=redriven)
+
+
+def _declared(pipeline: str) -> bool:
+    try:
+        registry.get(pipeline)
+    except UnknownPipeline:
+        return False
+    return True

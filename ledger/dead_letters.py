@@ -1,0 +1,233 @@
+"""`DeadLetterStore`: the dead letters people list, replay, resolve and purge.
+
+Must not import celery, kombu, jobs or config. Each operation on one dead letter is one
+transaction, and only an open dead letter can be closed, so doing anything twice does it once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from uuid import UUID
+
+from sqlalchemy.engine import Connection, Engine, RowMapping
+
+from ledger import db, queries
+from ledger.errors import LedgerError
+from ledger.types import (
+    JSON,
+    DeadLetter,
+    DeadLetterReason,
+    DeadLetterState,
+    EventKind,
+    JobState,
+    Refused,
+    Reopened,
+    Settled,
+    StepState,
+)
+
+
+class DeadLetterNotFound(LedgerError):
+    """Raised when a dead letter id names no dead letter."""
+
+    def __init__(self, letter_id: int) -> None:
+        self.letter_id = letter_id
+        super().__init__(f"no dead letter {letter_id}")
+
+
+class _Refusal(Exception):
+    """Rolls a dead letter's transaction back, leaving it open."""
+
+
+class DeadLetterStore:
+    """Dead letters over one engine.
+
+    Args:
+        engine: where the ledger lives.
+    """
+
+    def __init__(self, *, engine: Engine) -> None:
+        self.engine = engine
+
+    def list(
+        self,
+        *,
+        state: DeadLetterState | None = DeadLetterState.OPEN,
+        step: str | None = None,
+        error_type: str | None = None,
+        failed_before: datetime | None = None,
+        failed_after: datetime | None = None,
+        ids: Sequence[int] | None = None,
+        limit: int | None = None,
+    ) -> list[DeadLetter]:
+        """Dead letters, oldest failure first (open ones unless `state` says otherwise)."""
+        query = queries.select_dead_letters(
+            state=state,
+            step=step,
+            error_type=error_type,
+            failed_before=failed_before,
+            failed_after=failed_after,
+            ids=ids,
+            limit=limit,
+        )
+        with db.single_statement(self.engine) as conn:
+            return [dead_letter_from_row(row) for row in conn.execute(query).mappings()]
+
+    def get(self, letter_id: int) -> DeadLetter:
+        """One dead letter.
+
+        Raises:
+            DeadLetterNotFound: no dead letter has that id.
+        """
+        found = self.list(state=None, ids=[letter_id])
+        if not found:
+            raise DeadLetterNotFound(letter_id)
+        return found[0]
+
+    def count_open(self) -> int:
+        """How many dead letters wait for a person."""
+        with db.single_statement(self.engine) as conn:
+            return int(conn.execute(queries.count_open_dead_letters()).scalar_one())
+
+    def replay(
+        self, letter_id: int, *, by: str, allow_unknown: bool, event: EventKind = EventKind.REPLAYED
+    ) -> Reopened | Refused:
+        """Close an open dead letter and put its job back to running at the failed step, whose
+        key gets a fresh attempt count. The caller then sends that step.
+
+        Args:
+            letter_id: the dead letter.
+            by: who asked, for the history.
+            allow_unknown: whether a key in state `unknown` may run again (`--force`).
+            event: what the history says happened (a replay, or a person's `retry` decision).
+        """
+        try:
+            with db.transaction(self.engine) as conn:
+                letter = _close(conn, letter_id, DeadLetterState.REPLAYED, by)
+                allowed = [StepState.FAILED] + ([StepState.UNKNOWN] if allow_unknown else [])
+                if letter.key is not None:
+                    reset = conn.execute(queries.reset_entry(letter.key, from_states=allowed))
+                    if reset.one_or_none() is None:
+                        _refuse_unless_claimable(conn, letter.key)
+                if (
+                    conn.execute(queries.reopen_job(letter.job_id, letter.step)).one_or_none()
+                    is None
+                ):
+                    raise _Refusal("its job is no longer dead-lettered")
+                detail: dict[str, JSON] = {"by": by, "dead_letter": letter_id}
+                if event is EventKind.RESOLVED:
+                    detail["as"] = "retry"
+                conn.execute(
+                    queries.append_event(
+                        letter.job_id, letter.step, event, key=letter.key, detail=detail
+                    )
+                )
+        except _Refusal as refusal:
+            return Refused(letter_id, str(refusal))
+        return Reopened(letter_id, letter.job_id, letter.pipeline, letter.step)
+
+    def settle(
+        self, letter_id: int, *, by: str, result: JSON, next_step: str | None
+    ) -> Settled | Refused:
+        """A person says the dead letter's step did take effect: record `result` as its outcome
+        and move the job on to `next_step` (the caller sends it)."""
+        try:
+            with db.transaction(self.engine) as conn:
+                letter = _close(conn, letter_id, DeadLetterState.RESOLVED, by)
+                if (
+                    letter.key is None
+                    or conn.execute(queries.settle_entry(letter.key, result)).one_or_none() is None
+                ):
+                    raise _Refusal("its step has no failed or unknown key to settle")
+                moved = queries.move_dead_job_on(letter.job_id, letter.step, result, next_step)
+                state: str | None = conn.execute(moved).scalar_one_or_none()
+                if state is None:
+                    raise _Refusal("its job is no longer dead-lettered")
+                detail: JSON = {
+                    "by": by,
+                    "as": "succeeded",
+                    "dead_letter": letter_id,
+                    "result": result,
+                }
+                conn.execute(
+                    queries.append_event(
+                        letter.job_id,
+                        letter.step,
+                        EventKind.RESOLVED,
+                        key=letter.key,
+                        detail=detail,
+                    )
+                )
+        except _Refusal as refusal:
+            return Refused(letter_id, str(refusal))
+        return Settled(letter_id, letter.job_id, letter.pipeline, JobState(state), next_step)
+
+    def purge(self, letter_ids: Sequence[int], *, by: str) -> int:
+        """Delete dead letters; the job of an open one is given up (cancelled), so retention may
+        remove it later. Returns how many were deleted."""
+        with db.transaction(self.engine) as conn:
+            deleted = conn.execute(queries.delete_dead_letters(letter_ids)).mappings().all()
+            for row in deleted:
+                job_id: UUID = row["job_id"]
+                if row["state"] != DeadLetterState.OPEN:
+                    continue
+                if conn.execute(queries.give_up_dead_job(job_id)).one_or_none() is not None:
+                    purged = queries.append_event(
+                        job_id, str(row["step"]), EventKind.PURGED, detail={"by": by}
+                    )
+                    conn.execute(purged)
+        return len(deleted)
+
+
+class _Closed:
+    def __init__(self, row: RowMapping) -> None:
+        self.job_id: UUID = row["job_id"]
+        self.step: str = row["step"]
+        self.key: str | None = row["key"]
+        self.pipeline: str = row["pipeline"]
+
+
+def _close(conn: Connection, letter_id: int, state: DeadLetterState, by: str) -> _Closed:
+    row = conn.execute(queries.close_dead_letter(letter_id, state, by)).mappings().one_or_none()
+    if row is None:
+        found = (
+            conn.execute(queries.select_dead_letters(state=None, ids=[letter_id]))
+            .mappings()
+            .one_or_none()
+        )
+        if found is None:
+            raise DeadLetterNotFound(letter_id)
+        raise _Refusal(f"it is {found['state']}, not open")
+    return _Closed(row)
+
+
+def _refuse_unless_claimable(conn: Connection, key: str) -> None:
+    entry = conn.execute(queries.select_entry(key)).mappings().one_or_none()
+    if entry is None or entry["state"] == StepState.SUCCEEDED:
+        return  # never claimed, or done since: the step's claim will sort it out
+    if entry["state"] == StepState.UNKNOWN:
+        raise _Refusal("its step's outcome is unknown: check the provider, then --force or resolve")
+    raise _Refusal(f"its step's key is {entry['state']}")
+
+
+def dead_letter_from_row(row: RowMapping) -> DeadLetter:
+    """A `DeadLetter` from a `dead_letters` row."""
+    return DeadLetter(
+        id=row["id"],
+        job_id=row["job_id"],
+        pipeline=row["pipeline"],
+        step=row["step"],
+        key=row["key"],
+        state=DeadLetterState(row["state"]),
+        reason=DeadLetterReason(row["reason"]),
+        error_type=row["error_type"],
+        message=row["message"],
+        traceback=row["traceback"],
+        input=row["input"],
+        attempts=row["attempts"],
+        first_failed_at=db.as_utc(row["first_failed_at"]),
+        last_failed_at=db.as_utc(row["last_failed_at"]),
+        closed_at=db.as_utc(row["closed_at"]),
+        closed_by=row["closed_by"],
+    )

@@ -1,0 +1,132 @@
+"""Cancellation, the sweeper's claim of stalled jobs and retention, on Postgres and SQLite."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from datetime import datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from ledger import Claim, EventKind, JobState, JobStore, StepLedger, create_engine
+from ledger.schema import jobs
+from tests.factories import create_job
+
+
+@pytest.fixture
+def store(engine: sa.Engine) -> JobStore:
+    return JobStore(engine=engine)
+
+
+def age(engine: sa.Engine, job_ids: list[uuid.UUID], seconds: int) -> None:
+    """Pretend the jobs were last touched `seconds` ago (the test controls the clock)."""
+    with engine.begin() as conn:
+        for job_id in job_ids:
+            updated: datetime = conn.execute(
+                sa.select(jobs.c.updated_at).where(jobs.c.id == job_id)
+            ).scalar_one()
+            conn.execute(
+                sa.update(jobs)
+                .where(jobs.c.id == job_id)
+                .values(updated_at=updated - timedelta(seconds=seconds))
+            )
+
+
+def test_cancel_stops_a_job_before_its_next_step(engine: sa.Engine, store: JobStore) -> None:
+    ledger = StepLedger(engine=engine, lease_seconds=30)
+    job_id = create_job(store)
+    first = ledger.claim_step(job_id, "first")
+    assert isinstance(first, Claim)
+
+    cancelled = store.cancel(job_id, by="bob", reason="asked")
+    recorded = ledger.record_success(first, {"n": 1}, next_step="second", duration_ms=1.0)
+
+    assert cancelled.state is JobState.CANCELLED
+    assert recorded.job_state is JobState.CANCELLED  # the outcome is kept, the job stays put
+    history = store.history(job_id)
+    assert history.job.results == {"first": {"n": 1}}
+    assert [e.kind for e in history.events] == [EventKind.CANCELLED, EventKind.SUCCEEDED]
+    assert history.events[0].detail == {"by": "bob", "reason": "asked"}
+    assert store.cancel(job_id, by="bob").state is JobState.CANCELLED
+    assert len(store.history(job_id).events) == 2
+
+
+def test_stalled_jobs_are_taken_once(engine: sa.Engine, store: JobStore) -> None:
+    fresh, stalled = create_job(store), [create_job(store) for _ in range(3)]
+    age(engine, stalled, 600)
+
+    taken = store.take_stalled(stalled_after=60)
+
+    assert sorted(job.job_id for job in taken) == sorted(stalled)
+    assert {job.step for job in taken} == {"first"}
+    assert store.take_stalled(stalled_after=60) == []  # touched: not stalled any more
+    assert fresh not in [job.job_id for job in taken]
+    assert store.history(stalled[0]).events[-1].kind is EventKind.REDRIVEN
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_two_sweepers_at_once_never_take_the_same_job(database_url: str, store: JobStore) -> None:
+    stalled = [create_job(store) for _ in range(200)]
+    age(store.engine, stalled, 600)
+    engines = [create_engine(database_url) for _ in range(2)]
+    taken: list[list[uuid.UUID]] = [[], []]
+    barrier = threading.Barrier(2)
+
+    def sweep(number: int) -> None:
+        sweeper = JobStore(engine=engines[number])
+        barrier.wait()
+        while batch := sweeper.take_stalled(stalled_after=60, limit=10):
+            taken[number].extend(job.job_id for job in batch)
+
+    threads = [threading.Thread(target=sweep, args=(n,)) for n in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for engine in engines:
+        engine.dispose()
+
+    assert not set(taken[0]) & set(taken[1])
+    assert sorted(taken[0] + taken[1]) == sorted(stalled)
+    assert taken[0], "both sweepers should have had work"
+    assert taken[1], "both sweepers should have had work"
+
+
+def test_prune_deletes_old_finished_jobs_only(engine: sa.Engine, store: JobStore) -> None:
+    ledger = StepLedger(engine=engine, lease_seconds=30)
+
+    def finished(state: JobState) -> uuid.UUID:
+        job_id = create_job(store, steps=("only",))
+        if state is JobState.SUCCEEDED:
+            claim = ledger.claim_step(job_id, "only")
+            assert isinstance(claim, Claim)
+            ledger.record_success(claim, {}, next_step=None, duration_ms=1.0)
+        elif state is JobState.CANCELLED:
+            store.cancel(job_id, by="t")
+        elif state is JobState.DEAD_LETTERED:
+            from ledger import DeadLetterReason
+
+            ledger.dead_letter(job_id, "only", {"type": "X"}, reason=DeadLetterReason.PERMANENT)
+        return job_id
+
+    old = {state: finished(state) for state in JobState}
+    recent_success = finished(JobState.SUCCEEDED)
+    age(engine, list(old.values()), 40 * 86_400)
+
+    assert store.prune(older_than=30 * 86_400, batch=1) == 2
+
+    remaining = {job.id for job in store.list_jobs(limit=100)}
+    assert old[JobState.SUCCEEDED] not in remaining
+    assert old[JobState.CANCELLED] not in remaining
+    assert {
+        old[JobState.PENDING],
+        old[JobState.RUNNING],
+        old[JobState.DEAD_LETTERED],
+        recent_success,
+    } <= remaining
+    with engine.connect() as conn:
+        orphans: int = conn.execute(
+            sa.text("SELECT count(*) FROM ledger_entries WHERE job_id NOT IN (SELECT id FROM jobs)")
+        ).scalar_one()
+    assert orphans == 0
