@@ -104,3 +104,30 @@ def test_prepare_broker_creates_nothing_for_a_real_broker(tmp_path: Path) -> Non
     prepare_broker(_settings(tmp_path, BROKER_URL="amqp://guest:guest@rabbit//"))
 
     assert list(tmp_path.iterdir()) == []
+
+
+def test_rabbitmq_queues_dead_letter_to_their_exchange(tmp_path: Path) -> None:
+    from config.celery import DEAD_EXCHANGE, task_queues
+
+    settings = Settings.model_validate(
+        {"BROKER_URL": "amqp://guest:guest@localhost//", "ONCELERY_DATA_DIR": str(tmp_path)}
+    )
+    queues = task_queues(settings)
+    assert [q.name for q in queues] == ["oncelery", "oncelery.retry"]
+    assert all(q.queue_arguments == {"x-dead-letter-exchange": DEAD_EXCHANGE} for q in queues)
+    redis = Settings.model_validate(
+        {"BROKER_URL": "redis://localhost", "ONCELERY_DATA_DIR": str(tmp_path)}
+    )
+    assert all(q.queue_arguments is None for q in task_queues(redis))
+
+
+def test_beat_sweeps_on_the_retry_queue(tmp_path: Path) -> None:
+    settings = Settings.model_validate({"ONCELERY_DATA_DIR": str(tmp_path), "sweep_interval": 7})
+    schedule = celery_config(settings)["beat_schedule"]
+    assert schedule == {
+        "oncelery-sweep": {
+            "task": "oncelery.sweep",
+            "schedule": 7.0,
+            "options": {"queue": "oncelery.retry", "expires": 7.0},
+        }
+    }

@@ -151,3 +151,15 @@ def test_sandbox_endpoints_are_not_recorded(sandbox: SandboxClient) -> None:
     sandbox.get("/sandbox/nowhere")
 
     assert sandbox.requests() == []
+
+
+def test_an_unavailable_processor_answers_503_and_keeps_no_answer(sandbox: SandboxClient) -> None:
+    client = sandbox
+    body = _charge_body("o-u", "unavailable-1")
+
+    first = client.post("/payments/charges", json=body, headers={"Idempotency-Key": "k-u"})
+    second = client.post("/payments/charges", json=body, headers={"Idempotency-Key": "k-u"})
+
+    assert (first.status_code, second.status_code) == (503, 503)
+    assert first.json()["error"]["type"] == "processor_unavailable"
+    assert client.effects() == []
