@@ -6,10 +6,12 @@ transport under `ONCELERY_DATA_DIR`, so a newcomer needs no server at all.
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Final
 
@@ -45,6 +47,43 @@ class StepPolicy(BaseModel):
     backoff_max: float | None = Field(default=None, gt=0, le=86_400)
     #: Soft time limit of one attempt, in seconds (the hard limit is 5 s later).
     time_limit: float | None = Field(default=None, gt=0, le=3_600)
+
+
+class CrashPoint(enum.StrEnum):
+    """Where in the step runner a test may have a worker kill itself."""
+
+    BEFORE_CLAIM = "before_claim"
+    AFTER_CLAIM = "after_claim"
+    AFTER_ACT = "after_act"
+    AFTER_RECORD = "after_record"
+    AFTER_PUBLISH = "after_publish"
+
+
+@dataclass(frozen=True)
+class CrashRule:
+    """Kill the worker at `point` of `step`, for jobs whose id contains `job` (any job when
+    empty): once per job (the next delivery passes), or every time (`always`)."""
+
+    step: str
+    point: CrashPoint
+    always: bool = False
+    job: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> CrashRule:
+        """From `step:point[:once|always[:job id]]`."""
+        parts = text.strip().split(":")
+        if len(parts) < 2 or len(parts) > 4 or not parts[0]:
+            raise ValueError(f"{text!r}: expected step:point[:once|always[:job id]]")
+        points = ", ".join(str(p) for p in CrashPoint)
+        if parts[1] not in CrashPoint.__members__.values():
+            raise ValueError(f"{text!r}: unknown crash point {parts[1]!r} (one of {points})")
+        mode = parts[2] if len(parts) > 2 else "once"
+        if mode not in ("once", "always"):
+            raise ValueError(f"{text!r}: expected once or always, got {mode!r}")
+        return cls(
+            parts[0], CrashPoint(parts[1]), mode == "always", parts[3] if len(parts) > 3 else ""
+        )
 
 
 class ConfigError(Exception):
@@ -106,6 +145,8 @@ class Settings(BaseSettings):
     #: Seconds an unfinished job may go without progress before the sweeper sends its step
     #: again; by default the lease, plus the longest retry delay, plus 30 s.
     sweep_stalled_after: float | None = Field(default=None, gt=0, le=30 * 86_400)
+    #: Tests only: crash points to arm, comma-separated `step:point[:once|always[:job id]]`.
+    crash_points: Annotated[tuple[CrashRule, ...], NoDecode] = ()
 
     @field_validator("database_url_raw")
     @classmethod
@@ -168,6 +209,13 @@ class Settings(BaseSettings):
                 return json.loads(value) if value.strip() else {}
             except json.JSONDecodeError as exc:
                 raise ValueError(f"not JSON ({exc.msg} at column {exc.colno})") from None
+        return value
+
+    @field_validator("crash_points", mode="before")
+    @classmethod
+    def _parse_crash_points(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(CrashRule.parse(rule) for rule in value.split(",") if rule.strip())
         return value
 
     @field_validator("pipelines", mode="before")

@@ -17,6 +17,7 @@ from uuid import UUID
 
 from billiard.exceptions import SoftTimeLimitExceeded
 
+from config.settings import CrashPoint
 from jobs import retry
 from jobs.errors import TransientError
 from jobs.pipelines import Delivery, Pipeline, Step, StepContext
@@ -72,6 +73,7 @@ def run_step(
     """Run one delivery of a step; see DESIGN.md, "The step protocol"."""
     job = UUID(job_id)
     log = {"job_id": job_id, "step": step.name}
+    rt.crash(CrashPoint.BEFORE_CLAIM, step.name, job_id)
     try:
         outcome = rt.ledger.claim_step(
             job, step.name, takeover_expired=step.delivery is Delivery.EXACTLY_ONCE
@@ -166,6 +168,7 @@ def _act(
         results=claim.results,
         resources=rt.resources_for(pipeline),
     )
+    rt.crash(CrashPoint.AFTER_CLAIM, step.name, ctx.job_id)
     started = time.monotonic()
     try:
         result = step.run(ctx)
@@ -176,6 +179,7 @@ def _act(
             rt, dispatch, step, claim, exc, duration_ms=duration_ms, policy=policy
         )
     duration_ms = (time.monotonic() - started) * 1000
+    rt.crash(CrashPoint.AFTER_ACT, step.name, ctx.job_id)
     following = pipeline.next_step(step.name)
     try:
         recorded = rt.ledger.record_success(
@@ -185,8 +189,10 @@ def _act(
         logger.warning("%s", exc, extra={"action": "fenced", **_log(claim)})
         return Outcome.FENCED
     logger.info("step succeeded", extra={"action": "succeeded", **_log(claim)})
+    rt.crash(CrashPoint.AFTER_RECORD, step.name, ctx.job_id)
     if following is not None and recorded.job_state is JobState.RUNNING:
         dispatch.send(pipeline.name, following.name, str(claim.job_id))
+    rt.crash(CrashPoint.AFTER_PUBLISH, step.name, ctx.job_id)
     return Outcome.SUCCEEDED
 
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sqlalchemy.engine import Engine
 
 from config import Settings
+from jobs.crashpoints import Crasher
 from jobs.pipelines import Pipeline, Step, registry
 from jobs.retry import RetryPolicy, effective_policy
 from ledger import JobStore, StepLedger, create_engine
@@ -24,6 +26,7 @@ class Runtime:
     ledger: StepLedger
     store: JobStore
     retry_policy: RetryPolicy
+    crash: Crasher = field(default_factory=lambda: Crasher((), Path()))
     pid: int = field(default_factory=os.getpid)
     _resources: dict[str, object] = field(default_factory=dict)
 
@@ -41,6 +44,7 @@ class Runtime:
                 backoff_base=settings.retry_backoff_base,
                 backoff_max=settings.retry_backoff_max,
             ),
+            crash=Crasher(settings.crash_points, settings.data_dir / "crash-markers"),
         )
 
     def retry_policy_for(self, pipeline: str, step: Step[object]) -> RetryPolicy:
