@@ -145,6 +145,10 @@ class Settings(BaseSettings):
     #: Seconds an unfinished job may go without progress before the sweeper sends its step
     #: again; by default the lease, plus the longest retry delay, plus 30 s.
     sweep_stalled_after: float | None = Field(default=None, gt=0, le=30 * 86_400)
+    #: `oncelery chaos`: shell commands that restart the broker and the database mid-run
+    #: (default: the local servers' own commands, see `jobs/chaos.py`).
+    chaos_broker_restart: str | None = None
+    chaos_database_restart: str | None = None
     #: Tests only: crash points to arm, comma-separated `step:point[:once|always[:job id]]`.
     crash_points: Annotated[tuple[CrashRule, ...], NoDecode] = ()
 

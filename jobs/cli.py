@@ -206,10 +206,74 @@ def demo(
         raise typer.Exit(1)
 
 
+@cli.command()
+def chaos(
+    orders: Annotated[int, typer.Option(min=1, max=1_000_000, help="How many orders.")] = 500,
+    kill_every: Annotated[
+        float, typer.Option(min=0.1, help="Seconds between two kills (±50 %).")
+    ] = 3.0,
+    broker_restart: Annotated[
+        bool,
+        typer.Option("--broker-restart", help="Restart the broker once, a quarter of the way."),
+    ] = False,
+    db_restart: Annotated[
+        bool, typer.Option("--db-restart", help="Restart Postgres once, half way.")
+    ] = False,
+    workers: Annotated[int, typer.Option(min=1, max=16)] = 2,
+    concurrency: Annotated[int, typer.Option(min=1, max=64)] = 2,
+    fault_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of provider calls answered 5xx.")
+    ] = 0.10,
+    timeout_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share that hang past the timeout.")
+    ] = 0.05,
+    timeout: Annotated[
+        float | None, typer.Option(min=1.0, help="Give up waiting after this many seconds.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the kills and the orders.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Run orders while killing workers and restarting the broker and Postgres; exit 1 if any
+    order was lost, doubled or left stuck."""
+    from jobs.chaos import ChaosOptions, run_chaos
+
+    if fault_rate + timeout_rate > 1:
+        raise BadInput("--fault-rate and --timeout-rate add up to more than 1")
+    options = ChaosOptions(
+        orders=orders,
+        kill_every=kill_every,
+        broker_restart=broker_restart,
+        db_restart=db_restart,
+        workers=workers,
+        concurrency=concurrency,
+        fault_rate=fault_rate,
+        timeout_rate=timeout_rate,
+        timeout=timeout,
+        seed=seed,
+    )
+    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=stderr, transient=as_json) as bar:
+        task = bar.add_task("orders finished", total=orders)
+        report = run_chaos(
+            get_settings(),
+            options,
+            lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    stderr.print(report.summary(), highlight=False)
+    for violation in report.violations[:20]:
+        stderr.print(f"  {violation}", highlight=False)
+    if as_json:
+        print_json(report.as_json())
+    else:
+        _print_demo(report.as_json())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 def _print_demo(figures: dict[str, object]) -> None:
     table = Table("figure", "value", title="oncelery demo (counted at the provider)")
     for name, value in figures.items():
-        if name != "drift":
+        if name not in ("drift", "violations"):
             table.add_row(name, str(value))
     stdout.print(table)
 

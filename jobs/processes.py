@@ -155,6 +155,18 @@ def wait_until_answers(url: str, *, process: ManagedProcess, timeout: float = 30
     raise ProcessFailed(f"{process.name} did not answer at {url} within {timeout:.0f}s")
 
 
+def process_table() -> dict[int, tuple[int, int]]:
+    """Every process on the machine: pid → (parent pid, process group id), from /proc."""
+    table: dict[int, tuple[int, int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                # The command name may hold spaces and parentheses: split after the last ')'.
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                table[int(entry.name)] = (int(fields[1]), int(fields[2]))
+    return table
+
+
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     """Whether nothing listens on `host:port`."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:

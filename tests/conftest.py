@@ -64,7 +64,8 @@ def _fresh_settings() -> Iterator[None]:
 def postgres_admin() -> Iterator[sa.Engine]:
     """An autocommit engine on the server's maintenance database, for CREATE/DROP DATABASE."""
     url = sa.make_url(POSTGRES_URL).set(database="postgres")
-    engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    # Pre-ping: the chaos suite restarts Postgres under this long-lived engine.
+    engine = sa.create_engine(url, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     try:
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))

@@ -61,12 +61,22 @@ class System:
         assert done.returncode == 0, done.stderr
         return done.stdout.split()
 
-    def start_worker(self, name: str, *, concurrency: int = 2) -> processes.ManagedProcess:
+    def start_worker(
+        self, name: str, *, concurrency: int = 2, extra_env: dict[str, str] | None = None
+    ) -> processes.ManagedProcess:
         """Start one more `celery -A jobs worker`."""
         argv = processes.worker_argv(name, concurrency=concurrency)
-        worker = processes.start(name, argv, env=self.env, log_dir=self.log_dir)
+        env = {**self.env, **(extra_env or {})}
+        worker = processes.start(name, argv, env=env, log_dir=self.log_dir)
         self.started.append(worker)
         return worker
+
+    def start_beat(self) -> processes.ManagedProcess:
+        """Start `celery -A jobs beat` (the sweeper)."""
+        argv = processes.beat_argv(self.data_dir / "beat-schedule")
+        beat = processes.start("beat", argv, env=self.env, log_dir=self.log_dir)
+        self.started.append(beat)
+        return beat
 
     def wait_finished(
         self, event_prefix: str, count: int, *, timeout: float = 180.0

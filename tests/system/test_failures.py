@@ -211,7 +211,6 @@ def test_lost_messages_are_sent_again_by_the_sweeper(
 def test_beat_recovers_jobs_whose_messages_vanish_mid_pipeline(
     postgres_url: str, redis_url: str, tmp_path: object, system_factory: SystemFactory
 ) -> None:
-    from jobs import processes
     from tests.conftest import purge_queues
 
     # Given slow payments, and beat sweeping every second for jobs stalled three seconds
@@ -221,9 +220,7 @@ def test_beat_recovers_jobs_whose_messages_vanish_mid_pipeline(
         extra_env={"ONCELERY_SWEEP_INTERVAL": "1", "ONCELERY_SWEEP_STALLED_AFTER": "3"},
     )
     system.faults(service="payments", latency_ms=300)
-    argv = processes.beat_argv(system.data_dir / "beat-schedule")
-    beat = processes.start("beat", argv, env=system.env, log_dir=system.log_dir)
-    system.started.append(beat)
+    system.start_beat()
     prefix = f"vanish-{uuid.uuid4().hex[:6]}-"
 
     # When the queues are emptied while the orders are under way

@@ -27,12 +27,7 @@ pytestmark = pytest.mark.system
 def process_groups_below(root: int) -> set[int]:
     """The process groups of `root`'s descendants other than its own (honcho starts each
     Procfile line in a session of its own)."""
-    parents: dict[int, tuple[int, int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError):
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                parents[int(entry.name)] = (int(fields[1]), int(fields[2]))
+    parents = processes.process_table()
     below: set[int] = set()
     frontier = {root}
     while frontier:
