@@ -145,6 +145,9 @@ class Settings(BaseSettings):
     #: Seconds an unfinished job may go without progress before the sweeper sends its step
     #: again; by default the lease, plus the longest retry delay, plus 30 s.
     sweep_stalled_after: float | None = Field(default=None, gt=0, le=30 * 86_400)
+    #: Seconds after which a job whose first step never reached the broker is sent by the
+    #: relay (the API process and every sweep run it).
+    relay_after: float = Field(default=5.0, gt=0, le=86_400)
     #: `oncelery chaos`: shell commands that restart the broker and the database mid-run
     #: (default: the local servers' own commands, see `jobs/chaos.py`).
     chaos_broker_restart: str | None = None

@@ -184,4 +184,4 @@ registry.on_add(_bind)
 def sweep_task() -> dict[str, int]:
     """Beat's sweep: re-drive stalled jobs (see `jobs.sweeper`)."""
     report: SweepReport = sweep(runtime(), CeleryDispatch())
-    return {"redriven": report.redriven, "skipped": report.skipped}
+    return {"redriven": report.redriven, "skipped": report.skipped, "relayed": report.relayed}

@@ -279,6 +279,55 @@ def _print_demo(figures: dict[str, object]) -> None:
 
 
 @cli.command()
+def api(
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    host: str = "127.0.0.1",
+) -> None:
+    """Run the HTTP intake: the signed webhook, the read API, /healthz and /metrics."""
+    import uvicorn
+
+    from jobs.intake import create_app
+
+    app = create_app(get_settings())
+    stderr.print(f"oncelery API on http://{host}:{port}")
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
+@cli.command()
+def status(
+    window: Annotated[
+        float, typer.Option(min=1.0, help="Seconds of history for step durations.")
+    ] = 300.0,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh every two seconds.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Queue depths, jobs by state, the oldest pending job, step p50/p99, dead letters."""
+    import time
+
+    from rich.live import Live
+
+    from jobs.app import app as celery_app
+    from jobs.status import status_table, status_view
+    from ledger import LedgerStats
+
+    stats = LedgerStats(engine=job_store(get_settings()).engine)
+    if as_json and not watch:
+        print_json(status_view(stats, celery_app, window=window))
+        return
+    if not watch:
+        stdout.print(status_table(status_view(stats, celery_app, window=window)))
+        return
+    with Live(console=stdout, auto_refresh=False) as live:
+        while True:
+            view = status_view(stats, celery_app, window=window)
+            if as_json:
+                print_json(view)
+            else:
+                live.update(status_table(view), refresh=True)
+            time.sleep(2.0)
+
+
+@cli.command()
 def sandbox(
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8765,
     host: str = "127.0.0.1",

@@ -22,6 +22,9 @@ from ledger import JobStore, NewJob
 
 logger = logging.getLogger(__name__)
 
+#: Jobs created, sent and marked dispatched together.
+_SLICE = 200
+
 
 @dataclass(frozen=True)
 class Enqueued:
@@ -78,7 +81,7 @@ def describe_validation_error(exc: ValidationError) -> str:
     field = "".join(
         f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]
     ).lstrip(".")
-    message = first["msg"]
+    message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown field"
     more = len(exc.errors()) - 1
@@ -90,22 +93,35 @@ def start_jobs(
     store: JobStore, dispatch: Dispatch, pipeline: Pipeline[object], new_jobs: Sequence[NewJob]
 ) -> list[Enqueued]:
     """Create the jobs (deduplicated by event id), then publish the first step of each new one."""
+    answer: list[Enqueued] = []
+    # In slices, so a job leaves the outbox moments after it was sent, not after the batch.
+    for start in range(0, len(new_jobs), _SLICE):
+        answer.extend(_start_slice(store, dispatch, pipeline, new_jobs[start : start + _SLICE]))
+    return answer
+
+
+def _start_slice(
+    store: JobStore, dispatch: Dispatch, pipeline: Pipeline[object], new_jobs: Sequence[NewJob]
+) -> list[Enqueued]:
     first = pipeline.steps[0].name
     answer = []
+    dispatched = []
     for job_id, is_new in store.create_jobs(new_jobs):
         sent = True
         if is_new:
             try:
                 dispatch.send(pipeline.name, first, str(job_id))
-            except Exception as exc:  # noqa: BLE001 - the job is stored; the sweeper sends it
+                dispatched.append(job_id)
+            except Exception as exc:  # noqa: BLE001 - the job is stored; the relay sends it
                 sent = False
                 logger.warning(
-                    "job %s stored but not sent (%s); the sweeper will send it",
+                    "job %s stored but not sent (%s); the relay will send it",
                     job_id,
                     exc,
                     extra={"action": "send_failed", "job_id": str(job_id), "step": first},
                 )
         answer.append(Enqueued(str(job_id), is_new, sent))
+    store.mark_dispatched(dispatched)
     return answer
 
 

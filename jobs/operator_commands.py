@@ -341,10 +341,18 @@ def sweep(
     report = run_sweep(runtime(), CeleryDispatch(), stalled_after=stalled_after)
     if as_json:
         print_json(
-            {"redriven": report.redriven, "skipped": report.skipped, "job_ids": report.job_ids}
+            {
+                "redriven": report.redriven,
+                "skipped": report.skipped,
+                "job_ids": report.job_ids,
+                "relayed": report.relayed,
+            }
         )
     else:
-        stdout.print(f"re-drove {report.redriven} stalled job(s); skipped {report.skipped}")
+        stdout.print(
+            f"re-drove {report.redriven} stalled job(s), relayed {report.relayed} from the "
+            f"outbox; skipped {report.skipped}"
+        )
 
 
 def prune(

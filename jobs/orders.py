@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from config import Settings
 from jobs.pipelines import Pipeline, Step
@@ -13,7 +13,15 @@ from jobs.provider import ProviderClient
 from jobs.steps import charge, gather, notify
 from ledger import NewJob
 
-_Text = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+def _no_nul(value: str) -> str:
+    # Postgres text and JSONB cannot hold NUL: refuse it here, with the field's name.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+_Text = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(_no_nul)]
 
 
 class OrderItem(BaseModel):
@@ -31,7 +39,9 @@ class OrderPlaced(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     event_id: _Text
-    order_id: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    order_id: Annotated[
+        str, StringConstraints(min_length=1, max_length=100), AfterValidator(_no_nul)
+    ]
     customer_id: _Text
     currency: Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
     items: list[OrderItem] = Field(min_length=1, max_length=100)

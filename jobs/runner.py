@@ -121,6 +121,7 @@ def _absorb_duplicate(
     following = pipeline.next_step(step.name)
     next_name = following.name if following else None
     if outcome.recorded_for_this_job:
+        rt.ledger.note_duplicate(outcome)
         # A redelivery after the record: the next step's publish may have been lost with
         # the worker, so publish it again; a second copy is absorbed the same way.
         if following is not None and outcome.current_step == next_name:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from uuid import UUID
 
 from jobs.errors import UnknownPipeline
 from jobs.pipelines import registry
@@ -25,12 +26,54 @@ class SweepReport:
     redriven: int
     skipped: int
     job_ids: list[str] = field(default_factory=list)
+    #: Jobs sent from the outbox (accepted while the broker was down).
+    relayed: int = 0
+
+
+def relay(rt: Runtime, dispatch: Dispatch, *, older_than: float | None = None) -> int:
+    """Send the first step of jobs the broker never got (the outbox) once they are
+    `older_than` seconds old (the settings' `relay_after` by default); returns how many. A
+    failed send puts the job back, and ends the round: the broker is likely down."""
+    after = rt.settings.relay_after if older_than is None else older_than
+    sent = 0
+    while True:
+        taken = rt.store.take_undispatched(older_than=after, limit=_BATCH)
+        failed: list[UUID] = []
+        for job in taken:
+            if job.step is None or not _declared(job.pipeline):
+                # Unroutable here; left out of the outbox so it cannot block the others.
+                logger.error(
+                    "outbox job %s has no step to send (pipeline %s)",
+                    job.job_id,
+                    job.pipeline,
+                    extra={"action": "relay_skip", "job_id": str(job.job_id)},
+                )
+                continue
+            if failed:
+                failed.append(job.job_id)
+                continue
+            try:
+                dispatch.send(job.pipeline, job.step, str(job.job_id))
+            except Exception as exc:  # noqa: BLE001 - back to the outbox for the next round
+                failed.append(job.job_id)
+                logger.warning(
+                    "relay of %s failed: %s",
+                    job.job_id,
+                    exc,
+                    extra={"action": "relay_failed", "job_id": str(job.job_id)},
+                )
+            else:
+                sent += 1
+        rt.store.undo_dispatched(failed)
+        if failed or len(taken) < _BATCH:
+            return sent
 
 
 def sweep(rt: Runtime, dispatch: Dispatch, *, stalled_after: float | None = None) -> SweepReport:
     """Send again the current step of every job stalled for `stalled_after` seconds (the
     settings' value by default). Safe to run in several processes at once."""
     after = stalled_after if stalled_after is not None else rt.settings.stalled_after
+    relayed = relay(rt, dispatch)
     redriven: list[str] = []
     skipped = 0
     while True:
@@ -64,7 +107,7 @@ def sweep(rt: Runtime, dispatch: Dispatch, *, stalled_after: float | None = None
                 extra={"action": "redrive", "job_id": str(job.job_id), "step": job.step},
             )
         if len(taken) < _BATCH:
-            return SweepReport(redriven=len(redriven), skipped=skipped, job_ids=redriven)
+            return SweepReport(len(redriven), skipped, redriven, relayed)
 
 
 def _declared(pipeline: str) -> bool:

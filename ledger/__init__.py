@@ -17,6 +17,7 @@ from ledger.errors import (
     SchemaMissing,
 )
 from ledger.migrations import current_revision, head_revision, upgrade
+from ledger.stats import Histogram, LedgerStats, Snapshot, StepTiming
 from ledger.step_ledger import Failure, StepLedger, StepNotInJob
 from ledger.store import JobStore, Stalled
 from ledger.types import (
@@ -58,6 +59,7 @@ __all__ = [
     "EventKind",
     "Failure",
     "FingerprintMismatch",
+    "Histogram",
     "InFlight",
     "Job",
     "JobHistory",
@@ -67,6 +69,7 @@ __all__ = [
     "JobStore",
     "LeaseLost",
     "LedgerError",
+    "LedgerStats",
     "NewJob",
     "OutcomeUnknown",
     "Recorded",
@@ -74,12 +77,14 @@ __all__ = [
     "Reopened",
     "SchemaMissing",
     "Settled",
+    "Snapshot",
     "Stalled",
     "StepEntry",
     "StepEvent",
     "StepLedger",
     "StepNotInJob",
     "StepState",
+    "StepTiming",
     "create_engine",
     "current_revision",
     "head_revision",

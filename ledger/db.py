@@ -102,7 +102,10 @@ def wrap_errors() -> Iterator[None]:
 def classify_error(exc: DBAPIError) -> LedgerError:
     """The ledger error a driver error stands for."""
     message = str(exc.orig).lower()
-    if "no such table" in message or ("relation" in message and "does not exist" in message):
+    missing = ("no such table", "no such column")
+    if any(m in message for m in missing) or (
+        ("relation" in message or "column" in message) and "does not exist" in message
+    ):
         return SchemaMissing()
     return DatabaseUnavailable(_first_line(exc))
 
@@ -198,3 +201,42 @@ def _json_set_key_sqlite(element: json_set_key, compiler: SQLCompiler, **kw: Any
 def seconds(value: float) -> ColumnElement[float]:
     """A bound number of seconds for `utcnow_plus`."""
     return sa.literal(value, sa.Float())
+
+
+class minute_of(FunctionElement[str]):  # noqa: N801
+    """A timestamp truncated to its minute, as text (`YYYY-MM-DD HH:MM`), for grouping."""
+
+    type = sa.String()
+    inherit_cache = True
+
+
+class seconds_between(FunctionElement[float]):  # noqa: N801
+    """`seconds_between(later, earlier)`: the seconds from one timestamp to another."""
+
+    type = sa.Float()
+    inherit_cache = True
+
+
+@compiles(minute_of, "postgresql")
+def _minute_of_pg(element: minute_of, compiler: SQLCompiler, **kw: Any) -> str:
+    (column,) = element.clauses
+    moment = compiler.process(column, **kw)
+    return f"to_char({moment} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI')"
+
+
+@compiles(minute_of, "sqlite")
+def _minute_of_sqlite(element: minute_of, compiler: SQLCompiler, **kw: Any) -> str:
+    (column,) = element.clauses
+    return f"substr({compiler.process(column, **kw)}, 1, 16)"
+
+
+@compiles(seconds_between, "postgresql")
+def _seconds_between_pg(element: seconds_between, compiler: SQLCompiler, **kw: Any) -> str:
+    later, earlier = (compiler.process(clause, **kw) for clause in element.clauses)
+    return f"extract(epoch from ({later} - {earlier}))"
+
+
+@compiles(seconds_between, "sqlite")
+def _seconds_between_sqlite(element: seconds_between, compiler: SQLCompiler, **kw: Any) -> str:
+    later, earlier = (compiler.process(clause, **kw) for clause in element.clauses)
+    return f"((julianday({later}) - julianday({earlier})) * 86400.0)"

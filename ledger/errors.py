@@ -25,10 +25,11 @@ class DatabaseUnavailable(LedgerError):
 
 
 class SchemaMissing(LedgerError):
-    """Raised when the ledger's tables are not there: run `oncelery db upgrade` first."""
+    """Raised when the ledger's tables are not there or not up to date: run `oncelery db
+    upgrade` first."""
 
     def __init__(self) -> None:
-        super().__init__("the ledger's tables are missing; run `oncelery db upgrade`")
+        super().__init__("the ledger's schema is missing or out of date; run `oncelery db upgrade`")
 
 
 class JobNotFound(LedgerError):

@@ -46,11 +46,25 @@ jobs = sa.Table(
     sa.Column("created_at", Timestamp, nullable=False),
     sa.Column("updated_at", Timestamp, nullable=False),
     sa.Column("finished_at", Timestamp, nullable=True),
+    #: When a worker first claimed a step (schedule-to-start latency starts at `created_at`).
+    sa.Column("started_at", Timestamp, nullable=True),
+    #: When the first step was handed to the broker: NULL is the outbox, which the relay
+    #: sends (a job accepted while the broker was down).
+    sa.Column("dispatched_at", Timestamp, nullable=True),
     sa.UniqueConstraint("pipeline", "event_id"),
     sa.CheckConstraint(_one_of("state", JobState), name="state"),
 )
 # The sweeper and `status` look for unfinished jobs by age; finished ones are the bulk.
 sa.Index("ix_jobs_state_updated_at", jobs.c.state, jobs.c.updated_at)
+# The relay looks for the few jobs never handed to the broker.
+sa.Index(
+    "ix_jobs_undispatched",
+    jobs.c.created_at,
+    postgresql_where=jobs.c.dispatched_at.is_(None),
+    sqlite_where=jobs.c.dispatched_at.is_(None),
+)
+# The home page's chart and `status` read the last hour of finished jobs.
+sa.Index("ix_jobs_finished_at", jobs.c.finished_at)
 
 ledger_entries = sa.Table(
     "ledger_entries",
@@ -89,6 +103,8 @@ step_events = sa.Table(
     sa.Column("detail", JSONDocument, nullable=True),
 )
 sa.Index("ix_step_events_job_id_id", step_events.c.job_id, step_events.c.id)
+# Metrics and `status` read recent events by kind.
+sa.Index("ix_step_events_kind_at", step_events.c.kind, step_events.c.at)
 
 dead_letters = sa.Table(
     "dead_letters",

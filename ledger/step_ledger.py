@@ -345,6 +345,19 @@ class StepLedger:
         state = self._retrying(attempt)
         return state if state is not None else (self._job_state(outcome.job_id) or JobState.PENDING)
 
+    def note_duplicate(self, outcome: AlreadySucceeded) -> None:
+        """Append a `duplicate` event: a delivery found its key already recorded (the count
+        of these is the ledger's keep, in production)."""
+        event = queries.append_event(
+            outcome.job_id, outcome.step, EventKind.DUPLICATE, key=outcome.key
+        )
+
+        def attempt() -> None:
+            with db.single_statement(self.engine) as conn:
+                conn.execute(event)
+
+        self._retrying(attempt)
+
     def declare_unknown(self, outcome: OutcomeUnknown, error: JSON) -> None:
         """Mark an at-most-once key unknown and dead-letter its job: a person decides."""
         letter = _Letter(

@@ -200,6 +200,28 @@ class JobStore:
                 )
         return taken
 
+    def mark_dispatched(self, job_ids: Sequence[UUID]) -> None:
+        """Note that these jobs' first step reached the broker (they leave the outbox)."""
+        if job_ids:
+            with db.single_statement(self.engine) as conn:
+                conn.execute(queries.mark_dispatched(job_ids))
+
+    def take_undispatched(self, *, older_than: float, limit: int = 500) -> list[Stalled]:
+        """Take jobs whose first step never reached the broker, for the relay to send; they
+        count as dispatched from now on (`undo_dispatched` if the send fails)."""
+        with db.transaction(self.engine) as conn:
+            statement = queries.take_undispatched(conn.dialect.name, older_than, limit)
+            return [
+                Stalled(row.id, row.pipeline, row.current_step, JobState(row.state))
+                for row in conn.execute(statement)
+            ]
+
+    def undo_dispatched(self, job_ids: Sequence[UUID]) -> None:
+        """Put jobs back in the outbox."""
+        if job_ids:
+            with db.single_statement(self.engine) as conn:
+                conn.execute(queries.undo_dispatched(job_ids))
+
     def prune(self, *, older_than: float, batch: int = 1000) -> int:
         """Delete succeeded and cancelled jobs untouched for `older_than` seconds, with their
         ledger entries and history, in batches of `batch`; never an unfinished or
@@ -215,6 +237,11 @@ class JobStore:
             deleted += count
             if count < batch:
                 return deleted
+
+    def ping(self) -> None:
+        """One round trip to the database (raises `LedgerError` if it does not answer)."""
+        with db.single_statement(self.engine) as conn:
+            conn.execute(queries.ping())
 
     def count_events(self, kind: EventKind, job_ids: Sequence[UUID] | None = None) -> int:
         """How many history events of a kind exist, optionally for some jobs only."""
@@ -237,6 +264,8 @@ def _job_row(job: NewJob) -> dict[str, Any]:
         "created_at": now,
         "updated_at": now,
         "finished_at": None,
+        "started_at": None,
+        "dispatched_at": None,
     }
 
 

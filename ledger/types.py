@@ -68,6 +68,8 @@ class EventKind(enum.StrEnum):
     PURGED = "purged"
     #: The sweeper found the job stalled and sent its step again.
     REDRIVEN = "redriven"
+    #: A delivery found its key already recorded for this job: a duplicate the ledger absorbed.
+    DUPLICATE = "duplicate"
 
 
 class DeadLetterState(enum.StrEnum):

@@ -203,3 +203,42 @@ def delete_finished_jobs(older_than: float, limit: int) -> ReturningDelete[Any]:
         .limit(limit)
     )
     return sa.delete(jobs).where(jobs.c.id.in_(batch.scalar_subquery())).returning(jobs.c.id)
+
+
+# --- the outbox -----------------------------------------------------------------------------
+
+
+def mark_dispatched(job_ids: Sequence[UUID]) -> sa.Update:
+    """Note that the jobs' first step reached the broker."""
+    return (
+        sa.update(jobs)
+        .where(jobs.c.id.in_(list(job_ids)), jobs.c.dispatched_at.is_(None))
+        .values(dispatched_at=db.utcnow())
+    )
+
+
+def take_undispatched(dialect_name: str, older_than: float, limit: int) -> sa.Update:
+    """Take pending jobs whose first step never reached the broker (accepted while it was
+    down), marking them dispatched; returns their first step to send."""
+    waiting = (
+        sa.select(jobs.c.id)
+        .where(
+            jobs.c.dispatched_at.is_(None),
+            jobs.c.state == str(JobState.PENDING),
+            jobs.c.created_at < db.utcnow_plus(db.seconds(-older_than)),
+        )
+        .order_by(jobs.c.created_at)
+        .limit(limit)
+    )
+    waiting = db.for_update_skip_locked(waiting, dialect_name)
+    return (
+        sa.update(jobs)
+        .where(jobs.c.id.in_(waiting.scalar_subquery()))
+        .values(dispatched_at=db.utcnow())
+        .returning(jobs.c.id, jobs.c.pipeline, jobs.c.current_step, jobs.c.state)
+    )
+
+
+def undo_dispatched(job_ids: Sequence[UUID]) -> sa.Update:
+    """Put jobs back in the outbox: their send failed after all."""
+    return sa.update(jobs).where(jobs.c.id.in_(list(job_ids))).values(dispatched_at=None)

@@ -43,6 +43,11 @@ def select_job_ids(pipeline: str, event_ids: Sequence[str]) -> sa.Select[Any]:
     )
 
 
+def ping() -> sa.Select[Any]:
+    """The cheapest statement there is: is the database there?"""
+    return sa.select(sa.literal(1))
+
+
 def select_job(job_id: UUID) -> sa.Select[Any]:
     """One job's row."""
     return sa.select(jobs).where(jobs.c.id == job_id)
@@ -78,7 +83,11 @@ def start_job(job_id: UUID, step: str) -> sa.Update:
     return (
         sa.update(jobs)
         .where(jobs.c.id == job_id, jobs.c.state.in_(ACTIVE))
-        .values(state=str(JobState.RUNNING), updated_at=db.utcnow())
+        .values(
+            state=str(JobState.RUNNING),
+            updated_at=db.utcnow(),
+            started_at=sa.func.coalesce(jobs.c.started_at, db.utcnow()),
+        )
         .returning(
             jobs.c.id,
             jobs.c.context,

@@ -1,0 +1,300 @@
+"""The HTTP intake (`oncelery api`): the signed order-placed webhook, the read API, health and
+Prometheus metrics. Errors are JSON; the webhook answers 4xx to bad input, never 5xx.
+
+A 202 means the job is in Postgres: the webhook writes the job (its row is the outbox) and the
+relay thread hands it to the broker, so a broker outage delays orders but never loses them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated, Any, Final
+from uuid import UUID
+
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+from config import Settings
+from jobs.app import CeleryDispatch
+from jobs.deadletter import DeadLetterDesk, letter_view
+from jobs.enqueue import describe_validation_error
+from jobs.history import history_view
+from jobs.metrics import render_metrics
+from jobs.orders import OrderPlaced, order_job
+from jobs.queues import broker_reachable
+from jobs.relay import OutboxRelay
+from jobs.runtime import Runtime, load_pipelines
+from ledger import (
+    DeadLetterNotFound,
+    DeadLetterState,
+    DeadLetterStore,
+    JobNotFound,
+    JobState,
+    LedgerError,
+)
+
+#: The largest webhook body accepted (100 items fit in a few kilobytes).
+MAX_BODY_BYTES: Final = 64 * 1024
+#: How far a webhook's timestamp may be from our clock, in seconds (replays of old requests).
+SIGNATURE_TOLERANCE: Final = 300
+
+
+class ApiError(Exception):
+    """An error answered as `{"error": {"type", "message", ...}}` with a status."""
+
+    def __init__(self, status: int, kind: str, message: str, **extra: object) -> None:
+        self.status = status
+        self.kind = kind
+        self.message = message
+        self.extra = extra
+        super().__init__(message)
+
+
+@dataclass
+class Intake:
+    """What the app's handlers share."""
+
+    settings: Settings
+    runtime: Runtime
+    letters: DeadLetterStore
+    relay: OutboxRelay
+    dispatch: CeleryDispatch
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The intake's FastAPI application (the relay thread runs while it serves)."""
+    load_pipelines(settings)
+    rt = Runtime.from_settings(settings)
+    dispatch = CeleryDispatch(settings=settings)
+    intake = Intake(
+        settings, rt, DeadLetterStore(engine=rt.engine), OutboxRelay(rt, dispatch), dispatch
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        intake.relay.start()
+        try:
+            yield
+        finally:
+            intake.relay.stop()
+            rt.close()
+
+    app = FastAPI(title="oncelery", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.intake = intake
+    app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
+    app.include_router(_routes())
+    return app
+
+
+def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+    body = {"error": {"type": exc.kind, "message": exc.message, **exc.extra}}
+    return JSONResponse(body, status_code=exc.status)
+
+
+def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"type": "http", "message": str(exc.detail)}}, status_code=exc.status_code
+    )
+
+
+def get_intake(request: Request) -> Intake:
+    """The app's shared state."""
+    intake: Intake = request.app.state.intake
+    return intake
+
+
+IntakeDep = Annotated[Intake, Depends(get_intake)]
+
+
+def require_token(intake: IntakeDep, authorization: Annotated[str | None, Header()] = None) -> None:
+    """`Authorization: Bearer <API_TOKEN>`, compared in constant time."""
+    expected = intake.settings.api_token
+    if expected is None:
+        raise ApiError(401, "unauthorized", "API_TOKEN is not configured on the server")
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        token.encode(), expected.get_secret_value().encode()
+    ):
+        raise ApiError(401, "unauthorized", "missing or wrong bearer token")
+
+
+def _routes() -> APIRouter:
+    router = APIRouter()
+    authorized = [Depends(require_token)]
+
+    @router.post("/webhooks/order-placed")
+    async def order_placed(request: Request, intake: IntakeDep) -> JSONResponse:
+        body = await _read_body(request)
+        verify_signature(intake.settings, request.headers, body)
+        event = parse_order(body)
+        [(job_id, created)] = intake.runtime.store.create_jobs([order_job(event)])
+        if created:
+            intake.relay.wake()
+        return JSONResponse({"job_id": str(job_id)}, status_code=202 if created else 200)
+
+    @router.get("/healthz")
+    def healthz(intake: IntakeDep) -> JSONResponse:
+        checks = {
+            "database": _database_ok(intake),
+            "broker": broker_reachable(intake.dispatch.sender),
+        }
+        healthy = all(check == "ok" for check in checks.values())
+        return JSONResponse(checks, status_code=200 if healthy else 503)
+
+    @router.get("/jobs/{job_id}", dependencies=authorized)
+    def get_job(job_id: UUID, intake: IntakeDep) -> JSONResponse:
+        try:
+            return JSONResponse(history_view(intake.runtime.store.history(job_id)))
+        except JobNotFound:
+            raise ApiError(404, "not_found", f"no job {job_id}") from None
+
+    @router.get("/jobs", dependencies=authorized)
+    def list_jobs(
+        intake: IntakeDep,
+        state: JobState | None = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    ) -> JSONResponse:
+        jobs = intake.runtime.store.list_jobs(state=state, limit=limit)
+        return JSONResponse({"jobs": [job_summary(job) for job in jobs]})
+
+    @router.get("/dead-letters", dependencies=authorized)
+    def dead_letters(
+        intake: IntakeDep,
+        state: DeadLetterState | None = DeadLetterState.OPEN,
+        step: str | None = None,
+        error_type: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> JSONResponse:
+        found = intake.letters.list(state=state, step=step, error_type=error_type, limit=limit)
+        return JSONResponse({"dead_letters": [letter_view(letter) for letter in found]})
+
+    @router.post("/dead-letters/{letter_id}/replay", dependencies=authorized)
+    def replay(
+        letter_id: int,
+        intake: IntakeDep,
+        force: bool = False,
+        dry_run: bool = False,
+        by: str = "api",
+    ) -> JSONResponse:
+        try:
+            letter = intake.letters.get(letter_id)
+        except DeadLetterNotFound:
+            raise ApiError(404, "not_found", f"no dead letter {letter_id}") from None
+        desk = DeadLetterDesk(
+            store=intake.runtime.store, letters=intake.letters, dispatch=intake.dispatch
+        )
+        if dry_run:
+            return JSONResponse({"dry_run": True, "plan": desk.plan(letter, force=force).as_json()})
+        result = desk.replay(letter, by=by, force=force)
+        return JSONResponse(result.as_json(), status_code=200 if result.done else 409)
+
+    @router.get("/metrics", dependencies=authorized)
+    def metrics(intake: IntakeDep) -> Response:
+        text, content_type = render_metrics(intake.runtime, intake.dispatch.sender)
+        return Response(text, media_type=content_type)
+
+    return router
+
+
+async def _read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise ApiError(413, "too_large", f"the body is over {MAX_BODY_BYTES} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > MAX_BODY_BYTES:
+            raise ApiError(413, "too_large", f"the body is over {MAX_BODY_BYTES} bytes")
+    return bytes(body)
+
+
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    """The `X-Oncelery-Signature` value for a body sent at `timestamp`."""
+    digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
+    return f"sha256={digest.hexdigest()}"
+
+
+def verify_signature(
+    settings: Settings, headers: Any, body: bytes, *, now: float | None = None
+) -> None:
+    """Check `X-Oncelery-Timestamp` and `X-Oncelery-Signature` (constant-time).
+
+    Raises:
+        ApiError: 401, naming what is wrong.
+    """
+    if settings.webhook_secret is None:
+        raise ApiError(401, "unauthorized", "WEBHOOK_SECRET is not configured on the server")
+    timestamp = headers.get("x-oncelery-timestamp")
+    signature = headers.get("x-oncelery-signature")
+    if not timestamp or not signature:
+        raise ApiError(
+            401, "unauthorized", "X-Oncelery-Timestamp and X-Oncelery-Signature are required"
+        )
+    if not timestamp.isascii() or not timestamp.isdigit():
+        raise ApiError(401, "unauthorized", "X-Oncelery-Timestamp must be unix seconds")
+    if abs((now if now is not None else time.time()) - int(timestamp)) > SIGNATURE_TOLERANCE:
+        raise ApiError(401, "unauthorized", "X-Oncelery-Timestamp is too old or in the future")
+    expected = sign(settings.webhook_secret.get_secret_value(), timestamp, body)
+    if not hmac.compare_digest(signature.encode("utf-8", "replace"), expected.encode()):
+        raise ApiError(401, "unauthorized", "X-Oncelery-Signature does not match the body")
+
+
+def parse_order(body: bytes) -> OrderPlaced:
+    """The webhook's event, validated like the CLI's.
+
+    Raises:
+        ApiError: 422, naming the invalid fields.
+    """
+    try:
+        value = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise ApiError(422, "invalid_body", "the body is not UTF-8 JSON") from None
+    if not isinstance(value, dict):
+        raise ApiError(422, "invalid_body", "the body must be a JSON object")
+    try:
+        return OrderPlaced.model_validate(value)
+    except ValidationError as exc:
+        fields = [
+            {
+                "field": _field(error["loc"]),
+                "message": error["msg"] if error["type"] != "extra_forbidden" else "unknown field",
+            }
+            for error in exc.errors()
+        ]
+        raise ApiError(422, "invalid_body", describe_validation_error(exc), fields=fields) from None
+
+
+def _field(location: tuple[int | str, ...]) -> str:
+    return "".join(
+        f"[{part}]" if isinstance(part, int) else f".{part}" for part in location
+    ).lstrip(".")
+
+
+def _database_ok(intake: Intake) -> str:
+    try:
+        intake.runtime.store.ping()
+    except LedgerError as exc:
+        return f"error: {exc}"
+    return "ok"
+
+
+def job_summary(job: Any) -> dict[str, object]:
+    """One line of `GET /jobs`."""
+    return {
+        "job_id": str(job.id),
+        "pipeline": job.pipeline,
+        "event_id": job.event_id,
+        "order_id": job.context.get("order_id"),
+        "state": str(job.state),
+        "current_step": job.current_step,
+        "created_at": job.created_at.isoformat(),
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+    }
