@@ -13,11 +13,10 @@ import hmac
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Annotated, Any, Final
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
@@ -25,7 +24,9 @@ from config import Settings
 from jobs.app import CeleryDispatch
 from jobs.deadletter import DeadLetterDesk, letter_view
 from jobs.enqueue import describe_validation_error
+from jobs import pages
 from jobs.history import history_view
+from jobs.http import ApiError, Intake, IntakeDep, api_error, http_error, require_token
 from jobs.metrics import render_metrics
 from jobs.orders import OrderPlaced, order_job
 from jobs.queues import broker_reachable
@@ -44,28 +45,6 @@ from ledger import (
 MAX_BODY_BYTES: Final = 64 * 1024
 #: How far a webhook's timestamp may be from our clock, in seconds (replays of old requests).
 SIGNATURE_TOLERANCE: Final = 300
-
-
-class ApiError(Exception):
-    """An error answered as `{"error": {"type", "message", ...}}` with a status."""
-
-    def __init__(self, status: int, kind: str, message: str, **extra: object) -> None:
-        self.status = status
-        self.kind = kind
-        self.message = message
-        self.extra = extra
-        super().__init__(message)
-
-
-@dataclass
-class Intake:
-    """What the app's handlers share."""
-
-    settings: Settings
-    runtime: Runtime
-    letters: DeadLetterStore
-    relay: OutboxRelay
-    dispatch: CeleryDispatch
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -88,42 +67,11 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="oncelery", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.intake = intake
-    app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
-    app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(ApiError, api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, http_error)  # type: ignore[arg-type]
     app.include_router(_routes())
+    app.include_router(pages.router)
     return app
-
-
-def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-    body = {"error": {"type": exc.kind, "message": exc.message, **exc.extra}}
-    return JSONResponse(body, status_code=exc.status)
-
-
-def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"type": "http", "message": str(exc.detail)}}, status_code=exc.status_code
-    )
-
-
-def get_intake(request: Request) -> Intake:
-    """The app's shared state."""
-    intake: Intake = request.app.state.intake
-    return intake
-
-
-IntakeDep = Annotated[Intake, Depends(get_intake)]
-
-
-def require_token(intake: IntakeDep, authorization: Annotated[str | None, Header()] = None) -> None:
-    """`Authorization: Bearer <API_TOKEN>`, compared in constant time."""
-    expected = intake.settings.api_token
-    if expected is None:
-        raise ApiError(401, "unauthorized", "API_TOKEN is not configured on the server")
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        token.encode(), expected.get_secret_value().encode()
-    ):
-        raise ApiError(401, "unauthorized", "missing or wrong bearer token")
 
 
 def _routes() -> APIRouter:

@@ -1,0 +1,71 @@
+"""What the HTTP handlers (the API in `intake.py`, the pages in `pages.py`) share: the app's
+state, the bearer-token check, and errors answered as JSON."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Header, HTTPException, Request
+from fastapi.responses import JSONResponse
+
+from config import Settings
+from jobs.app import CeleryDispatch
+from jobs.relay import OutboxRelay
+from jobs.runtime import Runtime
+from ledger import DeadLetterStore
+
+
+class ApiError(Exception):
+    """An error answered as `{"error": {"type", "message", ...}}` with a status."""
+
+    def __init__(self, status: int, kind: str, message: str, **extra: object) -> None:
+        self.status = status
+        self.kind = kind
+        self.message = message
+        self.extra = extra
+        super().__init__(message)
+
+
+@dataclass
+class Intake:
+    """What the app's handlers share."""
+
+    settings: Settings
+    runtime: Runtime
+    letters: DeadLetterStore
+    relay: OutboxRelay
+    dispatch: CeleryDispatch
+
+
+def api_error(_request: Request, exc: ApiError) -> JSONResponse:
+    body = {"error": {"type": exc.kind, "message": exc.message, **exc.extra}}
+    return JSONResponse(body, status_code=exc.status)
+
+
+def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"type": "http", "message": str(exc.detail)}}, status_code=exc.status_code
+    )
+
+
+def get_intake(request: Request) -> Intake:
+    """The app's shared state."""
+    intake: Intake = request.app.state.intake
+    return intake
+
+
+IntakeDep = Annotated[Intake, Depends(get_intake)]
+
+
+def require_token(intake: IntakeDep, authorization: Annotated[str | None, Header()] = None) -> None:
+    """`Authorization: Bearer <API_TOKEN>`, compared in constant time."""
+    expected = intake.settings.api_token
+    if expected is None:
+        raise ApiError(401, "unauthorized", "API_TOKEN is not configured on the server")
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        token.encode(), expected.get_secret_value().encode()
+    ):
+        raise ApiError(401, "unauthorized", "missing or wrong bearer token")
