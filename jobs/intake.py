@@ -21,10 +21,10 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from config import Settings
+from jobs import pages
 from jobs.app import CeleryDispatch
 from jobs.deadletter import DeadLetterDesk, letter_view
 from jobs.enqueue import describe_validation_error
-from jobs import pages
 from jobs.history import history_view
 from jobs.http import ApiError, Intake, IntakeDep, api_error, http_error, require_token
 from jobs.metrics import render_metrics
