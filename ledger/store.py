@@ -121,11 +121,17 @@ class JobStore:
         )
 
     def list_jobs(
-        self, *, state: JobState | None = None, limit: int = 50, pipeline: str | None = None
+        self,
+        *,
+        state: JobState | None = None,
+        limit: int = 50,
+        pipeline: str | None = None,
+        order_id: str | None = None,
     ) -> list[Job]:
-        """The most recently created jobs, optionally of one state."""
+        """The most recently created jobs, optionally of one state, pipeline or order id."""
+        query = queries.select_jobs(state, limit, pipeline=pipeline, order_id=order_id)
         with db.single_statement(self.engine) as conn:
-            rows = conn.execute(queries.select_jobs(state, limit, pipeline=pipeline)).mappings()
+            rows = conn.execute(query).mappings()
             return [job_from_row(row) for row in rows]
 
     def jobs_with_event_prefix(self, prefix: str) -> list[Job]:

@@ -54,14 +54,20 @@ def select_job(job_id: UUID) -> sa.Select[Any]:
 
 
 def select_jobs(
-    state: JobState | None, limit: int, *, pipeline: str | None = None
+    state: JobState | None,
+    limit: int,
+    *,
+    pipeline: str | None = None,
+    order_id: str | None = None,
 ) -> sa.Select[Any]:
-    """The most recently created jobs, optionally of one state or pipeline."""
+    """The most recently created jobs, optionally of one state, pipeline or order id."""
     query = sa.select(jobs).order_by(jobs.c.created_at.desc()).limit(limit)
     if state is not None:
         query = query.where(jobs.c.state == str(state))
     if pipeline is not None:
         query = query.where(jobs.c.pipeline == pipeline)
+    if order_id is not None:
+        query = query.where(jobs.c.context["order_id"].as_string() == order_id)
     return query
 
 
