@@ -23,6 +23,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 from sqlalchemy.engine import make_url
@@ -232,12 +233,40 @@ class Settings(BaseSettings):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
 
+    @field_validator("data_dir")
+    @classmethod
+    def _check_data_dir(cls, value: Path) -> Path:
+        if value.exists() and not value.is_dir():
+            raise ValueError(f"{str(value)!r} exists and is not a folder")
+        return value
+
+    @model_validator(mode="after")
+    def _check_limits_fit_the_lease(self) -> Settings:
+        # A step still running when its lease ends can be taken over while it acts: each
+        # time limit must end inside the lease (the soft limit interrupts the step).
+        longest = max(
+            [self.step_time_limit]
+            + [p.time_limit for p in self.step_policies.values() if p.time_limit is not None]
+        )
+        if longest >= self.step_lease:
+            # Checks across fields have no location: the message starts with the variable.
+            raise ValueError(
+                f"ONCELERY_STEP_LEASE: {self.step_lease:g}s must be longer than every step time "
+                f"limit (the longest is {longest:g}s)"
+            )
+        return self
+
     @property
     def stalled_after(self) -> float:
-        """Seconds without progress after which the sweeper re-drives a job."""
+        """Seconds without progress after which the sweeper re-drives a job: by default the
+        lease, plus the longest retry delay any step may wait, plus 30 s."""
         if self.sweep_stalled_after is not None:
             return self.sweep_stalled_after
-        return self.step_lease + self.retry_backoff_max + 30.0
+        longest_backoff = max(
+            [self.retry_backoff_max]
+            + [p.backoff_max for p in self.step_policies.values() if p.backoff_max is not None]
+        )
+        return self.step_lease + longest_backoff + 30.0
 
     @property
     def embedded_database(self) -> bool:
@@ -299,8 +328,11 @@ def load_settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         first = exc.errors()[0]
-        location = str(first["loc"][0]) if first["loc"] else "environment"
         message = first["msg"].removeprefix("Value error, ")
+        if not first["loc"]:
+            variable, _, problem = message.partition(": ")
+            raise ConfigError(variable, problem) from None
+        location = str(first["loc"][0])
         inner = ".".join(str(part) for part in first["loc"][1:])
         raise ConfigError(
             _variable_for(location), f"{inner}: {message}" if inner else message

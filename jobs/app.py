@@ -23,6 +23,7 @@ from config import (
     get_settings,
     prepare_broker,
 )
+from jobs.errors import UnknownPipeline
 from jobs.pipelines import Pipeline, registry
 from jobs.runner import Outcome, run_step
 from jobs.runtime import Runtime, load_pipelines
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds before a step is tried again when the database could not be reached at all.
 _DATABASE_DOWN_DELAY = 5.0
+#: Seconds before a step whose time limit struck while it was being recorded is sent again.
+_LATE_LIMIT_DELAY = 1.0
 #: Seconds between a step's soft time limit (an exception it can handle) and the hard one.
 _HARD_LIMIT_GRACE = 5
 
@@ -143,7 +146,7 @@ class CeleryDispatch:
             return configured.time_limit
         try:
             declared = registry.get(pipeline).step(step).time_limit
-        except (KeyError, LookupError):
+        except (UnknownPipeline, KeyError):
             declared = None
         return declared or settings.step_time_limit
 
@@ -164,7 +167,7 @@ def _bind(pipeline: Pipeline[object]) -> None:
                 # The limit struck while the attempt was being recorded, not while it acted:
                 # send it again; its claim's lease tells the next delivery what to do.
                 logger.warning("time limit hit while recording", extra={"action": "late_limit"})
-                dispatch.retry_later(_DATABASE_DOWN_DELAY)
+                dispatch.retry_later(_LATE_LIMIT_DELAY)
             if outcome is Outcome.DEAD_LETTERED:
                 # The dead letter is in Postgres already; rejecting also hands RabbitMQ the
                 # message for its dead-letter queue (other brokers drop it).

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
+from kombu.exceptions import OperationalError as KombuOperationalError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
@@ -65,7 +66,7 @@ def enqueue(
         stdout.print(item.job_id, highlight=False)
         if not item.sent:
             stderr.print(
-                f"warning: job {item.job_id} is stored but not yet sent; the sweeper will send it"
+                f"warning: job {item.job_id} is stored but not yet sent; the relay will send it"
             )
 
 
@@ -77,8 +78,10 @@ def _read_source(source: str) -> str:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise BadInput(f"FILE: no such file: {source}") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise BadInput(f"FILE: cannot read {source}: {exc}") from None
+    except OSError as exc:
+        raise BadInput(f"FILE: cannot read {source}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise BadInput(f"FILE: {source} is not UTF-8 text") from None
 
 
 @cli.command()
@@ -403,6 +406,8 @@ def main() -> None:
         _fail(1, str(exc))
     except (KeyboardInterrupt, typer.Abort):
         _fail(130, "interrupted")
+    except KombuOperationalError as exc:
+        _fail(1, f"the broker is unreachable: {exc}")
     except Exception as exc:
         usage = _usage_error(exc)
         if usage is None:

@@ -26,6 +26,8 @@ ByOption = Annotated[
 
 _DURATION: Final = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d|w)")
 _SECONDS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+#: Durations past this are surely typos (and would overflow a timedelta).
+_LONGEST: Final = 100 * 365 * 86_400
 
 
 class BadInput(Exception):
@@ -55,7 +57,10 @@ def parse_duration(value: str, *, name: str) -> float:
     match = _DURATION.fullmatch(value.strip().lower())
     if match is None:
         raise BadInput(f"{name}: expected a duration such as 30d, 12h, 90m or 45s, got {value!r}")
-    return float(match.group(1)) * _SECONDS[match.group(2)]
+    seconds = float(match.group(1)) * _SECONDS[match.group(2)]
+    if seconds > _LONGEST:
+        raise BadInput(f"{name}: {value!r} is longer than a hundred years")
+    return seconds
 
 
 def who(by: str | None) -> str:

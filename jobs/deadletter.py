@@ -164,7 +164,11 @@ class DeadLetterDesk:
     def _send(self, outcome: object, letter: DeadLetter) -> ReplayResult:
         if isinstance(outcome, Refused):
             return ReplayResult(letter.id, str(letter.job_id), False, outcome.reason)
-        self.dispatch.send(letter.pipeline, letter.step, str(letter.job_id), resend=True)
+        try:
+            self.dispatch.send(letter.pipeline, letter.step, str(letter.job_id), resend=True)
+        except Exception as exc:  # noqa: BLE001 - reopened in Postgres: the sweeper sends it
+            detail = f"reopened, but not sent ({exc}); the sweeper will send it"
+            return ReplayResult(letter.id, str(letter.job_id), True, detail)
         logger.info(
             "replayed dead letter %s",
             letter.id,

@@ -1,8 +1,9 @@
 """Turning order-placed events into jobs: parse and validate every event first, then write the
 job rows, then publish their first steps.
 
-The job row is committed before anything is sent: if the publish is lost, the job is still in
-the ledger (pending) and the sweeper sends it again; the broker never holds the only copy.
+The job row is committed before anything is sent, and stays in the outbox (`dispatched_at` is
+NULL) until the send succeeds: if it fails, the relay sends it later; if the message is lost
+after, the sweeper does. The broker never holds the only copy.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ _SLICE = 200
 @dataclass(frozen=True)
 class Enqueued:
     """One event's job: its id, whether this call created it (False: seen before), and whether
-    its first step was published (when not, the job waits in the ledger for the sweeper)."""
+    its first step was published (when not, the job waits in the outbox for the relay)."""
 
     job_id: str
     created: bool

@@ -27,7 +27,15 @@ from jobs.cli_support import (
 from jobs.deadletter import DeadLetterDesk, ReplayResult, letter_view
 from jobs.runtime import load_pipelines
 from jobs.sweeper import sweep as run_sweep
-from ledger import JSON, DeadLetter, DeadLetterState, DeadLetterStore, JobState, StepState
+from ledger import (
+    JSON,
+    DeadLetter,
+    DeadLetterNotFound,
+    DeadLetterState,
+    DeadLetterStore,
+    JobState,
+    StepState,
+)
 
 dlq = typer.Typer(help="Dead letters: list, show, replay, resolve, purge.", no_args_is_help=True)
 
@@ -99,9 +107,9 @@ def _select(
     letters = _letters(settings)
     if ids:
         found = {letter.id: letter for letter in letters.list(state=None, ids=ids)}
-        missing = [str(i) for i in ids if i not in found]
+        missing = [i for i in ids if i not in found]
         if missing:
-            raise BadInput(f"IDS: no dead letter {', '.join(missing)}")
+            raise DeadLetterNotFound(missing[0])
         return [found[i] for i in ids]
     return letters.list(
         state=state,

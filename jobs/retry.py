@@ -65,6 +65,14 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, TransientError | SoftTimeLimitExceeded | ConnectionError | TimeoutError)
 
 
+def may_have_acted(exc: BaseException) -> bool:
+    """True when the failed attempt may have changed the outside world before failing: a
+    request that went out and got no answer, or a time limit that struck mid-call."""
+    return (isinstance(exc, TransientError) and exc.maybe_applied) or isinstance(
+        exc, SoftTimeLimitExceeded
+    )
+
+
 def backoff(attempt: int, policy: RetryPolicy, draw: float) -> float:
     """Exponential backoff with full jitter: uniform in [0, min(max, base · 2^(attempt-1))].
 

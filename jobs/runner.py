@@ -15,11 +15,8 @@ import traceback
 from typing import NoReturn, Protocol
 from uuid import UUID
 
-from billiard.exceptions import SoftTimeLimitExceeded
-
 from config.settings import CrashPoint
 from jobs import retry
-from jobs.errors import TransientError
 from jobs.pipelines import Delivery, Pipeline, Step, StepContext
 from jobs.runtime import Runtime
 from ledger import (
@@ -34,6 +31,8 @@ from ledger import (
     JobState,
     LeaseLost,
     OutcomeUnknown,
+    StatementRejected,
+    StepNotInJob,
 )
 
 logger = logging.getLogger(__name__)
@@ -88,6 +87,13 @@ def run_step(
             key=exc.key,
         )
         return Outcome.DEAD_LETTERED
+    except (StepNotInJob, StatementRejected) as exc:
+        # The job cannot run this step as it stands (a plan without the step, a value the
+        # database refuses): no retry can fix that, a person must look.
+        logger.error("%s", exc, extra={"action": "dead_letter", **log})
+        rejected = _error_json(exc, retryable=False)
+        rt.ledger.dead_letter(job, step.name, rejected, reason=DeadLetterReason.PERMANENT)
+        return Outcome.DEAD_LETTERED
     if isinstance(outcome, JobInactive):
         logger.info("job is %s; step not run", outcome.state, extra={"action": "skip", **log})
         return Outcome.INACTIVE
@@ -103,8 +109,10 @@ def run_step(
             "message": "owner vanished between acting and recording",
             "retryable": False,
         }
+        if not rt.ledger.declare_unknown(outcome, error):
+            # Its owner recorded late, or another took the key over: look again.
+            dispatch.retry_later(_IN_FLIGHT_POLL)
         logger.error("outcome unknown", extra={"action": "dead_letter", **log, "key": outcome.key})
-        rt.ledger.declare_unknown(outcome, error)
         return Outcome.DEAD_LETTERED
     if isinstance(outcome, AlreadySucceeded):
         return _absorb_duplicate(rt, dispatch, pipeline, step, outcome)
@@ -120,12 +128,14 @@ def _absorb_duplicate(
 ) -> Outcome:
     following = pipeline.next_step(step.name)
     next_name = following.name if following else None
-    if outcome.recorded_for_this_job:
+    if outcome.recorded_for_this_job and outcome.current_step != step.name:
         rt.ledger.note_duplicate(outcome)
         # A redelivery after the record: the next step's publish may have been lost with
         # the worker, so publish it again; a second copy is absorbed the same way.
         if following is not None and outcome.current_step == next_name:
             dispatch.send(pipeline.name, following.name, str(outcome.job_id))
+    # Another job's result (the same request sent twice), or this job's own result for a
+    # step it never moved past (a replay of a step that had in fact succeeded): adopt it.
     elif rt.ledger.adopt_result(outcome, next_step=next_name) is JobState.RUNNING and following:
         dispatch.send(pipeline.name, following.name, str(outcome.job_id))
     logger.info(
@@ -211,9 +221,7 @@ def _handle_failure(
     error = _error_json(exc, retryable=verdict.delay is not None)
     if verdict.reason == "attempts_exhausted":
         error["reason"] = verdict.reason
-    maybe_applied = (isinstance(exc, TransientError) and exc.maybe_applied) or isinstance(
-        exc, SoftTimeLimitExceeded
-    )
+    maybe_applied = retry.may_have_acted(exc)
     # At most once: the provider ignores keys and may have acted, so repeating could do it
     # twice. Exactly once, giving up after transient errors: no attempt got a definite
     # answer, so an effect may exist (the provider's key makes a replay safe).

@@ -7,19 +7,22 @@ tested, from plain Python: hand it an engine.
 from __future__ import annotations
 
 from ledger.db import create_engine
-from ledger.dead_letters import DeadLetterNotFound, DeadLetterStore
+from ledger.dead_letters import DeadLetterStore
 from ledger.errors import (
     DatabaseUnavailable,
+    DeadLetterNotFound,
     FingerprintMismatch,
     JobNotFound,
     LeaseLost,
     LedgerError,
     SchemaMissing,
+    StatementRejected,
+    StepNotInJob,
 )
 from ledger.migrations import current_revision, head_revision, upgrade
 from ledger.stats import Histogram, LedgerStats, Snapshot, StepTiming
-from ledger.step_ledger import Failure, StepLedger, StepNotInJob
-from ledger.store import JobStore, Stalled
+from ledger.step_ledger import Failure, StepLedger
+from ledger.store import JobStore, JobToSend
 from ledger.types import (
     JSON,
     AlreadySucceeded,
@@ -67,6 +70,7 @@ __all__ = [
     "JobNotFound",
     "JobState",
     "JobStore",
+    "JobToSend",
     "LeaseLost",
     "LedgerError",
     "LedgerStats",
@@ -78,7 +82,7 @@ __all__ = [
     "SchemaMissing",
     "Settled",
     "Snapshot",
-    "Stalled",
+    "StatementRejected",
     "StepEntry",
     "StepEvent",
     "StepLedger",

@@ -21,7 +21,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ColumnElement, FunctionElement
 
-from ledger.errors import DatabaseUnavailable, LedgerError, SchemaMissing
+from ledger.errors import DatabaseUnavailable, LedgerError, SchemaMissing, StatementRejected
 
 #: Seconds a SQLite writer waits for the file lock before giving up.
 _SQLITE_BUSY_TIMEOUT: Final = 30.0
@@ -43,8 +43,10 @@ def create_engine(url: str, *, pool_size: int = 5) -> Engine:
         event.listen(engine, "connect", _configure_sqlite)
         event.listen(engine, "begin", _begin_immediate)
         return engine
-    # Pre-ping: after a Postgres restart, pooled connections are dead; find out before use.
-    return sa.create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size)
+    # No pre-ping: it would cost every statement a second round trip. After a Postgres restart
+    # the first statement on a dead pooled connection fails as a disconnect, SQLAlchemy then
+    # discards the whole pool, and the ledger's calls retry (each is idempotent per owner).
+    return sa.create_engine(url, pool_size=pool_size, max_overflow=pool_size)
 
 
 def _configure_sqlite(dbapi_connection: sqlite3.Connection, _record: object) -> None:
@@ -96,7 +98,8 @@ def wrap_errors() -> Iterator[None]:
     except DBAPIError as exc:
         if exc.connection_invalidated:
             raise DatabaseUnavailable(_first_line(exc)) from exc
-        raise
+        # Integrity and data errors: the statement itself is refused; retrying cannot help.
+        raise StatementRejected(_first_line(exc)) from exc
 
 
 def classify_error(exc: DBAPIError) -> LedgerError:

@@ -7,13 +7,14 @@ transaction, and only an open dead letter can be closed, so doing anything twice
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
 from sqlalchemy.engine import Connection, Engine, RowMapping
 
 from ledger import db, queries
-from ledger.errors import LedgerError
+from ledger.errors import DeadLetterNotFound
 from ledger.types import (
     JSON,
     DeadLetter,
@@ -28,16 +29,66 @@ from ledger.types import (
 )
 
 
-class DeadLetterNotFound(LedgerError):
-    """Raised when a dead letter id names no dead letter."""
-
-    def __init__(self, letter_id: int) -> None:
-        self.letter_id = letter_id
-        super().__init__(f"no dead letter {letter_id}")
-
-
 class _Refusal(Exception):
     """Rolls a dead letter's transaction back, leaving it open."""
+
+
+@dataclass(frozen=True)
+class DeadLetterNote:
+    """What a dead letter says, before the job's row adds its input."""
+
+    job_id: UUID
+    step: str
+    key: str | None
+    error: JSON
+    reason: DeadLetterReason
+    duration_ms: float | None = None
+
+
+def write_dead_letter(
+    conn: Connection, letter: DeadLetterNote, attempts: int, first_failed_at: datetime | None
+) -> JobState:
+    """Inside the caller's transaction: end an active job as dead-lettered, append the event and
+    write the dead letter; a job no longer active (cancelled meanwhile) keeps its state."""
+    job = conn.execute(queries.finish_job(letter.job_id, JobState.DEAD_LETTERED)).one_or_none()
+    if job is None:
+        state = conn.execute(queries.select_job(letter.job_id)).mappings().one_or_none()
+        return JobState(state["state"]) if state is not None else JobState.CANCELLED
+    detail: JSON = {"error": letter.error, "reason": str(letter.reason)}
+    conn.execute(
+        queries.append_event(
+            letter.job_id,
+            letter.step,
+            EventKind.DEAD_LETTERED,
+            key=letter.key,
+            attempt=attempts or None,
+            duration_ms=letter.duration_ms,
+            detail=detail,
+        )
+    )
+    error = letter.error if isinstance(letter.error, dict) else {"message": str(letter.error)}
+    conn.execute(
+        queries.insert_dead_letter(
+            {
+                "job_id": letter.job_id,
+                "pipeline": job.pipeline,
+                "step": letter.step,
+                "key": letter.key,
+                "state": str(DeadLetterState.OPEN),
+                "reason": str(letter.reason),
+                "error_type": str(error.get("type", "Error"))[:200],
+                "message": str(error.get("message", "")),
+                "traceback": error.get("traceback")
+                if isinstance(error.get("traceback"), str)
+                else None,
+                "input": {"context": job.context, "results": job.results},
+                "attempts": attempts,
+                "first_failed_at": first_failed_at if first_failed_at is not None else db.utcnow(),
+                "last_failed_at": db.utcnow(),
+            }
+        )
+    )
+    return JobState.DEAD_LETTERED
 
 
 class DeadLetterStore:

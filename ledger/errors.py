@@ -68,3 +68,30 @@ class LeaseLost(LedgerError):
         self.job_id = job_id
         self.step = step
         super().__init__(f"lease on {key!r} (job {job_id}, step {step!r}) was taken over")
+
+
+class StatementRejected(LedgerError):
+    """Raised when the database refuses a statement for what it holds (a value too long, a
+    constraint broken): a bug or bad data, which retrying cannot fix."""
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(f"the database refused a statement: {detail}")
+
+
+class StepNotInJob(LedgerError):
+    """Raised when a job's plan has no key for the step being claimed (a step added to the
+    pipeline after the job was created)."""
+
+    def __init__(self, job_id: UUID, step: str) -> None:
+        self.job_id = job_id
+        self.step = step
+        super().__init__(f"job {job_id} has no step {step!r}")
+
+
+class DeadLetterNotFound(LedgerError):
+    """Raised when a dead letter id names no dead letter."""
+
+    def __init__(self, letter_id: int) -> None:
+        self.letter_id = letter_id
+        super().__init__(f"no dead letter {letter_id}")

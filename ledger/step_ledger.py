@@ -14,17 +14,17 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 from uuid import UUID, uuid4
 
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
 from ledger import db, queries
-from ledger.errors import DatabaseUnavailable, FingerprintMismatch, LeaseLost, LedgerError
+from ledger.dead_letters import DeadLetterNote, write_dead_letter
+from ledger.errors import DatabaseUnavailable, FingerprintMismatch, LeaseLost, StepNotInJob
 from ledger.types import (
     JSON,
     AlreadySucceeded,
     Claim,
     ClaimOutcome,
     DeadLetterReason,
-    DeadLetterState,
     EventKind,
     InFlight,
     JobInactive,
@@ -40,15 +40,6 @@ T = TypeVar("T")
 
 #: Shortest wait suggested to a claimant that found a live lease, in seconds.
 _MIN_IN_FLIGHT_WAIT = 0.5
-
-
-class StepNotInJob(LedgerError):
-    """Raised when a job's plan has no key for the step being claimed."""
-
-    def __init__(self, job_id: UUID, step: str) -> None:
-        self.job_id = job_id
-        self.step = step
-        super().__init__(f"job {job_id} has no step {step!r}")
 
 
 @dataclass(frozen=True)
@@ -108,7 +99,7 @@ class StepLedger:
         row = self._retrying(lambda: self._claim_row(job_id, step, token, takeover_expired))
         if row is None:
             return JobInactive(job_id=job_id, step=step, state=self._job_state(job_id))
-        return self._decode_claim(job_id, step, token, row)
+        return self._decode_claim(job_id, step, token, row, takeover_expired)
 
     def _claim_row(
         self, job_id: UUID, step: str, owner: UUID, takeover_expired: bool
@@ -147,7 +138,7 @@ class StepLedger:
             return {**job, "claimed_attempts": attempts, **entry}
 
     def _decode_claim(
-        self, job_id: UUID, step: str, owner: UUID, row: Mapping[str, Any]
+        self, job_id: UUID, step: str, owner: UUID, row: Mapping[str, Any], takeover_expired: bool
     ) -> ClaimOutcome:
         key = row["key"]
         if key is None:
@@ -164,15 +155,12 @@ class StepLedger:
                 results,
                 row["current_step"],
             )
-        state = row.get("entry_state")
-        if state is None:
+        if row.get("entry_state") is None:
             # Inserted by a concurrent claimant after this statement's snapshot was taken.
             return InFlight(job_id, step, key, retry_in=_MIN_IN_FLIGHT_WAIT)
-        if row["entry_step"] != step:
+        if row["entry_step"] != step or row["entry_fingerprint"] != row["fingerprint"]:
             raise FingerprintMismatch(key, job_id, step)
-        if row["entry_fingerprint"] != row["fingerprint"]:
-            raise FingerprintMismatch(key, job_id, step)
-        if state == StepState.SUCCEEDED:
+        if row["entry_state"] == StepState.SUCCEEDED:
             return AlreadySucceeded(
                 job_id,
                 step,
@@ -183,11 +171,7 @@ class StepLedger:
                 results,
                 row["current_step"],
             )
-        if state == StepState.UNKNOWN or (
-            state == StepState.STARTED and row["entry_lease_expired"]
-        ):
-            return OutcomeUnknown(job_id, step, key, attempts=row["entry_attempts"])
-        return InFlight(job_id, step, key, retry_in=_remaining(row["entry_locked_until"]))
+        return _not_claimed(job_id, step, key, row, takeover_expired)
 
     def _job_state(self, job_id: UUID) -> JobState | None:
         with db.single_statement(self.engine) as conn:
@@ -234,7 +218,7 @@ class StepLedger:
         finish = queries.finish_entry(
             claim.key, claim.owner, state=entry_state, result=None, error=failure.error
         )
-        letter = _Letter(
+        letter = DeadLetterNote(
             claim.job_id,
             claim.step,
             claim.key,
@@ -248,7 +232,7 @@ class StepLedger:
                 finished = conn.execute(finish).one_or_none()
                 if finished is None:
                     return None
-                return _dead_letter_job(conn, letter, finished.attempts, finished.first_failed_at)
+                return write_dead_letter(conn, letter, finished.attempts, finished.first_failed_at)
 
         job_state = self._retrying(attempt)
         if job_state is None:
@@ -320,18 +304,17 @@ class StepLedger:
     # --- the non-happy paths --------------------------------------------------------------
 
     def adopt_result(self, outcome: AlreadySucceeded, *, next_step: str | None) -> JobState:
-        """Give a job the result another job already recorded under the same key.
+        """Give a job the result recorded under its step's key and move it on.
 
-        The same business request arrived twice (two events for one order): the second job
-        reuses the first one's result instead of acting again.
+        Usually the same business request arrived twice (two events for one order): the second
+        job reuses the first one's result instead of acting again. It is also how a job whose
+        key succeeded but which never moved on (a replay of a step that had in fact succeeded)
+        catches up.
         """
         adopt = queries.adopt_result(outcome.job_id, outcome.step, outcome.result, next_step)
+        kind = EventKind.DUPLICATE if outcome.recorded_for_this_job else EventKind.DEDUPLICATED
         event = queries.append_event(
-            outcome.job_id,
-            outcome.step,
-            EventKind.DEDUPLICATED,
-            key=outcome.key,
-            detail=outcome.result,
+            outcome.job_id, outcome.step, kind, key=outcome.key, detail=outcome.result
         )
 
         def attempt() -> JobState | None:
@@ -358,18 +341,27 @@ class StepLedger:
 
         self._retrying(attempt)
 
-    def declare_unknown(self, outcome: OutcomeUnknown, error: JSON) -> None:
-        """Mark an at-most-once key unknown and dead-letter its job: a person decides."""
-        letter = _Letter(
+    def declare_unknown(self, outcome: OutcomeUnknown, error: JSON) -> bool:
+        """Mark an at-most-once key unknown and dead-letter its job: a person decides.
+
+        Fenced by the owner whose lease ran out: if that owner recorded late, or another took
+        the key over since the claim looked, nothing changes and False comes back — claim the
+        step again to see where it stands.
+        """
+        letter = DeadLetterNote(
             outcome.job_id, outcome.step, outcome.key, error, DeadLetterReason.OUTCOME_UNKNOWN
         )
 
-        def attempt() -> None:
+        def attempt() -> bool:
             with db.transaction(self.engine) as conn:
-                conn.execute(queries.mark_unknown(outcome.key))
-                _dead_letter_job(conn, letter, outcome.attempts, None)
+                if outcome.owner is not None:
+                    marked = conn.execute(queries.mark_unknown(outcome.key, outcome.owner))
+                    if marked.one_or_none() is None:
+                        return False
+                write_dead_letter(conn, letter, outcome.attempts, None)
+                return True
 
-        self._retrying(attempt)
+        return self._retrying(attempt)
 
     def dead_letter(
         self,
@@ -381,11 +373,11 @@ class StepLedger:
         key: str | None = None,
     ) -> None:
         """Dead-letter a job at a step it could not claim (its key's fingerprint mismatched)."""
-        letter = _Letter(job_id, step, key, error, reason)
+        letter = DeadLetterNote(job_id, step, key, error, reason)
 
         def attempt() -> None:
             with db.transaction(self.engine) as conn:
-                _dead_letter_job(conn, letter, 0, None)
+                write_dead_letter(conn, letter, 0, None)
 
         self._retrying(attempt)
 
@@ -412,62 +404,21 @@ class StepLedger:
                 delay = min(delay * 2, 2.0)
 
 
-@dataclass(frozen=True)
-class _Letter:
-    """What a dead letter says, before the job's row adds its input."""
-
-    job_id: UUID
-    step: str
-    key: str | None
-    error: JSON
-    reason: DeadLetterReason
-    duration_ms: float | None = None
-
-
-def _dead_letter_job(
-    conn: Connection, letter: _Letter, attempts: int, first_failed_at: datetime | None
-) -> JobState:
-    """Inside the caller's transaction: end an active job as dead-lettered, append the event and
-    write the dead letter; a job no longer active (cancelled meanwhile) keeps its state."""
-    job = conn.execute(queries.finish_job(letter.job_id, JobState.DEAD_LETTERED)).one_or_none()
-    if job is None:
-        state = conn.execute(queries.select_job(letter.job_id)).mappings().one_or_none()
-        return JobState(state["state"]) if state is not None else JobState.CANCELLED
-    detail: JSON = {"error": letter.error, "reason": str(letter.reason)}
-    conn.execute(
-        queries.append_event(
-            letter.job_id,
-            letter.step,
-            EventKind.DEAD_LETTERED,
-            key=letter.key,
-            attempt=attempts or None,
-            duration_ms=letter.duration_ms,
-            detail=detail,
+def _not_claimed(
+    job_id: UUID, step: str, key: str, row: Mapping[str, Any], takeover_expired: bool
+) -> InFlight | OutcomeUnknown:
+    """Why a claim that found an unfinished entry did not take it."""
+    if row["entry_state"] == StepState.UNKNOWN:
+        return OutcomeUnknown(job_id, step, key, attempts=row["entry_attempts"])
+    if row["entry_state"] == StepState.STARTED and row["entry_lease_expired"]:
+        if takeover_expired:
+            # The snapshot saw an expired lease, yet the claim did not take it over: on
+            # Postgres another claimant took it after the snapshot. Look again shortly.
+            return InFlight(job_id, step, key, retry_in=_MIN_IN_FLIGHT_WAIT)
+        return OutcomeUnknown(
+            job_id, step, key, attempts=row["entry_attempts"], owner=row["entry_owner"]
         )
-    )
-    error = letter.error if isinstance(letter.error, dict) else {"message": str(letter.error)}
-    conn.execute(
-        queries.insert_dead_letter(
-            {
-                "job_id": letter.job_id,
-                "pipeline": job.pipeline,
-                "step": letter.step,
-                "key": letter.key,
-                "state": str(DeadLetterState.OPEN),
-                "reason": str(letter.reason),
-                "error_type": str(error.get("type", "Error"))[:200],
-                "message": str(error.get("message", "")),
-                "traceback": error.get("traceback")
-                if isinstance(error.get("traceback"), str)
-                else None,
-                "input": {"context": job.context, "results": job.results},
-                "attempts": attempts,
-                "first_failed_at": first_failed_at if first_failed_at is not None else db.utcnow(),
-                "last_failed_at": db.utcnow(),
-            }
-        )
-    )
-    return JobState.DEAD_LETTERED
+    return InFlight(job_id, step, key, retry_in=_remaining(row["entry_locked_until"]))
 
 
 def _remaining(locked_until: datetime | None) -> float:

@@ -31,7 +31,7 @@ _INSERT_BATCH = 500
 
 
 @dataclass(frozen=True)
-class Stalled:
+class JobToSend:
     """A job the sweeper took: send `step` of it again."""
 
     job_id: UUID
@@ -185,14 +185,14 @@ class JobStore:
                 )
         return self.get_job(job_id)
 
-    def take_stalled(self, *, stalled_after: float, limit: int = 500) -> list[Stalled]:
+    def take_stalled(self, *, stalled_after: float, limit: int = 500) -> list[JobToSend]:
         """Take unfinished jobs that made no progress for `stalled_after` seconds, for the
         sweeper to send again; each is marked touched and its history says so. Concurrent
         sweepers get disjoint batches (rows are locked with SKIP LOCKED)."""
         with db.transaction(self.engine) as conn:
             statement = queries.take_stalled_jobs(conn.dialect.name, stalled_after, limit)
             taken = [
-                Stalled(row.id, row.pipeline, row.current_step, JobState(row.state))
+                JobToSend(row.id, row.pipeline, row.current_step, JobState(row.state))
                 for row in conn.execute(statement)
             ]
             for job in taken:
@@ -212,13 +212,13 @@ class JobStore:
             with db.single_statement(self.engine) as conn:
                 conn.execute(queries.mark_dispatched(job_ids))
 
-    def take_undispatched(self, *, older_than: float, limit: int = 500) -> list[Stalled]:
+    def take_undispatched(self, *, older_than: float, limit: int = 500) -> list[JobToSend]:
         """Take jobs whose first step never reached the broker, for the relay to send; they
         count as dispatched from now on (`undo_dispatched` if the send fails)."""
         with db.transaction(self.engine) as conn:
             statement = queries.take_undispatched(conn.dialect.name, older_than, limit)
             return [
-                Stalled(row.id, row.pipeline, row.current_step, JobState(row.state))
+                JobToSend(row.id, row.pipeline, row.current_step, JobState(row.state))
                 for row in conn.execute(statement)
             ]
 

@@ -219,6 +219,8 @@ class OutcomeUnknown:
     step: str
     key: str
     attempts: int
+    #: The owner whose lease ran out (None when the key was already declared unknown).
+    owner: UUID | None = None
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """Every statement the ledger runs, each a small function returning a SQLAlchemy Core statement.
 
-Functions here build statements and never execute them; `step_ledger.py`, `store.py` and
-`operations.py` run them and decide what the rows mean. `protocol` holds the step protocol's
-statements, `operations` those of dead letters, cancellation, the sweeper and retention.
+Functions here build statements and never execute them; `step_ledger.py`, `store.py`,
+`dead_letters.py` and `stats.py` run them and decide what the rows mean. `protocol` holds the
+step protocol's statements, `operations` those of dead letters, cancellation, the sweeper,
+the outbox and retention, `stats` those of `status` and the metrics.
 """
 
 from __future__ import annotations

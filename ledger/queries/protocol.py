@@ -115,8 +115,9 @@ def advance_job(
 ) -> sa.Update:
     """Move an active job on, if `after` (the fenced ledger update) has a row; returns its state.
 
-    A job cancelled or dead-lettered meanwhile keeps its state: the step's outcome is still
-    recorded in its entry, but the job does not move.
+    A job cancelled or dead-lettered meanwhile keeps its state, step and finish time: the step's
+    result is still recorded (in its entry and the job's results, so it is reported), but the
+    job does not move.
     """
     values: dict[str, Any] = {
         "state": sa.case((jobs.c.state.in_(ACTIVE), str(state)), else_=jobs.c.state),
@@ -126,7 +127,9 @@ def advance_job(
         "updated_at": db.utcnow(),
     }
     if state not in ACTIVE_JOB_STATES:
-        values["finished_at"] = sa.case((jobs.c.state.in_(ACTIVE), db.utcnow()), else_=None)
+        values["finished_at"] = sa.case(
+            (jobs.c.state.in_(ACTIVE), db.utcnow()), else_=jobs.c.finished_at
+        )
     if result is not None:
         step, value = result
         values["results"] = db.json_set_key(jobs.c.results, sa.literal(step), json_value(value))
@@ -249,7 +252,8 @@ def claim_step_in_one(
     job = start_job(job_id, step).cte("job")
     claimed = claim_step(
         "postgresql",
-        sa.select(job.c.key, job.c.id, job.c.fingerprint),
+        # A job whose plan lacks the step claims nothing (the caller raises StepNotInJob).
+        sa.select(job.c.key, job.c.id, job.c.fingerprint).where(job.c.key.is_not(None)),
         step=step,
         owner=owner,
         lease_seconds=lease_seconds,
@@ -283,6 +287,7 @@ def _entry_columns(entry: FromClause) -> list[ColumnElement[Any]]:
         entry.c.fingerprint.label("entry_fingerprint"),
         entry.c.result.label("entry_result"),
         entry.c.attempts.label("entry_attempts"),
+        entry.c.owner.label("entry_owner"),
         entry.c.locked_until.label("entry_locked_until"),
         (entry.c.locked_until < db.utcnow()).label("entry_lease_expired"),
     ]
@@ -313,12 +318,18 @@ def finish_entry(
     )
 
 
-def mark_unknown(key: str) -> sa.Update:
-    """Declare an at-most-once key whose owner vanished `unknown`; returns it if it was started."""
+def mark_unknown(key: str, owner: UUID) -> sa.Update:
+    """Declare an at-most-once key `unknown`, if `owner` still holds it with an expired lease;
+    returns it then (a late record by that owner, or a takeover, leaves it alone)."""
     entry = ledger_entries.c
     return (
         sa.update(ledger_entries)
-        .where(entry.key == key, entry.state == str(StepState.STARTED))
+        .where(
+            entry.key == key,
+            entry.state == str(StepState.STARTED),
+            entry.owner == owner,
+            entry.locked_until < db.utcnow(),
+        )
         .values(state=str(StepState.UNKNOWN), locked_until=None, updated_at=db.utcnow())
         .returning(entry.key)
     )

@@ -17,8 +17,18 @@ from jobs.pipelines import Delivery, Pipeline, Step, StepContext
 from jobs.retry import RetryPolicy
 from jobs.runner import Outcome, run_step
 from jobs.runtime import Runtime
-from ledger import EventKind, JobState, JobStore, StepLedger, StepState
+from ledger import (
+    DeadLetterReason,
+    DeadLetterStore,
+    EventKind,
+    JobState,
+    JobStore,
+    Reopened,
+    StepLedger,
+    StepState,
+)
 from tests.conftest import settings_for
+from tests.factories import new_job
 
 _names = itertools.count()
 
@@ -197,3 +207,38 @@ def test_the_same_request_under_another_event_adopts_the_result(runtime: Runtime
     assert dispatch.sent[-1] == (pipeline.name, "second", second_job)
     adopted = runtime.store.get_job(uuid.UUID(second_job))
     assert adopted.results == runtime.store.get_job(uuid.UUID(first_job)).results
+
+
+def test_a_replayed_step_that_had_succeeded_moves_the_job_on(runtime: Runtime) -> None:
+    """The job was dead-lettered at a step whose key had in fact succeeded (a late owner
+    recorded after it was declared lost): running it again adopts the result, acts on nothing."""
+    behaviour, dispatch = Behaviour(), RecordingDispatch()
+    pipeline = build_pipeline(behaviour)
+    job_id = start(runtime, pipeline, f"caught-{uuid.uuid4().hex[:6]}")
+    run(runtime, dispatch, pipeline, "first", job_id)
+    runtime.ledger.dead_letter(
+        uuid.UUID(job_id), "first", {"type": "X"}, reason=DeadLetterReason.PERMANENT
+    )
+    [letter] = DeadLetterStore(engine=runtime.engine).list()
+    assert isinstance(
+        DeadLetterStore(engine=runtime.engine).replay(letter.id, by="t", allow_unknown=False),
+        Reopened,
+    )
+    dispatch.sent.clear()
+
+    assert run(runtime, dispatch, pipeline, "first", job_id) is Outcome.DUPLICATE
+
+    assert behaviour.calls == ["first#1"]
+    assert dispatch.sent == [(pipeline.name, "second", job_id)]
+    assert runtime.store.get_job(uuid.UUID(job_id)).current_step == "second"
+
+
+def test_a_step_missing_from_the_jobs_plan_dead_letters_it(runtime: Runtime) -> None:
+    behaviour, dispatch = Behaviour(), RecordingDispatch()
+    pipeline = build_pipeline(behaviour)
+    [(job_id, _)] = runtime.store.create_jobs([new_job(steps=("first",))])
+
+    assert run(runtime, dispatch, pipeline, "second", str(job_id)) is Outcome.DEAD_LETTERED
+
+    [letter] = DeadLetterStore(engine=runtime.engine).list()
+    assert (letter.error_type, letter.reason) == ("StepNotInJob", DeadLetterReason.PERMANENT)

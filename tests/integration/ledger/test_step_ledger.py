@@ -25,6 +25,7 @@ from ledger import (
     LeaseLost,
     OutcomeUnknown,
     StepLedger,
+    StepNotInJob,
     StepState,
     create_engine,
 )
@@ -281,3 +282,31 @@ def test_create_jobs_deduplicates_by_event_id(store: JobStore) -> None:
     [(new_id, new), (same_id, same)] = store.create_jobs([other, other])
     assert (new, same) == (True, False)
     assert new_id == same_id
+
+
+def test_declaring_unknown_is_fenced_by_the_owner_whose_lease_ran_out(
+    engine: sa.Engine, store: JobStore
+) -> None:
+    """A late owner that records after its lease ran out, but before anyone took the key,
+    wins: the step is not declared unknown behind its back."""
+    ledger = StepLedger(engine=engine, lease_seconds=0.2)
+    job_id = create_job(store)
+    late = claimed(ledger.claim_step(job_id, "first", takeover_expired=False))
+    time.sleep(0.4)
+    outcome = ledger.claim_step(job_id, "first", takeover_expired=False)
+    assert isinstance(outcome, OutcomeUnknown)
+    assert outcome.owner == late.owner
+
+    ledger.record_success(late, {"late": True}, next_step="second", duration_ms=1.0)
+
+    assert ledger.declare_unknown(outcome, {"type": "OutcomeUnknown"}) is False
+    history = store.history(job_id)
+    assert history.job.state is JobState.RUNNING
+    assert history.entries[0].state is StepState.SUCCEEDED
+
+
+def test_a_step_missing_from_the_plan_is_named(store: JobStore, ledger: StepLedger) -> None:
+    job_id = create_job(store, steps=("first",))
+
+    with pytest.raises(StepNotInJob):
+        ledger.claim_step(job_id, "second")

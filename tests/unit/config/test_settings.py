@@ -369,3 +369,18 @@ def test_settings_are_frozen() -> None:
     assert settings.data_dir == Path("/srv/oncelery")
     with pytest.raises(ValueError, match="frozen"):
         settings.data_dir = Path("/elsewhere")
+
+
+def test_every_time_limit_must_end_inside_the_lease(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ONCELERY_STEP_LEASE", "10")
+    monkeypatch.setenv("ONCELERY_STEP_TIME_LIMIT", "5")
+    monkeypatch.setenv("ONCELERY_STEP_POLICIES", '{"order-placed.act": {"time_limit": 12}}')
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+    assert raised.value.variable == "ONCELERY_STEP_LEASE"
+    assert "12s" in raised.value.problem
+
+
+def test_the_sweeper_waits_out_the_longest_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ONCELERY_STEP_POLICIES", '{"order-placed.act": {"backoff_max": 600}}')
+    assert load_settings().stalled_after == 60 + 600 + 30
