@@ -46,7 +46,7 @@ def group_alive(pgid: int) -> bool:
 
 def test_the_procfile_runs_the_system(tmp_path: Path, postgres_url: str, redis_url: str) -> None:
     # Given the Procfile's processes started by honcho, on Postgres and Redis
-    sandbox_port, flower_port = processes.free_port(), processes.free_port()
+    sandbox_port, flower_port, web_port = (processes.free_port() for _ in range(3))
     provider_url = f"http://127.0.0.1:{sandbox_port}"
     env = child_environment(
         {
@@ -59,6 +59,9 @@ def test_the_procfile_runs_the_system(tmp_path: Path, postgres_url: str, redis_u
             "FLOWER_PORT": str(flower_port),
             "FLOWER_BASIC_AUTH": "ops:secret",
             "PYTHONPATH": str(REPO_ROOT),
+            "WEB_PORT": str(web_port),
+            "API_TOKEN": "procfile-token",
+            "WEBHOOK_SECRET": "procfile-secret",
         }
     )
     honcho = processes.start(
@@ -82,10 +85,10 @@ def test_the_procfile_runs_the_system(tmp_path: Path, postgres_url: str, redis_u
     try:
         processes.wait_until_answers(f"{provider_url}/healthz", process=honcho, timeout=60)
         deadline = time.monotonic() + 30
-        while len(groups) < 4 and time.monotonic() < deadline:
+        while len(groups) < 5 and time.monotonic() < deadline:
             groups = process_groups_below(honcho.pid)
             time.sleep(0.2)
-        assert len(groups) == 4, groups  # sandbox, worker, beat, flower
+        assert len(groups) == 5, groups  # sandbox, worker, beat, flower, web
 
         # When orders are enqueued
         prefix = f"procfile-{uuid.uuid4().hex[:6]}-"
@@ -99,6 +102,8 @@ def test_the_procfile_runs_the_system(tmp_path: Path, postgres_url: str, redis_u
         processes.wait_until_answers(
             f"http://127.0.0.1:{flower_port}/healthcheck", process=honcho, timeout=60
         )
+        web = f"http://127.0.0.1:{web_port}/healthz"
+        processes.wait_until_answers(web, process=honcho, timeout=60)
         flower = f"http://127.0.0.1:{flower_port}/api/workers"
         assert httpx.get(flower, timeout=10).status_code == 401
         assert httpx.get(flower, auth=("ops", "secret"), timeout=10).status_code == 200

@@ -1,0 +1,76 @@
+"""The real `oncelery api` process: signed orders are accepted (202) even while the broker is
+down, and are done exactly once when it comes back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from jobs import processes
+from jobs.intake import sign
+from ledger import JobState
+from tests.factories import order_event
+from tests.system.conftest import SystemFactory, per_order
+
+pytestmark = pytest.mark.system
+
+SECRET, TOKEN = "whsec-system", "token-system"
+
+
+def rabbitmq(action: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", action], check=True, timeout=120, capture_output=True)
+
+
+def test_orders_accepted_while_the_broker_is_down_are_done_when_it_is_back(
+    postgres_url: str, amqp_url: str, system_factory: SystemFactory
+) -> None:
+    # Given the API and workers on RabbitMQ
+    system = system_factory(database_url=postgres_url, broker_url=amqp_url)
+    port = processes.free_port()
+    api = processes.start(
+        "api",
+        [sys.executable, "-m", "jobs.cli", "api", "--port", str(port)],
+        env={**system.env, "WEBHOOK_SECRET": SECRET, "API_TOKEN": TOKEN},
+        log_dir=system.log_dir,
+    )
+    system.started.append(api)
+    base = f"http://127.0.0.1:{port}"
+    processes.wait_until_answers(f"{base}/healthz", process=api, timeout=60)
+    prefix = f"outage-{system.data_dir.name}-{int(time.time())}-"
+
+    def post(number: int) -> httpx.Response:
+        body = json.dumps(
+            order_event(event_id=f"{prefix}{number}", order_id=f"{prefix}{number}")
+        ).encode()
+        stamp = str(int(time.time()))
+        headers = {"X-Oncelery-Timestamp": stamp, "X-Oncelery-Signature": sign(SECRET, stamp, body)}
+        return httpx.post(
+            f"{base}/webhooks/order-placed", content=body, headers=headers, timeout=30
+        )
+
+    # When the broker is down, orders are still accepted
+    rabbitmq("stop_app")
+    try:
+        answers = [post(n) for n in range(5)]
+        assert [a.status_code for a in answers] == [202] * 5
+        assert httpx.get(f"{base}/healthz", timeout=30).json()["broker"] != "ok"
+        time.sleep(2)
+        assert system.store.count_by_state(event_prefix=prefix)[JobState.PENDING] == 5
+    finally:
+        rabbitmq("start_app")
+
+    # Then, once it is back, every order is done, once
+    assert system.wait_finished(prefix, 5, timeout=120)[JobState.SUCCEEDED] == 5
+    assert per_order(system.effects(), "charge") == {f"{prefix}{n}": 1 for n in range(5)}
+    assert post(0).status_code == 200
+    job = httpx.get(
+        f"{base}/jobs/{answers[0].json()['job_id']}",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=30,
+    )
+    assert job.json()["state"] == "succeeded"
