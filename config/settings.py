@@ -139,6 +139,11 @@ class Settings(BaseSettings):
     pipelines: Annotated[tuple[str, ...], NoDecode] = ()
     #: Whether workers send task events (Flower needs them; they cost a little CPU per task).
     task_events: bool = True
+    #: The fast path: a worker that finishes a step goes straight on to the next (recording one
+    #: and claiming the other in one statement) instead of publishing it; one broker message
+    #: per job instead of one per step. Off: each step is its own Celery task (Flower shows
+    #: each), the chained mode.
+    fast_path: bool = False
     #: Per-step overrides, JSON: {"<pipeline>.<step>": {"max_attempts": 3, "time_limit": 10}}.
     step_policies: Annotated[dict[str, StepPolicy], NoDecode] = Field(default_factory=dict)
     #: Seconds between two sweeps run by beat.

@@ -122,14 +122,24 @@ class CeleryDispatch:
         self.sender = sender or app
         self.settings = settings
 
-    def send(self, pipeline: str, step: str, job_id: str, *, resend: bool = False) -> None:
-        """Publish a step of a job now (`resend`: again, on the retry queue)."""
+    def send(
+        self,
+        pipeline: str,
+        step: str,
+        job_id: str,
+        *,
+        resend: bool = False,
+        countdown: float | None = None,
+    ) -> None:
+        """Publish a step of a job (`resend`: again, on the retry queue; `countdown`: not
+        before that many seconds)."""
         # Whole seconds: Celery's message format and its stubs take integers.
         soft = math.ceil(self._time_limit(pipeline, step))
         self.sender.send_task(
             task_name(pipeline, step),
             args=[job_id],
             queue=RETRY_QUEUE if resend else MAIN_QUEUE,
+            countdown=countdown,
             soft_time_limit=soft,
             time_limit=soft + _HARD_LIMIT_GRACE,
         )
@@ -141,14 +151,23 @@ class CeleryDispatch:
 
     def _time_limit(self, pipeline: str, step: str) -> float:
         settings = self.settings or get_settings()
-        configured = settings.step_policies.get(f"{pipeline}.{step}")
-        if configured is not None and configured.time_limit is not None:
-            return configured.time_limit
         try:
-            declared = registry.get(pipeline).step(step).time_limit
-        except (UnknownPipeline, KeyError):
-            declared = None
-        return declared or settings.step_time_limit
+            declared = registry.get(pipeline)
+        except UnknownPipeline:
+            return settings.step_time_limit
+        names = [s.name for s in declared.steps]
+        if step not in names:
+            return settings.step_time_limit
+        # On the fast path one task runs this step and every step after it.
+        running = names[names.index(step) :] if settings.fast_path else [step]
+        return sum(_step_limit(settings, declared, name) for name in running)
+
+
+def _step_limit(settings: Settings, pipeline: Pipeline[object], step: str) -> float:
+    configured = settings.step_policies.get(f"{pipeline.name}.{step}")
+    if configured is not None and configured.time_limit is not None:
+        return configured.time_limit
+    return pipeline.step(step).time_limit or settings.step_time_limit
 
 
 def _bind(pipeline: Pipeline[object]) -> None:

@@ -196,6 +196,61 @@ class StepLedger:
             job=(state, next_step, (claim.step, result)),
         )
 
+    def record_and_claim_next(
+        self,
+        claim: Claim,
+        result: JSON,
+        *,
+        next_step: str,
+        duration_ms: float | None,
+        takeover_expired: bool = True,
+    ) -> tuple[Recorded, ClaimOutcome | None]:
+        """The fast path: record the step and claim `next_step` for a fresh owner at once (one
+        statement on Postgres), so this worker goes straight on to the next step.
+
+        Returns:
+            The record, and the next step's claim outcome — None when nothing was claimed
+            (the job is no longer active, or the record was an earlier ambiguous commit's).
+
+        Raises:
+            LeaseLost: another owner took the key over; do not continue the chain.
+        """
+        if not self._postgres:
+            recorded = self.record_success(
+                claim, result, next_step=next_step, duration_ms=duration_ms
+            )
+            if recorded.job_state is not JobState.RUNNING:
+                return recorded, None
+            return recorded, self.claim_step(
+                claim.job_id, next_step, takeover_expired=takeover_expired
+            )
+        owner = uuid4()
+        finished = queries.finish_entry(
+            claim.key, claim.owner, state=StepState.SUCCEEDED, result=result, error=None
+        )
+        statement = queries.record_and_claim_next_in_one(
+            finished,
+            (claim.job_id, EventKind.SUCCEEDED, duration_ms, result),
+            (claim.step, result),
+            next_step=next_step,
+            owner=owner,
+            lease_seconds=self.lease_seconds,
+            takeover_expired=takeover_expired,
+        )
+
+        def attempt() -> Mapping[str, Any] | None:
+            with db.single_statement(self.engine) as conn:
+                found = conn.execute(statement).mappings().one_or_none()
+            return dict(found) if found is not None else None
+
+        row = self._retrying(attempt)
+        if row is None:
+            return Recorded(claim.key, self._recorded_before(claim, StepState.SUCCEEDED)), None
+        if row["job_state"] is None:
+            return Recorded(claim.key, self._job_state(claim.job_id) or JobState.CANCELLED), None
+        outcome = self._decode_claim(claim.job_id, next_step, owner, row, takeover_expired)
+        return Recorded(claim.key, JobState.RUNNING), outcome
+
     def record_failure(self, claim: Claim, failure: Failure) -> Recorded:
         """Record a failed attempt: the key is free for a retry, or the job is dead-lettered
         (with a durable dead letter, in the same transaction).

@@ -129,6 +129,20 @@ def engine(database_url: str) -> Iterator[sa.Engine]:
     engine.dispose()
 
 
+@pytest.fixture
+def statements(engine: sa.Engine) -> Iterator[list[str]]:
+    """Every statement the test's engine sends (BEGIN and PRAGMA aside), to count round trips."""
+    seen: list[str] = []
+
+    def count(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if not statement.lstrip().upper().startswith(("BEGIN", "PRAGMA")):
+            seen.append(statement)
+
+    sa.event.listen(engine, "before_cursor_execute", count)
+    yield seen
+    sa.event.remove(engine, "before_cursor_execute", count)
+
+
 # --- brokers -----------------------------------------------------------------------------
 
 

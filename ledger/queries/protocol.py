@@ -469,3 +469,78 @@ def record_step_in_one(
         .select_from(finished_cte.outerjoin(job_cte, sa.true()))
         .add_cte(event_cte)
     )
+
+
+def record_and_claim_next_in_one(
+    finished: sa.Update,
+    event: tuple[UUID, EventKind, float | None, JSON],
+    result: tuple[str, JSON],
+    *,
+    next_step: str,
+    owner: UUID,
+    lease_seconds: float,
+    takeover_expired: bool,
+) -> sa.Select[Any]:
+    """Postgres, the fast path: record a key, append its event, move the job to `next_step`
+    and claim that step's key for `owner`, in one statement.
+
+    Returns no row when the fence rejected the record; `job_state` is NULL when the job was no
+    longer active (the record stands, nothing is claimed); otherwise the same columns as
+    `claim_step_in_one`, for the next step.
+    """
+    job_id, kind, duration_ms, detail = event
+    step, value = result
+    finished_cte = finished.cte("finished")
+    event_cte = append_event_after(finished_cte, job_id, kind, duration_ms, detail).cte("event")
+    job = (
+        sa.update(jobs)
+        .where(
+            jobs.c.id == job_id,
+            jobs.c.state.in_(ACTIVE),
+            sa.exists(sa.select(sa.literal(1)).select_from(finished_cte)),
+        )
+        .values(
+            results=db.json_set_key(jobs.c.results, sa.literal(step), json_value(value)),
+            current_step=next_step,
+            state=str(JobState.RUNNING),
+            updated_at=db.utcnow(),
+        )
+        .returning(
+            jobs.c.id,
+            jobs.c.state,
+            jobs.c.context,
+            jobs.c.results,
+            jobs.c.fingerprint,
+            jobs.c.current_step,
+            jobs.c.step_keys[next_step].as_string().label("key"),
+        )
+        .cte("job")
+    )
+    claimed = claim_step(
+        "postgresql",
+        sa.select(job.c.key, job.c.id, job.c.fingerprint).where(job.c.key.is_not(None)),
+        step=next_step,
+        owner=owner,
+        lease_seconds=lease_seconds,
+        takeover_expired=takeover_expired,
+    ).cte("claimed")
+    existing = ledger_entries.alias("existing")
+    return (
+        sa.select(
+            finished_cte.c.key.label("recorded_key"),
+            job.c.state.label("job_state"),
+            job.c.context,
+            job.c.results,
+            job.c.key,
+            job.c.fingerprint,
+            job.c.current_step,
+            claimed.c.attempts.label("claimed_attempts"),
+            *_entry_columns(existing),
+        )
+        .select_from(
+            finished_cte.outerjoin(job, sa.true())
+            .outerjoin(claimed, sa.true())
+            .outerjoin(existing, existing.c.key == job.c.key)
+        )
+        .add_cte(event_cte)
+    )

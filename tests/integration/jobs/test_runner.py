@@ -42,7 +42,15 @@ class RetryRequested(Exception):
 class RecordingDispatch:
     sent: list[tuple[str, str, str]] = field(default_factory=list)
 
-    def send(self, pipeline: str, step: str, job_id: str, *, resend: bool = False) -> None:
+    def send(
+        self,
+        pipeline: str,
+        step: str,
+        job_id: str,
+        *,
+        resend: bool = False,
+        countdown: float | None = None,
+    ) -> None:
         self.sent.append((pipeline, step, job_id))
 
     def retry_later(self, delay: float) -> NoReturn:
@@ -242,3 +250,67 @@ def test_a_step_missing_from_the_jobs_plan_dead_letters_it(runtime: Runtime) -> 
 
     [letter] = DeadLetterStore(engine=runtime.engine).list()
     assert (letter.error_type, letter.reason) == ("StepNotInJob", DeadLetterReason.PERMANENT)
+
+
+@pytest.fixture
+def fast(runtime: Runtime, database_url: str, tmp_path: Path) -> Runtime:
+    runtime.settings = settings_for(
+        database_url=database_url, broker_url=None, data_dir=tmp_path, fast_path=True
+    )
+    return runtime
+
+
+def test_the_fast_path_runs_the_following_steps_without_messages(fast: Runtime) -> None:
+    behaviour, dispatch = Behaviour(), RecordingDispatch()
+    pipeline = build_pipeline(behaviour)
+    job_id = start(fast, pipeline, f"fast-{uuid.uuid4().hex[:6]}")
+
+    assert run(fast, dispatch, pipeline, "first", job_id) is Outcome.SUCCEEDED
+
+    assert dispatch.sent == []
+    history = fast.store.history(uuid.UUID(job_id))
+    assert history.job.state is JobState.SUCCEEDED
+    assert [(e.step, e.kind) for e in history.events] == [
+        ("first", EventKind.SUCCEEDED),
+        ("second", EventKind.SUCCEEDED),
+    ]
+    assert behaviour.calls == ["first#1", "second"]
+
+
+def test_a_failure_on_the_fast_path_goes_back_to_the_broker(fast: Runtime) -> None:
+    behaviour, dispatch = Behaviour(), RecordingDispatch()
+    pipeline = build_pipeline(behaviour)
+    job_id = start(fast, pipeline, f"fastfail-{uuid.uuid4().hex[:6]}")
+
+    def failing_second(ctx: StepContext[Behaviour]) -> dict[str, object]:
+        raise TransientError("503")
+
+    broken = Pipeline(
+        name=f"runner-{next(_names)}",
+        steps=[pipeline.steps[0], Step("second", failing_second, key="w:{word}:second")],  # type: ignore[arg-type]
+        resources=lambda _settings: behaviour,
+    )
+    [(job, _)] = fast.store.create_jobs(
+        [broken.new_job(f"evt-{uuid.uuid4().hex}", {"word": f"x{job_id[:6]}"})]
+    )
+
+    assert run(fast, dispatch, broken, "first", str(job)) is Outcome.RETRYING
+
+    [(name, step, sent_job)] = dispatch.sent
+    assert (name, step, sent_job) == (broken.name, "second", str(job))
+    assert fast.store.get_job(job).current_step == "second"
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_the_fast_path_costs_one_statement_per_step_after_the_first(
+    fast: Runtime, statements: list[str]
+) -> None:
+    behaviour, dispatch = Behaviour(), RecordingDispatch()
+    pipeline = build_pipeline(behaviour)
+    job_id = start(fast, pipeline, f"count-{uuid.uuid4().hex[:6]}")
+    statements.clear()
+
+    run(fast, dispatch, pipeline, "first", job_id)
+
+    # claim first · record first + claim second · record second
+    assert len(statements) == 3, statements

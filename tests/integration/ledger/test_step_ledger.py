@@ -9,7 +9,6 @@ from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy import event
 
 from ledger import (
     AlreadySucceeded,
@@ -243,19 +242,6 @@ def test_a_job_that_is_not_active_claims_nothing(store: JobStore, ledger: StepLe
     assert outcome == JobInactive(job_id, "first", JobState.DEAD_LETTERED)
     missing = uuid.uuid4()
     assert ledger.claim_step(missing, "first") == JobInactive(missing, "first", None)
-
-
-@pytest.fixture
-def statements(engine: sa.Engine) -> Iterator[list[str]]:
-    seen: list[str] = []
-
-    def count(_conn: object, _cursor: object, statement: str, *_: object) -> None:
-        if not statement.lstrip().upper().startswith(("BEGIN", "PRAGMA")):
-            seen.append(statement)
-
-    event.listen(engine, "before_cursor_execute", count)
-    yield seen
-    event.remove(engine, "before_cursor_execute", count)
 
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)

@@ -292,7 +292,15 @@ class RecordingDispatch:
         self.fail = fail
         self.sent: list[tuple[str, str, str]] = []
 
-    def send(self, pipeline: str, step: str, job_id: str, *, resend: bool = False) -> None:
+    def send(
+        self,
+        pipeline: str,
+        step: str,
+        job_id: str,
+        *,
+        resend: bool = False,
+        countdown: float | None = None,
+    ) -> None:
         if self.fail:
             raise ConnectionError("broker down")
         self.sent.append((pipeline, step, job_id))
