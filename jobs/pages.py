@@ -7,6 +7,7 @@ every session; a form that changes something carries a CSRF token tied to the se
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -171,14 +172,11 @@ def _safe_after(after: str) -> str:
 
 
 # --- rendering -----------------------------------------------------------------------------
-def _pretty(value: object) -> str:
-    return json.dumps(value, indent=2, ensure_ascii=False, default=str)
-
-
 def _when(value: object) -> str:
     if value is None:
         return "—"
     moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)  # SQLite keeps UTC, naive
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
@@ -193,6 +191,7 @@ _templates = Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
+_pretty = functools.partial(json.dumps, indent=2, ensure_ascii=False, default=str)
 _templates.filters.update(pretty=_pretty, when=_when, ms=_ms)
 _templates.globals.update(job_states=list(JobState), letter_states=[*DeadLetterState, "all"])
 
@@ -295,9 +294,7 @@ def job_page(job_id: str, session: SessionDep, intake: IntakeDep) -> HTMLRespons
         raise PageError(404, f"there is no job {job_id}") from None
     letters: list[DeadLetter] = []
     if history.job.state is JobState.DEAD_LETTERED:
-        # Workaround until the store can list dead letters by job.
-        open_letters = intake.letters.list(state=DeadLetterState.OPEN, limit=MAX_ROWS)
-        letters = [letter for letter in open_letters if letter.job_id == history.job.id]
+        letters = intake.letters.list(state=DeadLetterState.OPEN, job_id=history.job.id)
     view, order = history_view(history), history.job.context.get("order_id")
     return render("job.html", session, f"Job {job_id}", job=view, order_id=order, letters=letters)
 

@@ -112,7 +112,9 @@ def run_step(
     "The step protocol"."""
     rt.crash(CrashPoint.BEFORE_CLAIM, step.name, job_id)
     takeover = step.delivery is Delivery.EXACTLY_ONCE
-    claim = functools.partial(rt.ledger.claim_step, UUID(job_id), step.name, takeover_expired=takeover)
+    claim = functools.partial(
+        rt.ledger.claim_step, UUID(job_id), step.name, takeover_expired=takeover
+    )
     try:
         return _run_claimed(rt, dispatch, pipeline, step, job_id, claim)
     except HandedBack:

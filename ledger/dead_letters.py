@@ -110,6 +110,7 @@ class DeadLetterStore:
         failed_before: datetime | None = None,
         failed_after: datetime | None = None,
         ids: Sequence[int] | None = None,
+        job_id: UUID | None = None,
         limit: int | None = None,
     ) -> list[DeadLetter]:
         """Dead letters, oldest failure first (open ones unless `state` says otherwise)."""
@@ -120,6 +121,7 @@ class DeadLetterStore:
             failed_before=failed_before,
             failed_after=failed_after,
             ids=ids,
+            job_id=job_id,
             limit=limit,
         )
         with db.single_statement(self.engine) as conn:

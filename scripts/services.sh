@@ -39,7 +39,7 @@ wait_for() {
 
 install_missing_packages() {
     local package missing=()
-    for package in postgresql redis-server rabbitmq-server; do
+    for package in postgresql redis-server rabbitmq-server chromium; do
         # `dpkg -s` also knows removed-but-not-purged packages: ask for the installed state.
         dpkg -s "$package" 2>/dev/null | grep -q '^Status: install ok installed' ||
             missing+=("$package")
@@ -127,6 +127,43 @@ ensure_role_and_database() {
     app_role_ready || die "postgres: cannot log in as $DB_USER to $DB_NAME on 127.0.0.1:$PG_PORT"
 }
 
+# pg_stat_statements counts the statements `oncelery bench` reports per order. Loading it needs
+# a restart, done once; the extension is then created where the bench reads it. Without root,
+# a missing extension is only reported: the bench then shows statements as unknown.
+stat_statements_ready() {
+    local database
+    for database in "$DB_NAME" postgres; do
+        PGPASSWORD=$DB_PASSWORD PGCONNECT_TIMEOUT=5 psql -X -h 127.0.0.1 -p "$PG_PORT" -U "$DB_USER" \
+            -d "$database" -tAc "SELECT 1 FROM pg_stat_statements LIMIT 1" >/dev/null 2>&1 || return 1
+    done
+}
+
+ensure_pg_stat_statements() {
+    if stat_statements_ready; then
+        return
+    fi
+    if ! is_root; then
+        say "postgres: pg_stat_statements is not enabled (needs root); oncelery bench cannot count statements"
+        return
+    fi
+    local loaded version name _status
+    loaded=$(psql_admin <<<"SHOW shared_preload_libraries")
+    if [[ ,${loaded// /}, != *,pg_stat_statements,* ]]; then
+        say "postgres: loading pg_stat_statements (restarting the cluster)"
+        psql_admin <<<"ALTER SYSTEM SET shared_preload_libraries = '${loaded:+$loaded,}pg_stat_statements'"
+        read -r version name _status < <(pg_cluster)
+        pg_ctlcluster --skip-systemctl-redirect "$version" "$name" restart ||
+            die "postgres: restart of $version/$name failed; see /var/log/postgresql/postgresql-$version-$name.log"
+        wait_for 60 pg_ready || die "postgres: not accepting connections after the restart"
+    fi
+    local database
+    for database in "$DB_NAME" postgres; do
+        (cd / && su postgres -s /bin/sh -c "psql -X -q -v ON_ERROR_STOP=1 -p $PG_PORT -d $database" \
+            <<<"CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+    done
+    say "postgres: pg_stat_statements enabled"
+}
+
 ensure_postgres() {
     if pg_ready; then
         ensure_role_and_database
@@ -189,5 +226,6 @@ ensure_rabbitmq() {
 
 install_missing_packages
 ensure_postgres
+ensure_pg_stat_statements
 ensure_redis
 ensure_rabbitmq

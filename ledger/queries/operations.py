@@ -32,9 +32,10 @@ def select_dead_letters(
     failed_before: datetime | None = None,
     failed_after: datetime | None = None,
     ids: Sequence[int] | None = None,
+    job_id: UUID | None = None,
     limit: int | None = None,
 ) -> sa.Select[Any]:
-    """Dead letters, oldest failure first, filtered by state, step, error type, age or id."""
+    """Dead letters, oldest failure first, filtered by state, step, error type, age, id or job."""
     letter = dead_letters.c
     query = sa.select(dead_letters).order_by(letter.last_failed_at, letter.id)
     if state is not None:
@@ -49,6 +50,8 @@ def select_dead_letters(
         query = query.where(letter.last_failed_at >= failed_after)
     if ids is not None:
         query = query.where(letter.id.in_(list(ids)))
+    if job_id is not None:
+        query = query.where(letter.job_id == job_id)
     return query.limit(limit) if limit is not None else query
 
 
