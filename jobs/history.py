@@ -36,11 +36,17 @@ def history_view(history: JobHistory) -> dict[str, JSON]:
 
 
 def _step_order(history: JobHistory) -> list[str]:
+    planned = list(history.job.step_keys)
     try:
-        return [step.name for step in registry.get(history.job.pipeline).steps]
+        declared = [step.name for step in registry.get(history.job.pipeline).steps]
     except UnknownPipeline:
         # A pipeline this process did not load: the plan's own order is still meaningful.
-        return list(history.job.step_keys)
+        return planned
+    # The job's plan is the truth (the pipeline may have changed since it was created); the
+    # declaration only orders it.
+    return [name for name in declared if name in planned] + [
+        name for name in planned if name not in declared
+    ]
 
 
 def _step_view(

@@ -29,6 +29,8 @@ from jobs.history import history_view
 from jobs.http import ApiError, Intake, IntakeDep, api_error, http_error, require_token
 from jobs.metrics import render_metrics
 from jobs.orders import OrderPlaced, order_job
+from jobs.orders import order_placed as order_pipeline
+from jobs.pipelines import registry
 from jobs.queues import broker_reachable
 from jobs.relay import OutboxRelay
 from jobs.runtime import Runtime, load_pipelines
@@ -53,7 +55,11 @@ def create_app(settings: Settings) -> FastAPI:
     rt = Runtime.from_settings(settings)
     dispatch = CeleryDispatch(settings=settings)
     intake = Intake(
-        settings, rt, DeadLetterStore(engine=rt.engine), OutboxRelay(rt, dispatch), dispatch
+        settings,
+        rt,
+        DeadLetterStore(engine=rt.engine),
+        OutboxRelay(rt, dispatch, _first_step),
+        dispatch,
     )
 
     @contextlib.asynccontextmanager
@@ -85,7 +91,7 @@ def _routes() -> APIRouter:
         event = parse_order(body)
         [(job_id, created)] = intake.runtime.store.create_jobs([order_job(event)])
         if created:
-            intake.relay.wake()
+            intake.relay.accepted(order_pipeline.name, job_id)
         return JSONResponse({"job_id": str(job_id)}, status_code=202 if created else 200)
 
     @router.get("/healthz")
@@ -162,6 +168,10 @@ async def _read_body(request: Request) -> bytes:
         if len(body) > MAX_BODY_BYTES:
             raise ApiError(413, "too_large", f"the body is over {MAX_BODY_BYTES} bytes")
     return bytes(body)
+
+
+def _first_step(pipeline: str) -> str:
+    return registry.get(pipeline).steps[0].name
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:

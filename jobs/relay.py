@@ -9,7 +9,11 @@ safely: rows are taken with SKIP LOCKED.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
+import time
+from collections.abc import Callable
+from uuid import UUID
 
 from jobs.runner import Dispatch
 from jobs.runtime import Runtime
@@ -17,24 +21,28 @@ from jobs.sweeper import relay
 
 logger = logging.getLogger(__name__)
 
-#: Seconds between two looks at the outbox when nothing wakes the relay.
+#: Seconds between two looks at the accepted jobs when none arrive.
 _IDLE = 1.0
 #: Seconds to wait after the broker refused a send.
 _BACKOFF = 2.0
 
 
 class OutboxRelay:
-    """Sends outbox jobs in a background thread.
+    """Sends outbox jobs in a background thread: at once the jobs this process accepted, and,
+    every `relay_after` seconds, any job left in the outbox (by a failed send here or
+    elsewhere). Jobs other processes are sending right now are left to them.
 
     Args:
         rt: the process's runtime (its store).
         dispatch: how jobs are sent.
+        first_step: the step each accepted job starts with, by pipeline.
     """
 
-    def __init__(self, rt: Runtime, dispatch: Dispatch) -> None:
+    def __init__(self, rt: Runtime, dispatch: Dispatch, first_step: Callable[[str], str]) -> None:
         self.rt = rt
         self.dispatch = dispatch
-        self._wake = threading.Event()
+        self.first_step = first_step
+        self._accepted: queue.SimpleQueue[tuple[str, UUID]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="outbox-relay", daemon=True)
 
@@ -42,24 +50,53 @@ class OutboxRelay:
         """Start the thread."""
         self._thread.start()
 
-    def wake(self) -> None:
-        """A job was accepted: look at the outbox now."""
-        self._wake.set()
+    def accepted(self, pipeline: str, job_id: UUID) -> None:
+        """A job was accepted here: send it now."""
+        self._accepted.put((pipeline, job_id))
 
     def stop(self) -> None:
         """Stop the thread (it finishes the round under way)."""
         self._stop.set()
-        self._wake.set()
+        self._accepted.put(("", UUID(int=0)))
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
+        next_sweep = time.monotonic()
         while not self._stop.is_set():
-            self._wake.wait(_IDLE)
-            self._wake.clear()
             try:
-                relay(self.rt, self.dispatch, older_than=0.0)
+                self._send_accepted(timeout=_IDLE)
+                if time.monotonic() >= next_sweep:
+                    relay(self.rt, self.dispatch)
+                    next_sweep = time.monotonic() + self.rt.settings.relay_after
             except Exception as exc:  # noqa: BLE001 - the relay must outlive a bad round
                 logger.warning(
                     "outbox relay round failed: %s", exc, extra={"action": "relay_error"}
                 )
                 self._stop.wait(_BACKOFF)
+
+    def _send_accepted(self, *, timeout: float) -> None:
+        """Send what was accepted since the last round (waiting up to `timeout` for it); a
+        job whose send fails stays in the outbox for the periodic round."""
+        batch = []
+        try:
+            batch.append(self._accepted.get(timeout=timeout))
+            while True:
+                batch.append(self._accepted.get_nowait())
+        except queue.Empty:
+            pass
+        sent = []
+        for pipeline, job_id in batch:
+            if not pipeline:
+                continue
+            try:
+                self.dispatch.send(pipeline, self.first_step(pipeline), str(job_id))
+            except Exception as exc:  # noqa: BLE001 - the broker is likely down
+                logger.warning(
+                    "send of %s failed (%s); it waits in the outbox",
+                    job_id,
+                    exc,
+                    extra={"action": "relay_failed", "job_id": str(job_id)},
+                )
+                break
+            sent.append(job_id)
+        self.rt.store.mark_dispatched(sent)

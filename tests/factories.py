@@ -37,7 +37,7 @@ def order(**overrides: object) -> OrderPlaced:
 
 def new_job(
     *,
-    pipeline: str = "toy",
+    pipeline: str = "plain",
     steps: tuple[str, ...] = ("first", "second"),
     context: Mapping[str, JSON] | None = None,
     event_id: str | None = None,

@@ -355,7 +355,6 @@ def test_dlq_commands_refuse_bad_input_in_one_line(
     for args in (
         ["dlq", "replay"],
         ["dlq", "replay", "1", "--all"],
-        ["dlq", "purge", "999"],
         ["dlq", "list", "--older-than", "soon"],
         ["prune", "--older-than", "x"],
         ["cancel", "not-a-job"],
@@ -365,4 +364,8 @@ def test_dlq_commands_refuse_bad_input_in_one_line(
         assert done.returncode == 2, (args, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1, args
         assert "Traceback" not in done.stderr, args
+    # Naming something that does not exist is a failed lookup (1), not malformed input (2).
+    for args in (["dlq", "purge", "999"], ["dlq", "show", "999"], ["dlq", "replay", "999"]):
+        done = system.cli(*args)
+        assert (done.returncode, done.stderr.strip()) == (1, "error: no dead letter 999"), args
     assert httpx.get(f"{system.provider_url}/healthz", timeout=5).status_code == 200

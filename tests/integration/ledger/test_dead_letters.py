@@ -71,7 +71,7 @@ def test_a_dead_letter_is_written_with_the_failure(
     job_id = dead_letter_after_two_failures(store, ledger)
 
     [letter] = letters.list()
-    assert (letter.job_id, letter.pipeline, letter.step) == (job_id, "toy", "second")
+    assert (letter.job_id, letter.pipeline, letter.step) == (job_id, "plain", "second")
     assert (letter.reason, letter.state, letter.attempts) == (
         DeadLetterReason.ATTEMPTS_EXHAUSTED,
         DeadLetterState.OPEN,
@@ -114,7 +114,7 @@ def test_a_replay_reopens_the_job_once(
     first = letters.replay(letter.id, by="ops", allow_unknown=False)
     second = letters.replay(letter.id, by="ops", allow_unknown=False)
 
-    assert first == Reopened(letter.id, job_id, "toy", "second")
+    assert first == Reopened(letter.id, job_id, "plain", "second")
     assert isinstance(second, Refused)
     assert "replayed" in second.reason
     job = store.history(job_id)
@@ -149,7 +149,7 @@ def test_settling_records_the_result_and_moves_the_job_on(
 
     settled = letters.settle(letter.id, by="alice", result={"checked": True}, next_step=None)
 
-    assert settled == Settled(letter.id, job_id, "toy", JobState.SUCCEEDED, None)
+    assert settled == Settled(letter.id, job_id, "plain", JobState.SUCCEEDED, None)
     history = store.history(job_id)
     assert history.job.results["second"] == {"checked": True}
     assert [e.state for e in history.entries] == [StepState.SUCCEEDED, StepState.SUCCEEDED]
