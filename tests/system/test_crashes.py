@@ -58,12 +58,14 @@ def step_view(system: System, job_id: str, step: str) -> dict[str, Any]:
     return views[0]
 
 
+@pytest.mark.parametrize("fast_path", [False, True], ids=["chained", "fast"])
 def test_every_crash_point_of_every_step(
-    broker_url: str, postgres_url: str, system_factory: SystemFactory
+    fast_path: bool, broker_url: str, postgres_url: str, system_factory: SystemFactory
 ) -> None:
-    # Given one order per (step, crash point), enqueued before any worker runs
+    # Given one order per (step, crash point), enqueued before any worker runs, in either mode
+    env = {**CRASH_SETTINGS, "ONCELERY_FAST_PATH": str(fast_path).lower()}
     system = system_factory(
-        database_url=postgres_url, broker_url=broker_url, workers=0, extra_env=CRASH_SETTINGS
+        database_url=postgres_url, broker_url=broker_url, workers=0, extra_env=env
     )
     cells = [(step, point) for step in STEPS for point in CrashPoint]
     prefix = f"matrix-{uuid.uuid4().hex[:6]}-"

@@ -69,14 +69,14 @@ def test_a_declined_card_is_dead_lettered_at_once(
         system.wait_for(lambda: queue_length(broker_url, DEAD_QUEUE) == 1, "the rejected message")
 
 
+@pytest.mark.parametrize("fast_path", [False, True], ids=["chained", "fast"])
 def test_exhausted_retries_dead_letter_and_a_replay_charges_once(
-    postgres_url: str, broker: tuple[str, str], system_factory: SystemFactory
+    fast_path: bool, postgres_url: str, broker: tuple[str, str], system_factory: SystemFactory
 ) -> None:
-    # Given payments that answer 503 to every charge
+    # Given payments that answer 503 to every charge (each step its own message, or not)
     _, broker_url = broker
-    system = system_factory(
-        database_url=postgres_url, broker_url=broker_url, extra_env=FEW_ATTEMPTS
-    )
+    env = {**FEW_ATTEMPTS, "ONCELERY_FAST_PATH": str(fast_path).lower()}
+    system = system_factory(database_url=postgres_url, broker_url=broker_url, extra_env=env)
     system.faults(service="payments", fault_rate=1.0)
     prefix = f"exhaust-{uuid.uuid4().hex[:6]}-"
 

@@ -25,13 +25,18 @@ def system_urls(request: pytest.FixtureRequest) -> tuple[str | None, str | None]
     return request.getfixturevalue("postgres_url"), request.getfixturevalue(f"{request.param}_url")
 
 
+@pytest.mark.parametrize("fast_path", [False, True], ids=["chained", "fast"])
 def test_orders_complete_exactly_once_despite_faults(
-    system_urls: tuple[str | None, str | None], system_factory: SystemFactory
+    fast_path: bool, system_urls: tuple[str | None, str | None], system_factory: SystemFactory
 ) -> None:
-    # Given a sandbox that answers 20 % of calls with a 5xx, and two real workers
+    # Given a sandbox that answers 20 % of calls with a 5xx, and two real workers (each step
+    # its own message, or the fast path)
     database_url, broker_url = system_urls
     system = system_factory(
-        database_url=database_url, broker_url=broker_url, sandbox_options=["--fault-rate", "0.2"]
+        database_url=database_url,
+        broker_url=broker_url,
+        sandbox_options=["--fault-rate", "0.2"],
+        extra_env={"ONCELERY_FAST_PATH": str(fast_path).lower()},
     )
     prefix = f"run-{uuid.uuid4().hex[:8]}-"
     events = [order_event(event_id=f"{prefix}{n}", order_id=f"{prefix}{n}") for n in range(ORDERS)]
