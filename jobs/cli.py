@@ -273,6 +273,59 @@ def chaos(
         raise typer.Exit(1)
 
 
+@cli.command()
+def bench(
+    broker: Annotated[str, typer.Option(help="amqp, redis or all.")] = "all",
+    orders: Annotated[
+        int, typer.Option(min=1, max=1_000_000, help="Orders measured per row and run.")
+    ] = 2000,
+    runs: Annotated[
+        int, typer.Option(min=0, max=100, help="Rounds; 0 only seeds and times the queries.")
+    ] = 3,
+    latency_orders: Annotated[
+        int, typer.Option(min=1, max=100_000, help="Sequential orders for idle latency.")
+    ] = 100,
+    seed_jobs: Annotated[
+        int,
+        typer.Option(
+            min=0, max=100_000_000, help="Seed this many finished jobs, then time the queries."
+        ),
+    ] = 0,
+    amqp_url: Annotated[
+        str, typer.Option(help="RabbitMQ for the bench.")
+    ] = "amqp://guest:guest@127.0.0.1:5672//",
+    redis_url: Annotated[str, typer.Option(help="Redis for the bench.")] = (
+        "redis://127.0.0.1:6379/3"
+    ),
+    as_json: JsonFlag = False,
+) -> None:
+    """Measure bare Celery against oncelery (chained, fast path, fast path + sandbox) in fresh
+    workers, in a database of its own (<DATABASE_URL's name>_bench); needs Postgres."""
+    from jobs.bench import BenchOptions, brokers_for, run_bench
+
+    settings = get_settings()
+    if settings.embedded_database:
+        raise BadInput("DATABASE_URL: the bench needs Postgres (postgresql+psycopg://…)")
+    try:
+        brokers = brokers_for(broker, amqp_url=amqp_url, redis_url=redis_url)
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+    options = BenchOptions(
+        brokers=brokers,
+        orders=orders,
+        runs=runs,
+        latency_orders=latency_orders,
+        seed_jobs=seed_jobs,
+    )
+    report = run_bench(
+        settings, options, lambda line: stderr.print(line, highlight=False, markup=False)
+    )
+    if as_json:
+        print_json(report.as_json())
+    else:
+        report.print(stdout)
+
+
 def _print_demo(figures: dict[str, object]) -> None:
     table = Table("figure", "value", title="oncelery demo (counted at the provider)")
     for name, value in figures.items():

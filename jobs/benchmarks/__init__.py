@@ -3,3 +3,13 @@ null-provider pipeline, the bench database, the measured rows and their figures,
 seeded-history timings of the sweeper's and `status`'s queries."""
 
 from __future__ import annotations
+
+from jobs.errors import JobError
+
+__all__ = ["BenchFailed"]
+
+
+class BenchFailed(JobError):
+    """Raised when a bench cannot be measured: a worker died, orders did not finish in time,
+    some were dead-lettered, another worker consumes the bench's queue, or the bench database
+    cannot be prepared. The message says which, and where the logs are."""

@@ -1,0 +1,72 @@
+"""`oncelery bench`, a smoke run on Redis: every row is measured in real worker processes (and a
+real sandbox), the history is seeded and the queries timed, and the JSON carries every figure.
+The figures themselves are not asserted: this box is shared and small."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from config import child_environment
+from jobs.benchmarks.database import bench_database_url, drop_bench_database
+from jobs.benchmarks.report import FIGURES
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.system
+
+ROWS = ("baseline", "chained", "fast", "sandbox")
+QUERIES = (
+    "JobStore.take_stalled",
+    "JobStore.take_undispatched",
+    "LedgerStats.snapshot",
+    "DeadLetterStore.count_open",
+)
+
+
+def test_a_smoke_bench_reports_every_row_and_figure(
+    postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    # Given a Postgres ledger (the bench works in <its name>_bench) and a Redis
+    env = child_environment(
+        {"DATABASE_URL": postgres_url, "ONCELERY_DATA_DIR": str(tmp_path / "data")}
+    )
+    argv = [sys.executable, "-m", "jobs.cli", "bench", "--broker", "redis"]
+    argv += ["--redis-url", redis_url, "--orders", "100", "--runs", "1"]
+    argv += ["--latency-orders", "10", "--seed-jobs", "2000", "--json"]
+
+    # When a small bench runs
+    try:
+        done = subprocess.run(
+            argv, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=240, check=False
+        )
+    finally:
+        drop_bench_database(bench_database_url(postgres_url))
+
+    # Then it succeeds with one JSON object holding every row, figure, query and target
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    rows = {(row["broker"], row["row"]): row for row in report["rows"]}
+    assert set(rows) == {("redis", name) for name in ROWS}
+    counted = report["environment"]["statements_counted"]
+    for row in rows.values():
+        for figure in FIGURES:
+            value = row[figure]
+            if figure.endswith("_per_order") and figure != "cpu_ms_per_order" and not counted:
+                assert value is None
+            else:
+                assert isinstance(value, int | float), (row["row"], figure, value)
+        assert len(row["runs"]) == 1
+    assert rows[("redis", "baseline")]["ratio"] == 1.0
+    timings = {timing["name"]: timing for timing in report["queries"]["timings"]}
+    assert set(timings) == set(QUERIES)
+    for timing in timings.values():
+        assert isinstance(timing["median_ms"], float)
+        assert timing["statements"], timing["name"]
+        assert all(statement["plan"] for statement in timing["statements"])
+    assert timings["JobStore.take_stalled"]["found"] == "40"
+    assert report["targets"]
+    assert report["environment"]["notes"]
