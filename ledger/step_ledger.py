@@ -106,15 +106,10 @@ class StepLedger:
     ) -> Mapping[str, Any] | None:
         lease = self.lease_seconds
         if self._postgres:
-            statement = queries.claim_step_in_one(
-                job_id,
-                step=step,
-                owner=owner,
-                lease_seconds=lease,
-                takeover_expired=takeover_expired,
-            )
+            statement = queries.claim_template(takeover_expired)
+            values = queries.claim_params(job_id, step, owner, lease)
             with db.single_statement(self.engine) as conn:
-                found = conn.execute(statement).mappings().one_or_none()
+                found = conn.execute(statement, values).mappings().one_or_none()
             return dict(found) if found is not None else None
         with db.transaction(self.engine) as conn:
             job = conn.execute(queries.start_job(job_id, step)).mappings().one_or_none()
@@ -225,22 +220,22 @@ class StepLedger:
                 claim.job_id, next_step, takeover_expired=takeover_expired
             )
         owner = uuid4()
-        finished = queries.finish_entry(
-            claim.key, claim.owner, state=StepState.SUCCEEDED, result=result, error=None
-        )
-        statement = queries.record_and_claim_next_in_one(
-            finished,
-            (claim.job_id, EventKind.SUCCEEDED, duration_ms, result),
-            (claim.step, result),
-            next_step=next_step,
-            owner=owner,
-            lease_seconds=self.lease_seconds,
-            takeover_expired=takeover_expired,
-        )
+        statement = queries.record_and_claim_template(takeover_expired)
+        values = {
+            **queries.record_params(
+                key=claim.key,
+                owner=claim.owner,
+                job_id=claim.job_id,
+                event=(duration_ms, result),
+                job=(JobState.RUNNING, next_step),
+                result=(claim.step, result),
+            ),
+            **queries.claim_params(claim.job_id, next_step, owner, self.lease_seconds),
+        }
 
         def attempt() -> Mapping[str, Any] | None:
             with db.single_statement(self.engine) as conn:
-                found = conn.execute(statement).mappings().one_or_none()
+                found = conn.execute(statement, values).mappings().one_or_none()
             return dict(found) if found is not None else None
 
         row = self._retrying(attempt)
@@ -303,19 +298,31 @@ class StepLedger:
         job: tuple[JobState, str | None, tuple[str, JSON] | None],
     ) -> Recorded:
         entry_state, result, error = entry
-        finished = queries.finish_entry(
-            claim.key, claim.owner, state=entry_state, result=result, error=error
-        )
         kind, duration_ms, detail = event
+        state, current_step, job_result = job
 
         def attempt() -> JobState | None:
             if self._postgres:
-                statement = queries.record_step_in_one(
-                    finished, (claim.job_id, kind, duration_ms, detail), job
+                statement = (
+                    queries.record_success_template(state is JobState.SUCCEEDED)
+                    if kind is EventKind.SUCCEEDED
+                    else queries.record_retry_template()
+                )
+                values = queries.record_params(
+                    key=claim.key,
+                    owner=claim.owner,
+                    job_id=claim.job_id,
+                    event=(duration_ms, detail),
+                    job=(state, current_step),
+                    result=job_result,
+                    error=error,
                 )
                 with db.single_statement(self.engine) as conn:
-                    found = conn.execute(statement).one_or_none()
+                    found = conn.execute(statement, values).one_or_none()
                 return JobState(found.state) if found is not None else None
+            finished = queries.finish_entry(
+                claim.key, claim.owner, state=entry_state, result=result, error=error
+            )
             with db.transaction(self.engine) as conn:
                 if conn.execute(finished).one_or_none() is None:
                     return None
@@ -323,7 +330,6 @@ class StepLedger:
                 conn.execute(
                     queries.append_event_after(after, claim.job_id, kind, duration_ms, detail)
                 )
-                state, current_step, job_result = job
                 advance = queries.advance_job(
                     claim.job_id, after, state=state, current_step=current_step, result=job_result
                 )

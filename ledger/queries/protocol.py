@@ -3,18 +3,26 @@ the append-only history."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
 import sqlalchemy as sa
-from sqlalchemy.sql.expression import ColumnElement, FromClause
+from sqlalchemy.sql.expression import BindParameter, ColumnElement, FromClause
 
 from ledger import db
 from ledger.schema import JSONDocument, jobs, ledger_entries, step_events
 from ledger.types import ACTIVE_JOB_STATES, JSON, EventKind, JobState, StepState
 
 ACTIVE = [str(state) for state in ACTIVE_JOB_STATES]
+
+
+def param(name: str, value: Any, type_: Any = None) -> BindParameter[Any]:
+    """A named parameter with a value. A statement built from named parameters keeps its
+    shape across calls, so the hot path builds it once (the `*_template` functions) and runs
+    it with fresh values: building SQLAlchemy constructs costs more CPU than running them."""
+    return sa.bindparam(f"p_{name}", value, type_=type_)
 
 
 def json_value(value: JSON) -> ColumnElement[Any]:
@@ -88,7 +96,7 @@ def start_job(job_id: UUID, step: str) -> sa.Update:
     """Mark a job that may still run as running; returns what its step needs."""
     return (
         sa.update(jobs)
-        .where(jobs.c.id == job_id, jobs.c.state.in_(ACTIVE))
+        .where(jobs.c.id == param("job_id", job_id, sa.Uuid()), jobs.c.state.in_(ACTIVE))
         .values(
             state=str(JobState.RUNNING),
             updated_at=db.utcnow(),
@@ -100,7 +108,9 @@ def start_job(job_id: UUID, step: str) -> sa.Update:
             jobs.c.results,
             jobs.c.fingerprint,
             jobs.c.current_step,
-            jobs.c.step_keys[step].as_string().label("key"),
+            jobs.c.step_keys[param("step_key", step, sa.JSON.JSONStrIndexType())]
+            .as_string()
+            .label("key"),
         )
     )
 
@@ -119,23 +129,29 @@ def advance_job(
     result is still recorded (in its entry and the job's results, so it is reported), but the
     job does not move.
     """
+    active = jobs.c.state.in_(ACTIVE)
     values: dict[str, Any] = {
-        "state": sa.case((jobs.c.state.in_(ACTIVE), str(state)), else_=jobs.c.state),
+        "state": sa.case((active, param("job_state", str(state), sa.String())), else_=jobs.c.state),
         "current_step": sa.case(
-            (jobs.c.state.in_(ACTIVE), current_step), else_=jobs.c.current_step
+            (active, param("current_step", current_step, sa.String())), else_=jobs.c.current_step
         ),
         "updated_at": db.utcnow(),
     }
     if state not in ACTIVE_JOB_STATES:
-        values["finished_at"] = sa.case(
-            (jobs.c.state.in_(ACTIVE), db.utcnow()), else_=jobs.c.finished_at
-        )
+        values["finished_at"] = sa.case((active, db.utcnow()), else_=jobs.c.finished_at)
     if result is not None:
         step, value = result
-        values["results"] = db.json_set_key(jobs.c.results, sa.literal(step), json_value(value))
+        values["results"] = db.json_set_key(
+            jobs.c.results,
+            param("result_step", step, sa.String()),
+            param("result", value, JSONDocument),
+        )
     return (
         sa.update(jobs)
-        .where(jobs.c.id == job_id, sa.exists(sa.select(sa.literal(1)).select_from(after)))
+        .where(
+            jobs.c.id == param("job_id", job_id, sa.Uuid()),
+            sa.exists(sa.select(sa.literal(1)).select_from(after)),
+        )
         .values(values)
         .returning(jobs.c.state)
     )
@@ -204,10 +220,10 @@ def claim_step(
         "updated_at",
     ]
     source = source.add_columns(
-        sa.literal(step),
+        param("step", step, sa.String()),
         sa.literal(str(StepState.STARTED)),
-        sa.literal(owner, sa.Uuid()),
-        db.utcnow_plus(db.seconds(lease_seconds)),
+        param("owner", owner, sa.Uuid()),
+        db.utcnow_plus(param("lease", lease_seconds, sa.Float())),
         sa.literal(1),
         db.utcnow(),
         db.utcnow(),
@@ -301,11 +317,15 @@ def finish_entry(
     failed = state is not StepState.SUCCEEDED
     return (
         sa.update(ledger_entries)
-        .where(entry.key == key, entry.owner == owner, entry.state == str(StepState.STARTED))
+        .where(
+            entry.key == param("record_key", key, sa.String()),
+            entry.owner == param("record_owner", owner, sa.Uuid()),
+            entry.state == str(StepState.STARTED),
+        )
         .values(
             state=str(state),
-            result=json_value(result) if result is not None else sa.null(),
-            error=json_value(error) if error is not None else sa.null(),
+            result=param("result", result, JSONDocument) if result is not None else sa.null(),
+            error=param("error", error, JSONDocument) if error is not None else sa.null(),
             locked_until=None,
             finished_at=db.utcnow(),
             updated_at=db.utcnow(),
@@ -379,14 +399,14 @@ def append_event_after(
 ) -> sa.Insert:
     """Append a history event for the entry `after` yields (nothing if it yields no row)."""
     source = sa.select(
-        sa.literal(job_id, sa.Uuid()),
+        param("job_id", job_id, sa.Uuid()),
         after.c.step,
         after.c.key,
         after.c.attempts,
         sa.literal(str(kind)),
         db.utcnow(),
-        sa.literal(duration_ms, sa.Float()),
-        json_value(detail),
+        param("duration_ms", duration_ms, sa.Float()),
+        param("detail", detail, JSONDocument),
     ).select_from(after)
     columns = ["job_id", "step", "key", "attempt", "kind", "at", "duration_ms", "detail"]
     return sa.insert(step_events).from_select(columns, source).returning(step_events.c.id)
@@ -495,13 +515,17 @@ def record_and_claim_next_in_one(
     job = (
         sa.update(jobs)
         .where(
-            jobs.c.id == job_id,
+            jobs.c.id == param("job_id", job_id, sa.Uuid()),
             jobs.c.state.in_(ACTIVE),
             sa.exists(sa.select(sa.literal(1)).select_from(finished_cte)),
         )
         .values(
-            results=db.json_set_key(jobs.c.results, sa.literal(step), json_value(value)),
-            current_step=next_step,
+            results=db.json_set_key(
+                jobs.c.results,
+                param("result_step", step, sa.String()),
+                param("result", value, JSONDocument),
+            ),
+            current_step=param("step", next_step, sa.String()),
             state=str(JobState.RUNNING),
             updated_at=db.utcnow(),
         )
@@ -512,7 +536,9 @@ def record_and_claim_next_in_one(
             jobs.c.results,
             jobs.c.fingerprint,
             jobs.c.current_step,
-            jobs.c.step_keys[next_step].as_string().label("key"),
+            jobs.c.step_keys[param("step_key", next_step, sa.JSON.JSONStrIndexType())]
+            .as_string()
+            .label("key"),
         )
         .cte("job")
     )
@@ -544,3 +570,95 @@ def record_and_claim_next_in_one(
         )
         .add_cte(event_cte)
     )
+
+
+# --- the hot path's statements, built once per shape ---------------------------------------
+
+#: A placeholder for the parameters a template is built with (each run passes real ones).
+_ANY = UUID(int=0)
+
+
+@functools.cache
+def claim_template(takeover_expired: bool) -> sa.Select[Any]:
+    """`claim_step_in_one`, built once; run it with `claim_params`."""
+    return claim_step_in_one(
+        _ANY, step="", owner=_ANY, lease_seconds=0.0, takeover_expired=takeover_expired
+    )
+
+
+def claim_params(job_id: UUID, step: str, owner: UUID, lease_seconds: float) -> dict[str, Any]:
+    """The parameters of `claim_template`."""
+    return {
+        "p_job_id": job_id,
+        "p_step": step,
+        "p_step_key": step,
+        "p_owner": owner,
+        "p_lease": lease_seconds,
+    }
+
+
+@functools.cache
+def record_success_template(last: bool) -> sa.Select[Any]:
+    """`record_step_in_one` for a success (of the last step, or not), built once; run it with
+    `record_params`."""
+    finished = finish_entry("", _ANY, state=StepState.SUCCEEDED, result={}, error=None)
+    state = JobState.SUCCEEDED if last else JobState.RUNNING
+    return record_step_in_one(
+        finished, (_ANY, EventKind.SUCCEEDED, 0.0, {}), (state, None if last else "", ("", {}))
+    )
+
+
+@functools.cache
+def record_retry_template() -> sa.Select[Any]:
+    """`record_step_in_one` for a failed attempt to be retried, built once; run it with
+    `record_params`."""
+    finished = finish_entry("", _ANY, state=StepState.FAILED, result=None, error={})
+    return record_step_in_one(
+        finished, (_ANY, EventKind.FAILED, 0.0, {}), (JobState.RUNNING, "", None)
+    )
+
+
+@functools.cache
+def record_and_claim_template(takeover_expired: bool) -> sa.Select[Any]:
+    """`record_and_claim_next_in_one`, built once; run it with `record_params` and
+    `claim_params` merged."""
+    finished = finish_entry("", _ANY, state=StepState.SUCCEEDED, result={}, error=None)
+    return record_and_claim_next_in_one(
+        finished,
+        (_ANY, EventKind.SUCCEEDED, 0.0, {}),
+        ("", {}),
+        next_step="",
+        owner=_ANY,
+        lease_seconds=0.0,
+        takeover_expired=takeover_expired,
+    )
+
+
+def record_params(
+    *,
+    key: str,
+    owner: UUID,
+    job_id: UUID,
+    event: tuple[float | None, JSON],
+    job: tuple[JobState, str | None],
+    result: tuple[str, JSON] | None = None,
+    error: JSON = None,
+) -> dict[str, Any]:
+    """The parameters of the record templates: the key and its owner, the event's duration
+    and detail, the job's new state and step, the step's result or error."""
+    duration_ms, detail = event
+    state, current_step = job
+    values: dict[str, Any] = {
+        "p_record_key": key,
+        "p_record_owner": owner,
+        "p_job_id": job_id,
+        "p_duration_ms": duration_ms,
+        "p_detail": detail,
+        "p_job_state": str(state),
+        "p_current_step": current_step,
+    }
+    if result is not None:
+        values["p_result_step"], values["p_result"] = result
+    if error is not None:
+        values["p_error"] = error
+    return values
