@@ -1,9 +1,10 @@
 """Turning order-placed events into jobs: parse and validate every event first, then write the
 job rows, then publish their first steps.
 
-The job row is committed before anything is sent, and stays in the outbox (`dispatched_at` is
-NULL) until the send succeeds: if it fails, the relay sends it later; if the message is lost
-after, the sweeper does. The broker never holds the only copy.
+The job row is committed before anything is sent: the broker never holds the only copy. A
+send that fails puts the job in the outbox (`dispatched_at` NULL), which the relay sends later;
+a message lost after it was sent, or a crash between the commit and the send, is the
+sweeper's to find.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def start_jobs(
 ) -> list[Enqueued]:
     """Create the jobs (deduplicated by event id), then publish the first step of each new one."""
     answer: list[Enqueued] = []
-    # In slices, so a job leaves the outbox moments after it was sent, not after the batch.
+    # In slices, so a send that failed goes back to the outbox moments later, not after the batch.
     for start in range(0, len(new_jobs), _SLICE):
         answer.extend(_start_slice(store, dispatch, pipeline, new_jobs[start : start + _SLICE]))
     return answer
@@ -106,15 +107,15 @@ def _start_slice(
 ) -> list[Enqueued]:
     first = pipeline.steps[0].name
     answer = []
-    dispatched = []
-    for job_id, is_new in store.create_jobs(new_jobs):
+    unsent = []
+    for job_id, is_new in store.create_jobs(new_jobs, dispatched=True):
         sent = True
         if is_new:
             try:
                 dispatch.send(pipeline.name, first, str(job_id))
-                dispatched.append(job_id)
             except Exception as exc:  # noqa: BLE001 - the job is stored; the relay sends it
                 sent = False
+                unsent.append(job_id)
                 logger.warning(
                     "job %s stored but not sent (%s); the relay will send it",
                     job_id,
@@ -122,7 +123,9 @@ def _start_slice(
                     extra={"action": "send_failed", "job_id": str(job_id), "step": first},
                 )
         answer.append(Enqueued(str(job_id), is_new, sent))
-    store.mark_dispatched(dispatched)
+    # Created as dispatched, to spare a statement per job; those whose send failed go back to
+    # the outbox (a crash before this point leaves them to the sweeper instead).
+    store.undo_dispatched(unsent)
     return answer
 
 

@@ -50,8 +50,16 @@ class JobStore:
     def __init__(self, *, engine: Engine) -> None:
         self.engine = engine
 
-    def create_jobs(self, new_jobs: Sequence[NewJob]) -> list[tuple[UUID, bool]]:
+    def create_jobs(
+        self, new_jobs: Sequence[NewJob], *, dispatched: bool = False
+    ) -> list[tuple[UUID, bool]]:
         """Create jobs, one per event; an event seen before keeps its first job.
+
+        Args:
+            new_jobs: the jobs' plans.
+            dispatched: whether the caller sends each new job's first step right away (then
+                it calls `undo_dispatched` for a send that fails; if it dies before sending,
+                the sweeper finds the job). False leaves the jobs in the outbox for a relay.
 
         Returns:
             For each new job in order, its id and whether it was created now (False when the
@@ -60,9 +68,8 @@ class JobStore:
         ids: dict[tuple[str, str], tuple[UUID, bool]] = {}
         for start in range(0, len(new_jobs), _INSERT_BATCH):
             batch = new_jobs[start : start + _INSERT_BATCH]
-            ids.update(
-                self._create_batch([j for j in batch if (j.pipeline, j.event_id) not in ids])
-            )
+            fresh = [j for j in batch if (j.pipeline, j.event_id) not in ids]
+            ids.update(self._create_batch(fresh, dispatched=dispatched))
         seen: set[tuple[str, str]] = set()
         answer = []
         for job in new_jobs:
@@ -72,20 +79,24 @@ class JobStore:
             seen.add(identity)
         return answer
 
-    def _create_batch(self, batch: Sequence[NewJob]) -> dict[tuple[str, str], tuple[UUID, bool]]:
+    def _create_batch(
+        self, batch: Sequence[NewJob], *, dispatched: bool
+    ) -> dict[tuple[str, str], tuple[UUID, bool]]:
         unique = {(job.pipeline, job.event_id): job for job in batch}
         if not unique:
             return {}
-        rows = [_job_row(job) for job in unique.values()]
+        rows = [_job_row(job, dispatched=dispatched) for job in unique.values()]
         found: dict[tuple[str, str], tuple[UUID, bool]] = {}
-        with db.transaction(self.engine) as conn:
+        # One statement (autocommit on Postgres): a job row stands on its own.
+        with db.single_statement(self.engine) as conn:
             for row in conn.execute(queries.insert_jobs(conn.dialect.name, rows)):
                 found[(row.pipeline, row.event_id)] = (row.id, True)
-            missing: dict[str, list[str]] = {}
-            for pipeline, event_id in unique:
-                if (pipeline, event_id) not in found:
-                    missing.setdefault(pipeline, []).append(event_id)
-            for pipeline, event_ids in missing.items():
+        missing: dict[str, list[str]] = {}
+        for pipeline, event_id in unique:
+            if (pipeline, event_id) not in found:
+                missing.setdefault(pipeline, []).append(event_id)
+        for pipeline, event_ids in missing.items():
+            with db.single_statement(self.engine) as conn:
                 for row in conn.execute(queries.select_job_ids(pipeline, event_ids)):
                     found[(pipeline, row.event_id)] = (row.id, False)
         return found
@@ -255,7 +266,7 @@ class JobStore:
             return int(conn.execute(queries.count_events(kind, job_ids)).scalar_one())
 
 
-def _job_row(job: NewJob) -> dict[str, Any]:
+def _job_row(job: NewJob, *, dispatched: bool) -> dict[str, Any]:
     now = db.utcnow()
     return {
         "id": uuid4(),
@@ -271,7 +282,7 @@ def _job_row(job: NewJob) -> dict[str, Any]:
         "updated_at": now,
         "finished_at": None,
         "started_at": None,
-        "dispatched_at": None,
+        "dispatched_at": now if dispatched else None,
     }
 
 
