@@ -22,6 +22,7 @@ def status_view(stats: LedgerStats, app: Celery, *, window: float) -> dict[str, 
             else None
         ),
         "dead_letters_open": snapshot.open_dead_letters,
+        "succeeded_estimated": snapshot.succeeded_estimated,
         "window_seconds": window,
         "steps": {
             timing.step: {

@@ -131,3 +131,32 @@ def schedule_to_start_buckets(bounds: Sequence[float], window: float) -> sa.Sele
         jobs.c.started_at.is_not(None),
         jobs.c.started_at >= db.utcnow_plus(db.seconds(-window)),
     )
+
+
+#: The states counted exactly in `status`; succeeded jobs, the bulk, are counted only when few.
+UNFINISHED_OR_STOPPED = (
+    JobState.PENDING,
+    JobState.RUNNING,
+    JobState.DEAD_LETTERED,
+    JobState.CANCELLED,
+)
+
+
+def count_jobs_except_succeeded() -> sa.Select[Any]:
+    """How many jobs are in each state but succeeded (a range scan of the state index)."""
+    return (
+        sa.select(jobs.c.state, sa.func.count().label("jobs"))
+        .where(jobs.c.state.in_([str(s) for s in UNFINISHED_OR_STOPPED]))
+        .group_by(jobs.c.state)
+    )
+
+
+def count_succeeded_jobs(limit: int) -> sa.Select[Any]:
+    """Succeeded jobs, counted up to `limit` (past it, the caller estimates)."""
+    capped = sa.select(sa.literal(1)).where(jobs.c.state == str(JobState.SUCCEEDED)).limit(limit)
+    return sa.select(sa.func.count()).select_from(capped.subquery())
+
+
+def estimated_job_rows() -> sa.TextClause:
+    """Postgres: the planner's estimate of the jobs table's rows (kept by autovacuum)."""
+    return sa.text("SELECT reltuples::bigint FROM pg_class WHERE oid = 'jobs'::regclass")
