@@ -206,15 +206,11 @@ class JobStore:
                 JobToSend(row.id, row.pipeline, row.current_step, JobState(row.state))
                 for row in conn.execute(statement)
             ]
-            for job in taken:
-                conn.execute(
-                    queries.append_event(
-                        job.job_id,
-                        job.step or "-",
-                        EventKind.REDRIVEN,
-                        detail={"stalled_after": stalled_after},
-                    )
-                )
+            if taken:
+                # One statement for the batch's history, not one per job.
+                detail: JSON = {"stalled_after": stalled_after}
+                events = [(job.job_id, job.step or "-") for job in taken]
+                conn.execute(queries.append_events(events, EventKind.REDRIVEN, detail))
         return taken
 
     def mark_dispatched(self, job_ids: Sequence[UUID]) -> None:

@@ -435,6 +435,26 @@ def append_event(
     )
 
 
+def append_events(
+    jobs_and_steps: Sequence[tuple[UUID, str]], kind: EventKind, detail: JSON
+) -> sa.Insert:
+    """Append the same event to several jobs' histories at once."""
+    rows = [
+        {
+            "job_id": job_id,
+            "step": step,
+            "key": None,
+            "attempt": None,
+            "kind": str(kind),
+            "at": db.utcnow(),
+            "duration_ms": None,
+            "detail": detail,
+        }
+        for job_id, step in jobs_and_steps
+    ]
+    return sa.insert(step_events).values(rows)
+
+
 def select_events(job_id: UUID) -> sa.Select[Any]:
     """A job's history, oldest first."""
     return sa.select(step_events).where(step_events.c.job_id == job_id).order_by(step_events.c.id)
