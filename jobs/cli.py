@@ -10,11 +10,10 @@ from typing import Annotated, NoReturn
 
 import typer
 from kombu.exceptions import OperationalError as KombuOperationalError
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
 from config import ConfigError, get_settings
-from jobs import operator_commands
+from jobs import operator_commands, run_commands
 from jobs.cli_support import (
     BadInput,
     JsonFlag,
@@ -156,185 +155,6 @@ def audit(
 
 
 @cli.command()
-def demo(
-    orders: Annotated[int, typer.Option(min=1, max=1_000_000, help="How many orders.")] = 200,
-    fault_rate: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Share of provider calls answered 5xx.")
-    ] = 0.0,
-    timeout_rate: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Share that hang past the timeout.")
-    ] = 0.0,
-    lost_reply_rate: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Share applied whose reply is lost.")
-    ] = 0.0,
-    latency_ms: Annotated[int, typer.Option(min=0, help="Added provider latency.")] = 0,
-    declined_rate: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Share of customers whose card is declined.")
-    ] = 0.0,
-    workers: Annotated[int, typer.Option(min=1, max=16, help="Worker processes.")] = 2,
-    concurrency: Annotated[int, typer.Option(min=1, max=64, help="Pool size per worker.")] = 2,
-    timeout: Annotated[
-        float, typer.Option(min=1.0, help="Give up waiting after this many seconds.")
-    ] = 600.0,
-    as_json: JsonFlag = False,
-) -> None:
-    """Start the sandbox and workers, run N generated orders, and report what the provider saw."""
-    from jobs.demo import DemoOptions, run_demo
-
-    if fault_rate + timeout_rate + lost_reply_rate > 1:
-        raise BadInput("--fault-rate, --timeout-rate and --lost-reply-rate add up to more than 1")
-    options = DemoOptions(
-        orders=orders,
-        fault_rate=fault_rate,
-        timeout_rate=timeout_rate,
-        lost_reply_rate=lost_reply_rate,
-        latency_ms=latency_ms,
-        declined_rate=declined_rate,
-        workers=workers,
-        concurrency=concurrency,
-        timeout=timeout,
-    )
-    settings = get_settings()
-    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=stderr, transient=as_json) as bar:
-        task = bar.add_task("orders finished", total=orders)
-        report = run_demo(
-            settings, options, lambda done, total: bar.update(task, completed=done, total=total)
-        )
-    if as_json:
-        print_json(report.as_json())
-    else:
-        _print_demo(report.as_json())
-    if report.stuck or not report.audit_clean:
-        raise typer.Exit(1)
-
-
-@cli.command()
-def chaos(
-    orders: Annotated[int, typer.Option(min=1, max=1_000_000, help="How many orders.")] = 500,
-    kill_every: Annotated[
-        float, typer.Option(min=0.1, help="Seconds between two kills (±50 %).")
-    ] = 3.0,
-    broker_restart: Annotated[
-        bool,
-        typer.Option("--broker-restart", help="Restart the broker once, a quarter of the way."),
-    ] = False,
-    db_restart: Annotated[
-        bool, typer.Option("--db-restart", help="Restart Postgres once, half way.")
-    ] = False,
-    workers: Annotated[int, typer.Option(min=1, max=16)] = 2,
-    concurrency: Annotated[int, typer.Option(min=1, max=64)] = 2,
-    fault_rate: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Share of provider calls answered 5xx.")
-    ] = 0.10,
-    timeout_rate: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Share that hang past the timeout.")
-    ] = 0.05,
-    timeout: Annotated[
-        float | None, typer.Option(min=1.0, help="Give up waiting after this many seconds.")
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the kills and the orders.")] = None,
-    as_json: JsonFlag = False,
-) -> None:
-    """Run orders while killing workers and restarting the broker and Postgres; exit 1 if any
-    order was lost, doubled or left stuck."""
-    from jobs.chaos import ChaosOptions, run_chaos
-
-    if fault_rate + timeout_rate > 1:
-        raise BadInput("--fault-rate and --timeout-rate add up to more than 1")
-    options = ChaosOptions(
-        orders=orders,
-        kill_every=kill_every,
-        broker_restart=broker_restart,
-        db_restart=db_restart,
-        workers=workers,
-        concurrency=concurrency,
-        fault_rate=fault_rate,
-        timeout_rate=timeout_rate,
-        timeout=timeout,
-        seed=seed,
-    )
-    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=stderr, transient=as_json) as bar:
-        task = bar.add_task("orders finished", total=orders)
-        report = run_chaos(
-            get_settings(),
-            options,
-            lambda done, total: bar.update(task, completed=done, total=total),
-        )
-    stderr.print(report.summary(), highlight=False)
-    for violation in report.violations[:20]:
-        stderr.print(f"  {violation}", highlight=False)
-    if as_json:
-        print_json(report.as_json())
-    else:
-        _print_demo(report.as_json())
-    if not report.ok:
-        raise typer.Exit(1)
-
-
-@cli.command()
-def bench(
-    broker: Annotated[str, typer.Option(help="amqp, redis or all.")] = "all",
-    orders: Annotated[
-        int, typer.Option(min=1, max=1_000_000, help="Orders measured per row and run.")
-    ] = 2000,
-    runs: Annotated[
-        int, typer.Option(min=0, max=100, help="Rounds; 0 only seeds and times the queries.")
-    ] = 3,
-    latency_orders: Annotated[
-        int, typer.Option(min=1, max=100_000, help="Sequential orders for idle latency.")
-    ] = 100,
-    seed_jobs: Annotated[
-        int,
-        typer.Option(
-            min=0, max=100_000_000, help="Seed this many finished jobs, then time the queries."
-        ),
-    ] = 0,
-    amqp_url: Annotated[
-        str, typer.Option(help="RabbitMQ for the bench.")
-    ] = "amqp://guest:guest@127.0.0.1:5672//",
-    redis_url: Annotated[str, typer.Option(help="Redis for the bench.")] = (
-        "redis://127.0.0.1:6379/3"
-    ),
-    as_json: JsonFlag = False,
-) -> None:
-    """Measure bare Celery against oncelery (chained, fast path, fast path + sandbox) in fresh
-    workers, in a database of its own (<DATABASE_URL's name>_bench); needs Postgres."""
-    from jobs.bench import BenchOptions, brokers_for, run_bench
-
-    settings = get_settings()
-    if settings.embedded_database:
-        raise BadInput("DATABASE_URL: the bench needs Postgres (postgresql+psycopg://…)")
-    try:
-        brokers = brokers_for(broker, amqp_url=amqp_url, redis_url=redis_url)
-    except ValueError as exc:
-        raise BadInput(str(exc)) from None
-    options = BenchOptions(
-        brokers=brokers,
-        orders=orders,
-        runs=runs,
-        latency_orders=latency_orders,
-        seed_jobs=seed_jobs,
-    )
-    report = run_bench(
-        settings, options, lambda line: stderr.print(line, highlight=False, markup=False)
-    )
-    if as_json:
-        print_json(report.as_json())
-    else:
-        report.print(stdout)
-
-
-def _print_demo(figures: dict[str, object]) -> None:
-    table = Table("figure", "value", title="oncelery demo (counted at the provider)")
-    for name, value in figures.items():
-        if name not in ("drift", "violations"):
-            table.add_row(name, str(value))
-    stdout.print(table)
-
-
-@cli.command()
 def api(
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     host: str = "127.0.0.1",
@@ -383,52 +203,8 @@ def status(
             time.sleep(2.0)
 
 
-@cli.command()
-def sandbox(
-    port: Annotated[int, typer.Option(min=1, max=65535)] = 8765,
-    host: str = "127.0.0.1",
-    db: Annotated[
-        Path | None, typer.Option(help="Its SQLite file (default: in the data folder).")
-    ] = None,
-    fault_rate: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.0,
-    timeout_rate: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.0,
-    lost_reply_rate: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.0,
-    latency_ms: Annotated[int, typer.Option(min=0)] = 0,
-    hang_seconds: Annotated[
-        float, typer.Option(min=0.0, help="How long a timeout or lost reply hangs.")
-    ] = 30.0,
-    no_idempotency: Annotated[
-        bool, typer.Option("--no-idempotency", help="Ignore Idempotency-Key.")
-    ] = False,
-) -> None:
-    """Run the sandbox provider: customers, prices, payments and notifications over HTTP."""
-    from pydantic import ValidationError
-
-    from jobs.sandbox import Faults, serve
-
-    try:
-        faults = Faults(
-            fault_rate=fault_rate,
-            timeout_rate=timeout_rate,
-            lost_reply_rate=lost_reply_rate,
-            latency_ms=latency_ms,
-        )
-    except ValidationError as exc:
-        raise BadInput(f"faults: {exc.errors()[0]['msg']}") from None
-    path = db if db is not None else get_settings().data_dir / "sandbox.sqlite3"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stderr.print(f"sandbox provider on http://{host}:{port} (effects in {path})")
-    serve(
-        host=host,
-        port=port,
-        db_path=path,
-        faults=faults,
-        honour_keys=not no_idempotency,
-        hang_seconds=hang_seconds,
-    )
-
-
 operator_commands.register(cli)
+run_commands.register(cli)
 
 
 def _fail(code: int, message: str) -> NoReturn:
