@@ -281,6 +281,8 @@ def _go_on(
     takeover = following.delivery is Delivery.EXACTLY_ONCE
 
     def record_and_claim() -> ClaimOutcome:
+        # The next step's claim rides on this step's record, so "before its claim" is here.
+        rt.crash(CrashPoint.BEFORE_CLAIM, following.name, str(claim.job_id))
         try:
             recorded, outcome = rt.ledger.record_and_claim_next(
                 claim,
