@@ -4,19 +4,26 @@ kombu's own `_put` creates the message file and then writes into it, so a consum
 the folder can pick up the empty file and crash on it (celery/kombu#1551; we saw workers die
 with `JSONDecodeError`). Writing under a name no queue matches, then renaming, closes that
 window: a rename within one folder is atomic on POSIX.
+
+The exchange's binding table has the same window: `_queue_bind` creates the table file and
+then writes it, so a producer publishing while a worker starts read it empty, failed with
+`JSONDecodeError`, and left its job to the outbox (seen once in CI). Bindings are written the
+same way here, under a lock file of their own so two binders do not lose each other's entry.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import uuid
+from pathlib import Path
 from time import monotonic
 from typing import Any
 
 from kombu.exceptions import ChannelError
 from kombu.transport import filesystem
-from kombu.utils.encoding import str_to_bytes
-from kombu.utils.json import dumps
+from kombu.utils.encoding import bytes_to_str, str_to_bytes
+from kombu.utils.json import dumps, loads
 
 
 class Channel(filesystem.Channel):
@@ -34,6 +41,37 @@ class Channel(filesystem.Channel):
             os.replace(partial, final)
         except OSError as exc:
             raise ChannelError(f"cannot add {final!r} to the queue folder") from exc
+
+    def _queue_bind(
+        self, exchange: str, routing_key: str | None, pattern: str | None, queue: str | None
+    ) -> None:
+        # The file kombu's `get_table` reads, name checked by kombu (kombu-stubs omit it).
+        table_file = Path(self._exchange_file(exchange))  # type: ignore[attr-defined]
+        self.control_folder.mkdir(exist_ok=True)
+        binding = filesystem.exchange_queue_t(routing_key or "", pattern or "", queue or "")
+        try:
+            with open(f"{table_file}.lock", "wb") as guard:
+                fcntl.flock(guard, fcntl.LOCK_EX)
+                try:
+                    bindings = self._read_table(table_file)
+                    if binding in bindings:
+                        return
+                    bindings.insert(0, binding)
+                    partial = table_file.with_name(f".{table_file.name}.{uuid.uuid4()}.partial")
+                    partial.write_bytes(str_to_bytes(dumps(bindings)))
+                    os.replace(partial, table_file)
+                finally:
+                    fcntl.flock(guard, fcntl.LOCK_UN)
+        except OSError as exc:
+            raise ChannelError(f"cannot bind {queue!r} in {table_file}") from exc
+
+    @staticmethod
+    def _read_table(table_file: Path) -> list[Any]:
+        try:
+            text = bytes_to_str(table_file.read_bytes())
+        except FileNotFoundError:
+            return []
+        return [filesystem.exchange_queue_t(*entry) for entry in loads(text)]
 
 
 class Transport(filesystem.Transport):
