@@ -25,6 +25,7 @@ from config import (
 )
 from jobs.errors import UnknownPipeline
 from jobs.pipelines import Pipeline, registry
+from jobs.queues import queued_steps
 from jobs.runner import Outcome, run_step
 from jobs.runtime import Runtime, load_pipelines
 from jobs.sweeper import SweepReport, sweep
@@ -205,5 +206,10 @@ registry.on_add(_bind)
 @app.task(name=SWEEP_TASK, acks_late=False, ignore_result=True)
 def sweep_task() -> dict[str, int]:
     """Beat's sweep: re-drive stalled jobs (see `jobs.sweeper`)."""
-    report: SweepReport = sweep(runtime(), CeleryDispatch())
-    return {"redriven": report.redriven, "skipped": report.skipped, "relayed": report.relayed}
+    report: SweepReport = sweep(runtime(), CeleryDispatch(), queued=lambda: queued_steps(app))
+    return {
+        "redriven": report.redriven,
+        "skipped": report.skipped,
+        "relayed": report.relayed,
+        "backlog_wait": round(report.backlog_wait),
+    }

@@ -25,6 +25,7 @@ from jobs.cli_support import (
     who,
 )
 from jobs.deadletter import DeadLetterDesk, ReplayResult, letter_view
+from jobs.queues import queued_steps
 from jobs.runtime import load_pipelines
 from jobs.sweeper import sweep as run_sweep
 from ledger import (
@@ -346,7 +347,13 @@ def sweep(
 ) -> None:
     """Send again the step of every unfinished job that made no progress (what beat runs)."""
     load_pipelines(get_settings())
-    report = run_sweep(runtime(), CeleryDispatch(), stalled_after=stalled_after)
+    dispatch = CeleryDispatch()
+    report = run_sweep(
+        runtime(),
+        dispatch,
+        stalled_after=stalled_after,
+        queued=lambda: queued_steps(dispatch.sender),
+    )
     if as_json:
         print_json(
             {
@@ -354,12 +361,18 @@ def sweep(
                 "skipped": report.skipped,
                 "job_ids": report.job_ids,
                 "relayed": report.relayed,
+                "backlog_wait": round(report.backlog_wait, 1),
             }
         )
     else:
+        backlog = (
+            f" (waited {report.backlog_wait:.0f}s more for the queued messages)"
+            if report.backlog_wait
+            else ""
+        )
         stdout.print(
-            f"re-drove {report.redriven} stalled job(s), relayed {report.relayed} from the "
-            f"outbox; skipped {report.skipped}"
+            f"re-drove {report.redriven} stalled job(s){backlog}, relayed {report.relayed} "
+            f"from the outbox; skipped {report.skipped}"
         )
 
 

@@ -33,6 +33,13 @@ def queue_depths(app: Celery) -> dict[str, int | None]:
     return depths
 
 
+def queued_steps(app: Celery) -> int | None:
+    """Step messages waiting for a worker (main and retry queues), None when unknown."""
+    depths = queue_depths(app)
+    main, retry = depths[MAIN_QUEUE], depths[RETRY_QUEUE]
+    return None if main is None or retry is None else main + retry
+
+
 def broker_reachable(app: Celery) -> str:
     """ "ok", or what went wrong connecting to the broker."""
     try:

@@ -1,11 +1,21 @@
 """The sweeper: finds unfinished jobs that made no progress in Postgres and sends their step
 again. The broker is never trusted to redeliver (DESIGN.md, "Failure handling"); duplicates
-this causes are absorbed by the ledger."""
+this causes are absorbed by the ledger.
+
+A job waiting behind a backlog looks exactly like a job whose message was lost. Re-driving it
+cannot make it run sooner (the new message queues behind the same backlog) and, left alone,
+a backlog longer than `stalled_after` would have every waiting job re-driven each sweep,
+growing the backlog that caused it. So a job counts as stalled only after `stalled_after`
+plus the time the queued messages need to drain at the pace workers are going (measured from
+the history): a lost message is still found, once the messages ahead of it are gone.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Final
 from uuid import UUID
 
 from jobs.errors import UnknownPipeline
@@ -17,6 +27,11 @@ logger = logging.getLogger(__name__)
 
 #: Jobs taken per statement; a sweep goes on until a batch comes back short.
 _BATCH = 500
+#: Seconds of history that give the pace at which workers drain the queues.
+PACE_WINDOW: Final = 60.0
+#: The longest a backlog delays the sweep (when workers are gone and nothing drains, a
+#: re-drive would only queue behind the same messages, but a broker's count can be wrong).
+MAX_BACKLOG_WAIT: Final = 3600.0
 
 
 @dataclass(frozen=True)
@@ -28,6 +43,19 @@ class SweepReport:
     job_ids: list[str] = field(default_factory=list)
     #: Jobs sent from the outbox (accepted while the broker was down).
     relayed: int = 0
+    #: Seconds added to `stalled_after` for the messages queued ahead (see the module's text).
+    backlog_wait: float = 0.0
+
+
+def backlog_wait(rt: Runtime, queued: int | None) -> float:
+    """Seconds the `queued` messages need to drain at the pace of the last `PACE_WINDOW`
+    seconds (0 when nothing is queued or the depth is unknown)."""
+    if not queued:
+        return 0.0
+    handled = rt.store.recent_deliveries(window=PACE_WINDOW)
+    if handled == 0:
+        return MAX_BACKLOG_WAIT
+    return min(queued * PACE_WINDOW / handled, MAX_BACKLOG_WAIT)
 
 
 def relay(rt: Runtime, dispatch: Dispatch, *, older_than: float | None = None) -> int:
@@ -69,11 +97,20 @@ def relay(rt: Runtime, dispatch: Dispatch, *, older_than: float | None = None) -
             return sent
 
 
-def sweep(rt: Runtime, dispatch: Dispatch, *, stalled_after: float | None = None) -> SweepReport:
+def sweep(
+    rt: Runtime,
+    dispatch: Dispatch,
+    *,
+    stalled_after: float | None = None,
+    queued: Callable[[], int | None] = lambda: None,
+) -> SweepReport:
     """Send again the current step of every job stalled for `stalled_after` seconds (the
-    settings' value by default). Safe to run in several processes at once."""
-    after = stalled_after if stalled_after is not None else rt.settings.stalled_after
+    settings' value by default) plus the time the `queued()` messages need to drain. Safe to
+    run in several processes at once."""
     relayed = relay(rt, dispatch)
+    waiting = backlog_wait(rt, queued())
+    base = stalled_after if stalled_after is not None else rt.settings.stalled_after
+    after = base + waiting
     redriven: list[str] = []
     skipped = 0
     while True:
@@ -107,7 +144,7 @@ def sweep(rt: Runtime, dispatch: Dispatch, *, stalled_after: float | None = None
                 extra={"action": "redrive", "job_id": str(job.job_id), "step": job.step},
             )
         if len(taken) < _BATCH:
-            return SweepReport(len(redriven), skipped, redriven, relayed)
+            return SweepReport(len(redriven), skipped, redriven, relayed, waiting)
 
 
 def _declared(pipeline: str) -> bool:

@@ -213,6 +213,12 @@ class JobStore:
                 conn.execute(queries.append_events(events, EventKind.REDRIVEN, detail))
         return taken
 
+    def recent_deliveries(self, *, window: float) -> int:
+        """How many step messages workers dealt with in the last `window` seconds: the pace
+        at which the broker's queues drain."""
+        with db.single_statement(self.engine) as conn:
+            return int(conn.execute(queries.count_recent_deliveries(window)).scalar_one())
+
     def mark_dispatched(self, job_ids: Sequence[UUID]) -> None:
         """Note that these jobs' first step reached the broker (they leave the outbox)."""
         if job_ids:

@@ -1,16 +1,44 @@
 """Every statement the ledger runs, each a small function returning a SQLAlchemy Core statement.
 
 Functions here build statements and never execute them; `step_ledger.py`, `store.py`,
-`dead_letters.py` and `stats.py` run them and decide what the rows mean. `protocol` holds the
-step protocol's statements, `operations` those of dead letters, cancellation, the sweeper,
-the outbox and retention, `stats` those of `status` and the metrics.
+`dead_letters.py` and `stats.py` run them and decide what the rows mean. `job_rows` holds the
+jobs table's statements, `protocol` the step protocol's (and `templates` their hot-path forms,
+built once), `history` the step history's, `common` what they share, `operations` those of
+dead letters, cancellation, the sweeper, the outbox and retention, `stats` those of `status`
+and the metrics.
 """
 
 from __future__ import annotations
 
+from ledger.queries.common import (
+    ACTIVE,
+    json_value,
+    param,
+)
+from ledger.queries.history import (
+    append_event,
+    append_event_after,
+    append_events,
+    count_events,
+    select_events,
+)
+from ledger.queries.job_rows import (
+    adopt_result,
+    advance_job,
+    count_jobs_by_state,
+    finish_job,
+    insert_jobs,
+    ping,
+    select_job,
+    select_job_ids,
+    select_jobs,
+    select_jobs_by_event_prefix,
+    start_job,
+)
 from ledger.queries.operations import (
     close_dead_letter,
     count_open_dead_letters,
+    count_recent_deliveries,
     delete_dead_letters,
     delete_finished_jobs,
     give_up_dead_job,
@@ -26,43 +54,26 @@ from ledger.queries.operations import (
     undo_dispatched,
 )
 from ledger.queries.protocol import (
-    ACTIVE,
-    adopt_result,
-    advance_job,
-    append_event,
-    append_event_after,
-    append_events,
-    claim_params,
     claim_source,
     claim_step,
     claim_step_in_one,
-    claim_template,
-    count_events,
-    count_jobs_by_state,
     entry_after_record,
     finish_entry,
-    finish_job,
-    insert_jobs,
-    json_value,
     mark_unknown,
-    param,
-    ping,
     record_and_claim_next_in_one,
-    record_and_claim_template,
-    record_params,
-    record_retry_template,
     record_step_in_one,
-    record_success_template,
     select_entries_for_job,
     select_entries_of_steps,
     select_entry,
     select_entry_for_claim,
-    select_events,
-    select_job,
-    select_job_ids,
-    select_jobs,
-    select_jobs_by_event_prefix,
-    start_job,
+)
+from ledger.queries.templates import (
+    claim_params,
+    claim_template,
+    record_and_claim_template,
+    record_params,
+    record_retry_template,
+    record_success_template,
 )
 
 __all__ = [
@@ -81,6 +92,7 @@ __all__ = [
     "count_events",
     "count_jobs_by_state",
     "count_open_dead_letters",
+    "count_recent_deliveries",
     "delete_dead_letters",
     "delete_finished_jobs",
     "entry_after_record",

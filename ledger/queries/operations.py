@@ -12,9 +12,9 @@ import sqlalchemy as sa
 from sqlalchemy.sql.dml import ReturningDelete
 
 from ledger import db
-from ledger.queries.protocol import ACTIVE, json_value
-from ledger.schema import dead_letters, jobs, ledger_entries
-from ledger.types import JSON, DeadLetterState, JobState, StepState
+from ledger.queries.common import ACTIVE, json_value
+from ledger.schema import dead_letters, jobs, ledger_entries, step_events
+from ledger.types import JSON, DeadLetterState, EventKind, JobState, StepState
 
 # --- dead letters -------------------------------------------------------------------------
 
@@ -191,6 +191,25 @@ def take_stalled_jobs(dialect_name: str, stalled_after: float, limit: int) -> sa
         .where(jobs.c.id.in_(stalled.scalar_subquery()))
         .values(updated_at=db.utcnow())
         .returning(jobs.c.id, jobs.c.pipeline, jobs.c.current_step, jobs.c.state)
+    )
+
+
+#: History kinds that mean a worker took a step's message off the broker and dealt with it.
+DELIVERY_KINDS = (
+    EventKind.SUCCEEDED,
+    EventKind.FAILED,
+    EventKind.DEDUPLICATED,
+    EventKind.DEAD_LETTERED,
+    EventKind.DUPLICATE,
+)
+
+
+def count_recent_deliveries(window: float) -> sa.Select[Any]:
+    """How many step messages workers dealt with in the last `window` seconds (by kind, so
+    the `(kind, at)` index answers it)."""
+    return sa.select(sa.func.count()).where(
+        step_events.c.kind.in_([str(kind) for kind in DELIVERY_KINDS]),
+        step_events.c.at > db.utcnow_plus(db.seconds(-window)),
     )
 
 

@@ -7,14 +7,11 @@ import itertools
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
 
 import pytest
-import sqlalchemy as sa
 
 from jobs.errors import PermanentError, TransientError
 from jobs.pipelines import Delivery, Pipeline, Step, StepContext
-from jobs.retry import RetryPolicy
 from jobs.runner import Outcome, run_step
 from jobs.runtime import Runtime
 from ledger import (
@@ -22,39 +19,14 @@ from ledger import (
     DeadLetterStore,
     EventKind,
     JobState,
-    JobStore,
     Reopened,
-    StepLedger,
     StepState,
 )
 from tests.conftest import settings_for
 from tests.factories import new_job
+from tests.integration.jobs.conftest import RecordingDispatch, RetryRequested
 
 _names = itertools.count()
-
-
-class RetryRequested(Exception):
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
-
-
-@dataclass
-class RecordingDispatch:
-    sent: list[tuple[str, str, str]] = field(default_factory=list)
-
-    def send(
-        self,
-        pipeline: str,
-        step: str,
-        job_id: str,
-        *,
-        resend: bool = False,
-        countdown: float | None = None,
-    ) -> None:
-        self.sent.append((pipeline, step, job_id))
-
-    def retry_later(self, delay: float) -> NoReturn:
-        raise RetryRequested(delay)
 
 
 @dataclass
@@ -85,18 +57,6 @@ def build_pipeline(
             Step("second", second, key="w:{word}:second"),  # type: ignore[arg-type]
         ],
         resources=lambda _settings: behaviour,
-    )
-
-
-@pytest.fixture
-def runtime(engine: sa.Engine, database_url: str, tmp_path: Path) -> Runtime:
-    settings = settings_for(database_url=database_url, broker_url=None, data_dir=tmp_path)
-    return Runtime(
-        settings=settings,
-        engine=engine,
-        ledger=StepLedger(engine=engine, lease_seconds=30),
-        store=JobStore(engine=engine),
-        retry_policy=RetryPolicy(max_attempts=3, backoff_base=0.1, backoff_max=1.0),
     )
 
 

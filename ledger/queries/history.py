@@ -1,0 +1,90 @@
+"""The append-only step history: adding events, alone or inside a protocol statement, and
+reading them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+from uuid import UUID
+
+import sqlalchemy as sa
+from sqlalchemy.sql.expression import FromClause
+
+from ledger import db
+from ledger.queries.common import json_value, param
+from ledger.schema import JSONDocument, step_events
+from ledger.types import JSON, EventKind
+
+
+def append_event_after(
+    after: FromClause, job_id: UUID, kind: EventKind, duration_ms: float | None, detail: JSON
+) -> sa.Insert:
+    """Append a history event for the entry `after` yields (nothing if it yields no row)."""
+    source = sa.select(
+        param("job_id", job_id, sa.Uuid()),
+        after.c.step,
+        after.c.key,
+        after.c.attempts,
+        sa.literal(str(kind)),
+        db.utcnow(),
+        param("duration_ms", duration_ms, sa.Float()),
+        param("detail", detail, JSONDocument),
+    ).select_from(after)
+    columns = ["job_id", "step", "key", "attempt", "kind", "at", "duration_ms", "detail"]
+    return sa.insert(step_events).from_select(columns, source).returning(step_events.c.id)
+
+
+def append_event(
+    job_id: UUID,
+    step: str,
+    kind: EventKind,
+    *,
+    key: str | None = None,
+    attempt: int | None = None,
+    duration_ms: float | None = None,
+    detail: JSON = None,
+) -> sa.Insert:
+    """Append one history event."""
+    return sa.insert(step_events).values(
+        job_id=job_id,
+        step=step,
+        key=key,
+        attempt=attempt,
+        kind=str(kind),
+        at=db.utcnow(),
+        duration_ms=duration_ms,
+        detail=json_value(detail) if detail is not None else sa.null(),
+    )
+
+
+def append_events(
+    jobs_and_steps: Sequence[tuple[UUID, str]], kind: EventKind, detail: JSON
+) -> sa.Insert:
+    """Append the same event to several jobs' histories at once."""
+    rows = [
+        {
+            "job_id": job_id,
+            "step": step,
+            "key": None,
+            "attempt": None,
+            "kind": str(kind),
+            "at": db.utcnow(),
+            "duration_ms": None,
+            "detail": detail,
+        }
+        for job_id, step in jobs_and_steps
+    ]
+    return sa.insert(step_events).values(rows)
+
+
+def select_events(job_id: UUID) -> sa.Select[Any]:
+    """A job's history, oldest first."""
+    return sa.select(step_events).where(step_events.c.job_id == job_id).order_by(step_events.c.id)
+
+
+def count_events(kind: EventKind, job_ids: Sequence[UUID] | None = None) -> sa.Select[Any]:
+    """How many events of a kind were appended, optionally for some jobs only."""
+    query = sa.select(sa.func.count()).where(step_events.c.kind == str(kind))
+    if job_ids is not None:
+        query = query.where(step_events.c.job_id.in_(job_ids))
+    return query
