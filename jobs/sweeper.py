@@ -2,17 +2,22 @@
 again. The broker is never trusted to redeliver (DESIGN.md, "Failure handling"); duplicates
 this causes are absorbed by the ledger.
 
-A job waiting behind a backlog looks exactly like a job whose message was lost. Re-driving it
-cannot make it run sooner (the new message queues behind the same backlog) and, left alone,
-a backlog longer than `stalled_after` would have every waiting job re-driven each sweep,
-growing the backlog that caused it. So a job counts as stalled only after `stalled_after`
-plus the time the queued messages need to drain at the pace workers are going (measured from
-the history): a lost message is still found, once the messages ahead of it are gone.
+A job waiting behind a backlog looks exactly like a job whose message was lost, and
+re-driving it cannot make it run sooner: the new message queues behind the same backlog. Left
+alone, a backlog longer than `stalled_after` had every waiting job re-driven each sweep (a
+10,000-order chaos run re-drove 13,000 jobs in 12 minutes and its queue grew to 19,000
+messages). So the sweeper first asks how long the queued messages need to drain at the pace
+workers went in the last minute (from the history). When that is within `stalled_after`, a
+job is stalled after `stalled_after` plus that time; when it is longer, the queue is
+backlogged and only jobs untouched for `MAX_BACKLOG_WAIT` are re-driven, until it drains.
+A lost message is still found: once the messages ahead of it are gone, or after an hour of
+sustained overload.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
@@ -29,8 +34,8 @@ logger = logging.getLogger(__name__)
 _BATCH = 500
 #: Seconds of history that give the pace at which workers drain the queues.
 PACE_WINDOW: Final = 60.0
-#: The longest a backlog delays the sweep (when workers are gone and nothing drains, a
-#: re-drive would only queue behind the same messages, but a broker's count can be wrong).
+#: How long a job waits to be re-driven while the queues are backlogged (they need longer
+#: than `stalled_after` to drain, or nothing drains at all).
 MAX_BACKLOG_WAIT: Final = 3600.0
 
 
@@ -47,15 +52,15 @@ class SweepReport:
     backlog_wait: float = 0.0
 
 
-def backlog_wait(rt: Runtime, queued: int | None) -> float:
-    """Seconds the `queued` messages need to drain at the pace of the last `PACE_WINDOW`
-    seconds (0 when nothing is queued or the depth is unknown)."""
-    if not queued:
+def backlog_wait(rt: Runtime, queued: int, stalled_after: float) -> float:
+    """Seconds added to `stalled_after` for `queued` waiting messages: the time they need to
+    drain at the pace of the last `PACE_WINDOW` seconds, or `MAX_BACKLOG_WAIT` when that is
+    longer than `stalled_after` itself (see the module's text)."""
+    if queued <= 0:
         return 0.0
     handled = rt.store.recent_deliveries(window=PACE_WINDOW)
-    if handled == 0:
-        return MAX_BACKLOG_WAIT
-    return min(queued * PACE_WINDOW / handled, MAX_BACKLOG_WAIT)
+    drain = queued * PACE_WINDOW / handled if handled else math.inf
+    return drain if drain <= stalled_after else MAX_BACKLOG_WAIT
 
 
 def relay(rt: Runtime, dispatch: Dispatch, *, older_than: float | None = None) -> int:
@@ -102,14 +107,25 @@ def sweep(
     dispatch: Dispatch,
     *,
     stalled_after: float | None = None,
-    queued: Callable[[], int | None] = lambda: None,
+    queued: Callable[[], int | None] = lambda: 0,
 ) -> SweepReport:
     """Send again the current step of every job stalled for `stalled_after` seconds (the
     settings' value by default) plus the time the `queued()` messages need to drain. Safe to
-    run in several processes at once."""
+    run in several processes at once.
+
+    When the broker cannot say how much is queued, nothing is re-driven this round: it is
+    most likely down or restarting (every transport we use answers otherwise), and a
+    re-drive judged without the backlog would resend every waiting job."""
     relayed = relay(rt, dispatch)
-    waiting = backlog_wait(rt, queued())
+    depth = queued()
+    if depth is None:
+        logger.warning(
+            "queue depth unknown (broker unreachable?): no re-drive this round",
+            extra={"action": "sweep_deferred"},
+        )
+        return SweepReport(0, 0, [], relayed)
     base = stalled_after if stalled_after is not None else rt.settings.stalled_after
+    waiting = backlog_wait(rt, depth, base)
     after = base + waiting
     redriven: list[str] = []
     skipped = 0

@@ -40,43 +40,61 @@ def deliveries(runtime: Runtime, count: int) -> None:
 
 
 def test_nothing_queued_adds_no_wait(runtime: Runtime) -> None:
-    assert backlog_wait(runtime, 0) == 0.0
-    assert backlog_wait(runtime, None) == 0.0
+    assert backlog_wait(runtime, 0, STALLED_AFTER) == 0.0
 
 
-def test_the_wait_is_the_queue_at_the_recent_pace(runtime: Runtime) -> None:
+def test_a_short_queue_adds_its_drain_time(runtime: Runtime) -> None:
     # Given workers that handled 30 messages in the last minute (0.5 a second)
     deliveries(runtime, 30)
 
-    # Then 120 queued messages need 240 seconds
-    assert backlog_wait(runtime, 120) == pytest.approx(120 * PACE_WINDOW / 30)
+    # Then 20 queued messages add the 40 seconds they need
+    assert backlog_wait(runtime, 20, STALLED_AFTER) == pytest.approx(20 * PACE_WINDOW / 30)
 
 
-def test_a_queue_nobody_drains_waits_the_longest(runtime: Runtime) -> None:
-    assert backlog_wait(runtime, 5) == MAX_BACKLOG_WAIT
+def test_a_queue_longer_than_a_stall_is_a_backlog(runtime: Runtime) -> None:
+    deliveries(runtime, 30)
+
+    assert backlog_wait(runtime, 120, STALLED_AFTER) == MAX_BACKLOG_WAIT
+
+
+def test_a_queue_nobody_drains_is_a_backlog(runtime: Runtime) -> None:
+    assert backlog_wait(runtime, 5, STALLED_AFTER) == MAX_BACKLOG_WAIT
 
 
 def test_a_job_behind_a_backlog_is_not_sent_again(
     runtime: Runtime, pipeline: Pipeline[None]
 ) -> None:
-    # Given a job untouched for 2 minutes, behind 300 messages drained at 1 a second
+    # Given a job untouched for 10 minutes, behind 300 messages drained at 1 a second
     job_id = create_job(runtime.store, pipeline=pipeline.name)
-    age(runtime.engine, [job_id], 120)
+    age(runtime.engine, [job_id], 600)
     deliveries(runtime, int(PACE_WINDOW))
     dispatch = RecordingDispatch()
 
     # When the sweeper runs with a 60 s threshold
     report = sweep(runtime, dispatch, stalled_after=STALLED_AFTER, queued=lambda: 300)
 
-    # Then it waits out the backlog: 60 + 300 seconds
-    assert report.backlog_wait == pytest.approx(300.0)
+    # Then it leaves the job to the queue
+    assert report.backlog_wait == MAX_BACKLOG_WAIT
     assert dispatch.sent == []
+
+
+def test_a_job_stalled_past_the_backlog_limit_is_sent_again(
+    runtime: Runtime, pipeline: Pipeline[None]
+) -> None:
+    # Given a job untouched for longer than a backlog may delay it
+    job_id = create_job(runtime.store, pipeline=pipeline.name)
+    age(runtime.engine, [job_id], int(MAX_BACKLOG_WAIT + STALLED_AFTER) + 60)
+    dispatch = RecordingDispatch()
+
+    sweep(runtime, dispatch, stalled_after=STALLED_AFTER, queued=lambda: 300)
+
+    assert [job for _, _, job in dispatch.sent] == [str(job_id)]
 
 
 def test_a_lost_message_is_found_once_the_backlog_is_gone(
     runtime: Runtime, pipeline: Pipeline[None]
 ) -> None:
-    # Given the same job, and the queue drained since
+    # Given a job untouched for 2 minutes, and the queue empty
     job_id = create_job(runtime.store, pipeline=pipeline.name)
     age(runtime.engine, [job_id], 120)
     dispatch = RecordingDispatch()
@@ -87,16 +105,33 @@ def test_a_lost_message_is_found_once_the_backlog_is_gone(
     assert dispatch.sent == [(pipeline.name, "first", str(job_id))]
 
 
-def test_a_long_stall_is_sent_again_even_behind_a_backlog(
+def test_a_short_queue_delays_the_re_drive_by_its_drain_time(
     runtime: Runtime, pipeline: Pipeline[None]
 ) -> None:
-    # Given a job untouched for 10 minutes, behind 30 messages at 1 a second
-    job_id = create_job(runtime.store, pipeline=pipeline.name)
-    age(runtime.engine, [job_id], 600)
+    # Given 30 messages queued at 1 a second: a job is stalled after 60 + 30 seconds
+    waited, fresh = (create_job(runtime.store, pipeline=pipeline.name) for _ in range(2))
+    age(runtime.engine, [waited], 100)
+    age(runtime.engine, [fresh], 75)
     deliveries(runtime, int(PACE_WINDOW))
     dispatch = RecordingDispatch()
 
     report = sweep(runtime, dispatch, stalled_after=STALLED_AFTER, queued=lambda: 30)
 
     assert report.backlog_wait == pytest.approx(30.0)
-    assert [job for _, _, job in dispatch.sent] == [str(job_id)]
+    assert [job for _, _, job in dispatch.sent] == [str(waited)]
+
+
+def test_an_unknown_queue_depth_defers_the_re_drives(
+    runtime: Runtime, pipeline: Pipeline[None]
+) -> None:
+    # Given a stalled job, and a broker that cannot tell how much is queued (restarting)
+    job_id = create_job(runtime.store, pipeline=pipeline.name)
+    age(runtime.engine, [job_id], 600)
+    dispatch = RecordingDispatch()
+
+    deferred = sweep(runtime, dispatch, stalled_after=STALLED_AFTER, queued=lambda: None)
+    later = sweep(runtime, dispatch, stalled_after=STALLED_AFTER, queued=lambda: 0)
+
+    # Then nothing is sent until it can tell, and the job is still found afterwards
+    assert deferred.redriven == 0
+    assert later.job_ids == [str(job_id)]
