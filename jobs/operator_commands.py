@@ -362,6 +362,7 @@ def sweep(
                 "job_ids": report.job_ids,
                 "relayed": report.relayed,
                 "backlog_wait": round(report.backlog_wait, 1),
+                "deferred": report.deferred,
             }
         )
     else:
@@ -370,6 +371,8 @@ def sweep(
             if report.backlog_wait
             else ""
         )
+        if report.deferred:
+            backlog = " (the broker could not say how much is queued: none re-driven)"
         stdout.print(
             f"re-drove {report.redriven} stalled job(s){backlog}, relayed {report.relayed} "
             f"from the outbox; skipped {report.skipped}"

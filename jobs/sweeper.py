@@ -4,14 +4,13 @@ this causes are absorbed by the ledger.
 
 A job waiting behind a backlog looks exactly like a job whose message was lost, and
 re-driving it cannot make it run sooner: the new message queues behind the same backlog. Left
-alone, a backlog longer than `stalled_after` had every waiting job re-driven each sweep (a
-10,000-order chaos run re-drove 13,000 jobs in 12 minutes and its queue grew to 19,000
-messages). So the sweeper first asks how long the queued messages need to drain at the pace
-workers went in the last minute (from the history). When that is within `stalled_after`, a
-job is stalled after `stalled_after` plus that time; when it is longer, the queue is
-backlogged and only jobs untouched for `MAX_BACKLOG_WAIT` are re-driven, until it drains.
-A lost message is still found: once the messages ahead of it are gone, or after an hour of
-sustained overload.
+alone, a backlog longer than `stalled_after` had every waiting job re-driven each sweep, which
+lengthened the backlog (a 10,000-order chaos run never converged). So the sweeper first asks
+how long the queued messages need to drain at the pace workers went in the last minute (from
+the history). When that is within `stalled_after`, a job is stalled after `stalled_after`
+plus that time; when it is longer, the queue is backlogged and only jobs untouched for
+`MAX_BACKLOG_WAIT` are re-driven, until it drains. A lost message is still found: once the
+messages ahead of it are gone, or after an hour of sustained overload.
 """
 
 from __future__ import annotations
@@ -50,6 +49,8 @@ class SweepReport:
     relayed: int = 0
     #: Seconds added to `stalled_after` for the messages queued ahead (see the module's text).
     backlog_wait: float = 0.0
+    #: True when the broker could not say how much is queued, so nothing was re-driven.
+    deferred: bool = False
 
 
 def backlog_wait(rt: Runtime, queued: int, stalled_after: float) -> float:
@@ -123,7 +124,7 @@ def sweep(
             "queue depth unknown (broker unreachable?): no re-drive this round",
             extra={"action": "sweep_deferred"},
         )
-        return SweepReport(0, 0, [], relayed)
+        return SweepReport(0, 0, [], relayed, deferred=True)
     base = stalled_after if stalled_after is not None else rt.settings.stalled_after
     waiting = backlog_wait(rt, depth, base)
     after = base + waiting

@@ -133,5 +133,5 @@ def test_an_unknown_queue_depth_defers_the_re_drives(
     later = sweep(runtime, dispatch, stalled_after=STALLED_AFTER, queued=lambda: 0)
 
     # Then nothing is sent until it can tell, and the job is still found afterwards
-    assert deferred.redriven == 0
+    assert (deferred.redriven, deferred.deferred) == (0, True)
     assert later.job_ids == [str(job_id)]
