@@ -16,6 +16,7 @@ from sqlalchemy.engine import Engine
 
 from jobs.benchmarks import sql
 from jobs.benchmarks.database import bench_errors
+from jobs.sweeper import PACE_WINDOW
 from ledger import DeadLetterStore, JobStore, LedgerStats
 
 #: Jobs per seeding statement.
@@ -94,6 +95,11 @@ def time_queries(engine: Engine, *, stalled_after: float, relay_after: float) ->
             "JobStore.take_undispatched",
             lambda: len(store.take_undispatched(older_than=relay_after)),
             sql.undispatch_again(),
+        ),
+        (
+            "JobStore.recent_deliveries",
+            lambda: store.recent_deliveries(window=PACE_WINDOW),
+            None,
         ),
         ("LedgerStats.snapshot", lambda: _snapshot_summary(stats), None),
         ("DeadLetterStore.count_open", letters.count_open, None),

@@ -22,6 +22,7 @@ ROWS = ("baseline", "chained", "fast", "sandbox")
 QUERIES = (
     "JobStore.take_stalled",
     "JobStore.take_undispatched",
+    "JobStore.recent_deliveries",
     "LedgerStats.snapshot",
     "DeadLetterStore.count_open",
 )
