@@ -9,7 +9,7 @@ from typing import Any
 from uuid import UUID
 
 import sqlalchemy as sa
-from sqlalchemy.sql.expression import ColumnElement, FromClause
+from sqlalchemy.sql.expression import CTE, ColumnElement, FromClause
 
 from ledger import db
 from ledger.queries.common import ACTIVE, param
@@ -95,6 +95,20 @@ def claim_step_in_one(
 ) -> sa.Select[Any]:
     """Postgres: start the job, claim its step and read the existing entry in one statement."""
     job = start_job(job_id, step).cte("job")
+    claimed, existing, columns = _claim_from(
+        job, step=step, owner=owner, lease_seconds=lease_seconds, takeover_expired=takeover_expired
+    )
+    return sa.select(*columns).select_from(
+        job.outerjoin(claimed, sa.true()).outerjoin(existing, existing.c.key == job.c.key)
+    )
+
+
+def _claim_from(
+    job: CTE, *, step: str, owner: UUID, lease_seconds: float, takeover_expired: bool
+) -> tuple[CTE, FromClause, list[ColumnElement[Any]]]:
+    """Claim the key of `job` (a CTE returning the started job's row) for `owner`: the claim,
+    the entry as it stood when the statement began (what the claim found if it lost), and the
+    columns `claim_step_in_one` answers with."""
     claimed = claim_step(
         "postgresql",
         # A job whose plan lacks the step claims nothing (the caller raises StepNotInJob).
@@ -104,9 +118,8 @@ def claim_step_in_one(
         lease_seconds=lease_seconds,
         takeover_expired=takeover_expired,
     ).cte("claimed")
-    # The entry as it stood when the statement began: what the claim found if it lost.
     existing = ledger_entries.alias("existing")
-    return sa.select(
+    columns = [
         job.c.context,
         job.c.results,
         job.c.key,
@@ -114,9 +127,8 @@ def claim_step_in_one(
         job.c.current_step,
         claimed.c.attempts.label("claimed_attempts"),
         *_entry_columns(existing),
-    ).select_from(
-        job.outerjoin(claimed, sa.true()).outerjoin(existing, existing.c.key == job.c.key)
-    )
+    ]
+    return claimed, existing, columns
 
 
 def select_entry_for_claim(key: str) -> sa.Select[Any]:
@@ -314,26 +326,18 @@ def record_and_claim_next_in_one(
         )
         .cte("job")
     )
-    claimed = claim_step(
-        "postgresql",
-        sa.select(job.c.key, job.c.id, job.c.fingerprint).where(job.c.key.is_not(None)),
+    claimed, existing, columns = _claim_from(
+        job,
         step=next_step,
         owner=owner,
         lease_seconds=lease_seconds,
         takeover_expired=takeover_expired,
-    ).cte("claimed")
-    existing = ledger_entries.alias("existing")
+    )
     return (
         sa.select(
             finished_cte.c.key.label("recorded_key"),
             job.c.state.label("job_state"),
-            job.c.context,
-            job.c.results,
-            job.c.key,
-            job.c.fingerprint,
-            job.c.current_step,
-            claimed.c.attempts.label("claimed_attempts"),
-            *_entry_columns(existing),
+            *columns,
         )
         .select_from(
             finished_cte.outerjoin(job, sa.true())
