@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
@@ -11,6 +12,23 @@ from rich.table import Table
 
 from config import get_settings
 from jobs.cli_support import BadInput, JsonFlag, print_json, stderr, stdout
+
+#: Options the commands share (same meaning, same bounds; defaults stay per command).
+Orders = Annotated[int, typer.Option(min=1, max=1_000_000, help="How many orders.")]
+FaultRate = Annotated[
+    float, typer.Option(min=0.0, max=1.0, help="Share of provider calls answered 5xx.")
+]
+TimeoutRate = Annotated[
+    float, typer.Option(min=0.0, max=1.0, help="Share that hang past the timeout.")
+]
+LostReplyRate = Annotated[
+    float, typer.Option(min=0.0, max=1.0, help="Share applied whose reply is lost.")
+]
+LatencyMs = Annotated[int, typer.Option(min=0, help="Added provider latency.")]
+Workers = Annotated[int, typer.Option(min=1, max=16, help="Worker processes.")]
+Concurrency = Annotated[int, typer.Option(min=1, max=64, help="Pool size per worker.")]
+
+Report = TypeVar("Report")
 
 
 def register(cli: typer.Typer) -> None:
@@ -20,22 +38,16 @@ def register(cli: typer.Typer) -> None:
 
 
 def demo(
-    orders: Annotated[int, typer.Option(min=1, max=1_000_000, help="How many orders.")] = 200,
-    fault_rate: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Share of provider calls answered 5xx.")
-    ] = 0.0,
-    timeout_rate: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Share that hang past the timeout.")
-    ] = 0.0,
-    lost_reply_rate: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Share applied whose reply is lost.")
-    ] = 0.0,
-    latency_ms: Annotated[int, typer.Option(min=0, help="Added provider latency.")] = 0,
+    orders: Orders = 200,
+    fault_rate: FaultRate = 0.0,
+    timeout_rate: TimeoutRate = 0.0,
+    lost_reply_rate: LostReplyRate = 0.0,
+    latency_ms: LatencyMs = 0,
     declined_rate: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Share of customers whose card is declined.")
     ] = 0.0,
-    workers: Annotated[int, typer.Option(min=1, max=16, help="Worker processes.")] = 2,
-    concurrency: Annotated[int, typer.Option(min=1, max=64, help="Pool size per worker.")] = 2,
+    workers: Workers = 2,
+    concurrency: Concurrency = 2,
     timeout: Annotated[
         float, typer.Option(min=1.0, help="Give up waiting after this many seconds.")
     ] = 600.0,
@@ -58,12 +70,9 @@ def demo(
         timeout=timeout,
     )
     settings = get_settings()
-    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=stderr, transient=as_json) as bar:
-        task = bar.add_task("orders finished", total=orders)
-        report = run_demo(
-            settings, options, lambda done, total: bar.update(task, completed=done, total=total)
-        )
+    report = _counting_orders(
+        orders, quiet=as_json, run=lambda progress: run_demo(settings, options, progress)
+    )
     if as_json:
         print_json(report.as_json())
     else:
@@ -73,7 +82,7 @@ def demo(
 
 
 def chaos(
-    orders: Annotated[int, typer.Option(min=1, max=1_000_000, help="How many orders.")] = 500,
+    orders: Orders = 500,
     kill_every: Annotated[
         float, typer.Option(min=0.1, help="Seconds between two kills (±50 %).")
     ] = 3.0,
@@ -84,14 +93,10 @@ def chaos(
     db_restart: Annotated[
         bool, typer.Option("--db-restart", help="Restart Postgres once, half way.")
     ] = False,
-    workers: Annotated[int, typer.Option(min=1, max=16)] = 2,
-    concurrency: Annotated[int, typer.Option(min=1, max=64)] = 2,
-    fault_rate: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Share of provider calls answered 5xx.")
-    ] = 0.10,
-    timeout_rate: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Share that hang past the timeout.")
-    ] = 0.05,
+    workers: Workers = 2,
+    concurrency: Concurrency = 2,
+    fault_rate: FaultRate = 0.10,
+    timeout_rate: TimeoutRate = 0.05,
     timeout: Annotated[
         float | None, typer.Option(min=1.0, help="Give up waiting after this many seconds.")
     ] = None,
@@ -116,14 +121,10 @@ def chaos(
         timeout=timeout,
         seed=seed,
     )
-    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=stderr, transient=as_json) as bar:
-        task = bar.add_task("orders finished", total=orders)
-        report = run_chaos(
-            get_settings(),
-            options,
-            lambda done, total: bar.update(task, completed=done, total=total),
-        )
+    settings = get_settings()
+    report = _counting_orders(
+        orders, quiet=as_json, run=lambda progress: run_chaos(settings, options, progress)
+    )
     stderr.print(report.summary(), highlight=False)
     for violation in report.violations[:20]:
         stderr.print(f"  {violation}", highlight=False)
@@ -187,6 +188,17 @@ def bench(
         report.print(stdout)
 
 
+def _counting_orders(
+    total: int, *, quiet: bool, run: Callable[[Callable[[int, int], None]], Report]
+) -> Report:
+    """Run `run` with a progress bar of finished orders on stderr (gone afterwards when
+    `quiet`, so stdout carries only the JSON)."""
+    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=stderr, transient=quiet) as bar:
+        task = bar.add_task("orders finished", total=total)
+        return run(lambda done, expected: bar.update(task, completed=done, total=expected))
+
+
 def _print_demo(figures: dict[str, object]) -> None:
     table = Table("figure", "value", title="oncelery demo (counted at the provider)")
     for name, value in figures.items():
@@ -201,10 +213,10 @@ def sandbox(
     db: Annotated[
         Path | None, typer.Option(help="Its SQLite file (default: in the data folder).")
     ] = None,
-    fault_rate: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.0,
-    timeout_rate: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.0,
-    lost_reply_rate: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.0,
-    latency_ms: Annotated[int, typer.Option(min=0)] = 0,
+    fault_rate: FaultRate = 0.0,
+    timeout_rate: TimeoutRate = 0.0,
+    lost_reply_rate: LostReplyRate = 0.0,
+    latency_ms: LatencyMs = 0,
     hang_seconds: Annotated[
         float, typer.Option(min=0.0, help="How long a timeout or lost reply hangs.")
     ] = 30.0,

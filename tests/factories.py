@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections.abc import Mapping
+from typing import NoReturn
 
 from jobs.orders import OrderItem, OrderPlaced
 from jobs.pipelines import fingerprint
@@ -61,3 +62,35 @@ def create_job(store: JobStore, **overrides: object) -> uuid.UUID:
     [(job_id, created)] = store.create_jobs([new_job(**overrides)])  # type: ignore[arg-type]
     assert created
     return job_id
+
+
+class RetryRequested(Exception):
+    """What `RecordingDispatch.retry_later` raises where Celery would retry the task."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+
+class RecordingDispatch:
+    """Records what would be published instead of publishing it; optionally fails every
+    publish (a broker that is down)."""
+
+    def __init__(self, *, fail: bool = False) -> None:
+        self.fail = fail
+        self.sent: list[tuple[str, str, str]] = []
+
+    def send(
+        self,
+        pipeline: str,
+        step: str,
+        job_id: str,
+        *,
+        resend: bool = False,
+        countdown: float | None = None,
+    ) -> None:
+        if self.fail:
+            raise ConnectionError("broker down")
+        self.sent.append((pipeline, step, job_id))
+
+    def retry_later(self, delay: float) -> NoReturn:
+        raise RetryRequested(delay)

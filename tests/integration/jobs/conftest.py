@@ -1,11 +1,8 @@
-"""What the runner's and the sweeper's tests share: a dispatch that records what would be
-published, and a runtime on the test's ledger."""
+"""What the runner's and the sweeper's tests share: a runtime on the test's ledger."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
 
 import pytest
 import sqlalchemy as sa
@@ -14,30 +11,6 @@ from jobs.retry import RetryPolicy
 from jobs.runtime import Runtime
 from ledger import JobStore, StepLedger
 from tests.conftest import settings_for
-
-
-class RetryRequested(Exception):
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
-
-
-@dataclass
-class RecordingDispatch:
-    sent: list[tuple[str, str, str]] = field(default_factory=list)
-
-    def send(
-        self,
-        pipeline: str,
-        step: str,
-        job_id: str,
-        *,
-        resend: bool = False,
-        countdown: float | None = None,
-    ) -> None:
-        self.sent.append((pipeline, step, job_id))
-
-    def retry_later(self, delay: float) -> NoReturn:
-        raise RetryRequested(delay)
 
 
 @pytest.fixture

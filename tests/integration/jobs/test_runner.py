@@ -23,8 +23,7 @@ from ledger import (
     StepState,
 )
 from tests.conftest import settings_for
-from tests.factories import new_job
-from tests.integration.jobs.conftest import RecordingDispatch, RetryRequested
+from tests.factories import RecordingDispatch, RetryRequested, new_job
 
 _names = itertools.count()
 

@@ -12,8 +12,7 @@ from jobs.runtime import Runtime
 from jobs.sweeper import MAX_BACKLOG_WAIT, PACE_WINDOW, backlog_wait, sweep
 from ledger import EventKind
 from ledger.queries import append_events
-from tests.factories import create_job
-from tests.integration.jobs.conftest import RecordingDispatch
+from tests.factories import RecordingDispatch, create_job
 from tests.integration.ledger.test_store import age
 
 STALLED_AFTER = 60.0

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
 
 import pytest
 from hypothesis import given
@@ -18,7 +17,7 @@ from jobs.enqueue import describe_validation_error, enqueue_orders, parse_events
 from jobs.errors import InvalidEvent
 from jobs.orders import OrderPlaced
 from ledger import JobState, JobStore, create_engine, upgrade
-from tests.factories import order_event
+from tests.factories import RecordingDispatch, order_event
 
 # --- parse_events: what is accepted ---------------------------------------------------------
 
@@ -283,30 +282,6 @@ def test_valid_json_lines_always_parse(events: list[dict[str, object]], blanks: 
 
 
 # --- enqueue_orders -------------------------------------------------------------------------
-
-
-class RecordingDispatch:
-    """Records what would be published; optionally fails every publish."""
-
-    def __init__(self, *, fail: bool = False) -> None:
-        self.fail = fail
-        self.sent: list[tuple[str, str, str]] = []
-
-    def send(
-        self,
-        pipeline: str,
-        step: str,
-        job_id: str,
-        *,
-        resend: bool = False,
-        countdown: float | None = None,
-    ) -> None:
-        if self.fail:
-            raise ConnectionError("broker down")
-        self.sent.append((pipeline, step, job_id))
-
-    def retry_later(self, delay: float) -> NoReturn:
-        raise AssertionError(f"enqueueing never retries ({delay})")
 
 
 @pytest.fixture
