@@ -25,11 +25,6 @@ class InvariantReport:
     duplicate_notifications: int
     violations: list[str] = field(default_factory=list)
 
-    @property
-    def held(self) -> bool:
-        """True when no invariant was broken."""
-        return not self.violations
-
 
 def check_invariants(
     jobs: Sequence[Job],
