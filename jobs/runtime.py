@@ -65,6 +65,7 @@ class Runtime:
             if callable(close):
                 close()
         self._resources.clear()
+        self.ledger.close()
         self.engine.dispose()
 
 

@@ -104,13 +104,19 @@ def wrap_errors() -> Iterator[None]:
 
 def classify_error(exc: DBAPIError) -> LedgerError:
     """The ledger error a driver error stands for."""
-    message = str(exc.orig).lower()
+    return classify_message(str(exc.orig), _first_line(exc))
+
+
+def classify_message(message: str, detail: str) -> LedgerError:
+    """The ledger error an operational or programming error's message stands for: a missing
+    table or column is a schema not migrated; anything else, a database not available."""
+    message = message.lower()
     missing = ("no such table", "no such column")
     if any(m in message for m in missing) or (
         ("relation" in message or "column" in message) and "does not exist" in message
     ):
         return SchemaMissing()
-    return DatabaseUnavailable(_first_line(exc))
+    return DatabaseUnavailable(detail)
 
 
 def _first_line(exc: DBAPIError) -> str:

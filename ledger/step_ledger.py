@@ -1,7 +1,8 @@
 """`StepLedger`: the claim → act → record protocol over idempotency keys, fenced by owner token.
 
 Must not import celery, kombu, jobs or config. On Postgres the happy path of a step is two
-statements (claim, record), each one round trip in autocommit.
+statements (claim, record), each one round trip in autocommit on the process's direct
+connection (`ledger.direct`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sqlalchemy.engine import Engine
 
 from ledger import db, queries
 from ledger.dead_letters import DeadLetterNote, write_dead_letter
+from ledger.direct import for_engine
 from ledger.errors import DatabaseUnavailable, FingerprintMismatch, LeaseLost, StepNotInJob
 from ledger.types import (
     JSON,
@@ -76,7 +78,13 @@ class StepLedger:
         self.engine = engine
         self.lease_seconds = lease_seconds
         self.unavailable_for = unavailable_for
-        self._postgres = db.is_postgres(engine)
+        #: The protocol's hot statements run here, past the engine (Postgres only).
+        self.direct = for_engine(engine) if db.is_postgres(engine) else None
+
+    def close(self) -> None:
+        """Close the direct connection (the engine is its owner's to dispose of)."""
+        if self.direct is not None:
+            self.direct.close()
 
     # --- claim ----------------------------------------------------------------------------
 
@@ -105,12 +113,9 @@ class StepLedger:
         self, job_id: UUID, step: str, owner: UUID, takeover_expired: bool
     ) -> Mapping[str, Any] | None:
         lease = self.lease_seconds
-        if self._postgres:
+        if self.direct is not None:
             statement = queries.claim_template(takeover_expired)
-            values = queries.claim_params(job_id, step, owner, lease)
-            with db.single_statement(self.engine) as conn:
-                found = conn.execute(statement, values).mappings().one_or_none()
-            return dict(found) if found is not None else None
+            return self.direct.one(statement, queries.claim_params(job_id, step, owner, lease))
         with db.transaction(self.engine) as conn:
             job = conn.execute(queries.start_job(job_id, step)).mappings().one_or_none()
             if job is None:
@@ -210,7 +215,7 @@ class StepLedger:
         Raises:
             LeaseLost: another owner took the key over; do not continue the chain.
         """
-        if not self._postgres:
+        if self.direct is None:
             recorded = self.record_success(
                 claim, result, next_step=next_step, duration_ms=duration_ms
             )
@@ -233,12 +238,8 @@ class StepLedger:
             **queries.claim_params(claim.job_id, next_step, owner, self.lease_seconds),
         }
 
-        def attempt() -> Mapping[str, Any] | None:
-            with db.single_statement(self.engine) as conn:
-                found = conn.execute(statement, values).mappings().one_or_none()
-            return dict(found) if found is not None else None
-
-        row = self._retrying(attempt)
+        direct = self.direct
+        row = self._retrying(lambda: direct.one(statement, values))
         if row is None:
             return Recorded(claim.key, self._recorded_before(claim, StepState.SUCCEEDED)), None
         if row["job_state"] is None:
@@ -302,7 +303,7 @@ class StepLedger:
         state, current_step, job_result = job
 
         def attempt() -> JobState | None:
-            if self._postgres:
+            if self.direct is not None:
                 statement = (
                     queries.record_success_template(state is JobState.SUCCEEDED)
                     if kind is EventKind.SUCCEEDED
@@ -317,9 +318,8 @@ class StepLedger:
                     result=job_result,
                     error=error,
                 )
-                with db.single_statement(self.engine) as conn:
-                    found = conn.execute(statement, values).one_or_none()
-                return JobState(found.state) if found is not None else None
+                found = self.direct.one(statement, values)
+                return JobState(found["state"]) if found is not None else None
             finished = queries.finish_entry(
                 claim.key, claim.owner, state=entry_state, result=result, error=error
             )

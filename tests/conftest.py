@@ -19,6 +19,7 @@ from kombu import Connection, Queue
 
 from config import DEAD_QUEUE, MAIN_QUEUE, RETRY_QUEUE, Settings, get_settings
 from ledger import create_engine, upgrade
+from ledger.direct import for_engine
 
 # Strip what would point the code under test elsewhere: tests configure it explicitly.
 for _name in list(os.environ):
@@ -138,9 +139,18 @@ def statements(engine: sa.Engine) -> Iterator[list[str]]:
         if not statement.lstrip().upper().startswith(("BEGIN", "PRAGMA")):
             seen.append(statement)
 
+    def count_direct(statement: str) -> None:
+        seen.append(statement)
+
+    # The protocol's hot statements run on the ledger's direct connection, past the engine.
+    direct = for_engine(engine) if engine.dialect.name == "postgresql" else None
     sa.event.listen(engine, "before_cursor_execute", count)
+    if direct is not None:
+        direct.listeners.append(count_direct)
     yield seen
     sa.event.remove(engine, "before_cursor_execute", count)
+    if direct is not None:
+        direct.listeners.remove(count_direct)
 
 
 # --- brokers -----------------------------------------------------------------------------
