@@ -4,9 +4,13 @@ every fork."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import socket
+import time
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from celery import Celery, Task
@@ -23,6 +27,7 @@ from config import (
     get_settings,
     prepare_broker,
 )
+from jobs.enqueue import send_each
 from jobs.errors import UnknownPipeline
 from jobs.pipelines import Pipeline, registry
 from jobs.queues import queued_steps
@@ -39,6 +44,11 @@ _DATABASE_DOWN_DELAY = 5.0
 _LATE_LIMIT_DELAY = 1.0
 #: Seconds between a step's soft time limit (an exception it can handle) and the hard one.
 _HARD_LIMIT_GRACE = 5
+#: Seconds `send_many` waits for RabbitMQ to confirm a batch before calling the rest unsent.
+_CONFIRM_TIMEOUT = 30.0
+#: Fewer jobs than this are sent one by one on the pooled connection: opening a connection
+#: for the batch costs more than waiting for a few confirms.
+_SMALLEST_BATCH = 8
 
 
 def _configure() -> dict[str, object]:
@@ -145,6 +155,45 @@ class CeleryDispatch:
             time_limit=soft + _HARD_LIMIT_GRACE,
         )
 
+    def send_many(self, pipeline: str, step: str, job_ids: Sequence[str]) -> list[str]:
+        """Publish the same step of many jobs on the main queue, on one connection; on
+        RabbitMQ the publisher confirms are awaited once for the lot, not one by one.
+
+        Returns the job ids whose publish is not confirmed (all of them when the broker
+        cannot be reached): they may or may not be queued, so they go back to the outbox
+        and a second copy, if any, is absorbed by the ledger.
+        """
+        if len(job_ids) < _SMALLEST_BATCH:
+            # A few jobs: one by one on the app's pooled connection, no connection to open.
+            return send_each(self, pipeline, step, job_ids)
+        soft = math.ceil(self._time_limit(pipeline, step))
+        name = task_name(pipeline, step)
+        # Publisher confirms are switched on by hand below, to await them together.
+        options = {"confirm_publish": False}
+        try:
+            with self.sender.connection_for_write(transport_options=options) as conn:
+                confirms = _Confirms.select(conn.default_channel)
+                producer = self.sender.amqp.Producer(conn.default_channel)
+                for job_id in job_ids:
+                    if confirms is not None:
+                        confirms.sending = job_id
+                    self.sender.send_task(
+                        name,
+                        args=[job_id],
+                        queue=MAIN_QUEUE,
+                        soft_time_limit=soft,
+                        time_limit=soft + _HARD_LIMIT_GRACE,
+                        producer=producer,
+                    )
+                if confirms is None:
+                    return []
+                confirms.wait(conn, timeout=_CONFIRM_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - whatever the broker said, these are unsent
+            logger.warning("publishing %d jobs failed: %s", len(job_ids), exc)
+            return list(job_ids)
+        unconfirmed = confirms.unconfirmed()
+        return [job_id for job_id in job_ids if job_id in unconfirmed]
+
     def retry_later(self, delay: float) -> NoReturn:
         """Publish the running task again on the retry queue after `delay` seconds."""
         assert self.task is not None
@@ -162,6 +211,74 @@ class CeleryDispatch:
         # On the fast path one task runs this step and every step after it.
         running = names[names.index(step) :] if settings.fast_path else [step]
         return sum(_step_limit(settings, declared, name) for name in running)
+
+
+class _Confirms:
+    """RabbitMQ's publisher confirms on one channel, collected as they come.
+
+    The broker numbers a confirm-mode channel's messages 1, 2, 3…; each number is noted with
+    the job being sent when it was published (a job may publish more than its task message,
+    e.g. a `task-sent` event), and a job is confirmed when all of its messages are acked.
+    """
+
+    def __init__(self) -> None:
+        #: The job whose messages are being published now.
+        self.sending = ""
+        self.sent_by: dict[int, str] = {}
+        self.acked: set[int] = set()
+        self.nacked: set[int] = set()
+        #: Every tag up to this one has an answer.
+        self._floor = 0
+
+    @classmethod
+    def select(cls, channel: Any) -> _Confirms | None:
+        """Put a py-amqp channel in confirm mode and number what it publishes; None on a
+        broker without confirms."""
+        if not hasattr(channel, "confirm_select"):
+            return None
+        confirms = cls()
+        channel.confirm_select()
+        channel.events["basic_ack"].add(confirms._on_ack)
+        channel.events["basic_nack"].add(confirms._on_nack)
+        publish = channel.basic_publish
+
+        def numbered(*args: Any, **kwargs: Any) -> Any:
+            confirms.sent_by[len(confirms.sent_by) + 1] = confirms.sending
+            return publish(*args, **kwargs)
+
+        channel.basic_publish = numbered
+        return confirms
+
+    def wait(self, conn: Any, *, timeout: float) -> None:
+        """Read the broker's answers until every message published has one, or `timeout`
+        seconds pass."""
+        deadline = time.monotonic() + timeout
+        while self._floor < len(self.sent_by):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            with contextlib.suppress(socket.timeout):
+                conn.drain_events(timeout=left)
+
+    def unconfirmed(self) -> set[str]:
+        """The jobs with a message the broker did not ack (nacked, or no answer yet)."""
+        return {job for tag, job in self.sent_by.items() if tag not in self.acked}
+
+    def _on_ack(self, tag: int, multiple: bool) -> None:
+        self._answer(self.acked, tag, multiple)
+
+    def _on_nack(self, tag: int, multiple: bool) -> None:
+        self._answer(self.nacked, tag, multiple)
+
+    def _answer(self, into: set[int], tag: int, multiple: bool) -> None:
+        # `multiple`: this tag and every earlier one not answered yet.
+        first = self._floor + 1 if multiple else tag
+        into.update(t for t in range(first, tag + 1) if not self._answered(t))
+        while self._answered(self._floor + 1):
+            self._floor += 1
+
+    def _answered(self, tag: int) -> bool:
+        return tag in self.acked or tag in self.nacked
 
 
 def _step_limit(settings: Settings, pipeline: Pipeline[object], step: str) -> float:

@@ -13,6 +13,8 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+from uuid import UUID
 
 from pydantic import ValidationError
 
@@ -102,31 +104,52 @@ def start_jobs(
     return answer
 
 
+@runtime_checkable
+class SendsMany(Protocol):
+    """A dispatch that publishes many jobs' first steps in one go (`CeleryDispatch`)."""
+
+    def send_many(self, pipeline: str, step: str, job_ids: Sequence[str]) -> list[str]:
+        """Publish `step` of each job; the job ids whose publish failed."""
+
+
 def _start_slice(
     store: JobStore, dispatch: Dispatch, pipeline: Pipeline[object], new_jobs: Sequence[NewJob]
 ) -> list[Enqueued]:
     first = pipeline.steps[0].name
-    answer = []
-    unsent = []
-    for job_id, is_new in store.create_jobs(new_jobs, dispatched=True):
-        sent = True
-        if is_new:
-            try:
-                dispatch.send(pipeline.name, first, str(job_id))
-            except Exception as exc:  # noqa: BLE001 - the job is stored; the relay sends it
-                sent = False
-                unsent.append(job_id)
-                logger.warning(
-                    "job %s stored but not sent (%s); the relay will send it",
-                    job_id,
-                    exc,
-                    extra={"action": "send_failed", "job_id": str(job_id), "step": first},
-                )
-        answer.append(Enqueued(str(job_id), is_new, sent))
+    created = store.create_jobs(new_jobs, dispatched=True)
+    fresh = [str(job_id) for job_id, is_new in created if is_new]
+    unsent = set(_send_first_steps(dispatch, pipeline.name, first, fresh))
+    for job_id in unsent:
+        logger.warning(
+            "job %s stored but not sent; the relay will send it",
+            job_id,
+            extra={"action": "send_failed", "job_id": job_id, "step": first},
+        )
     # Created as dispatched, to spare a statement per job; those whose send failed go back to
     # the outbox (a crash before this point leaves them to the sweeper instead).
-    store.undo_dispatched(unsent)
-    return answer
+    store.undo_dispatched([UUID(job_id) for job_id in unsent])
+    return [Enqueued(str(job_id), is_new, str(job_id) not in unsent) for job_id, is_new in created]
+
+
+def _send_first_steps(
+    dispatch: Dispatch, pipeline: str, step: str, job_ids: Sequence[str]
+) -> list[str]:
+    """Publish the first step of each job; the job ids whose publish failed."""
+    if isinstance(dispatch, SendsMany):
+        return dispatch.send_many(pipeline, step, job_ids)
+    return send_each(dispatch, pipeline, step, job_ids)
+
+
+def send_each(dispatch: Dispatch, pipeline: str, step: str, job_ids: Sequence[str]) -> list[str]:
+    """Publish a step of each job, one by one; the job ids whose publish failed."""
+    unsent = []
+    for job_id in job_ids:
+        try:
+            dispatch.send(pipeline, step, job_id)
+        except Exception as exc:  # noqa: BLE001 - the job is stored; the relay sends it
+            logger.warning("publishing job %s failed: %s", job_id, exc)
+            unsent.append(job_id)
+    return unsent
 
 
 def enqueue_orders(

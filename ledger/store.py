@@ -85,11 +85,12 @@ class JobStore:
         unique = {(job.pipeline, job.event_id): job for job in batch}
         if not unique:
             return {}
-        rows = [_job_row(job, dispatched=dispatched) for job in unique.values()]
+        rows = [_job_row(job) for job in unique.values()]
         found: dict[tuple[str, str], tuple[UUID, bool]] = {}
         # One statement (autocommit on Postgres): a job row stands on its own.
         with db.single_statement(self.engine) as conn:
-            for row in conn.execute(queries.insert_jobs(conn.dialect.name, rows)):
+            insert = queries.insert_jobs(conn.dialect.name, dispatched)
+            for row in conn.execute(insert, rows):
                 found[(row.pipeline, row.event_id)] = (row.id, True)
         missing: dict[str, list[str]] = {}
         for pipeline, event_id in unique:
@@ -268,23 +269,16 @@ class JobStore:
             return int(conn.execute(queries.count_events(kind, job_ids)).scalar_one())
 
 
-def _job_row(job: NewJob, *, dispatched: bool) -> dict[str, Any]:
-    now = db.utcnow()
+def _job_row(job: NewJob) -> dict[str, Any]:
+    """A new job's own values, for `queries.insert_jobs`."""
     return {
         "id": uuid4(),
         "pipeline": job.pipeline,
         "event_id": job.event_id,
-        "state": str(JobState.PENDING),
         "context": dict(job.context),
         "fingerprint": job.fingerprint,
         "step_keys": dict(job.step_keys),
-        "results": {},
         "current_step": job.first_step,
-        "created_at": now,
-        "updated_at": now,
-        "finished_at": None,
-        "started_at": None,
-        "dispatched_at": now if dispatched else None,
     }
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
@@ -14,13 +15,38 @@ from ledger.queries.common import ACTIVE, json_value, param
 from ledger.schema import JSONDocument, jobs
 from ledger.types import ACTIVE_JOB_STATES, JSON, JobState
 
+#: What each new job's row is given; the rest is the same for every job (`insert_jobs`).
+NEW_JOB_COLUMNS = (
+    "id",
+    "pipeline",
+    "event_id",
+    "context",
+    "fingerprint",
+    "step_keys",
+    "current_step",
+)
 
-def insert_jobs(dialect_name: str, rows: Sequence[Mapping[str, Any]]) -> Any:
-    """Insert jobs, skipping events already seen; returns the ids of the rows inserted."""
+
+@functools.cache
+def insert_jobs(dialect_name: str, dispatched: bool) -> Any:
+    """Insert jobs, skipping events already seen; returns the ids of the rows inserted.
+
+    Built once per dialect and outbox choice (`dispatched`: the caller sends the first steps
+    itself, so the jobs skip the outbox); run it with one parameter set per job, keyed by
+    `NEW_JOB_COLUMNS` (SQLAlchemy then sends them as multi-row INSERTs, compiled once).
+    """
     insert = db.insert_for(dialect_name)
+    given = {name: sa.bindparam(name, type_=jobs.c[name].type) for name in NEW_JOB_COLUMNS}
     return (
         insert(jobs)
-        .values(list(rows))
+        .values(
+            **given,
+            state=str(JobState.PENDING),
+            results=sa.literal({}, JSONDocument),
+            created_at=db.utcnow(),
+            updated_at=db.utcnow(),
+            dispatched_at=db.utcnow() if dispatched else None,
+        )
         .on_conflict_do_nothing(index_elements=[jobs.c.pipeline, jobs.c.event_id])
         .returning(jobs.c.id, jobs.c.pipeline, jobs.c.event_id)
     )

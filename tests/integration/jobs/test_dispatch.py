@@ -1,0 +1,67 @@
+"""Publishing many jobs' first steps at once (`CeleryDispatch.send_many`) on the real brokers:
+RabbitMQ's publisher confirms awaited together, Redis as is, an unreachable broker."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from config import MAIN_QUEUE
+from jobs.app import CeleryDispatch, _Confirms, client_app
+from tests.conftest import purge_queues, queue_length, settings_for
+
+
+@pytest.fixture(params=["amqp", "redis"])
+def broker_url(request: pytest.FixtureRequest) -> str:
+    return str(request.getfixturevalue(f"{request.param}_url"))
+
+
+def _dispatch(broker_url: str, tmp_path: Path, *, task_events: bool = False) -> CeleryDispatch:
+    settings = settings_for(
+        database_url="sqlite://",
+        broker_url=broker_url,
+        data_dir=tmp_path,
+        ONCELERY_TASK_EVENTS=str(task_events).lower(),
+    )
+    return CeleryDispatch(sender=client_app(settings), settings=settings)
+
+
+@pytest.mark.parametrize("task_events", [False, True])
+def test_every_job_of_a_batch_is_queued_once(
+    broker_url: str, task_events: bool, tmp_path: Path
+) -> None:
+    """With task events on, each task message is followed by a `task-sent` event: both are
+    confirmed before a job counts as sent."""
+    purge_queues(broker_url)
+    job_ids = [str(uuid.uuid4()) for _ in range(120)]
+    try:
+        dispatch = _dispatch(broker_url, tmp_path, task_events=task_events)
+        unsent = dispatch.send_many("order-placed", "gather", job_ids)
+
+        assert unsent == []
+        assert queue_length(broker_url, MAIN_QUEUE) == len(job_ids)
+    finally:
+        purge_queues(broker_url)
+
+
+def test_an_unreachable_broker_leaves_every_job_unsent(tmp_path: Path) -> None:
+    dispatch = _dispatch("amqp://guest:guest@127.0.0.1:1//", tmp_path)
+    job_ids = [str(uuid.uuid4()) for _ in range(3)]
+
+    assert dispatch.send_many("order-placed", "gather", job_ids) == job_ids
+
+
+def test_confirms_count_single_and_multiple_answers() -> None:
+    confirms = _Confirms()
+    confirms.sent_by = {1: "a", 2: "a", 3: "b", 4: "c", 5: "d", 6: "e", 7: "e", 8: "f"}
+    confirms._on_ack(2, False)
+    confirms._on_ack(4, True)  # 1, 3 and 4
+    confirms._on_nack(5, False)
+    confirms._on_ack(7, True)  # 6 and 7
+
+    assert confirms.acked == {1, 2, 3, 4, 6, 7}
+    assert confirms.nacked == {5}
+    # d was refused, f has no answer yet
+    assert confirms.unconfirmed() == {"d", "f"}
