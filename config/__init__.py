@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from config.celery import (
+    BATCH_SIZE_SETTING,
     DEAD_QUEUE,
     MAIN_QUEUE,
     RETRY_QUEUE,
@@ -21,6 +22,7 @@ from config.settings import (
 )
 
 __all__ = [
+    "BATCH_SIZE_SETTING",
     "DEAD_QUEUE",
     "DEFAULT_PROVIDER_URL",
     "MAIN_QUEUE",

@@ -19,6 +19,8 @@ DEAD_QUEUE: Final = "oncelery.dead"
 #: The task beat runs to re-drive stalled jobs.
 SWEEP_TASK: Final = "oncelery.sweep"
 
+#: The Celery setting (our own) that carries `Settings.batch_size` to the workers' strategy.
+BATCH_SIZE_SETTING: Final = "oncelery_batch_size"
 #: How often the embedded file broker looks for new messages, in seconds.
 _FILESYSTEM_POLLING_INTERVAL: Final = 0.05
 #: kombu's file transport, fixed to write each message atomically (a path, so that config
@@ -61,6 +63,15 @@ def dead_letter_queue() -> Queue:
     return Queue(DEAD_QUEUE, Exchange(DEAD_EXCHANGE, type="fanout", durable=True), durable=True)
 
 
+def prefetch_multiplier(settings: Settings) -> int:
+    """Messages a worker reserves per pool child. Batches need room for a full batch per child
+    and the next one waiting; one message at a time (the embedded broker's workers never
+    batch) needs only Celery's default 4."""
+    if settings.broker_kind == "filesystem":
+        return 4
+    return max(4, 2 * settings.batch_size)
+
+
 def celery_config(settings: Settings) -> dict[str, object]:
     """The Celery settings oncelery runs with (lower-case setting names)."""
     embedded = settings.broker_kind == "filesystem"
@@ -81,7 +92,8 @@ def celery_config(settings: Settings) -> dict[str, object]:
         # message cannot loop forever.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        "worker_prefetch_multiplier": 4,
+        "worker_prefetch_multiplier": prefetch_multiplier(settings),
+        BATCH_SIZE_SETTING: settings.batch_size,
         "task_default_queue": MAIN_QUEUE,
         "task_queues": task_queues(settings),
         "task_create_missing_queues": True,

@@ -144,6 +144,9 @@ class Settings(BaseSettings):
     #: per job instead of one per step. Off: each step is its own Celery task (Flower shows
     #: each), the chained mode.
     fast_path: bool = False
+    #: The most queued messages of one step a prefork worker hands to one pool child at once
+    #: (`jobs.batching`); 1 hands each message alone.
+    batch_size: int = Field(default=16, ge=1, le=1_000)
     #: Per-step overrides, JSON: {"<pipeline>.<step>": {"max_attempts": 3, "time_limit": 10}}.
     step_policies: Annotated[dict[str, StepPolicy], NoDecode] = Field(default_factory=dict)
     #: Seconds between two sweeps run by beat.

@@ -4,18 +4,16 @@ every fork."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
-import socket
-import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from celery import Celery, Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
+from kombu import Producer
 
 from config import (
     MAIN_QUEUE,
@@ -27,12 +25,12 @@ from config import (
     get_settings,
     prepare_broker,
 )
-from jobs.enqueue import send_each
 from jobs.errors import UnknownPipeline
 from jobs.pipelines import Pipeline, registry
+from jobs.publishing import close_publishers, publisher_for
 from jobs.queues import queued_steps
-from jobs.runner import Outcome, run_step
-from jobs.runtime import Runtime, load_pipelines
+from jobs.runner import Outcome, StepTimer, run_step, run_steps
+from jobs.runtime import Runtime, load_pipelines, step_time_limit
 from jobs.sweeper import SweepReport, sweep
 from ledger import DatabaseUnavailable
 
@@ -44,11 +42,6 @@ _DATABASE_DOWN_DELAY = 5.0
 _LATE_LIMIT_DELAY = 1.0
 #: Seconds between a step's soft time limit (an exception it can handle) and the hard one.
 _HARD_LIMIT_GRACE = 5
-#: Seconds `send_many` waits for RabbitMQ to confirm a batch before calling the rest unsent.
-_CONFIRM_TIMEOUT = 30.0
-#: Fewer jobs than this are sent one by one on the pooled connection: opening a connection
-#: for the batch costs more than waiting for a few confirms.
-_SMALLEST_BATCH = 8
 
 
 def _configure() -> dict[str, object]:
@@ -88,6 +81,7 @@ def _fresh_runtime_in_child(**_: Any) -> None:
 def _close_runtime(**_: Any) -> None:
     if _runtime is not None and _runtime.pid == os.getpid():
         _runtime.close()
+    close_publishers()
 
 
 @worker_ready.connect
@@ -156,43 +150,30 @@ class CeleryDispatch:
         )
 
     def send_many(self, pipeline: str, step: str, job_ids: Sequence[str]) -> list[str]:
-        """Publish the same step of many jobs on the main queue, on one connection; on
-        RabbitMQ the publisher confirms are awaited once for the lot, not one by one.
+        """Publish the same step of many jobs on the main queue, on this process's publishing
+        connection; on RabbitMQ the publisher confirms are awaited once for the lot.
 
         Returns the job ids whose publish is not confirmed (all of them when the broker
         cannot be reached): they may or may not be queued, so they go back to the outbox
-        and a second copy, if any, is absorbed by the ledger.
+        (or wait for the sweeper) and a second copy, if any, is absorbed by the ledger.
         """
-        if len(job_ids) < _SMALLEST_BATCH:
-            # A few jobs: one by one on the app's pooled connection, no connection to open.
-            return send_each(self, pipeline, step, job_ids)
         soft = math.ceil(self._time_limit(pipeline, step))
         name = task_name(pipeline, step)
-        # Publisher confirms are switched on by hand below, to await them together.
-        options = {"confirm_publish": False}
-        try:
-            with self.sender.connection_for_write(transport_options=options) as conn:
-                confirms = _Confirms.select(conn.default_channel)
-                producer = self.sender.amqp.Producer(conn.default_channel)
-                for job_id in job_ids:
-                    if confirms is not None:
-                        confirms.sending = job_id
-                    self.sender.send_task(
-                        name,
-                        args=[job_id],
-                        queue=MAIN_QUEUE,
-                        soft_time_limit=soft,
-                        time_limit=soft + _HARD_LIMIT_GRACE,
-                        producer=producer,
-                    )
-                if confirms is None:
-                    return []
-                confirms.wait(conn, timeout=_CONFIRM_TIMEOUT)
-        except Exception as exc:  # noqa: BLE001 - whatever the broker said, these are unsent
-            logger.warning("publishing %d jobs failed: %s", len(job_ids), exc)
-            return list(job_ids)
-        unconfirmed = confirms.unconfirmed()
-        return [job_id for job_id in job_ids if job_id in unconfirmed]
+
+        def send(job_id: str, producer: Producer) -> None:
+            self.sender.send_task(
+                name,
+                args=[job_id],
+                queue=MAIN_QUEUE,
+                soft_time_limit=soft,
+                time_limit=soft + _HARD_LIMIT_GRACE,
+                producer=producer,
+                # A reconnect would publish on a fresh channel, without the confirms awaited
+                # here: a failed publish is reported unsent instead.
+                retry=False,
+            )
+
+        return publisher_for(self.sender).publish(job_ids, send)
 
     def retry_later(self, delay: float) -> NoReturn:
         """Publish the running task again on the retry queue after `delay` seconds."""
@@ -210,87 +191,25 @@ class CeleryDispatch:
             return settings.step_time_limit
         # On the fast path one task runs this step and every step after it.
         running = names[names.index(step) :] if settings.fast_path else [step]
-        return sum(_step_limit(settings, declared, name) for name in running)
+        return sum(step_time_limit(settings, declared, name) for name in running)
 
 
-class _Confirms:
-    """RabbitMQ's publisher confirms on one channel, collected as they come.
-
-    The broker numbers a confirm-mode channel's messages 1, 2, 3…; each number is noted with
-    the job being sent when it was published (a job may publish more than its task message,
-    e.g. a `task-sent` event), and a job is confirmed when all of its messages are acked.
-    """
-
-    def __init__(self) -> None:
-        #: The job whose messages are being published now.
-        self.sending = ""
-        self.sent_by: dict[int, str] = {}
-        self.acked: set[int] = set()
-        self.nacked: set[int] = set()
-        #: Every tag up to this one has an answer.
-        self._floor = 0
-
-    @classmethod
-    def select(cls, channel: Any) -> _Confirms | None:
-        """Put a py-amqp channel in confirm mode and number what it publishes; None on a
-        broker without confirms."""
-        if not hasattr(channel, "confirm_select"):
-            return None
-        confirms = cls()
-        channel.confirm_select()
-        channel.events["basic_ack"].add(confirms._on_ack)
-        channel.events["basic_nack"].add(confirms._on_nack)
-        publish = channel.basic_publish
-
-        def numbered(*args: Any, **kwargs: Any) -> Any:
-            confirms.sent_by[len(confirms.sent_by) + 1] = confirms.sending
-            return publish(*args, **kwargs)
-
-        channel.basic_publish = numbered
-        return confirms
-
-    def wait(self, conn: Any, *, timeout: float) -> None:
-        """Read the broker's answers until every message published has one, or `timeout`
-        seconds pass."""
-        deadline = time.monotonic() + timeout
-        while self._floor < len(self.sent_by):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            with contextlib.suppress(socket.timeout):
-                conn.drain_events(timeout=left)
-
-    def unconfirmed(self) -> set[str]:
-        """The jobs with a message the broker did not ack (nacked, or no answer yet)."""
-        return {job for tag, job in self.sent_by.items() if tag not in self.acked}
-
-    def _on_ack(self, tag: int, multiple: bool) -> None:
-        self._answer(self.acked, tag, multiple)
-
-    def _on_nack(self, tag: int, multiple: bool) -> None:
-        self._answer(self.nacked, tag, multiple)
-
-    def _answer(self, into: set[int], tag: int, multiple: bool) -> None:
-        # `multiple`: this tag and every earlier one not answered yet.
-        first = self._floor + 1 if multiple else tag
-        into.update(t for t in range(first, tag + 1) if not self._answered(t))
-        while self._answered(self._floor + 1):
-            self._floor += 1
-
-    def _answered(self, tag: int) -> bool:
-        return tag in self.acked or tag in self.nacked
+#: Each step task's pipeline and step name, by task name.
+_STEPS: dict[str, tuple[Pipeline[object], str]] = {}
 
 
-def _step_limit(settings: Settings, pipeline: Pipeline[object], step: str) -> float:
-    configured = settings.step_policies.get(f"{pipeline.name}.{step}")
-    if configured is not None and configured.time_limit is not None:
-        return configured.time_limit
-    return pipeline.step(step).time_limit or settings.step_time_limit
+def run_batch_of(task_name: str, job_ids: Sequence[str], timer: StepTimer) -> list[Outcome]:
+    """Run a batch of one step task's messages (in a pool child, see `jobs.batching`)."""
+    pipeline, step = _STEPS[task_name]
+    return run_steps(
+        runtime(), CeleryDispatch(), pipeline, pipeline.step(step), job_ids, timer=timer
+    )
 
 
 def _bind(pipeline: Pipeline[object]) -> None:
     for step in pipeline.steps:
         name = task_name(pipeline.name, step.name)
+        _STEPS[name] = (pipeline, step.name)
 
         def run(task: Task[Any, Any], job_id: str, *, _step: str = step.name) -> str:
             dispatch = CeleryDispatch(task)
@@ -312,8 +231,14 @@ def _bind(pipeline: Pipeline[object]) -> None:
             return str(outcome)
 
         # max_retries=None: the ledger counts attempts and decides when to stop, not Celery.
+        # A prefork worker runs queued messages of the step in batches (`jobs.batching`).
         app.task(
-            name=name, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None
+            name=name,
+            bind=True,
+            acks_late=True,
+            reject_on_worker_lost=True,
+            max_retries=None,
+            Strategy="jobs.batching:strategy",
         )(run)
 
 

@@ -236,8 +236,10 @@ def notes(options: BenchOptions, statements_unavailable: str | None) -> list[str
     if statements_unavailable is None:
         found.append(
             "statements/order: pg_stat_statements calls in the bench database over the measured "
-            "window, the bench's own polls left out, BEGIN/COMMIT excluded (trips/order "
-            "includes them: every call is a round trip); the enqueue's statements are included"
+            "window, the bench's own polls left out, BEGIN/COMMIT excluded; the enqueue's "
+            "statements are included. A batch runs each stage's statements in one "
+            "transaction, sent as one pipeline: statements per order stay the same, commits "
+            "and round trips are shared"
         )
     else:
         found.append(f"statements not counted: {statements_unavailable}")

@@ -13,7 +13,6 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 from uuid import UUID
 
 from pydantic import ValidationError
@@ -21,7 +20,7 @@ from pydantic import ValidationError
 from jobs.errors import InvalidEvent
 from jobs.orders import OrderPlaced, order_job, order_placed
 from jobs.pipelines import Pipeline
-from jobs.runner import Dispatch
+from jobs.runner import Dispatch, SendsMany
 from ledger import JobStore, NewJob
 
 logger = logging.getLogger(__name__)
@@ -102,14 +101,6 @@ def start_jobs(
     for start in range(0, len(new_jobs), _SLICE):
         answer.extend(_start_slice(store, dispatch, pipeline, new_jobs[start : start + _SLICE]))
     return answer
-
-
-@runtime_checkable
-class SendsMany(Protocol):
-    """A dispatch that publishes many jobs' first steps in one go (`CeleryDispatch`)."""
-
-    def send_many(self, pipeline: str, step: str, job_ids: Sequence[str]) -> list[str]:
-        """Publish `step` of each job; the job ids whose publish failed."""
 
 
 def _start_slice(

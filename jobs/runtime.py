@@ -52,6 +52,10 @@ class Runtime:
         configured = self.settings.step_policies.get(f"{pipeline}.{step.name}")
         return effective_policy(self.retry_policy, step.retry, configured)
 
+    def time_limit_for(self, pipeline: Pipeline[object], step: Step[object]) -> float:
+        """Seconds one attempt of the step may take (soft limit)."""
+        return step_time_limit(self.settings, pipeline, step.name)
+
     def resources_for(self, pipeline: Pipeline[object]) -> object:
         """The pipeline's resources in this process, built on first use."""
         if pipeline.name not in self._resources:
@@ -67,6 +71,15 @@ class Runtime:
         self._resources.clear()
         self.ledger.close()
         self.engine.dispose()
+
+
+def step_time_limit(settings: Settings, pipeline: Pipeline[object], step: str) -> float:
+    """Seconds one attempt of a pipeline's step may take: the settings' per-step override,
+    else the step's own limit, else `ONCELERY_STEP_TIME_LIMIT`."""
+    configured = settings.step_policies.get(f"{pipeline.name}.{step}")
+    if configured is not None and configured.time_limit is not None:
+        return configured.time_limit
+    return pipeline.step(step).time_limit or settings.step_time_limit
 
 
 def load_pipelines(settings: Settings) -> None:

@@ -45,6 +45,7 @@ from ledger.types import (
     Settled,
     StepEntry,
     StepEvent,
+    StepResult,
     StepState,
 )
 
@@ -87,6 +88,7 @@ __all__ = [
     "StepEvent",
     "StepLedger",
     "StepNotInJob",
+    "StepResult",
     "StepState",
     "StepTiming",
     "create_engine",

@@ -5,12 +5,14 @@ Must not import celery, kombu, jobs or config: the ledger is used and tested on 
 
 from __future__ import annotations
 
+import logging
 import sqlite3
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, overload
+from typing import Any, Final, TypeVar, overload
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -23,8 +25,37 @@ from sqlalchemy.sql.expression import ColumnElement, FunctionElement
 
 from ledger.errors import DatabaseUnavailable, LedgerError, SchemaMissing, StatementRejected
 
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
 #: Seconds a SQLite writer waits for the file lock before giving up.
 _SQLITE_BUSY_TIMEOUT: Final = 30.0
+
+
+def retry_while_unavailable(call: Callable[[], T], *, for_seconds: float) -> T:
+    """Run `call`, again and again (backing off up to 2 s) while it raises
+    `DatabaseUnavailable`, for at most `for_seconds`; then the error is raised.
+
+    Only for calls that are safe to repeat: one whose commit was applied but whose answer was
+    lost runs again (the protocol's statements are idempotent per owner token).
+    """
+    deadline = time.monotonic() + for_seconds
+    delay = 0.1
+    while True:
+        try:
+            return call()
+        except DatabaseUnavailable as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            logger.warning(
+                "database unavailable, retrying in %.1fs: %s",
+                delay,
+                exc.detail,
+                extra={"action": "db_retry"},
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 def create_engine(url: str, *, pool_size: int = 5) -> Engine:

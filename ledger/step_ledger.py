@@ -7,12 +7,11 @@ connection (`ledger.direct`).
 
 from __future__ import annotations
 
+import functools
 import logging
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 from uuid import UUID, uuid4
 
 from sqlalchemy.engine import Engine
@@ -20,7 +19,8 @@ from sqlalchemy.engine import Engine
 from ledger import db, queries
 from ledger.dead_letters import DeadLetterNote, write_dead_letter
 from ledger.direct import for_engine
-from ledger.errors import DatabaseUnavailable, FingerprintMismatch, LeaseLost, StepNotInJob
+from ledger.errors import LeaseLost, LedgerError, StatementRejected, StepNotInJob
+from ledger.outcomes import Record, answer, decode_claim, raised
 from ledger.types import (
     JSON,
     AlreadySucceeded,
@@ -28,20 +28,18 @@ from ledger.types import (
     ClaimOutcome,
     DeadLetterReason,
     EventKind,
-    InFlight,
     JobInactive,
     JobState,
     OutcomeUnknown,
     Recorded,
+    StepResult,
     StepState,
 )
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-#: Shortest wait suggested to a claimant that found a live lease, in seconds.
-_MIN_IN_FLIGHT_WAIT = 0.5
+P = ParamSpec("P")
 
 
 @dataclass(frozen=True)
@@ -104,10 +102,52 @@ class StepLedger:
             FingerprintMismatch: the key was first used for a different request.
         """
         token = owner or uuid4()
-        row = self._retrying(lambda: self._claim_row(job_id, step, token, takeover_expired))
+        row = self.retrying(lambda: self._claim_row(job_id, step, token, takeover_expired))
         if row is None:
             return JobInactive(job_id=job_id, step=step, state=self._job_state(job_id))
-        return self._decode_claim(job_id, step, token, row, takeover_expired)
+        return decode_claim(job_id, step, token, row, takeover_expired)
+
+    def claim_steps(
+        self, job_ids: Sequence[UUID], step: str, *, takeover_expired: bool = True
+    ) -> list[ClaimOutcome | LedgerError]:
+        """`claim_step` for several jobs at the same step, in one transaction on Postgres.
+
+        Returns, for each job in order, what `claim_step` would have returned, or the error it
+        would have raised (`FingerprintMismatch`, `StepNotInJob`, `StatementRejected`).
+
+        Raises:
+            DatabaseUnavailable: the database stayed unreachable; nothing was claimed.
+        """
+        direct = self.direct
+        if direct is None or len(job_ids) == 1:
+            return [
+                answer(self.claim_step, job, step, takeover_expired=takeover_expired)
+                for job in job_ids
+            ]
+        owners = [uuid4() for _ in job_ids]
+        lease = self.lease_seconds
+        rows = self._many(
+            queries.claim_template(takeover_expired),
+            [queries.claim_params(j, step, o, lease) for j, o in zip(job_ids, owners, strict=True)],
+        )
+        return [
+            answer(self._claim_answer, job, step, owner, row, takeover_expired)
+            for job, owner, row in zip(job_ids, owners, rows, strict=True)
+        ]
+
+    def _claim_answer(
+        self,
+        job_id: UUID,
+        step: str,
+        owner: UUID,
+        row: Mapping[str, Any] | LedgerError | None,
+        takeover_expired: bool,
+    ) -> ClaimOutcome:
+        if isinstance(row, LedgerError):
+            raise row
+        if row is None:
+            return JobInactive(job_id=job_id, step=step, state=self._job_state(job_id))
+        return decode_claim(job_id, step, owner, row, takeover_expired)
 
     def _claim_row(
         self, job_id: UUID, step: str, owner: UUID, takeover_expired: bool
@@ -137,42 +177,6 @@ class StepLedger:
                 entry = dict(lost_to.one_or_none() or {})
             return {**job, "claimed_attempts": attempts, **entry}
 
-    def _decode_claim(
-        self, job_id: UUID, step: str, owner: UUID, row: Mapping[str, Any], takeover_expired: bool
-    ) -> ClaimOutcome:
-        key = row["key"]
-        if key is None:
-            raise StepNotInJob(job_id, step)
-        context, results = row["context"], row["results"]
-        if row["claimed_attempts"] is not None:
-            return Claim(
-                job_id,
-                step,
-                key,
-                owner,
-                row["claimed_attempts"],
-                context,
-                results,
-                row["current_step"],
-            )
-        if row.get("entry_state") is None:
-            # Inserted by a concurrent claimant after this statement's snapshot was taken.
-            return InFlight(job_id, step, key, retry_in=_MIN_IN_FLIGHT_WAIT)
-        if row["entry_step"] != step or row["entry_fingerprint"] != row["fingerprint"]:
-            raise FingerprintMismatch(key, job_id, step)
-        if row["entry_state"] == StepState.SUCCEEDED:
-            return AlreadySucceeded(
-                job_id,
-                step,
-                key,
-                row["entry_result"],
-                step in results,
-                context,
-                results,
-                row["current_step"],
-            )
-        return _not_claimed(job_id, step, key, row, takeover_expired)
-
     def _job_state(self, job_id: UUID) -> JobState | None:
         with db.single_statement(self.engine) as conn:
             found = conn.execute(queries.select_job(job_id)).mappings().one_or_none()
@@ -188,12 +192,27 @@ class StepLedger:
         Raises:
             LeaseLost: another owner took the key over; do not continue the chain.
         """
+        done = StepResult(claim, result, duration_ms)
+        [answer] = self.record_successes([done], next_step=next_step)
+        return raised(answer)
+
+    def record_successes(
+        self, done: Sequence[StepResult], *, next_step: str | None
+    ) -> list[Recorded | LedgerError]:
+        """`record_success` for several claims of the same step, in one transaction on
+        Postgres; for each, its record or the error `record_success` would have raised
+        (`LeaseLost`, `StatementRejected`)."""
         state = JobState.RUNNING if next_step is not None else JobState.SUCCEEDED
-        return self._record(
-            claim,
-            entry=(StepState.SUCCEEDED, result, None),
-            event=(EventKind.SUCCEEDED, duration_ms, result),
-            job=(state, next_step, (claim.step, result)),
+        return self._record_many(
+            [
+                Record(
+                    each.claim,
+                    entry=(StepState.SUCCEEDED, each.result, None),
+                    event=(EventKind.SUCCEEDED, each.duration_ms, each.result),
+                    job=(state, next_step, (each.claim.step, each.result)),
+                )
+                for each in done
+            ]
         )
 
     def record_and_claim_next(
@@ -214,38 +233,86 @@ class StepLedger:
 
         Raises:
             LeaseLost: another owner took the key over; do not continue the chain.
+            FingerprintMismatch, StepNotInJob: recorded, but the next step cannot be claimed.
         """
-        if self.direct is None:
-            recorded = self.record_success(
-                claim, result, next_step=next_step, duration_ms=duration_ms
-            )
-            if recorded.job_state is not JobState.RUNNING:
-                return recorded, None
-            return recorded, self.claim_step(
-                claim.job_id, next_step, takeover_expired=takeover_expired
-            )
-        owner = uuid4()
-        statement = queries.record_and_claim_template(takeover_expired)
-        values = {
-            **queries.record_params(
-                key=claim.key,
-                owner=claim.owner,
-                job_id=claim.job_id,
-                event=(duration_ms, result),
-                job=(JobState.RUNNING, next_step),
-                result=(claim.step, result),
-            ),
-            **queries.claim_params(claim.job_id, next_step, owner, self.lease_seconds),
-        }
+        [answer] = self.record_and_claim_next_steps(
+            [StepResult(claim, result, duration_ms)],
+            next_step=next_step,
+            takeover_expired=takeover_expired,
+        )
+        return raised(answer)
 
+    def record_and_claim_next_steps(
+        self, done: Sequence[StepResult], *, next_step: str, takeover_expired: bool = True
+    ) -> list[tuple[Recorded, ClaimOutcome | None] | LedgerError]:
+        """`record_and_claim_next` for several claims of the same step, in one transaction on
+        Postgres; for each, its answer or the error `record_and_claim_next` would have raised."""
         direct = self.direct
-        row = self._retrying(lambda: direct.one(statement, values))
+        if direct is None:
+            return [
+                answer(self._record_then_claim, each, next_step, takeover_expired) for each in done
+            ]
+        owners = [uuid4() for _ in done]
+        values = [
+            {
+                **queries.record_params(
+                    key=each.claim.key,
+                    owner=each.claim.owner,
+                    job_id=each.claim.job_id,
+                    event=(each.duration_ms, each.result),
+                    job=(JobState.RUNNING, next_step),
+                    result=(each.claim.step, each.result),
+                ),
+                **queries.claim_params(each.claim.job_id, next_step, owner, self.lease_seconds),
+            }
+            for each, owner in zip(done, owners, strict=True)
+        ]
+        rows = self._many(queries.record_and_claim_template(takeover_expired), values)
+        return [
+            answer(self._next_claim_answer, each.claim, next_step, owner, row, takeover_expired)
+            for each, owner, row in zip(done, owners, rows, strict=True)
+        ]
+
+    def _record_then_claim(
+        self, done: StepResult, next_step: str, takeover_expired: bool
+    ) -> tuple[Recorded, ClaimOutcome | None]:
+        """`record_and_claim_next` without the direct connection (SQLite): two statements."""
+        recorded = self.record_success(
+            done.claim, done.result, next_step=next_step, duration_ms=done.duration_ms
+        )
+        if recorded.job_state is not JobState.RUNNING:
+            return recorded, None
+        claimed = self.claim_step(done.claim.job_id, next_step, takeover_expired=takeover_expired)
+        return recorded, claimed
+
+    def _next_claim_answer(
+        self,
+        claim: Claim,
+        next_step: str,
+        owner: UUID,
+        row: Mapping[str, Any] | LedgerError | None,
+        takeover_expired: bool,
+    ) -> tuple[Recorded, ClaimOutcome | None]:
+        if isinstance(row, LedgerError):
+            raise row
         if row is None:
             return Recorded(claim.key, self._recorded_before(claim, StepState.SUCCEEDED)), None
         if row["job_state"] is None:
             return Recorded(claim.key, self._job_state(claim.job_id) or JobState.CANCELLED), None
-        outcome = self._decode_claim(claim.job_id, next_step, owner, row, takeover_expired)
+        outcome = decode_claim(claim.job_id, next_step, owner, row, takeover_expired)
         return Recorded(claim.key, JobState.RUNNING), outcome
+
+    def renew_leases(self, claims: Sequence[Claim]) -> list[bool]:
+        """Extend the leases of claims still held, by `lease_seconds` from now (a batch whose
+        later jobs wait their turn keeps their keys); for each, whether it is still ours."""
+        lease = self.lease_seconds
+        values = [queries.renew_params(claim.key, claim.owner, lease) for claim in claims]
+        template = queries.renew_lease_template()
+        if self.direct is not None:
+            rows = self._many(template, values)
+            return [row is not None and not isinstance(row, LedgerError) for row in rows]
+        with db.transaction(self.engine) as conn:
+            return [conn.execute(template, each).one_or_none() is not None for each in values]
 
     def record_failure(self, claim: Claim, failure: Failure) -> Recorded:
         """Record a failed attempt: the key is free for a retry, or the job is dead-lettered
@@ -285,7 +352,7 @@ class StepLedger:
                     return None
                 return write_dead_letter(conn, letter, finished.attempts, finished.first_failed_at)
 
-        job_state = self._retrying(attempt)
+        job_state = self.retrying(attempt)
         if job_state is None:
             job_state = self._recorded_before(claim, entry_state)
         return Recorded(key=claim.key, job_state=job_state)
@@ -298,49 +365,56 @@ class StepLedger:
         event: tuple[EventKind, float | None, JSON],
         job: tuple[JobState, str | None, tuple[str, JSON] | None],
     ) -> Recorded:
-        entry_state, result, error = entry
-        kind, duration_ms, detail = event
-        state, current_step, job_result = job
+        [answer] = self._record_many([Record(claim, entry=entry, event=event, job=job)])
+        return raised(answer)
 
-        def attempt() -> JobState | None:
-            if self.direct is not None:
-                statement = (
-                    queries.record_success_template(state is JobState.SUCCEEDED)
-                    if kind is EventKind.SUCCEEDED
-                    else queries.record_retry_template()
-                )
-                values = queries.record_params(
-                    key=claim.key,
-                    owner=claim.owner,
-                    job_id=claim.job_id,
-                    event=(duration_ms, detail),
-                    job=(state, current_step),
-                    result=job_result,
-                    error=error,
-                )
-                found = self.direct.one(statement, values)
-                return JobState(found["state"]) if found is not None else None
-            finished = queries.finish_entry(
-                claim.key, claim.owner, state=entry_state, result=result, error=error
+    def _record_many(self, records: Sequence[Record]) -> list[Recorded | LedgerError]:
+        """Record outcomes of one kind (all successes of one step, say): each one round trip
+        alone, or one transaction for the lot on Postgres."""
+        direct = self.direct
+        if direct is None or len(records) == 1:
+            return [answer(self._record_alone, record) for record in records]
+        rows = self._many(records[0].template(), [record.values() for record in records])
+        return [
+            answer(self._recorded, record, row) for record, row in zip(records, rows, strict=True)
+        ]
+
+    def _record_alone(self, record: Record) -> Recorded:
+        return self._recorded(record, self.retrying(lambda: self._record_row(record)))
+
+    def _record_row(self, record: Record) -> Mapping[str, Any] | None:
+        """Run one record; the job's new state (as a row), or None if the fence refused it."""
+        if self.direct is not None:
+            return self.direct.one(record.template(), record.values())
+        entry_state, result, error = record.entry
+        kind, duration_ms, detail = record.event
+        state, current_step, job_result = record.job
+        claim = record.claim
+        finished = queries.finish_entry(
+            claim.key, claim.owner, state=entry_state, result=result, error=error
+        )
+        with db.transaction(self.engine) as conn:
+            if conn.execute(finished).one_or_none() is None:
+                return None
+            after = queries.entry_after_record(claim.key)
+            conn.execute(queries.append_event_after(after, claim.job_id, kind, duration_ms, detail))
+            advance = queries.advance_job(
+                claim.job_id, after, state=state, current_step=current_step, result=job_result
             )
-            with db.transaction(self.engine) as conn:
-                if conn.execute(finished).one_or_none() is None:
-                    return None
-                after = queries.entry_after_record(claim.key)
-                conn.execute(
-                    queries.append_event_after(after, claim.job_id, kind, duration_ms, detail)
-                )
-                advance = queries.advance_job(
-                    claim.job_id, after, state=state, current_step=current_step, result=job_result
-                )
-                return JobState(conn.execute(advance).scalar_one())
+            return {"state": conn.execute(advance).scalar_one()}
 
-        job_state = self._retrying(attempt)
-        if job_state is None:
-            job_state = self._recorded_before(claim, entry_state)
+    def _recorded(self, record: Record, row: Mapping[str, Any] | LedgerError | None) -> Recorded:
+        """What a record's row means: the job's new state, or (no row) why the fence refused."""
+        if isinstance(row, LedgerError):
+            raise row
+        claim = record.claim
+        if row is None:
+            job_state = self._recorded_before(claim, record.entry[0])
+        else:
+            job_state = JobState(row["state"])
         logger.debug(
             "recorded %s for %s",
-            entry_state,
+            record.entry[0],
             claim.key,
             extra={
                 "action": "record",
@@ -386,7 +460,7 @@ class StepLedger:
                 conn.execute(event)
                 return JobState(adopted)
 
-        state = self._retrying(attempt)
+        state = self.retrying(attempt)
         return state if state is not None else (self._job_state(outcome.job_id) or JobState.PENDING)
 
     def note_duplicate(self, outcome: AlreadySucceeded) -> None:
@@ -400,7 +474,7 @@ class StepLedger:
             with db.single_statement(self.engine) as conn:
                 conn.execute(event)
 
-        self._retrying(attempt)
+        self.retrying(attempt)
 
     def declare_unknown(self, outcome: OutcomeUnknown, error: JSON) -> bool:
         """Mark an at-most-once key unknown and dead-letter its job: a person decides.
@@ -422,7 +496,7 @@ class StepLedger:
                 write_dead_letter(conn, letter, outcome.attempts, None)
                 return True
 
-        return self._retrying(attempt)
+        return self.retrying(attempt)
 
     def dead_letter(
         self,
@@ -440,50 +514,28 @@ class StepLedger:
             with db.transaction(self.engine) as conn:
                 write_dead_letter(conn, letter, 0, None)
 
-        self._retrying(attempt)
+        self.retrying(attempt)
 
     # --- plumbing -------------------------------------------------------------------------
 
-    def _retrying(self, call: Callable[[], T]) -> T:
+    def retrying(self, call: Callable[[], T]) -> T:
         """Run `call`, retrying while the database is unavailable (every write here is
         idempotent per owner token, so a retry after an ambiguous commit is safe)."""
-        deadline = time.monotonic() + self.unavailable_for
-        delay = 0.1
-        while True:
-            try:
-                return call()
-            except DatabaseUnavailable as exc:
-                if time.monotonic() + delay > deadline:
-                    raise
-                logger.warning(
-                    "database unavailable, retrying in %.1fs: %s",
-                    delay,
-                    exc.detail,
-                    extra={"action": "db_retry"},
-                )
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        return db.retry_while_unavailable(call, for_seconds=self.unavailable_for)
 
-
-def _not_claimed(
-    job_id: UUID, step: str, key: str, row: Mapping[str, Any], takeover_expired: bool
-) -> InFlight | OutcomeUnknown:
-    """Why a claim that found an unfinished entry did not take it."""
-    if row["entry_state"] == StepState.UNKNOWN:
-        return OutcomeUnknown(job_id, step, key, attempts=row["entry_attempts"])
-    if row["entry_state"] == StepState.STARTED and row["entry_lease_expired"]:
-        if takeover_expired:
-            # The snapshot saw an expired lease, yet the claim did not take it over: on
-            # Postgres another claimant took it after the snapshot. Look again shortly.
-            return InFlight(job_id, step, key, retry_in=_MIN_IN_FLIGHT_WAIT)
-        return OutcomeUnknown(
-            job_id, step, key, attempts=row["entry_attempts"], owner=row["entry_owner"]
-        )
-    return InFlight(job_id, step, key, retry_in=_remaining(row["entry_locked_until"]))
-
-
-def _remaining(locked_until: datetime | None) -> float:
-    until = db.as_utc(locked_until)
-    if until is None:
-        return _MIN_IN_FLIGHT_WAIT
-    return max(_MIN_IN_FLIGHT_WAIT, (until - datetime.now(UTC)).total_seconds())
+    def _many(
+        self, template: Any, values: Sequence[Mapping[str, Any]]
+    ) -> list[Mapping[str, Any] | LedgerError | None]:
+        """Run a template once per set of values in one transaction (Postgres)."""
+        direct = self.direct
+        assert direct is not None
+        if len(values) == 1:
+            # One job: one autocommit round trip, no transaction around it.
+            return [answer(self.retrying, functools.partial(direct.one, template, values[0]))]
+        try:
+            return list(self.retrying(lambda: direct.many(template, values)))
+        except StatementRejected:
+            # One run's values were refused, and the transaction with them: run each alone,
+            # so only the job they belong to hears of it.
+            alone = [functools.partial(direct.one, template, each) for each in values]
+            return [answer(self.retrying, run) for run in alone]

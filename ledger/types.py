@@ -294,3 +294,12 @@ class Refused:
 
     letter_id: int
     reason: str
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """A claimed step that succeeded: its result and how long it took, to be recorded."""
+
+    claim: Claim
+    result: JSON
+    duration_ms: float | None

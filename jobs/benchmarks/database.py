@@ -101,13 +101,11 @@ def server_version_of(database_url: str) -> str:
 class Calls:
     """Statements run in the bench database so far."""
 
-    #: Every call pg_stat_statements counted, BEGIN and COMMIT included.
-    round_trips: int
-    #: The same without transaction control.
+    #: Calls pg_stat_statements counted, transaction control left out.
     statements: int
 
     def __sub__(self, other: Calls) -> Calls:
-        return Calls(self.round_trips - other.round_trips, self.statements - other.statements)
+        return Calls(self.statements - other.statements)
 
 
 class StatementCounter:
@@ -133,7 +131,7 @@ class StatementCounter:
         """The counts now (raises the driver's error if pg_stat_statements cannot be read)."""
         with self.engine.connect() as conn:
             row = conn.execute(sql.statement_calls(self.database)).one()
-        return Calls(int(row.round_trips), int(row.statements))
+        return Calls(int(row.statements))
 
     def read(self) -> Calls | None:
         """The counts now, or None when pg_stat_statements is unavailable."""

@@ -94,7 +94,6 @@ class RowRun:
     latency_p50_ms: float | None
     latency_p95_ms: float | None
     statements_per_order: float | None
-    round_trips_per_order: float | None
     peak_rss_mib: float | None
 
 
@@ -170,6 +169,7 @@ def oncelery_environment(settings: Settings) -> dict[str, str]:
         "ONCELERY_PIPELINES": ",".join(settings.pipelines),
         "ONCELERY_TASK_EVENTS": str(settings.task_events).lower(),
         "ONCELERY_FAST_PATH": str(settings.fast_path).lower(),
+        "ONCELERY_BATCH_SIZE": str(settings.batch_size),
     }
 
 
@@ -259,9 +259,6 @@ def _measure(
         latency_p95_ms=figures.percentile(latencies, 0.95),
         statements_per_order=figures.per_order(
             calls.statements - polls if calls else None, batch.count
-        ),
-        round_trips_per_order=figures.per_order(
-            calls.round_trips - polls if calls else None, batch.count
         ),
         peak_rss_mib=figures.group_peak_rss_mib(worker.pid),
     )

@@ -9,7 +9,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 #: Transaction control, which pg_stat_statements counts as statements of their own.
-_TRANSACTION_CONTROL = r"^\s*(BEGIN|COMMIT|ROLLBACK|START TRANSACTION|SAVEPOINT|RELEASE|END)\b"
+# A Postgres regular expression: `\y` is its word boundary (`\b` would be a backspace).
+_TRANSACTION_CONTROL = r"^\s*(BEGIN|COMMIT|ROLLBACK|START TRANSACTION|SAVEPOINT|RELEASE|END)\y"
 
 
 def database_exists(name: str) -> sa.TextClause:
@@ -40,11 +41,9 @@ def vacuum_analyze() -> sa.TextClause:
 
 
 def statement_calls(database: str) -> sa.TextClause:
-    """Statements run so far in a database: every call (round trips), and those that are not
-    transaction control (statements)."""
+    """Statements run so far in a database, transaction control (BEGIN, COMMIT…) left out."""
     return sa.text(
-        "SELECT coalesce(sum(calls), 0) AS round_trips, "
-        "coalesce(sum(calls) FILTER (WHERE query !~* :control), 0) AS statements "
+        "SELECT coalesce(sum(calls) FILTER (WHERE query !~* :control), 0) AS statements "
         "FROM pg_stat_statements "
         "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = :name)"
     ).bindparams(name=database, control=_TRANSACTION_CONTROL)

@@ -62,6 +62,7 @@ from ledger.queries.protocol import (
     mark_unknown,
     record_and_claim_next_in_one,
     record_step_in_one,
+    renew_lease,
     select_entries_for_job,
     select_entries_of_steps,
     select_entry,
@@ -74,6 +75,8 @@ from ledger.queries.templates import (
     record_params,
     record_retry_template,
     record_success_template,
+    renew_lease_template,
+    renew_params,
 )
 
 __all__ = [
@@ -113,6 +116,9 @@ __all__ = [
     "record_retry_template",
     "record_step_in_one",
     "record_success_template",
+    "renew_lease",
+    "renew_lease_template",
+    "renew_params",
     "reopen_job",
     "reset_entry",
     "select_dead_letters",

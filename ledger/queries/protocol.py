@@ -196,6 +196,24 @@ def mark_unknown(key: str, owner: UUID) -> sa.Update:
     )
 
 
+def renew_lease(key: str, owner: UUID, lease_seconds: float) -> sa.Update:
+    """Extend a key's lease from now, if `owner` still holds it; returns it then."""
+    entry = ledger_entries.c
+    return (
+        sa.update(ledger_entries)
+        .where(
+            entry.key == param("record_key", key, sa.String()),
+            entry.owner == param("record_owner", owner, sa.Uuid()),
+            entry.state == str(StepState.STARTED),
+        )
+        .values(
+            locked_until=db.utcnow_plus(param("lease", lease_seconds, sa.Float())),
+            updated_at=db.utcnow(),
+        )
+        .returning(entry.key)
+    )
+
+
 def select_entry(key: str) -> sa.Select[Any]:
     """One ledger entry."""
     return sa.select(ledger_entries).where(ledger_entries.c.key == key)

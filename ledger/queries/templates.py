@@ -14,6 +14,7 @@ from ledger.queries.protocol import (
     finish_entry,
     record_and_claim_next_in_one,
     record_step_in_one,
+    renew_lease,
 )
 from ledger.types import JSON, EventKind, JobState, StepState
 
@@ -75,6 +76,17 @@ def record_and_claim_template(takeover_expired: bool) -> sa.Select[Any]:
         lease_seconds=0.0,
         takeover_expired=takeover_expired,
     )
+
+
+@functools.cache
+def renew_lease_template() -> sa.Update:
+    """`renew_lease`, built once; run it with `renew_params`."""
+    return renew_lease("", _ANY, 0.0)
+
+
+def renew_params(key: str, owner: UUID, lease_seconds: float) -> dict[str, Any]:
+    """The parameters of `renew_lease_template`."""
+    return {"p_record_key": key, "p_record_owner": owner, "p_lease": lease_seconds}
 
 
 def record_params(

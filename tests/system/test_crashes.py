@@ -4,6 +4,7 @@ the provider."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import time
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from config.settings import CrashPoint
+from config.settings import CrashPoint, CrashRule
 from ledger import JobState
 from tests.factories import order_event
 from tests.system.conftest import System, SystemFactory, per_order
@@ -53,17 +54,38 @@ def assert_exactly_once(system: System, prefix: str, count: int) -> None:
     assert audit["clean"], audit["drift"]
 
 
+def crashed(system: System, step: str, point: CrashPoint, job_id: str) -> bool:
+    """Whether the `once` rule for this cell killed a worker (its marker, as `Crasher` names
+    it, exists)."""
+    rule = CrashRule.parse(f"{step}:{point}:once:{job_id}")
+    name = hashlib.sha256(f"{rule}|{job_id}".encode()).hexdigest()[:32]
+    return (system.data_dir / "crash-markers" / name).exists()
+
+
 def step_view(system: System, job_id: str, step: str) -> dict[str, Any]:
     views: list[dict[str, Any]] = [s for s in system.history(job_id)["steps"] if s["name"] == step]
     return views[0]
 
 
-@pytest.mark.parametrize("fast_path", [False, True], ids=["chained", "fast"])
+@pytest.mark.parametrize(
+    ("fast_path", "batch_size"),
+    [(False, 16), (True, 16), (True, 1)],
+    ids=["chained", "fast", "fast-unbatched"],
+)
 def test_every_crash_point_of_every_step(
-    fast_path: bool, broker_url: str, postgres_url: str, system_factory: SystemFactory
+    fast_path: bool,
+    batch_size: int,
+    broker_url: str,
+    postgres_url: str,
+    system_factory: SystemFactory,
 ) -> None:
-    # Given one order per (step, crash point), enqueued before any worker runs, in either mode
-    env = {**CRASH_SETTINGS, "ONCELERY_FAST_PATH": str(fast_path).lower()}
+    # Given one order per (step, crash point), enqueued before any worker runs, in either mode;
+    # the workers take the queued orders in batches, or one message at a time
+    env = {
+        **CRASH_SETTINGS,
+        "ONCELERY_FAST_PATH": str(fast_path).lower(),
+        "ONCELERY_BATCH_SIZE": str(batch_size),
+    }
     system = system_factory(
         database_url=postgres_url, broker_url=broker_url, workers=0, extra_env=env
     )
@@ -80,13 +102,21 @@ def test_every_crash_point_of_every_step(
     system.start_beat()
     system.wait_finished(prefix, len(job_ids), timeout=120)
 
-    # Then every cell crashed once, and still every order was done exactly once
-    markers = list((system.data_dir / "crash-markers").iterdir())
-    assert len(markers) == len(cells)
+    # Then every cell crashed once, and still every order was done exactly once. In a batch,
+    # a job's record is committed with its neighbours' before each job's after-record points:
+    # a neighbour's crash there may carry the job past its own (it was recorded, and then
+    # its worker died; the next delivery finds it done)
     assert_exactly_once(system, prefix, len(job_ids))
     for (step, point), job in zip(cells, job_ids, strict=False):
+        past_record = point in (CrashPoint.AFTER_RECORD, CrashPoint.AFTER_PUBLISH)
+        if batch_size == 1 or not past_record:
+            assert crashed(system, step, point, job), (step, point)
+    for (step, point), job in zip(cells, job_ids, strict=False):
         if point in (CrashPoint.AFTER_CLAIM, CrashPoint.AFTER_ACT):
-            assert step_view(system, job, step)["attempts"] == 2, (step, point)
+            attempts = step_view(system, job, step)["attempts"]
+            # The crash left the key started, and a later delivery took it over. In a batch,
+            # a neighbour's crash may have cost the key an attempt before that.
+            assert attempts == 2 if batch_size == 1 else attempts >= 2, (step, point, attempts)
 
 
 def test_lost_replies_are_charged_once_under_one_key(

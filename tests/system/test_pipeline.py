@@ -4,6 +4,7 @@ workers, a real sandbox injecting faults, effects counted where the money would 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 
 import pytest
@@ -100,3 +101,39 @@ def test_a_second_pipeline_runs_on_the_same_engine(
     results = [system.store.get_job(uuid.UUID(e.job_id)).results for e in enqueued]
     assert results[0]["measure"] == {"letters": 7, "upper": "EXACTLY"}
     assert per_order(system.effects(), "notification") == {"toy-exactly": 1, "toy-once": 1}
+
+
+@pytest.mark.parametrize("fast_path", [False, True], ids=["chained", "fast"])
+@pytest.mark.parametrize("broker", ["amqp", "redis"])
+def test_queued_orders_run_in_batches_exactly_once(
+    fast_path: bool, broker: str, postgres_url: str, request: pytest.FixtureRequest,
+    system_factory: SystemFactory,
+) -> None:  # fmt: skip
+    # Given orders that queued up before any worker ran, some of them failing once
+    system = system_factory(
+        database_url=postgres_url,
+        broker_url=request.getfixturevalue(f"{broker}_url"),
+        workers=0,
+        sandbox_options=["--fault-rate", "0.1"],
+        extra_env={"ONCELERY_FAST_PATH": str(fast_path).lower(), "ONCELERY_BATCH_SIZE": "8"},
+    )
+    prefix = f"batch-{uuid.uuid4().hex[:8]}-"
+    count = 60
+    system.enqueue(
+        [order_event(event_id=f"{prefix}{n}", order_id=f"{prefix}{n}") for n in range(count)]
+    )
+
+    # When one worker takes them
+    worker = system.start_worker("batcher")
+    counts = system.wait_finished(prefix, count)
+
+    # Then it ran them several at a time (at most 8), and each order was done exactly once
+    sizes = [int(m) for m in re.findall(r"batch of (\d+) ", worker.log_path.read_text())]
+    assert sizes, "the worker should have run batches"
+    assert max(sizes) <= 8
+    assert counts[JobState.SUCCEEDED] == count, counts
+    effects = system.effects()
+    expected = {f"{prefix}{n}": 1 for n in range(count)}
+    assert per_order(effects, "charge") == expected
+    assert per_order(effects, "notification") == expected
+    assert system.cli_json("audit")["clean"]

@@ -23,3 +23,12 @@ def runtime(engine: sa.Engine, database_url: str, tmp_path: Path) -> Runtime:
         store=JobStore(engine=engine),
         retry_policy=RetryPolicy(max_attempts=3, backoff_base=0.1, backoff_max=1.0),
     )
+
+
+@pytest.fixture
+def fast(runtime: Runtime, database_url: str, tmp_path: Path) -> Runtime:
+    """The runtime with the fast path on."""
+    runtime.settings = settings_for(
+        database_url=database_url, broker_url=None, data_dir=tmp_path, fast_path=True
+    )
+    return runtime

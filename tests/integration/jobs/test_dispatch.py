@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from config import MAIN_QUEUE
-from jobs.app import CeleryDispatch, _Confirms, client_app
+from jobs.app import CeleryDispatch, client_app
+from jobs.publishing import Confirms
 from tests.conftest import purge_queues, queue_length, settings_for
 
 
@@ -54,8 +55,9 @@ def test_an_unreachable_broker_leaves_every_job_unsent(tmp_path: Path) -> None:
 
 
 def test_confirms_count_single_and_multiple_answers() -> None:
-    confirms = _Confirms()
+    confirms = Confirms()
     confirms.sent_by = {1: "a", 2: "a", 3: "b", 4: "c", 5: "d", 6: "e", 7: "e", 8: "f"}
+    confirms.published = 8
     confirms._on_ack(2, False)
     confirms._on_ack(4, True)  # 1, 3 and 4
     confirms._on_nack(5, False)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
@@ -22,7 +21,6 @@ from ledger import (
     Reopened,
     StepState,
 )
-from tests.conftest import settings_for
 from tests.factories import RecordingDispatch, RetryRequested, new_job
 
 _names = itertools.count()
@@ -209,14 +207,6 @@ def test_a_step_missing_from_the_jobs_plan_dead_letters_it(runtime: Runtime) -> 
 
     [letter] = DeadLetterStore(engine=runtime.engine).list()
     assert (letter.error_type, letter.reason) == ("StepNotInJob", DeadLetterReason.PERMANENT)
-
-
-@pytest.fixture
-def fast(runtime: Runtime, database_url: str, tmp_path: Path) -> Runtime:
-    runtime.settings = settings_for(
-        database_url=database_url, broker_url=None, data_dir=tmp_path, fast_path=True
-    )
-    return runtime
 
 
 def test_the_fast_path_runs_the_following_steps_without_messages(fast: Runtime) -> None:

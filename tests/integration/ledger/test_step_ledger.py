@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from ledger import (
+    JSON,
     AlreadySucceeded,
     Claim,
     DeadLetterReason,
@@ -22,8 +23,10 @@ from ledger import (
     JobStore,
     LeaseLost,
     OutcomeUnknown,
+    StatementRejected,
     StepLedger,
     StepNotInJob,
+    StepResult,
     StepState,
     create_engine,
 )
@@ -295,3 +298,120 @@ def test_a_step_missing_from_the_plan_is_named(store: JobStore, ledger: StepLedg
 
     with pytest.raises(StepNotInJob):
         ledger.claim_step(job_id, "second")
+
+
+# --- batches: several jobs at the same step, one transaction per stage on Postgres ---------
+
+
+def test_a_batch_claims_records_and_claims_on_as_each_job_alone_would(
+    store: JobStore, ledger: StepLedger
+) -> None:
+    jobs = [create_job(store) for _ in range(3)]
+
+    claims = [claimed(found) for found in ledger.claim_steps(jobs, "first")]
+    answers = ledger.record_and_claim_next_steps(
+        [StepResult(claim, {"n": n}, 1.0) for n, claim in enumerate(claims)], next_step="second"
+    )
+    seconds = []
+    for answer in answers:
+        assert not isinstance(answer, Exception), answer
+        recorded, found = answer
+        assert recorded.job_state is JobState.RUNNING
+        seconds.append(claimed(found))
+    finished = ledger.record_successes(
+        [StepResult(claim, {"done": True}, 1.0) for claim in seconds], next_step=None
+    )
+
+    assert [getattr(r, "job_state", r) for r in finished] == [JobState.SUCCEEDED] * 3
+    for n, job_id in enumerate(jobs):
+        job = store.get_job(job_id)
+        assert job.results == {"first": {"n": n}, "second": {"done": True}}
+
+
+def test_in_a_batch_each_job_hears_only_of_its_own_trouble(
+    store: JobStore, ledger: StepLedger
+) -> None:
+    # Given a healthy job, a job already finished, the same job twice, a job reusing a key
+    # for a different request, and a job whose plan lacks the step
+    healthy = create_job(store)
+    finished = create_job(store)
+    ledger.dead_letter(finished, "first", {"type": "Manual"}, reason=DeadLetterReason.PERMANENT)
+    twice = create_job(store)
+    first_user = create_job(store, key_base="order:77", context={"amount": 1})
+    ledger.record_success(
+        claimed(ledger.claim_step(first_user, "first")), {}, next_step="second", duration_ms=1
+    )
+    reused = create_job(store, key_base="order:77", context={"amount": 2})
+    short = create_job(store, steps=("second",))
+
+    found = ledger.claim_steps([healthy, finished, twice, twice, reused, short], "first")
+
+    assert isinstance(found[0], Claim)
+    assert found[1] == JobInactive(finished, "first", JobState.DEAD_LETTERED)
+    assert isinstance(found[2], Claim)
+    assert isinstance(found[3], InFlight)  # the first copy holds the key
+    assert isinstance(found[4], FingerprintMismatch)
+    assert isinstance(found[5], StepNotInJob)
+
+
+def test_a_value_postgres_refuses_fails_only_its_own_job(
+    store: JobStore, ledger: StepLedger
+) -> None:
+    jobs = [create_job(store) for _ in range(3)]
+    claims = [claimed(found) for found in ledger.claim_steps(jobs, "first")]
+    # JSONB cannot hold NUL characters: Postgres refuses that result (SQLite takes it).
+    results: list[JSON] = [{"ok": 1}, {"bad": "nul\u0000here"}, {"ok": 3}]
+
+    answers = ledger.record_successes(
+        [StepResult(c, r, 1.0) for c, r in zip(claims, results, strict=True)], next_step="second"
+    )
+
+    assert store.get_job(jobs[0]).results == {"first": {"ok": 1}}
+    assert store.get_job(jobs[2]).results == {"first": {"ok": 3}}
+    if store.engine.dialect.name == "postgresql":
+        assert isinstance(answers[1], StatementRejected)
+        assert store.get_job(jobs[1]).results == {}
+
+
+def test_a_batch_record_is_fenced_per_job(engine: sa.Engine, store: JobStore) -> None:
+    ledger = StepLedger(engine=engine, lease_seconds=0.2)
+    jobs = [create_job(store) for _ in range(2)]
+    late, kept = (claimed(found) for found in ledger.claim_steps(jobs, "first"))
+    time.sleep(0.4)
+    claimed(ledger.claim_step(jobs[0], "first"))  # the first job's key is taken over
+
+    answers = ledger.record_and_claim_next_steps(
+        [StepResult(late, {}, 1.0), StepResult(kept, {}, 1.0)], next_step="second"
+    )
+
+    assert isinstance(answers[0], LeaseLost)
+    assert not isinstance(answers[1], Exception)
+    assert isinstance(answers[1][1], Claim)
+
+
+def test_renewing_leases_keeps_the_keys_still_held(engine: sa.Engine, store: JobStore) -> None:
+    ledger = StepLedger(engine=engine, lease_seconds=0.3)
+    jobs = [create_job(store) for _ in range(2)]
+    lost, held = (claimed(found) for found in ledger.claim_steps(jobs, "first"))
+    time.sleep(0.4)
+    claimed(ledger.claim_step(jobs[0], "first"))
+
+    assert ledger.renew_leases([lost, held]) == [False, True]
+    time.sleep(0.2)
+    # Renewed for another 0.3 s from the renewal: still live, so nobody takes it over.
+    assert isinstance(ledger.claim_step(jobs[1], "first"), InFlight)
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_a_batch_costs_one_transaction_per_stage_on_postgres(
+    store: JobStore, ledger: StepLedger, statements: list[str]
+) -> None:
+    jobs = [create_job(store) for _ in range(5)]
+    statements.clear()
+
+    claims = [claimed(found) for found in ledger.claim_steps(jobs, "first")]
+    ledger.record_successes([StepResult(c, {}, 1.0) for c in claims], next_step="second")
+
+    # One claim and one record per job, in two transactions (each sent as one pipeline).
+    sent = [statement.split()[0] for statement in statements]
+    assert sent == ["BEGIN", *["WITH"] * 5, "COMMIT", "BEGIN", *["WITH"] * 5, "COMMIT"]

@@ -1,0 +1,210 @@
+"""Publishing many task messages at once, on a connection each process keeps for it: on
+RabbitMQ the publisher confirms of the lot are awaited together, not one by one.
+
+Used for the first steps of enqueued jobs, and for the next steps of a batch in the chained
+mode. A message counts as sent only once the broker confirmed it; whatever is not confirmed
+is reported unsent, to go back to the outbox or wait for the sweeper (a second copy of a
+message that was in fact queued is absorbed by the ledger).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+from celery import Celery
+from kombu import Connection, Producer
+
+logger = logging.getLogger(__name__)
+
+#: Seconds to wait for RabbitMQ to confirm a batch before calling the rest unsent.
+CONFIRM_TIMEOUT: Final = 30.0
+
+_PUBLISHERS: weakref.WeakKeyDictionary[Celery, Publisher] = weakref.WeakKeyDictionary()
+_PUBLISHERS_LOCK = threading.Lock()
+
+
+def publisher_for(app: Celery) -> Publisher:
+    """The batch publisher of an app in this process."""
+    with _PUBLISHERS_LOCK:
+        found = _PUBLISHERS.get(app)
+        if found is None:
+            found = _PUBLISHERS[app] = Publisher(app)
+        return found
+
+
+def close_publishers() -> None:
+    """Close this process's publishing connections (a worker child shutting down)."""
+    with _PUBLISHERS_LOCK:
+        publishers = list(_PUBLISHERS.values())
+    for publisher in publishers:
+        publisher.close()
+
+
+class Publisher:
+    """A connection of its own, opened on first use and kept, that publishes messages in
+    batches. Thread-safe; after a fork the child opens its own (the parent's is left alone:
+    closing it would close the parent's session too).
+
+    Args:
+        app: the app whose broker and message settings are used.
+    """
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._connection: Connection | None = None
+        self._producer: Producer | None = None
+        self._confirms: Confirms | None = None
+
+    def publish(self, job_ids: Sequence[str], send: Callable[[str, Producer], None]) -> list[str]:
+        """Call `send(job_id, producer)` for each job, then wait for the broker's confirms.
+
+        Returns:
+            The jobs whose messages were not all confirmed (all of them if the broker could
+            not be reached).
+        """
+        with self._lock:
+            try:
+                return self._publish(job_ids, send)
+            except Exception as exc:  # noqa: BLE001 - whatever the broker said, these are unsent
+                logger.warning("publishing %d messages failed: %s", len(job_ids), exc)
+                self._drop()
+                return list(job_ids)
+
+    def close(self) -> None:
+        """Close the connection, if this process opened it."""
+        with self._lock:
+            self._drop()
+
+    def _publish(self, job_ids: Sequence[str], send: Callable[[str, Producer], None]) -> list[str]:
+        connection, producer, confirms = self._open()
+        if confirms is not None:
+            confirms.begin()
+        for job_id in job_ids:
+            if confirms is not None:
+                confirms.sending = job_id
+            send(job_id, producer)
+        if confirms is None:
+            return []
+        confirms.wait(connection, timeout=CONFIRM_TIMEOUT)
+        unconfirmed = confirms.unconfirmed()
+        if confirms.waiting():
+            # Answers still owed would be counted against the next batch: start afresh.
+            self._drop()
+        return [job_id for job_id in job_ids if job_id in unconfirmed]
+
+    def _open(self) -> tuple[Connection, Producer, Confirms | None]:
+        if self._pid != os.getpid():
+            # Inherited from the parent: forget it without closing it.
+            self._connection, self._producer, self._confirms = None, None, None
+            self._pid = os.getpid()
+        if self._connection is None or self._producer is None:
+            # Publisher confirms are switched on by hand (`Confirms`), to await them together.
+            connection = self.app.connection_for_write(transport_options={"confirm_publish": False})
+            try:
+                channel = connection.default_channel
+                self._confirms = Confirms.select(channel)
+                self._producer = self.app.amqp.Producer(channel)
+            except Exception:
+                connection.release()
+                raise
+            self._connection = connection
+        return self._connection, self._producer, self._confirms
+
+    def _drop(self) -> None:
+        connection = self._connection
+        self._connection, self._producer, self._confirms = None, None, None
+        if connection is not None and self._pid == os.getpid():
+            with contextlib.suppress(Exception):
+                connection.release()
+
+
+class Confirms:
+    """RabbitMQ's publisher confirms on one channel, collected as they come.
+
+    The broker numbers a confirm-mode channel's messages 1, 2, 3…; each number is noted with
+    the job being sent when it was published (a job may publish more than its task message,
+    e.g. a `task-sent` event), and a job is confirmed when all of its messages are acked.
+    """
+
+    def __init__(self) -> None:
+        #: The job whose messages are being published now.
+        self.sending = ""
+        #: The numbers published in this round, and whose they are.
+        self.sent_by: dict[int, str] = {}
+        self.acked: set[int] = set()
+        self.nacked: set[int] = set()
+        #: Messages published on the channel so far.
+        self.published = 0
+        #: Every number up to this one has an answer.
+        self._floor = 0
+
+    @classmethod
+    def select(cls, channel: Any) -> Confirms | None:
+        """Put a py-amqp channel in confirm mode and number what it publishes; None on a
+        broker without confirms."""
+        if not hasattr(channel, "confirm_select"):
+            return None
+        confirms = cls()
+        channel.confirm_select()
+        channel.events["basic_ack"].add(confirms._on_ack)
+        channel.events["basic_nack"].add(confirms._on_nack)
+        publish = channel.basic_publish
+
+        def numbered(*args: Any, **kwargs: Any) -> Any:
+            confirms.published += 1
+            confirms.sent_by[confirms.published] = confirms.sending
+            return publish(*args, **kwargs)
+
+        channel.basic_publish = numbered
+        return confirms
+
+    def begin(self) -> None:
+        """Start a round: forget the last one's messages (all of which were answered)."""
+        self.sent_by.clear()
+        self.acked.clear()
+        self.nacked.clear()
+
+    def wait(self, conn: Any, *, timeout: float) -> None:
+        """Read the broker's answers until every message published has one, or `timeout`
+        seconds pass."""
+        deadline = time.monotonic() + timeout
+        while self.waiting():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            with contextlib.suppress(socket.timeout):
+                conn.drain_events(timeout=left)
+
+    def waiting(self) -> bool:
+        """Whether a message published has no answer yet."""
+        return self._floor < self.published
+
+    def unconfirmed(self) -> set[str]:
+        """The jobs with a message the broker did not ack (nacked, or no answer yet)."""
+        return {job for tag, job in self.sent_by.items() if tag not in self.acked}
+
+    def _on_ack(self, tag: int, multiple: bool) -> None:
+        self._answer(self.acked, tag, multiple)
+
+    def _on_nack(self, tag: int, multiple: bool) -> None:
+        self._answer(self.nacked, tag, multiple)
+
+    def _answer(self, into: set[int], tag: int, multiple: bool) -> None:
+        # `multiple`: this number and every earlier one not answered yet.
+        first = self._floor + 1 if multiple else tag
+        into.update(t for t in range(first, tag + 1) if not self._answered(t))
+        while self._answered(self._floor + 1):
+            self._floor += 1
+
+    def _answered(self, tag: int) -> bool:
+        return tag in self.acked or tag in self.nacked

@@ -1,0 +1,139 @@
+"""What the step protocol's statements answer, read row by row: a claim's outcome, the
+outcome to record (with its statement's parameters), and a batch's answers job by job.
+
+Must not import celery, kombu, jobs or config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, ParamSpec, TypeVar
+from uuid import UUID
+
+from ledger import db, queries
+from ledger.errors import (
+    FingerprintMismatch,
+    LeaseLost,
+    LedgerError,
+    StatementRejected,
+    StepNotInJob,
+)
+from ledger.types import (
+    JSON,
+    AlreadySucceeded,
+    Claim,
+    ClaimOutcome,
+    EventKind,
+    InFlight,
+    JobState,
+    OutcomeUnknown,
+    StepState,
+)
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+#: Shortest wait suggested to a claimant that found a live lease, in seconds.
+MIN_IN_FLIGHT_WAIT = 0.5
+#: What a call about one job of a batch may raise that concerns that job alone.
+_ONE_JOBS_ERRORS = (FingerprintMismatch, StepNotInJob, StatementRejected, LeaseLost)
+
+
+def decode_claim(
+    job_id: UUID, step: str, owner: UUID, row: Mapping[str, Any], takeover_expired: bool
+) -> ClaimOutcome:
+    """What a claim statement's row says: the key is `owner`'s now, or why not.
+
+    Raises:
+        StepNotInJob: the job's plan has no such step.
+        FingerprintMismatch: the key was first used for a different request.
+    """
+    key = row["key"]
+    if key is None:
+        raise StepNotInJob(job_id, step)
+    context, results = row["context"], row["results"]
+    current_step = row["current_step"]
+    if row["claimed_attempts"] is not None:
+        attempts = row["claimed_attempts"]
+        return Claim(job_id, step, key, owner, attempts, context, results, current_step)
+    if row.get("entry_state") is None:
+        # Inserted by a concurrent claimant after this statement's snapshot was taken.
+        return InFlight(job_id, step, key, retry_in=MIN_IN_FLIGHT_WAIT)
+    if row["entry_step"] != step or row["entry_fingerprint"] != row["fingerprint"]:
+        raise FingerprintMismatch(key, job_id, step)
+    if row["entry_state"] == StepState.SUCCEEDED:
+        result, ours = row["entry_result"], step in results
+        return AlreadySucceeded(job_id, step, key, result, ours, context, results, current_step)
+    return _not_claimed(job_id, step, key, row, takeover_expired)
+
+
+def _not_claimed(
+    job_id: UUID, step: str, key: str, row: Mapping[str, Any], takeover_expired: bool
+) -> InFlight | OutcomeUnknown:
+    """Why a claim that found an unfinished entry did not take it."""
+    if row["entry_state"] == StepState.UNKNOWN:
+        return OutcomeUnknown(job_id, step, key, attempts=row["entry_attempts"])
+    if row["entry_state"] == StepState.STARTED and row["entry_lease_expired"]:
+        if takeover_expired:
+            # The snapshot saw an expired lease, yet the claim did not take it over: on
+            # Postgres another claimant took it after the snapshot. Look again shortly.
+            return InFlight(job_id, step, key, retry_in=MIN_IN_FLIGHT_WAIT)
+        return OutcomeUnknown(
+            job_id, step, key, attempts=row["entry_attempts"], owner=row["entry_owner"]
+        )
+    return InFlight(job_id, step, key, retry_in=_remaining(row["entry_locked_until"]))
+
+
+def _remaining(locked_until: datetime | None) -> float:
+    until = db.as_utc(locked_until)
+    if until is None:
+        return MIN_IN_FLIGHT_WAIT
+    return max(MIN_IN_FLIGHT_WAIT, (until - datetime.now(UTC)).total_seconds())
+
+
+@dataclass(frozen=True)
+class Record:
+    """One attempt's outcome to record: on its key, in its job's history, on its job."""
+
+    claim: Claim
+    entry: tuple[StepState, JSON, JSON]
+    event: tuple[EventKind, float | None, JSON]
+    job: tuple[JobState, str | None, tuple[str, JSON] | None]
+
+    def template(self) -> Any:
+        """The statement that records it in one round trip (Postgres)."""
+        if self.event[0] is EventKind.SUCCEEDED:
+            return queries.record_success_template(self.job[0] is JobState.SUCCEEDED)
+        return queries.record_retry_template()
+
+    def values(self) -> dict[str, Any]:
+        """The template's parameters."""
+        _, _, error = self.entry
+        _, duration_ms, detail = self.event
+        state, current_step, result = self.job
+        return queries.record_params(
+            key=self.claim.key,
+            owner=self.claim.owner,
+            job_id=self.claim.job_id,
+            event=(duration_ms, detail),
+            job=(state, current_step),
+            result=result,
+            error=error,
+        )
+
+
+def answer(call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T | LedgerError:
+    """`call(...)`, or the error it raised about its job alone (a batch's other jobs go on)."""
+    try:
+        return call(*args, **kwargs)
+    except _ONE_JOBS_ERRORS as exc:
+        return exc
+
+
+def raised(found: T | LedgerError) -> T:
+    """A batch's answer for one job as the single call gives it: the error raised."""
+    if isinstance(found, LedgerError):
+        raise found
+    return found
