@@ -64,12 +64,13 @@ def dead_letter_queue() -> Queue:
 
 
 def prefetch_multiplier(settings: Settings) -> int:
-    """Messages a worker reserves per pool child. Batches need room for a full batch per child
-    and the next one waiting; one message at a time (the embedded broker's workers never
-    batch) needs only Celery's default 4."""
+    """Messages a worker reserves per pool child: room for a full batch each (twice that is
+    ~10 % faster, but a paused worker — GC, SIGSTOP — then sits on twice the re-drives and
+    sweeps before the broker gives up on it). One message at a time (the embedded broker's
+    workers never batch) needs only Celery's default 4."""
     if settings.broker_kind == "filesystem":
         return 4
-    return max(4, 2 * settings.batch_size)
+    return max(4, settings.batch_size)
 
 
 def celery_config(settings: Settings) -> dict[str, object]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
 from celery import Celery, Task
@@ -198,12 +198,19 @@ class CeleryDispatch:
 _STEPS: dict[str, tuple[Pipeline[object], str]] = {}
 
 
-def run_batch_of(task_name: str, job_ids: Sequence[str], timer: StepTimer) -> list[Outcome]:
+def is_repeat(delivery_info: Mapping[str, Any]) -> bool:
+    """Whether a step's message may repeat an attempt: redelivered by the broker (its worker
+    may have died on it), or sent again on the retry queue (a retry, a re-drive, a replay)."""
+    return bool(delivery_info.get("redelivered")) or delivery_info.get("routing_key") == RETRY_QUEUE
+
+
+def run_batch_of(
+    task_name: str, job_ids: Sequence[str], timer: StepTimer, *, repeats: Sequence[bool]
+) -> list[Outcome]:
     """Run a batch of one step task's messages (in a pool child, see `jobs.batching`)."""
-    pipeline, step = _STEPS[task_name]
-    return run_steps(
-        runtime(), CeleryDispatch(), pipeline, pipeline.step(step), job_ids, timer=timer
-    )
+    pipeline, name = _STEPS[task_name]
+    step, rt = pipeline.step(name), runtime()
+    return run_steps(rt, CeleryDispatch(), pipeline, step, job_ids, timer=timer, repeats=repeats)
 
 
 def _bind(pipeline: Pipeline[object]) -> None:
@@ -213,8 +220,16 @@ def _bind(pipeline: Pipeline[object]) -> None:
 
         def run(task: Task[Any, Any], job_id: str, *, _step: str = step.name) -> str:
             dispatch = CeleryDispatch(task)
+            repeat = is_repeat(task.request.delivery_info or {})
             try:
-                outcome = run_step(runtime(), dispatch, pipeline, pipeline.step(_step), job_id)
+                outcome = run_step(
+                    runtime(),
+                    dispatch,
+                    pipeline,
+                    pipeline.step(_step),
+                    job_id,
+                    repeat=repeat,
+                )
             except DatabaseUnavailable as exc:
                 # Acking now would drop the step; send it again and let the ledger sort it out.
                 logger.warning("database unavailable: %s", exc.detail, extra={"action": "db_down"})

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 from billiard.einfo import ExceptionInfo
 from billiard.exceptions import SoftTimeLimitExceeded
@@ -38,10 +38,13 @@ from celery.worker.state import task_ready, task_reserved
 from celery.worker.strategy import default as default_strategy
 
 from config import BATCH_SIZE_SETTING
-from jobs.app import run_batch_of
+from jobs.app import is_repeat, run_batch_of
 from jobs.runner import Outcome
 
 logger = logging.getLogger(__name__)
+
+#: Seconds between a batch's soft and hard backstop limits.
+_BACKSTOP_GRACE: Final = 5.0
 
 
 def strategy(task: Task[Any, Any], app: Celery, consumer: Consumer, **options: Any) -> Any:
@@ -157,8 +160,12 @@ class Batcher:
         return batch
 
     def _apply(self, batch: list[Request]) -> None:
-        hard = sum(r.time_limits[0] or self.task.time_limit or 0 for r in batch)
-        soft = sum(r.time_limits[1] or self.task.soft_time_limit or 0 for r in batch)
+        # Each step is bounded in the child by its own limit (`step_timer`); the pool's limits
+        # are a backstop that must never strike first (a soft limit striking while an
+        # attempt is recorded would cut the record): the messages' hard limits summed, then
+        # a grace more for the hard one.
+        soft = sum(r.time_limits[0] or self.task.time_limit or 0 for r in batch)
+        hard = soft + _BACKSTOP_GRACE if soft else 0
 
         def accepted(pid: Any, time_accepted: float) -> None:
             for request in batch:
@@ -178,7 +185,11 @@ class Batcher:
 
         self.slots.pool.apply_async(
             run_batch,
-            args=(self.task.name, [str(r.args[0]) for r in batch]),
+            args=(
+                self.task.name,
+                [str(r.args[0]) for r in batch],
+                [is_repeat(r.delivery_info or {}) for r in batch],
+            ),
             accept_callback=accepted,
             callback=finished,
             error_callback=failed,
@@ -249,11 +260,14 @@ def _exception_info(exc: Exception) -> ExceptionInfo:
         return ExceptionInfo()
 
 
-def run_batch(task_name: str, job_ids: Sequence[str]) -> list[tuple[str, float]]:
-    """In a pool child: run one batch; each job's outcome and the batch's seconds so far."""
+def run_batch(
+    task_name: str, job_ids: Sequence[str], repeats: Sequence[bool]
+) -> list[tuple[str, float]]:
+    """In a pool child: run one batch (`repeats`: which messages may repeat an attempt); each
+    job's outcome and the batch's seconds so far."""
     started = time.monotonic()
     try:
-        outcomes = run_batch_of(task_name, job_ids, step_timer)
+        outcomes = run_batch_of(task_name, job_ids, step_timer, repeats=repeats)
     except Exception:
         logger.exception("a batch of %s failed", task_name, extra={"action": "batch_failed"})
         outcomes = [Outcome.INTERRUPTED] * len(job_ids)

@@ -8,9 +8,9 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 
+from jobs.dispatch import Dispatch
 from jobs.errors import UnknownPipeline
 from jobs.pipelines import Delivery, Pipeline, registry
-from jobs.runner import Dispatch
 from ledger import (
     JSON,
     DeadLetter,

@@ -17,10 +17,10 @@ from uuid import UUID
 
 from pydantic import ValidationError
 
+from jobs.dispatch import Dispatch, SendsMany
 from jobs.errors import InvalidEvent
 from jobs.orders import OrderPlaced, order_job, order_placed
 from jobs.pipelines import Pipeline
-from jobs.runner import Dispatch, SendsMany
 from ledger import JobStore, NewJob
 
 logger = logging.getLogger(__name__)

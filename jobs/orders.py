@@ -8,7 +8,7 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from config import Settings
-from jobs.pipelines import Pipeline, Step
+from jobs.pipelines import Delivery, Pipeline, Step
 from jobs.provider import ProviderClient
 from jobs.steps import charge, gather, notify
 from ledger import NewJob
@@ -55,7 +55,7 @@ def _provider(settings: Settings) -> ProviderClient:
 order_placed: Pipeline[ProviderClient] = Pipeline(
     name="order-placed",
     steps=[
-        Step("gather", gather, key="order:{order_id}:gather"),
+        Step("gather", gather, key="order:{order_id}:gather", delivery=Delivery.READ_ONLY),
         Step("act", charge, key="order:{order_id}:charge", effect="charge"),
         Step("publish", notify, key="order:{order_id}:notify", effect="notification"),
     ],

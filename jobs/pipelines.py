@@ -31,6 +31,11 @@ class Delivery(enum.StrEnum):
     #: The provider ignores keys: a crash between acting and recording leaves the step
     #: `unknown` and the job dead-lettered for a person, never silently resent.
     AT_MOST_ONCE = "at_most_once"
+    #: The step changes nothing outside (it reads), so running it twice is harmless: on
+    #: Postgres a delivery runs it without claiming its key first, and records its result
+    #: fenced by the job's current step (a delivery that may repeat one whose worker died
+    #: still claims, so that attempts are counted).
+    READ_ONLY = "read_only"
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,7 @@ class Step(Generic[R]):
         key: the idempotency key, a template over the job's context (`"order:{order_id}:charge"`)
             or a function of it; derive it from the business identity, not from the job id, so
             the same request arriving as two events is still done once.
-        delivery: exactly-once (the provider honours keys) or at-most-once.
+        delivery: exactly-once (the provider honours keys), at-most-once, or read-only.
         effect: the kind of outside effect this step applies (`"charge"`), for the audit.
         retry: this step's retry policy; the settings' policy when None.
         time_limit: seconds one attempt may take before it is interrupted (soft limit; the

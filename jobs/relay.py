@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from uuid import UUID
 
-from jobs.runner import Dispatch
+from jobs.dispatch import Dispatch
 from jobs.runtime import Runtime
 from jobs.sweeper import relay
 

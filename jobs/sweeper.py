@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from typing import Final
 from uuid import UUID
 
+from jobs.dispatch import Dispatch
 from jobs.errors import UnknownPipeline
 from jobs.pipelines import registry
-from jobs.runner import Dispatch
 from jobs.runtime import Runtime
 
 logger = logging.getLogger(__name__)

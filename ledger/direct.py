@@ -108,6 +108,21 @@ class DirectStatements:
         with self._translated_errors():
             return _one_row(self._connect().execute(compiled.sql, parameters))
 
+    def rows(self, template: sa.ClauseElement, values: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Run a template that reads; its rows by column name.
+
+        Raises:
+            DatabaseUnavailable, StatementRejected, SchemaMissing: as `one`.
+        """
+        compiled = self._compile(template)
+        parameters = compiled.parameters(values)
+        for listener in self.listeners:
+            listener(compiled.sql)
+        with self._translated_errors():
+            cursor = self._connect().execute(compiled.sql, parameters)
+            names = [column.name for column in cursor.description or ()]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
     def many(
         self, template: sa.ClauseElement, values: Sequence[Mapping[str, Any]]
     ) -> list[dict[str, Any] | None]:

@@ -29,6 +29,7 @@ from ledger.types import (
     InFlight,
     JobState,
     OutcomeUnknown,
+    Reading,
     StepState,
 )
 
@@ -84,6 +85,24 @@ def _not_claimed(
             job_id, step, key, attempts=row["entry_attempts"], owner=row["entry_owner"]
         )
     return InFlight(job_id, step, key, retry_in=_remaining(row["entry_locked_until"]))
+
+
+def reading_of(row: Mapping[str, Any] | None, job_id: UUID, step: str) -> Reading | None:
+    """What a read of a job says of a read-only step: run it unclaimed (a `Reading`), or
+    None — claim it instead (the job stopped or moved on, the key is held or done, the plan
+    lacks the step: the claim tells which)."""
+    if row is None or row["key"] is None or row["current_step"] != step:
+        return None
+    if row["state"] not in (JobState.PENDING, JobState.RUNNING):
+        return None
+    if row["entry_state"] not in (None, StepState.FAILED):
+        return None
+    if row["entry_state"] is not None and (
+        row["entry_step"] != step or row["entry_fingerprint"] != row["fingerprint"]
+    ):
+        return None
+    attempt = (row["entry_attempts"] or 0) + 1
+    return Reading(job_id, step, row["key"], attempt, row["context"], row["results"])
 
 
 def _remaining(locked_until: datetime | None) -> float:

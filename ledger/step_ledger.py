@@ -21,6 +21,7 @@ from ledger.dead_letters import DeadLetterNote, write_dead_letter
 from ledger.direct import for_engine
 from ledger.errors import LeaseLost, LedgerError, StatementRejected, StepNotInJob
 from ledger.outcomes import Record, answer, decode_claim, raised
+from ledger.read_only_steps import ReadOnlySteps
 from ledger.types import (
     JSON,
     AlreadySucceeded,
@@ -61,7 +62,7 @@ class Failure:
             raise ValueError("an attempt whose outcome is unknown is not retried")
 
 
-class StepLedger:
+class StepLedger(ReadOnlySteps):
     """Claims, records and fences steps; usable from plain Python, without Celery.
 
     Args:
@@ -119,7 +120,7 @@ class StepLedger:
             DatabaseUnavailable: the database stayed unreachable; nothing was claimed.
         """
         direct = self.direct
-        if direct is None or len(job_ids) == 1:
+        if direct is None or len(job_ids) <= 1:
             return [
                 answer(self.claim_step, job, step, takeover_expired=takeover_expired)
                 for job in job_ids

@@ -303,3 +303,24 @@ class StepResult:
     claim: Claim
     result: JSON
     duration_ms: float | None
+
+
+@dataclass(frozen=True)
+class Reading:
+    """A read-only step about to run unclaimed: what it needs, and its attempt's number."""
+
+    job_id: UUID
+    step: str
+    key: str
+    attempt: int
+    context: Mapping[str, JSON]
+    results: Mapping[str, JSON]
+
+
+@dataclass(frozen=True)
+class ReadResult:
+    """A read-only step that succeeded unclaimed: its result, to be recorded."""
+
+    reading: Reading
+    result: JSON
+    duration_ms: float | None

@@ -144,7 +144,7 @@ class LedgerDriver:
 
         def done() -> bool:
             self.polls += 1
-            state = self.store.get_job(job).state
+            state = self.store.state_of(job)
             if state in (JobState.DEAD_LETTERED, JobState.CANCELLED):
                 raise BenchFailed(f"latency probe {name} ended {state}")
             return state is JobState.SUCCEEDED

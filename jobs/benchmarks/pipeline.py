@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Final
 
 from config import Settings
-from jobs.pipelines import Pipeline, Step
+from jobs.pipelines import Delivery, Pipeline, Step
 from jobs.provider import ProviderClient
 from jobs.steps import charge, gather, notify
 from ledger import JSON
@@ -71,7 +71,7 @@ def _null_provider(_settings: Settings) -> ProviderClient:
 bench_order_placed: Pipeline[ProviderClient] = Pipeline(
     name=BENCH_PIPELINE,
     steps=[
-        Step("gather", gather, key="bench:{order_id}:gather"),
+        Step("gather", gather, key="bench:{order_id}:gather", delivery=Delivery.READ_ONLY),
         Step("act", charge, key="bench:{order_id}:charge", effect="charge"),
         Step("publish", notify, key="bench:{order_id}:notify", effect="notification"),
     ],

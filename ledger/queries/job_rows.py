@@ -69,6 +69,12 @@ def select_job(job_id: UUID) -> sa.Select[Any]:
     return sa.select(jobs).where(jobs.c.id == job_id)
 
 
+@functools.cache
+def job_state_template() -> sa.Select[Any]:
+    """A job's state (`p_job_id`), built once: what a caller waiting for a job polls."""
+    return sa.select(jobs.c.state).where(jobs.c.id == param("job_id", UUID(int=0), sa.Uuid()))
+
+
 def select_jobs(
     state: JobState | None,
     limit: int,
@@ -178,7 +184,8 @@ def adopt_result(job_id: UUID, step: str, value: JSON, next_step: str | None) ->
         values["finished_at"] = db.utcnow()
     return (
         sa.update(jobs)
-        .where(jobs.c.id == job_id, jobs.c.state.in_(ACTIVE))
+        # At that step still: a job another delivery moved on meanwhile keeps its place.
+        .where(jobs.c.id == job_id, jobs.c.state.in_(ACTIVE), jobs.c.current_step == step)
         .values(values)
         .returning(jobs.c.state)
     )

@@ -95,7 +95,7 @@ def claim_step_in_one(
 ) -> sa.Select[Any]:
     """Postgres: start the job, claim its step and read the existing entry in one statement."""
     job = start_job(job_id, step).cte("job")
-    claimed, existing, columns = _claim_from(
+    claimed, existing, columns = claim_from(
         job, step=step, owner=owner, lease_seconds=lease_seconds, takeover_expired=takeover_expired
     )
     return sa.select(*columns).select_from(
@@ -103,7 +103,7 @@ def claim_step_in_one(
     )
 
 
-def _claim_from(
+def claim_from(
     job: CTE, *, step: str, owner: UUID, lease_seconds: float, takeover_expired: bool
 ) -> tuple[CTE, FromClause, list[ColumnElement[Any]]]:
     """Claim the key of `job` (a CTE returning the started job's row) for `owner`: the claim,
@@ -344,7 +344,7 @@ def record_and_claim_next_in_one(
         )
         .cte("job")
     )
-    claimed, existing, columns = _claim_from(
+    claimed, existing, columns = claim_from(
         job,
         step=next_step,
         owner=owner,

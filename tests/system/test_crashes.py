@@ -31,11 +31,6 @@ CRASH_SETTINGS = {
 STEPS = ("gather", "act", "publish")
 
 
-@pytest.fixture(params=["amqp", "redis"])
-def broker_url(request: pytest.FixtureRequest) -> str:
-    return str(request.getfixturevalue(f"{request.param}_url"))
-
-
 def events(prefix: str, count: int, **fields: object) -> list[dict[str, object]]:
     return [
         order_event(event_id=f"{prefix}{n}", order_id=f"{prefix}{n}", **fields)
@@ -68,19 +63,27 @@ def step_view(system: System, job_id: str, step: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    ("fast_path", "batch_size"),
-    [(False, 16), (True, 16), (True, 1)],
-    ids=["chained", "fast", "fast-unbatched"],
+    ("broker", "fast_path", "batch_size"),
+    [
+        ("amqp", False, 16),
+        ("redis", False, 16),
+        ("amqp", True, 16),
+        ("redis", True, 16),
+        ("amqp", True, 1),
+    ],
+    ids=["amqp-chained", "redis-chained", "amqp-fast", "redis-fast", "amqp-fast-unbatched"],
 )
 def test_every_crash_point_of_every_step(
+    broker: str,
     fast_path: bool,
     batch_size: int,
-    broker_url: str,
     postgres_url: str,
+    request: pytest.FixtureRequest,
     system_factory: SystemFactory,
 ) -> None:
     # Given one order per (step, crash point), enqueued before any worker runs, in either mode;
     # the workers take the queued orders in batches, or one message at a time
+    broker_url = str(request.getfixturevalue(f"{broker}_url"))
     env = {
         **CRASH_SETTINGS,
         "ONCELERY_FAST_PATH": str(fast_path).lower(),
@@ -114,9 +117,11 @@ def test_every_crash_point_of_every_step(
     for (step, point), job in zip(cells, job_ids, strict=False):
         if point in (CrashPoint.AFTER_CLAIM, CrashPoint.AFTER_ACT):
             attempts = step_view(system, job, step)["attempts"]
-            # The crash left the key started, and a later delivery took it over. In a batch,
+            # The crash left the key started, and a later delivery took it over; gather, a
+            # read-only step, died unclaimed and its redelivery claimed it once. In a batch,
             # a neighbour's crash may have cost the key an attempt before that.
-            assert attempts == 2 if batch_size == 1 else attempts >= 2, (step, point, attempts)
+            once = 1 if step == "gather" else 2
+            assert attempts == once if batch_size == 1 else attempts >= once, (step, point)
 
 
 def test_lost_replies_are_charged_once_under_one_key(
@@ -228,13 +233,15 @@ def test_a_zombie_worker_is_fenced(
     assert len(publishes) == 1
 
 
+@pytest.mark.parametrize("step", ["gather", "act"])
 def test_a_poison_order_is_dead_lettered_and_harms_nobody(
-    postgres_url: str, amqp_url: str, system_factory: SystemFactory
+    step: str, postgres_url: str, amqp_url: str, system_factory: SystemFactory
 ) -> None:
-    # Given an order whose charge kills its worker every time, among healthy ones
+    # Given an order whose step kills its worker every time, among healthy ones (gather reads
+    # unclaimed at first: the redelivery claims, so every such death still counts)
     env = {
         **CRASH_SETTINGS,
-        "ONCELERY_STEP_POLICIES": json.dumps({"order-placed.act": {"max_attempts": 3}}),
+        "ONCELERY_STEP_POLICIES": json.dumps({f"order-placed.{step}": {"max_attempts": 3}}),
     }
     system = system_factory(
         database_url=postgres_url, broker_url=amqp_url, workers=0, extra_env=env
@@ -243,7 +250,7 @@ def test_a_poison_order_is_dead_lettered_and_harms_nobody(
     job_ids = system.enqueue(events(prefix, 6))
     poison = job_ids[0]
     system.start_worker(
-        "armed", extra_env={"ONCELERY_CRASH_POINTS": f"act:after_claim:always:{poison}"}
+        "armed", extra_env={"ONCELERY_CRASH_POINTS": f"{step}:after_claim:always:{poison}"}
     )
     system.start_beat()
 

@@ -103,8 +103,9 @@ def test_a_second_pipeline_runs_on_the_same_engine(
     assert per_order(system.effects(), "notification") == {"toy-exactly": 1, "toy-once": 1}
 
 
-@pytest.mark.parametrize("fast_path", [False, True], ids=["chained", "fast"])
-@pytest.mark.parametrize("broker", ["amqp", "redis"])
+@pytest.mark.parametrize(
+    ("broker", "fast_path"), [("amqp", True), ("redis", False)], ids=["amqp-fast", "redis-chained"]
+)
 def test_queued_orders_run_in_batches_exactly_once(
     fast_path: bool, broker: str, postgres_url: str, request: pytest.FixtureRequest,
     system_factory: SystemFactory,

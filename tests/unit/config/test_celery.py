@@ -131,3 +131,22 @@ def test_beat_sweeps_on_the_retry_queue(tmp_path: Path) -> None:
             "options": {"queue": "oncelery.retry", "expires": 7.0},
         }
     }
+
+
+@pytest.mark.parametrize(
+    ("broker_url", "batch_size", "prefetch"),
+    [
+        ("amqp://guest:guest@rabbit//", "16", 16),
+        ("redis://cache:6379/0", "32", 32),
+        ("amqp://guest:guest@rabbit//", "1", 4),
+        (None, "16", 4),  # the embedded broker's workers take messages one by one
+    ],
+)
+def test_workers_reserve_a_batch_per_child(
+    tmp_path: Path, broker_url: str | None, batch_size: str, prefetch: int
+) -> None:
+    settings = _settings(tmp_path, BROKER_URL=broker_url, batch_size=batch_size)
+    config = celery_config(settings)
+
+    assert config["worker_prefetch_multiplier"] == prefetch
+    assert config["oncelery_batch_size"] == int(batch_size)

@@ -34,6 +34,7 @@ VARIABLES = (
     "ONCELERY_RETRY_BACKOFF_MAX",
     "ONCELERY_PIPELINES",
     "ONCELERY_TASK_EVENTS",
+    "ONCELERY_BATCH_SIZE",
 )
 
 
@@ -226,6 +227,8 @@ def test_tuning_variables_are_read_with_the_oncelery_prefix(
         ("ONCELERY_RETRY_MAX_ATTEMPTS", "2.5", "valid integer"),
         ("ONCELERY_STEP_LEASE", "-5", "greater than 0"),
         ("ONCELERY_TASK_EVENTS", "maybe", "valid boolean"),
+        ("ONCELERY_BATCH_SIZE", "0", "greater than or equal to 1"),
+        ("ONCELERY_BATCH_SIZE", "many", "valid integer"),
     ],
 )
 def test_unusable_value_names_its_variable_and_hides_the_password(

@@ -8,7 +8,7 @@ import pytest
 from kombu import Queue
 
 from config import MAIN_QUEUE, RETRY_QUEUE
-from jobs.app import _configure, task_name
+from jobs.app import _configure, is_repeat, task_name
 
 
 def test_configuration_declares_the_main_and_retry_queues(
@@ -30,3 +30,9 @@ def test_configuration_declares_the_main_and_retry_queues(
 
 def test_task_names_carry_pipeline_and_step() -> None:
     assert task_name("order-placed", "act") == "oncelery.order-placed.act"
+
+
+def test_a_message_repeats_an_attempt_when_redelivered_or_sent_again() -> None:
+    assert not is_repeat({"routing_key": "oncelery", "redelivered": False})
+    assert is_repeat({"routing_key": "oncelery", "redelivered": True})
+    assert is_repeat({"routing_key": "oncelery.retry"})

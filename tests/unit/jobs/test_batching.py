@@ -37,7 +37,7 @@ class FakeRequest:
 
     @property
     def delivery_info(self) -> dict[str, object]:
-        return {"redelivered": self.redelivered}
+        return {"redelivered": self.redelivered, "routing_key": "oncelery"}
 
     def on_accepted(self, pid: int, time_accepted: float) -> None:
         self.ended.append(("accepted", pid))
@@ -63,6 +63,7 @@ class Applied:
 
     job_ids: list[str]
     options: dict[str, Any]
+    repeats: list[bool]
 
     def finish(self, outcomes: list[str]) -> None:
         callback: Callable[[list[tuple[str, float]]], None] = self.options["callback"]
@@ -74,9 +75,11 @@ class FakePool:
     num_processes: int = 2
     applied: list[Applied] = field(default_factory=list)
 
-    def apply_async(self, target: object, args: tuple[str, list[str]], **options: Any) -> None:
+    def apply_async(
+        self, target: object, args: tuple[str, list[str], list[bool]], **options: Any
+    ) -> None:
         assert target is run_batch
-        self.applied.append(Applied(list(args[1]), options))
+        self.applied.append(Applied(list(args[1]), options, list(args[2])))
 
 
 def batcher(size: int = 4, processes: int = 2) -> tuple[Batcher, FakePool]:
@@ -123,6 +126,8 @@ def test_a_redelivered_message_runs_alone() -> None:
     pool.applied[2].finish([Outcome.SUCCEEDED])
 
     assert [a.job_ids for a in pool.applied] == [["busy"], ["a"], ["again"], ["b"]]
+    # The child claims the repeated message's step whatever its delivery (attempts count).
+    assert [a.repeats for a in pool.applied] == [[False], [False], [True], [False]]
 
 
 def test_each_message_ends_as_its_job_did() -> None:
@@ -187,8 +192,9 @@ def test_a_batch_gets_the_time_of_all_its_messages() -> None:
     add(batches, FakeRequest("a", time_limits=(10.0, 8.0)), FakeRequest("b"))
     pool.applied[0].finish([Outcome.SUCCEEDED])
 
+    # The steps are timed in the child; the pool's limits only back that up, after it.
     options = pool.applied[1].options
-    assert (options["timeout"], options["soft_timeout"]) == (45.0, 38.0)
+    assert (options["soft_timeout"], options["timeout"]) == (45.0, 50.0)
 
 
 def test_a_worker_shutting_down_takes_nothing_more(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,7 +19,7 @@ from tests.factories import order
 def test_the_order_placed_pipeline() -> None:
     assert order_placed.name == "order-placed"
     assert [(step.name, step.effect, step.delivery) for step in order_placed.steps] == [
-        ("gather", None, Delivery.EXACTLY_ONCE),
+        ("gather", None, Delivery.READ_ONLY),
         ("act", "charge", Delivery.EXACTLY_ONCE),
         ("publish", "notification", Delivery.EXACTLY_ONCE),
     ]

@@ -90,7 +90,7 @@ def test_step_defaults() -> None:
 
     assert step.delivery is Delivery.EXACTLY_ONCE
     assert (step.effect, step.retry) == (None, None)
-    assert [str(delivery) for delivery in Delivery] == ["exactly_once", "at_most_once"]
+    assert [str(delivery) for delivery in Delivery] == ["exactly_once", "at_most_once", "read_only"]
 
 
 # --- declaring a pipeline -------------------------------------------------------------------
