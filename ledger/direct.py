@@ -12,6 +12,15 @@ One connection per process and thread (a threads pool runs steps side by side), 
 everything built on the same engine (`for_engine`). A batch of jobs at the same step runs its
 statements with `many`: one transaction, sent in one pipeline, so the lot costs one round trip
 and one commit instead of one of each per job.
+
+Each statement is an idle order's latency, so the connection spares what it can per run:
+- The SQL goes out with `$n` placeholders, rewritten once per template, on a raw cursor.
+  psycopg parses a `%(name)s` query on every run once it is longer than its cache allows
+  (4 KiB), as the read-only step's record is.
+- The session plans each prepared statement once (`plan_cache_mode`). Every statement here
+  finds its rows by key, and Postgres would otherwise re-plan those it cannot size, such as
+  `id = ANY(...)`, on every run: planning the read cost more than running it.
+- Rows come back as dicts straight from the result's column names.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -28,6 +38,7 @@ from typing import Any, cast
 
 import psycopg
 import sqlalchemy as sa
+from psycopg.rows import DictRow, dict_row
 from sqlalchemy.engine import Engine
 from sqlalchemy.sql.compiler import SQLCompiler
 
@@ -38,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 #: Connections inherited from a parent process: never closed nor collected here, since
 #: closing one would end the parent's session (libpq says goodbye on the shared socket).
-_INHERITED: list[psycopg.Connection[Any]] = []
+_INHERITED: list[psycopg.Connection[DictRow]] = []
 
 _BY_ENGINE: weakref.WeakKeyDictionary[Engine, DirectStatements] = weakref.WeakKeyDictionary()
 _BY_ENGINE_LOCK = threading.Lock()
@@ -55,20 +66,43 @@ def for_engine(engine: Engine) -> DirectStatements:
         return found
 
 
+#: A named placeholder of psycopg's dialect, or an escaped percent sign.
+_PYFORMAT = re.compile(r"%\((\w+)\)s|%%")
+
+
 @dataclass(frozen=True)
 class CompiledTemplate:
-    """A template's SQL, its constant parameters, and the processors of its typed ones."""
+    """A template's SQL (with `$n` placeholders), the parameter each `$n` stands for, its
+    constant parameters, and the processors of its typed ones."""
 
     sql: str
+    order: Sequence[str]
     defaults: Mapping[str, Any]
     processors: Mapping[str, Callable[[Any], Any]]
 
-    def parameters(self, values: Mapping[str, Any]) -> dict[str, Any]:
-        """The driver's parameters: the template's constants, then `values`, processed."""
+    def parameters(self, values: Mapping[str, Any]) -> list[Any]:
+        """The driver's parameters, in `$n` order: the template's constants, then `values`,
+        processed."""
         merged = {**self.defaults, **values}
         for name, process in self.processors.items():
             merged[name] = process(merged[name])
-        return merged
+        return [merged[name] for name in self.order]
+
+
+def numbered(pyformat_sql: str) -> tuple[str, list[str]]:
+    """SQL with `%(name)s` placeholders as SQL with `$n` ones, and the name of each `$n` (a
+    name used twice keeps its number)."""
+    order: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name is None:
+            return "%"
+        if name not in order:
+            order.append(name)
+        return f"${order.index(name) + 1}"
+
+    return _PYFORMAT.sub(number, pyformat_sql), order
 
 
 class DirectStatements:
@@ -86,7 +120,7 @@ class DirectStatements:
         self._compiled: dict[sa.ClauseElement, CompiledTemplate] = {}
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._opened: list[psycopg.Connection[Any]] = []
+        self._opened: list[psycopg.Connection[DictRow]] = []
         self._pid = os.getpid()
         # Whoever forgets to close: the connections close when this object goes.
         weakref.finalize(self, _close_all, self._opened, self._pid)
@@ -106,7 +140,7 @@ class DirectStatements:
         for listener in self.listeners:
             listener(compiled.sql)
         with self._translated_errors():
-            return _one_row(self._connect().execute(compiled.sql, parameters))
+            return _one_row(self._connect().execute(compiled.sql, parameters).fetchall())
 
     def rows(self, template: sa.ClauseElement, values: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Run a template that reads; its rows by column name.
@@ -119,9 +153,7 @@ class DirectStatements:
         for listener in self.listeners:
             listener(compiled.sql)
         with self._translated_errors():
-            cursor = self._connect().execute(compiled.sql, parameters)
-            names = [column.name for column in cursor.description or ()]
-            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+            return self._connect().execute(compiled.sql, parameters).fetchall()
 
     def many(
         self, template: sa.ClauseElement, values: Sequence[Mapping[str, Any]]
@@ -152,7 +184,7 @@ class DirectStatements:
             except psycopg.Error:
                 _end_failed_transaction(connection)
                 raise
-            return [_one_row(cursor) for cursor in cursors]
+            return [_one_row(cursor.fetchall()) for cursor in cursors]
 
     def close(self) -> None:
         """Close this process's connections (inherited ones are left to their owner); the
@@ -176,16 +208,24 @@ class DirectStatements:
                 process = bind.type.dialect_impl(self.dialect).bind_processor(self.dialect)
                 if process is not None and name in compiled.params:
                     processors[name] = process
-            found = CompiledTemplate(str(compiled), dict(compiled.params), processors)
+            sql, order = numbered(str(compiled))
+            found = CompiledTemplate(sql, order, dict(compiled.params), processors)
             self._compiled[template] = found
         return found
 
-    def _connect(self) -> psycopg.Connection[Any]:
+    def _connect(self) -> psycopg.Connection[DictRow]:
         self._forget_inherited()
-        connection: psycopg.Connection[Any] | None = getattr(self._local, "connection", None)
+        connection: psycopg.Connection[DictRow] | None = getattr(self._local, "connection", None)
         if connection is None or connection.closed:
             args, kwargs = self._connect_args
-            connection = psycopg.connect(*args, **kwargs, autocommit=True)
+            connection = psycopg.connect(
+                *args,
+                **kwargs,
+                autocommit=True,
+                cursor_factory=psycopg.RawCursor,
+                row_factory=dict_row,
+            )
+            connection.execute("SET plan_cache_mode = force_generic_plan")
             self._local.connection = connection
             with self._lock:
                 self._opened.append(connection)
@@ -215,7 +255,7 @@ class DirectStatements:
             raise StatementRejected(_first_line(exc)) from exc
 
     def _drop_if_broken(self) -> None:
-        connection: psycopg.Connection[Any] | None = getattr(self._local, "connection", None)
+        connection: psycopg.Connection[DictRow] | None = getattr(self._local, "connection", None)
         if connection is not None and (connection.broken or connection.closed):
             logger.info("ledger connection lost; the next statement reconnects")
             self._local.connection = None
@@ -225,7 +265,7 @@ class DirectStatements:
             connection.close()
 
 
-def _end_failed_transaction(connection: psycopg.Connection[Any]) -> None:
+def _end_failed_transaction(connection: psycopg.Connection[DictRow]) -> None:
     """After a refused statement of an explicit transaction the session is left in it,
     aborted: roll it back so that the connection serves the next statement."""
     if connection.broken or connection.closed:
@@ -235,15 +275,13 @@ def _end_failed_transaction(connection: psycopg.Connection[Any]) -> None:
             connection.execute("ROLLBACK")
 
 
-def _one_row(cursor: psycopg.Cursor[Any]) -> dict[str, Any] | None:
-    rows = cursor.fetchall()
+def _one_row(rows: list[DictRow]) -> dict[str, Any] | None:
     if len(rows) > 1:
         raise LedgerError(f"a one-row statement answered {len(rows)} rows")
-    names = [column.name for column in cursor.description or ()]
-    return dict(zip(names, rows[0], strict=True)) if rows else None
+    return rows[0] if rows else None
 
 
-def _close_all(connections: list[psycopg.Connection[Any]], pid: int) -> None:
+def _close_all(connections: list[psycopg.Connection[DictRow]], pid: int) -> None:
     """Close connections this process opened (a child leaves its parent's alone)."""
     if pid != os.getpid():
         return
