@@ -9,6 +9,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
@@ -31,6 +32,9 @@ def bench_errors(doing: str) -> Iterator[None]:
         raise BenchFailed(f"{doing}: {first}") from exc
     except LedgerError as exc:
         raise BenchFailed(f"{doing}: {exc}") from exc
+    except psycopg.Error as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        raise BenchFailed(f"{doing}: {first}") from exc
 
 
 def bench_database_url(database_url: str) -> str:
@@ -67,6 +71,9 @@ def prepare_bench_database(bench_url: str) -> Engine:
     engine = create_engine(bench_url)
     with bench_errors(f"migrating database {name}"):
         upgrade(engine)
+    with bench_errors(f"preparing database {name}"), engine.begin() as conn:
+        for statement in sql.announce_probes():
+            conn.execute(statement)
     return engine
 
 

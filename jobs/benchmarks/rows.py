@@ -155,6 +155,7 @@ def _prepare(bench: Bench, kind: RowKind, broker: Broker, row: _Row) -> Driver:
     )
     dispatch = CeleryDispatch(sender=sender, settings=settings)
     row.driver = LedgerDriver(bench.store, dispatch, pipeline, f"bench-{bench.run_id}-{row.name}-")
+    row.closers.append(row.driver.close)
     row.env = {**inherited_environment(), **oncelery_environment(settings)}
     return row.driver
 

@@ -49,6 +49,32 @@ def statement_calls(database: str) -> sa.TextClause:
     ).bindparams(name=database, control=_TRANSACTION_CONTROL)
 
 
+#: The channel on which the bench database announces a latency probe's job as it ends.
+PROBE_CHANNEL = "oncelery_bench_probe"
+
+
+def announce_probes() -> list[sa.TextClause]:
+    """A trigger announcing each latency probe's job (its event id holds `-probe`) on
+    `PROBE_CHANNEL` when it ends, with `<job id> <state>` as payload: the probe waits for it
+    instead of polling, which would take a core and a Postgres backend from the workers
+    (the bench database only; other jobs' updates only evaluate the condition)."""
+    return [
+        sa.text(
+            "CREATE OR REPLACE FUNCTION oncelery_bench_announce_probe() RETURNS trigger "
+            "LANGUAGE plpgsql AS $$ BEGIN "
+            f"PERFORM pg_notify('{PROBE_CHANNEL}', NEW.id::text || ' ' || NEW.state); "
+            "RETURN NULL; END $$"
+        ),
+        sa.text("DROP TRIGGER IF EXISTS oncelery_bench_probe_ended ON jobs"),
+        sa.text(
+            "CREATE TRIGGER oncelery_bench_probe_ended AFTER UPDATE OF state ON jobs "
+            "FOR EACH ROW WHEN (NEW.state IN ('succeeded', 'dead_lettered', 'cancelled') "
+            "AND position('-probe' in NEW.event_id) > 0) "
+            "EXECUTE FUNCTION oncelery_bench_announce_probe()"
+        ),
+    ]
+
+
 def server_version() -> sa.TextClause:
     """The server's version, e.g. `15.18`."""
     return sa.text("SHOW server_version")
