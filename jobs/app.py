@@ -25,6 +25,7 @@ from config import (
     get_settings,
     prepare_broker,
 )
+from jobs.dispatch import READING_HEADER, message_reading, reading_header
 from jobs.errors import UnknownPipeline
 from jobs.pipelines import Pipeline, registry
 from jobs.publishing import close_publishers, publisher_for
@@ -32,7 +33,7 @@ from jobs.queues import queued_steps
 from jobs.runner import Outcome, StepTimer, run_step, run_steps
 from jobs.runtime import Runtime, load_pipelines, step_time_limit
 from jobs.sweeper import SweepReport, sweep
-from ledger import DatabaseUnavailable
+from ledger import DatabaseUnavailable, Reading
 
 logger = logging.getLogger(__name__)
 
@@ -149,9 +150,17 @@ class CeleryDispatch:
             time_limit=soft + _HARD_LIMIT_GRACE,
         )
 
-    def send_many(self, pipeline: str, step: str, job_ids: Sequence[str]) -> list[str]:
+    def send_many(
+        self,
+        pipeline: str,
+        step: str,
+        job_ids: Sequence[str],
+        *,
+        readings: Mapping[str, Reading] | None = None,
+    ) -> list[str]:
         """Publish the same step of many jobs on the main queue, on this process's publishing
-        connection; on RabbitMQ the publisher confirms are awaited once for the lot.
+        connection; on RabbitMQ the publisher confirms are awaited once for the lot. A job
+        with a reading (by job id) carries it in its message (`READING_HEADER`).
 
         Returns the job ids whose publish is not confirmed (all of them when the broker
         cannot be reached): they may or may not be queued, so they go back to the outbox
@@ -159,11 +168,15 @@ class CeleryDispatch:
         """
         soft = math.ceil(self._time_limit(pipeline, step))
         name = task_name(pipeline, step)
+        readings = readings or {}
 
         def send(job_id: str, producer: Producer) -> None:
+            reading = readings.get(job_id)
+            header = reading_header(reading) if reading is not None else None
             self.sender.send_task(
                 name,
                 args=[job_id],
+                headers={READING_HEADER: header} if header is not None else None,
                 queue=MAIN_QUEUE,
                 soft_time_limit=soft,
                 time_limit=soft + _HARD_LIMIT_GRACE,
@@ -205,12 +218,32 @@ def is_repeat(delivery_info: Mapping[str, Any]) -> bool:
 
 
 def run_batch_of(
-    task_name: str, job_ids: Sequence[str], timer: StepTimer, *, repeats: Sequence[bool]
+    task_name: str,
+    job_ids: Sequence[str],
+    timer: StepTimer,
+    *,
+    repeats: Sequence[bool],
+    headers: Sequence[object] = (),
 ) -> list[Outcome]:
-    """Run a batch of one step task's messages (in a pool child, see `jobs.batching`)."""
+    """Run a batch of one step task's messages (in a pool child, see `jobs.batching`);
+    `headers`: each message's `READING_HEADER`, if any."""
     pipeline, name = _STEPS[task_name]
     step, rt = pipeline.step(name), runtime()
-    return run_steps(rt, CeleryDispatch(), pipeline, step, job_ids, timer=timer, repeats=repeats)
+    brought = headers or [None] * len(job_ids)
+    readings = [
+        message_reading(header, job_id, name)
+        for job_id, header in zip(job_ids, brought, strict=True)
+    ]
+    return run_steps(
+        rt,
+        CeleryDispatch(),
+        pipeline,
+        step,
+        job_ids,
+        timer=timer,
+        repeats=repeats,
+        readings=readings,
+    )
 
 
 def _bind(pipeline: Pipeline[object]) -> None:
@@ -221,6 +254,8 @@ def _bind(pipeline: Pipeline[object]) -> None:
         def run(task: Task[Any, Any], job_id: str, *, _step: str = step.name) -> str:
             dispatch = CeleryDispatch(task)
             repeat = is_repeat(task.request.delivery_info or {})
+            # Celery keeps a message's own headers on its request.
+            header = getattr(task.request, READING_HEADER, None)
             try:
                 outcome = run_step(
                     runtime(),
@@ -229,6 +264,7 @@ def _bind(pipeline: Pipeline[object]) -> None:
                     pipeline.step(_step),
                     job_id,
                     repeat=repeat,
+                    reading=message_reading(header, job_id, _step),
                 )
             except DatabaseUnavailable as exc:
                 # Acking now would drop the step; send it again and let the ledger sort it out.

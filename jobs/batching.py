@@ -39,6 +39,7 @@ from celery.worker.strategy import default as default_strategy
 
 from config import BATCH_SIZE_SETTING
 from jobs.app import is_repeat, run_batch_of
+from jobs.dispatch import READING_HEADER
 from jobs.runner import Outcome
 
 logger = logging.getLogger(__name__)
@@ -189,6 +190,7 @@ class Batcher:
                 self.task.name,
                 [str(r.args[0]) for r in batch],
                 [is_repeat(r.delivery_info or {}) for r in batch],
+                [r.request_dict.get(READING_HEADER) for r in batch],
             ),
             accept_callback=accepted,
             callback=finished,
@@ -261,13 +263,17 @@ def _exception_info(exc: Exception) -> ExceptionInfo:
 
 
 def run_batch(
-    task_name: str, job_ids: Sequence[str], repeats: Sequence[bool]
+    task_name: str,
+    job_ids: Sequence[str],
+    repeats: Sequence[bool],
+    headers: Sequence[object] = (),
 ) -> list[tuple[str, float]]:
-    """In a pool child: run one batch (`repeats`: which messages may repeat an attempt); each
-    job's outcome and the batch's seconds so far."""
+    """In a pool child: run one batch (`repeats`: which messages may repeat an attempt;
+    `headers`: each message's reading header, if any); each job's outcome and the batch's
+    seconds so far."""
     started = time.monotonic()
     try:
-        outcomes = run_batch_of(task_name, job_ids, step_timer, repeats=repeats)
+        outcomes = run_batch_of(task_name, job_ids, step_timer, repeats=repeats, headers=headers)
     except Exception:
         logger.exception("a batch of %s failed", task_name, extra={"action": "batch_failed"})
         outcomes = [Outcome.INTERRUPTED] * len(job_ids)

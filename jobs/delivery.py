@@ -68,6 +68,9 @@ class Run:
     #: died, or sent again: a retry, a re-drive, a replay): they are claimed, even at a
     #: read-only step, so that every such attempt is counted.
     repeats: frozenset[int] = frozenset()
+    #: The readings jobs' messages brought (their first step's, from the enqueue), by place
+    #: in the delivery: those jobs are not read again.
+    brought: dict[int, Reading] = field(default_factory=dict)
     #: Each job's outcome, by its place in the delivery.
     outcomes: dict[int, Outcome] = field(default_factory=dict)
 

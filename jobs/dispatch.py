@@ -3,8 +3,19 @@ continuation a step not carried by a message of its own retries through."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NoReturn, Protocol, runtime_checkable
+import json
+from collections.abc import Mapping, Sequence
+from typing import Final, NoReturn, Protocol, runtime_checkable
+from uuid import UUID
+
+from ledger import Reading, first_reading
+
+#: The message header in which a job's first message brings its first step's reading (when
+#: that step is read-only): the step then runs without reading its job (see `ledger.Reading`).
+READING_HEADER: Final = "oncelery_reading"
+#: Readings longer than this (characters of JSON) stay in the ledger: a message header must
+#: fit in one RabbitMQ frame, and a big one slows every hop.
+READING_LIMIT: Final = 8192
 
 
 class Dispatch(Protocol):
@@ -30,8 +41,38 @@ class Dispatch(Protocol):
 class SendsMany(Protocol):
     """A dispatch that publishes a step of many jobs in one go (`CeleryDispatch`)."""
 
-    def send_many(self, pipeline: str, step: str, job_ids: Sequence[str]) -> list[str]:
-        """Publish `step` of each job; the job ids whose publish failed."""
+    def send_many(
+        self,
+        pipeline: str,
+        step: str,
+        job_ids: Sequence[str],
+        *,
+        readings: Mapping[str, Reading] | None = None,
+    ) -> list[str]:
+        """Publish `step` of each job (with its reading, by job id, if given: see
+        `READING_HEADER`); the job ids whose publish failed."""
+
+
+def reading_header(reading: Reading) -> str | None:
+    """A reading as its message carries it (None when too long to carry)."""
+    text = json.dumps({"key": reading.key, "context": reading.context}, separators=(",", ":"))
+    return text if len(text) <= READING_LIMIT else None
+
+
+def message_reading(header: object, job_id: str, step: str) -> Reading | None:
+    """The reading a message brought for its job's `step`; None if it brought none, or one
+    that is not well formed (the step then reads its job, as without)."""
+    if not isinstance(header, str):
+        return None
+    try:
+        found = json.loads(header)
+        key, context = found["key"], found["context"]
+        job = UUID(job_id)
+    except (ValueError, TypeError, KeyError, RecursionError):
+        return None
+    if not isinstance(key, str) or not isinstance(context, dict):
+        return None
+    return first_reading(job, step, key, context)
 
 
 class HandedBack(Exception):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from uuid import UUID
 
@@ -20,8 +20,8 @@ from pydantic import ValidationError
 from jobs.dispatch import Dispatch, SendsMany
 from jobs.errors import InvalidEvent
 from jobs.orders import OrderPlaced, order_job, order_placed
-from jobs.pipelines import Pipeline
-from ledger import JobStore, NewJob
+from jobs.pipelines import Delivery, Pipeline
+from ledger import JobStore, NewJob, Reading, first_reading
 
 logger = logging.getLogger(__name__)
 
@@ -106,15 +106,23 @@ def start_jobs(
 def _start_slice(
     store: JobStore, dispatch: Dispatch, pipeline: Pipeline[object], new_jobs: Sequence[NewJob]
 ) -> list[Enqueued]:
-    first = pipeline.steps[0].name
+    first = pipeline.steps[0]
     created = store.create_jobs(new_jobs, dispatched=True)
     fresh = [str(job_id) for job_id, is_new in created if is_new]
-    unsent = set(_send_first_steps(dispatch, pipeline.name, first, fresh))
+    readings = {}
+    if first.delivery is Delivery.READ_ONLY:
+        # The job was just written: its first message can bring what reading it would find.
+        readings = {
+            str(job_id): first_reading(job_id, first.name, job.step_keys[first.name], job.context)
+            for job, (job_id, is_new) in zip(new_jobs, created, strict=True)
+            if is_new
+        }
+    unsent = set(_send_first_steps(dispatch, pipeline.name, first.name, fresh, readings))
     for job_id in unsent:
         logger.warning(
             "job %s stored but not sent; the relay will send it",
             job_id,
-            extra={"action": "send_failed", "job_id": job_id, "step": first},
+            extra={"action": "send_failed", "job_id": job_id, "step": first.name},
         )
     # Created as dispatched, to spare a statement per job; those whose send failed go back to
     # the outbox (a crash before this point leaves them to the sweeper instead).
@@ -123,11 +131,16 @@ def _start_slice(
 
 
 def _send_first_steps(
-    dispatch: Dispatch, pipeline: str, step: str, job_ids: Sequence[str]
+    dispatch: Dispatch,
+    pipeline: str,
+    step: str,
+    job_ids: Sequence[str],
+    readings: Mapping[str, Reading],
 ) -> list[str]:
-    """Publish the first step of each job; the job ids whose publish failed."""
+    """Publish the first step of each job (with its reading, if the dispatch carries them);
+    the job ids whose publish failed."""
     if isinstance(dispatch, SendsMany):
-        return dispatch.send_many(pipeline, step, job_ids)
+        return dispatch.send_many(pipeline, step, job_ids, readings=readings)
     return send_each(dispatch, pipeline, step, job_ids)
 
 

@@ -175,6 +175,19 @@ def _recorded_and_claimed(
 def unrecorded(run: Run, step: Step[object], acted: Acted, error: LedgerError | None) -> Outcome:
     """A success the ledger would not record: fenced out, recorded by another delivery (a
     read-only step), or its result refused."""
+    held = acted.held
+    if error is None and isinstance(held, Reading) and held.assumed:
+        # The reading its message brought no longer held: since the job was created, another
+        # delivery tried, holds or did the step (or another job did it, or its key is another
+        # request's). A claim tells which, as for any repeat: on the retry queue.
+        logger.info(
+            "job changed since it was sent; claiming instead",
+            extra={"action": "reclaim", **log_fields(held)},
+        )
+        run.dispatch_for(step, acted.job_id).send(
+            run.pipeline.name, step.name, acted.job_id, resend=True
+        )
+        return Outcome.RETRYING
     if error is None:
         logger.info(
             "step recorded by another delivery",

@@ -61,6 +61,7 @@ def run_step(
     job_id: str,
     *,
     repeat: bool = False,
+    reading: Reading | None = None,
 ) -> Outcome:
     """Run one task message's job (and, on the fast path, the steps after it); see DESIGN.md,
     "The step protocol". A retry of the message's own step goes through
@@ -69,9 +70,13 @@ def run_step(
     Args:
         repeat: the message may repeat an attempt: redelivered by the broker (its worker may
             have died on it) or sent again (a retry, a re-drive, a replay).
+        reading: what the message brought of its job, for a read-only step (the job's first
+            message does, see `jobs.dispatch.READING_HEADER`): the step runs on it without
+            reading the job, unless the message may repeat an attempt.
     """
     run = Run(rt, dispatch, pipeline, step, own_message=True, timer=None)
     run.repeats = frozenset({0}) if repeat else frozenset()
+    run.brought = {0: reading} if reading is not None else {}
     [outcome] = _deliver(run, [job_id])
     return outcome
 
@@ -85,6 +90,7 @@ def run_steps(
     *,
     timer: StepTimer | None = None,
     repeats: Sequence[bool] = (),
+    readings: Sequence[Reading | None] = (),
 ) -> list[Outcome]:
     """Run several jobs at the same step, each as `run_step` would, with the ledger's
     statements shared per stage; each job's outcome, in order. A job that must wait goes
@@ -93,9 +99,11 @@ def run_steps(
     Args:
         timer: bounds each attempt by its step's time limit (nothing else does in a batch).
         repeats: for each job, whether its message may repeat an attempt (as `run_step`).
+        readings: for each job, what its message brought (as `run_step`), if anything.
     """
     run = Run(rt, dispatch, pipeline, step, own_message=False, timer=timer)
     run.repeats = frozenset(index for index, repeat in enumerate(repeats) if repeat)
+    run.brought = {index: found for index, found in enumerate(readings) if found is not None}
     return _deliver(run, job_ids)
 
 
@@ -121,14 +129,23 @@ def _deliver(run: Run, job_ids: Sequence[str]) -> list[Outcome]:
 
 def _claim_or_read(run: Run, jobs: list[UUID]) -> list[ClaimOutcome | Reading | LedgerError]:
     """Claim the delivery's step for its jobs — or, for a read-only step, read them: running
-    it needs no claim, and a job that may run it unclaimed is just read."""
+    it needs no claim, and a job that may run it unclaimed is just read (or not even that,
+    when its message brought the reading)."""
     step, ledger = run.first, run.rt.ledger
     readings: list[Reading | None] = [None] * len(jobs)
     first_tries = [index for index in range(len(jobs)) if index not in run.repeats]
-    if step.delivery is Delivery.READ_ONLY and first_tries:
-        read = ledger.read_steps([jobs[index] for index in first_tries], step.name)
-        for index, reading in zip(first_tries, read, strict=True):
-            readings[index] = reading
+    if step.delivery is Delivery.READ_ONLY and first_tries and ledger.reads_unclaimed:
+        to_read = []
+        for index in first_tries:
+            brought = run.brought.get(index)
+            if brought is not None and brought.job_id == jobs[index] and brought.step == step.name:
+                readings[index] = brought
+            else:
+                to_read.append(index)
+        if to_read:
+            read = ledger.read_steps([jobs[index] for index in to_read], step.name)
+            for index, reading in zip(to_read, read, strict=True):
+                readings[index] = reading
     to_claim = [job for job, reading in zip(jobs, readings, strict=True) if reading is None]
     claimed = iter(ledger.claim_steps(to_claim, step.name, takeover_expired=takes_over(step)))
     return [reading if reading is not None else next(claimed) for reading in readings]

@@ -49,6 +49,7 @@ from ledger.types import (
     StepEvent,
     StepResult,
     StepState,
+    first_reading,
 )
 
 __all__ = [
@@ -97,6 +98,7 @@ __all__ = [
     "StepTiming",
     "create_engine",
     "current_revision",
+    "first_reading",
     "head_revision",
     "upgrade",
 ]

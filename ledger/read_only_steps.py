@@ -64,6 +64,11 @@ class _Ledger(Protocol):
 class ReadOnlySteps:
     """`StepLedger`'s calls for read-only steps."""
 
+    @property
+    def reads_unclaimed(self: _Ledger) -> bool:
+        """Whether read-only steps run unclaimed here (Postgres); elsewhere they are claimed."""
+        return self.direct is not None
+
     def read_steps(self: _Ledger, job_ids: Sequence[UUID], step: str) -> list[Reading | None]:
         """For a read-only step: each job that may run it unclaimed — active, at `step`, its
         key new or after a failed attempt — as a `Reading`; None for a job to claim instead
@@ -105,6 +110,7 @@ class ReadOnlySteps:
                 result=each.result,
                 duration_ms=each.duration_ms,
                 next_step=next_step,
+                assumed=each.reading.assumed,
             )
             if claim_next and next_step is not None:
                 params |= queries.claim_params(job_id, next_step, owner, self.lease_seconds)

@@ -315,6 +315,15 @@ class Reading:
     attempt: int
     context: Mapping[str, JSON]
     results: Mapping[str, JSON]
+    #: Taken from the job's first message rather than read (see `first_reading`): its record
+    #: also requires the step's key to have no entry yet, as when the job was created.
+    assumed: bool = False
+
+
+def first_reading(job_id: UUID, step: str, key: str, context: Mapping[str, JSON]) -> Reading:
+    """What a read of a job just created would find at its first step (a read-only one): its
+    context, no results, no attempt yet. The record finds out if that no longer holds."""
+    return Reading(job_id, step, key, 1, context, {}, assumed=True)
 
 
 @dataclass(frozen=True)

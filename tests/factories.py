@@ -78,6 +78,8 @@ class RecordingDispatch:
     def __init__(self, *, fail: bool = False) -> None:
         self.fail = fail
         self.sent: list[tuple[str, str, str]] = []
+        #: The jobs of `sent` that went again, on the retry queue.
+        self.resent: list[str] = []
 
     def send(
         self,
@@ -91,6 +93,8 @@ class RecordingDispatch:
         if self.fail:
             raise ConnectionError("broker down")
         self.sent.append((pipeline, step, job_id))
+        if resend:
+            self.resent.append(job_id)
 
     def retry_later(self, delay: float) -> NoReturn:
         raise RetryRequested(delay)

@@ -88,10 +88,12 @@ def read_only_params(
     result: JSON,
     duration_ms: float | None,
     next_step: str | None,
+    assumed: bool = False,
 ) -> dict[str, Any]:
     """The parameters of `record_read_template` (merge `claim_params` with the same `owner`
-    to claim the next step)."""
+    to claim the next step; `assumed`: the reading was not read, see `Reading.assumed`)."""
     return {
+        "p_assumed": assumed,
         "p_job_id": job_id,
         "p_owner": owner,
         "p_result_step": step,
@@ -106,8 +108,9 @@ def read_only_params(
 
 def _advance_from_read(next_step: bool, claim_next: bool) -> CTE:
     """Record the read-only step's (`p_result_step`) result on its job, if the job is still
-    at that step; move it on only if it is active (a job cancelled meanwhile keeps the result,
-    as after any step, and goes no further)."""
+    at that step; move it on only if it is active (a job cancelled since it was read keeps the
+    result, as after any step, and goes no further). A reading that was not read
+    (`p_assumed`) records only while the step's key has no entry."""
     read_step = param("result_step", "", sa.String())
     active = jobs.c.state.in_(ACTIVE)
     values: dict[str, Any] = {
@@ -139,8 +142,9 @@ def _advance_from_read(next_step: bool, claim_next: bool) -> CTE:
         moved_on = jobs.c.state == str(JobState.RUNNING)
         returned.append(sa.case((moved_on, next_key), else_=sa.null()).label("key"))
     entry = ledger_entries.alias("same_key")
+    read_key = jobs.c.step_keys[param("read_key_step", "", _KEY_TYPE)].as_string()
     reused = sa.exists().where(
-        entry.c.key == jobs.c.step_keys[param("read_key_step", "", _KEY_TYPE)].as_string(),
+        entry.c.key == read_key,
         sa.or_(entry.c.fingerprint != jobs.c.fingerprint, entry.c.step != read_step),
     )
     return (
@@ -152,6 +156,12 @@ def _advance_from_read(next_step: bool, claim_next: bool) -> CTE:
             # A key first used for another request: nothing is recorded, and the claim the
             # job falls back on fails loudly (`FingerprintMismatch`).
             ~reused,
+            # A reading that was not read stands for one taken as the job was created, when
+            # its key had no entry: it counts only if that still holds (no other delivery
+            # tried, holds or did the step, no other job did it). Else the delivery claims.
+            sa.or_(
+                ~param("assumed", False, sa.Boolean()), ~sa.exists().where(entry.c.key == read_key)
+            ),
         )
         .values(values)
         .returning(*returned)

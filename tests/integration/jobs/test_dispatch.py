@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
+from kombu import Connection
 
 from config import MAIN_QUEUE
 from jobs.app import CeleryDispatch, client_app
+from jobs.dispatch import READING_HEADER, message_reading
 from jobs.publishing import Confirms
+from ledger import first_reading
 from tests.conftest import purge_queues, queue_length, settings_for
 
 
@@ -43,6 +47,25 @@ def test_every_job_of_a_batch_is_queued_once(
 
         assert unsent == []
         assert queue_length(broker_url, MAIN_QUEUE) == len(job_ids)
+    finally:
+        purge_queues(broker_url)
+
+
+def test_a_reading_travels_in_its_message_header(broker_url: str, tmp_path: Path) -> None:
+    purge_queues(broker_url)
+    job_id = str(uuid.uuid4())
+    reading = first_reading(uuid.UUID(job_id), "gather", "k:1", {"items": [{"sku": "a", "n": 2}]})
+    try:
+        dispatch = _dispatch(broker_url, tmp_path)
+        assert (
+            dispatch.send_many("order-placed", "gather", [job_id], readings={job_id: reading}) == []
+        )
+
+        with Connection(broker_url, connect_timeout=5) as conn:
+            # kombu's stubs leave out the transport channels' `basic_get`.
+            channel: Any = conn.default_channel
+            message = channel.message_to_python(channel.basic_get(MAIN_QUEUE, no_ack=True))
+        assert message_reading(message.headers[READING_HEADER], job_id, "gather") == reading
     finally:
         purge_queues(broker_url)
 

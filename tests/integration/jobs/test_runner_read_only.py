@@ -13,7 +13,7 @@ from jobs.errors import TransientError
 from jobs.pipelines import Delivery, Pipeline, Step, StepContext
 from jobs.runner import Outcome, run_step, run_steps
 from jobs.runtime import Runtime
-from ledger import EventKind, JobState, StepState
+from ledger import EventKind, JobState, Reading, StepState, first_reading
 from tests.factories import RecordingDispatch, RetryRequested
 
 pytestmark = pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
@@ -139,3 +139,90 @@ def test_two_deliveries_of_a_read_only_step_record_it_once(fast: Runtime) -> Non
         ("look", EventKind.SUCCEEDED),
         ("use", EventKind.SUCCEEDED),
     ]
+
+
+def brought(runtime: Runtime, job_id: str, step: str = "look") -> Reading:
+    """What the job's first message brings (see `jobs.enqueue`)."""
+    job = runtime.store.get_job(uuid.UUID(job_id))
+    return first_reading(job.id, step, job.step_keys[step], job.context)
+
+
+def test_a_reading_its_message_brought_spares_the_read(
+    fast: Runtime, statements: list[str]
+) -> None:
+    looks, dispatch = Looks(), RecordingDispatch()
+    pipeline = lookup_pipeline(looks)
+    job_ids = start(fast, pipeline, 3)
+    readings = [brought(fast, job_id) for job_id in job_ids]
+    statements.clear()
+
+    step = pipeline.step("look")
+    one = run_step(fast, dispatch, pipeline, step, job_ids[0], reading=readings[0])  # type: ignore[arg-type]
+    # A batch: the last job's message brought nothing, so it alone is read.
+    rest = run_steps(fast, dispatch, pipeline, step, job_ids[1:], readings=[readings[1], None])  # type: ignore[arg-type]
+
+    assert [one, *rest] == [Outcome.SUCCEEDED] * 3
+    # One job alone: record look + claim use · record use. The batch: a read of one job,
+    # then a transaction per stage.
+    assert [s.split()[0] for s in statements[:2]] == ["WITH", "WITH"]
+    assert next(s for s in statements[2:] if s not in ("BEGIN", "COMMIT")).startswith("SELECT")
+    assert sum(s.startswith("SELECT") for s in statements) == 1
+    assert dispatch.sent == []
+    for job_id in job_ids:
+        assert fast.store.get_job(uuid.UUID(job_id)).state is JobState.SUCCEEDED
+
+
+@pytest.mark.parametrize("since", ["claimed by another delivery", "recorded by another delivery"])
+def test_a_reading_that_no_longer_holds_is_claimed_instead(fast: Runtime, since: str) -> None:
+    """The step's key changed between the job's enqueue and this delivery: nothing is
+    recorded on the strength of the message, and the job goes on the retry queue, to be
+    claimed (and wait, or find the step done)."""
+    looks, dispatch = Looks(), RecordingDispatch()
+    pipeline = lookup_pipeline(looks)
+    [job_id] = start(fast, pipeline)
+    reading, step = brought(fast, job_id), pipeline.step("look")
+    if since == "claimed by another delivery":
+        fast.ledger.claim_step(uuid.UUID(job_id), "look")
+    else:
+        assert run_step(fast, dispatch, pipeline, step, job_id) is Outcome.SUCCEEDED  # type: ignore[arg-type]
+    before = fast.store.history(uuid.UUID(job_id))
+
+    outcome = run_step(fast, dispatch, pipeline, step, job_id, reading=reading)  # type: ignore[arg-type]
+
+    assert outcome is Outcome.RETRYING
+    assert dispatch.resent == [job_id]
+    assert dispatch.sent[-1] == (pipeline.name, "look", job_id)
+    assert fast.store.history(uuid.UUID(job_id)) == before
+
+
+def test_a_message_that_may_repeat_an_attempt_claims_despite_its_reading(
+    fast: Runtime, statements: list[str]
+) -> None:
+    looks, dispatch = Looks(), RecordingDispatch()
+    pipeline = lookup_pipeline(looks)
+    [job_id] = start(fast, pipeline)
+    reading = brought(fast, job_id)
+    statements.clear()
+
+    step = pipeline.step("look")
+    outcome = run_step(fast, dispatch, pipeline, step, job_id, repeat=True, reading=reading)  # type: ignore[arg-type]
+
+    assert outcome is Outcome.SUCCEEDED
+    assert statements[0].startswith("WITH")  # the claim
+    [look] = [e for e in fast.store.history(uuid.UUID(job_id)).entries if e.step == "look"]
+    assert look.attempts == 1
+
+
+def test_a_reading_for_another_job_is_not_used(fast: Runtime, statements: list[str]) -> None:
+    looks, dispatch = Looks(), RecordingDispatch()
+    pipeline = lookup_pipeline(looks)
+    first, second = start(fast, pipeline, 2)
+    statements.clear()
+
+    step = pipeline.step("look")
+    outcome = run_step(fast, dispatch, pipeline, step, second, reading=brought(fast, first))  # type: ignore[arg-type]
+
+    assert outcome is Outcome.SUCCEEDED
+    assert statements[0].startswith("SELECT")  # read as if nothing had been brought
+    assert looks.calls == [1]
+    assert fast.store.get_job(uuid.UUID(first)).state is JobState.PENDING

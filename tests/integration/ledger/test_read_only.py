@@ -19,6 +19,7 @@ from ledger import (
     Recorded,
     StepLedger,
     StepState,
+    first_reading,
     queries,
 )
 from tests.factories import create_job
@@ -175,6 +176,75 @@ def test_a_job_cancelled_meanwhile_keeps_the_result_and_goes_no_further(
         {"first": {"n": 1}},
     )
     assert [e.step for e in store.history(job_id).entries] == ["first"]
+
+
+@pytest.mark.parametrize("since", ["failed", "held", "done by another job"])
+def test_a_reading_not_read_records_only_while_its_key_is_untouched(
+    store: JobStore, ledger: StepLedger, since: str
+) -> None:
+    """The reading a job's first message brought stands for a read as the job was created:
+    once another delivery tried, holds or did the step (or another job did), it writes
+    nothing, and the delivery falls back on a claim."""
+    base = f"same:{uuid.uuid4().hex[:8]}"
+    job_id = create_job(store, key_base=base, context={"sku": base})
+    job = store.get_job(job_id)
+    assumed = first_reading(job_id, "first", job.step_keys["first"], job.context)
+    if since == "done by another job":
+        # The same request under another event id: the same keys and fingerprint.
+        other = create_job(store, key_base=base, context={"sku": base})
+        ledger.record_success(
+            _claimed(ledger, other), {"n": 0}, next_step="second", duration_ms=1.0
+        )
+    else:
+        held = _claimed(ledger, job_id)
+        if since == "failed":
+            ledger.record_failure(held, Failure(error={"type": "Timeout"}, retry_in=1.0))
+    before = store.history(job_id)
+
+    [answer] = ledger.record_reads(
+        [ReadResult(assumed, {"n": 1}, 1.0)], next_step="second", claim_next=True
+    )
+
+    assert answer is None
+    assert store.history(job_id) == before
+
+
+def test_a_reading_not_read_is_recorded_on_a_job_cancelled_since(
+    store: JobStore, ledger: StepLedger
+) -> None:
+    """As a read one: the step ran, its result stays, the job goes no further."""
+    job_id = create_job(store)
+    job = store.get_job(job_id)
+    assumed = first_reading(job_id, "first", job.step_keys["first"], job.context)
+    store.cancel(job_id, by="test")
+
+    [answer] = ledger.record_reads(
+        [ReadResult(assumed, {"n": 1}, 1.0)], next_step="second", claim_next=True
+    )
+
+    assert answer == (Recorded(assumed.key, JobState.CANCELLED), None)
+    assert store.get_job(job_id).results == {"first": {"n": 1}}
+
+
+def test_a_reading_not_read_is_recorded_like_a_read_one(
+    store: JobStore, ledger: StepLedger, statements: list[str]
+) -> None:
+    job_id = create_job(store)
+    job = store.get_job(job_id)
+    statements.clear()
+
+    assumed = first_reading(job_id, "first", job.step_keys["first"], job.context)
+    [answer] = ledger.record_reads(
+        [ReadResult(assumed, {"price": 7}, 2.0)], next_step="second", claim_next=True
+    )
+
+    assert isinstance(answer, tuple)
+    assert isinstance(answer[1], Claim)
+    assert len(statements) == 1  # no read: one write
+    assert [(e.step, e.state) for e in store.history(job_id).entries] == [
+        ("first", StepState.SUCCEEDED),
+        ("second", StepState.STARTED),
+    ]
 
 
 def test_a_key_used_by_another_request_is_not_read_but_claimed(

@@ -39,6 +39,10 @@ class FakeRequest:
     def delivery_info(self) -> dict[str, object]:
         return {"redelivered": self.redelivered, "routing_key": "oncelery"}
 
+    @property
+    def request_dict(self) -> dict[str, object]:
+        return {"id": self.id}
+
     def on_accepted(self, pid: int, time_accepted: float) -> None:
         self.ended.append(("accepted", pid))
 
@@ -76,7 +80,7 @@ class FakePool:
     applied: list[Applied] = field(default_factory=list)
 
     def apply_async(
-        self, target: object, args: tuple[str, list[str], list[bool]], **options: Any
+        self, target: object, args: tuple[str, list[str], list[bool], list[object]], **options: Any
     ) -> None:
         assert target is run_batch
         self.applied.append(Applied(list(args[1]), options, list(args[2])))

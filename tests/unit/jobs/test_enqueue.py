@@ -4,8 +4,9 @@ name the line and the field, and starting jobs deduplicated by event id."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 from hypothesis import given
@@ -13,10 +14,11 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from jobs.enqueue import describe_validation_error, enqueue_orders, parse_events
+from jobs.enqueue import describe_validation_error, enqueue_orders, parse_events, start_jobs
 from jobs.errors import InvalidEvent
 from jobs.orders import OrderPlaced
-from ledger import JobState, JobStore, create_engine, upgrade
+from jobs.pipelines import Pipeline, Step
+from ledger import JobState, JobStore, Reading, create_engine, first_reading, upgrade
 from tests.factories import RecordingDispatch, order_event
 
 # --- parse_events: what is accepted ---------------------------------------------------------
@@ -324,3 +326,53 @@ def test_a_lost_publish_leaves_the_job_stored_for_the_sweeper(store: JobStore) -
 
     assert (item.created, item.sent) == (True, False)
     assert store.count_by_state()[JobState.PENDING] == 1
+
+
+class ManyDispatch(RecordingDispatch):
+    """Publishes many at once, as `CeleryDispatch` does, recording the readings sent along."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.readings: dict[str, Reading] = {}
+
+    def send_many(
+        self,
+        pipeline: str,
+        step: str,
+        job_ids: Sequence[str],
+        *,
+        readings: Mapping[str, Reading] | None = None,
+    ) -> list[str]:
+        for job_id in job_ids:
+            self.send(pipeline, step, job_id)
+        self.readings.update(readings or {})
+        return []
+
+
+def test_a_read_only_first_step_gets_its_reading_in_the_message(store: JobStore) -> None:
+    events = parse_events(json.dumps(order_event()))
+    dispatch = ManyDispatch()
+
+    [item] = enqueue_orders(store, dispatch, events)
+
+    job = store.get_job(UUID(item.job_id))
+    assert dispatch.readings == {
+        item.job_id: first_reading(job.id, "gather", job.step_keys["gather"], job.context)
+    }
+    again = ManyDispatch()
+    enqueue_orders(store, again, events)  # seen before: nothing sent, nothing brought
+    assert again.readings == {}
+
+
+def test_a_claimed_first_step_gets_no_reading(store: JobStore) -> None:
+    pipeline: Pipeline[object] = Pipeline(
+        name="claimed-first",
+        steps=[Step("charge", lambda ctx: {}, key="c:{n}")],
+        resources=lambda _settings: None,
+    )
+    dispatch = ManyDispatch()
+
+    start_jobs(store, dispatch, pipeline, [pipeline.new_job("evt-1", {"n": 1})])
+
+    assert len(dispatch.sent) == 1
+    assert dispatch.readings == {}
