@@ -17,10 +17,12 @@ Each statement is an idle order's latency, so the connection spares what it can 
 - The SQL goes out with `$n` placeholders, rewritten once per template, on a raw cursor.
   psycopg parses a `%(name)s` query on every run once it is longer than its cache allows
   (4 KiB), as the read-only step's record is.
-- The session plans each prepared statement once (`plan_cache_mode`). Every statement here
-  finds its rows by key, and Postgres would otherwise re-plan those it cannot size, such as
-  `id = ANY(...)`, on every run: planning the read cost more than running it.
 - Rows come back as dicts straight from the result's column names.
+
+Planning is left to Postgres (`plan_cache_mode = auto`). Forcing generic plans would spare
+the read its planning on every run (`id = ANY(...)` cannot be sized), but a generic plan made
+while the tables are nearly empty (a fresh ledger) scans them whole, and keeps doing so as
+they grow, until an ANALYZE: a bench row measured at a tenth of its speed.
 """
 
 from __future__ import annotations
@@ -225,7 +227,6 @@ class DirectStatements:
                 cursor_factory=psycopg.RawCursor,
                 row_factory=dict_row,
             )
-            connection.execute("SET plan_cache_mode = force_generic_plan")
             self._local.connection = connection
             with self._lock:
                 self._opened.append(connection)

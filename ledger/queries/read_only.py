@@ -145,7 +145,14 @@ def _advance_from_read(next_step: bool, claim_next: bool) -> CTE:
     read_key = jobs.c.step_keys[param("read_key_step", "", _KEY_TYPE)].as_string()
     reused = sa.exists().where(
         entry.c.key == read_key,
-        sa.or_(entry.c.fingerprint != jobs.c.fingerprint, entry.c.step != read_step),
+        sa.or_(
+            entry.c.fingerprint != jobs.c.fingerprint,
+            entry.c.step != read_step,
+            # A reading that was not read stands for one taken as the job was created, when
+            # its key had no entry: it counts only while that holds (no other delivery tried,
+            # holds or did the step; no other job did it). Else the delivery claims.
+            param("assumed", False, sa.Boolean()),
+        ),
     )
     return (
         sa.update(jobs)
@@ -153,15 +160,10 @@ def _advance_from_read(next_step: bool, claim_next: bool) -> CTE:
             jobs.c.id == param("job_id", UUID(int=0), sa.Uuid()),
             # The fence: whoever moved the job on first recorded the step.
             jobs.c.current_step == read_step,
-            # A key first used for another request: nothing is recorded, and the claim the
-            # job falls back on fails loudly (`FingerprintMismatch`).
+            # A key first used for another request (or, for a reading not read, used at all):
+            # nothing is recorded, and the claim the job falls back on tells why
+            # (`FingerprintMismatch`, say).
             ~reused,
-            # A reading that was not read stands for one taken as the job was created, when
-            # its key had no entry: it counts only if that still holds (no other delivery
-            # tried, holds or did the step, no other job did it). Else the delivery claims.
-            sa.or_(
-                ~param("assumed", False, sa.Boolean()), ~sa.exists().where(entry.c.key == read_key)
-            ),
         )
         .values(values)
         .returning(*returned)

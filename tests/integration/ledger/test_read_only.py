@@ -22,6 +22,7 @@ from ledger import (
     first_reading,
     queries,
 )
+from ledger.direct import for_engine
 from tests.factories import create_job
 
 pytestmark = pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
@@ -322,3 +323,38 @@ def test_a_read_record_retried_after_an_ambiguous_commit_knows_its_own(
     assert recorded.job_state is JobState.RUNNING
     assert isinstance(claim, Claim)
     assert (claim.owner, claim.attempt) == (owner, 1)
+
+
+def test_the_read_record_finds_its_rows_by_index_even_in_a_generic_plan(engine: sa.Engine) -> None:
+    """Its statement runs thousands of times on one prepared plan, often made while the ledger
+    was nearly empty: a hashed subquery (every entry, on every run) or a scan would grow with
+    the ledger."""
+    direct = for_engine(engine)
+    compiled = direct._compile(queries.record_read_template(True, True, True))
+    with engine.connect() as conn:
+        # Rows enough to make a scan cost more than an index (rolled back at the end).
+        conn.exec_driver_sql(
+            "INSERT INTO jobs (id, pipeline, event_id, state, context, fingerprint, step_keys,"
+            " results, created_at, updated_at) SELECT gen_random_uuid(), 'plan', 'e' || n,"
+            " 'succeeded', '{}', 'f', jsonb_build_object('first', 'plan:' || n), '{}', now(),"
+            " now() FROM generate_series(1, 3000) AS n"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO ledger_entries (key, job_id, step, state, fingerprint, attempts,"
+            " created_at, updated_at) SELECT step_keys ->> 'first', id, 'first', 'succeeded',"
+            " 'f', 1, now(), now() FROM jobs WHERE pipeline = 'plan'"
+        )
+        conn.exec_driver_sql("ANALYZE jobs, ledger_entries")
+        conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
+        conn.exec_driver_sql(f"PREPARE record_read AS {compiled.sql}")
+        nulls = ", ".join(["NULL"] * len(compiled.order))
+        plan = "\n".join(
+            row[0] for row in conn.exec_driver_sql(f"EXPLAIN EXECUTE record_read({nulls})")
+        )
+        conn.exec_driver_sql("DEALLOCATE record_read")
+        conn.rollback()
+
+    assert "Seq Scan" not in plan, plan
+    # A subquery Postgres cannot turn into a join (one under an OR, say) runs as a subplan,
+    # and on a near-empty ledger, where plans are often made, a hashed one.
+    assert "SubPlan" not in plan, plan
