@@ -223,16 +223,15 @@ def run_batch_of(
     timer: StepTimer,
     *,
     repeats: Sequence[bool],
-    headers: Sequence[object] = (),
+    headers: Sequence[object],
 ) -> list[Outcome]:
     """Run a batch of one step task's messages (in a pool child, see `jobs.batching`);
     `headers`: each message's `READING_HEADER`, if any."""
     pipeline, name = _STEPS[task_name]
     step, rt = pipeline.step(name), runtime()
-    brought = headers or [None] * len(job_ids)
     readings = [
         message_reading(header, job_id, name)
-        for job_id, header in zip(job_ids, brought, strict=True)
+        for job_id, header in zip(job_ids, headers, strict=True)
     ]
     return run_steps(
         rt,

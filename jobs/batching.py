@@ -266,7 +266,7 @@ def run_batch(
     task_name: str,
     job_ids: Sequence[str],
     repeats: Sequence[bool],
-    headers: Sequence[object] = (),
+    headers: Sequence[object],
 ) -> list[tuple[str, float]]:
     """In a pool child: run one batch (`repeats`: which messages may repeat an attempt;
     `headers`: each message's reading header, if any); each job's outcome and the batch's

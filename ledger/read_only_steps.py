@@ -72,11 +72,10 @@ class ReadOnlySteps:
     def read_steps(self: _Ledger, job_ids: Sequence[UUID], step: str) -> list[Reading | None]:
         """For a read-only step: each job that may run it unclaimed — active, at `step`, its
         key new or after a failed attempt — as a `Reading`; None for a job to claim instead
-        (whatever else it is, the claim says). All None without the direct connection.
+        (whatever else it is, the claim says). Only where `reads_unclaimed`.
         """
         direct = self.direct
-        if direct is None:
-            return [None] * len(job_ids)
+        assert direct is not None, "read-only steps run unclaimed on Postgres only"
         values = {"p_job_ids": list(job_ids), "p_step_key": step}
         rows = self.retrying(lambda: direct.rows(queries.read_jobs_template(), values))
         by_id = {row["id"]: row for row in rows}

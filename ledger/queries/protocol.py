@@ -150,6 +150,16 @@ def _entry_columns(entry: FromClause) -> list[ColumnElement[Any]]:
     ]
 
 
+def _held_by(key: str, owner: UUID) -> tuple[ColumnElement[bool], ...]:
+    """The fence: the key is still started, under this owner's token."""
+    entry = ledger_entries.c
+    return (
+        entry.key == param("record_key", key, sa.String()),
+        entry.owner == param("record_owner", owner, sa.Uuid()),
+        entry.state == str(StepState.STARTED),
+    )
+
+
 def finish_entry(
     key: str, owner: UUID, *, state: StepState, result: JSON, error: JSON
 ) -> sa.Update:
@@ -158,11 +168,7 @@ def finish_entry(
     failed = state is not StepState.SUCCEEDED
     return (
         sa.update(ledger_entries)
-        .where(
-            entry.key == param("record_key", key, sa.String()),
-            entry.owner == param("record_owner", owner, sa.Uuid()),
-            entry.state == str(StepState.STARTED),
-        )
+        .where(*_held_by(key, owner))
         .values(
             state=str(state),
             result=param("result", result, JSONDocument) if result is not None else sa.null(),
@@ -201,11 +207,7 @@ def renew_lease(key: str, owner: UUID, lease_seconds: float) -> sa.Update:
     entry = ledger_entries.c
     return (
         sa.update(ledger_entries)
-        .where(
-            entry.key == param("record_key", key, sa.String()),
-            entry.owner == param("record_owner", owner, sa.Uuid()),
-            entry.state == str(StepState.STARTED),
-        )
+        .where(*_held_by(key, owner))
         .values(
             locked_until=db.utcnow_plus(param("lease", lease_seconds, sa.Float())),
             updated_at=db.utcnow(),
