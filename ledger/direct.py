@@ -257,13 +257,25 @@ class DirectStatements:
 
     def _drop_if_broken(self) -> None:
         connection: psycopg.Connection[DictRow] | None = getattr(self._local, "connection", None)
-        if connection is not None and (connection.broken or connection.closed):
+        if connection is not None and _unusable(connection):
             logger.info("ledger connection lost; the next statement reconnects")
             self._local.connection = None
             with self._lock:
                 if connection in self._opened:
                     self._opened.remove(connection)
             connection.close()
+
+
+def _unusable(connection: psycopg.Connection[DictRow]) -> bool:
+    """Whether a connection that just failed cannot serve the next statement: broken, closed,
+    or left inside a command (libpq can fail that way when Postgres drops the connection,
+    without calling it broken: every statement after is refused, "another command is already
+    in progress"). A statement Postgres refused leaves it idle, and usable."""
+    return (
+        connection.broken
+        or connection.closed
+        or connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+    )
 
 
 def _end_failed_transaction(connection: psycopg.Connection[DictRow]) -> None:

@@ -63,6 +63,22 @@ def test_a_dropped_connection_is_unavailable_once_then_reopened(engine: sa.Engin
     assert _backend_pid(direct) != victim
 
 
+def test_a_connection_left_inside_a_command_is_dropped_not_kept(engine: sa.Engine) -> None:
+    """A connection can fail with libpq still in its command (seen once when Postgres dropped
+    it: "connection socket closed", then "another command is already in progress" on every
+    statement after, for good). Such a connection is replaced like a broken one."""
+    direct = for_engine(engine)
+    victim = _backend_pid(direct)
+    connection = direct._connect()
+    # A command sent and never read: the state the failure left behind.
+    connection.pgconn.send_query(b"SELECT 1")
+
+    with pytest.raises(DatabaseUnavailable, match="another command is already in progress"):
+        _backend_pid(direct)
+    assert _backend_pid(direct) != victim
+    assert connection.closed
+
+
 def test_the_ledger_retries_through_a_dropped_connection(engine: sa.Engine) -> None:
     store, ledger = JobStore(engine=engine), StepLedger(engine=engine, lease_seconds=30)
     job_id = create_job(store)
