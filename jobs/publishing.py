@@ -22,6 +22,8 @@ from typing import Any, Final
 from celery import Celery
 from kombu import Connection, Producer
 
+from jobs.redis_broker import lend_one_client
+
 logger = logging.getLogger(__name__)
 
 #: Seconds to wait for RabbitMQ to confirm a batch before calling the rest unsent.
@@ -112,6 +114,7 @@ class Publisher:
             connection = self.app.connection_for_write(transport_options={"confirm_publish": False})
             try:
                 channel = connection.default_channel
+                lend_one_client(channel)
                 self._confirms = Confirms.select(channel)
                 self._producer = self.app.amqp.Producer(channel)
             except Exception:

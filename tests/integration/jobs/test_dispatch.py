@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 from kombu import Connection
@@ -61,13 +62,45 @@ def test_a_reading_travels_in_its_message_header(broker_url: str, tmp_path: Path
             dispatch.send_many("order-placed", "gather", [job_id], readings={job_id: reading}) == []
         )
 
-        with Connection(broker_url, connect_timeout=5) as conn:
-            # kombu's stubs leave out the transport channels' `basic_get`.
-            channel: Any = conn.default_channel
-            message = channel.message_to_python(channel.basic_get(MAIN_QUEUE, no_ack=True))
+        message = _first_message(broker_url)
         assert message_reading(message.headers[READING_HEADER], job_id, "gather") == reading
     finally:
         purge_queues(broker_url)
+
+
+def _first_message(broker_url: str) -> Any:
+    with Connection(broker_url, connect_timeout=5) as conn:
+        # kombu's stubs leave out the transport channels' `basic_get`.
+        channel: Any = conn.default_channel
+        return channel.message_to_python(channel.basic_get(MAIN_QUEUE, no_ack=True))
+
+
+def test_a_batch_message_is_the_one_send_task_would_publish(
+    broker_url: str, tmp_path: Path
+) -> None:
+    """`send_many` builds its messages with Celery's own two calls rather than `send_task`:
+    what a worker (or Flower) reads off them must not differ."""
+    purge_queues(broker_url)
+    job_id = str(uuid.uuid4())
+    try:
+        dispatch = _dispatch(broker_url, tmp_path)
+        assert dispatch.send_many("order-placed", "gather", [job_id]) == []
+        batched = _first_message(broker_url)
+        dispatch.send("order-placed", "gather", job_id)
+        alone = _first_message(broker_url)
+    finally:
+        purge_queues(broker_url)
+
+    assert batched.decode() == alone.decode() == [[job_id], {}, ANY]
+    differ = {"id", "root_id"}  # each message is a task of its own
+    assert {k: v for k, v in batched.headers.items() if k not in differ} == {
+        k: v for k, v in alone.headers.items() if k not in differ
+    }
+    assert batched.headers["root_id"] == batched.headers["id"] != alone.headers["id"]
+    assert batched.properties["correlation_id"] == batched.headers["id"]
+    for name in ("reply_to", "delivery_mode", "priority"):
+        assert batched.properties.get(name) == alone.properties.get(name)
+    assert batched.content_type == alone.content_type == "application/json"
 
 
 def test_an_unreachable_broker_leaves_every_job_unsent(tmp_path: Path) -> None:
