@@ -122,17 +122,6 @@ class JobStore:
             raise JobNotFound(job_id)
         return job_from_row(row)
 
-    def state_of(self, job_id: UUID) -> JobState | None:
-        """A job's state (None if there is no such job), as cheaply as the database allows:
-        for a caller that waits for a job by polling it."""
-        values = {"p_job_id": job_id}
-        if db.is_postgres(self.engine):
-            found = for_engine(self.engine).one(queries.job_state_template(), values)
-            return JobState(found["state"]) if found is not None else None
-        with db.single_statement(self.engine) as conn:
-            state = conn.execute(queries.job_state_template(), values).scalar_one_or_none()
-        return JobState(state) if state is not None else None
-
     def history(self, job_id: UUID) -> JobHistory:
         """A job, every ledger entry it claimed or adopted, and its events, oldest first.
 

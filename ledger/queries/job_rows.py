@@ -69,12 +69,6 @@ def select_job(job_id: UUID) -> sa.Select[Any]:
     return sa.select(jobs).where(jobs.c.id == job_id)
 
 
-@functools.cache
-def job_state_template() -> sa.Select[Any]:
-    """A job's state (`p_job_id`), built once: what a caller waiting for a job polls."""
-    return sa.select(jobs.c.state).where(jobs.c.id == param("job_id", UUID(int=0), sa.Uuid()))
-
-
 def select_jobs(
     state: JobState | None,
     limit: int,

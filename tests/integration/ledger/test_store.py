@@ -130,11 +130,3 @@ def test_prune_deletes_old_finished_jobs_only(engine: sa.Engine, store: JobStore
             sa.text("SELECT count(*) FROM ledger_entries WHERE job_id NOT IN (SELECT id FROM jobs)")
         ).scalar_one()
     assert orphans == 0
-
-
-def test_a_jobs_state_is_read_alone(engine: sa.Engine, store: JobStore) -> None:
-    job_id = create_job(store)
-    assert store.state_of(job_id) is JobState.PENDING
-    store.cancel(job_id, by="test", reason="no longer wanted")
-    assert store.state_of(job_id) is JobState.CANCELLED
-    assert store.state_of(uuid.uuid4()) is None
