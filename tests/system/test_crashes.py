@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from config.settings import CrashPoint, CrashRule
-from ledger import JobState
+from ledger import JobState, StepState
 from tests.factories import order_event
 from tests.system.conftest import System, SystemFactory, per_order
 
@@ -204,8 +204,14 @@ def test_a_zombie_worker_is_fenced(
     zombie = system.start_worker("zombie", concurrency=1)
     prefix = f"zombie-{uuid.uuid4().hex[:6]}-"
     [job_id] = system.enqueue(events(prefix, 1))
+    # Read from the ledger in-process: a CLI call (`step_view`) can outlast the 800 ms charge,
+    # and the worker would then be paused at the next step instead.
     system.wait_for(
-        lambda: step_view(system, job_id, "act")["state"] == "started", "the charge to start"
+        lambda: any(
+            entry.step == "act" and entry.state is StepState.STARTED
+            for entry in system.store.history(uuid.UUID(job_id)).entries
+        ),
+        "the charge to start",
     )
 
     # When the worker is paused past its lease and another one finishes the job
