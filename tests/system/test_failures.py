@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from config import DEAD_QUEUE
-from ledger import JobState
+from ledger import JobState, StepState
 from tests.conftest import queue_length
 from tests.factories import order_event
 from tests.system.conftest import System, SystemFactory, per_order
@@ -239,9 +239,15 @@ def test_beat_recovers_jobs_whose_messages_vanish_mid_pipeline(
 def test_a_job_cancelled_between_steps_goes_no_further(
     postgres_url: str, redis_url: str, system_factory: SystemFactory
 ) -> None:
-    # Given a gather step that takes 1.5 s (slow prices, asked after the customer)
-    system = system_factory(database_url=postgres_url, broker_url=redis_url, workers=1)
-    system.faults(service="prices", latency_ms=1500)
+    # Given a gather step that takes 4 s (slow prices, asked after the customer): long enough
+    # for the `cancel` CLI process to start on a loaded machine, and within the provider timeout
+    system = system_factory(
+        database_url=postgres_url,
+        broker_url=redis_url,
+        workers=1,
+        extra_env={"ONCELERY_PROVIDER_TIMEOUT": "10"},
+    )
+    system.faults(service="prices", latency_ms=4000)
     prefix = f"cancel-{uuid.uuid4().hex[:6]}-"
     [job_id] = system.enqueue(events(prefix, 1))
     # Gather reads, unclaimed: it shows in the provider's requests, not yet in the ledger.
@@ -272,12 +278,24 @@ def test_a_job_cancelled_between_steps_goes_no_further(
 def test_cancelling_after_a_charge_reports_it(
     postgres_url: str, redis_url: str, system_factory: SystemFactory
 ) -> None:
-    system = system_factory(database_url=postgres_url, broker_url=redis_url, workers=1)
-    system.faults(service="notifications", latency_ms=1500)
+    # The notification is slow (within the provider timeout) so the job is still running when
+    # `cancel` starts: the CLI process alone can take over a second to start on a loaded machine.
+    system = system_factory(
+        database_url=postgres_url,
+        broker_url=redis_url,
+        workers=1,
+        extra_env={"ONCELERY_PROVIDER_TIMEOUT": "10"},
+    )
+    system.faults(service="notifications", latency_ms=6000)
     prefix = f"charged-{uuid.uuid4().hex[:6]}-"
     [job_id] = system.enqueue(events(prefix, 1))
+    # Read from the ledger in-process: polling through the CLI spends the window by itself.
     system.wait_for(
-        lambda: system.history(job_id)["steps"][1]["state"] == "succeeded", "the charge"
+        lambda: any(
+            entry.step == "act" and entry.state is StepState.SUCCEEDED
+            for entry in system.store.history(uuid.UUID(job_id)).entries
+        ),
+        "the charge",
     )
 
     cancelled = system.cli_json("cancel", job_id)
