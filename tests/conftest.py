@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from kombu import Connection, Queue
 
 from config import DEAD_QUEUE, MAIN_QUEUE, RETRY_QUEUE, Settings, get_settings
+from jobs.benchmarks.database import drop_database
 from ledger import create_engine, upgrade
 from ledger.direct import for_engine
 
@@ -91,8 +92,7 @@ def postgres_template(postgres_admin: sa.Engine) -> Iterator[str]:
     upgrade(engine)
     engine.dispose()
     yield name
-    with postgres_admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    drop_database(postgres_admin, name)
 
 
 @pytest.fixture
@@ -102,8 +102,7 @@ def postgres_url(postgres_admin: sa.Engine, postgres_template: str) -> Iterator[
     with postgres_admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}" TEMPLATE "{postgres_template}"'))
     yield _database_url(name)
-    with postgres_admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    drop_database(postgres_admin, name)
 
 
 @pytest.fixture

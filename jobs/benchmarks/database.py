@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ logger = logging.getLogger(__name__)
 
 #: The database every Postgres server has, where databases are created and statistics read.
 MAINTENANCE_DATABASE = "postgres"
+#: What `DROP DATABASE … WITH (FORCE)` answers while a process it may not end is connected.
+_INSUFFICIENT_PRIVILEGE = "42501"
 
 
 @contextlib.contextmanager
@@ -82,10 +85,28 @@ def drop_bench_database(bench_url: str) -> None:
     name = database_name(bench_url)
     admin = maintenance_engine(bench_url)
     try:
-        with bench_errors(f"dropping database {name}"), admin.connect() as conn:
-            conn.execute(sql.drop_database(admin.dialect.identifier_preparer.quote(name)))
+        with bench_errors(f"dropping database {name}"):
+            drop_database(admin, name)
     finally:
         admin.dispose()
+
+
+def drop_database(admin: Engine, name: str, *, patience: float = 30.0) -> None:
+    """Drop a database and end its sessions. `WITH (FORCE)` refuses while an autovacuum worker
+    is in it (a process of no role: "must be a member of the role whose process is being
+    terminated"), as one may be after thousands of rows were written: wait for it to leave."""
+    quoted = admin.dialect.identifier_preparer.quote(name)
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            with admin.connect() as conn:
+                conn.execute(sql.drop_database(quoted))
+            return
+        except sa.exc.DBAPIError as exc:
+            refused = getattr(exc.orig, "sqlstate", None) == _INSUFFICIENT_PRIVILEGE
+            if not refused or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def empty_ledger(engine: Engine) -> None:
