@@ -51,10 +51,18 @@ def test_flower_sees_workers_and_step_tasks(
     )
     assert system.wait_finished(prefix, 5)[JobState.SUCCEEDED] == 5
 
-    # Then Flower lists the workers and every step task, succeeded
-    workers = httpx.get(f"{base}/api/workers", auth=AUTH, params={"refresh": "true"}, timeout=30)
-    assert workers.status_code == 200
-    assert {name.split("@")[0] for name in workers.json()} == {"worker0", "worker1"}
+    # Then Flower lists the workers and every step task, succeeded. A refresh lists only the
+    # workers that answer its inspect calls within a second: a loaded one may need another.
+    def worker_names() -> set[str]:
+        workers = httpx.get(
+            f"{base}/api/workers", auth=AUTH, params={"refresh": "true"}, timeout=30
+        )
+        assert workers.status_code == 200
+        return {name.split("@")[0] for name in workers.json()}
+
+    system.wait_for(
+        lambda: worker_names() == {"worker0", "worker1"}, "Flower to list the workers", timeout=30
+    )
 
     def step_tasks() -> dict[str, set[str]]:
         tasks = httpx.get(f"{base}/api/tasks", auth=AUTH, timeout=30).json()

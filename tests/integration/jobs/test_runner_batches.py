@@ -175,17 +175,17 @@ def test_the_same_job_twice_in_a_batch_acts_once(fast: Runtime) -> None:
 def test_a_slow_batch_renews_the_leases_of_the_jobs_still_waiting(
     database_url: str, tmp_path: Path, runtime: Runtime
 ) -> None:
-    # Given leases of 0.8 s, a time limit of 0.4 s, and steps of 0.15 s: the last of five jobs
-    # would act 0.6 s after its claim, with less lease left than its time limit
+    # Given leases of 2 s, a time limit of 1 s, and steps of 0.35 s: the last of five jobs
+    # would act 1.4 s after its claim, with less lease left than its time limit
     runtime.settings = settings_for(
         database_url=database_url,
         broker_url=None,
         data_dir=tmp_path,
         fast_path=True,
-        step_lease=0.8,
-        step_time_limit=0.4,
+        step_lease=2.0,
+        step_time_limit=1.0,
     )
-    runtime.ledger = StepLedger(engine=runtime.engine, lease_seconds=0.8)
+    runtime.ledger = StepLedger(engine=runtime.engine, lease_seconds=2.0)
     lease_left: list[float] = []
 
     def look(ctx: StepContext[Script]) -> None:
@@ -195,7 +195,7 @@ def test_a_slow_batch_renews_the_leases_of_the_jobs_still_waiting(
         assert entry.locked_until is not None
         lease_left.append((as_utc(entry.locked_until) - datetime.now(UTC)).total_seconds())
 
-    script, dispatch = Script(pause=0.15, look=look), RecordingDispatch()
+    script, dispatch = Script(pause=0.35, look=look), RecordingDispatch()
     pipeline = toy_pipeline(script)
     job_ids = start(runtime, pipeline, words(5))
 
@@ -204,7 +204,7 @@ def test_a_slow_batch_renews_the_leases_of_the_jobs_still_waiting(
     # Then every job acted with at least its time limit of lease left, and finished
     assert outcomes == [Outcome.SUCCEEDED] * 5
     assert len(lease_left) == 10
-    assert min(lease_left) >= 0.35, lease_left
+    assert min(lease_left) >= 0.9, lease_left
     for job_id in job_ids:
         history = runtime.store.history(uuid.UUID(job_id))
         assert [entry.attempts for entry in history.entries] == [1, 1]
@@ -213,8 +213,8 @@ def test_a_slow_batch_renews_the_leases_of_the_jobs_still_waiting(
 def test_a_step_past_its_time_limit_in_a_batch_is_interrupted_and_retried(
     runtime: Runtime,
 ) -> None:
-    # Given a first step limited to 0.2 s that would take 2 s for one job of two
-    script, dispatch = Script(pause=2.0), RecordingDispatch()
+    # Given a first step limited to 0.2 s that would take 30 s for one job of two
+    script, dispatch = Script(pause=30.0), RecordingDispatch()
     pipeline = toy_pipeline(script, time_limit=0.2)
     job_ids = start(runtime, pipeline, words(2))
 
@@ -222,7 +222,7 @@ def test_a_step_past_its_time_limit_in_a_batch_is_interrupted_and_retried(
     outcomes = run(runtime, dispatch, pipeline, job_ids[:1], timer=step_timer)
 
     # Then the step is cut short at its limit and retried, as Celery's soft limit would be
-    assert time.monotonic() - began < 1.5
+    assert time.monotonic() - began < 10
     assert outcomes == [Outcome.RETRYING]
     [error] = [e.detail for e in runtime.store.history(uuid.UUID(job_ids[0])).events]
     assert isinstance(error, dict)
