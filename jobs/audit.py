@@ -1,6 +1,6 @@
 """`oncelery audit`: reconcile the ledger with what the provider says it applied, effect by
-effect. Drift is any effect without a ledger record, two effects for one key or one order, or
-a ledger success the provider never saw."""
+effect. Drift is any effect without a ledger record, two effects for one key or one order, a
+ledger success the provider never saw, or a charge whose amount is not what its order says."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from config import Settings
 from jobs.errors import ProviderUnavailable
 from jobs.pipelines import Pipeline
 from jobs.runtime import declared_pipelines, load_pipelines
-from jobs.sandbox import SandboxStore
+from jobs.sandbox import SandboxStore, unit_amount
 from ledger import JSON, JobStore, StepEntry, StepState, create_engine
 
 #: Ledger states that may stand behind an applied effect.
@@ -122,7 +122,11 @@ def effect_steps(pipelines: Iterable[Pipeline[object]]) -> dict[tuple[str, str],
 
 
 def reconcile(
-    entries: Sequence[StepEntry], kinds_by_key: Mapping[str, str], effects: Sequence[Effect]
+    entries: Sequence[StepEntry],
+    kinds_by_key: Mapping[str, str],
+    effects: Sequence[Effect],
+    *,
+    amounts: Mapping[str, int] | None = None,
 ) -> AuditReport:
     """Compare ledger entries of effectful steps with the provider's effects.
 
@@ -130,6 +134,7 @@ def reconcile(
         entries: the ledger entries in scope, of steps that apply effects.
         kinds_by_key: each of those entries' effect kind, by key.
         effects: the provider's effects in scope.
+        amounts: the amount each key's effect must carry, by key (see `order_amounts`).
     """
     by_key: dict[str, list[Effect]] = defaultdict(list)
     drift: list[Drift] = []
@@ -153,6 +158,7 @@ def reconcile(
                     f"{len(applied)} effects for one key",
                 )
             )
+        drift.extend(_wrong_amounts(key, applied, (amounts or {}).get(key)))
         if entry is None:
             drift.append(Drift("effect_without_ledger_record", first.kind, key, first.order_id))
         elif entry.state is StepState.STARTED:
@@ -178,6 +184,55 @@ def reconcile(
         in_flight=in_flight,
         drift=tuple(drift),
     )
+
+
+def _wrong_amounts(key: str, applied: Sequence[Effect], expected: int | None) -> list[Drift]:
+    """Effects whose amount is not the one their order says (the right count of effects
+    for the wrong money is drift too)."""
+    if expected is None:
+        return []
+    return [
+        Drift(
+            "wrong_amount",
+            effect.kind,
+            key,
+            effect.order_id,
+            f"applied {effect.amount}, the order says {expected}",
+        )
+        for effect in applied
+        if effect.amount != expected
+    ]
+
+
+def order_amounts(
+    entries: Sequence[StepEntry], kinds_by_key: Mapping[str, str], store: JobStore
+) -> dict[str, int]:
+    """What each charge key's effect must amount to: the items of the order it was charged
+    for (the job's row, not anything a step recorded) at the sandbox's prices."""
+    charges = [entry for entry in entries if kinds_by_key.get(entry.key) == "charge"]
+    contexts = store.contexts([entry.job_id for entry in charges])
+    amounts = {}
+    for entry in charges:
+        amount = _priced(contexts.get(entry.job_id))
+        if amount is not None:
+            amounts[entry.key] = amount
+    return amounts
+
+
+def _priced(context: Mapping[str, JSON] | None) -> int | None:
+    """An order context's total at the sandbox's prices; None for a context of another shape."""
+    items = context.get("items") if context is not None else None
+    if not isinstance(items, list):
+        return None
+    total = 0
+    for item in items:
+        if not isinstance(item, dict):
+            return None
+        sku, quantity = item.get("sku"), item.get("quantity")
+        if not isinstance(sku, str) or not isinstance(quantity, int):
+            return None
+        total += unit_amount(sku) * quantity
+    return total
 
 
 def _duplicates_per_order(effects: Sequence[Effect], drift: list[Drift]) -> dict[str, int]:
@@ -250,7 +305,9 @@ def run_audit(settings: Settings, *, sandbox_db: Path | None = None) -> tuple[Au
     store = JobStore(engine=create_engine(settings.database_url))
     try:
         entries = store.entries_of_steps(list(steps))
+        kinds = {entry.key: steps[(pipeline, entry.step)] for pipeline, entry in entries}
+        in_scope = [entry for _, entry in entries]
+        amounts = order_amounts(in_scope, kinds, store)
     finally:
         store.engine.dispose()
-    kinds = {entry.key: steps[(pipeline, entry.step)] for pipeline, entry in entries}
-    return reconcile([entry for _, entry in entries], kinds, effects), source
+    return reconcile(in_scope, kinds, effects, amounts=amounts), source

@@ -24,7 +24,7 @@ from jobs.cli_support import (
     stdout,
 )
 from jobs.errors import InvalidEvent, JobError
-from ledger import JSON, LedgerError, create_engine, upgrade
+from ledger import JSON, EventConflict, LedgerError, create_engine, upgrade
 
 cli = typer.Typer(
     name="oncelery",
@@ -56,12 +56,17 @@ def enqueue(
     job id and enqueues nothing.
     """
     from jobs.app import CeleryDispatch
-    from jobs.enqueue import enqueue_orders, parse_events
+    from jobs.enqueue import enqueue_orders, parse_event_lines
 
     text = _read_source(source)
-    events = parse_events(text)
+    lines = parse_event_lines(text)
     settings = get_settings()
-    for item in enqueue_orders(job_store(settings), CeleryDispatch(), events):
+    try:
+        enqueued = enqueue_orders(job_store(settings), CeleryDispatch(), [e for _, e in lines])
+    except EventConflict as exc:
+        problem = f"event_id: {exc.event_id!r} came before with other content"
+        raise InvalidEvent(f"{problem}; nothing was enqueued", line=lines[exc.index][0]) from None
+    for item in enqueued:
         stdout.print(item.job_id, highlight=False)
         if not item.sent:
             stderr.print(

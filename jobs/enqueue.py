@@ -45,6 +45,11 @@ def parse_events(text: str) -> list[OrderPlaced]:
     Raises:
         InvalidEvent: naming the line (for JSON Lines) and the field of the first problem.
     """
+    return [event for _, event in parse_event_lines(text)]
+
+
+def parse_event_lines(text: str) -> list[tuple[int | None, OrderPlaced]]:
+    """`parse_events`, each event with its line number (None for a single JSON event)."""
     stripped = text.strip()
     if not stripped:
         raise InvalidEvent("no event given (empty input)")
@@ -54,8 +59,8 @@ def parse_events(text: str) -> list[OrderPlaced]:
         whole = None
     else:
         if isinstance(whole, dict):
-            return [_validate(whole, line=None)]
-    events = []
+            return [(None, _validate(whole, line=None))]
+    events: list[tuple[int | None, OrderPlaced]] = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -65,7 +70,7 @@ def parse_events(text: str) -> list[OrderPlaced]:
             raise InvalidEvent(f"not JSON ({exc.msg} at column {exc.colno})", line=number) from None
         except RecursionError:
             raise InvalidEvent("JSON nested too deeply", line=number) from None
-        events.append(_validate(value, line=number))
+        events.append((number, _validate(value, line=number)))
     return events
 
 
@@ -95,19 +100,32 @@ def describe_validation_error(exc: ValidationError) -> str:
 def start_jobs(
     store: JobStore, dispatch: Dispatch, pipeline: Pipeline[object], new_jobs: Sequence[NewJob]
 ) -> list[Enqueued]:
-    """Create the jobs (deduplicated by event id), then publish the first step of each new one."""
+    """Create the jobs (deduplicated by event id), then publish the first step of each new one.
+
+    Raises:
+        EventConflict: an event id came with other content than before; no job was created.
+    """
+    # One transaction for the lot: a conflict anywhere in the input creates nothing.
+    created = store.create_jobs(new_jobs, dispatched=True)
     answer: list[Enqueued] = []
-    # In slices, so a send that failed goes back to the outbox moments later, not after the batch.
+    # Sent in slices, so a send that failed goes back to the outbox moments later, not after
+    # the whole input.
     for start in range(0, len(new_jobs), _SLICE):
-        answer.extend(_start_slice(store, dispatch, pipeline, new_jobs[start : start + _SLICE]))
+        end = start + _SLICE
+        answer.extend(
+            _send_slice(store, dispatch, pipeline, new_jobs[start:end], created[start:end])
+        )
     return answer
 
 
-def _start_slice(
-    store: JobStore, dispatch: Dispatch, pipeline: Pipeline[object], new_jobs: Sequence[NewJob]
+def _send_slice(
+    store: JobStore,
+    dispatch: Dispatch,
+    pipeline: Pipeline[object],
+    new_jobs: Sequence[NewJob],
+    created: Sequence[tuple[UUID, bool]],
 ) -> list[Enqueued]:
     first = pipeline.steps[0]
-    created = store.create_jobs(new_jobs, dispatched=True)
     fresh = [str(job_id) for job_id, is_new in created if is_new]
     readings = {}
     if first.delivery is Delivery.READ_ONLY:

@@ -14,7 +14,14 @@ from urllib.parse import urlsplit
 
 from config import Settings, child_environment, prepare_broker
 from jobs import processes
-from jobs.audit import AuditReport, Scope, effect_steps, fetch_effects, reconcile
+from jobs.audit import (
+    AuditReport,
+    Scope,
+    effect_steps,
+    fetch_effects,
+    order_amounts,
+    reconcile,
+)
 from jobs.errors import ProcessFailed
 from jobs.orders import OrderItem, OrderPlaced, order_placed
 from jobs.pipelines import Pipeline
@@ -133,7 +140,9 @@ class Harness:
         scope = Scope(keys=keys, order_prefix=self.prefix)
         effects = [e for e in fetch_effects(self.settings.provider_url) if scope.covers_effect(e)]
         kinds = {entry.key: steps[(pipeline_name, entry.step)] for pipeline_name, entry in entries}
-        return reconcile([entry for _, entry in entries], kinds, effects)
+        in_scope = [entry for _, entry in entries]
+        amounts = order_amounts(in_scope, kinds, self.store)
+        return reconcile(in_scope, kinds, effects, amounts=amounts)
 
 
 def generate_orders(

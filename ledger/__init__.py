@@ -11,6 +11,7 @@ from ledger.dead_letters import DeadLetterStore
 from ledger.errors import (
     DatabaseUnavailable,
     DeadLetterNotFound,
+    EventConflict,
     FingerprintMismatch,
     JobNotFound,
     LeaseLost,
@@ -63,6 +64,7 @@ __all__ = [
     "DeadLetterReason",
     "DeadLetterState",
     "DeadLetterStore",
+    "EventConflict",
     "EventKind",
     "Failure",
     "FingerprintMismatch",

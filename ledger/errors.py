@@ -89,6 +89,27 @@ class StepNotInJob(LedgerError):
         super().__init__(f"job {job_id} has no step {step!r}")
 
 
+class EventConflict(LedgerError):
+    """Raised when an event id is enqueued again with other content than it first had (in an
+    earlier call, or earlier in the same input): the same id must mean the same event, so
+    nothing of the input that brought it is enqueued.
+
+    Args:
+        pipeline: the pipeline the event is for.
+        event_id: the event id seen with two contents.
+        index: the conflicting event's place in the input, from 0.
+    """
+
+    def __init__(self, pipeline: str, event_id: str, index: int) -> None:
+        self.pipeline = pipeline
+        self.event_id = event_id
+        self.index = index
+        super().__init__(
+            f"event_id {event_id!r} was already enqueued with other content "
+            f"(pipeline {pipeline!r}); an event id must always carry the same event"
+        )
+
+
 class DeadLetterNotFound(LedgerError):
     """Raised when a dead letter id names no dead letter."""
 

@@ -109,6 +109,7 @@ class ReadOnlySteps:
                 result=each.result,
                 duration_ms=each.duration_ms,
                 next_step=next_step,
+                ran_on=(each.reading.key, each.reading.context),
                 assumed=each.reading.assumed,
             )
             if claim_next and next_step is not None:

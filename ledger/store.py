@@ -5,16 +5,16 @@ Must not import celery, kombu, jobs or config.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID, uuid4
 
-from sqlalchemy.engine import Engine, RowMapping
+from sqlalchemy.engine import Connection, Engine, RowMapping
 
 from ledger import db, queries
 from ledger.direct import for_engine
-from ledger.errors import JobNotFound
+from ledger.errors import EventConflict, JobNotFound
 from ledger.types import (
     JSON,
     EventKind,
@@ -54,7 +54,8 @@ class JobStore:
     def create_jobs(
         self, new_jobs: Sequence[NewJob], *, dispatched: bool = False
     ) -> list[tuple[UUID, bool]]:
-        """Create jobs, one per event; an event seen before keeps its first job.
+        """Create jobs, one per event; an event seen before keeps its first job. All or
+        nothing: when one event conflicts, no job of `new_jobs` is created.
 
         Args:
             new_jobs: the jobs' plans.
@@ -65,49 +66,57 @@ class JobStore:
         Returns:
             For each new job in order, its id and whether it was created now (False when the
             event id, or an earlier one in the same batch, already had a job).
+
+        Raises:
+            EventConflict: an event id came with other content than it had before (in an
+                earlier call, or earlier in `new_jobs`).
         """
-        ids: dict[tuple[str, str], tuple[UUID, bool]] = {}
-        for start in range(0, len(new_jobs), _INSERT_BATCH):
-            batch = new_jobs[start : start + _INSERT_BATCH]
-            fresh = [j for j in batch if (j.pipeline, j.event_id) not in ids]
-            ids.update(self._create_batch(fresh, dispatched=dispatched))
+        first_of = _first_occurrences(new_jobs)
+        unique = [new_jobs[index] for index in first_of.values()]
+        if len(unique) == 1 and db.is_postgres(self.engine):
+            # Its INSERT wrote nothing if the event was there: a conflict leaves no trace.
+            ids = self._create_one(unique[0], dispatched=dispatched)
+            _raise_conflict(ids, unique, first_of)
+        else:
+            ids = {}
+            with db.transaction(self.engine) as conn:
+                for start in range(0, len(unique), _INSERT_BATCH):
+                    batch = unique[start : start + _INSERT_BATCH]
+                    ids.update(self._create_batch(conn, batch, dispatched=dispatched))
+                # Raised inside the transaction: its rollback takes every row of the input.
+                _raise_conflict(ids, unique, first_of)
         seen: set[tuple[str, str]] = set()
         answer = []
         for job in new_jobs:
-            identity = (job.pipeline, job.event_id)
+            identity = _identity(job)
             job_id, created = ids[identity]
-            answer.append((job_id, created and identity not in seen))
+            answer.append((job_id, bool(created) and identity not in seen))
             seen.add(identity)
         return answer
 
-    def _create_batch(
-        self, batch: Sequence[NewJob], *, dispatched: bool
-    ) -> dict[tuple[str, str], tuple[UUID, bool]]:
-        unique = {(job.pipeline, job.event_id): job for job in batch}
-        if not unique:
-            return {}
-        rows = [_job_row(job) for job in unique.values()]
-        found: dict[tuple[str, str], tuple[UUID, bool]] = {}
+    def _create_one(self, job: NewJob, *, dispatched: bool) -> dict[tuple[str, str], _Created]:
+        """One job on Postgres, as an intake creates them: the INSERT on the direct
+        connection (a third of the client's time on the engine, see `ledger.direct`)."""
         insert = queries.insert_jobs(self.engine.dialect.name, dispatched)
-        if len(rows) == 1 and db.is_postgres(self.engine):
-            # One order at a time is what an intake does: on the direct connection, the
-            # INSERT is a third of the client's time on the engine (see `ledger.direct`).
-            inserted = for_engine(self.engine).one(insert, rows[0])
-            if inserted is not None:
-                found[(inserted["pipeline"], inserted["event_id"])] = (inserted["id"], True)
-        else:
-            # One statement (autocommit on Postgres): a job row stands on its own.
-            with db.single_statement(self.engine) as conn:
-                for row in conn.execute(insert, rows):
-                    found[(row.pipeline, row.event_id)] = (row.id, True)
-        missing: dict[str, list[str]] = {}
-        for pipeline, event_id in unique:
-            if (pipeline, event_id) not in found:
-                missing.setdefault(pipeline, []).append(event_id)
-        for pipeline, event_ids in missing.items():
-            with db.single_statement(self.engine) as conn:
-                for row in conn.execute(queries.select_job_ids(pipeline, event_ids)):
-                    found[(pipeline, row.event_id)] = (row.id, False)
+        inserted = for_engine(self.engine).one(insert, _job_row(job))
+        if inserted is not None:
+            return {_identity(job): (inserted["id"], True)}
+        with db.single_statement(self.engine) as conn:
+            return _existing(conn, [job])
+
+    def _create_batch(
+        self, conn: Connection, batch: Sequence[NewJob], *, dispatched: bool
+    ) -> dict[tuple[str, str], _Created]:
+        """Inside the caller's transaction: insert the jobs of events not seen before; the
+        others' existing ids (None for `created` when the content differs)."""
+        if not batch:
+            return {}
+        insert = queries.insert_jobs(self.engine.dialect.name, dispatched)
+        found: dict[tuple[str, str], _Created] = {
+            (row.pipeline, row.event_id): (row.id, True)
+            for row in conn.execute(insert, [_job_row(job) for job in batch])
+        }
+        found.update(_existing(conn, [job for job in batch if _identity(job) not in found]))
         return found
 
     def get_job(self, job_id: UUID) -> Job:
@@ -168,6 +177,18 @@ class JobStore:
             for row in conn.execute(queries.count_jobs_by_state(event_prefix)):
                 counts[JobState(row.state)] = int(row.jobs)
         return counts
+
+    def contexts(self, job_ids: Sequence[UUID]) -> dict[UUID, Mapping[str, JSON]]:
+        """The contexts of some jobs, by id (jobs that do not exist are left out)."""
+        ordered = sorted(set(job_ids))
+        found: dict[UUID, Mapping[str, JSON]] = {}
+        with db.transaction(self.engine) as conn:
+            for start in range(0, len(ordered), _INSERT_BATCH):
+                chunk = ordered[start : start + _INSERT_BATCH]
+                found.update(
+                    (row.id, row.context) for row in conn.execute(queries.select_contexts(chunk))
+                )
+        return found
 
     def entries_of_steps(
         self, steps: Sequence[tuple[str, str]], *, keys: Sequence[str] | None = None
@@ -275,6 +296,54 @@ class JobStore:
         """How many history events of a kind exist, optionally for some jobs only."""
         with db.single_statement(self.engine) as conn:
             return int(conn.execute(queries.count_events(kind, job_ids)).scalar_one())
+
+
+#: A job's id and whether this call created it: True, False (the same event was there), or
+#: None (the event id was there with other content: a conflict).
+_Created = tuple[UUID, bool | None]
+
+
+def _identity(job: NewJob) -> tuple[str, str]:
+    return (job.pipeline, job.event_id)
+
+
+def _first_occurrences(new_jobs: Sequence[NewJob]) -> dict[tuple[str, str], int]:
+    """Each event's first place in `new_jobs`.
+
+    Raises:
+        EventConflict: an event id appears again with other content.
+    """
+    first_of: dict[tuple[str, str], int] = {}
+    for index, job in enumerate(new_jobs):
+        first = first_of.setdefault(_identity(job), index)
+        if new_jobs[first].fingerprint != job.fingerprint:
+            raise EventConflict(job.pipeline, job.event_id, index)
+    return first_of
+
+
+def _raise_conflict(
+    ids: dict[tuple[str, str], _Created],
+    unique: Sequence[NewJob],
+    first_of: dict[tuple[str, str], int],
+) -> None:
+    conflict = next((job for job in unique if ids[_identity(job)][1] is None), None)
+    if conflict is not None:
+        index = first_of[_identity(conflict)]
+        raise EventConflict(conflict.pipeline, conflict.event_id, index)
+
+
+def _existing(conn: Connection, jobs: Sequence[NewJob]) -> dict[tuple[str, str], _Created]:
+    """The jobs already created for these events, each marked a conflict when its content
+    (its fingerprint) differs."""
+    found: dict[tuple[str, str], _Created] = {}
+    by_pipeline: dict[str, dict[str, NewJob]] = {}
+    for job in jobs:
+        by_pipeline.setdefault(job.pipeline, {})[job.event_id] = job
+    for pipeline, wanted in by_pipeline.items():
+        for row in conn.execute(queries.select_job_ids(pipeline, list(wanted))):
+            same = row.fingerprint == wanted[row.event_id].fingerprint
+            found[(pipeline, row.event_id)] = (row.id, False if same else None)
+    return found
 
 
 def _job_row(job: NewJob) -> dict[str, Any]:

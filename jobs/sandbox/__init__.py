@@ -8,7 +8,7 @@ from __future__ import annotations
 from .app import create_app
 from .faults import Faults
 from .server import serve
-from .services import SERVICES
+from .services import SERVICES, unit_amount
 from .store import SandboxStore
 
-__all__ = ["SERVICES", "Faults", "SandboxStore", "create_app", "serve"]
+__all__ = ["SERVICES", "Faults", "SandboxStore", "create_app", "serve", "unit_amount"]

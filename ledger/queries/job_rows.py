@@ -53,10 +53,15 @@ def insert_jobs(dialect_name: str, dispatched: bool) -> Any:
 
 
 def select_job_ids(pipeline: str, event_ids: Sequence[str]) -> sa.Select[Any]:
-    """The job ids of the given events of one pipeline."""
-    return sa.select(jobs.c.id, jobs.c.event_id).where(
+    """The job ids of the given events of one pipeline, with their content's fingerprint."""
+    return sa.select(jobs.c.id, jobs.c.event_id, jobs.c.fingerprint).where(
         jobs.c.pipeline == pipeline, jobs.c.event_id.in_(event_ids)
     )
+
+
+def select_contexts(job_ids: Sequence[UUID]) -> sa.Select[Any]:
+    """Some jobs' ids and contexts."""
+    return sa.select(jobs.c.id, jobs.c.context).where(jobs.c.id.in_(list(job_ids)))
 
 
 def ping() -> sa.Select[Any]:

@@ -8,6 +8,7 @@ Run them with `read_only_params` (and `claim_params` for the claim of the next s
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any
 from uuid import UUID
 
@@ -88,11 +89,16 @@ def read_only_params(
     result: JSON,
     duration_ms: float | None,
     next_step: str | None,
+    ran_on: tuple[str, Mapping[str, JSON]],
     assumed: bool = False,
 ) -> dict[str, Any]:
     """The parameters of `record_read_template` (merge `claim_params` with the same `owner`
-    to claim the next step; `assumed`: the reading was not read, see `Reading.assumed`)."""
+    to claim the next step; `ran_on`: the key and context the step ran on; `assumed`: the
+    reading was not read, see `Reading.assumed`)."""
+    key, context = ran_on
     return {
+        "p_ran_key": key,
+        "p_ran_context": dict(context),
         "p_assumed": assumed,
         "p_job_id": job_id,
         "p_owner": owner,
@@ -112,6 +118,7 @@ def _advance_from_read(next_step: bool, claim_next: bool) -> CTE:
     result, as after any step, and goes no further). A reading that was not read
     (`p_assumed`) records only while the step's key has no entry."""
     read_step = param("result_step", "", sa.String())
+    read_key = jobs.c.step_keys[param("read_key_step", "", _KEY_TYPE)].as_string()
     active = jobs.c.state.in_(ACTIVE)
     values: dict[str, Any] = {
         "results": db.json_set_key(jobs.c.results, read_step, param("result", {}, JSONDocument)),
@@ -142,7 +149,6 @@ def _advance_from_read(next_step: bool, claim_next: bool) -> CTE:
         moved_on = jobs.c.state == str(JobState.RUNNING)
         returned.append(sa.case((moved_on, next_key), else_=sa.null()).label("key"))
     entry = ledger_entries.alias("same_key")
-    read_key = jobs.c.step_keys[param("read_key_step", "", _KEY_TYPE)].as_string()
     reused = sa.exists().where(
         entry.c.key == read_key,
         sa.or_(
@@ -160,6 +166,12 @@ def _advance_from_read(next_step: bool, claim_next: bool) -> CTE:
             jobs.c.id == param("job_id", UUID(int=0), sa.Uuid()),
             # The fence: whoever moved the job on first recorded the step.
             jobs.c.current_step == read_step,
+            # The step ran on what the job holds: a reading its message brought is the
+            # message's word only (stale, or forged by whoever can publish), and Postgres has
+            # the last one. A reading that differs records nothing; the claim it falls back on
+            # runs the step on the row.
+            read_key == param("ran_key", "", sa.String()),
+            jobs.c.context == param("ran_context", {}, JSONDocument),
             # A key first used for another request (or, for a reading not read, used at all):
             # nothing is recorded, and the claim the job falls back on tells why
             # (`FingerprintMismatch`, say).

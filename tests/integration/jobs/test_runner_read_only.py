@@ -226,3 +226,23 @@ def test_a_reading_for_another_job_is_not_used(fast: Runtime, statements: list[s
     assert statements[0].startswith("SELECT")  # read as if nothing had been brought
     assert looks.calls == [1]
     assert fast.store.get_job(uuid.UUID(first)).state is JobState.PENDING
+
+
+def test_a_forged_reading_never_becomes_the_jobs_result(fast: Runtime) -> None:
+    """Given a message whose reading says another word than the job's row (stale, or forged
+    by whoever can publish to the broker), when it is delivered, then nothing it computed is
+    recorded: the job goes to be claimed, and the claim runs the step on the row."""
+    looks, dispatch = Looks(), RecordingDispatch()
+    pipeline = lookup_pipeline(looks)
+    [job_id] = start(fast, pipeline)
+    row = brought(fast, job_id)
+    forged = first_reading(row.job_id, row.step, row.key, {"word": "forged"})
+    step = pipeline.step("look")
+
+    assert run_step(fast, dispatch, pipeline, step, job_id, reading=forged) is Outcome.RETRYING  # type: ignore[arg-type]
+    assert dispatch.resent == [job_id]
+    assert run_step(fast, dispatch, pipeline, step, job_id, repeat=True) is Outcome.SUCCEEDED  # type: ignore[arg-type]
+
+    job = fast.store.get_job(uuid.UUID(job_id))
+    assert job.state is JobState.SUCCEEDED
+    assert job.results["look"] == {"seen": job.context["word"]}

@@ -210,6 +210,33 @@ def test_a_reading_not_read_records_only_while_its_key_is_untouched(
     assert store.history(job_id) == before
 
 
+@pytest.mark.parametrize("differs", ["context", "key"])
+def test_a_reading_that_differs_from_the_job_records_nothing(
+    store: JobStore, ledger: StepLedger, differs: str
+) -> None:
+    """A message's reading is its word only: one that disagrees with the job's row (stale, or
+    forged by whoever can publish to the broker) records nothing, and the delivery falls back
+    on a claim, which runs the step on the row."""
+    job_id = create_job(store, context={"amount": 100})
+    job = store.get_job(job_id)
+    key, context = job.step_keys["first"], dict(job.context)
+    if differs == "context":
+        context["amount"] = 1
+    else:
+        key = f"{key}:forged"
+    brought = first_reading(job_id, "first", key, context)
+    before = store.history(job_id)
+
+    [answer] = ledger.record_reads(
+        [ReadResult(brought, {"charged": context["amount"]}, 1.0)],
+        next_step="second",
+        claim_next=True,
+    )
+
+    assert answer is None
+    assert store.history(job_id) == before
+
+
 def test_a_reading_not_read_is_recorded_on_a_job_cancelled_since(
     store: JobStore, ledger: StepLedger
 ) -> None:
@@ -310,6 +337,7 @@ def test_a_read_record_retried_after_an_ambiguous_commit_knows_its_own(
                 **queries.read_only_params(
                     job_id=job_id, step="first", owner=owner, result={"n": 1},
                     duration_ms=1.0, next_step="second",
+                    ran_on=(reading.key, reading.context),
                 ),
                 **queries.claim_params(job_id, "second", owner, 30),
             }

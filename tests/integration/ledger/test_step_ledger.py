@@ -261,7 +261,7 @@ def test_the_happy_path_costs_two_statements_per_step_on_postgres(
 
 def test_create_jobs_deduplicates_by_event_id(store: JobStore) -> None:
     plan = new_job()
-    again = new_job(event_id=plan.event_id)
+    again = new_job(event_id=plan.event_id, context=plan.context)
 
     [(job_id, created)] = store.create_jobs([plan])
     assert created

@@ -1,4 +1,5 @@
-"""Cancellation, the sweeper's claim of stalled jobs and retention, on Postgres and SQLite."""
+"""Creating jobs (conflicts), cancellation, the sweeper's claim of stalled jobs and retention,
+on Postgres and SQLite."""
 
 from __future__ import annotations
 
@@ -9,9 +10,17 @@ from datetime import datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from ledger import Claim, EventKind, JobState, JobStore, StepLedger, create_engine
+from ledger import (
+    Claim,
+    EventConflict,
+    EventKind,
+    JobState,
+    JobStore,
+    StepLedger,
+    create_engine,
+)
 from ledger.schema import jobs
-from tests.factories import create_job
+from tests.factories import create_job, new_job
 
 
 @pytest.fixture
@@ -31,6 +40,37 @@ def age(engine: sa.Engine, job_ids: list[uuid.UUID], seconds: int) -> None:
                 .where(jobs.c.id == job_id)
                 .values(updated_at=updated - timedelta(seconds=seconds))
             )
+
+
+def test_an_event_id_with_other_content_is_a_conflict_and_creates_nothing(
+    store: JobStore,
+) -> None:
+    """Given an event already enqueued, when it comes again with other content beside a new
+    event, then the conflict names the event and its place, and the new event is not created
+    either: the input is taken whole or not at all."""
+    plan = new_job()
+    [(job_id, _)] = store.create_jobs([plan])
+    fresh, changed = new_job(), new_job(event_id=plan.event_id)
+
+    with pytest.raises(EventConflict) as raised:
+        store.create_jobs([fresh, changed])
+
+    assert (raised.value.event_id, raised.value.index) == (plan.event_id, 1)
+    assert [job.id for job in store.list_jobs(limit=10)] == [job_id]
+
+
+def test_one_input_with_an_event_id_twice_and_two_contents_is_a_conflict(
+    store: JobStore,
+) -> None:
+    first = new_job()
+    twin = new_job(event_id=first.event_id, context=first.context)
+    changed = new_job(event_id=first.event_id)
+
+    with pytest.raises(EventConflict) as raised:
+        store.create_jobs([first, twin, changed])
+
+    assert raised.value.index == 2
+    assert store.list_jobs(limit=10) == []
 
 
 def test_cancel_stops_a_job_before_its_next_step(engine: sa.Engine, store: JobStore) -> None:

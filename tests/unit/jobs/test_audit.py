@@ -5,16 +5,28 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
+from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from jobs.audit import AuditReport, Drift, Effect, Scope, effect_steps, reconcile
-from jobs.orders import order_placed
-from ledger import StepEntry, StepState
+from jobs.audit import (
+    AuditReport,
+    Drift,
+    Effect,
+    Scope,
+    effect_steps,
+    order_amounts,
+    reconcile,
+)
+from jobs.orders import order_job, order_placed
+from jobs.sandbox import unit_amount
+from ledger import JobStore, StepEntry, StepState, create_engine, upgrade
+from tests.factories import order
 
 AT = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -144,6 +156,38 @@ def test_a_charge_and_a_notification_for_one_order_are_not_duplicates() -> None:
     report = reconcile(entries, KINDS, [charge("o1"), notification("o1")])
 
     assert report.clean is True
+
+
+def test_a_charge_of_the_wrong_amount_is_drift() -> None:
+    """One charge per order, each under its key, yet one of them is not what its order
+    says: counting effects alone would call this clean."""
+    entries = [entry("order:o1:charge"), entry("order:o2:charge")]
+    effects = [charge("o1"), charge("o2")]  # 700 each
+
+    report = reconcile(
+        entries, KINDS, effects, amounts={"order:o1:charge": 700, "order:o2:charge": 1400}
+    )
+
+    assert [(d.problem, d.key, d.detail) for d in report.drift] == [
+        ("wrong_amount", "order:o2:charge", "applied 700, the order says 1400")
+    ]
+
+
+def test_order_amounts_price_the_orders_row(tmp_path: Path) -> None:
+    """The amount comes from the job's own row (its items at the sandbox's prices), never
+    from what a step recorded."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+    upgrade(engine)
+    store = JobStore(engine=engine)
+    job = order_job(order(items=[{"sku": "SKU-1", "quantity": 2}]))
+    [(job_id, _)] = store.create_jobs([job])
+    charged = replace(entry(job.step_keys["act"]), job_id=job_id)
+    other = entry("note:1", step="publish")
+
+    amounts = order_amounts([charged, other], {charged.key: "charge", other.key: "x"}, store)
+
+    assert amounts == {charged.key: 2 * unit_amount("SKU-1")}
+    engine.dispose()
 
 
 # --- states that are not drift --------------------------------------------------------------

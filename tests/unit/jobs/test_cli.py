@@ -53,6 +53,8 @@ class Ran:
 
 
 _GOOD = json.dumps(order_event())
+_TWICE = order_event()
+_CHANGED = json.dumps({**_TWICE, "currency": "USD"})
 _BAD_QUANTITY = json.dumps(order_event(items=[{"sku": "SKU-1", "quantity": "2"}]))
 
 #: Every run, started together (each costs a Python start-up; in parallel the suite stays fast).
@@ -60,6 +62,11 @@ CASES = {
     "bad-line-3": Case(
         ("enqueue", "{file}"),
         file_text=f"{_GOOD}\n{json.dumps(order_event())}\n{_BAD_QUANTITY}\n",
+        migrated=True,
+    ),
+    "conflict-line-3": Case(
+        ("enqueue", "{file}"),
+        file_text=f"{json.dumps(_TWICE)}\n{_GOOD}\n{_CHANGED}\n",
         migrated=True,
     ),
     "bad-currency": Case(
@@ -94,16 +101,21 @@ def _environment(data_dir: Path, extra: tuple[tuple[str, str], ...]) -> dict[str
     return environment
 
 
-def oncelery(case: Case, folder: Path) -> Ran:
-    """Run `python -m jobs.cli ARGS` in `folder`, its data folder `folder/data`."""
+def prepare(case: Case, folder: Path) -> None:
+    """The case's folder, input file and (if asked) migrated ledger; not thread-safe (Alembic
+    keeps its migration context in a global)."""
     folder.mkdir(parents=True)
-    data_dir, file = folder / "data", folder / "input.jsonl"
     if case.file_text is not None:
-        file.write_text(case.file_text)
+        (folder / "input.jsonl").write_text(case.file_text)
     if case.migrated:
-        engine = create_engine(f"sqlite:///{data_dir / 'ledger.sqlite3'}")
+        engine = create_engine(f"sqlite:///{folder / 'data' / 'ledger.sqlite3'}")
         upgrade(engine)
         engine.dispose()
+
+
+def oncelery(case: Case, folder: Path) -> Ran:
+    """Run `python -m jobs.cli ARGS` in `folder` (see `prepare`), its data folder `folder/data`."""
+    data_dir, file = folder / "data", folder / "input.jsonl"
     done = subprocess.run(
         [sys.executable, "-m", "jobs.cli", *(arg.format(file=file) for arg in case.args)],
         cwd=folder,
@@ -121,6 +133,8 @@ def oncelery(case: Case, folder: Path) -> Ran:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Ran]:
     """Every case of `CASES`, run in parallel, by name."""
     base = tmp_path_factory.mktemp("cli")
+    for name, case in CASES.items():
+        prepare(case, base / name)
     with ThreadPoolExecutor(max_workers=4) as pool:
         started = {name: pool.submit(oncelery, case, base / name) for name, case in CASES.items()}
         return {name: future.result() for name, future in started.items()}
@@ -161,6 +175,15 @@ def test_enqueue_of_a_bad_file_creates_nothing(runs: dict[str, Ran]) -> None:
 
     assert_bad_input(ran, "currency")
     assert not ran.data_dir.exists()
+
+
+def test_enqueue_refuses_an_event_id_given_twice_with_two_contents(
+    runs: dict[str, Ran],
+) -> None:
+    ran = runs["conflict-line-3"]
+    line = assert_bad_input(ran, "line 3", "event_id", str(_TWICE["event_id"]), "nothing")
+    assert "other content" in line
+    assert _jobs_in(ran.data_dir / "ledger.sqlite3") == 0
 
 
 def test_enqueue_of_a_missing_file(runs: dict[str, Ran]) -> None:

@@ -18,7 +18,15 @@ from jobs.enqueue import describe_validation_error, enqueue_orders, parse_events
 from jobs.errors import InvalidEvent
 from jobs.orders import OrderPlaced
 from jobs.pipelines import Pipeline, Step
-from ledger import JobState, JobStore, Reading, create_engine, first_reading, upgrade
+from ledger import (
+    EventConflict,
+    JobState,
+    JobStore,
+    Reading,
+    create_engine,
+    first_reading,
+    upgrade,
+)
 from tests.factories import RecordingDispatch, order_event
 
 # --- parse_events: what is accepted ---------------------------------------------------------
@@ -317,6 +325,37 @@ def test_the_same_event_again_gives_the_same_job_and_sends_nothing(store: JobSto
     assert again.created is False
     assert dispatch.sent == []
     assert store.count_by_state()[JobState.PENDING] == 1
+
+
+def test_an_event_id_seen_before_with_other_content_enqueues_nothing(store: JobStore) -> None:
+    """Given an enqueued event, when its id comes again with another amount beside a new event,
+    then the call raises naming it, and neither event is enqueued nor sent."""
+    event = order_event()
+    [first] = enqueue_orders(store, RecordingDispatch(), parse_events(json.dumps(event)))
+    changed = {**event, "items": [{"sku": "SKU-9", "quantity": 7}]}
+    text = "\n".join(json.dumps(each) for each in (order_event(), changed))
+    dispatch = RecordingDispatch()
+
+    with pytest.raises(EventConflict) as raised:
+        enqueue_orders(store, dispatch, parse_events(text))
+
+    assert (raised.value.event_id, raised.value.index) == (event["event_id"], 1)
+    assert dispatch.sent == []
+    assert [job.id for job in store.list_jobs()] == [UUID(first.job_id)]
+
+
+def test_one_input_with_an_event_twice_and_the_same_content_is_one_job(store: JobStore) -> None:
+    event = order_event()
+    dispatch = ManyDispatch()
+
+    first, again = enqueue_orders(store, dispatch, parse_events(f"{json.dumps(event)}\n" * 2))
+
+    assert first.job_id == again.job_id
+    assert (first.created, again.created) == (True, False)
+    job = store.get_job(UUID(first.job_id))
+    # The message brings what the row holds, never another line's content.
+    [reading] = dispatch.readings.values()
+    assert reading.context == job.context
 
 
 def test_a_lost_publish_leaves_the_job_stored_for_the_sweeper(store: JobStore) -> None:

@@ -26,6 +26,7 @@ def test_public_names() -> None:
         "Faults",
         "SandboxStore",
         "SERVICES",
+        "unit_amount",
     }
     assert SERVICES == ("customers", "prices", "payments", "notifications")
 
