@@ -297,9 +297,20 @@ class StepLedger(ReadOnlySteps):
         if isinstance(row, LedgerError):
             raise row
         if row is None:
-            return Recorded(claim.key, self._recorded_before(claim, StepState.SUCCEEDED)), None
-        if row["job_state"] is None:
-            return Recorded(claim.key, self._job_state(claim.job_id) or JobState.CANCELLED), None
+            # The fence refused: a takeover (LeaseLost), or our own earlier commit whose
+            # answer was lost, which claimed the next step for this same `owner` too.
+            job_state = self._recorded_before(claim, StepState.SUCCEEDED)
+            if job_state is not JobState.RUNNING:
+                return Recorded(claim.key, job_state), None
+            # Claiming again under that owner finds the claim it holds, rather than leaving
+            # the key held, for a lease, by an owner no worker has.
+            claimed = self.claim_step(
+                claim.job_id, next_step, takeover_expired=takeover_expired, owner=owner
+            )
+            return Recorded(claim.key, job_state), claimed
+        job_state = JobState(row["job_state"])
+        if job_state is not JobState.RUNNING:
+            return Recorded(claim.key, job_state), None
         outcome = decode_claim(claim.job_id, next_step, owner, row, takeover_expired)
         return Recorded(claim.key, JobState.RUNNING), outcome
 
@@ -466,9 +477,10 @@ class StepLedger(ReadOnlySteps):
 
     def note_duplicate(self, outcome: AlreadySucceeded) -> None:
         """Append a `duplicate` event: a delivery found its key already recorded (the count
-        of these is the ledger's keep, in production)."""
-        event = queries.append_event(
-            outcome.job_id, outcome.step, EventKind.DUPLICATE, key=outcome.key
+        of these is the ledger's keep, in production). Written once, even when retried after
+        a commit whose answer was lost."""
+        event = queries.append_event_once(
+            outcome.job_id, outcome.step, EventKind.DUPLICATE, key=outcome.key, delivery=uuid4()
         )
 
         def attempt() -> None:

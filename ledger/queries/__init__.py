@@ -18,6 +18,7 @@ from ledger.queries.common import (
 from ledger.queries.history import (
     append_event,
     append_event_after,
+    append_event_once,
     append_events,
     count_events,
     select_events,
@@ -87,6 +88,7 @@ __all__ = [
     "advance_job",
     "append_event",
     "append_event_after",
+    "append_event_once",
     "append_events",
     "claim_params",
     "claim_source",

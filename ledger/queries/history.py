@@ -57,6 +57,29 @@ def append_event(
     )
 
 
+def append_event_once(
+    job_id: UUID, step: str, kind: EventKind, *, key: str | None, delivery: UUID
+) -> sa.Insert:
+    """Append one history event on behalf of one delivery (`detail.delivery`), unless that
+    delivery's is there already: a retry after a commit whose answer was lost adds nothing."""
+    events = step_events.c
+    written = sa.exists().where(
+        events.job_id == job_id,
+        events.kind == str(kind),
+        events.detail["delivery"].as_string() == str(delivery),
+    )
+    source = sa.select(
+        sa.literal(job_id, sa.Uuid()),
+        sa.literal(step),
+        sa.literal(key, sa.String()),
+        sa.literal(str(kind)),
+        db.utcnow(),
+        json_value({"delivery": str(delivery)}),
+    ).where(~written)
+    columns = ["job_id", "step", "key", "kind", "at", "detail"]
+    return sa.insert(step_events).from_select(columns, source)
+
+
 def append_events(
     jobs_and_steps: Sequence[tuple[UUID, str]], kind: EventKind, detail: JSON
 ) -> sa.Insert:

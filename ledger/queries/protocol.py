@@ -308,19 +308,21 @@ def record_and_claim_next_in_one(
     """Postgres, the fast path: record a key, append its event, move the job to `next_step`
     and claim that step's key for `owner`, in one statement.
 
-    Returns no row when the fence rejected the record; `job_state` is NULL when the job was no
-    longer active (the record stands, nothing is claimed); otherwise the same columns as
+    Returns no row when the fence rejected the record; a `job_state` other than running
+    when the job was no longer active (the result is recorded on it, as in the chained mode,
+    but it does not move and nothing is claimed); otherwise the same columns as
     `claim_step_in_one`, for the next step.
     """
     job_id, kind, duration_ms, detail = event
     step, value = result
     finished_cte = finished.cte("finished")
     event_cte = append_event_after(finished_cte, job_id, kind, duration_ms, detail).cte("event")
+    active = jobs.c.state.in_(ACTIVE)
+    next_key = jobs.c.step_keys[param("step_key", next_step, sa.JSON.JSONStrIndexType())]
     job = (
         sa.update(jobs)
         .where(
             jobs.c.id == param("job_id", job_id, sa.Uuid()),
-            jobs.c.state.in_(ACTIVE),
             sa.exists(sa.select(sa.literal(1)).select_from(finished_cte)),
         )
         .values(
@@ -329,8 +331,10 @@ def record_and_claim_next_in_one(
                 param("result_step", step, sa.String()),
                 param("result", value, JSONDocument),
             ),
-            current_step=param("step", next_step, sa.String()),
-            state=str(JobState.RUNNING),
+            current_step=sa.case(
+                (active, param("step", next_step, sa.String())), else_=jobs.c.current_step
+            ),
+            state=sa.case((active, str(JobState.RUNNING)), else_=jobs.c.state),
             updated_at=db.utcnow(),
         )
         .returning(
@@ -340,9 +344,10 @@ def record_and_claim_next_in_one(
             jobs.c.results,
             jobs.c.fingerprint,
             jobs.c.current_step,
-            jobs.c.step_keys[param("step_key", next_step, sa.JSON.JSONStrIndexType())]
-            .as_string()
-            .label("key"),
+            # RETURNING sees the row as updated: a job that did not move on claims nothing.
+            sa.case(
+                (jobs.c.state == str(JobState.RUNNING), next_key.as_string()), else_=sa.null()
+            ).label("key"),
         )
         .cte("job")
     )
