@@ -14,20 +14,44 @@ class TransientError(JobError):
     Args:
         message: what went wrong, for the history.
         retry_after: seconds the other side asked us to wait (`Retry-After`), if it did.
-        maybe_applied: True when the request may have taken effect before the failure (a
-            timeout after sending it); an at-most-once step must not repeat it.
+        maybe_applied: whether the request may have taken effect before the failure: True (a
+            timeout after sending it, a 503 from a provider that ignores keys), False (the
+            connection was refused: nothing went out), or None when the step does not say;
+            then the attempt's requests decide (see `jobs.retry.may_have_acted`).
+        status: the provider's HTTP status, if it answered one.
     """
 
     def __init__(
-        self, message: str, *, retry_after: float | None = None, maybe_applied: bool = False
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        maybe_applied: bool | None = None,
+        status: int | None = None,
     ) -> None:
         self.retry_after = retry_after
         self.maybe_applied = maybe_applied
+        self.status = status
         super().__init__(message)
 
 
 class PermanentError(JobError):
-    """Raised by a step when trying again cannot help (4xx, validation, a declined card)."""
+    """Raised by a step when trying again cannot help (4xx, validation, a declined card).
+
+    Args:
+        message: what went wrong, for the history.
+        maybe_applied: as for `TransientError`: False for a provider's definite refusal
+            (a 402 for a declined card), True for a success whose answer cannot be used (a
+            2xx body of the wrong shape), None when the step does not say.
+        status: the provider's HTTP status, if it answered one.
+    """
+
+    def __init__(
+        self, message: str, *, maybe_applied: bool | None = None, status: int | None = None
+    ) -> None:
+        self.maybe_applied = maybe_applied
+        self.status = status
+        super().__init__(message)
 
 
 class InvalidEvent(JobError):

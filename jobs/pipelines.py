@@ -72,6 +72,10 @@ class Step(Generic[R]):
         retry: this step's retry policy; the settings' policy when None.
         time_limit: seconds one attempt may take before it is interrupted (soft limit; the
             hard limit follows 5 s later); the settings' `ONCELERY_STEP_TIME_LIMIT` when None.
+        unapplied_statuses: for an at-most-once step, provider statuses that are known to
+            mean nothing was applied (a provider that refuses with 429 before doing anything,
+            say): such an answer is retried. Any other failure after a request went out may
+            have acted, and leaves the step `unknown` for a person.
     """
 
     name: str
@@ -81,6 +85,7 @@ class Step(Generic[R]):
     effect: str | None = None
     retry: RetryPolicy | None = None
     time_limit: float | None = None
+    unapplied_statuses: frozenset[int] = frozenset()
 
     def key_for(self, context: Mapping[str, JSON]) -> str:
         """This step's idempotency key for a job context."""

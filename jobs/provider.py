@@ -11,10 +11,13 @@ from typing import Final
 import httpx
 
 from jobs.errors import PermanentError, TransientError
+from jobs.outside import request_sent
 from ledger import JSON
 
 #: Statuses worth another try: the provider is overloaded, down or busy with the same key.
 _TRANSIENT_STATUSES: Final = frozenset({408, 409, 425, 429})
+#: Methods that read only: whatever becomes of them, they applied nothing.
+_SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class ProviderClient:
@@ -57,39 +60,61 @@ class ProviderClient:
         self, method: str, path: str, body: Mapping[str, JSON] | None, key: str | None
     ) -> dict[str, JSON]:
         headers = {"Idempotency-Key": key} if key else {}
+        safe = method in _SAFE_METHODS
+        if not safe:
+            request_sent()
         try:
             response = self.client.request(method, path, json=body, headers=headers)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise TransientError(f"{method} {path}: cannot connect: {exc}") from exc
+            # Nothing reached the provider.
+            raise TransientError(
+                f"{method} {path}: cannot connect: {exc}", maybe_applied=False
+            ) from exc
         except httpx.TimeoutException as exc:
             # The request went out: the provider may have acted before we stopped waiting.
             raise TransientError(
-                f"{method} {path}: no answer within {self.timeout}s", maybe_applied=True
+                f"{method} {path}: no answer within {self.timeout}s", maybe_applied=not safe
             ) from exc
         except httpx.TransportError as exc:
-            raise TransientError(f"{method} {path}: {exc}", maybe_applied=True) from exc
-        return _answer(method, path, response)
+            raise TransientError(f"{method} {path}: {exc}", maybe_applied=not safe) from exc
+        return _answer(method, path, response, applies=not safe)
 
 
-def _answer(method: str, path: str, response: httpx.Response) -> dict[str, JSON]:
+def _answer(
+    method: str, path: str, response: httpx.Response, *, applies: bool = True
+) -> dict[str, JSON]:
+    """A provider's answer as the step's result, or the error it means. `applies`: the request
+    may apply an effect — then any answer but a definite refusal may have applied it (a
+    provider that ignores keys can commit, then answer 500, 503, 409 or 429)."""
     status = response.status_code
     if status >= 500 or status in _TRANSIENT_STATUSES:
         raise TransientError(
             f"{method} {path} answered {status}{_error_type(response)}",
             retry_after=retry_after_seconds(response.headers.get("Retry-After")),
-            maybe_applied=status in (502, 504),
+            maybe_applied=applies,
+            status=status,
         )
     if status >= 400:
-        raise PermanentError(f"{method} {path} answered {status}{_error_type(response)}")
+        raise PermanentError(
+            f"{method} {path} answered {status}{_error_type(response)}",
+            maybe_applied=False,
+            status=status,
+        )
     try:
         payload = response.json()
     except ValueError as exc:
         # A success status means the provider acted, whatever became of its body.
         raise TransientError(
-            f"{method} {path} answered {status} with a body that is not JSON", maybe_applied=True
+            f"{method} {path} answered {status} with a body that is not JSON",
+            maybe_applied=applies,
+            status=status,
         ) from exc
     if not isinstance(payload, dict):
-        raise PermanentError(f"{method} {path} answered {status} with a body that is not an object")
+        raise PermanentError(
+            f"{method} {path} answered {status} with a body that is not an object",
+            maybe_applied=applies,
+            status=status,
+        )
     return payload
 
 

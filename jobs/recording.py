@@ -223,17 +223,25 @@ def handle_failure(
     *,
     duration_ms: float,
     policy: retry.RetryPolicy,
+    sent: bool,
 ) -> Outcome:
+    """Record a failed attempt: retried, or dead-lettered with its key `failed` — or
+    `unknown` when an effect may exist (`sent`: the attempt reported a request that may
+    apply one, see `jobs.outside`)."""
     verdict = retry.decide(exc, claim.attempt, policy)
     error = error_json(exc, retryable=verdict.delay is not None)
     if verdict.reason == "attempts_exhausted":
         error["reason"] = verdict.reason
-    maybe_applied = retry.may_have_acted(exc)
+    maybe_applied = retry.may_have_acted(exc, sent=sent, unapplied_statuses=step.unapplied_statuses)
     # At most once: the provider ignores keys and may have acted, so repeating could do it
-    # twice. Exactly once, giving up after transient errors: no attempt got a definite
-    # answer, so an effect may exist (the provider's key makes a replay safe).
+    # twice. Exactly once, giving up: an effect may exist (after transient errors no attempt
+    # got a definite answer), and the key must say so; the provider's key makes a replay
+    # safe.
+    gives_up = verdict.delay is None
     unknown = (step.delivery is Delivery.AT_MOST_ONCE and maybe_applied) or (
-        verdict.reason == "attempts_exhausted" and step.effect is not None
+        step.effect is not None
+        and gives_up
+        and (maybe_applied or verdict.reason == "attempts_exhausted")
     )
     failure = Failure(
         error=error,

@@ -65,12 +65,29 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, TransientError | SoftTimeLimitExceeded | ConnectionError | TimeoutError)
 
 
-def may_have_acted(exc: BaseException) -> bool:
-    """True when the failed attempt may have changed the outside world before failing: a
-    request that went out and got no answer, or a time limit that struck mid-call."""
-    return (isinstance(exc, TransientError) and exc.maybe_applied) or isinstance(
-        exc, SoftTimeLimitExceeded
-    )
+def may_have_acted(
+    exc: BaseException, *, sent: bool, unapplied_statuses: frozenset[int] = frozenset()
+) -> bool:
+    """Whether a failed attempt may have changed the outside world before failing.
+
+    Args:
+        exc: what ended the attempt.
+        sent: whether the attempt reported a request that may apply an effect
+            (`jobs.outside.request_sent`).
+        unapplied_statuses: provider statuses the step declares to mean "nothing applied".
+
+    What the error says wins (a refused connection, a definite 4xx: no; a timeout after
+    sending: yes), save a status the step declares unapplied. An error the step raised
+    without saying may have acted if a request went out before it. Anything else — a bug, a
+    time limit, a result that is not JSON — may have acted: nothing tells what happened
+    before it.
+    """
+    status = getattr(exc, "status", None)
+    if isinstance(status, int) and status in unapplied_statuses:
+        return False
+    if isinstance(exc, TransientError | PermanentError):
+        return exc.maybe_applied if exc.maybe_applied is not None else sent
+    return True
 
 
 def backoff(attempt: int, policy: RetryPolicy, draw: float) -> float:

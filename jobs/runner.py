@@ -32,6 +32,7 @@ from jobs.delivery import (
     takes_over,
 )
 from jobs.dispatch import Dispatch
+from jobs.outside import watching
 from jobs.pipelines import Delivery, Pipeline, Step, StepContext
 from jobs.recording import handle_failure, record, record_and_claim, record_failure
 from jobs.runtime import Runtime
@@ -253,9 +254,9 @@ def _act(run: Run, step: Step[object], claim: Claim | Reading) -> StepResult | R
     limit = run.timer(rt.time_limit_for(run.pipeline, step)) if run.timer else nullcontext()
     started = time.monotonic()
     try:
-        with limit:
+        with watching() as watch, limit:
             result = step.run(ctx)
-        json.dumps(result)
+            json.dumps(result)
     except Exception as exc:  # noqa: BLE001 - every failure is classified and recorded
         duration_ms = (time.monotonic() - started) * 1000
         if isinstance(claim, Reading):
@@ -264,7 +265,9 @@ def _act(run: Run, step: Step[object], claim: Claim | Reading) -> StepResult | R
             if isinstance(settled, Outcome):
                 return settled
             claim = settled
-        return handle_failure(run, step, claim, exc, duration_ms=duration_ms, policy=policy)
+        return handle_failure(
+            run, step, claim, exc, duration_ms=duration_ms, policy=policy, sent=watch.sent > 0
+        )
     duration_ms = (time.monotonic() - started) * 1000
     rt.crash(CrashPoint.AFTER_ACT, step.name, ctx.job_id)
     if isinstance(claim, Reading):

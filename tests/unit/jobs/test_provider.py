@@ -89,20 +89,12 @@ def test_a_2xx_object_is_the_result(status: int) -> None:
     assert _answer("POST", "/payments/charges", _response(status, json=body)) == body
 
 
-@pytest.mark.parametrize(
-    ("status", "maybe_applied"),
-    [
-        (500, False),
-        (502, True),
-        (503, False),
-        (504, True),
-        (429, False),
-        (409, False),
-        (408, False),
-        (425, False),
-    ],
-)
-def test_overload_and_conflict_are_transient(status: int, maybe_applied: bool) -> None:
+@pytest.mark.parametrize("status", [500, 502, 503, 504, 429, 409, 408, 425])
+@pytest.mark.parametrize("applies", [True, False])
+def test_overload_and_conflict_are_transient(status: int, applies: bool) -> None:
+    """A provider that ignores keys may have committed, then answered any of these: after a
+    request that may apply an effect, none of them says "nothing applied". A read applied
+    nothing, whatever it answered."""
     response = _response(
         status,
         json={"error": {"type": "injected_fault"}},
@@ -110,11 +102,11 @@ def test_overload_and_conflict_are_transient(status: int, maybe_applied: bool) -
     )
 
     with pytest.raises(TransientError) as caught:
-        _answer("POST", "/payments/charges", response)
+        _answer("POST", "/payments/charges", response, applies=applies)
 
     assert str(caught.value) == f"POST /payments/charges answered {status} (injected_fault)"
     assert caught.value.retry_after == 3.0
-    assert caught.value.maybe_applied is maybe_applied
+    assert (caught.value.maybe_applied, caught.value.status) == (applies, status)
 
 
 def test_a_transient_answer_without_retry_after_or_body() -> None:
@@ -137,6 +129,8 @@ def test_client_errors_are_permanent_and_name_the_error_type(status: int, error_
 
     assert str(caught.value) == f"POST /payments/charges answered {status} ({error_type})"
     assert not isinstance(caught.value, TransientError)
+    # A definite refusal: nothing was applied, so even an at-most-once step may try again.
+    assert (caught.value.maybe_applied, caught.value.status) == (False, status)
 
 
 @pytest.mark.parametrize(
@@ -174,6 +168,8 @@ def test_a_200_that_is_not_an_object_is_permanent(body: bytes) -> None:
     assert str(caught.value) == (
         "POST /payments/charges answered 200 with a body that is not an object"
     )
+    # The provider acted; only its answer is unusable.
+    assert caught.value.maybe_applied is True
 
 
 def test_a_garbled_retry_after_still_gives_a_transient_error() -> None:

@@ -12,7 +12,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from jobs.errors import InvalidEvent, PermanentError, TransientError
-from jobs.retry import RetryPolicy, Verdict, backoff, decide, is_transient
+from jobs.retry import RetryPolicy, Verdict, backoff, decide, is_transient, may_have_acted
 
 POLICY = RetryPolicy(max_attempts=4, backoff_base=0.5, backoff_max=30.0)
 
@@ -208,3 +208,35 @@ def test_an_impossible_policy_is_refused(arguments: dict[str, float]) -> None:
 def test_a_nan_policy_is_refused() -> None:
     with pytest.raises(ValueError, match="invalid retry policy"):
         RetryPolicy(backoff_base=math.nan)
+
+
+# --- may_have_acted -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "sent", "acted"),
+    [
+        # What the error says wins.
+        (TransientError("connection refused", maybe_applied=False), True, False),
+        (TransientError("no answer in time", maybe_applied=True), False, True),
+        (PermanentError("402 declined", maybe_applied=False, status=402), True, False),
+        (PermanentError("200, not an object", maybe_applied=True), False, True),
+        # An error the step raised without saying: did a request go out before it?
+        (PermanentError("gather's result is not an object"), False, False),
+        (PermanentError("charge.id is not a string"), True, True),
+        (TransientError("busy"), True, True),
+        # A bug, a result that is not JSON, a time limit: nothing tells, so it may have.
+        (KeyError("id"), False, True),
+        (TypeError("Object of type object is not JSON serializable"), False, True),
+        (SoftTimeLimitExceeded(), False, True),
+    ],
+)
+def test_may_have_acted(error: Exception, sent: bool, acted: bool) -> None:
+    assert may_have_acted(error, sent=sent) is acted
+
+
+def test_a_status_the_step_declares_unapplied_did_not_act() -> None:
+    busy = TransientError("429", maybe_applied=True, status=429)
+
+    assert may_have_acted(busy, sent=True, unapplied_statuses=frozenset({429})) is False
+    assert may_have_acted(busy, sent=True, unapplied_statuses=frozenset({503})) is True
