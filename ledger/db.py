@@ -167,6 +167,13 @@ def for_update_skip_locked(select: sa.Select[Any], dialect_name: str) -> sa.Sele
     return select
 
 
+def json_values(column: ColumnElement[Any], dialect_name: str) -> Any:
+    """A table of the values of a JSON object column (one row each, as `value`): Postgres'
+    `jsonb_each_text`, SQLite's `json_each`."""
+    each = sa.func.jsonb_each_text if dialect_name == "postgresql" else sa.func.json_each
+    return each(column).table_valued("key", "value")
+
+
 @overload
 def as_utc(value: datetime) -> datetime: ...
 @overload

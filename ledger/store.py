@@ -276,15 +276,25 @@ class JobStore:
         ledger entries and history, in batches of `batch`; never an unfinished or
         dead-lettered job. Returns how many jobs were deleted.
 
-        Their keys leave the ledger with them: the same request arriving again afterwards
-        would act again (as with any provider's key retention).
+        Their keys leave the ledger with them (the same request arriving again afterwards
+        would act again, as with any provider's key retention) — except a key that another
+        job still lists while it may claim it (unfinished or dead-lettered: the same request
+        under another event id, say): that key stays, with its fingerprint, state and
+        result, held by that job, so the job adopts the result instead of acting again.
         """
         deleted = 0
         while True:
             with db.transaction(self.engine) as conn:
-                count = len(conn.execute(queries.delete_finished_jobs(older_than, batch)).all())
-            deleted += count
-            if count < batch:
+                dialect = conn.dialect.name
+                taken = queries.select_prunable_jobs(dialect, older_than, batch)
+                job_ids: list[UUID] = list(conn.execute(taken).scalars())
+                if job_ids:
+                    kept = conn.execute(queries.select_keys_kept_for_others(dialect, job_ids))
+                    for key, keeper in {row.key: row.keeper for row in kept}.items():
+                        conn.execute(queries.hand_entry_to(key, keeper))
+                    conn.execute(queries.delete_jobs(job_ids))
+            deleted += len(job_ids)
+            if len(job_ids) < batch:
                 return deleted
 
     def ping(self) -> None:

@@ -213,9 +213,14 @@ def count_recent_deliveries(window: float) -> sa.Select[Any]:
     )
 
 
-def delete_finished_jobs(older_than: float, limit: int) -> ReturningDelete[Any]:
-    """Delete a batch of succeeded or cancelled jobs untouched for `older_than` seconds (their
-    entries, events and closed dead letters go with them); returns their ids."""
+#: The jobs a key must outlive its own job for: they may still claim it (unfinished), or be
+#: replayed and claim it (dead-lettered).
+KEY_KEEPERS = (*ACTIVE, str(JobState.DEAD_LETTERED))
+
+
+def select_prunable_jobs(dialect_name: str, older_than: float, limit: int) -> sa.Select[Any]:
+    """A batch of succeeded or cancelled jobs untouched for `older_than` seconds, locked for
+    their deletion (rows another pruner holds are skipped)."""
     finished = [str(JobState.SUCCEEDED), str(JobState.CANCELLED)]
     batch = (
         sa.select(jobs.c.id)
@@ -224,7 +229,43 @@ def delete_finished_jobs(older_than: float, limit: int) -> ReturningDelete[Any]:
         )
         .limit(limit)
     )
-    return sa.delete(jobs).where(jobs.c.id.in_(batch.scalar_subquery())).returning(jobs.c.id)
+    return db.for_update_skip_locked(batch, dialect_name)
+
+
+def select_keys_kept_for_others(dialect_name: str, job_ids: Sequence[UUID]) -> sa.Select[Any]:
+    """The entries of `job_ids` that another job still lists in its plan while it may claim
+    them (see `KEY_KEEPERS`): (key, keeper job id), one row per keeper."""
+    keeper = jobs.alias("keeper")
+    listed = db.json_values(keeper.c.step_keys, dialect_name).alias("listed")
+    return (
+        sa.select(ledger_entries.c.key, keeper.c.id.label("keeper"))
+        .select_from(
+            # The plan's values come after their job (a lateral function of it).
+            keeper.join(listed, sa.true()).join(
+                ledger_entries, ledger_entries.c.key == listed.c.value
+            )
+        )
+        .where(
+            ledger_entries.c.job_id.in_(list(job_ids)),
+            keeper.c.state.in_(KEY_KEEPERS),
+            keeper.c.id.not_in(list(job_ids)),
+        )
+    )
+
+
+def hand_entry_to(key: str, job_id: UUID) -> sa.Update:
+    """Make another job the holder of a key whose own job is being deleted: its key,
+    fingerprint, state and result stay, for the jobs that list it."""
+    return (
+        sa.update(ledger_entries)
+        .where(ledger_entries.c.key == key)
+        .values(job_id=job_id, updated_at=db.utcnow())
+    )
+
+
+def delete_jobs(job_ids: Sequence[UUID]) -> sa.Delete:
+    """Delete jobs (their entries, events and dead letters go with them)."""
+    return sa.delete(jobs).where(jobs.c.id.in_(list(job_ids)))
 
 
 # --- the outbox -----------------------------------------------------------------------------

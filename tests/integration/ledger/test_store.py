@@ -11,12 +11,15 @@ import pytest
 import sqlalchemy as sa
 
 from ledger import (
+    AlreadySucceeded,
     Claim,
+    DeadLetterReason,
     EventConflict,
     EventKind,
     JobState,
     JobStore,
     StepLedger,
+    StepState,
     create_engine,
 )
 from ledger.schema import jobs
@@ -170,3 +173,42 @@ def test_prune_deletes_old_finished_jobs_only(engine: sa.Engine, store: JobStore
             sa.text("SELECT count(*) FROM ledger_entries WHERE job_id NOT IN (SELECT id FROM jobs)")
         ).scalar_one()
     assert orphans == 0
+
+
+@pytest.mark.parametrize("twin_state", [JobState.PENDING, JobState.DEAD_LETTERED])
+def test_prune_keeps_the_keys_a_twin_still_needs(
+    engine: sa.Engine, store: JobStore, twin_state: JobState
+) -> None:
+    """Given a finished job and its twin (the same request under another event id: the same
+    keys and fingerprint) that is still unfinished or dead-lettered, when the finished job is
+    pruned, then its keys stay, held by the twin, and the twin's claim finds the recorded
+    result instead of acting again; once the twin is pruned too, they go."""
+    ledger = StepLedger(engine=engine, lease_seconds=30)
+    base = f"twin:{uuid.uuid4().hex[:8]}"
+    done = create_job(store, key_base=base, context={"sku": base})
+    for step, following in (("first", "second"), ("second", None)):
+        claim = ledger.claim_step(done, step)
+        assert isinstance(claim, Claim)
+        ledger.record_success(claim, {"step": step}, next_step=following, duration_ms=1.0)
+    twin = create_job(store, key_base=base, context={"sku": base})
+    if twin_state is JobState.DEAD_LETTERED:
+        ledger.dead_letter(twin, "first", {"type": "X"}, reason=DeadLetterReason.PERMANENT)
+    age(engine, [done], 40 * 86_400)
+
+    assert store.prune(older_than=30 * 86_400) == 1
+
+    entries = {entry.step: entry for entry in store.history(twin).entries}
+    assert {step: (e.state, e.job_id) for step, e in entries.items()} == {
+        "first": (StepState.SUCCEEDED, twin),
+        "second": (StepState.SUCCEEDED, twin),
+    }
+    with engine.begin() as conn:  # the twin goes back to work (a replay, say)
+        conn.execute(sa.update(jobs).where(jobs.c.id == twin).values(state=str(JobState.RUNNING)))
+    again = ledger.claim_step(twin, "first")
+    assert isinstance(again, AlreadySucceeded)
+    assert again.result == {"step": "first"}
+
+    store.cancel(twin, by="test")
+    age(engine, [twin], 40 * 86_400)
+    assert store.prune(older_than=30 * 86_400) == 1
+    assert store.entries_of_steps([("plain", "first"), ("plain", "second")]) == []
