@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 import logging
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
@@ -88,8 +88,9 @@ class Stage:
     step: Step[object]
     #: When the claims were asked for: their leases run at least until then + lease.
     claimed_at: float
-    #: (place in the delivery, job id, what claiming, or reading, found).
-    found: list[tuple[int, str, ClaimOutcome | Reading | LedgerError]]
+    #: (place in the delivery, job id, what claiming, or reading, found — or None: not
+    #: claimed yet, the job claims just before it acts; see `jobs.runner`).
+    found: Sequence[tuple[int, str, ClaimOutcome | Reading | LedgerError | None]]
 
 
 @dataclass(frozen=True)

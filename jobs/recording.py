@@ -42,14 +42,22 @@ logger = logging.getLogger(__name__)
 
 
 def record(
-    run: Run, step: Step[object], acted: list[Acted], following: Step[object] | None
-) -> None:
-    """Record the stage's successes, then publish each job's next step."""
+    run: Run,
+    step: Step[object],
+    acted: list[Acted],
+    following: Step[object] | None,
+    *,
+    hand_on: bool,
+) -> list[tuple[int, str]]:
+    """Record the stage's successes, then (`hand_on`) publish each job's next step.
+
+    Returns the jobs that go on to `following` (place in the delivery, job id).
+    """
     rt = run.rt
     next_name = following.name if following else None
     answers = _recorded(run, acted, next_name)
     recorded: list[str] = []
-    handing_on: list[str] = []
+    going_on: list[tuple[int, str]] = []
     for each in acted:
         answer = answers[each.index]
         if isinstance(answer, LedgerError) or answer is None:
@@ -59,12 +67,13 @@ def record(
         rt.crash(CrashPoint.AFTER_RECORD, step.name, each.job_id)
         recorded.append(each.job_id)
         if following is not None and answer.job_state is JobState.RUNNING:
-            handing_on.append(each.job_id)
+            going_on.append((each.index, each.job_id))
         run.outcomes[each.index] = Outcome.SUCCEEDED
-    if following is not None and handing_on:
-        _hand_on(run, step, following, handing_on)
+    if following is not None and going_on and hand_on:
+        _hand_on(run, step, following, [job_id for _, job_id in going_on])
     for job_id in recorded:
         rt.crash(CrashPoint.AFTER_PUBLISH, step.name, job_id)
+    return going_on
 
 
 def _recorded(

@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from contextlib import nullcontext
+from typing import Final
 from uuid import UUID
 
 from config.settings import CrashPoint
@@ -128,11 +129,14 @@ def _deliver(run: Run, job_ids: Sequence[str]) -> list[Outcome]:
     return [run.outcomes.get(index, Outcome.INTERRUPTED) for index in range(len(job_ids))]
 
 
-def _claim_or_read(run: Run, jobs: list[UUID]) -> list[ClaimOutcome | Reading | LedgerError]:
+def _claim_or_read(run: Run, jobs: list[UUID]) -> list[ClaimOutcome | Reading | LedgerError | None]:
     """Claim the delivery's step for its jobs — or, for a read-only step, read them: running
     it needs no claim, and a job that may run it unclaimed is just read (or not even that,
-    when its message brought the reading)."""
+    when its message brought the reading). A batch's at-most-once step is claimed job by
+    job, just before each acts (None here)."""
     step, ledger = run.first, run.rt.ledger
+    if _claims_one_by_one(run, step):
+        return [None] * len(jobs)
     readings: list[Reading | None] = [None] * len(jobs)
     first_tries = [index for index in range(len(jobs)) if index not in run.repeats]
     if step.delivery is Delivery.READ_ONLY and first_tries and ledger.reads_unclaimed:
@@ -155,45 +159,112 @@ def _claim_or_read(run: Run, jobs: list[UUID]) -> list[ClaimOutcome | Reading | 
 def _run_stage(run: Run, stage: Stage) -> Stage | None:
     """Act on what the stage's claims found; the next stage on the fast path."""
     step = stage.step
-    waiting: deque[tuple[int, Claim | Reading]] = deque()
+    waiting: deque[tuple[int, Claim | Reading | None]] = deque()
+    job_ids = {index: job_id for index, job_id, _ in stage.found}
     for index, job_id, found in stage.found:
-        settled = guarded(run, settle_found, run, step, job_id, found)
-        if isinstance(settled, Claim | Reading):
+        settled = None if found is None else guarded(run, settle_found, run, step, job_id, found)
+        if settled is None or isinstance(settled, Claim | Reading):
             waiting.append((index, settled))
         else:
             run.outcomes[index] = settled
     acted: list[Acted] = []
+    following: list[Stage] = []
+    oldest = 0.0
     while waiting:
-        index, claim = waiting.popleft()
-        if not _keep_leases(run, stage, (index, claim), waiting, acted):
+        index, held = waiting.popleft()
+        if not _keep_leases(run, stage, (index, held), waiting, acted):
             run.outcomes[index] = Outcome.FENCED
+            continue
+        claim = held or _claim_now(run, step, job_ids[index])
+        if isinstance(claim, Outcome):
+            run.outcomes[index] = claim
             continue
         answer = guarded(run, _act, run, step, claim)
         if isinstance(answer, Outcome):
             run.outcomes[index] = answer
-        else:
-            acted.append(Acted(index, answer))
-    if not acted:
+            continue
+        acted.append(Acted(index, answer))
+        oldest = oldest if len(acted) > 1 else time.monotonic()
+        if waiting and _records_now(step, answer, oldest):
+            following.extend(_record(run, step, acted))
+            acted = []
+    following.extend(_record(run, step, acted))
+    if not following:
         return None
+    # The next step's leases run from the earliest of their claims.
+    merged = [each for stage in following for each in stage.found]
+    return Stage(following[0].step, min(s.claimed_at for s in following), merged)
+
+
+#: How long a job of a batch that acted may wait for its record while the batch's next jobs
+#: act, in seconds: a kill meanwhile leaves its key held until its lease runs out (then its
+#: provider's key absorbs the repeat), so the wait is kept short.
+RECORD_WITHIN: Final = 0.05
+
+
+def _records_now(step: Step[object], last: StepResult | ReadResult, oldest: float) -> bool:
+    """Whether a batch records the jobs that acted before its next job acts: a step whose
+    effect a kill could leave behind unrecorded is recorded promptly — an at-most-once step
+    at once (a kill before its record leaves it `unknown` for a person), any other step with
+    an effect once an act was slow or the oldest unrecorded one waited `RECORD_WITHIN`. A
+    read-only step's jobs are recorded together."""
+    if step.delivery is Delivery.READ_ONLY:
+        return False
+    if step.delivery is Delivery.AT_MOST_ONCE:
+        return True
+    slow = (last.duration_ms or 0.0) / 1000 >= RECORD_WITHIN
+    return slow or time.monotonic() - oldest >= RECORD_WITHIN
+
+
+def _record(run: Run, step: Step[object], acted: list[Acted]) -> list[Stage]:
+    """Record the jobs that acted: the next step's stage on the fast path, if any."""
+    if not acted:
+        return []
     following = run.pipeline.next_step(step.name)
-    if following is not None and run.rt.settings.fast_path:
-        return record_and_claim(run, step, acted, following)
-    record(run, step, acted, following)
-    return None
+    if following is None or not run.rt.settings.fast_path:
+        record(run, step, acted, following, hand_on=True)
+        return []
+    if _claims_one_by_one(run, following):
+        # Recorded without the next claim: each job claims it just before it acts.
+        recorded = record(run, step, acted, following, hand_on=False)
+        return [Stage(following, time.monotonic(), [(i, j, None) for i, j in recorded])]
+    stage = record_and_claim(run, step, acted, following)
+    return [stage] if stage is not None else []
+
+
+def _claims_one_by_one(run: Run, step: Step[object]) -> bool:
+    """Whether a delivery claims `step` for each job just before it acts, rather than for all
+    its jobs at once: an at-most-once step in a batch. A key claimed but not yet acted on
+    looks, once its worker is killed, exactly like one that acted — `unknown` — so a batch
+    holds at most one such key at a time."""
+    return not run.own_message and step.delivery is Delivery.AT_MOST_ONCE
+
+
+def _claim_now(run: Run, step: Step[object], job_id: str) -> Claim | Outcome:
+    """Claim a job's step just before it acts (see `_claims_one_by_one`)."""
+    run.rt.crash(CrashPoint.BEFORE_CLAIM, step.name, job_id)
+    found = guarded(run, claim_alone, run, step, UUID(job_id))
+    if isinstance(found, Outcome):
+        return found
+    settled = guarded(run, settle_found, run, step, job_id, found)
+    if isinstance(settled, Reading):  # a read-only step is never claimed one by one
+        raise TypeError(f"unexpected reading of {step.name}")
+    return settled
 
 
 def _keep_leases(
     run: Run,
     stage: Stage,
-    acting: tuple[int, Claim | Reading],
-    waiting: deque[tuple[int, Claim | Reading]],
+    acting: tuple[int, Claim | Reading | None],
+    waiting: deque[tuple[int, Claim | Reading | None]],
     acted: list[Acted],
 ) -> bool:
     """Before a job of a batch acts: once half the slack between lease and time limit is
     spent, renew the leases of the whole stage — this job, those still waiting and those
     waiting for their record — so that no key is taken over under the batch. Whether the
     acting job's key is still ours; waiting jobs whose keys are not are taken out, fenced
-    (one that acted already finds out when its record is refused). Readings hold no key."""
+    (one that acted already finds out when its record is refused). Readings, and jobs not
+    claimed yet, hold no key."""
     lease = run.rt.settings.step_lease
     slack = lease - run.rt.time_limit_for(run.pipeline, stage.step)
     if time.monotonic() - stage.claimed_at < slack / 2:
@@ -205,14 +276,14 @@ def _keep_leases(
     kept = dict(zip(map(id, leased), run.rt.ledger.renew_leases(leased), strict=True))
     stage.claimed_at = renewing
 
-    def ours(claim: Claim | Reading) -> bool:
+    def ours(claim: Claim | Reading | None) -> bool:
         return not isinstance(claim, Claim) or kept[id(claim)]
 
     waiting.clear()
     for index, claim in pairs[1:]:
         if ours(claim):
             waiting.append((index, claim))
-        else:
+        elif claim is not None:
             logger.warning(
                 "lease lost while waiting", extra={"action": "fenced", **log_fields(claim)}
             )
