@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
@@ -264,6 +265,18 @@ def run_batch_of(
     )
 
 
+def _step_timer(settings: Settings) -> StepTimer | None:
+    """What bounds each step of a task message in time. On the fast path one message runs
+    several steps, and the task's limit is their sum: each step gets its own, from an alarm
+    (a signal, so only where the task runs on the main thread, as in a prefork child). A
+    message of the chained mode runs one step, which the task's limit bounds."""
+    if not settings.fast_path or threading.current_thread() is not threading.main_thread():
+        return None
+    from jobs.batching import step_timer  # noqa: PLC0415 - jobs.batching imports this module
+
+    return step_timer
+
+
 def _bind(pipeline: Pipeline[object]) -> None:
     for step in pipeline.steps:
         name = task_name(pipeline.name, step.name)
@@ -274,15 +287,17 @@ def _bind(pipeline: Pipeline[object]) -> None:
             repeat = is_repeat(task.request.delivery_info or {})
             # Celery keeps a message's own headers on its request.
             header = getattr(task.request, READING_HEADER, None)
+            rt = runtime()
             try:
                 outcome = run_step(
-                    runtime(),
+                    rt,
                     dispatch,
                     pipeline,
                     pipeline.step(_step),
                     job_id,
                     repeat=repeat,
                     reading=message_reading(header, job_id, _step),
+                    timer=_step_timer(rt.settings),
                 )
             except DatabaseUnavailable as exc:
                 # Acking now would drop the step; send it again and let the ledger sort it out.

@@ -73,6 +73,15 @@ class Run:
     brought: dict[int, Reading] = field(default_factory=dict)
     #: Each job's outcome, by its place in the delivery.
     outcomes: dict[int, Outcome] = field(default_factory=dict)
+    #: The claims whose leases are kept while the delivery runs (see `hold`).
+    held: list[Claim] = field(default_factory=list)
+
+    def hold(self, found: Sequence[object]) -> None:
+        """Keep the leases of the claims among `found` until the delivery ends (a claim
+        recorded meanwhile is dropped by the keeper's next renewal)."""
+        claims = [each for each in found if isinstance(each, Claim)]
+        self.held.extend(claims)
+        self.rt.leases.hold(claims)
 
     def dispatch_for(self, step: Step[object], job_id: str) -> Dispatch:
         """How a job at `step` is handed on from here."""
@@ -86,8 +95,6 @@ class Stage:
     """One step of a delivery's jobs: each job's claim outcome, ready to act on."""
 
     step: Step[object]
-    #: When the claims were asked for: their leases run at least until then + lease.
-    claimed_at: float
     #: (place in the delivery, job id, what claiming, or reading, found — or None: not
     #: claimed yet, the job claims just before it acts; see `jobs.runner`).
     found: Sequence[tuple[int, str, ClaimOutcome | Reading | LedgerError | None]]

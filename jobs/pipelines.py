@@ -22,6 +22,9 @@ from ledger import JSON, NewJob
 
 R = TypeVar("R")
 
+#: The longest time limit a step may have, in seconds (as `ONCELERY_STEP_TIME_LIMIT`).
+MAX_TIME_LIMIT = 3_600.0
+
 
 class Delivery(enum.StrEnum):
     """What a step promises about its effect on the outside world."""
@@ -86,6 +89,15 @@ class Step(Generic[R]):
     retry: RetryPolicy | None = None
     time_limit: float | None = None
     unapplied_statuses: frozenset[int] = frozenset()
+
+    def __post_init__(self) -> None:
+        # Written as "not (… < …)" so that NaN, which compares false with everything, is
+        # refused with the rest: a pipeline whose limit cannot bound a step never loads.
+        if self.time_limit is not None and not (0 < self.time_limit <= MAX_TIME_LIMIT):
+            raise ValueError(
+                f"step {self.name!r}: time_limit must be above 0 and at most "
+                f"{MAX_TIME_LIMIT:g} s, got {self.time_limit!r}"
+            )
 
     def key_for(self, context: Mapping[str, JSON]) -> str:
         """This step's idempotency key for a job context."""

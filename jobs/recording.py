@@ -4,7 +4,6 @@ the same round trip), failures to retry or dead-letter, and handing each job on.
 from __future__ import annotations
 
 import logging
-import time
 
 from config.settings import CrashPoint
 from jobs import retry
@@ -125,7 +124,6 @@ def record_and_claim(
     for each in acted:
         # The next step's claim rides on this step's record, so "before its claim" is here.
         rt.crash(CrashPoint.BEFORE_CLAIM, following.name, each.job_id)
-    claimed_at = time.monotonic()
     answers = _recorded_and_claimed(run, acted, following)
     found: list[tuple[int, str, ClaimOutcome | Reading | LedgerError]] = []
     for each in acted:
@@ -149,7 +147,7 @@ def record_and_claim(
             run.outcomes[each.index] = Outcome.SUCCEEDED
             continue
         found.append((each.index, each.job_id, outcome))
-    return Stage(following, claimed_at, found) if found else None
+    return Stage(following, found) if found else None
 
 
 #: A fast-path record's answer: the record and the next step's claim, an error about this

@@ -64,6 +64,7 @@ def run_step(
     *,
     repeat: bool = False,
     reading: Reading | None = None,
+    timer: StepTimer | None = None,
 ) -> Outcome:
     """Run one task message's job (and, on the fast path, the steps after it); see DESIGN.md,
     "The step protocol". A retry of the message's own step goes through
@@ -75,8 +76,10 @@ def run_step(
         reading: what the message brought of its job, for a read-only step (the job's first
             message does, see `jobs.dispatch.READING_HEADER`): the step runs on it without
             reading the job, unless the message may repeat an attempt.
+        timer: bounds each attempt by its step's time limit (the task's own limit covers
+            every step the message may run, on the fast path).
     """
-    run = Run(rt, dispatch, pipeline, step, own_message=True, timer=None)
+    run = Run(rt, dispatch, pipeline, step, own_message=True, timer=timer)
     run.repeats = frozenset({0}) if repeat else frozenset()
     run.brought = {0: reading} if reading is not None else {}
     [outcome] = _deliver(run, [job_id])
@@ -114,10 +117,9 @@ def _deliver(run: Run, job_ids: Sequence[str]) -> list[Outcome]:
     try:
         for job_id in job_ids:
             run.rt.crash(CrashPoint.BEFORE_CLAIM, step.name, job_id)
-        claimed_at = time.monotonic()
         found = _claim_or_read(run, [UUID(job_id) for job_id in job_ids])
         found_by_job = list(zip(range(len(job_ids)), job_ids, found, strict=True))
-        stage: Stage | None = Stage(step, claimed_at, found_by_job)
+        stage: Stage | None = Stage(step, found_by_job)
         while stage is not None:
             stage = _run_stage(run, stage)
     except Exception:
@@ -126,6 +128,8 @@ def _deliver(run: Run, job_ids: Sequence[str]) -> list[Outcome]:
         # A statement for the whole batch failed (the database stayed away, say): the jobs
         # it left without an outcome go back to the broker; the ledger knows where each is.
         logger.exception("batch of %s interrupted", step.name, extra={"action": "batch_failed"})
+    finally:
+        run.rt.leases.release(run.held)
     return [run.outcomes.get(index, Outcome.INTERRUPTED) for index in range(len(job_ids))]
 
 
@@ -157,8 +161,9 @@ def _claim_or_read(run: Run, jobs: list[UUID]) -> list[ClaimOutcome | Reading | 
 
 
 def _run_stage(run: Run, stage: Stage) -> Stage | None:
-    """Act on what the stage's claims found; the next stage on the fast path."""
-    step = stage.step
+    """Act on what the stage's claims found; the next stage on the fast path. The claims'
+    leases are kept (`jobs.leases`) while the stage's jobs wait their turn and act."""
+    step, leases = stage.step, run.rt.leases
     waiting: deque[tuple[int, Claim | Reading | None]] = deque()
     job_ids = {index: job_id for index, job_id, _ in stage.found}
     for index, job_id, found in stage.found:
@@ -167,17 +172,23 @@ def _run_stage(run: Run, stage: Stage) -> Stage | None:
             waiting.append((index, settled))
         else:
             run.outcomes[index] = settled
+    run.hold([claim for _, claim in waiting])
     acted: list[Acted] = []
     following: list[Stage] = []
     oldest = 0.0
     while waiting:
-        index, held = waiting.popleft()
-        if not _keep_leases(run, stage, (index, held), waiting, acted):
-            run.outcomes[index] = Outcome.FENCED
-            continue
-        claim = held or _claim_now(run, step, job_ids[index])
+        index, waited = waiting.popleft()
+        claim = waited or _claim_now(run, step, job_ids[index])
         if isinstance(claim, Outcome):
             run.outcomes[index] = claim
+            continue
+        if isinstance(claim, Claim) and leases.lost(claim):
+            # Taken over while it waited its turn (its lease ran out unrenewed): another
+            # delivery has the key now.
+            logger.warning(
+                "lease lost while waiting", extra={"action": "fenced", **log_fields(claim)}
+            )
+            run.outcomes[index] = Outcome.FENCED
             continue
         answer = guarded(run, _act, run, step, claim)
         if isinstance(answer, Outcome):
@@ -191,9 +202,7 @@ def _run_stage(run: Run, stage: Stage) -> Stage | None:
     following.extend(_record(run, step, acted))
     if not following:
         return None
-    # The next step's leases run from the earliest of their claims.
-    merged = [each for stage in following for each in stage.found]
-    return Stage(following[0].step, min(s.claimed_at for s in following), merged)
+    return Stage(following[0].step, [each for stage in following for each in stage.found])
 
 
 #: How long a job of a batch that acted may wait for its record while the batch's next jobs
@@ -227,9 +236,13 @@ def _record(run: Run, step: Step[object], acted: list[Acted]) -> list[Stage]:
     if _claims_one_by_one(run, following):
         # Recorded without the next claim: each job claims it just before it acts.
         recorded = record(run, step, acted, following, hand_on=False)
-        return [Stage(following, time.monotonic(), [(i, j, None) for i, j in recorded])]
+        return [Stage(following, [(i, j, None) for i, j in recorded])]
     stage = record_and_claim(run, step, acted, following)
-    return [stage] if stage is not None else []
+    if stage is None:
+        return []
+    # Claimed now, acted on once this stage is done: their leases are kept meanwhile.
+    run.hold([found for _, _, found in stage.found])
+    return [stage]
 
 
 def _claims_one_by_one(run: Run, step: Step[object]) -> bool:
@@ -246,49 +259,11 @@ def _claim_now(run: Run, step: Step[object], job_id: str) -> Claim | Outcome:
     found = guarded(run, claim_alone, run, step, UUID(job_id))
     if isinstance(found, Outcome):
         return found
+    run.hold([found])
     settled = guarded(run, settle_found, run, step, job_id, found)
     if isinstance(settled, Reading):  # a read-only step is never claimed one by one
         raise TypeError(f"unexpected reading of {step.name}")
     return settled
-
-
-def _keep_leases(
-    run: Run,
-    stage: Stage,
-    acting: tuple[int, Claim | Reading | None],
-    waiting: deque[tuple[int, Claim | Reading | None]],
-    acted: list[Acted],
-) -> bool:
-    """Before a job of a batch acts: once half the slack between lease and time limit is
-    spent, renew the leases of the whole stage — this job, those still waiting and those
-    waiting for their record — so that no key is taken over under the batch. Whether the
-    acting job's key is still ours; waiting jobs whose keys are not are taken out, fenced
-    (one that acted already finds out when its record is refused). Readings, and jobs not
-    claimed yet, hold no key."""
-    lease = run.rt.settings.step_lease
-    slack = lease - run.rt.time_limit_for(run.pipeline, stage.step)
-    if time.monotonic() - stage.claimed_at < slack / 2:
-        return True
-    renewing = time.monotonic()
-    pairs = [acting, *waiting]
-    held = [claim for _, claim in pairs] + [each.held for each in acted]
-    leased = [claim for claim in held if isinstance(claim, Claim)]
-    kept = dict(zip(map(id, leased), run.rt.ledger.renew_leases(leased), strict=True))
-    stage.claimed_at = renewing
-
-    def ours(claim: Claim | Reading | None) -> bool:
-        return not isinstance(claim, Claim) or kept[id(claim)]
-
-    waiting.clear()
-    for index, claim in pairs[1:]:
-        if ours(claim):
-            waiting.append((index, claim))
-        elif claim is not None:
-            logger.warning(
-                "lease lost while waiting", extra={"action": "fenced", **log_fields(claim)}
-            )
-            run.outcomes[index] = Outcome.FENCED
-    return ours(acting[1])
 
 
 def _act(run: Run, step: Step[object], claim: Claim | Reading) -> StepResult | ReadResult | Outcome:

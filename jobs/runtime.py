@@ -12,6 +12,7 @@ from sqlalchemy.engine import Engine
 
 from config import Settings
 from jobs.crashpoints import Crasher
+from jobs.leases import LeaseKeeper
 from jobs.pipelines import Pipeline, Step, registry
 from jobs.retry import RetryPolicy, effective_policy
 from ledger import JobStore, StepLedger, create_engine
@@ -29,6 +30,7 @@ class Runtime:
     crash: Crasher = field(default_factory=lambda: Crasher((), Path()))
     pid: int = field(default_factory=os.getpid)
     _resources: dict[str, object] = field(default_factory=dict)
+    _leases: LeaseKeeper | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:
@@ -56,6 +58,14 @@ class Runtime:
         """Seconds one attempt of the step may take (soft limit)."""
         return step_time_limit(self.settings, pipeline, step.name)
 
+    @property
+    def leases(self) -> LeaseKeeper:
+        """This process's lease keeper (its thread starts with the first claim it holds)."""
+        if self._leases is None:
+            ledger = self.ledger
+            self._leases = LeaseKeeper(ledger.renew_leases, lease=ledger.lease_seconds)
+        return self._leases
+
     def resources_for(self, pipeline: Pipeline[object]) -> object:
         """The pipeline's resources in this process, built on first use."""
         if pipeline.name not in self._resources:
@@ -64,6 +74,8 @@ class Runtime:
 
     def close(self) -> None:
         """Release the connections (resources with a `close` method are closed too)."""
+        if self._leases is not None:
+            self._leases.close()
         for resource in self._resources.values():
             close = getattr(resource, "close", None)
             if callable(close):

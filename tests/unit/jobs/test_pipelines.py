@@ -93,6 +93,12 @@ def test_step_defaults() -> None:
     assert [str(delivery) for delivery in Delivery] == ["exactly_once", "at_most_once", "read_only"]
 
 
+@pytest.mark.parametrize("limit", [0.0, -1.0, float("nan"), float("inf"), 3_601.0])
+def test_a_step_whose_time_limit_cannot_bound_it_is_refused(limit: float) -> None:
+    with pytest.raises(ValueError, match="time_limit"):
+        Step("s", _noop, key="k", time_limit=limit)
+
+
 # --- declaring a pipeline -------------------------------------------------------------------
 
 
