@@ -22,7 +22,6 @@ from config import (
     SWEEP_TASK,
     Settings,
     celery_config,
-    dead_letter_queue,
     get_settings,
     prepare_broker,
 )
@@ -30,7 +29,7 @@ from jobs.dispatch import READING_HEADER, message_reading, reading_header
 from jobs.errors import UnknownPipeline
 from jobs.pipelines import Pipeline, registry
 from jobs.publishing import close_publishers, publisher_for
-from jobs.queues import queued_steps
+from jobs.queues import declare_dead_letter_queue, queued_steps
 from jobs.redis_broker import LendRedisClient
 from jobs.runner import Outcome, StepTimer, run_step, run_steps
 from jobs.runtime import Runtime, load_pipelines, step_time_limit
@@ -91,10 +90,10 @@ def _close_runtime(**_: Any) -> None:
 
 @worker_ready.connect
 def _declare_dead_letter_queue(**_: Any) -> None:
-    # RabbitMQ drops a rejected message whose dead-letter exchange does not exist.
+    # RabbitMQ drops a rejected message whose dead-letter exchange does not exist; the queue
+    # is bounded, and one declared unbounded by an older version is replaced.
     if get_settings().broker_kind == "amqp":
-        with app.connection_for_write() as conn:
-            dead_letter_queue()(conn.default_channel).declare()
+        declare_dead_letter_queue(app)
 
 
 def client_app(settings: Settings) -> Celery:
