@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from config.celery import (
     BATCH_SIZE_SETTING,
+    DEAD_EXCHANGE,
     DEAD_QUEUE,
+    DEAD_QUEUE_MAX_LENGTH,
+    DEAD_QUEUE_TTL_MS,
     MAIN_QUEUE,
     RETRY_QUEUE,
     SWEEP_TASK,
@@ -23,7 +26,10 @@ from config.settings import (
 
 __all__ = [
     "BATCH_SIZE_SETTING",
+    "DEAD_EXCHANGE",
     "DEAD_QUEUE",
+    "DEAD_QUEUE_MAX_LENGTH",
+    "DEAD_QUEUE_TTL_MS",
     "DEFAULT_PROVIDER_URL",
     "MAIN_QUEUE",
     "RETRY_QUEUE",

@@ -13,9 +13,18 @@ MAIN_QUEUE: Final = "oncelery"
 #: Retries and replays: their own queue, so a storm of failures cannot starve new orders.
 RETRY_QUEUE: Final = "oncelery.retry"
 #: RabbitMQ only: where a dead-lettered step's message goes (the Postgres row is the dead
-#: letter people work with; this copy is for broker-side tooling).
+#: letter people work with; this copy is for broker-side tooling). Nothing consumes it, so it
+#: is bounded: the newest copies within these limits are kept, older ones dropped from its
+#: head (see `dead_letter_queue`).
 DEAD_EXCHANGE: Final = "oncelery.dlx"
 DEAD_QUEUE: Final = "oncelery.dead"
+#: The most copies the dead-letter queue keeps.
+DEAD_QUEUE_MAX_LENGTH: Final = 10_000
+#: The most bytes of message bodies it keeps (a step message's body is a job id: this bounds
+#: forged or foreign ones).
+DEAD_QUEUE_MAX_BYTES: Final = 64 * 1024 * 1024
+#: How long it keeps a copy, in milliseconds: a week.
+DEAD_QUEUE_TTL_MS: Final = 7 * 24 * 3600 * 1000
 #: The task beat runs to re-drive stalled jobs.
 SWEEP_TASK: Final = "oncelery.sweep"
 
@@ -58,9 +67,22 @@ def task_queues(settings: Settings) -> list[Queue]:
     return [Queue(name, queue_arguments=arguments or None) for name in (MAIN_QUEUE, RETRY_QUEUE)]
 
 
-def dead_letter_queue() -> Queue:
-    """The RabbitMQ queue that keeps rejected messages (not consumed by workers)."""
-    return Queue(DEAD_QUEUE, Exchange(DEAD_EXCHANGE, type="fanout", durable=True), durable=True)
+def dead_letter_queue(*, max_length: int = DEAD_QUEUE_MAX_LENGTH) -> Queue:
+    """The RabbitMQ queue that keeps copies of rejected messages (not consumed by workers),
+    bounded in count, bytes and age; past a bound RabbitMQ drops the oldest copy (`drop-head`).
+    Postgres keeps every dead letter: this queue is a courtesy copy, never the truth.
+
+    Args:
+        max_length: the most copies kept (smaller in tests).
+    """
+    arguments = {
+        "x-max-length": max_length,
+        "x-max-length-bytes": DEAD_QUEUE_MAX_BYTES,
+        "x-message-ttl": DEAD_QUEUE_TTL_MS,
+        "x-overflow": "drop-head",
+    }
+    exchange = Exchange(DEAD_EXCHANGE, type="fanout", durable=True)
+    return Queue(DEAD_QUEUE, exchange, durable=True, queue_arguments=arguments)
 
 
 def prefetch_multiplier(settings: Settings) -> int:

@@ -8,7 +8,7 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from celery import Celery, Task
@@ -23,7 +23,6 @@ from config import (
     SWEEP_TASK,
     Settings,
     celery_config,
-    dead_letter_queue,
     get_settings,
     prepare_broker,
 )
@@ -31,10 +30,11 @@ from jobs.dispatch import READING_HEADER, message_reading, reading_header
 from jobs.errors import UnknownPipeline
 from jobs.pipelines import Pipeline, registry
 from jobs.publishing import close_publishers, publisher_for
-from jobs.queues import queued_steps
+from jobs.queues import declare_dead_letter_queue, queued_steps
 from jobs.redis_broker import LendRedisClient
 from jobs.runner import Outcome, StepTimer, run_step, run_steps
 from jobs.runtime import Runtime, load_pipelines, step_time_limit
+from jobs.step_messages import Malformed, job_id_of, reject_malformed, task_name
 from jobs.sweeper import SweepReport, sweep
 from ledger import DatabaseUnavailable, Reading
 
@@ -91,15 +91,10 @@ def _close_runtime(**_: Any) -> None:
 
 @worker_ready.connect
 def _declare_dead_letter_queue(**_: Any) -> None:
-    # RabbitMQ drops a rejected message whose dead-letter exchange does not exist.
+    # RabbitMQ drops a rejected message whose dead-letter exchange does not exist; the queue
+    # is bounded, and one declared unbounded by an older version is replaced.
     if get_settings().broker_kind == "amqp":
-        with app.connection_for_write() as conn:
-            dead_letter_queue()(conn.default_channel).declare()
-
-
-def task_name(pipeline: str, step: str) -> str:
-    """The Celery task name of a pipeline's step."""
-    return f"oncelery.{pipeline}.{step}"
+        declare_dead_letter_queue(app)
 
 
 def client_app(settings: Settings) -> Celery:
@@ -281,39 +276,6 @@ def _bind(pipeline: Pipeline[object]) -> None:
     for step in pipeline.steps:
         name = task_name(pipeline.name, step.name)
         _STEPS[name] = (pipeline, step.name)
-
-        def run(task: Task[Any, Any], job_id: str, *, _step: str = step.name) -> str:
-            dispatch = CeleryDispatch(task)
-            repeat = is_repeat(task.request.delivery_info or {})
-            # Celery keeps a message's own headers on its request.
-            header = getattr(task.request, READING_HEADER, None)
-            rt = runtime()
-            try:
-                outcome = run_step(
-                    rt,
-                    dispatch,
-                    pipeline,
-                    pipeline.step(_step),
-                    job_id,
-                    repeat=repeat,
-                    reading=message_reading(header, job_id, _step),
-                    timer=_step_timer(rt.settings),
-                )
-            except DatabaseUnavailable as exc:
-                # Acking now would drop the step; send it again and let the ledger sort it out.
-                logger.warning("database unavailable: %s", exc.detail, extra={"action": "db_down"})
-                dispatch.retry_later(_DATABASE_DOWN_DELAY)
-            except SoftTimeLimitExceeded:
-                # The limit struck while the attempt was being recorded, not while it acted:
-                # send it again; its claim's lease tells the next delivery what to do.
-                logger.warning("time limit hit while recording", extra={"action": "late_limit"})
-                dispatch.retry_later(_LATE_LIMIT_DELAY)
-            if outcome is Outcome.DEAD_LETTERED:
-                # The dead letter is in Postgres already; rejecting also hands RabbitMQ the
-                # message for its dead-letter queue (other brokers drop it).
-                raise Reject(f"job {job_id} dead-lettered at {_step}", requeue=False)
-            return str(outcome)
-
         # max_retries=None: the ledger counts attempts and decides when to stop, not Celery.
         # A prefork worker runs queued messages of the step in batches (`jobs.batching`).
         app.task(
@@ -323,7 +285,51 @@ def _bind(pipeline: Pipeline[object]) -> None:
             reject_on_worker_lost=True,
             max_retries=None,
             Strategy="jobs.batching:strategy",
-        )(run)
+        )(_step_task(pipeline, step.name))
+
+
+def _step_task(pipeline: Pipeline[object], step: str) -> Callable[..., str]:
+    """The body of a step's task. It takes whatever the message brings and checks it itself:
+    a message that cannot be a delivery is rejected once rather than failing in Celery's
+    argument binding (and a keyword could not pick another step)."""
+
+    def run(task: Task[Any, Any], *args: Any, **kwargs: Any) -> str:
+        job_id = job_id_of(args, kwargs)
+        if isinstance(job_id, Malformed):
+            reject_malformed(runtime(), task.name, str(task.request.id), job_id)
+            raise Reject(f"malformed step message: {job_id.detail}", requeue=False)
+        dispatch = CeleryDispatch(task)
+        repeat = is_repeat(task.request.delivery_info or {})
+        # Celery keeps a message's own headers on its request.
+        header = getattr(task.request, READING_HEADER, None)
+        rt = runtime()
+        try:
+            outcome = run_step(
+                rt,
+                dispatch,
+                pipeline,
+                pipeline.step(step),
+                job_id,
+                repeat=repeat,
+                reading=message_reading(header, job_id, step),
+                timer=_step_timer(rt.settings),
+            )
+        except DatabaseUnavailable as exc:
+            # Acking now would drop the step; send it again and let the ledger sort it out.
+            logger.warning("database unavailable: %s", exc.detail, extra={"action": "db_down"})
+            dispatch.retry_later(_DATABASE_DOWN_DELAY)
+        except SoftTimeLimitExceeded:
+            # The limit struck while the attempt was being recorded, not while it acted:
+            # send it again; its claim's lease tells the next delivery what to do.
+            logger.warning("time limit hit while recording", extra={"action": "late_limit"})
+            dispatch.retry_later(_LATE_LIMIT_DELAY)
+        if outcome is Outcome.DEAD_LETTERED:
+            # The dead letter is in Postgres already; rejecting also hands RabbitMQ the
+            # message for its dead-letter queue (other brokers drop it).
+            raise Reject(f"job {job_id} dead-lettered at {step}", requeue=False)
+        return str(outcome)
+
+    return run
 
 
 registry.on_add(_bind)

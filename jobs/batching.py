@@ -10,7 +10,9 @@ job's outcome is recorded. All of this happens on the worker's event loop (one t
 worker without one (the embedded file broker) takes its messages one by one.
 
 A batch whose child dies is redelivered message by message, and a redelivered message always
-runs alone: a job that kills its worker cannot take its neighbours down with it twice.
+runs alone: a job that kills its worker cannot take its neighbours down with it twice. A
+message that cannot be a delivery (`jobs.step_messages`) is rejected on its own, never
+requeued, while its neighbours run.
 """
 
 from __future__ import annotations
@@ -38,14 +40,18 @@ from celery.worker.state import task_ready, task_reserved
 from celery.worker.strategy import default as default_strategy
 
 from config import BATCH_SIZE_SETTING
-from jobs.app import is_repeat, run_batch_of
+from jobs.app import is_repeat, run_batch_of, runtime
 from jobs.dispatch import READING_HEADER
 from jobs.runner import Outcome
+from jobs.runtime import Runtime
+from jobs.step_messages import Malformed, job_id_of, reject_malformed
 
 logger = logging.getLogger(__name__)
 
 #: Seconds between a batch's soft and hard backstop limits.
 _BACKSTOP_GRACE: Final = 5.0
+#: A batch's answer for a message that cannot be a delivery: rejected, never requeued.
+MALFORMED: Final = "malformed"
 
 
 def strategy(task: Task[Any, Any], app: Celery, consumer: Consumer, **options: Any) -> Any:
@@ -188,7 +194,8 @@ class Batcher:
             run_batch,
             args=(
                 self.task.name,
-                [str(r.args[0]) for r in batch],
+                # As they came: the child tells a job id from a message that carries none.
+                [(r.id, r.args, r.kwargs) for r in batch],
                 [is_repeat(r.delivery_info or {}) for r in batch],
                 [r.request_dict.get(READING_HEADER) for r in batch],
             ),
@@ -222,9 +229,9 @@ def _redelivered(request: Request) -> bool:
 
 
 def _acknowledge_all(batch: Sequence[Request], answers: Sequence[tuple[str, float]]) -> None:
-    for request, (outcome, runtime) in zip(batch, answers, strict=True):
+    for request, (outcome, seconds) in zip(batch, answers, strict=True):
         try:
-            _acknowledge(request, outcome, runtime)
+            _acknowledge(request, outcome, seconds)
         except Exception:
             logger.exception("ending message %s failed", request.id)
 
@@ -235,6 +242,10 @@ def _acknowledge(request: Request, outcome: str, runtime: float) -> None:
         # The dead letter is in Postgres already; rejecting also hands RabbitMQ the message
         # for its dead-letter queue (other brokers drop it).
         request.on_failure(_exception_info(Reject("dead-lettered", requeue=False)))
+    elif outcome == MALFORMED:
+        # Requeued, it would come back forever: rejected once, to the dead-letter queue
+        # where the broker has one (said and counted in the child).
+        request.on_failure(_exception_info(Reject("malformed step message", requeue=False)))
     elif outcome == Outcome.INTERRUPTED:
         _requeue(request)
     else:
@@ -264,29 +275,58 @@ def _exception_info(exc: Exception) -> ExceptionInfo:
 
 def run_batch(
     task_name: str,
-    job_ids: Sequence[str],
+    messages: Sequence[tuple[str, object, object]],
     repeats: Sequence[bool],
     headers: Sequence[object],
 ) -> list[tuple[str, float]]:
-    """In a pool child: run one batch (`repeats`: which messages may repeat an attempt;
-    `headers`: each message's reading header, if any); each job's outcome and the batch's
-    seconds so far."""
+    """In a pool child: run one batch (`messages`: each message's id, positional and keyword
+    arguments; `repeats`: which may repeat an attempt; `headers`: each one's reading header,
+    if any); each message's outcome (`MALFORMED` for one that cannot be a delivery) and the
+    batch's seconds so far."""
     started = time.monotonic()
-    try:
-        outcomes = run_batch_of(task_name, job_ids, step_timer, repeats=repeats, headers=headers)
-    except Exception:
-        logger.exception("a batch of %s failed", task_name, extra={"action": "batch_failed"})
-        outcomes = [Outcome.INTERRUPTED] * len(job_ids)
-    runtime = time.monotonic() - started
+    checked = [job_id_of(args, kwargs) for _, args, kwargs in messages]
+    for (message_id, _, _), found in zip(messages, checked, strict=True):
+        if isinstance(found, Malformed):
+            reject_malformed(_runtime_or_none(), task_name, message_id, found)
+    # The jobs to run, by their message's place in the batch.
+    runs = {index: found for index, found in enumerate(checked) if isinstance(found, str)}
+    job_ids = list(runs.values())
+    ran = _run_jobs(
+        task_name, job_ids, [repeats[index] for index in runs], [headers[index] for index in runs]
+    )
+    outcomes = dict(zip(runs, ran, strict=True))
+    seconds = time.monotonic() - started
     if len(job_ids) > 1:
         logger.info(
             "batch of %d %s messages run in %.3fs",
             len(job_ids),
             task_name,
-            runtime,
+            seconds,
             extra={"action": "batch", "step": task_name, "jobs": len(job_ids)},
         )
-    return [(str(outcome), runtime) for outcome in outcomes]
+    return [(str(outcomes.get(index, MALFORMED)), seconds) for index in range(len(messages))]
+
+
+def _run_jobs(
+    task_name: str, job_ids: list[str], repeats: list[bool], headers: list[object]
+) -> Sequence[str]:
+    if not job_ids:
+        return []
+    try:
+        return run_batch_of(task_name, job_ids, step_timer, repeats=repeats, headers=headers)
+    except Exception:
+        logger.exception("a batch of %s failed", task_name, extra={"action": "batch_failed"})
+        return [Outcome.INTERRUPTED] * len(job_ids)
+
+
+def _runtime_or_none() -> Runtime | None:
+    # Where to count a malformed message; a runtime that cannot be built (bad settings) must
+    # not keep the message from being rejected.
+    try:
+        return runtime()
+    except Exception:  # counted or not, the message is rejected once
+        logger.warning("no runtime to count a malformed message", exc_info=True)
+        return None
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from prometheus_client.registry import Collector
 
 from jobs.queues import queue_depths
 from jobs.runtime import Runtime
-from ledger import EventKind, Histogram, LedgerStats
+from ledger import EventKind, Histogram, LedgerStats, MalformedMessages
 
 #: Histograms cover this many recent seconds.
 WINDOW: Final = 3600.0
@@ -29,6 +29,7 @@ class LedgerCollector(Collector):
 
     def __init__(self, rt: Runtime, app: Celery) -> None:
         self.stats = LedgerStats(engine=rt.engine)
+        self.malformed = MalformedMessages(engine=rt.engine)
         self.app = app
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
@@ -56,6 +57,7 @@ class LedgerCollector(Collector):
             value=snapshot.open_dead_letters,
         )
         yield from _counters(snapshot.events)
+        yield self._malformed()
         yield _histogram(
             "oncelery_schedule_to_start_seconds",
             "Seconds from a job's creation to its first claim (jobs started in the last hour).",
@@ -68,6 +70,18 @@ class LedgerCollector(Collector):
             self.stats.step_histograms([b * 1000 for b in STEP_BUCKETS], window=WINDOW),
             scale=0.001,
         )
+
+    def _malformed(self) -> CounterMetricFamily:
+        family = CounterMetricFamily(
+            "oncelery_malformed_messages",
+            "Step messages that could not be a delivery, by task and reason: `arguments` and "
+            "`job_id` were rejected (to the dead-letter queue on RabbitMQ), `no_such_job` "
+            "acknowledged.",
+            labels=["task", "reason"],
+        )
+        for counted in self.malformed.counts():
+            family.add_metric([counted.task, counted.reason], counted.count)
+        return family
 
 
 def _counters(events: dict[EventKind, int]) -> Iterator[CounterMetricFamily]:

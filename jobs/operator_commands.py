@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from config import Settings, get_settings
-from jobs.app import CeleryDispatch, runtime
+from jobs.app import CeleryDispatch, app, runtime
 from jobs.cli_support import (
     BadInput,
     ByOption,
@@ -25,7 +25,7 @@ from jobs.cli_support import (
     who,
 )
 from jobs.deadletter import DeadLetterDesk, ReplayResult, letter_view
-from jobs.queues import queued_steps
+from jobs.queues import queued_steps, remove_dead_copies
 from jobs.runtime import load_pipelines
 from jobs.sweeper import sweep as run_sweep
 from ledger import (
@@ -288,17 +288,21 @@ def dlq_purge(
     by: ByOption = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Delete dead letters. The job of an open one is given up: it becomes cancelled."""
+    """Delete dead letters (an open one's job is given up: cancelled) and, on RabbitMQ, their
+    copies in the dead-letter queue (with --all --state all and no filter: every copy)."""
     settings = get_settings()
     chosen = None if state is StateFilter.ALL else DeadLetterState(state)
     letters = _select(
         settings, ids, every=every, state=chosen, filters=(step, error_type, older_than)
     )
     deleted = _letters(settings).purge([letter.id for letter in letters], by=who(by))
+    everything = every and state is StateFilter.ALL and not any((step, error_type, older_than))
+    copies = remove_dead_copies(app, None if everything else letters)
     if as_json:
-        print_json({"purged": deleted})
+        print_json({"purged": deleted, "broker_copies": copies})
     else:
-        stdout.print(f"purged {deleted} dead letter(s)")
+        removed = "unknown (the broker did not answer)" if copies is None else copies
+        stdout.print(f"purged {deleted} dead letter(s); broker copies removed: {removed}")
 
 
 def cancel(

@@ -10,6 +10,7 @@ from uuid import UUID
 
 from jobs.delivery import Outcome, Run, claim_alone, error_json
 from jobs.pipelines import Step
+from jobs.step_messages import no_such_job
 from ledger import (
     JSON,
     AlreadySucceeded,
@@ -69,7 +70,10 @@ def settle(
     if isinstance(found, LedgerError):
         raise found
     if isinstance(found, JobInactive):
-        logger.info("job is %s; step not run", found.state, extra={"action": "skip", **log})
+        if found.state is None:  # no such job: said and counted (`jobs.step_messages`)
+            no_such_job(rt, run.pipeline.name, step.name, job_id)
+        else:
+            logger.info("job is %s; step not run", found.state, extra={"action": "skip", **log})
         return Outcome.INACTIVE
     if isinstance(found, InFlight):
         in_flight = {"action": "in_flight", **log, "key": found.key}

@@ -20,6 +20,7 @@ from ledger.errors import (
     StatementRejected,
     StepNotInJob,
 )
+from ledger.malformed import MalformedCount, MalformedMessages
 from ledger.migrations import current_revision, head_revision, upgrade
 from ledger.stats import Histogram, LedgerStats, Snapshot, StepTiming
 from ledger.step_ledger import Failure, StepLedger
@@ -80,6 +81,8 @@ __all__ = [
     "LeaseLost",
     "LedgerError",
     "LedgerStats",
+    "MalformedCount",
+    "MalformedMessages",
     "NewJob",
     "OutcomeUnknown",
     "ReadResult",

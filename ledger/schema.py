@@ -131,3 +131,16 @@ sa.Index(
     "ix_dead_letters_state_last_failed_at", dead_letters.c.state, dead_letters.c.last_failed_at
 )
 sa.Index("ix_dead_letters_job_id", dead_letters.c.job_id)
+
+#: Step messages that could not be a delivery (arguments that are not one job id, a job id
+#: that is not a UUID, a UUID of no job), counted per task and reason: one row each, so a
+#: flood of them cannot grow the table.
+malformed_messages = sa.Table(
+    "malformed_messages",
+    metadata,
+    sa.Column("task", sa.String(200), primary_key=True),
+    sa.Column("reason", sa.String(40), primary_key=True),
+    sa.Column("count", sa.BigInteger(), nullable=False),
+    sa.Column("last_at", Timestamp, nullable=False),
+    sa.Column("last_detail", sa.Text(), nullable=False),
+)

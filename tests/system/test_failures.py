@@ -68,6 +68,11 @@ def test_a_declined_card_is_dead_lettered_at_once(
     if kind == "amqp":
         system.wait_for(lambda: queue_length(broker_url, DEAD_QUEUE) == 1, "the rejected message")
 
+    # Purging the dead letter purges RabbitMQ's copy of it too (Redis keeps none)
+    purged = system.cli_json("dlq", "purge", str(letter["id"]))
+    assert purged == {"purged": 1, "broker_copies": 1 if kind == "amqp" else 0}
+    assert queue_length(broker_url, DEAD_QUEUE) == 0
+
 
 @pytest.mark.parametrize("fast_path", [False, True], ids=["chained", "fast"])
 def test_exhausted_retries_dead_letter_and_a_replay_charges_once(

@@ -6,7 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from config import MAIN_QUEUE, RETRY_QUEUE, Settings, celery_config, prepare_broker
+from config import (
+    DEAD_QUEUE,
+    DEAD_QUEUE_MAX_LENGTH,
+    DEAD_QUEUE_TTL_MS,
+    MAIN_QUEUE,
+    RETRY_QUEUE,
+    Settings,
+    celery_config,
+    dead_letter_queue,
+    prepare_broker,
+)
 
 
 def _settings(data_dir: Path, **env: object) -> Settings:
@@ -150,3 +160,18 @@ def test_workers_reserve_a_batch_per_child(
 
     assert config["worker_prefetch_multiplier"] == prefetch
     assert config["oncelery_batch_size"] == int(batch_size)
+
+
+def test_the_dead_letter_queue_is_bounded_in_count_bytes_and_age() -> None:
+    queue = dead_letter_queue()
+
+    assert queue.name == DEAD_QUEUE
+    assert queue.durable
+    # Nothing consumes it: past a bound RabbitMQ drops the oldest copies.
+    assert queue.queue_arguments == {
+        "x-max-length": DEAD_QUEUE_MAX_LENGTH,
+        "x-max-length-bytes": 64 * 1024 * 1024,
+        "x-message-ttl": DEAD_QUEUE_TTL_MS,
+        "x-overflow": "drop-head",
+    }
+    assert DEAD_QUEUE_TTL_MS == 7 * 24 * 3600 * 1000

@@ -8,7 +8,8 @@ import pytest
 from kombu import Queue
 
 from config import MAIN_QUEUE, RETRY_QUEUE
-from jobs.app import _configure, is_repeat, task_name
+from jobs.app import _configure, is_repeat
+from jobs.step_messages import task_name
 
 
 def test_configuration_declares_the_main_and_retry_queues(

@@ -14,7 +14,7 @@ from celery.exceptions import Reject
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 
-from jobs.batching import Batcher, Slots, run_batch
+from jobs.batching import MALFORMED, Batcher, Slots, run_batch
 from jobs.runner import Outcome
 
 
@@ -26,14 +26,17 @@ class FakeRequest:
     redelivered: bool = False
     time_limits: tuple[float | None, float | None] = (35.0, 30.0)
     ended: list[tuple[str, object]] = field(default_factory=list)
+    #: The message's arguments, if not the usual `[job_id]`.
+    positional: list[object] | None = None
+    kwargs: dict[str, object] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
         return f"task-{self.job_id}"
 
     @property
-    def args(self) -> list[str]:
-        return [self.job_id]
+    def args(self) -> list[object]:
+        return [self.job_id] if self.positional is None else self.positional
 
     @property
     def delivery_info(self) -> dict[str, object]:
@@ -80,10 +83,15 @@ class FakePool:
     applied: list[Applied] = field(default_factory=list)
 
     def apply_async(
-        self, target: object, args: tuple[str, list[str], list[bool], list[object]], **options: Any
+        self,
+        target: object,
+        args: tuple[str, list[tuple[str, object, object]], list[bool], list[object]],
+        **options: Any,
     ) -> None:
         assert target is run_batch
-        self.applied.append(Applied(list(args[1]), options, list(args[2])))
+        # Each message as it came: its id (here "task-<job id>"), arguments, keywords.
+        job_ids = [message_id.removeprefix("task-") for message_id, _, _ in args[1]]
+        self.applied.append(Applied(job_ids, options, list(args[2])))
 
 
 def batcher(size: int = 4, processes: int = 2) -> tuple[Batcher, FakePool]:
@@ -153,6 +161,26 @@ def test_each_message_ends_as_its_job_did() -> None:
     assert exc.requeue is False  # type: ignore[attr-defined]
     # Given back to the broker, to be delivered again alone.
     assert interrupted.ended[-1] == ("rejected", True)
+
+
+def test_a_malformed_message_goes_with_its_neighbours_and_is_rejected_once() -> None:
+    # Given a message with keyword arguments only, between two good ones, waiting for a child
+    batches, pool = batcher(processes=1)
+    keywords = FakeRequest("keywords", positional=[], kwargs={"job_id": "x"})
+    requests = [FakeRequest("busy"), FakeRequest("a"), keywords, FakeRequest("b")]
+    add(batches, *requests)
+
+    # When the child is free, they go together (the child tells the bad one apart)
+    pool.applied[0].finish([Outcome.SUCCEEDED])
+    assert [a.job_ids for a in pool.applied] == [["busy"], ["a", "keywords", "b"]]
+    pool.applied[1].finish([Outcome.SUCCEEDED, MALFORMED, Outcome.SUCCEEDED])
+
+    # Then it is rejected without requeueing; its neighbours end as their jobs did
+    [(how, exc)] = keywords.ended
+    assert how == "failure"
+    assert isinstance(exc, Reject)
+    assert exc.requeue is False  # type: ignore[attr-defined]
+    assert requests[1].ended == requests[3].ended == [("success", Outcome.SUCCEEDED)]
 
 
 def test_a_batch_whose_child_died_gives_every_message_back() -> None:
