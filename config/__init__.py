@@ -14,6 +14,7 @@ from config.celery import (
 )
 from config.settings import (
     DEFAULT_PROVIDER_URL,
+    MIN_SECRET_LENGTH,
     ConfigError,
     Settings,
     child_environment,
@@ -26,6 +27,7 @@ __all__ = [
     "DEAD_QUEUE",
     "DEFAULT_PROVIDER_URL",
     "MAIN_QUEUE",
+    "MIN_SECRET_LENGTH",
     "RETRY_QUEUE",
     "SWEEP_TASK",
     "ConfigError",

@@ -36,6 +36,9 @@ _DATABASE_SCHEMES: Final = ("postgresql+psycopg", "sqlite")
 _BROKER_SCHEMES: Final = ("amqp", "pyamqp", "redis", "rediss", "filesystem")
 #: What a URL scheme looks like; anything else is not echoed in errors.
 _SCHEME: Final = re.compile(r"[a-z][a-z0-9+.-]{0,30}")
+#: The fewest characters `WEBHOOK_SECRET` and `API_TOKEN` may have: anything shorter can be
+#: guessed or was typed as a placeholder (`secrets.token_urlsafe(32)` makes a good one).
+MIN_SECRET_LENGTH: Final = 16
 
 
 class StepPolicy(BaseModel):
@@ -210,10 +213,34 @@ class Settings(BaseSettings):
             raise ValueError("expected an http:// or https:// URL")
         return value.strip().rstrip("/")
 
+    @field_validator("webhook_secret", "api_token", "flower_basic_auth", mode="before")
+    @classmethod
+    def _blank_secret_is_unset(cls, value: object) -> object:
+        # docker-compose passes `${API_TOKEN:-}` as "": unset, so the endpoints it guards stay
+        # closed; never a key that an empty bearer token or an empty HMAC key matches.
+        if isinstance(value, str) and not value.strip():
+            return None
+        if isinstance(value, SecretStr) and not value.get_secret_value().strip():
+            return None
+        return value
+
+    @field_validator("webhook_secret", "api_token")
+    @classmethod
+    def _check_secret_length(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_SECRET_LENGTH:
+            raise ValueError(
+                f"must be at least {MIN_SECRET_LENGTH} characters (or unset, which closes the "
+                "endpoints it guards)"
+            )
+        return value
+
     @field_validator("flower_basic_auth")
     @classmethod
     def _check_basic_auth(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and ":" not in value.get_secret_value():
+        if value is None:
+            return None
+        user, colon, password = value.get_secret_value().partition(":")
+        if not colon or not user or not password:
             raise ValueError("expected user:password")
         return value
 

@@ -59,13 +59,27 @@ def get_intake(request: Request) -> Intake:
 IntakeDep = Annotated[Intake, Depends(get_intake)]
 
 
+def not_configured(variable: str) -> ApiError:
+    """The 503 of an endpoint whose secret the server was not given: closed, never open."""
+    return ApiError(
+        503, "not_configured", f"{variable} is not set on the server: this endpoint is closed"
+    )
+
+
 def require_token(intake: IntakeDep, authorization: Annotated[str | None, Header()] = None) -> None:
-    """`Authorization: Bearer <API_TOKEN>`, compared in constant time."""
+    """`Authorization: Bearer <API_TOKEN>`, compared in constant time.
+
+    Raises:
+        ApiError: 503 when API_TOKEN is unset, 401 for a missing, empty or wrong token.
+    """
     expected = intake.settings.api_token
-    if expected is None:
-        raise ApiError(401, "unauthorized", "API_TOKEN is not configured on the server")
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        token.encode(), expected.get_secret_value().encode()
+    if expected is None or not expected.get_secret_value():
+        raise not_configured("API_TOKEN")
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    token = token.strip()
+    if (
+        scheme.lower() != "bearer"
+        or not token
+        or not hmac.compare_digest(token.encode(), expected.get_secret_value().encode())
     ):
         raise ApiError(401, "unauthorized", "missing or wrong bearer token")

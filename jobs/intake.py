@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Final
@@ -26,7 +27,15 @@ from jobs.app import CeleryDispatch
 from jobs.deadletter import DeadLetterDesk, letter_view
 from jobs.enqueue import describe_validation_error
 from jobs.history import history_view
-from jobs.http import ApiError, Intake, IntakeDep, api_error, http_error, require_token
+from jobs.http import (
+    ApiError,
+    Intake,
+    IntakeDep,
+    api_error,
+    http_error,
+    not_configured,
+    require_token,
+)
 from jobs.metrics import render_metrics
 from jobs.orders import OrderPlaced, order_job
 from jobs.orders import order_placed as order_pipeline
@@ -43,6 +52,8 @@ from ledger import (
     LedgerError,
 )
 
+logger = logging.getLogger(__name__)
+
 #: The largest webhook body accepted (100 items fit in a few kilobytes).
 MAX_BODY_BYTES: Final = 64 * 1024
 #: How far a webhook's timestamp may be from our clock, in seconds (replays of old requests).
@@ -51,6 +62,16 @@ SIGNATURE_TOLERANCE: Final = 300
 
 def create_app(settings: Settings) -> FastAPI:
     """The intake's FastAPI application (the relay thread runs while it serves)."""
+    for variable, value in (
+        ("WEBHOOK_SECRET", settings.webhook_secret),
+        ("API_TOKEN", settings.api_token),
+    ):
+        if value is None:
+            logger.warning(
+                "%s is not set: the endpoints it guards answer 503",
+                variable,
+                extra={"action": "secret_unset"},
+            )
     load_pipelines(settings)
     rt = Runtime.from_settings(settings)
     dispatch = CeleryDispatch(settings=settings)
@@ -186,10 +207,10 @@ def verify_signature(
     """Check `X-Oncelery-Timestamp` and `X-Oncelery-Signature` (constant-time).
 
     Raises:
-        ApiError: 401, naming what is wrong.
+        ApiError: 401, naming what is wrong; 503 when WEBHOOK_SECRET is unset.
     """
-    if settings.webhook_secret is None:
-        raise ApiError(401, "unauthorized", "WEBHOOK_SECRET is not configured on the server")
+    if settings.webhook_secret is None or not settings.webhook_secret.get_secret_value():
+        raise not_configured("WEBHOOK_SECRET")
     timestamp = headers.get("x-oncelery-timestamp")
     signature = headers.get("x-oncelery-signature")
     if not timestamp or not signature:

@@ -60,8 +60,8 @@ def test_the_procfile_runs_the_system(tmp_path: Path, postgres_url: str, redis_u
             "FLOWER_BASIC_AUTH": "ops:secret",
             "PYTHONPATH": str(REPO_ROOT),
             "WEB_PORT": str(web_port),
-            "API_TOKEN": "procfile-token",
-            "WEBHOOK_SECRET": "procfile-secret",
+            "API_TOKEN": "procfile-token-0123",
+            "WEBHOOK_SECRET": "procfile-secret-0123",
         }
     )
     honcho = processes.start(

@@ -21,8 +21,8 @@ from ledger import JobState
 from tests.conftest import settings_for
 from tests.factories import order_event
 
-SECRET = "whsec-test"
-TOKEN = "token-test"
+SECRET = "whsec-integration-test"
+TOKEN = "token-integration-test"
 
 
 class Client:

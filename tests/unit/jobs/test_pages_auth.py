@@ -23,7 +23,7 @@ from ledger import JobStore
 from tests.conftest import settings_for
 from tests.factories import new_job
 
-TOKEN = "token-for-pages"
+TOKEN = "token-for-the-pages"
 
 
 class Client:
@@ -155,11 +155,11 @@ def test_a_tampered_or_foreign_cookie_is_no_session(client: Client) -> None:
 
 
 def test_rotating_the_token_ends_sessions(client_factory: ClientFactory) -> None:
-    old = client_factory(token="old-token")
-    log_in(old, "old-token")
+    old = client_factory(token="old-token-0123456789")
+    log_in(old, "old-token-0123456789")
     cookie = old.client.cookies[pages.COOKIE]
 
-    rotated = client_factory(token="new-token")
+    rotated = client_factory(token="new-token-0123456789")
     assert rotated.with_cookie(cookie).status_code == 303
 
 

@@ -1,0 +1,120 @@
+"""The real `oncelery api` process (uvicorn) at its edges: empty secrets leave the endpoints
+closed, a short one stops it at start, absurd headers get a 4xx, and `/healthz` says which
+dependency is down without its error text."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from config import child_environment
+from jobs import processes
+from jobs.intake import sign
+from tests.conftest import REPO_ROOT
+from tests.factories import order_event
+
+pytestmark = pytest.mark.system
+
+SECRET, TOKEN = "whsec-guards-0123456789", "token-guards-0123456789"
+
+StartApi = Callable[..., str]
+
+
+@pytest.fixture
+def start_api(postgres_url: str, redis_url: str, tmp_path: Path) -> Iterator[StartApi]:
+    """Starts `oncelery api` processes on the test's database; returns each one's base URL."""
+    started: list[processes.ManagedProcess] = []
+
+    def start(**env: str) -> str:
+        port = processes.free_port()
+        overrides = {
+            "DATABASE_URL": postgres_url,
+            "BROKER_URL": redis_url,
+            "ONCELERY_DATA_DIR": str(tmp_path / "data"),
+            "PYTHONPATH": str(REPO_ROOT),
+            **env,
+        }
+        api = processes.start(
+            f"api{len(started)}",
+            [sys.executable, "-m", "jobs.cli", "api", "--port", str(port)],
+            env=child_environment(overrides),
+            log_dir=tmp_path / "logs",
+        )
+        started.append(api)
+        base = f"http://127.0.0.1:{port}"
+        processes.wait_until_answers(f"{base}/healthz", process=api, timeout=60)
+        return base
+
+    yield start
+    processes.stop_all(started)
+
+
+def order_event_body() -> bytes:
+    return json.dumps(order_event()).encode()
+
+
+def signed(secret: str, body: bytes, stamp: str | None = None) -> dict[str, str]:
+    stamp = stamp or str(int(time.time()))
+    return {"X-Oncelery-Timestamp": stamp, "X-Oncelery-Signature": sign(secret, stamp, body)}
+
+
+def test_empty_secrets_leave_every_endpoint_closed(start_api: StartApi) -> None:
+    # Given the API started as docker-compose ships it: both secrets set to ""
+    base = start_api(API_TOKEN="", WEBHOOK_SECRET="")
+    # "Bearer " arrives as "Bearer": HTTP strips the trailing space; the token is empty.
+    empty_bearer = {"Authorization": "Bearer"}
+
+    # When someone sends an empty bearer token, or a webhook signed with the empty key
+    answers = {
+        "jobs": httpx.get(f"{base}/jobs", headers=empty_bearer, timeout=30),
+        "metrics": httpx.get(f"{base}/metrics", headers=empty_bearer, timeout=30),
+        "dead letters": httpx.get(f"{base}/dead-letters", headers=empty_bearer, timeout=30),
+        "replay": httpx.post(f"{base}/dead-letters/1/replay", headers=empty_bearer, timeout=30),
+    }
+    body = order_event_body()
+    answers["webhook"] = httpx.post(
+        f"{base}/webhooks/order-placed", content=body, headers=signed("", body), timeout=30
+    )
+
+    # Then every one is refused with a JSON error saying the server is not configured
+    for name, answer in answers.items():
+        assert answer.status_code == 503, (name, answer.status_code, answer.text)
+        assert answer.json()["error"]["type"] == "not_configured", name
+    assert "API_TOKEN" in answers["jobs"].json()["error"]["message"]
+    assert "WEBHOOK_SECRET" in answers["webhook"].json()["error"]["message"]
+
+
+@pytest.mark.parametrize("variable", ["API_TOKEN", "WEBHOOK_SECRET"])
+def test_a_short_secret_stops_the_api_at_start(
+    variable: str, postgres_url: str, tmp_path: Path
+) -> None:
+    env = child_environment(
+        {
+            "DATABASE_URL": postgres_url,
+            "ONCELERY_DATA_DIR": str(tmp_path),
+            "PYTHONPATH": str(REPO_ROOT),
+            "API_TOKEN": TOKEN,
+            "WEBHOOK_SECRET": SECRET,
+            variable: "short-secret",
+        }
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "api", "--port", str(processes.free_port())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().count("\n") == 0, done.stderr
+    assert variable in done.stderr
+    assert "16 characters" in done.stderr
+    assert "short-secret" not in done.stderr
