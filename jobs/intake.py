@@ -58,6 +58,8 @@ logger = logging.getLogger(__name__)
 MAX_BODY_BYTES: Final = 64 * 1024
 #: How far a webhook's timestamp may be from our clock, in seconds (replays of old requests).
 SIGNATURE_TOLERANCE: Final = 300
+#: The most digits a number in a header may have (unix seconds have 10; a body size fewer).
+_MAX_DIGITS: Final = 12
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -181,7 +183,7 @@ def _routes() -> APIRouter:
 
 async def _read_body(request: Request) -> bytes:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+    if declared is not None and _digits(declared, "Content-Length") > MAX_BODY_BYTES:
         raise ApiError(413, "too_large", f"the body is over {MAX_BODY_BYTES} bytes")
     body = bytearray()
     async for chunk in request.stream():
@@ -189,6 +191,19 @@ async def _read_body(request: Request) -> bytes:
         if len(body) > MAX_BODY_BYTES:
             raise ApiError(413, "too_large", f"the body is over {MAX_BODY_BYTES} bytes")
     return bytes(body)
+
+
+def _digits(value: str, header: str) -> int:
+    """A header holding a whole number of ASCII digits, as an int; `int()` alone would take
+    "²" or " 1_0 ", and raise on 4,300 digits. Longer than `_MAX_DIGITS` reads as too big.
+
+    Raises:
+        ApiError: 400 naming the header when it is not digits.
+    """
+    if not value.isascii() or not value.isdigit():
+        raise ApiError(400, "bad_request", f"{header} must be a whole number")
+    digits = value.lstrip("0") or "0"
+    return int(digits) if len(digits) <= _MAX_DIGITS else 10**_MAX_DIGITS
 
 
 def _first_step(pipeline: str) -> str:
@@ -217,7 +232,8 @@ def verify_signature(
         raise ApiError(
             401, "unauthorized", "X-Oncelery-Timestamp and X-Oncelery-Signature are required"
         )
-    if not timestamp.isascii() or not timestamp.isdigit():
+    # Unix seconds have 10 digits until 2286; more (or padding) is no clock we can check.
+    if len(timestamp) > _MAX_DIGITS or not timestamp.isascii() or not timestamp.isdigit():
         raise ApiError(401, "unauthorized", "X-Oncelery-Timestamp must be unix seconds")
     if abs((now if now is not None else time.time()) - int(timestamp)) > SIGNATURE_TOLERANCE:
         raise ApiError(401, "unauthorized", "X-Oncelery-Timestamp is too old or in the future")

@@ -388,6 +388,8 @@ def resolve(
             outcome = json.loads(result)
         except json.JSONDecodeError as exc:
             raise PageError(422, f"the result is not JSON ({exc.msg})") from None
+        except RecursionError:
+            raise PageError(422, "the result is not JSON we can read (nested too deep)") from None
     return _outcome(session, "Resolve", _desk(intake).settle(letter, by=person, result=outcome))
 
 

@@ -4,7 +4,9 @@ dependency is down without its error text."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -118,3 +120,40 @@ def test_a_short_secret_stops_the_api_at_start(
     assert variable in done.stderr
     assert "16 characters" in done.stderr
     assert "short-secret" not in done.stderr
+
+
+def test_absurd_numbers_in_headers_get_a_4xx_from_the_real_server(start_api: StartApi) -> None:
+    base = start_api(API_TOKEN=TOKEN, WEBHOOK_SECRET=SECRET)
+    body = order_event_body()
+
+    stamp = "9" * 5000
+    answer = httpx.post(
+        f"{base}/webhooks/order-placed",
+        content=body,
+        headers=signed(SECRET, body, stamp),
+        timeout=30,
+    )
+    assert answer.status_code == 401
+    assert "X-Oncelery-Timestamp" in answer.json()["error"]["message"]
+
+    head = (
+        "POST /webhooks/order-placed HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Length: {'9' * 5000}\r\n\r\n"
+    )
+    status_line = raw_request(base, head.encode() + body).split(b"\r\n", 1)[0]
+    assert status_line.split()[1].startswith(b"4"), status_line
+    assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200
+
+
+def raw_request(base: str, request: bytes) -> bytes:
+    """Send bytes no client library would, and read what comes back until the server closes
+    or a second passes."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(request)
+        conn.settimeout(1.0)
+        received = b""
+        with contextlib.suppress(TimeoutError):
+            while chunk := conn.recv(65536):
+                received += chunk
+    return received

@@ -22,6 +22,7 @@ from jobs.intake import create_app
 from ledger import JobStore
 from tests.conftest import settings_for
 from tests.factories import new_job
+from tests.integration.ledger.test_dead_letters import dead_letter_after_two_failures
 
 TOKEN = "token-for-the-pages"
 
@@ -243,3 +244,18 @@ def test_unknown_things_are_404_pages(client: Client) -> None:
         assert "text/html" in answer.headers["content-type"]
     assert client.get("/ui/jobs", params={"state": "bogus"}).status_code == 400
     assert client.get("/ui/dead-letters", params={"state": "bogus"}).status_code == 400
+
+
+def test_a_result_nested_past_the_parser_s_depth_is_a_422_page(client: Client) -> None:
+    runtime = client.app.state.intake.runtime
+    job_id = dead_letter_after_two_failures(runtime.store, runtime.ledger, unknown=True)
+    [letter] = client.app.state.intake.letters.list(job_id=job_id)
+    csrf = log_in(client)
+
+    answer = client.post(
+        f"/ui/dead-letters/{letter.id}/resolve",
+        data={"csrf": csrf, "as": "succeeded", "result": "[" * 100_000},
+    )
+
+    assert answer.status_code == 422
+    assert "not JSON" in answer.text
