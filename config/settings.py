@@ -53,6 +53,18 @@ class StepPolicy(BaseModel):
     time_limit: float | None = Field(default=None, gt=0, le=3_600)
 
 
+class CookieSecurity(enum.StrEnum):
+    """When the pages' session cookie is marked `Secure`."""
+
+    #: Secure unless the request's host is localhost or a loopback address (a browser on
+    #: the same machine over plain http); behind a TLS proxy the public host name counts.
+    AUTO = "auto"
+    #: Always: the pages are served (or proxied) over https only.
+    TRUE = "true"
+    #: Never: plain http on a trusted network.
+    FALSE = "false"
+
+
 class CrashPoint(enum.StrEnum):
     """Where in the step runner a test may have a worker kill itself."""
 
@@ -160,6 +172,17 @@ class Settings(BaseSettings):
     #: Seconds after which a job whose first step never reached the broker is sent by the
     #: relay (the API process and every sweep run it).
     relay_after: float = Field(default=5.0, gt=0, le=86_400)
+    #: The HTTP intake's Postgres connections: seconds to connect, seconds a statement may
+    #: run, seconds of silence before TCP keepalive probes (a hung or vanished server then
+    #: fails requests with 503 instead of holding them).
+    intake_connect_timeout: float = Field(default=5.0, ge=2, le=300)
+    intake_statement_timeout: float = Field(default=10.0, gt=0, le=3_600)
+    intake_keepalive: float = Field(default=30.0, ge=1, le=3_600)
+    #: Threads (and Postgres connections) the intake's webhook writes jobs from.
+    intake_database_threads: int = Field(default=8, ge=1, le=256)
+    #: Whether the pages' session cookie is `Secure` (sent over https only): `auto` (secure
+    #: unless the page was asked for as localhost or a loopback address), `true` or `false`.
+    session_cookie_secure: CookieSecurity = CookieSecurity.AUTO
     #: `oncelery chaos`: shell commands that restart the broker and the database mid-run
     #: (default: the local servers' own commands, see `jobs/chaos.py`).
     chaos_broker_restart: str | None = None
@@ -243,6 +266,11 @@ class Settings(BaseSettings):
         if not colon or not user or not password:
             raise ValueError("expected user:password")
         return value
+
+    @field_validator("session_cookie_secure", mode="before")
+    @classmethod
+    def _lower_cookie_security(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("step_policies", mode="before")
     @classmethod

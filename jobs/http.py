@@ -1,20 +1,29 @@
 """What the HTTP handlers (the API in `intake.py`, the pages in `pages.py`) share: the app's
-state, the bearer-token check, and errors answered as JSON."""
+state (and its database threads), the bearer-token check, and errors answered as JSON."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Header, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from config import Settings
 from jobs.app import CeleryDispatch
+from jobs.health import Probe
 from jobs.relay import OutboxRelay
 from jobs.runtime import Runtime
-from ledger import DeadLetterStore
+from ledger import DatabaseUnavailable, DeadLetterStore
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class ApiError(Exception):
@@ -30,13 +39,47 @@ class ApiError(Exception):
 
 @dataclass
 class Intake:
-    """What the app's handlers share."""
+    """What the app's handlers share.
+
+    `database_threads` run the webhook's ledger calls off the event loop, a fixed number of
+    them (one Postgres connection each): a hung database holds those threads, never the loop,
+    so `/healthz` and every other request still answer.
+    """
 
     settings: Settings
     runtime: Runtime
     letters: DeadLetterStore
     relay: OutboxRelay
     dispatch: CeleryDispatch
+    database_threads: ThreadPoolExecutor
+    probes: tuple[Probe, ...] = ()
+
+    @property
+    def database_deadline(self) -> float:
+        """Seconds a ledger call may take before the request gives up on it: past the
+        connect and statement timeouts, Postgres is not answering at all."""
+        return self.settings.intake_connect_timeout + self.settings.intake_statement_timeout + 1
+
+    async def in_database(self, call: Callable[[], T]) -> T:
+        """`call()` on a database thread, within `database_deadline`.
+
+        Raises:
+            ApiError: 503 when the database is unavailable or does not answer in time (the
+                call may still complete: a sender sending again gets the same job).
+        """
+        future = asyncio.get_running_loop().run_in_executor(self.database_threads, call)
+        try:
+            return await asyncio.wait_for(future, self.database_deadline)
+        except TimeoutError:
+            detail = f"no answer within {self.database_deadline:g}s"
+        except DatabaseUnavailable as exc:
+            detail = exc.detail
+        logger.warning(
+            "intake: database unavailable: %s", detail, extra={"action": "database_unavailable"}
+        )
+        raise ApiError(
+            503, "database_unavailable", "the database is not answering; send the request again"
+        )
 
 
 def api_error(_request: Request, exc: ApiError) -> JSONResponse:

@@ -7,6 +7,7 @@ relay thread hands it to the broker, so a broker outage delays orders but never 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -14,18 +15,21 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Final
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
+from sqlalchemy.engine import Engine
 
 from config import Settings
-from jobs import pages
+from jobs import health, pages
 from jobs.app import CeleryDispatch
 from jobs.deadletter import DeadLetterDesk, letter_view
 from jobs.enqueue import describe_validation_error
+from jobs.health import Probe
 from jobs.history import history_view
 from jobs.http import (
     ApiError,
@@ -49,7 +53,8 @@ from ledger import (
     DeadLetterStore,
     JobNotFound,
     JobState,
-    LedgerError,
+    PostgresLimits,
+    create_engine,
 )
 
 logger = logging.getLogger(__name__)
@@ -58,6 +63,8 @@ logger = logging.getLogger(__name__)
 MAX_BODY_BYTES: Final = 64 * 1024
 #: How far a webhook's timestamp may be from our clock, in seconds (replays of old requests).
 SIGNATURE_TOLERANCE: Final = 300
+#: Seconds `/healthz` waits for each dependency (Docker's health check gives up after 3).
+HEALTH_DEADLINE: Final = 2.5
 #: The most digits a number in a header may have (unix seconds have 10; a body size fewer).
 _MAX_DIGITS: Final = 12
 
@@ -75,7 +82,7 @@ def create_app(settings: Settings) -> FastAPI:
                 extra={"action": "secret_unset"},
             )
     load_pipelines(settings)
-    rt = Runtime.from_settings(settings)
+    rt = Runtime.from_settings(settings, engine=intake_engine(settings))
     dispatch = CeleryDispatch(settings=settings)
     intake = Intake(
         settings,
@@ -83,6 +90,11 @@ def create_app(settings: Settings) -> FastAPI:
         DeadLetterStore(engine=rt.engine),
         OutboxRelay(rt, dispatch, _first_step),
         dispatch,
+        ThreadPoolExecutor(settings.intake_database_threads, thread_name_prefix="intake-db"),
+    )
+    intake.probes = (
+        Probe("database", rt.store.ping, deadline=HEALTH_DEADLINE),
+        Probe("broker", lambda: _broker_answers(dispatch), deadline=HEALTH_DEADLINE),
     )
 
     @contextlib.asynccontextmanager
@@ -92,6 +104,7 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             intake.relay.stop()
+            intake.database_threads.shutdown(wait=False, cancel_futures=True)
             rt.close()
 
     app = FastAPI(title="oncelery", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -111,19 +124,20 @@ def _routes() -> APIRouter:
     async def order_placed(request: Request, intake: IntakeDep) -> JSONResponse:
         body = await _read_body(request)
         verify_signature(intake.settings, request.headers, body)
-        event = parse_order(body)
-        [(job_id, created)] = intake.runtime.store.create_jobs([order_job(event)])
+        job = order_job(parse_order(body))
+        [(job_id, created)] = await intake.in_database(
+            lambda: intake.runtime.store.create_jobs([job])
+        )
         if created:
             intake.relay.accepted(order_pipeline.name, job_id)
         return JSONResponse({"job_id": str(job_id)}, status_code=202 if created else 200)
 
     @router.get("/healthz")
-    def healthz(intake: IntakeDep) -> JSONResponse:
-        checks = {
-            "database": _database_ok(intake),
-            "broker": broker_reachable(intake.dispatch.sender),
-        }
-        healthy = all(check == "ok" for check in checks.values())
+    async def healthz(intake: IntakeDep) -> JSONResponse:
+        # Which dependency is down, never its error text (logged): no token guards this.
+        states = await asyncio.gather(*(probe.status() for probe in intake.probes))
+        checks = {probe.name: state for probe, state in zip(intake.probes, states, strict=True)}
+        healthy = all(state == health.OK for state in states)
         return JSONResponse(checks, status_code=200 if healthy else 503)
 
     @router.get("/jobs/{job_id}", dependencies=authorized)
@@ -273,12 +287,23 @@ def _field(location: tuple[int | str, ...]) -> str:
     ).lstrip(".")
 
 
-def _database_ok(intake: Intake) -> str:
-    try:
-        intake.runtime.store.ping()
-    except LedgerError as exc:
-        return f"error: {exc}"
-    return "ok"
+def intake_engine(settings: Settings) -> Engine:
+    """The intake's engine: its Postgres connections give up on a server that does not answer
+    (connect and statement timeouts, TCP keepalives), sized for its database threads."""
+    limits = PostgresLimits(
+        connect_timeout=settings.intake_connect_timeout,
+        statement_timeout=settings.intake_statement_timeout,
+        keepalive_idle=settings.intake_keepalive,
+    )
+    return create_engine(
+        settings.database_url, pool_size=settings.intake_database_threads, limits=limits
+    )
+
+
+def _broker_answers(dispatch: CeleryDispatch) -> None:
+    state = broker_reachable(dispatch.sender)
+    if state != "ok":
+        raise ConnectionError(state)
 
 
 def job_summary(job: Any) -> dict[str, object]:

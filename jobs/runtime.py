@@ -31,9 +31,9 @@ class Runtime:
     _resources: dict[str, object] = field(default_factory=dict)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Runtime:
-        """Open an engine and build the ledger and store on it."""
-        engine = create_engine(settings.database_url)
+    def from_settings(cls, settings: Settings, *, engine: Engine | None = None) -> Runtime:
+        """Open an engine (or take `engine`) and build the ledger and store on it."""
+        engine = engine or create_engine(settings.database_url)
         return cls(
             settings=settings,
             engine=engine,
