@@ -8,7 +8,7 @@ import hmac
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, TypeVar
 
 from fastapi import Depends, Header, HTTPException, Request
@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from config import Settings
 from jobs.app import CeleryDispatch
 from jobs.health import Probe
+from jobs.job_writer import JobWriter
 from jobs.relay import OutboxRelay
 from jobs.runtime import Runtime
 from ledger import DatabaseUnavailable, DeadLetterStore
@@ -53,6 +54,8 @@ class Intake:
     dispatch: CeleryDispatch
     database_threads: ThreadPoolExecutor
     probes: tuple[Probe, ...] = ()
+    #: Creates the webhook's jobs in groups, on `database_threads` (set by `create_app`).
+    writer: JobWriter = field(init=False)
 
     @property
     def database_deadline(self) -> float:

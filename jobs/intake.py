@@ -40,6 +40,7 @@ from jobs.http import (
     not_configured,
     require_token,
 )
+from jobs.job_writer import JobWriter
 from jobs.metrics import render_metrics
 from jobs.orders import OrderPlaced, order_job
 from jobs.orders import order_placed as order_pipeline
@@ -92,6 +93,7 @@ def create_app(settings: Settings) -> FastAPI:
         dispatch,
         ThreadPoolExecutor(settings.intake_database_threads, thread_name_prefix="intake-db"),
     )
+    intake.writer = JobWriter(rt.store, intake.in_database, writes=settings.intake_database_threads)
     intake.probes = (
         Probe("database", rt.store.ping, deadline=HEALTH_DEADLINE),
         Probe("broker", lambda: _broker_answers(dispatch), deadline=HEALTH_DEADLINE),
@@ -125,9 +127,7 @@ def _routes() -> APIRouter:
         body = await _read_body(request)
         verify_signature(intake.settings, request.headers, body)
         job = order_job(parse_order(body))
-        [(job_id, created)] = await intake.in_database(
-            lambda: intake.runtime.store.create_jobs([job])
-        )
+        job_id, created = await intake.writer.create(job)
         if created:
             intake.relay.accepted(order_pipeline.name, job_id)
         return JSONResponse({"job_id": str(job_id)}, status_code=202 if created else 200)
