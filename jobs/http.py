@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +15,7 @@ from typing import Annotated, TypeVar
 from fastapi import Depends, Header, HTTPException, Request
 from fastapi.responses import JSONResponse
 
-from config import Settings
+from config import CookieSecurity, Settings
 from jobs.app import CeleryDispatch
 from jobs.health import Probe
 from jobs.job_writer import JobWriter
@@ -129,3 +130,18 @@ def require_token(intake: IntakeDep, authorization: Annotated[str | None, Header
         or not hmac.compare_digest(token.encode(), expected.get_secret_value().encode())
     ):
         raise ApiError(401, "unauthorized", "missing or wrong bearer token")
+
+
+def cookie_secure(request: Request, settings: Settings) -> bool:
+    """Whether the session cookie is `Secure`: as configured, or (`auto`) unless the page was
+    asked for as localhost or a loopback address. The request's scheme is no guide: behind
+    a TLS proxy it is http while the browser's is https."""
+    if settings.session_cookie_secure is not CookieSecurity.AUTO:
+        return settings.session_cookie_secure is CookieSecurity.TRUE
+    host = (request.url.hostname or "").strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True

@@ -30,12 +30,10 @@ TOKEN = "token-for-the-pages"
 class Client:
     """A synchronous browser-like client of the app: keeps cookies, does not follow redirects."""
 
-    def __init__(self, app: FastAPI) -> None:
+    def __init__(self, app: FastAPI, base_url: str = "http://localhost") -> None:
         self.app = app
         self.runner = asyncio.Runner()
-        self.client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://pages"
-        )
+        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base_url)
 
     def get(self, url: str, **kwargs: Any) -> httpx.Response:
         return self.runner.run(self.client.get(url, **kwargs))
@@ -61,12 +59,15 @@ def client_factory(sqlite_url: str, tmp_path: Path) -> Iterator[ClientFactory]:
     """Builds clients of the app (its relay thread is not started: no lifespan)."""
     clients: list[Client] = []
 
-    def build(token: str | None = TOKEN) -> Client:
-        extra = {"API_TOKEN": token} if token is not None else {}
+    def build(
+        token: str | None = TOKEN, base_url: str = "http://localhost", **extra: str
+    ) -> Client:
+        if token is not None:
+            extra["API_TOKEN"] = token
         settings = settings_for(
             database_url=sqlite_url, broker_url=None, data_dir=tmp_path, **extra
         )
-        clients.append(Client(create_app(settings)))
+        clients.append(Client(create_app(settings), base_url))
         return clients[-1]
 
     yield build
@@ -116,6 +117,30 @@ def test_the_right_token_sets_a_signed_http_only_cookie_and_goes_back(client: Cl
     assert f"Max-Age={pages.SESSION_MAX_AGE}" in cookie
     assert TOKEN not in cookie
     assert client.get("/ui/dead-letters").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("base_url", "setting", "secure"),
+    [
+        ("http://oncelery.example", None, True),  # behind a TLS proxy: the scheme says http
+        ("https://oncelery.example", None, True),
+        ("http://localhost:8000", None, False),
+        ("http://127.0.0.1:8000", None, False),
+        ("http://[::1]:8000", None, False),
+        ("http://localhost:8000", "true", True),
+        ("http://oncelery.example", "false", False),
+    ],
+)
+def test_the_session_cookie_is_secure_except_on_loopback_unless_configured(
+    client_factory: ClientFactory, base_url: str, setting: str | None, secure: bool
+) -> None:
+    extra = {} if setting is None else {"session_cookie_secure": setting}
+    client = client_factory(base_url=base_url, **extra)
+
+    answer = client.post("/login", data={"token": TOKEN})
+
+    assert answer.status_code == 303
+    assert ("; secure" in answer.headers["set-cookie"].lower()) is secure
 
 
 def test_a_wrong_token_shows_the_form_again_with_401(client: Client) -> None:
