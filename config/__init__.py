@@ -17,7 +17,9 @@ from config.celery import (
 )
 from config.settings import (
     DEFAULT_PROVIDER_URL,
+    MIN_SECRET_LENGTH,
     ConfigError,
+    CookieSecurity,
     Settings,
     child_environment,
     get_settings,
@@ -32,9 +34,11 @@ __all__ = [
     "DEAD_QUEUE_TTL_MS",
     "DEFAULT_PROVIDER_URL",
     "MAIN_QUEUE",
+    "MIN_SECRET_LENGTH",
     "RETRY_QUEUE",
     "SWEEP_TASK",
     "ConfigError",
+    "CookieSecurity",
     "Settings",
     "celery_config",
     "child_environment",

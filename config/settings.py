@@ -35,6 +35,9 @@ _DATABASE_SCHEMES: Final = ("postgresql+psycopg", "sqlite")
 _BROKER_SCHEMES: Final = ("amqp", "pyamqp", "redis", "rediss", "filesystem")
 #: What a URL scheme looks like; anything else is not echoed in errors.
 _SCHEME: Final = re.compile(r"[a-z][a-z0-9+.-]{0,30}")
+#: The fewest characters `WEBHOOK_SECRET` and `API_TOKEN` may have: anything shorter can be
+#: guessed or was typed as a placeholder (`secrets.token_urlsafe(32)` makes a good one).
+MIN_SECRET_LENGTH: Final = 16
 
 
 class StepPolicy(BaseModel):
@@ -47,6 +50,18 @@ class StepPolicy(BaseModel):
     backoff_max: float | None = Field(default=None, gt=0, le=86_400)
     #: Soft time limit of one attempt, in seconds (the hard limit is 5 s later).
     time_limit: float | None = Field(default=None, gt=0, le=3_600)
+
+
+class CookieSecurity(enum.StrEnum):
+    """When the pages' session cookie is marked `Secure`."""
+
+    #: Secure unless the request's host is localhost or a loopback address (a browser on
+    #: the same machine over plain http); behind a TLS proxy the public host name counts.
+    AUTO = "auto"
+    #: Always: the pages are served (or proxied) over https only.
+    TRUE = "true"
+    #: Never: plain http on a trusted network.
+    FALSE = "false"
 
 
 class CrashPoint(enum.StrEnum):
@@ -158,6 +173,17 @@ class Settings(BaseSettings):
     #: Seconds after which a job whose first step never reached the broker is sent by the
     #: relay (the API process and every sweep run it).
     relay_after: float = Field(default=5.0, gt=0, le=86_400)
+    #: The HTTP intake's Postgres connections: seconds to connect, seconds a statement may
+    #: run, seconds of silence before TCP keepalive probes (a hung or vanished server then
+    #: fails requests with 503 instead of holding them).
+    intake_connect_timeout: float = Field(default=5.0, ge=2, le=300)
+    intake_statement_timeout: float = Field(default=10.0, gt=0, le=3_600)
+    intake_keepalive: float = Field(default=30.0, ge=1, le=3_600)
+    #: Threads (and Postgres connections) the intake's webhook writes jobs from.
+    intake_database_threads: int = Field(default=8, ge=1, le=256)
+    #: Whether the pages' session cookie is `Secure` (sent over https only): `auto` (secure
+    #: unless the page was asked for as localhost or a loopback address), `true` or `false`.
+    session_cookie_secure: CookieSecurity = CookieSecurity.AUTO
     #: `oncelery chaos`: shell commands that restart the broker and the database mid-run
     #: (default: the local servers' own commands, see `jobs/chaos.py`).
     chaos_broker_restart: str | None = None
@@ -211,12 +237,41 @@ class Settings(BaseSettings):
             raise ValueError("expected an http:// or https:// URL")
         return value.strip().rstrip("/")
 
+    @field_validator("webhook_secret", "api_token", "flower_basic_auth", mode="before")
+    @classmethod
+    def _blank_secret_is_unset(cls, value: object) -> object:
+        # docker-compose passes `${API_TOKEN:-}` as "": unset, so the endpoints it guards stay
+        # closed; never a key that an empty bearer token or an empty HMAC key matches.
+        if isinstance(value, str) and not value.strip():
+            return None
+        if isinstance(value, SecretStr) and not value.get_secret_value().strip():
+            return None
+        return value
+
+    @field_validator("webhook_secret", "api_token")
+    @classmethod
+    def _check_secret_length(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_SECRET_LENGTH:
+            raise ValueError(
+                f"must be at least {MIN_SECRET_LENGTH} characters (or unset, which closes the "
+                "endpoints it guards)"
+            )
+        return value
+
     @field_validator("flower_basic_auth")
     @classmethod
     def _check_basic_auth(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and ":" not in value.get_secret_value():
+        if value is None:
+            return None
+        user, colon, password = value.get_secret_value().partition(":")
+        if not colon or not user or not password:
             raise ValueError("expected user:password")
         return value
+
+    @field_validator("session_cookie_secure", mode="before")
+    @classmethod
+    def _lower_cookie_security(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("step_policies", mode="before")
     @classmethod

@@ -2,7 +2,8 @@
 brokers — the baseline chain, the chained protocol, the fast path and the fast path against the
 sandbox, interleaved round by round in fresh workers — and, with `--seed-jobs`, the sweeper's
 and `status`'s queries timed over a large finished history. Everything runs in a database of
-its own (`<name>_bench`), never in the user's ledger."""
+its own (`<name>_bench`), never in the user's ledger. With `--intake`, the signed webhook of a
+real `oncelery api` under concurrent load instead."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from rich.rule import Rule
 
 from config import Settings
 from jobs.benchmarks import database
+from jobs.benchmarks.intake import IntakeOptions, IntakeRun, run_intake_bench
 from jobs.benchmarks.report import (
     RowSummary,
     Target,
@@ -252,3 +254,26 @@ def notes(options: BenchOptions, statements_unavailable: str | None) -> list[str
             "(ANALYZE, BUFFERS) in a transaction rolled back; the seeded rows are deleted after"
         )
     return found
+
+
+def run_intake(
+    settings: Settings, options: IntakeOptions, log: Callable[[str], None]
+) -> list[IntakeRun]:
+    """`oncelery bench --intake`: the webhook under load (see `jobs.benchmarks.intake`)."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    return run_intake_bench(settings.database_url, settings.data_dir, options, log)
+
+
+def print_intake(runs: list[IntakeRun], console: Console) -> None:
+    """The intake runs, one line each, and what the figures mean."""
+    for run in runs:
+        console.print(run.line(), markup=False, highlight=False)
+    console.print(
+        "note: each run starts a fresh `oncelery api` (uvicorn, one process, its outbox relay "
+        "thread included) on the bench database, warms it up, then posts the events over "
+        "kept-alive connections, each client sending its next event when the last is "
+        "answered; latency is send → whole answer read, at the client; API CPU is the API "
+        "process's utime+stime over the measured window / events",
+        markup=False,
+        highlight=False,
+    )

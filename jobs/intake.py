@@ -7,26 +7,40 @@ relay thread hands it to the broker, so a broker outage delays orders but never 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Final
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
+from sqlalchemy.engine import Engine
 
 from config import Settings
-from jobs import pages
+from jobs import health, pages
 from jobs.app import CeleryDispatch
 from jobs.deadletter import DeadLetterDesk, letter_view
 from jobs.enqueue import describe_validation_error
+from jobs.health import Probe
 from jobs.history import history_view
-from jobs.http import ApiError, Intake, IntakeDep, api_error, http_error, require_token
+from jobs.http import (
+    ApiError,
+    Intake,
+    IntakeDep,
+    api_error,
+    http_error,
+    not_configured,
+    require_token,
+)
+from jobs.job_writer import JobWriter
 from jobs.metrics import render_metrics
 from jobs.orders import OrderPlaced, order_job
 from jobs.orders import order_placed as order_pipeline
@@ -40,19 +54,36 @@ from ledger import (
     DeadLetterStore,
     JobNotFound,
     JobState,
-    LedgerError,
+    PostgresLimits,
+    create_engine,
 )
+
+logger = logging.getLogger(__name__)
 
 #: The largest webhook body accepted (100 items fit in a few kilobytes).
 MAX_BODY_BYTES: Final = 64 * 1024
 #: How far a webhook's timestamp may be from our clock, in seconds (replays of old requests).
 SIGNATURE_TOLERANCE: Final = 300
+#: Seconds `/healthz` waits for each dependency (Docker's health check gives up after 3).
+HEALTH_DEADLINE: Final = 2.5
+#: The most digits a number in a header may have (unix seconds have 10; a body size fewer).
+_MAX_DIGITS: Final = 12
 
 
 def create_app(settings: Settings) -> FastAPI:
     """The intake's FastAPI application (the relay thread runs while it serves)."""
+    for variable, value in (
+        ("WEBHOOK_SECRET", settings.webhook_secret),
+        ("API_TOKEN", settings.api_token),
+    ):
+        if value is None:
+            logger.warning(
+                "%s is not set: the endpoints it guards answer 503",
+                variable,
+                extra={"action": "secret_unset"},
+            )
     load_pipelines(settings)
-    rt = Runtime.from_settings(settings)
+    rt = Runtime.from_settings(settings, engine=intake_engine(settings))
     dispatch = CeleryDispatch(settings=settings)
     intake = Intake(
         settings,
@@ -60,6 +91,12 @@ def create_app(settings: Settings) -> FastAPI:
         DeadLetterStore(engine=rt.engine),
         OutboxRelay(rt, dispatch, _first_step),
         dispatch,
+        ThreadPoolExecutor(settings.intake_database_threads, thread_name_prefix="intake-db"),
+    )
+    intake.writer = JobWriter(rt.store, intake.in_database, writes=settings.intake_database_threads)
+    intake.probes = (
+        Probe("database", rt.store.ping, deadline=HEALTH_DEADLINE),
+        Probe("broker", lambda: _broker_answers(dispatch), deadline=HEALTH_DEADLINE),
     )
 
     @contextlib.asynccontextmanager
@@ -69,6 +106,7 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             intake.relay.stop()
+            intake.database_threads.shutdown(wait=False, cancel_futures=True)
             rt.close()
 
     app = FastAPI(title="oncelery", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -88,19 +126,18 @@ def _routes() -> APIRouter:
     async def order_placed(request: Request, intake: IntakeDep) -> JSONResponse:
         body = await _read_body(request)
         verify_signature(intake.settings, request.headers, body)
-        event = parse_order(body)
-        [(job_id, created)] = intake.runtime.store.create_jobs([order_job(event)])
+        job = order_job(parse_order(body))
+        job_id, created = await intake.writer.create(job)
         if created:
             intake.relay.accepted(order_pipeline.name, job_id)
         return JSONResponse({"job_id": str(job_id)}, status_code=202 if created else 200)
 
     @router.get("/healthz")
-    def healthz(intake: IntakeDep) -> JSONResponse:
-        checks = {
-            "database": _database_ok(intake),
-            "broker": broker_reachable(intake.dispatch.sender),
-        }
-        healthy = all(check == "ok" for check in checks.values())
+    async def healthz(intake: IntakeDep) -> JSONResponse:
+        # Which dependency is down, never its error text (logged): no token guards this.
+        states = await asyncio.gather(*(probe.status() for probe in intake.probes))
+        checks = {probe.name: state for probe, state in zip(intake.probes, states, strict=True)}
+        healthy = all(state == health.OK for state in states)
         return JSONResponse(checks, status_code=200 if healthy else 503)
 
     @router.get("/jobs/{job_id}", dependencies=authorized)
@@ -160,7 +197,7 @@ def _routes() -> APIRouter:
 
 async def _read_body(request: Request) -> bytes:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+    if declared is not None and _digits(declared, "Content-Length") > MAX_BODY_BYTES:
         raise ApiError(413, "too_large", f"the body is over {MAX_BODY_BYTES} bytes")
     body = bytearray()
     async for chunk in request.stream():
@@ -168,6 +205,19 @@ async def _read_body(request: Request) -> bytes:
         if len(body) > MAX_BODY_BYTES:
             raise ApiError(413, "too_large", f"the body is over {MAX_BODY_BYTES} bytes")
     return bytes(body)
+
+
+def _digits(value: str, header: str) -> int:
+    """A header holding a whole number of ASCII digits, as an int; `int()` alone would take
+    "²" or " 1_0 ", and raise on 4,300 digits. Longer than `_MAX_DIGITS` reads as too big.
+
+    Raises:
+        ApiError: 400 naming the header when it is not digits.
+    """
+    if not value.isascii() or not value.isdigit():
+        raise ApiError(400, "bad_request", f"{header} must be a whole number")
+    digits = value.lstrip("0") or "0"
+    return int(digits) if len(digits) <= _MAX_DIGITS else 10**_MAX_DIGITS
 
 
 def _first_step(pipeline: str) -> str:
@@ -186,17 +236,18 @@ def verify_signature(
     """Check `X-Oncelery-Timestamp` and `X-Oncelery-Signature` (constant-time).
 
     Raises:
-        ApiError: 401, naming what is wrong.
+        ApiError: 401, naming what is wrong; 503 when WEBHOOK_SECRET is unset.
     """
-    if settings.webhook_secret is None:
-        raise ApiError(401, "unauthorized", "WEBHOOK_SECRET is not configured on the server")
+    if settings.webhook_secret is None or not settings.webhook_secret.get_secret_value():
+        raise not_configured("WEBHOOK_SECRET")
     timestamp = headers.get("x-oncelery-timestamp")
     signature = headers.get("x-oncelery-signature")
     if not timestamp or not signature:
         raise ApiError(
             401, "unauthorized", "X-Oncelery-Timestamp and X-Oncelery-Signature are required"
         )
-    if not timestamp.isascii() or not timestamp.isdigit():
+    # Unix seconds have 10 digits until 2286; more (or padding) is no clock we can check.
+    if len(timestamp) > _MAX_DIGITS or not timestamp.isascii() or not timestamp.isdigit():
         raise ApiError(401, "unauthorized", "X-Oncelery-Timestamp must be unix seconds")
     if abs((now if now is not None else time.time()) - int(timestamp)) > SIGNATURE_TOLERANCE:
         raise ApiError(401, "unauthorized", "X-Oncelery-Timestamp is too old or in the future")
@@ -236,12 +287,23 @@ def _field(location: tuple[int | str, ...]) -> str:
     ).lstrip(".")
 
 
-def _database_ok(intake: Intake) -> str:
-    try:
-        intake.runtime.store.ping()
-    except LedgerError as exc:
-        return f"error: {exc}"
-    return "ok"
+def intake_engine(settings: Settings) -> Engine:
+    """The intake's engine: its Postgres connections give up on a server that does not answer
+    (connect and statement timeouts, TCP keepalives), sized for its database threads."""
+    limits = PostgresLimits(
+        connect_timeout=settings.intake_connect_timeout,
+        statement_timeout=settings.intake_statement_timeout,
+        keepalive_idle=settings.intake_keepalive,
+    )
+    return create_engine(
+        settings.database_url, pool_size=settings.intake_database_threads, limits=limits
+    )
+
+
+def _broker_answers(dispatch: CeleryDispatch) -> None:
+    state = broker_reachable(dispatch.sender)
+    if state != "ok":
+        raise ConnectionError(state)
 
 
 def job_summary(job: Any) -> dict[str, object]:

@@ -30,7 +30,7 @@ from config import Settings
 from jobs.charts import throughput_charts
 from jobs.deadletter import DeadLetterDesk, ReplayResult, letter_view
 from jobs.history import history_view
-from jobs.http import Intake, IntakeDep, get_intake
+from jobs.http import Intake, IntakeDep, cookie_secure, get_intake
 from ledger import (
     JSON,
     DeadLetter,
@@ -241,17 +241,20 @@ def login(
         max_age=SESSION_MAX_AGE,
         httponly=True,
         samesite="lax",
-        secure=request.url.scheme == "https",
+        secure=cookie_secure(request, intake.settings),
     )
     logger.info("pages: signed in", extra={"action": "login"})
     return response
 
 
 @router.post("/logout")
-def logout(_session: CsrfDep) -> Response:
+def logout(request: Request, _session: CsrfDep, intake: IntakeDep) -> Response:
     """End the session (this browser's cookie; rotate API_TOKEN to end every session)."""
     response = RedirectResponse("/login", status_code=303)
-    response.delete_cookie(COOKIE, httponly=True, samesite="lax")
+    # With the attributes it was set with: a browser keeps a Secure cookie that a response
+    # without them tries to remove.
+    secure = cookie_secure(request, intake.settings)
+    response.delete_cookie(COOKIE, httponly=True, samesite="lax", secure=secure)
     return response
 
 
@@ -388,6 +391,8 @@ def resolve(
             outcome = json.loads(result)
         except json.JSONDecodeError as exc:
             raise PageError(422, f"the result is not JSON ({exc.msg})") from None
+        except RecursionError:
+            raise PageError(422, "the result is not JSON we can read (nested too deep)") from None
     return _outcome(session, "Resolve", _desk(intake).settle(letter, by=person, result=outcome))
 
 

@@ -159,11 +159,19 @@ def bench(
     redis_url: Annotated[str, typer.Option(help="Redis for the bench.")] = (
         "redis://127.0.0.1:6379/3"
     ),
+    intake: Annotated[
+        bool, typer.Option("--intake", help="Load the webhook of a real `oncelery api` instead.")
+    ] = False,
+    concurrency: Annotated[
+        int, typer.Option(min=1, max=1_000, help="--intake: clients posting at once.")
+    ] = 50,
     as_json: JsonFlag = False,
 ) -> None:
     """Measure bare Celery against oncelery (chained, fast path, fast path + sandbox) in fresh
-    workers, in a database of its own (<DATABASE_URL's name>_bench); needs Postgres."""
-    from jobs.bench import BenchOptions, brokers_for, run_bench
+    workers, in a database of its own (<DATABASE_URL's name>_bench); needs Postgres. With
+    --intake: --orders signed events posted to `oncelery api` at --concurrency, --runs times."""
+    from jobs.bench import BenchOptions, brokers_for, print_intake, run_bench, run_intake
+    from jobs.benchmarks.intake import IntakeOptions
 
     settings = get_settings()
     if settings.embedded_database:
@@ -172,6 +180,21 @@ def bench(
         brokers = brokers_for(broker, amqp_url=amqp_url, redis_url=redis_url)
     except ValueError as exc:
         raise BadInput(str(exc)) from None
+
+    def log(line: str) -> None:
+        stderr.print(line, highlight=False, markup=False)
+
+    if intake:
+        runs_done = run_intake(
+            settings,
+            IntakeOptions(brokers, events=orders, concurrency=concurrency, runs=max(runs, 1)),
+            log,
+        )
+        if as_json:
+            print_json({"intake": [run.as_json() for run in runs_done]})
+        else:
+            print_intake(runs_done, stdout)
+        return
     options = BenchOptions(
         brokers=brokers,
         orders=orders,
@@ -179,9 +202,7 @@ def bench(
         latency_orders=latency_orders,
         seed_jobs=seed_jobs,
     )
-    report = run_bench(
-        settings, options, lambda line: stderr.print(line, highlight=False, markup=False)
-    )
+    report = run_bench(settings, options, log)
     if as_json:
         print_json(report.as_json())
     else:

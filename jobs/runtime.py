@@ -33,9 +33,9 @@ class Runtime:
     _leases: LeaseKeeper | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Runtime:
-        """Open an engine and build the ledger and store on it."""
-        engine = create_engine(settings.database_url)
+    def from_settings(cls, settings: Settings, *, engine: Engine | None = None) -> Runtime:
+        """Open an engine (or take `engine`) and build the ledger and store on it."""
+        engine = engine or create_engine(settings.database_url)
         return cls(
             settings=settings,
             engine=engine,

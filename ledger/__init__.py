@@ -6,7 +6,7 @@ tested, from plain Python: hand it an engine.
 
 from __future__ import annotations
 
-from ledger.db import create_engine
+from ledger.db import PostgresLimits, create_engine
 from ledger.dead_letters import DeadLetterStore
 from ledger.errors import (
     DatabaseUnavailable,
@@ -85,6 +85,7 @@ __all__ = [
     "MalformedMessages",
     "NewJob",
     "OutcomeUnknown",
+    "PostgresLimits",
     "ReadResult",
     "Reading",
     "Recorded",

@@ -6,10 +6,12 @@ Must not import celery, kombu, jobs or config: the ledger is used and tested on 
 from __future__ import annotations
 
 import logging
+import math
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, TypeVar, overload
@@ -58,11 +60,46 @@ def retry_while_unavailable(call: Callable[[], T], *, for_seconds: float) -> T:
             delay = min(delay * 2, 2.0)
 
 
-def create_engine(url: str, *, pool_size: int = 5) -> Engine:
+@dataclass(frozen=True)
+class PostgresLimits:
+    """How long a Postgres connection may wait, so a hung or vanished server fails its
+    callers instead of holding them forever.
+
+    Attributes:
+        connect_timeout: seconds to open a connection (libpq counts whole seconds, at least 2).
+        statement_timeout: seconds Postgres lets one statement run before cancelling it.
+        keepalive_idle: seconds a connection may be silent before TCP probes whether the
+            server is still there (three probes, a third of this apart, then it is closed).
+    """
+
+    connect_timeout: float
+    statement_timeout: float
+    keepalive_idle: float
+
+    def connect_parameters(self) -> dict[str, str]:
+        """The libpq connection parameters (set on the URL, so every connection made from the
+        engine's URL, `ledger.direct`'s included, has them)."""
+        idle = max(1, math.ceil(self.keepalive_idle))
+        return {
+            "connect_timeout": str(max(2, math.ceil(self.connect_timeout))),
+            "keepalives": "1",
+            "keepalives_idle": str(idle),
+            "keepalives_interval": str(max(1, idle // 3)),
+            "keepalives_count": "3",
+            "options": f"-c statement_timeout={max(1, round(self.statement_timeout * 1000))}",
+        }
+
+
+def create_engine(url: str, *, pool_size: int = 5, limits: PostgresLimits | None = None) -> Engine:
     """An engine for `url`, tuned for the ledger.
 
     Create one per process: a pooled connection inherited across `fork` is shared by parent
     and child and corrupts both (see DESIGN.md, hazard 7).
+
+    Args:
+        url: a `postgresql+psycopg://` or `sqlite://` URL.
+        pool_size: connections kept open (as many more may be opened under load).
+        limits: Postgres only: connect and statement timeouts and TCP keepalives.
     """
     if url.startswith("sqlite"):
         database = sa.make_url(url).database
@@ -77,6 +114,12 @@ def create_engine(url: str, *, pool_size: int = 5) -> Engine:
     # No pre-ping: it would cost every statement a second round trip. After a Postgres restart
     # the first statement on a dead pooled connection fails as a disconnect, SQLAlchemy then
     # discards the whole pool, and the ledger's calls retry (each is idempotent per owner).
+    if limits is not None:
+        parsed = sa.make_url(url)
+        parameters = limits.connect_parameters()
+        if "options" in parsed.query:
+            parameters["options"] = f"{parsed.query['options']} {parameters['options']}"
+        url = parsed.update_query_dict(parameters).render_as_string(hide_password=False)
     return sa.create_engine(url, pool_size=pool_size, max_overflow=pool_size)
 
 

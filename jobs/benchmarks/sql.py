@@ -183,3 +183,8 @@ def undispatch_again() -> sa.TextClause:
 def explain(statement: str) -> str:
     """`statement` (as the driver receives it) under EXPLAIN (ANALYZE, BUFFERS)."""
     return f"EXPLAIN (ANALYZE, BUFFERS) {statement}"
+
+
+def count_undispatched() -> sa.TextClause:
+    """How many jobs wait in the outbox (their first step not yet handed to the broker)."""
+    return sa.text("SELECT count(*) FROM jobs WHERE dispatched_at IS NULL")

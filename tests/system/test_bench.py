@@ -71,3 +71,35 @@ def test_a_smoke_bench_reports_every_row_and_figure(
     assert timings["JobStore.take_stalled"]["found"] == "40"
     assert report["targets"]
     assert report["environment"]["notes"]
+
+
+def test_a_smoke_intake_bench_reports_its_figures(
+    postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    # Given a Postgres ledger and a Redis, when a small intake bench runs
+    env = child_environment(
+        {"DATABASE_URL": postgres_url, "ONCELERY_DATA_DIR": str(tmp_path / "data")}
+    )
+    argv = [sys.executable, "-m", "jobs.cli", "bench", "--intake", "--broker", "redis"]
+    argv += ["--redis-url", redis_url, "--orders", "60", "--concurrency", "5", "--runs", "1"]
+    try:
+        done = subprocess.run(
+            [*argv, "--json"],
+            env=env,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+    finally:
+        drop_bench_database(bench_database_url(postgres_url))
+
+    # Then every event was accepted and every figure is there (their values are not asserted)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [run] = json.loads(done.stdout)["intake"]
+    assert (run["broker"], run["events"], run["concurrency"]) == ("redis", 60, 5)
+    assert run["statuses"] == {"202": 60}
+    for figure in ("answers_per_s", "p50_ms", "p99_ms", "api_cpu_ms_per_event"):
+        assert isinstance(run[figure], float), figure
+    assert run["relay_drained_after_s"] is not None

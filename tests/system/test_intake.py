@@ -19,7 +19,7 @@ from tests.system.conftest import SystemFactory, per_order
 
 pytestmark = pytest.mark.system
 
-SECRET, TOKEN = "whsec-system", "token-system"
+SECRET, TOKEN = "whsec-system-test", "token-system-test"
 
 
 def rabbitmq(action: str) -> None:

@@ -4,8 +4,10 @@ honcho leaves no process behind."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -60,8 +62,8 @@ def test_the_procfile_runs_the_system(tmp_path: Path, postgres_url: str, redis_u
             "FLOWER_BASIC_AUTH": "ops:secret",
             "PYTHONPATH": str(REPO_ROOT),
             "WEB_PORT": str(web_port),
-            "API_TOKEN": "procfile-token",
-            "WEBHOOK_SECRET": "procfile-secret",
+            "API_TOKEN": "procfile-token-0123",
+            "WEBHOOK_SECRET": "procfile-secret-0123",
         }
     )
     honcho = processes.start(
@@ -121,3 +123,64 @@ def test_the_procfile_runs_the_system(tmp_path: Path, postgres_url: str, redis_u
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(group, signal.SIGKILL)
         store.engine.dispose()
+
+
+def procfile_command(name: str) -> str:
+    for line in (REPO_ROOT / "Procfile").read_text().splitlines():
+        process, _, command = line.partition(":")
+        if process.strip() == name:
+            return command.strip()
+    raise AssertionError(f"no {name} line in the Procfile")
+
+
+def compose_command(service: str) -> str:
+    """A service's one-line command (a flow sequence that is also JSON) as its shell gets it:
+    compose turns `$$` into `$`."""
+    lines = (REPO_ROOT / "docker-compose.yml").read_text().splitlines()
+    start = lines.index(f"  {service}:")
+    found = next(line for line in lines[start:] if line.startswith("    command: ["))
+    command = json.loads(found.removeprefix("    command: "))
+    assert command[:2] == ["sh", "-c"], command
+    return str(command[2]).replace("$$", "$")
+
+
+@pytest.mark.parametrize("source", ["Procfile", "docker-compose.yml"])
+@pytest.mark.parametrize("auth", [None, "", "admin", "admin:", ":secret"])
+def test_flower_refuses_to_start_without_a_login(
+    tmp_path: Path, source: str, auth: str | None
+) -> None:
+    # A `celery` that says it ran: the guard must stop before Flower is started at all.
+    fake = tmp_path / "bin" / "celery"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho flower started\n")
+    fake.chmod(0o755)
+    command = procfile_command("flower") if source == "Procfile" else compose_command("flower")
+    env = {"PATH": f"{fake.parent}:/usr/bin:/bin"}
+    if auth is not None:
+        env["FLOWER_BASIC_AUTH"] = auth
+
+    done = subprocess.run(
+        ["/bin/sh", "-c", command], env=env, capture_output=True, text=True, timeout=30, check=False
+    )
+
+    assert done.returncode == 2
+    assert "flower started" not in done.stdout
+    assert done.stderr.strip().count("\n") == 0
+    assert "FLOWER_BASIC_AUTH" in done.stderr
+
+
+@pytest.mark.parametrize("source", ["Procfile", "docker-compose.yml"])
+def test_flower_starts_with_a_login(tmp_path: Path, source: str) -> None:
+    fake = tmp_path / "bin" / "celery"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\necho "flower started: $*"\n')
+    fake.chmod(0o755)
+    command = procfile_command("flower") if source == "Procfile" else compose_command("flower")
+    env = {"PATH": f"{fake.parent}:/usr/bin:/bin", "FLOWER_BASIC_AUTH": "ops:secret"}
+
+    done = subprocess.run(
+        ["/bin/sh", "-c", command], env=env, capture_output=True, text=True, timeout=30, check=False
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("flower started: -A jobs flower --port=5555")

@@ -21,8 +21,8 @@ from ledger import JobState
 from tests.conftest import settings_for
 from tests.factories import order_event
 
-SECRET = "whsec-test"
-TOKEN = "token-test"
+SECRET = "whsec-integration-test"
+TOKEN = "token-integration-test"
 
 
 class Client:
@@ -117,6 +117,54 @@ def test_a_bad_signature_is_refused(
     )
     assert answer.status_code == 401
     assert message in answer.json()["error"]["message"]
+
+
+#: Header values no sender should produce: thousands of digits (past `int`'s 4,300-digit
+#: limit), hundreds (past a float), padded, signed, or digits that are not ASCII.
+_ABSURD_STAMPS = ["9" * 5000, "1" * 400, "0" * 5000 + "1700000000", "-1700000000", "+17", "¹²³"]
+
+
+@pytest.mark.parametrize(
+    "stamp", _ABSURD_STAMPS, ids=["5000-digits", "400-digits", "padded", "negative", "plus", "sup"]
+)
+def test_an_absurd_timestamp_is_a_401_naming_the_header(
+    intake: tuple[Client, Any], stamp: str
+) -> None:
+    client, _ = intake
+    body = encode(order_event())
+    signature = sign(SECRET, stamp, body)
+    signed = {
+        b"X-Oncelery-Timestamp": stamp.encode("latin-1"),
+        b"X-Oncelery-Signature": signature.encode(),
+    }
+
+    answer = client.request("POST", "/webhooks/order-placed", content=body, headers=signed)
+
+    assert answer.status_code == 401
+    assert "X-Oncelery-Timestamp" in answer.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("length", "status"),
+    [("9" * 5000, 413), ("99999999999999999999", 413), ("²", 400), ("1e3", 400), ("-1", 400)],
+    ids=["5000-digits", "20-digits", "superscript", "float", "negative"],
+)
+def test_an_absurd_content_length_is_a_4xx_naming_the_header(
+    intake: tuple[Client, Any], length: str, status: int
+) -> None:
+    client, _ = intake
+    body = encode(order_event())
+    stamp = str(int(time.time()))
+    headers = {
+        b"Content-Length": length.encode("latin-1"),
+        b"X-Oncelery-Timestamp": stamp.encode(),
+        b"X-Oncelery-Signature": sign(SECRET, stamp, body).encode(),
+    }
+
+    answer = client.request("POST", "/webhooks/order-placed", content=body, headers=headers)
+
+    assert answer.status_code == status
+    assert answer.json()["error"]["type"] in ("bad_request", "too_large")
 
 
 def test_missing_signature_headers_are_refused(intake: tuple[Client, Any]) -> None:
@@ -221,7 +269,8 @@ _bodies = st.one_of(
     skew=st.sampled_from([0, 10, 10_000]),
     junk=st.dictionaries(
         st.sampled_from(["X-Oncelery-Signature", "X-Oncelery-Timestamp", "Content-Type"]),
-        st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=30),
+        st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=30)
+        | st.text(alphabet="0123456789", min_size=11, max_size=5000),
         max_size=2,
     ),
 )

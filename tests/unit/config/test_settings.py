@@ -35,6 +35,11 @@ VARIABLES = (
     "ONCELERY_PIPELINES",
     "ONCELERY_TASK_EVENTS",
     "ONCELERY_BATCH_SIZE",
+    "ONCELERY_INTAKE_CONNECT_TIMEOUT",
+    "ONCELERY_INTAKE_STATEMENT_TIMEOUT",
+    "ONCELERY_INTAKE_KEEPALIVE",
+    "ONCELERY_INTAKE_DATABASE_THREADS",
+    "ONCELERY_SESSION_COOKIE_SECURE",
 )
 
 
@@ -343,8 +348,8 @@ def test_any_value_either_loads_or_raises_config_error_naming_its_variable(
 def test_repr_shows_no_password_or_token(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DATABASE_URL", f"postgresql://app:{SECRET}1@db/orders")
     monkeypatch.setenv("BROKER_URL", f"amqp://guest:{SECRET}2@rabbit//")
-    monkeypatch.setenv("WEBHOOK_SECRET", f"{SECRET}3")
-    monkeypatch.setenv("API_TOKEN", f"{SECRET}4")
+    monkeypatch.setenv("WEBHOOK_SECRET", f"{SECRET}3-webhook-secret")
+    monkeypatch.setenv("API_TOKEN", f"{SECRET}4-api-token-value")
     monkeypatch.setenv("FLOWER_BASIC_AUTH", f"admin:{SECRET}5")
 
     settings = load_settings()
@@ -355,7 +360,7 @@ def test_repr_shows_no_password_or_token(monkeypatch: pytest.MonkeyPatch) -> Non
     assert settings.database_url == f"postgresql+psycopg://app:{SECRET}1@db/orders"
     assert settings.broker_url == f"amqp://guest:{SECRET}2@rabbit//"
     assert settings.webhook_secret is not None
-    assert settings.webhook_secret.get_secret_value() == f"{SECRET}3"
+    assert settings.webhook_secret.get_secret_value() == f"{SECRET}3-webhook-secret"
 
 
 def test_repr_hides_the_password_of_the_provider_url(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,19 +22,18 @@ from jobs.intake import create_app
 from ledger import JobStore
 from tests.conftest import settings_for
 from tests.factories import new_job
+from tests.integration.ledger.test_dead_letters import dead_letter_after_two_failures
 
-TOKEN = "token-for-pages"
+TOKEN = "token-for-the-pages"
 
 
 class Client:
     """A synchronous browser-like client of the app: keeps cookies, does not follow redirects."""
 
-    def __init__(self, app: FastAPI) -> None:
+    def __init__(self, app: FastAPI, base_url: str = "http://localhost") -> None:
         self.app = app
         self.runner = asyncio.Runner()
-        self.client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://pages"
-        )
+        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base_url)
 
     def get(self, url: str, **kwargs: Any) -> httpx.Response:
         return self.runner.run(self.client.get(url, **kwargs))
@@ -60,12 +59,15 @@ def client_factory(sqlite_url: str, tmp_path: Path) -> Iterator[ClientFactory]:
     """Builds clients of the app (its relay thread is not started: no lifespan)."""
     clients: list[Client] = []
 
-    def build(token: str | None = TOKEN) -> Client:
-        extra = {"API_TOKEN": token} if token is not None else {}
+    def build(
+        token: str | None = TOKEN, base_url: str = "http://localhost", **extra: str
+    ) -> Client:
+        if token is not None:
+            extra["API_TOKEN"] = token
         settings = settings_for(
             database_url=sqlite_url, broker_url=None, data_dir=tmp_path, **extra
         )
-        clients.append(Client(create_app(settings)))
+        clients.append(Client(create_app(settings), base_url))
         return clients[-1]
 
     yield build
@@ -117,6 +119,30 @@ def test_the_right_token_sets_a_signed_http_only_cookie_and_goes_back(client: Cl
     assert client.get("/ui/dead-letters").status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("base_url", "setting", "secure"),
+    [
+        ("http://oncelery.example", None, True),  # behind a TLS proxy: the scheme says http
+        ("https://oncelery.example", None, True),
+        ("http://localhost:8000", None, False),
+        ("http://127.0.0.1:8000", None, False),
+        ("http://[::1]:8000", None, False),
+        ("http://localhost:8000", "true", True),
+        ("http://oncelery.example", "false", False),
+    ],
+)
+def test_the_session_cookie_is_secure_except_on_loopback_unless_configured(
+    client_factory: ClientFactory, base_url: str, setting: str | None, secure: bool
+) -> None:
+    extra = {} if setting is None else {"session_cookie_secure": setting}
+    client = client_factory(base_url=base_url, **extra)
+
+    answer = client.post("/login", data={"token": TOKEN})
+
+    assert answer.status_code == 303
+    assert ("; secure" in answer.headers["set-cookie"].lower()) is secure
+
+
 def test_a_wrong_token_shows_the_form_again_with_401(client: Client) -> None:
     for token in ("nope", "", TOKEN + "x"):
         answer = client.post("/login", data={"token": token})
@@ -155,11 +181,11 @@ def test_a_tampered_or_foreign_cookie_is_no_session(client: Client) -> None:
 
 
 def test_rotating_the_token_ends_sessions(client_factory: ClientFactory) -> None:
-    old = client_factory(token="old-token")
-    log_in(old, "old-token")
+    old = client_factory(token="old-token-0123456789")
+    log_in(old, "old-token-0123456789")
     cookie = old.client.cookies[pages.COOKIE]
 
-    rotated = client_factory(token="new-token")
+    rotated = client_factory(token="new-token-0123456789")
     assert rotated.with_cookie(cookie).status_code == 303
 
 
@@ -243,3 +269,18 @@ def test_unknown_things_are_404_pages(client: Client) -> None:
         assert "text/html" in answer.headers["content-type"]
     assert client.get("/ui/jobs", params={"state": "bogus"}).status_code == 400
     assert client.get("/ui/dead-letters", params={"state": "bogus"}).status_code == 400
+
+
+def test_a_result_nested_past_the_parser_s_depth_is_a_422_page(client: Client) -> None:
+    runtime = client.app.state.intake.runtime
+    job_id = dead_letter_after_two_failures(runtime.store, runtime.ledger, unknown=True)
+    [letter] = client.app.state.intake.letters.list(job_id=job_id)
+    csrf = log_in(client)
+
+    answer = client.post(
+        f"/ui/dead-letters/{letter.id}/resolve",
+        data={"csrf": csrf, "as": "succeeded", "result": "[" * 100_000},
+    )
+
+    assert answer.status_code == 422
+    assert "not JSON" in answer.text
