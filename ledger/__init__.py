@@ -22,7 +22,7 @@ from ledger.errors import (
 from ledger.migrations import current_revision, head_revision, upgrade
 from ledger.stats import Histogram, LedgerStats, Snapshot, StepTiming
 from ledger.step_ledger import Failure, StepLedger
-from ledger.store import JobStore, JobToSend
+from ledger.store import JobStore, JobToSend, UnfinishedStep
 from ledger.types import (
     JSON,
     AlreadySucceeded,
@@ -96,6 +96,7 @@ __all__ = [
     "StepResult",
     "StepState",
     "StepTiming",
+    "UnfinishedStep",
     "create_engine",
     "current_revision",
     "first_reading",
