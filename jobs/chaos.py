@@ -134,7 +134,13 @@ class _Mayhem:
         if not alive:
             self.harness.start_worker(self.options.concurrency)
             return
-        victim = self.rng.choice(alive)
+        # Only a worker whose pool is up can hold a job: on a loaded machine a worker takes
+        # longer to boot than the time between kills, and killing it then only stops every
+        # worker from ever working (runs ended with 100+ workers started and most orders stuck).
+        working = [w for w in alive if _children(w.pid)]
+        if not working:
+            return
+        victim = self.rng.choice(working)
         children = _children(victim.pid)
         self._observe(KILL)
         if children and self.rng.random() < 0.5:

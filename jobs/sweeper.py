@@ -92,8 +92,8 @@ class SweepReport:
     relayed: int = 0
     #: Seconds added to `stalled_after` for the messages queued ahead (see the module's text).
     backlog_wait: float = 0.0
-    #: True when the broker could not say how much is queued, so only jobs older than
-    #: `MAX_BACKLOG_WAIT` were re-driven.
+    #: True when the broker could not say how much is queued, so only jobs stalled for
+    #: `MAX_BACKLOG_WAIT` more were re-driven.
     deferred: bool = False
     #: Of `redriven`: jobs whose step's owner died (its lease expired).
     abandoned: int = 0
