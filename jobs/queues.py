@@ -82,6 +82,9 @@ class RedisWatch:
     between the note and the restart may be gone. Times are Redis's durations, compared
     with Postgres's clock only as "seconds ago", so the two clocks need not agree.
 
+    A note written by another server that was up all along is a replica promoted (a
+    failover): what was sent after the note may not have reached it.
+
     Not detected: a `FLUSHDB` without a restart (its moment is unknown; the stall threshold
     finds those jobs), messages evicted under `maxmemory`.
     """
@@ -114,12 +117,17 @@ class RedisWatch:
         if noted_run == self.run_id:
             return None
         since_note = now - float(noted_at)
-        if since_note <= uptime:
-            return None  # noted by this server already (the run id changed back and forth)
+        if uptime < since_note:
+            # Restarted from a save holding the note: what came between it and the start.
+            return QueueLoss(
+                before=uptime,
+                after=since_note,
+                reason=f"Redis restarted {uptime:.0f}s ago with its data of {since_note:.0f}s ago",
+            )
+        # Up since before the note, yet another server wrote it: a replica promoted, which
+        # may lack what its master took after the note.
         return QueueLoss(
-            before=uptime,
-            after=since_note,
-            reason=f"Redis restarted {uptime:.0f}s ago with its data of {since_note:.0f}s ago",
+            before=0.0, after=since_note, reason=f"another Redis server since {since_note:.0f}s"
         )
 
     def seen(self) -> None:
