@@ -168,7 +168,8 @@ class Settings(BaseSettings):
     #: Seconds between two sweeps run by beat.
     sweep_interval: float = Field(default=30.0, gt=0, le=86_400)
     #: Seconds an unfinished job may go without progress before the sweeper sends its step
-    #: again; by default the lease, plus the longest retry delay, plus 30 s.
+    #: again; by default the longest step time limit or retry delay, plus 30 s (see
+    #: `stalled_after`). A job whose step's owner died is sent again once its lease expires.
     sweep_stalled_after: float | None = Field(default=None, gt=0, le=30 * 86_400)
     #: Seconds after which a job whose first step never reached the broker is sent by the
     #: relay (the API process and every sweep run it).
@@ -307,14 +308,25 @@ class Settings(BaseSettings):
     @property
     def stalled_after(self) -> float:
         """Seconds without progress after which the sweeper re-drives a job: by default the
-        lease, plus the longest retry delay any step may wait, plus 30 s."""
+        longest step time limit or retry delay, whichever is longer, plus 30 s.
+
+        It used to start with the lease, to wait out a step still acting. The sweeper now
+        leaves a job alone while its step's lease runs (its owner is alive), and sends it at
+        once when the lease has expired (its owner is dead), so a claimed step needs no
+        wait. What remains are the gaps no lease covers, and a job is in one at a time: a
+        read-only step runs unclaimed (up to its time limit), a failed attempt waits for
+        its retry (up to the longest backoff), and a message travels and waits in a
+        worker's prefetch (the 30 s; queued messages add their drain time in the sweeper)."""
         if self.sweep_stalled_after is not None:
             return self.sweep_stalled_after
+        policies = self.step_policies.values()
         longest_backoff = max(
-            [self.retry_backoff_max]
-            + [p.backoff_max for p in self.step_policies.values() if p.backoff_max is not None]
+            [self.retry_backoff_max] + [p.backoff_max for p in policies if p.backoff_max]
         )
-        return self.step_lease + longest_backoff + 30.0
+        longest_limit = max(
+            [self.step_time_limit] + [p.time_limit for p in policies if p.time_limit]
+        )
+        return max(longest_limit, longest_backoff) + 30.0
 
     @property
     def embedded_database(self) -> bool:

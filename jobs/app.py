@@ -30,7 +30,7 @@ from jobs.dispatch import READING_HEADER, message_reading, reading_header
 from jobs.errors import UnknownPipeline
 from jobs.pipelines import Pipeline, registry
 from jobs.publishing import close_publishers, publisher_for
-from jobs.queues import declare_dead_letter_queue, queued_steps
+from jobs.queues import broker_watch, declare_dead_letter_queue, queued_steps
 from jobs.redis_broker import LendRedisClient
 from jobs.runner import Outcome, StepTimer, run_step, run_steps
 from jobs.runtime import Runtime, load_pipelines, step_time_limit
@@ -338,9 +338,13 @@ registry.on_add(_bind)
 @app.task(name=SWEEP_TASK, acks_late=False, ignore_result=True)
 def sweep_task() -> dict[str, int]:
     """Beat's sweep: re-drive stalled jobs (see `jobs.sweeper`)."""
-    report: SweepReport = sweep(runtime(), CeleryDispatch(), queued=lambda: queued_steps(app))
+    report: SweepReport = sweep(
+        runtime(), CeleryDispatch(), queued=lambda: queued_steps(app), watch=broker_watch(app)
+    )
     return {
         "redriven": report.redriven,
+        "abandoned": report.abandoned,
+        "lost": report.lost,
         "skipped": report.skipped,
         "relayed": report.relayed,
         "backlog_wait": round(report.backlog_wait),

@@ -1,6 +1,7 @@
 """`oncelery chaos`: the order-placed pipeline under fire — injected 5xx and timeouts, a worker
 SIGKILLed every few seconds (its main process or a child) and replaced, the broker and the
-database restarted mid-run — then the five invariants checked at the provider."""
+database restarted mid-run — then the five invariants checked at the provider, and how fast
+the jobs each fault interrupted moved again (`jobs.recovery`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 from config import Settings
@@ -20,6 +22,7 @@ from jobs.audit import Scope, fetch_effects
 from jobs.enqueue import enqueue_orders
 from jobs.harness import Harness, Progress
 from jobs.invariants import check_invariants
+from jobs.recovery import BROKER, DATABASE, KILL, Fault, Recovery, observe, recoveries
 from ledger import DeadLetterStore
 
 #: What the processes of a chaos run are told: short leases and sweeps, so that what a kill
@@ -70,6 +73,8 @@ class ChaosReport:
     seconds: float
     violations: list[str] = field(default_factory=list)
     logs: str = ""
+    #: By fault kind (kill, broker, database): seconds to the interrupted jobs' next progress.
+    recovery: dict[str, Recovery] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -78,17 +83,20 @@ class ChaosReport:
 
     def as_json(self) -> dict[str, object]:
         """For `--json`."""
-        return {**asdict(self), "ok": self.ok}
+        recovery = {kind: each.as_json() for kind, each in self.recovery.items()}
+        return {**asdict(self), "recovery": recovery, "ok": self.ok}
 
     def summary(self) -> str:
         """One line."""
+        recovered = " ".join(f"{kind}={each.summary()}" for kind, each in self.recovery.items())
         return (
             f"chaos {self.broker}: orders={self.orders} completed={self.completed} "
             f"dead_lettered={self.dead_lettered} charges={self.charges} "
             f"duplicate_charges={self.duplicate_charges} notifications={self.notifications} "
             f"duplicate_notifications={self.duplicate_notifications} kills={self.kills} "
             f"restarts={self.restarts} stuck={self.stuck} violations={len(self.violations)} "
-            f"seconds={self.seconds:.1f} -> {'OK' if self.ok else 'FAILED'}"
+            f"seconds={self.seconds:.1f} recovery_p50/p99: {recovered} "
+            f"-> {'OK' if self.ok else 'FAILED'}"
         )
 
 
@@ -103,6 +111,8 @@ class _Mayhem:
     restarts: list[str] = field(default_factory=list)
     next_kill: float = 0.0
     orphans: list[tuple[int, float]] = field(default_factory=list)
+    #: What the ledger showed just before each kill and restart (when it answered).
+    faults: list[Fault] = field(default_factory=list)
 
     def tick(self, finished_share: float) -> None:
         now = time.monotonic()
@@ -112,9 +122,11 @@ class _Mayhem:
             self.next_kill = now + self.options.kill_every * self.rng.uniform(0.5, 1.5)
         if self.options.broker_restart and "broker" not in self.restarts and finished_share >= 0.25:
             self.restarts.append("broker")
+            self._observe(BROKER)
             _run(broker_restart_command(self.harness.settings))
         if self.options.db_restart and "database" not in self.restarts and finished_share >= 0.5:
             self.restarts.append("database")
+            self._observe(DATABASE)
             _run(database_restart_command(self.harness.settings))
 
     def _kill_one(self) -> None:
@@ -122,8 +134,15 @@ class _Mayhem:
         if not alive:
             self.harness.start_worker(self.options.concurrency)
             return
-        victim = self.rng.choice(alive)
+        # Only a worker whose pool is up can hold a job: on a loaded machine a worker takes
+        # longer to boot than the time between kills, and killing it then only stops every
+        # worker from ever working (runs ended with 100+ workers started and most orders stuck).
+        working = [w for w in alive if _children(w.pid)]
+        if not working:
+            return
+        victim = self.rng.choice(working)
         children = _children(victim.pid)
+        self._observe(KILL)
         if children and self.rng.random() < 0.5:
             # A pool child dies; its worker forks a new one and rejects the child's message.
             with contextlib.suppress(ProcessLookupError):
@@ -136,10 +155,18 @@ class _Mayhem:
             self.harness.start_worker(self.options.concurrency)
         self.kills += 1
 
+    def _observe(self, kind: str) -> None:
+        fault = observe(self.harness.store, self.harness.prefix, kind)
+        if fault is not None:
+            self.faults.append(fault)
+
     def _reap(self, now: float) -> None:
         for pgid, when in list(self.orphans):
             if now >= when:
                 with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, 0)
+                    # Orphans still run, maybe with claims of their own: a kill like any other.
+                    self._observe(KILL)
                     os.killpg(pgid, signal.SIGKILL)
                 self.orphans.remove((pgid, when))
 
@@ -189,6 +216,9 @@ def _report(
     effects = [e for e in fetch_effects(harness.settings.provider_url) if scope.covers_effect(e)]
     letters = DeadLetterStore(engine=harness.store.engine).list(state=None)
     report = check_invariants(jobs, effects, letters, harness.audit())
+    events = harness.store.events_with_event_prefix(harness.prefix)
+    ended = max([datetime.now(UTC), *(event.at for event in events)])
+    recovery = recoveries(mayhem.faults, events, ended)
     return ChaosReport(
         broker=harness.settings.broker_kind,
         orders=options.orders,
@@ -204,6 +234,7 @@ def _report(
         seconds=round(seconds, 1),
         violations=report.violations,
         logs=str(harness.log_dir),
+        recovery=recovery,
     )
 
 

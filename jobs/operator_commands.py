@@ -25,7 +25,7 @@ from jobs.cli_support import (
     who,
 )
 from jobs.deadletter import DeadLetterDesk, ReplayResult, letter_view
-from jobs.queues import queued_steps, remove_dead_copies
+from jobs.queues import broker_watch, queued_steps, remove_dead_copies
 from jobs.runtime import load_pipelines
 from jobs.sweeper import sweep as run_sweep
 from ledger import (
@@ -357,6 +357,7 @@ def sweep(
         dispatch,
         stalled_after=stalled_after,
         queued=lambda: queued_steps(dispatch.sender),
+        watch=broker_watch(dispatch.sender),
     )
     if as_json:
         print_json(
@@ -367,6 +368,8 @@ def sweep(
                 "relayed": report.relayed,
                 "backlog_wait": round(report.backlog_wait, 1),
                 "deferred": report.deferred,
+                "abandoned": report.abandoned,
+                "lost": report.lost,
             }
         )
     else:
@@ -376,7 +379,7 @@ def sweep(
             else ""
         )
         if report.deferred:
-            backlog = " (the broker could not say how much is queued: none re-driven)"
+            backlog = " (the broker could not say how much is queued: only the oldest)"
         stdout.print(
             f"re-drove {report.redriven} stalled job(s){backlog}, relayed {report.relayed} "
             f"from the outbox; skipped {report.skipped}"

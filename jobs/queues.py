@@ -1,12 +1,13 @@
-"""What the broker holds: the depth of oncelery's queues, whether it answers at all, and the
-RabbitMQ dead-letter queue's copies — declared bounded (replacing one an older version
-declared unbounded), and removed when their dead letters are purged."""
+"""What the broker holds: the depth of oncelery's queues, whether it answers at all, whether
+it lost what it held (`broker_watch`), and the RabbitMQ dead-letter queue's copies — declared
+bounded (replacing one an older version declared unbounded), and removed when their dead
+letters are purged."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final
 
 from celery import Celery
 from kombu import Connection, Queue
@@ -14,6 +15,7 @@ from kombu.message import Message
 
 from config import DEAD_QUEUE, MAIN_QUEUE, RETRY_QUEUE, dead_letter_queue
 from jobs.step_messages import task_name
+from jobs.sweeper import BlindWatch, BrokerWatch, QueueLoss
 from ledger import DeadLetter
 
 logger = logging.getLogger(__name__)
@@ -22,6 +24,8 @@ logger = logging.getLogger(__name__)
 _TIMEOUT = 3
 #: AMQP's reply code for a queue redeclared with other arguments.
 _PRECONDITION_FAILED: Final = 406
+#: Where the sweeper notes, in Redis itself, the server it saw last: "<run id> <Redis time>".
+SEEN_KEY: Final = "oncelery:sweeper:seen"
 
 
 def queue_depths(app: Celery) -> dict[str, int | None]:
@@ -158,3 +162,89 @@ def _depth(conn: Connection, name: str) -> int | None:
     except conn.channel_errors:
         return None
     return int(declared[1]) if isinstance(declared, tuple) else None
+def broker_watch(app: Celery) -> BrokerWatch:
+    """How the sweeper learns that the broker lost its queues: on Redis, `RedisWatch`.
+
+    RabbitMQ cannot tell over AMQP: it has no server identity or start time to compare, and
+    a queue deleted (or purged) and declared again looks exactly like a drained one — an
+    empty queue while jobs wait is also what messages held in the workers' prefetch look
+    like. Our queues are durable, their messages persistent and publishes confirmed, so a
+    restart keeps them; what an operator deletes is found by the stall threshold."""
+    if str(app.conf.broker_url).startswith(("redis://", "rediss://")):
+        return RedisWatch(app)
+    return BlindWatch()
+
+
+class RedisWatch:
+    """A Redis that restarted without the data it held (no persistence) has lost every queued
+    message; one that kept it (RDB, AOF, a replica promoted) lost those sent after its last
+    save. The sweeper keeps a note in Redis itself (`SEEN_KEY`): its server's run id and
+    Redis's clock at each sweep. A missing note is a Redis that lost everything: every
+    message sent before it started (`uptime_in_seconds` ago) is gone. A note with another
+    run id is a restart that kept the data as of that note at the latest: messages sent
+    between the note and the restart may be gone. Times are Redis's durations, compared
+    with Postgres's clock only as "seconds ago", so the two clocks need not agree.
+
+    A note written by another server that was up all along is a replica promoted (a
+    failover): what was sent after the note may not have reached it.
+
+    Not detected: a `FLUSHDB` without a restart (its moment is unknown; the stall threshold
+    finds those jobs), messages evicted under `maxmemory`.
+    """
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self.run_id: str | None = None
+
+    def lost(self) -> QueueLoss | None:
+        """The messages lost since the note was written, if any (None when Redis does not
+        answer: the next sweep asks again)."""
+        try:
+            with self.app.connection_for_read() as conn:
+                client: Any = conn.default_channel.client  # type: ignore[attr-defined]
+                server, persistence = client.info("server"), client.info("persistence")
+                now, note = _redis_time(client), client.get(SEEN_KEY)
+        except Exception as exc:  # noqa: BLE001 - whatever the transport raises: not known
+            logger.warning("cannot read Redis's identity: %s", exc, extra={"action": "watch"})
+            return None
+        self.run_id = str(server["run_id"])
+        uptime = float(server["uptime_in_seconds"])
+        if note is None:
+            saving = "AOF" if persistence.get("aof_enabled") else "no AOF"
+            return QueueLoss(
+                before=uptime,
+                after=None,
+                reason=f"Redis up {uptime:.0f}s ({saving}) has no note of an earlier sweep",
+            )
+        noted_run, _, noted_at = note.decode().partition(" ")
+        if noted_run == self.run_id:
+            return None
+        since_note = now - float(noted_at)
+        if uptime < since_note:
+            # Restarted from a save holding the note: what came between it and the start.
+            return QueueLoss(
+                before=uptime,
+                after=since_note,
+                reason=f"Redis restarted {uptime:.0f}s ago with its data of {since_note:.0f}s ago",
+            )
+        # Up since before the note, yet another server wrote it: a replica promoted, which
+        # may lack what its master took after the note.
+        return QueueLoss(
+            before=0.0, after=since_note, reason=f"another Redis server since {since_note:.0f}s"
+        )
+
+    def seen(self) -> None:
+        """Write the note: this server, now."""
+        if self.run_id is None:
+            return
+        try:
+            with self.app.connection_for_read() as conn:
+                client: Any = conn.default_channel.client  # type: ignore[attr-defined]
+                client.set(SEEN_KEY, f"{self.run_id} {_redis_time(client)!r}")
+        except Exception as exc:  # noqa: BLE001 - the next sweep writes it
+            logger.warning("cannot write the sweeper's note: %s", exc, extra={"action": "watch"})
+
+
+def _redis_time(client: Any) -> float:
+    seconds, micros = client.time()
+    return float(seconds) + float(micros) / 1e6

@@ -24,7 +24,7 @@ from ledger.malformed import MalformedCount, MalformedMessages
 from ledger.migrations import current_revision, head_revision, upgrade
 from ledger.stats import Histogram, LedgerStats, Snapshot, StepTiming
 from ledger.step_ledger import Failure, StepLedger
-from ledger.store import JobStore, JobToSend
+from ledger.store import JobStore, JobToSend, UnfinishedStep
 from ledger.types import (
     JSON,
     AlreadySucceeded,
@@ -102,6 +102,7 @@ __all__ = [
     "StepResult",
     "StepState",
     "StepTiming",
+    "UnfinishedStep",
     "create_engine",
     "current_revision",
     "first_reading",

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from uuid import UUID, uuid4
 
+from sqlalchemy import Update
 from sqlalchemy.engine import Connection, Engine, RowMapping
 
 from ledger import db, queries
@@ -39,6 +41,17 @@ class JobToSend:
     pipeline: str
     step: str | None
     state: JobState
+
+
+@dataclass(frozen=True)
+class UnfinishedStep:
+    """An unfinished job and its current step's entry (None while the step is unclaimed)."""
+
+    job_id: UUID
+    key: str | None
+    state: StepState | None
+    attempts: int | None
+    locked_until: datetime | None
 
 
 class JobStore:
@@ -232,22 +245,80 @@ class JobStore:
         sweepers get disjoint batches (rows are locked with SKIP LOCKED)."""
         with db.transaction(self.engine) as conn:
             statement = queries.take_stalled_jobs(conn.dialect.name, stalled_after, limit)
-            taken = [
-                JobToSend(row.id, row.pipeline, row.current_step, JobState(row.state))
-                for row in conn.execute(statement)
-            ]
-            if taken:
-                # One statement for the batch's history, not one per job.
-                detail: JSON = {"stalled_after": stalled_after}
-                events = [(job.job_id, job.step or "-") for job in taken]
-                conn.execute(queries.append_events(events, EventKind.REDRIVEN, detail))
+            return self._taken(conn, statement, {"stalled_after": stalled_after})
+
+    @staticmethod
+    def _taken(conn: Connection, take: Update, detail: JSON) -> list[JobToSend]:
+        """Run one of the sweeper's takes; each job taken gets a `redriven` event saying why."""
+        taken = [
+            JobToSend(row.id, row.pipeline, row.current_step, JobState(row.state))
+            for row in conn.execute(take)
+        ]
+        if taken:
+            # One statement for the batch's history, not one per job.
+            events = [(job.job_id, job.step or "-") for job in taken]
+            conn.execute(queries.append_events(events, EventKind.REDRIVEN, detail))
         return taken
 
-    def recent_deliveries(self, *, window: float) -> int:
+    def recent_deliveries(self, *, window: float, fast_path: bool = False) -> int:
         """How many step messages workers dealt with in the last `window` seconds: the pace
-        at which the broker's queues drain."""
+        at which the broker's queues drain. On the fast path one message runs several steps
+        (each with its history event), so messages are counted by how deliveries end."""
+        query = (
+            queries.count_recent_messages(window)
+            if fast_path
+            else queries.count_recent_deliveries(window)
+        )
         with db.single_statement(self.engine) as conn:
-            return int(conn.execute(queries.count_recent_deliveries(window)).scalar_one())
+            return int(conn.execute(query).scalar_one())
+
+    def take_abandoned(self, *, limit: int = 500) -> list[JobToSend]:
+        """Take unfinished jobs whose current step's owner died (its lease expired while the
+        key was `started`) and that nobody sent again since, for the sweeper to send at once;
+        each is marked touched and its history says so. Concurrent sweepers get disjoint
+        batches."""
+        with db.transaction(self.engine) as conn:
+            statement = queries.take_abandoned_jobs(conn.dialect.name, limit)
+            return self._taken(conn, statement, {"lease_expired": True})
+
+    def take_sent_between(
+        self, *, before: float, after: float | None = None, limit: int = 500
+    ) -> list[JobToSend]:
+        """Take unfinished jobs last touched between `after` and `before` seconds ago (`after`
+        None: any time before), handed to the broker and not in flight, for the sweeper to
+        send again: a broker that lost its queues lost their messages. Each is marked
+        touched and its history says so; concurrent sweepers get disjoint batches."""
+        with db.transaction(self.engine) as conn:
+            statement = queries.take_jobs_sent_between(conn.dialect.name, before, after, limit)
+            detail: JSON = {"lost_by_broker": {"before": before, "after": after}}
+            return self._taken(conn, statement, detail)
+
+    def unfinished_steps(
+        self, *, event_prefix: str
+    ) -> tuple[datetime | None, list[UnfinishedStep]]:
+        """The database's clock and the unfinished jobs whose event id starts with
+        `event_prefix`, each with its current step's entry (the clock is None when there
+        are none)."""
+        with db.single_statement(self.engine) as conn:
+            statement = queries.select_unfinished_steps(conn.dialect.name, event_prefix)
+            rows = conn.execute(statement).mappings().all()
+        steps = [
+            UnfinishedStep(
+                job_id=row["job_id"],
+                key=row["key"],
+                state=StepState(row["state"]) if row["state"] is not None else None,
+                attempts=row["attempts"],
+                locked_until=db.as_utc(row["locked_until"]),
+            )
+            for row in rows
+        ]
+        return (db.as_utc(rows[0]["now"]) if rows else None), steps
+
+    def events_with_event_prefix(self, prefix: str) -> list[StepEvent]:
+        """The history of every job whose event id starts with `prefix`, oldest first."""
+        with db.single_statement(self.engine) as conn:
+            rows = conn.execute(queries.select_events_by_event_prefix(prefix)).mappings()
+            return [event_from_row(row) for row in rows]
 
     def mark_dispatched(self, job_ids: Sequence[UUID]) -> None:
         """Note that these jobs' first step reached the broker (they leave the outbox)."""

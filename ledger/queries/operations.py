@@ -10,6 +10,7 @@ from uuid import UUID
 
 import sqlalchemy as sa
 from sqlalchemy.sql.dml import ReturningDelete
+from sqlalchemy.sql.expression import ColumnElement
 
 from ledger import db
 from ledger.queries.common import ACTIVE, json_value
@@ -170,28 +171,101 @@ def give_up_dead_job(job_id: UUID) -> sa.Update:
 # --- the sweeper and retention ------------------------------------------------------------
 
 
-def take_stalled_jobs(dialect_name: str, stalled_after: float, limit: int) -> sa.Update:
-    """Claim a batch of unfinished jobs without progress for `stalled_after` seconds: mark them
-    touched (so the next sweep leaves them alone) and return their step to send again.
+def current_key(dialect_name: str) -> ColumnElement[str]:
+    """The idempotency key of a job's current step: `step_keys[current_step]`."""
+    if dialect_name == "sqlite":
+        # SQLite's JSON path needs the member quoted; `->>` with a bare label is 3.38+.
+        path = sa.literal('$."') + jobs.c.current_step + sa.literal('"')
+        extracted: ColumnElement[str] = sa.func.json_extract(
+            jobs.c.step_keys, path, type_=sa.String()
+        )
+        return extracted
+    indexed: ColumnElement[str] = jobs.c.step_keys[jobs.c.current_step].as_string()
+    return indexed
 
-    The rows are locked with SKIP LOCKED, so sweepers running at once share the work instead
-    of sending the same job twice.
-    """
+
+def _held_live(dialect_name: str) -> sa.Exists:
+    """The job's current step is claimed and its lease runs: its owner is alive (or was
+    moments ago), so it is in flight, not stalled."""
+    entry = ledger_entries.c
+    return sa.exists().where(
+        entry.key == current_key(dialect_name),
+        entry.state == str(StepState.STARTED),
+        entry.locked_until >= db.utcnow(),
+    )
+
+
+def _take(dialect_name: str, chosen: sa.Select[Any]) -> sa.Update:
+    """Lock the `chosen` job rows (SKIP LOCKED: sweepers running at once share the work
+    instead of sending the same job twice; only the jobs', never the entries workers claim),
+    mark them touched and return their step to send."""
+    if dialect_name == "postgresql":
+        chosen = chosen.with_for_update(skip_locked=True, of=jobs)
+    return (
+        sa.update(jobs)
+        .where(jobs.c.id.in_(chosen.scalar_subquery()))
+        .values(updated_at=db.utcnow())
+        .returning(jobs.c.id, jobs.c.pipeline, jobs.c.current_step, jobs.c.state)
+    )
+
+
+def take_stalled_jobs(dialect_name: str, stalled_after: float, limit: int) -> sa.Update:
+    """Claim a batch of unfinished jobs without progress for `stalled_after` seconds and not
+    in flight: mark them touched (so the next sweep leaves them alone) and return their step
+    to send again. SKIP LOCKED, as every take of the sweeper."""
     stalled = (
         sa.select(jobs.c.id)
         .where(
-            jobs.c.state.in_(ACTIVE), jobs.c.updated_at < db.utcnow_plus(db.seconds(-stalled_after))
+            jobs.c.state.in_(ACTIVE),
+            jobs.c.updated_at < db.utcnow_plus(db.seconds(-stalled_after)),
+            ~_held_live(dialect_name),
         )
         .order_by(jobs.c.updated_at)
         .limit(limit)
     )
-    stalled = db.for_update_skip_locked(stalled, dialect_name)
-    return (
-        sa.update(jobs)
-        .where(jobs.c.id.in_(stalled.scalar_subquery()))
-        .values(updated_at=db.utcnow())
-        .returning(jobs.c.id, jobs.c.pipeline, jobs.c.current_step, jobs.c.state)
+    return _take(dialect_name, stalled)
+
+
+def take_abandoned_jobs(dialect_name: str, limit: int) -> sa.Update:
+    """Claim a batch of unfinished jobs whose current step is `started` under a lease that
+    expired since the job was last touched — its owner died (a live one renews its lease
+    while it acts) and nobody sent the step since: mark them touched, return their step.
+
+    Driven by the unfinished jobs (`ix_jobs_state_updated_at`), each joined to its current
+    step's entry by primary key.
+    """
+    entry = ledger_entries.c
+    abandoned = (
+        sa.select(jobs.c.id)
+        .join(ledger_entries, entry.key == current_key(dialect_name))
+        .where(
+            jobs.c.state.in_(ACTIVE),
+            entry.state == str(StepState.STARTED),
+            entry.locked_until < db.utcnow(),
+            jobs.c.updated_at < entry.locked_until,
+        )
+        .order_by(entry.locked_until)
+        .limit(limit)
     )
+    return _take(dialect_name, abandoned)
+
+
+def take_jobs_sent_between(
+    dialect_name: str, before: float, after: float | None, limit: int
+) -> sa.Update:
+    """Claim a batch of unfinished jobs last touched between `after` and `before` seconds ago
+    (`after` None: any time before), handed to the broker and not in flight — whose message
+    a broker that lost its queues lost: mark them touched and return their step."""
+    touched = jobs.c.updated_at
+    waiting = sa.select(jobs.c.id).where(
+        jobs.c.state.in_(ACTIVE),
+        touched < db.utcnow_plus(db.seconds(-before)),
+        jobs.c.dispatched_at.is_not(None),
+        ~_held_live(dialect_name),
+    )
+    if after is not None:
+        waiting = waiting.where(touched > db.utcnow_plus(db.seconds(-after)))
+    return _take(dialect_name, waiting.order_by(touched).limit(limit))
 
 
 #: History kinds that mean a worker took a step's message off the broker and dealt with it.
@@ -211,6 +285,32 @@ def count_recent_deliveries(window: float) -> sa.Select[Any]:
         step_events.c.kind.in_([str(kind) for kind in DELIVERY_KINDS]),
         step_events.c.at > db.utcnow_plus(db.seconds(-window)),
     )
+
+
+#: History kinds that end a delivery on the fast path as well: the message is done with its job.
+ENDING_KINDS = (EventKind.FAILED, EventKind.DEAD_LETTERED, EventKind.DUPLICATE)
+#: History kinds a fast-path delivery goes on from, to the job's next step in the same message.
+GOING_ON_KINDS = (EventKind.SUCCEEDED, EventKind.DEDUPLICATED)
+
+
+def count_recent_messages(window: float) -> sa.Select[Any]:
+    """How many step messages workers dealt with in the last `window` seconds on the fast
+    path, where one message runs its job's steps until the last or a failed one: each
+    failed, dead-lettered or duplicate delivery ended one, and each job that recorded a step
+    was carried by one more (a job's first message, or the retry after its failure). Read
+    by kind, so the `(kind, at)` index answers it."""
+    since = step_events.c.at > db.utcnow_plus(db.seconds(-window))
+    ended = (
+        sa.select(sa.func.count())
+        .where(step_events.c.kind.in_([str(kind) for kind in ENDING_KINDS]), since)
+        .scalar_subquery()
+    )
+    carried = (
+        sa.select(sa.func.count(sa.distinct(step_events.c.job_id)))
+        .where(step_events.c.kind.in_([str(kind) for kind in GOING_ON_KINDS]), since)
+        .scalar_subquery()
+    )
+    return sa.select(ended + carried)
 
 
 #: The jobs a key must outlive its own job for: they may still claim it (unfinished), or be
@@ -305,3 +405,35 @@ def take_undispatched(dialect_name: str, older_than: float, limit: int) -> sa.Up
 def undo_dispatched(job_ids: Sequence[UUID]) -> sa.Update:
     """Put jobs back in the outbox: their send failed after all."""
     return sa.update(jobs).where(jobs.c.id.in_(list(job_ids))).values(dispatched_at=None)
+
+
+# --- recovery: what `oncelery chaos` measures -----------------------------------------------
+
+
+def select_unfinished_steps(dialect_name: str, event_prefix: str) -> sa.Select[Any]:
+    """Unfinished jobs whose event id starts with a prefix, each with its current step's
+    entry (state, attempts, lease; NULL while unclaimed) and the database's clock."""
+    entry = ledger_entries.c
+    key = current_key(dialect_name)
+    return (
+        sa.select(
+            jobs.c.id.label("job_id"),
+            key.label("key"),
+            entry.state,
+            entry.attempts,
+            entry.locked_until,
+            db.utcnow().label("now"),
+        )
+        .select_from(jobs.outerjoin(ledger_entries, entry.key == key))
+        .where(jobs.c.state.in_(ACTIVE), jobs.c.event_id.startswith(event_prefix, autoescape=True))
+    )
+
+
+def select_events_by_event_prefix(event_prefix: str) -> sa.Select[Any]:
+    """The history of every job whose event id starts with a prefix, oldest first."""
+    return (
+        sa.select(step_events)
+        .join(jobs, jobs.c.id == step_events.c.job_id)
+        .where(jobs.c.event_id.startswith(event_prefix, autoescape=True))
+        .order_by(step_events.c.id)
+    )

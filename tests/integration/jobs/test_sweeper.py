@@ -1,17 +1,28 @@
 """The sweeper on the real ledger (Postgres and SQLite): a job behind a backlog is not taken
-for a lost one, and a lost one is still found once the messages ahead of it are gone."""
+for a lost one, and a lost one is still found once the messages ahead of it are gone; a job
+whose step's owner died, or whose message a broker lost, is sent again at once."""
 
 from __future__ import annotations
 
 import uuid
+from datetime import datetime, timedelta
 
 import pytest
+import sqlalchemy as sa
 
 from jobs.pipelines import Pipeline, Step, StepContext
 from jobs.runtime import Runtime
-from jobs.sweeper import MAX_BACKLOG_WAIT, PACE_WINDOW, backlog_wait, sweep
-from ledger import EventKind
+from jobs.sweeper import (
+    MAX_BACKLOG_WAIT,
+    PACE_WINDOW,
+    BlindWatch,
+    QueueLoss,
+    backlog_wait,
+    sweep,
+)
+from ledger import Claim, EventKind, StepLedger
 from ledger.queries import append_events
+from ledger.schema import ledger_entries
 from tests.factories import RecordingDispatch, create_job
 from tests.integration.ledger.test_store import age
 
@@ -134,3 +145,116 @@ def test_an_unknown_queue_depth_defers_the_re_drives(
     # Then nothing is sent until it can tell, and the job is still found afterwards
     assert (deferred.redriven, deferred.deferred) == (0, True)
     assert later.job_ids == [str(job_id)]
+
+
+def test_an_unknown_queue_depth_still_sends_what_waited_past_the_backlog_limit(
+    runtime: Runtime, pipeline: Pipeline[None]
+) -> None:
+    # Given a job untouched for longer than any backlog may delay it, and a broker that cannot
+    # tell how much is queued
+    job_id = create_job(runtime.store, pipeline=pipeline.name)
+    age(runtime.engine, [job_id], int(MAX_BACKLOG_WAIT + STALLED_AFTER) + 60)
+    dispatch = RecordingDispatch()
+
+    report = sweep(runtime, dispatch, stalled_after=STALLED_AFTER, queued=lambda: None)
+
+    # Then it is sent anyway: the wait is capped as for a backlog
+    assert (report.deferred, report.job_ids) == (True, [str(job_id)])
+
+
+def test_the_pace_on_the_fast_path_counts_messages_not_steps(fast: Runtime) -> None:
+    # Given 30 jobs that each ran their three steps in one message in the last minute
+    jobs = [create_job(fast.store) for _ in range(30)]
+    events = [(job, step) for job in jobs for step in ("a", "b", "c")]
+    with fast.engine.begin() as conn:
+        conn.execute(append_events(events, EventKind.SUCCEEDED, {}))
+
+    # Then 20 queued messages need 40 s (30 messages a minute), not 13 s (90 events a minute)
+    assert backlog_wait(fast, 20, STALLED_AFTER) == pytest.approx(20 * PACE_WINDOW / 30)
+
+
+def claim(runtime: Runtime, job_id: uuid.UUID, *, expired: bool) -> None:
+    """Claim the job's first step for 30 s; `expired`: 40 s ago (its owner died since)."""
+    claimed = StepLedger(engine=runtime.engine, lease_seconds=30).claim_step(job_id, "first")
+    assert isinstance(claimed, Claim)
+    if expired:
+        age(runtime.engine, [job_id], 40)
+        entry = ledger_entries.c
+        with runtime.engine.begin() as conn:
+            leased: datetime = conn.execute(
+                sa.select(entry.locked_until).where(entry.key == claimed.key)
+            ).scalar_one()
+            conn.execute(
+                sa.update(ledger_entries)
+                .where(entry.key == claimed.key)
+                .values(locked_until=leased - timedelta(seconds=40))
+            )
+
+
+def test_a_job_whose_owner_died_is_sent_again_once_its_lease_expired(
+    runtime: Runtime, pipeline: Pipeline[None]
+) -> None:
+    # Given a job touched just now, whose step's lease expired: its owner is dead
+    dead, alive = (create_job(runtime.store, pipeline=pipeline.name) for _ in range(2))
+    claim(runtime, dead, expired=True)
+    claim(runtime, alive, expired=False)
+    dispatch = RecordingDispatch()
+
+    # When the sweeper runs (the stall threshold is far off)
+    first = sweep(runtime, dispatch, stalled_after=STALLED_AFTER)
+    second = sweep(runtime, dispatch, stalled_after=STALLED_AFTER)
+
+    # Then that job is sent at once, and once; the live owner's job is left alone
+    assert (first.abandoned, first.job_ids) == (1, [str(dead)])
+    assert second.redriven == 0
+    assert dispatch.sent == [(pipeline.name, "first", str(dead))]
+
+
+def test_a_step_whose_lease_runs_is_not_stalled(runtime: Runtime, pipeline: Pipeline[None]) -> None:
+    # Given a job untouched for 10 minutes whose step is still held (its owner renews it)
+    job_id = create_job(runtime.store, pipeline=pipeline.name)
+    claim(runtime, job_id, expired=False)
+    age(runtime.engine, [job_id], 600)
+    dispatch = RecordingDispatch()
+
+    report = sweep(runtime, dispatch, stalled_after=STALLED_AFTER)
+
+    assert (report.redriven, dispatch.sent) == (0, [])
+
+
+class Watch(BlindWatch):
+    """What a broker watch reports: a loss once, until `seen`."""
+
+    def __init__(self, loss: QueueLoss | None) -> None:
+        self.loss = loss
+        self.seen_times = 0
+
+    def lost(self) -> QueueLoss | None:
+        return self.loss
+
+    def seen(self) -> None:
+        self.seen_times += 1
+        self.loss = None
+
+
+def test_jobs_whose_message_the_broker_lost_are_sent_again_at_once(
+    runtime: Runtime, pipeline: Pipeline[None]
+) -> None:
+    # Given a broker that restarted empty 30 s ago, and jobs handed to it before and after
+    before, after, held, outbox = (
+        create_job(runtime.store, pipeline=pipeline.name) for _ in range(4)
+    )
+    runtime.store.mark_dispatched([before, after, held])
+    claim(runtime, held, expired=False)
+    age(runtime.engine, [before, held, outbox], 40)
+    age(runtime.engine, [after], 20)
+    watch = Watch(QueueLoss(before=30.0, after=None, reason="restarted"))
+    dispatch = RecordingDispatch()
+
+    # When the sweeper runs, twice
+    first = sweep(runtime, dispatch, stalled_after=STALLED_AFTER, watch=watch)
+    second = sweep(runtime, dispatch, stalled_after=STALLED_AFTER, watch=watch)
+
+    # Then only the job sent before the loss, not in flight, is sent again, once
+    assert (first.lost, first.job_ids, second.redriven) == (1, [str(before)], 0)
+    assert watch.seen_times == 2

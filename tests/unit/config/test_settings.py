@@ -397,4 +397,15 @@ def test_a_lease_shorter_than_a_second_is_refused(monkeypatch: pytest.MonkeyPatc
 
 def test_the_sweeper_waits_out_the_longest_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ONCELERY_STEP_POLICIES", '{"order-placed.act": {"backoff_max": 600}}')
-    assert load_settings().stalled_after == 15 + 600 + 30
+    assert load_settings().stalled_after == 600 + 30
+
+
+def test_the_sweeper_does_not_wait_out_the_lease(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A claimed step is left alone while its lease runs and sent again once it expired: the
+    # threshold covers only what no lease does (an unclaimed read-only step, a retry's wait).
+    monkeypatch.setenv("ONCELERY_STEP_LEASE", "600")
+    monkeypatch.setenv("ONCELERY_STEP_TIME_LIMIT", "10")
+    monkeypatch.setenv("ONCELERY_RETRY_BACKOFF_MAX", "5")
+    assert load_settings().stalled_after == 10 + 30
+    monkeypatch.setenv("ONCELERY_STEP_POLICIES", '{"order-placed.act": {"time_limit": 45}}')
+    assert load_settings().stalled_after == 45 + 30
