@@ -7,7 +7,7 @@ quiescence (`check_quiescent`)."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from ledger import JSON, DeadLetterState, EventKind, JobState, StepState, db
 from ledger.schema import dead_letters, jobs, ledger_entries, metadata, step_events
-from tests.integration.jobs.protocol_world import Effect, order_amount
+from tests.integration.jobs.protocol_world import Effect, Message, order_amount
 
 _ACTIVE = (JobState.PENDING, JobState.RUNNING)
 
@@ -71,11 +71,28 @@ class Memory:
     #: killed, or interrupted).
     absorbed: Counter[str] = field(default_factory=Counter)
 
+    #: Orders (pipeline, order id) that had jobs, and those whose every job was pruned.
+    orders: set[tuple[str, str]] = field(default_factory=set)
+    retired: set[tuple[str, str]] = field(default_factory=set)
+    #: By job: its (pipeline, event id).
+    events: dict[str, tuple[str, str]] = field(default_factory=dict)
+
     def remember(self, snapshot: Snapshot) -> None:
         for job in snapshot.jobs.values():
             self.contexts.setdefault(job.id, job.context)
+            self.orders.add((job.pipeline, str(job.context["order_id"])))
+            self.events[job.id] = (job.pipeline, job.event_id)
             self.keys.update(job.step_keys.values())
             self.job_keys[job.id] = set(job.step_keys.values())
+
+    def retire(self, snapshot: Snapshot) -> None:
+        """After a prune: the orders none of whose jobs is left."""
+        left = {(job.pipeline, str(job.context["order_id"])) for job in snapshot.jobs.values()}
+        self.retired |= self.orders - left
+
+    def identity(self, message: Message) -> tuple[str, str, str]:
+        """An order of messages that does not depend on job ids or clocks."""
+        return (*self.events.get(message.job_id, ("", "")), message.step)
 
 
 class Database:
@@ -136,63 +153,118 @@ def _job(row: Any) -> JobRow:
     )
 
 
+Check = Callable[[Snapshot, Sequence[Effect], Memory], None]
+
+
 def check_always(snapshot: Snapshot, effects: Sequence[Effect], memory: Memory) -> None:
-    """What holds after every rule, messages in flight or not."""
+    """What holds after every rule, messages in flight or not (each of `ALWAYS`)."""
+    for check in ALWAYS:
+        check(snapshot, effects, memory)
+
+
+def at_most_one_effect_per_order(
+    snapshot: Snapshot, effects: Sequence[Effect], memory: Memory
+) -> None:
+    """Charges per order ≤ 1, notifications per order ≤ 1 (invariant 2)."""
     per_order = Counter((e.pipeline, e.kind, e.order_id) for e in effects)
     for (pipeline, kind, order_id), count in per_order.items():
         assert count <= 1, f"{count} {kind}s for order {order_id} of {pipeline}"
+
+
+def charges_are_what_orders_say(
+    snapshot: Snapshot, effects: Sequence[Effect], memory: Memory
+) -> None:
+    """Every charge's order and amount are those of its job's row; no effect under a key
+    no job listed (invariant 5)."""
     for effect in effects:
-        _check_effect(snapshot, effect, memory)
-    for job in snapshot.jobs.values():
-        _check_history(snapshot, job, memory)
-
-
-def _check_effect(snapshot: Snapshot, effect: Effect, memory: Memory) -> None:
-    assert effect.key in memory.keys, f"{effect} under a key no job ever listed"
-    if effect.kind == "charge":
+        assert effect.key in memory.keys, f"{effect} under a key no job ever listed"
+        if effect.kind != "charge":
+            continue
         assert effect.job_id is not None, f"{effect} made outside a step"
         context = memory.contexts[effect.job_id]
         expected = (context["order_id"], order_amount(context))
         assert (effect.order_id, effect.amount) == expected, (
             f"{effect}: the order of job {effect.job_id} is {expected[0]} for {expected[1]}"
         )
-    listing = snapshot.listing(effect.key)
-    entry = snapshot.entries.get(effect.key or "")
-    # Invariant (3): every effect maps to a ledger key that is succeeded or unknown. While a
-    # job that lists the key can still run or be replayed, the key must be there, and it may
-    # be `failed` only while a retry can still come (the job active, or cancelled).
-    if any(job.state in (*_ACTIVE, JobState.DEAD_LETTERED) for job in listing):
-        assert entry is not None, (
-            f"{effect}: jobs {_states(listing)} list its key, and the ledger has no entry"
-        )
-    if entry is not None and entry.state is StepState.FAILED and listing:
-        assert any(job.state in (*_ACTIVE, JobState.CANCELLED) for job in listing), (
-            f"{effect}: its key is `failed` (a replay acts again), jobs {_states(listing)}"
-        )
 
 
-def _check_history(snapshot: Snapshot, job: JobRow, memory: Memory) -> None:
-    for (job_id, step, kind), count in snapshot.events.items():
-        if job_id == job.id and kind == EventKind.SUCCEEDED:
-            assert count == 1, f"job {job.id}: {count} `succeeded` events for {step}"
-    noted = sum(
-        count
-        for (job_id, _, kind), count in snapshot.events.items()
-        if job_id == job.id and kind in (EventKind.DUPLICATE, EventKind.DEDUPLICATED)
-    )
-    allowed = memory.absorbed[job.id]
-    assert noted <= allowed, f"job {job.id}: {noted} duplicate notes for {allowed} deliveries"
-    letters = snapshot.open_letters[job.id]
-    expected = 1 if job.state is JobState.DEAD_LETTERED else 0
-    assert letters == expected, f"job {job.id} is {job.state} with {letters} open dead letters"
-    for step, key in job.step_keys.items():
-        entry = snapshot.entries.get(key)
-        if key in memory.settled_keys or entry is None or entry.job_id != job.id:
-            continue
-        if entry.state is StepState.SUCCEEDED:
-            assert step in job.results, (
-                f"job {job.id} ({job.state}): its key {key} succeeded, its results lack {step}"
+def effects_keep_their_keys(snapshot: Snapshot, effects: Sequence[Effect], memory: Memory) -> None:
+    """Invariant (3), every effect maps to a ledger key that is succeeded or unknown, as it
+    holds with messages in flight: while a job that lists the key can still run or be
+    replayed, the key is there."""
+    for effect in effects:
+        listing = snapshot.listing(effect.key)
+        if any(job.state in (*_ACTIVE, JobState.DEAD_LETTERED) for job in listing):
+            assert effect.key in snapshot.entries, (
+                f"{effect}: jobs {_states(listing)} list its key, and the ledger has no entry"
             )
+
+
+def applied_keys_are_not_failed(
+    snapshot: Snapshot, effects: Sequence[Effect], memory: Memory
+) -> None:
+    """Invariant (3), continued: an applied key may be `failed` only while a retry can still
+    come (a job listing it active, or cancelled); else a replay acts again."""
+    for effect in effects:
+        listing = snapshot.listing(effect.key)
+        entry = snapshot.entries.get(effect.key or "")
+        if entry is not None and entry.state is StepState.FAILED and listing:
+            assert any(job.state in (*_ACTIVE, JobState.CANCELLED) for job in listing), (
+                f"{effect}: its key is `failed` (a replay acts again), jobs {_states(listing)}"
+            )
+
+
+def one_success_per_step(snapshot: Snapshot, effects: Sequence[Effect], memory: Memory) -> None:
+    """A job's history says a step succeeded at most once."""
+    for (job_id, step, kind), count in snapshot.events.items():
+        if kind == EventKind.SUCCEEDED:
+            assert count == 1, f"job {job_id}: {count} `succeeded` events for {step}"
+
+
+def one_note_per_duplicate(snapshot: Snapshot, effects: Sequence[Effect], memory: Memory) -> None:
+    """A job's history notes a duplicate at most once per delivery that absorbed one."""
+    noted: Counter[str] = Counter()
+    for (job_id, _, kind), count in snapshot.events.items():
+        if kind in (EventKind.DUPLICATE, EventKind.DEDUPLICATED):
+            noted[job_id] += count
+    for job_id, count in noted.items():
+        allowed = memory.absorbed[job_id]
+        assert count <= allowed, f"job {job_id}: {count} duplicate notes for {allowed} deliveries"
+
+
+def dead_letters_match_jobs(snapshot: Snapshot, effects: Sequence[Effect], memory: Memory) -> None:
+    """A dead-lettered job has one open dead letter; any other job none (invariant 1)."""
+    for job in snapshot.jobs.values():
+        letters = snapshot.open_letters[job.id]
+        expected = 1 if job.state is JobState.DEAD_LETTERED else 0
+        assert letters == expected, f"job {job.id} is {job.state} with {letters} open dead letters"
+
+
+def results_follow_records(snapshot: Snapshot, effects: Sequence[Effect], memory: Memory) -> None:
+    """A job's results hold every step its own keys recorded as succeeded (a cancelled
+    job's too, on either path)."""
+    for job in snapshot.jobs.values():
+        for step, key in job.step_keys.items():
+            entry = snapshot.entries.get(key)
+            if key in memory.settled_keys or entry is None or entry.job_id != job.id:
+                continue
+            if entry.state is StepState.SUCCEEDED:
+                assert step in job.results, (
+                    f"job {job.id} ({job.state}): its key {key} succeeded, its results lack {step}"
+                )
+
+
+#: The invariants after every rule.
+ALWAYS: list[Check] = [
+    at_most_one_effect_per_order,
+    charges_are_what_orders_say,
+    effects_keep_their_keys,
+    applied_keys_are_not_failed,
+    one_success_per_step,
+    one_note_per_duplicate,
+    dead_letters_match_jobs,
+    results_follow_records,
+]
 
 
 def check_progress(snapshot: Snapshot, memory: Memory) -> None:
