@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import HealthCheck, Phase
+from hypothesis import settings as hypothesis_settings
 from kombu import Connection, Queue
 
 from config import DEAD_QUEUE, MAIN_QUEUE, RETRY_QUEUE, Settings, get_settings
@@ -219,3 +221,33 @@ def settings_for(
             **extra,
         }
     )
+
+
+# --- hypothesis ----------------------------------------------------------------------------
+
+#: The protocol's model-based test (tests/integration/jobs/test_protocol_model.py) in CI: a
+#: fixed seed (derandomized), bounded examples, no example database.
+hypothesis_settings.register_profile(
+    "protocol-ci",
+    max_examples=50,
+    stateful_step_count=25,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    # One failure, shrunk: several at once multiply the time shrinking takes.
+    report_multiple_bugs=False,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    # Not `explain`: tracing every line of the engine makes a failure take minutes to report.
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
+)
+#: `--hypothesis-profile protocol-long`: minutes of fresh examples, longer runs, and every
+#: distinct failure reported (each shrunk).
+hypothesis_settings.register_profile(
+    "protocol-long",
+    max_examples=2_000,
+    stateful_step_count=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    # Not `explain`: tracing every line of the engine makes a failure take minutes to report.
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
+)
