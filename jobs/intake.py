@@ -52,6 +52,7 @@ from ledger import (
     DeadLetterNotFound,
     DeadLetterState,
     DeadLetterStore,
+    EventConflict,
     JobNotFound,
     JobState,
     PostgresLimits,
@@ -127,7 +128,16 @@ def _routes() -> APIRouter:
         body = await _read_body(request)
         verify_signature(intake.settings, request.headers, body)
         job = order_job(parse_order(body))
-        job_id, created = await intake.writer.create(job)
+        try:
+            job_id, created = await intake.writer.create(job)
+        except EventConflict as conflict:
+            raise ApiError(
+                409,
+                "conflict",
+                f"event_id {conflict.event_id!r} was accepted before with other content",
+                field="event_id",
+                event_id=conflict.event_id,
+            ) from None
         if created:
             intake.relay.accepted(order_pipeline.name, job_id)
         return JSONResponse({"job_id": str(job_id)}, status_code=202 if created else 200)

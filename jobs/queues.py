@@ -162,6 +162,8 @@ def _depth(conn: Connection, name: str) -> int | None:
     except conn.channel_errors:
         return None
     return int(declared[1]) if isinstance(declared, tuple) else None
+
+
 def broker_watch(app: Celery) -> BrokerWatch:
     """How the sweeper learns that the broker lost its queues: on Redis, `RedisWatch`.
 

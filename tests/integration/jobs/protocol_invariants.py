@@ -242,11 +242,14 @@ def dead_letters_match_jobs(snapshot: Snapshot, effects: Sequence[Effect], memor
 
 def results_follow_records(snapshot: Snapshot, effects: Sequence[Effect], memory: Memory) -> None:
     """A job's results hold every step its own keys recorded as succeeded (a cancelled
-    job's too, on either path)."""
+    job's too, on either path). Its own: its history says it recorded the step (a key that
+    `prune` handed over from a twin is held by the job, not recorded by it)."""
     for job in snapshot.jobs.values():
         for step, key in job.step_keys.items():
             entry = snapshot.entries.get(key)
             if key in memory.settled_keys or entry is None or entry.job_id != job.id:
+                continue
+            if not snapshot.events[(job.id, step, str(EventKind.SUCCEEDED))]:
                 continue
             if entry.state is StepState.SUCCEEDED:
                 assert step in job.results, (

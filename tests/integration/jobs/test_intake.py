@@ -95,6 +95,27 @@ def test_a_signed_order_is_accepted_once(intake: tuple[Client, Any]) -> None:
     assert job.state is JobState.PENDING
 
 
+def test_an_event_id_with_other_content_is_a_409_naming_it(intake: tuple[Client, Any]) -> None:
+    """The same event id must mean the same event: another content under it is refused, not
+    silently answered with the first event's job."""
+    client, state = intake
+    event = order_event()
+    first = post_event(client, encode(event))
+    changed = post_event(client, encode({**event, "items": [{"sku": "SKU-9", "quantity": 9}]}))
+
+    assert first.status_code == 202
+    assert changed.status_code == 409
+    error = changed.json()["error"]
+    assert (error["type"], error["field"], error["event_id"]) == (
+        "conflict",
+        "event_id",
+        event["event_id"],
+    )
+    assert [job.id for job in state.runtime.store.list_jobs()] == [
+        uuid.UUID(first.json()["job_id"])
+    ]
+
+
 @pytest.mark.parametrize(
     ("headers", "timestamp", "secret", "message"),
     [
