@@ -229,7 +229,7 @@ def settings_for(
 #: fixed seed (derandomized), bounded examples, no example database.
 hypothesis_settings.register_profile(
     "protocol-ci",
-    max_examples=50,
+    max_examples=150,
     stateful_step_count=25,
     deadline=None,
     derandomize=True,

@@ -257,8 +257,22 @@ def results_follow_records(snapshot: Snapshot, effects: Sequence[Effect], memory
                 )
 
 
+def started_keys_have_an_owner(
+    snapshot: Snapshot, effects: Sequence[Effect], memory: Memory
+) -> None:
+    """Between rules no delivery runs: a key still `started` was left by a worker that died
+    (or a batch interrupted) while holding it, never by one that lives on — such a key would
+    hold its job up for a whole lease (class 8: a commit whose answer was lost)."""
+    for entry in snapshot.entries.values():
+        if entry.state is StepState.STARTED:
+            assert entry.key in memory.killed_keys, (
+                f"key {entry.key} (job {entry.job_id}) is held by no worker that died"
+            )
+
+
 #: The invariants after every rule.
 ALWAYS: list[Check] = [
+    started_keys_have_an_owner,
     at_most_one_effect_per_order,
     charges_are_what_orders_say,
     effects_keep_their_keys,

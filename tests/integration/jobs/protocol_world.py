@@ -115,13 +115,17 @@ class Effect:
 
 class ModelProvider:
     """The customers, prices, payments and notifications services, in-process: it answers
-    each call as the next of `answers` says (ok when none is left), honours idempotency
+    each call as the next of `answers` (or `read_answers`, for a read) says (ok when none is
+    left), honours idempotency
     keys except where `ignores_keys` says, and keeps every effect it applies."""
 
     def __init__(self, *, ignores_keys: set[tuple[str, str]]) -> None:
         self.ignores_keys = ignores_keys
         self.effects: list[Effect] = []
+        #: The answers to calls that may apply an effect (payments, notifications), in order.
         self.answers: deque[str] = deque()
+        #: The answers to reads (customers, prices), in order.
+        self.read_answers: deque[str] = deque()
         self.on_cancel: Callable[[str], None] = lambda _job: None
         self._kept: dict[tuple[str, str, str], dict[str, JSON]] = {}
         self._acting: str | None = None
@@ -144,7 +148,9 @@ class ModelProvider:
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         """Answer one request (the transport of the steps' `ProviderClient`)."""
-        answer = self.answers.popleft() if self.answers else "ok"
+        reads = request.url.path.strip("/").split("/")[1] in ("customers", "prices")
+        answers = self.read_answers if reads else self.answers
+        answer = answers.popleft() if answers else "ok"
         status = int(answer.split("-")[0]) if answer[0].isdigit() else None
         if answer == "timeout":
             raise httpx.ReadTimeout("model provider: no answer", request=request)
