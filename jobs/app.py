@@ -275,7 +275,12 @@ def _step_timer(settings: Settings) -> StepTimer | None:
 def _bind(pipeline: Pipeline[object]) -> None:
     for step in pipeline.steps:
         name = task_name(pipeline.name, step.name)
+        bound = name in _STEPS
         _STEPS[name] = (pipeline, step.name)
+        if bound:
+            # A pipeline declared again: its task runs the new declaration (it looks its step
+            # up when it runs); Celery keeps the first callable registered under a name.
+            continue
         # max_retries=None: the ledger counts attempts and decides when to stop, not Celery.
         # A prefork worker runs queued messages of the step in batches (`jobs.batching`).
         app.task(
@@ -285,15 +290,16 @@ def _bind(pipeline: Pipeline[object]) -> None:
             reject_on_worker_lost=True,
             max_retries=None,
             Strategy="jobs.batching:strategy",
-        )(_step_task(pipeline, step.name))
+        )(_step_task(name))
 
 
-def _step_task(pipeline: Pipeline[object], step: str) -> Callable[..., str]:
+def _step_task(name: str) -> Callable[..., str]:
     """The body of a step's task. It takes whatever the message brings and checks it itself:
     a message that cannot be a delivery is rejected once rather than failing in Celery's
     argument binding (and a keyword could not pick another step)."""
 
     def run(task: Task[Any, Any], *args: Any, **kwargs: Any) -> str:
+        pipeline, step = _STEPS[name]
         job_id = job_id_of(args, kwargs)
         if isinstance(job_id, Malformed):
             reject_malformed(runtime(), task.name, str(task.request.id), job_id)
