@@ -8,12 +8,18 @@ import logging
 import math
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from celery import Celery, Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
-from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
+from celery.signals import (
+    beat_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+)
 from kombu import Producer
 from kombu.utils.uuid import uuid
 
@@ -343,7 +349,35 @@ registry.on_add(_bind)
 
 @app.task(name=SWEEP_TASK, acks_late=False, ignore_result=True)
 def sweep_task() -> dict[str, int]:
-    """Beat's sweep: re-drive stalled jobs (see `jobs.sweeper`)."""
+    """One sweep, for whoever sends it (`celery call oncelery.sweep`); beat sweeps itself."""
+    return _sweep_once()
+
+
+@beat_init.connect
+def _sweep_from_beat(**_: Any) -> None:
+    # In beat's own process, on a thread of its own: no worker pool, busy with the messages a
+    # sweep must re-drive, stands between the schedule and the sweep.
+    threading.Thread(target=_sweep_forever, name="oncelery-sweeper", daemon=True).start()
+
+
+def _sweep_forever() -> None:
+    """Sweep every `ONCELERY_SWEEP_INTERVAL` seconds, for as long as beat runs (a sweep that
+    fails is logged; the next one tries again)."""
+    interval = get_settings().sweep_interval
+    while True:
+        began = time.monotonic()
+        try:
+            report = _sweep_once()
+        except Exception:
+            logger.exception("sweep failed", extra={"action": "sweep_failed"})
+        else:
+            if report["redriven"] or report["relayed"]:
+                logger.info("swept: %s", report, extra={"action": "swept"})
+        time.sleep(max(0.0, interval - (time.monotonic() - began)))
+
+
+def _sweep_once() -> dict[str, int]:
+    """Re-drive what the sweeper finds (see `jobs.sweeper`); what it did."""
     report: SweepReport = sweep(
         runtime(), CeleryDispatch(), queued=lambda: queued_steps(app), watch=broker_watch(app)
     )

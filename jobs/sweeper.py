@@ -47,6 +47,8 @@ PACE_WINDOW: Final = 60.0
 #: How long a job waits to be re-driven while the queues are backlogged (they need longer
 #: than `stalled_after` to drain, or nothing drains at all), or the broker cannot say.
 MAX_BACKLOG_WAIT: Final = 3600.0
+#: Leases after which an abandoned job whose re-drive nobody claimed is sent again.
+ABANDONED_AGAIN_AFTER_LEASES: Final = 3
 
 
 @dataclass(frozen=True)
@@ -181,7 +183,12 @@ def sweep(
             lambda n: rt.store.take_stalled(stalled_after=base + MAX_BACKLOG_WAIT, limit=n),
         )
         return SweepReport(len(old), skipped, old, relayed, deferred=True)
-    abandoned, skipped = _redrive(dispatch, lambda n: rt.store.take_abandoned(limit=n))
+    # A re-drive that nobody claimed within a few leases was lost in turn (a killed worker's
+    # prefetch, which Redis gives back only after its visibility timeout): sent again.
+    again = ABANDONED_AGAIN_AFTER_LEASES * rt.settings.step_lease
+    abandoned, skipped = _redrive(
+        dispatch, lambda n: rt.store.take_abandoned(again_after=again, limit=n)
+    )
     lost, skipped_lost = _redrive_lost(rt, dispatch, watch or BlindWatch())
     waiting = backlog_wait(rt, depth, base)
     stalled, skipped_stalled = _redrive(

@@ -272,13 +272,13 @@ class JobStore:
         with db.single_statement(self.engine) as conn:
             return int(conn.execute(query).scalar_one())
 
-    def take_abandoned(self, *, limit: int = 500) -> list[JobToSend]:
+    def take_abandoned(self, *, again_after: float, limit: int = 500) -> list[JobToSend]:
         """Take unfinished jobs whose current step's owner died (its lease expired while the
-        key was `started`) and that nobody sent again since, for the sweeper to send at once;
-        each is marked touched and its history says so. Concurrent sweepers get disjoint
-        batches."""
+        key was `started`) and that nobody sent again since — or not for `again_after`
+        seconds, and still nobody claimed it — for the sweeper to send at once; each is
+        marked touched and its history says so. Concurrent sweepers get disjoint batches."""
         with db.transaction(self.engine) as conn:
-            statement = queries.take_abandoned_jobs(conn.dialect.name, limit)
+            statement = queries.take_abandoned_jobs(conn.dialect.name, limit, again_after)
             return self._taken(conn, statement, {"lease_expired": True})
 
     def take_sent_between(

@@ -226,10 +226,13 @@ def take_stalled_jobs(dialect_name: str, stalled_after: float, limit: int) -> sa
     return _take(dialect_name, stalled)
 
 
-def take_abandoned_jobs(dialect_name: str, limit: int) -> sa.Update:
+def take_abandoned_jobs(dialect_name: str, limit: int, again_after: float) -> sa.Update:
     """Claim a batch of unfinished jobs whose current step is `started` under a lease that
     expired since the job was last touched — its owner died (a live one renews its lease
-    while it acts) and nobody sent the step since: mark them touched, return their step.
+    while it acts) and nobody sent the step since — or that is still expired `again_after`
+    seconds after the job was last touched (the step sent then never came to be claimed: its
+    message was lost too, in a killed worker's prefetch, say): mark them touched, return
+    their step.
 
     Driven by the unfinished jobs (`ix_jobs_state_updated_at`), each joined to its current
     step's entry by primary key.
@@ -242,7 +245,10 @@ def take_abandoned_jobs(dialect_name: str, limit: int) -> sa.Update:
             jobs.c.state.in_(ACTIVE),
             entry.state == str(StepState.STARTED),
             entry.locked_until < db.utcnow(),
-            jobs.c.updated_at < entry.locked_until,
+            sa.or_(
+                jobs.c.updated_at < entry.locked_until,
+                jobs.c.updated_at < db.utcnow_plus(db.seconds(-again_after)),
+            ),
         )
         .order_by(entry.locked_until)
         .limit(limit)

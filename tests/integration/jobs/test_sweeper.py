@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from jobs.pipelines import Pipeline, Step, StepContext
 from jobs.runtime import Runtime
 from jobs.sweeper import (
+    ABANDONED_AGAIN_AFTER_LEASES,
     MAX_BACKLOG_WAIT,
     PACE_WINDOW,
     BlindWatch,
@@ -208,6 +209,32 @@ def test_a_job_whose_owner_died_is_sent_again_once_its_lease_expired(
     assert (first.abandoned, first.job_ids) == (1, [str(dead)])
     assert second.redriven == 0
     assert dispatch.sent == [(pipeline.name, "first", str(dead))]
+
+
+def test_an_abandoned_job_whose_re_drive_went_unclaimed_is_sent_again(
+    runtime: Runtime, pipeline: Pipeline[None]
+) -> None:
+    # Given an abandoned job re-driven once, whose re-drive nobody claimed (lost in turn)
+    job_id = create_job(runtime.store, pipeline=pipeline.name)
+    claim(runtime, job_id, expired=True)
+    dispatch = RecordingDispatch()
+    assert sweep(runtime, dispatch, stalled_after=STALLED_AFTER).abandoned == 1
+
+    # When a few leases pass with its key still expired (long before the re-drive), the
+    # stall threshold far off
+    passed = int(ABANDONED_AGAIN_AFTER_LEASES * runtime.settings.step_lease) + 1
+    age(runtime.engine, [job_id], passed)
+    with runtime.engine.begin() as conn:
+        conn.execute(
+            sa.update(ledger_entries)
+            .where(ledger_entries.c.job_id == job_id)
+            .values(locked_until=ledger_entries.c.locked_until - timedelta(seconds=passed + 60))
+        )
+    again = sweep(runtime, dispatch, stalled_after=STALLED_AFTER)
+
+    # Then it is sent again, at once
+    assert (again.abandoned, again.job_ids) == (1, [str(job_id)])
+    assert dispatch.sent == [(pipeline.name, "first", str(job_id))] * 2
 
 
 def test_a_step_whose_lease_runs_is_not_stalled(runtime: Runtime, pipeline: Pipeline[None]) -> None:

@@ -131,16 +131,10 @@ def test_rabbitmq_queues_dead_letter_to_their_exchange(tmp_path: Path) -> None:
     assert all(q.queue_arguments is None for q in task_queues(redis))
 
 
-def test_beat_sweeps_on_the_retry_queue(tmp_path: Path) -> None:
+def test_beat_sends_no_sweep_task(tmp_path: Path) -> None:
+    # It sweeps in its own process (`jobs.app._sweep_from_beat`), not through a worker pool.
     settings = Settings.model_validate({"ONCELERY_DATA_DIR": str(tmp_path), "sweep_interval": 7})
-    schedule = celery_config(settings)["beat_schedule"]
-    assert schedule == {
-        "oncelery-sweep": {
-            "task": "oncelery.sweep",
-            "schedule": 7.0,
-            "options": {"queue": "oncelery.retry", "expires": 7.0},
-        }
-    }
+    assert celery_config(settings)["beat_schedule"] == {}
 
 
 @pytest.mark.parametrize(
