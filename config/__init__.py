@@ -18,6 +18,7 @@ from config.celery import (
 from config.settings import (
     DEFAULT_PROVIDER_URL,
     MIN_SECRET_LENGTH,
+    SHIPPED_PIPELINES,
     ConfigError,
     CookieSecurity,
     Settings,
@@ -36,6 +37,7 @@ __all__ = [
     "MAIN_QUEUE",
     "MIN_SECRET_LENGTH",
     "RETRY_QUEUE",
+    "SHIPPED_PIPELINES",
     "SWEEP_TASK",
     "ConfigError",
     "CookieSecurity",

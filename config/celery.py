@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Final
-
-from kombu import Exchange, Queue
+from typing import TYPE_CHECKING, Final
 
 from config.settings import Settings
+
+if TYPE_CHECKING:
+    from kombu import Queue
 
 #: New orders: consumed by every worker.
 MAIN_QUEUE: Final = "oncelery"
@@ -34,7 +35,7 @@ BATCH_SIZE_SETTING: Final = "oncelery_batch_size"
 _FILESYSTEM_POLLING_INTERVAL: Final = 0.05
 #: kombu's file transport, fixed to write each message atomically (a path, so that config
 #: stays free of Celery-side imports).
-EMBEDDED_TRANSPORT: Final = "jobs.embedded_broker:Transport"
+EMBEDDED_TRANSPORT: Final = "jobs.worker.embedded_broker:Transport"
 
 
 def broker_transport_options(settings: Settings) -> dict[str, object]:
@@ -63,6 +64,9 @@ def prepare_broker(settings: Settings) -> None:
 def task_queues(settings: Settings) -> list[Queue]:
     """The queues workers consume. Every app (worker, CLI, tests) declares them alike: RabbitMQ
     refuses a queue redeclared with other arguments."""
+    # kombu is imported here, not at the top: the Celery-free engine reads `config` too.
+    from kombu import Queue  # noqa: PLC0415
+
     arguments = {"x-dead-letter-exchange": DEAD_EXCHANGE} if settings.broker_kind == "amqp" else {}
     return [Queue(name, queue_arguments=arguments or None) for name in (MAIN_QUEUE, RETRY_QUEUE)]
 
@@ -81,6 +85,8 @@ def dead_letter_queue(*, max_length: int = DEAD_QUEUE_MAX_LENGTH) -> Queue:
         "x-message-ttl": DEAD_QUEUE_TTL_MS,
         "x-overflow": "drop-head",
     }
+    from kombu import Exchange, Queue  # noqa: PLC0415 - as in `task_queues`
+
     exchange = Exchange(DEAD_EXCHANGE, type="fanout", durable=True)
     return Queue(DEAD_QUEUE, exchange, durable=True, queue_arguments=arguments)
 
@@ -129,8 +135,8 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "timezone": "UTC",
         "enable_utc": True,
         "worker_hijack_root_logger": False,
-        # Beat runs the sweeper in its own process (`jobs.app`), not as a task: a sweep queued
-        # behind the very messages it must re-drive, in pools busy with them, came too late
-        # or expired unrun (22 of 71 in a chaos run on Redis).
+        # Beat runs the sweeper in its own process (`jobs.worker.tasks`), not as a task: a sweep
+        # queued behind the very messages it must re-drive, in pools busy with them, came too
+        # late or expired unrun (22 of 71 in a chaos run on Redis).
         "beat_schedule": {},
     }

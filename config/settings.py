@@ -114,6 +114,11 @@ def _env(name: str) -> AliasChoices:
     return AliasChoices(name)
 
 
+#: The pipelines shipped with oncelery, by module: every process that runs or reads jobs
+#: imports them, then the user's (`ONCELERY_PIPELINES`).
+SHIPPED_PIPELINES: Final = ("jobs.orders",)
+
+
 class Settings(BaseSettings):
     """Everything oncelery can be told, each field named after its environment variable."""
 
@@ -140,7 +145,7 @@ class Settings(BaseSettings):
     #: Seconds a step may wait for one provider answer before it counts as a timeout.
     provider_timeout: float = Field(default=5.0, gt=0, le=300)
     #: Seconds a claimed step stays leased to its owner. A worker renews the leases of the
-    #: steps it runs three times a lease (`jobs.leases`), so a step keeps its key however
+    #: steps it runs three times a lease (`jobs.engine.leases`), so a step keeps its key however
     #: long it acts, while a killed worker's keys come free within one lease.
     step_lease: float = Field(default=15.0, ge=1, le=86_400)
     #: Soft time limit of one step attempt; the hard limit is a few seconds later.
@@ -151,7 +156,8 @@ class Settings(BaseSettings):
     retry_backoff_base: float = Field(default=0.5, gt=0, le=3_600)
     #: The longest delay between two attempts, in seconds.
     retry_backoff_max: float = Field(default=30.0, gt=0, le=86_400)
-    #: Modules declaring extra pipelines, imported by workers and the CLI (comma-separated).
+    #: Modules declaring extra pipelines, imported by workers and the CLI (comma-separated),
+    #: after the shipped ones (`SHIPPED_PIPELINES`).
     pipelines: Annotated[tuple[str, ...], NoDecode] = ()
     #: Whether workers send task events (Flower needs them; they cost a little CPU per task).
     task_events: bool = True
@@ -161,7 +167,7 @@ class Settings(BaseSettings):
     #: each), the chained mode.
     fast_path: bool = False
     #: The most queued messages of one step a prefork worker hands to one pool child at once
-    #: (`jobs.batching`); 1 hands each message alone.
+    #: (`jobs.worker.batching`); 1 hands each message alone.
     batch_size: int = Field(default=16, ge=1, le=1_000)
     #: Per-step overrides, JSON: {"<pipeline>.<step>": {"max_attempts": 3, "time_limit": 10}}.
     step_policies: Annotated[dict[str, StepPolicy], NoDecode] = Field(default_factory=dict)
@@ -186,7 +192,7 @@ class Settings(BaseSettings):
     #: unless the page was asked for as localhost or a loopback address), `true` or `false`.
     session_cookie_secure: CookieSecurity = CookieSecurity.AUTO
     #: `oncelery chaos`: shell commands that restart the broker and the database mid-run
-    #: (default: the local servers' own commands, see `jobs/chaos.py`).
+    #: (default: the local servers' own commands, see `jobs/tools/chaos.py`).
     chaos_broker_restart: str | None = None
     chaos_database_restart: str | None = None
     #: Tests only: crash points to arm, comma-separated `step:point[:once|always[:job id]]`.

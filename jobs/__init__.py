@@ -1,14 +1,16 @@
-"""oncelery's Celery side: the app, the public API to declare pipelines, retries and errors.
-
-`celery -A jobs worker` finds `jobs.app`, the Celery application.
-"""
+"""oncelery's public API: declare pipelines of steps, their delivery and retry policy, the
+errors steps raise; `jobs.app` is the Celery app (`celery -A jobs worker` finds it)."""
 
 from __future__ import annotations
 
-from jobs.app import app
+from typing import TYPE_CHECKING
+
 from jobs.errors import JobError, PermanentError, TransientError
 from jobs.pipelines import Delivery, Pipeline, Step, StepContext
 from jobs.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 __all__ = [
     "Delivery",
@@ -21,3 +23,13 @@ __all__ = [
     "TransientError",
     "app",
 ]
+
+
+def __getattr__(name: str) -> Celery:
+    # The Celery app is built on first use, so that declaring a pipeline (or importing the
+    # Celery-free engine) does not import Celery.
+    if name == "app":
+        from jobs.worker import app  # noqa: PLC0415
+
+        return app
+    raise AttributeError(f"module 'jobs' has no attribute {name!r}")

@@ -193,6 +193,9 @@ class PipelineRegistry:
         for pipeline in list(self._pipelines.values()):
             listener(pipeline)
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._pipelines
+
     def __iter__(self) -> Iterator[Pipeline[object]]:
         return iter(list(self._pipelines.values()))
 

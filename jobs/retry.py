@@ -9,8 +9,6 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from billiard.exceptions import SoftTimeLimitExceeded
-
 from config.settings import StepPolicy
 from jobs.errors import PermanentError, TransientError
 
@@ -58,11 +56,23 @@ class Verdict:
     reason: str
 
 
+#: Errors worth retrying, beyond `TransientError`: the standard library's connection errors and
+#: timeouts, and the time limits of whoever runs the steps (`treat_as_transient`).
+_TRANSIENT: list[type[BaseException]] = [TransientError, ConnectionError, TimeoutError]
+
+
+def treat_as_transient(error: type[BaseException]) -> None:
+    """Retry steps that fail with `error` too: the worker registers its soft time limit
+    (Celery's), which the Celery-free engine cannot name."""
+    if error not in _TRANSIENT:
+        _TRANSIENT.append(error)
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for errors worth retrying: `TransientError`, a step's soft time limit, and the
     standard library's connection errors and timeouts. Anything else, a bug included, is
     permanent: retrying a bug only repeats it, and the dead letter waits for the fix."""
-    return isinstance(exc, TransientError | SoftTimeLimitExceeded | ConnectionError | TimeoutError)
+    return isinstance(exc, tuple(_TRANSIENT))
 
 
 def may_have_acted(

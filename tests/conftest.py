@@ -21,7 +21,7 @@ from hypothesis import settings as hypothesis_settings
 from kombu import Connection, Queue
 
 from config import DEAD_QUEUE, MAIN_QUEUE, RETRY_QUEUE, Settings, get_settings
-from jobs.benchmarks.database import drop_database
+from jobs.tools.databases import drop_database
 from ledger import create_engine, upgrade
 from ledger.direct import for_engine
 
@@ -240,7 +240,7 @@ def settings_for(
 
 # --- hypothesis ----------------------------------------------------------------------------
 
-#: The protocol's model-based test (tests/integration/jobs/test_protocol_model.py) in CI: a
+#: The protocol's model-based test (tests/integration/jobs/engine/test_protocol_model.py) in CI: a
 #: fixed seed (derandomized), bounded examples, no example database.
 hypothesis_settings.register_profile(
     "protocol-ci",

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from config import child_environment
-from jobs import processes
+from jobs.tools import processes
 from ledger import JobState, JobStore, create_engine
 from tests.conftest import REPO_ROOT
 
@@ -45,7 +45,7 @@ class System:
     def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         """Run `oncelery ARGS` against this system."""
         return subprocess.run(
-            [sys.executable, "-m", "jobs.cli", *args],
+            [sys.executable, "-m", "jobs", *args],
             input=stdin,
             env=self.env,
             cwd=REPO_ROOT,

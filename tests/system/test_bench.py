@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from config import child_environment
-from jobs.benchmarks.database import bench_database_url, drop_bench_database
-from jobs.benchmarks.report import FIGURES
+from jobs.tools.bench.report import FIGURES
+from jobs.tools.databases import bench_database_url, drop_bench_database
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.system
@@ -35,7 +35,7 @@ def test_a_smoke_bench_reports_every_row_and_figure(
     env = child_environment(
         {"DATABASE_URL": postgres_url, "ONCELERY_DATA_DIR": str(tmp_path / "data")}
     )
-    argv = [sys.executable, "-m", "jobs.cli", "bench", "--broker", "redis"]
+    argv = [sys.executable, "-m", "jobs", "bench", "--broker", "redis"]
     argv += ["--redis-url", redis_url, "--orders", "100", "--runs", "1"]
     argv += ["--latency-orders", "10", "--seed-jobs", "2000", "--json"]
 
@@ -80,7 +80,7 @@ def test_a_smoke_intake_bench_reports_its_figures(
     env = child_environment(
         {"DATABASE_URL": postgres_url, "ONCELERY_DATA_DIR": str(tmp_path / "data")}
     )
-    argv = [sys.executable, "-m", "jobs.cli", "bench", "--intake", "--broker", "redis"]
+    argv = [sys.executable, "-m", "jobs", "bench", "--intake", "--broker", "redis"]
     argv += ["--redis-url", redis_url, "--orders", "60", "--concurrency", "5", "--runs", "1"]
     try:
         done = subprocess.run(

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from config import child_environment
-from jobs import processes
+from jobs.tools import processes
 from tests.conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.system, pytest.mark.chaos]
@@ -43,7 +43,7 @@ def test_chaos(
         [
             sys.executable,
             "-m",
-            "jobs.cli",
+            "jobs",
             "chaos",
             "--orders",
             str(ORDERS),

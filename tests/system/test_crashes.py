@@ -156,9 +156,9 @@ def test_lost_replies_are_charged_once_under_one_key(
 def test_a_crash_after_an_unkeyed_effect_is_unknown_and_not_resent(
     postgres_url: str, redis_url: str, system_factory: SystemFactory
 ) -> None:
-    from jobs.app import CeleryDispatch, client_app
-    from jobs.enqueue import start_jobs
+    from jobs.engine.enqueue import start_jobs
     from jobs.pipelines import registry
+    from jobs.worker import CeleryDispatch, client_app
     from tests.conftest import settings_for
     from tests.toy_pipeline import toy_once  # noqa: F401 - declares the pipeline
 

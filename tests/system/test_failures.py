@@ -134,9 +134,9 @@ def test_exhausted_retries_dead_letter_and_a_replay_charges_once(
 def test_an_unknown_outcome_needs_force_or_a_decision(
     postgres_url: str, redis_url: str, system_factory: SystemFactory
 ) -> None:
-    from jobs.app import CeleryDispatch, client_app
-    from jobs.enqueue import start_jobs
+    from jobs.engine.enqueue import start_jobs
     from jobs.pipelines import registry
+    from jobs.worker import CeleryDispatch, client_app
     from tests.conftest import settings_for
     from tests.toy_pipeline import toy_once  # noqa: F401 - declares the pipeline
 
@@ -335,9 +335,9 @@ def test_retries_do_not_starve_new_orders(
 def test_a_step_that_hangs_is_cut_by_its_time_limit(
     postgres_url: str, redis_url: str, system_factory: SystemFactory
 ) -> None:
-    from jobs.app import CeleryDispatch, client_app
-    from jobs.enqueue import start_jobs
+    from jobs.engine.enqueue import start_jobs
     from jobs.pipelines import registry
+    from jobs.worker import CeleryDispatch, client_app
     from tests.conftest import settings_for
     from tests.toy_pipeline import toy_slow  # noqa: F401 - declares the pipeline
 

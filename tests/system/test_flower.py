@@ -9,7 +9,7 @@ import uuid
 import httpx
 import pytest
 
-from jobs import processes
+from jobs.tools import processes
 from ledger import JobState
 from tests.factories import order_event
 from tests.system.conftest import SystemFactory

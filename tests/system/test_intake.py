@@ -11,8 +11,8 @@ import time
 import httpx
 import pytest
 
-from jobs import processes
-from jobs.intake import sign
+from jobs.ops.signatures import sign
+from jobs.tools import processes
 from ledger import JobState
 from tests.factories import order_event
 from tests.system.conftest import SystemFactory, per_order
@@ -34,7 +34,7 @@ def test_orders_accepted_while_the_broker_is_down_are_done_when_it_is_back(
     port = processes.free_port()
     api = processes.start(
         "api",
-        [sys.executable, "-m", "jobs.cli", "api", "--port", str(port)],
+        [sys.executable, "-m", "jobs", "api", "--port", str(port)],
         env={**system.env, "WEBHOOK_SECRET": SECRET, "API_TOKEN": TOKEN},
         log_dir=system.log_dir,
     )

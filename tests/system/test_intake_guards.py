@@ -20,8 +20,8 @@ import pytest
 import sqlalchemy as sa
 
 from config import child_environment
-from jobs import processes
-from jobs.intake import sign
+from jobs.ops.signatures import sign
+from jobs.tools import processes
 from tests.conftest import REPO_ROOT
 from tests.factories import order_event
 
@@ -48,7 +48,7 @@ def start_api(postgres_url: str, redis_url: str, tmp_path: Path) -> Iterator[Sta
         }
         api = processes.start(
             f"api{len(started)}",
-            [sys.executable, "-m", "jobs.cli", "api", "--port", str(port)],
+            [sys.executable, "-m", "jobs", "api", "--port", str(port)],
             env=child_environment(overrides),
             log_dir=tmp_path / "logs",
         )
@@ -114,7 +114,7 @@ def test_a_short_secret_stops_the_api_at_start(
         }
     )
     done = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "api", "--port", str(processes.free_port())],
+        [sys.executable, "-m", "jobs", "api", "--port", str(processes.free_port())],
         env=env,
         capture_output=True,
         text=True,

@@ -13,9 +13,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from config import DEAD_QUEUE, MAIN_QUEUE, RETRY_QUEUE
-from jobs.app import client_app
-from jobs.metrics import render_metrics
-from jobs.runtime import Runtime
+from jobs.engine.runtime import Runtime
+from jobs.ops.metrics import render_metrics
+from jobs.worker import client_app
 from ledger import JobState
 from tests.conftest import queue_length, settings_for
 from tests.factories import order_event

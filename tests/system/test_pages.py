@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from jobs import processes
+from jobs.tools import processes
 from ledger import JobState
 from tests.conftest import REPO_ROOT, unavailable
 from tests.factories import order_event
@@ -57,7 +57,7 @@ def browser() -> Iterator[Browser]:
 def start_api(system: System) -> str:
     """Start `oncelery api` with a token for this system; returns its base URL."""
     port = processes.free_port()
-    argv = [sys.executable, "-m", "jobs.cli", "api", "--port", str(port)]
+    argv = [sys.executable, "-m", "jobs", "api", "--port", str(port)]
     env = {**system.env, "API_TOKEN": TOKEN, "WEBHOOK_SECRET": "pages-test-secret"}
     api = processes.start("api", argv, env=env, log_dir=system.log_dir)
     system.started.append(api)
@@ -287,9 +287,9 @@ def test_a_person_resolves_an_unknown_outcome(
 
 def start_toy_once(system: System, postgres_url: str, redis_url: str, word: str) -> str:
     """Start one `toy-once` job (its notification step is at-most-once); returns its id."""
-    from jobs.app import CeleryDispatch, client_app
-    from jobs.enqueue import start_jobs
+    from jobs.engine.enqueue import start_jobs
     from jobs.pipelines import registry
+    from jobs.worker import CeleryDispatch, client_app
     from tests.conftest import settings_for
     from tests.toy_pipeline import toy_once  # noqa: F401 - declares the pipeline
 

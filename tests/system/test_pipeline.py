@@ -76,9 +76,9 @@ def test_orders_complete_exactly_once_despite_faults(
 def test_a_second_pipeline_runs_on_the_same_engine(
     postgres_url: str, redis_url: str, system_factory: SystemFactory
 ) -> None:
-    from jobs.app import CeleryDispatch, client_app
-    from jobs.enqueue import start_jobs
+    from jobs.engine.enqueue import start_jobs
     from jobs.pipelines import registry
+    from jobs.worker import CeleryDispatch, client_app
     from tests.conftest import settings_for
     from tests.toy_pipeline import toy  # noqa: F401 - declares the pipeline
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from config import child_environment
-from jobs import processes
+from jobs.tools import processes
 from ledger import JobState, JobStore, create_engine
 from tests.conftest import REPO_ROOT
 from tests.factories import order_event

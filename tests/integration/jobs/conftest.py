@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from jobs.engine.runtime import Runtime
 from jobs.retry import RetryPolicy
-from jobs.runtime import Runtime
 from ledger import JobStore, StepLedger
 from tests.conftest import settings_for
 

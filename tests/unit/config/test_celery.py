@@ -132,7 +132,7 @@ def test_rabbitmq_queues_dead_letter_to_their_exchange(tmp_path: Path) -> None:
 
 
 def test_beat_sends_no_sweep_task(tmp_path: Path) -> None:
-    # It sweeps in its own process (`jobs.app._sweep_from_beat`), not through a worker pool.
+    # It sweeps in its own process (`jobs.worker.app._sweep_from_beat`), not through a worker pool.
     settings = Settings.model_validate({"ONCELERY_DATA_DIR": str(tmp_path), "sweep_interval": 7})
     assert celery_config(settings)["beat_schedule"] == {}
 

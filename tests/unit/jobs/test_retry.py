@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+import jobs.worker.time_limits  # noqa: F401 - registers Celery's soft time limit as transient
 from jobs.errors import InvalidEvent, PermanentError, TransientError
 from jobs.retry import RetryPolicy, Verdict, backoff, decide, is_transient, may_have_acted
 
@@ -106,6 +107,7 @@ def test_permanent_and_unknown_errors_never_retry(error: Exception) -> None:
 
 _TRANSIENT = [
     TransientError("503"),
+    # Celery's soft time limit, which the worker registers (`jobs.worker.time_limits`).
     SoftTimeLimitExceeded(),
     ConnectionError("reset"),
     ConnectionRefusedError("refused"),

@@ -1,6 +1,6 @@
 """Fixtures for the sandbox provider's unit tests: a store in tmp_path and an in-process client.
 
-No network: requests reach the app through httpx's ASGI transport (`jobs.sandbox.testing`).
+No network: requests reach the app through httpx's ASGI transport (`tests.sandbox_client`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from jobs.sandbox import Faults, SandboxStore
-from jobs.sandbox.testing import SandboxClient, open_sandbox
+from tests.sandbox_client import SandboxClient, open_sandbox
 
 #: Short enough to keep the suite fast, long enough to be a real hang on the event loop.
 TEST_HANG_SECONDS = 0.05

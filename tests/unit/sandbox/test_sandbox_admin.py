@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 
 from jobs.sandbox import Faults
-from jobs.sandbox.testing import SandboxClient
+from tests.sandbox_client import SandboxClient
 
 NO_FAULTS = {"fault_rate": 0.0, "timeout_rate": 0.0, "lost_reply_rate": 0.0, "latency_ms": 0}
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import httpx
 
 from jobs.sandbox import Faults
-from jobs.sandbox.testing import SandboxClient
+from tests.sandbox_client import SandboxClient
 
 #: The hang used where a test measures it.
 HANG_SECONDS = 0.05

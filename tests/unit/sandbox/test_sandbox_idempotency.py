@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 
 import httpx
 
-from jobs.sandbox.testing import SandboxClient
+from tests.sandbox_client import SandboxClient
 
 
 def _charge(

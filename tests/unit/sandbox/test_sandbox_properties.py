@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jobs.sandbox import Faults, SandboxStore
-from jobs.sandbox.testing import SandboxClient, open_sandbox
+from tests.sandbox_client import SandboxClient, open_sandbox
 
 #: Beyond this many attempts a retrying client gives up (0.8 ** 200 makes that vanishingly rare).
 MAX_ATTEMPTS = 200

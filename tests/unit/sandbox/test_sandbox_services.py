@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from jobs.sandbox.services import unit_amount
-from jobs.sandbox.testing import SandboxClient
+from tests.sandbox_client import SandboxClient
 
 
 def _charge_body(order_id: str = "o-1", customer_id: str = "c-1") -> dict[str, object]:

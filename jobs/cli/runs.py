@@ -1,0 +1,278 @@
+"""The commands that run oncelery's processes for you: `demo`, `chaos`, `bench`, `sandbox`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.table import Table
+
+from config import get_settings
+from jobs.cli.support import BadInput, JsonFlag, print_json, stderr, stdout
+
+#: Options the commands share (same meaning, same bounds; defaults stay per command).
+Orders = Annotated[int, typer.Option(min=1, max=1_000_000, help="How many orders.")]
+FaultRate = Annotated[
+    float, typer.Option(min=0.0, max=1.0, help="Share of provider calls answered 5xx.")
+]
+TimeoutRate = Annotated[
+    float, typer.Option(min=0.0, max=1.0, help="Share that hang past the timeout.")
+]
+LostReplyRate = Annotated[
+    float, typer.Option(min=0.0, max=1.0, help="Share applied whose reply is lost.")
+]
+LatencyMs = Annotated[int, typer.Option(min=0, help="Added provider latency.")]
+Workers = Annotated[int, typer.Option(min=1, max=16, help="Worker processes.")]
+Concurrency = Annotated[int, typer.Option(min=1, max=64, help="Pool size per worker.")]
+
+Report = TypeVar("Report")
+
+
+def register(cli: typer.Typer) -> None:
+    """Add the commands to the `oncelery` command line."""
+    for command in (demo, chaos, bench, sandbox):
+        cli.command()(command)
+
+
+def demo(
+    orders: Orders = 200,
+    fault_rate: FaultRate = 0.0,
+    timeout_rate: TimeoutRate = 0.0,
+    lost_reply_rate: LostReplyRate = 0.0,
+    latency_ms: LatencyMs = 0,
+    declined_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of customers whose card is declined.")
+    ] = 0.0,
+    workers: Workers = 2,
+    concurrency: Concurrency = 2,
+    timeout: Annotated[
+        float, typer.Option(min=1.0, help="Give up waiting after this many seconds.")
+    ] = 600.0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Start the sandbox and workers, run N generated orders, and report what the provider saw."""
+    from jobs.tools.demo import DemoOptions, run_demo
+
+    if fault_rate + timeout_rate + lost_reply_rate > 1:
+        raise BadInput("--fault-rate, --timeout-rate and --lost-reply-rate add up to more than 1")
+    options = DemoOptions(
+        orders=orders,
+        fault_rate=fault_rate,
+        timeout_rate=timeout_rate,
+        lost_reply_rate=lost_reply_rate,
+        latency_ms=latency_ms,
+        declined_rate=declined_rate,
+        workers=workers,
+        concurrency=concurrency,
+        timeout=timeout,
+    )
+    settings = get_settings()
+    report = _counting_orders(
+        orders, quiet=as_json, run=lambda progress: run_demo(settings, options, progress)
+    )
+    if as_json:
+        print_json(report.as_json())
+    else:
+        _print_demo(report.as_json())
+    if report.stuck or not report.audit_clean:
+        raise typer.Exit(1)
+
+
+def chaos(
+    orders: Orders = 500,
+    kill_every: Annotated[
+        float, typer.Option(min=0.1, help="Seconds between two kills (±50 %).")
+    ] = 3.0,
+    broker_restart: Annotated[
+        bool,
+        typer.Option("--broker-restart", help="Restart the broker once, a quarter of the way."),
+    ] = False,
+    db_restart: Annotated[
+        bool, typer.Option("--db-restart", help="Restart Postgres once, half way.")
+    ] = False,
+    workers: Workers = 2,
+    concurrency: Concurrency = 2,
+    fault_rate: FaultRate = 0.10,
+    timeout_rate: TimeoutRate = 0.05,
+    timeout: Annotated[
+        float | None, typer.Option(min=1.0, help="Give up waiting after this many seconds.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the kills and the orders.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Run orders while killing workers and restarting the broker and Postgres; exit 1 if any
+    order was lost, doubled or left stuck."""
+    from jobs.tools.chaos import ChaosOptions, run_chaos
+
+    if fault_rate + timeout_rate > 1:
+        raise BadInput("--fault-rate and --timeout-rate add up to more than 1")
+    options = ChaosOptions(
+        orders=orders,
+        kill_every=kill_every,
+        broker_restart=broker_restart,
+        db_restart=db_restart,
+        workers=workers,
+        concurrency=concurrency,
+        fault_rate=fault_rate,
+        timeout_rate=timeout_rate,
+        timeout=timeout,
+        seed=seed,
+    )
+    settings = get_settings()
+    report = _counting_orders(
+        orders, quiet=as_json, run=lambda progress: run_chaos(settings, options, progress)
+    )
+    stderr.print(report.summary(), highlight=False)
+    for violation in report.violations[:20]:
+        stderr.print(f"  {violation}", highlight=False)
+    if as_json:
+        print_json(report.as_json())
+    else:
+        _print_demo(report.as_json())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def bench(
+    broker: Annotated[str, typer.Option(help="amqp, redis or all.")] = "all",
+    orders: Annotated[
+        int, typer.Option(min=1, max=1_000_000, help="Orders measured per row and run.")
+    ] = 2000,
+    runs: Annotated[
+        int, typer.Option(min=0, max=100, help="Rounds; 0 only seeds and times the queries.")
+    ] = 3,
+    latency_orders: Annotated[
+        int, typer.Option(min=1, max=100_000, help="Sequential orders for idle latency.")
+    ] = 100,
+    seed_jobs: Annotated[
+        int,
+        typer.Option(
+            min=0, max=100_000_000, help="Seed this many finished jobs, then time the queries."
+        ),
+    ] = 0,
+    amqp_url: Annotated[
+        str, typer.Option(help="RabbitMQ for the bench.")
+    ] = "amqp://guest:guest@127.0.0.1:5672//",
+    redis_url: Annotated[str, typer.Option(help="Redis for the bench.")] = (
+        "redis://127.0.0.1:6379/3"
+    ),
+    intake: Annotated[
+        bool, typer.Option("--intake", help="Load the webhook of a real `oncelery api` instead.")
+    ] = False,
+    concurrency: Annotated[
+        int, typer.Option(min=1, max=1_000, help="--intake: clients posting at once.")
+    ] = 50,
+    as_json: JsonFlag = False,
+) -> None:
+    """Measure bare Celery against oncelery (chained, fast path, fast path + sandbox) in fresh
+    workers, in a database of its own (<DATABASE_URL's name>_bench); needs Postgres. With
+    --intake: --orders signed events posted to `oncelery api` at --concurrency, --runs times."""
+    from jobs.tools.bench.command import (
+        BenchOptions,
+        brokers_for,
+        print_intake,
+        run_bench,
+        run_intake,
+    )
+    from jobs.tools.bench.intake import IntakeOptions
+
+    settings = get_settings()
+    if settings.embedded_database:
+        raise BadInput("DATABASE_URL: the bench needs Postgres (postgresql+psycopg://…)")
+    try:
+        brokers = brokers_for(broker, amqp_url=amqp_url, redis_url=redis_url)
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+
+    def log(line: str) -> None:
+        stderr.print(line, highlight=False, markup=False)
+
+    if intake:
+        runs_done = run_intake(
+            settings,
+            IntakeOptions(brokers, events=orders, concurrency=concurrency, runs=max(runs, 1)),
+            log,
+        )
+        if as_json:
+            print_json({"intake": [run.as_json() for run in runs_done]})
+        else:
+            print_intake(runs_done, stdout)
+        return
+    options = BenchOptions(
+        brokers=brokers,
+        orders=orders,
+        runs=runs,
+        latency_orders=latency_orders,
+        seed_jobs=seed_jobs,
+    )
+    report = run_bench(settings, options, log)
+    if as_json:
+        print_json(report.as_json())
+    else:
+        report.print(stdout)
+
+
+def _counting_orders(
+    total: int, *, quiet: bool, run: Callable[[Callable[[int, int], None]], Report]
+) -> Report:
+    """Run `run` with a progress bar of finished orders on stderr (gone afterwards when
+    `quiet`, so stdout carries only the JSON)."""
+    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=stderr, transient=quiet) as bar:
+        task = bar.add_task("orders finished", total=total)
+        return run(lambda done, expected: bar.update(task, completed=done, total=expected))
+
+
+def _print_demo(figures: dict[str, object]) -> None:
+    table = Table("figure", "value", title="oncelery demo (counted at the provider)")
+    for name, value in figures.items():
+        if name not in ("drift", "violations"):
+            table.add_row(name, str(value))
+    stdout.print(table)
+
+
+def sandbox(
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8765,
+    host: str = "127.0.0.1",
+    db: Annotated[
+        Path | None, typer.Option(help="Its SQLite file (default: in the data folder).")
+    ] = None,
+    fault_rate: FaultRate = 0.0,
+    timeout_rate: TimeoutRate = 0.0,
+    lost_reply_rate: LostReplyRate = 0.0,
+    latency_ms: LatencyMs = 0,
+    hang_seconds: Annotated[
+        float, typer.Option(min=0.0, help="How long a timeout or lost reply hangs.")
+    ] = 30.0,
+    no_idempotency: Annotated[
+        bool, typer.Option("--no-idempotency", help="Ignore Idempotency-Key.")
+    ] = False,
+) -> None:
+    """Run the sandbox provider: customers, prices, payments and notifications over HTTP."""
+    from pydantic import ValidationError
+
+    from jobs.sandbox import Faults, serve
+
+    try:
+        faults = Faults(
+            fault_rate=fault_rate,
+            timeout_rate=timeout_rate,
+            lost_reply_rate=lost_reply_rate,
+            latency_ms=latency_ms,
+        )
+    except ValidationError as exc:
+        raise BadInput(f"faults: {exc.errors()[0]['msg']}") from None
+    path = db if db is not None else get_settings().data_dir / "sandbox.sqlite3"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stderr.print(f"sandbox provider on http://{host}:{port} (effects in {path})")
+    serve(
+        host=host,
+        port=port,
+        db_path=path,
+        faults=faults,
+        honour_keys=not no_idempotency,
+        hang_seconds=hang_seconds,
+    )

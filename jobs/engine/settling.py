@@ -1,0 +1,119 @@
+"""Settling what a claim (or a read) found: the claim to act on, or how this delivery of the
+job ends — a key in flight elsewhere, an outcome unknown, a duplicate absorbed, a dead
+letter for a key reused or a step the job cannot run."""
+
+from __future__ import annotations
+
+import logging
+import random
+from uuid import UUID
+
+from jobs.engine.delivery import Outcome, Run, claim_alone, error_json
+from jobs.engine.step_messages import no_such_job
+from jobs.pipelines import Step
+from ledger import (
+    JSON,
+    AlreadySucceeded,
+    Claim,
+    ClaimOutcome,
+    DeadLetterReason,
+    FingerprintMismatch,
+    InFlight,
+    JobInactive,
+    JobState,
+    LedgerError,
+    OutcomeUnknown,
+    Reading,
+    StatementRejected,
+    StepNotInJob,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between looks at a key another owner holds (at most the rest of its lease).
+_IN_FLIGHT_POLL = 1.0
+
+
+def settle_found(
+    run: Run, step: Step[object], job_id: str, found: ClaimOutcome | Reading | LedgerError
+) -> Claim | Reading | Outcome:
+    """What a claim or a read found: a claim or a reading to act on, or how this delivery of
+    the job ends."""
+    if isinstance(found, Reading):
+        if found.attempt <= run.rt.retry_policy_for(run.pipeline.name, step).max_attempts:
+            return found
+        # Its attempts ran out (they died with their workers): only a claim dead-letters it.
+        found = claim_alone(run, step, found.job_id)
+    return settle(run, step, job_id, found)
+
+
+def settle(
+    run: Run, step: Step[object], job_id: str, found: ClaimOutcome | LedgerError
+) -> Claim | Outcome:
+    """What a claim found: the claim itself, or how this delivery of the job ends."""
+    rt, dispatch = run.rt, run.dispatch_for(step, job_id)
+    job = UUID(job_id)
+    log = {"job_id": job_id, "step": step.name}
+    if isinstance(found, FingerprintMismatch):
+        logger.error("%s", found, extra={"action": "dead_letter", **log, "key": found.key})
+        mismatch = error_json(found, retryable=False)
+        reason = DeadLetterReason.FINGERPRINT_MISMATCH
+        rt.ledger.dead_letter(job, step.name, mismatch, reason=reason, key=found.key)
+        return Outcome.DEAD_LETTERED
+    if isinstance(found, StepNotInJob | StatementRejected):
+        # The job cannot run this step as it stands (a plan without the step, a value the
+        # database refuses): no retry can fix that, a person must look.
+        logger.error("%s", found, extra={"action": "dead_letter", **log})
+        rejected = error_json(found, retryable=False)
+        rt.ledger.dead_letter(job, step.name, rejected, reason=DeadLetterReason.PERMANENT)
+        return Outcome.DEAD_LETTERED
+    if isinstance(found, LedgerError):
+        raise found
+    if isinstance(found, JobInactive):
+        if found.state is None:  # no such job: said and counted (`jobs.engine.step_messages`)
+            no_such_job(rt, run.pipeline.name, step.name, job_id)
+        else:
+            logger.info("job is %s; step not run", found.state, extra={"action": "skip", **log})
+        return Outcome.INACTIVE
+    if isinstance(found, InFlight):
+        in_flight = {"action": "in_flight", **log, "key": found.key}
+        logger.info("key in flight elsewhere", extra=in_flight)
+        # Poll rather than wait out the whole lease: the other owner usually finishes soon.
+        dispatch.retry_later(min(found.retry_in, _IN_FLIGHT_POLL + random.random() / 2))
+    if isinstance(found, OutcomeUnknown):
+        error: JSON = {
+            "type": "OutcomeUnknown",
+            "message": "owner vanished between acting and recording",
+            "retryable": False,
+        }
+        if not rt.ledger.declare_unknown(found, error):
+            # Its owner recorded late, or another took the key over: look again.
+            dispatch.retry_later(_IN_FLIGHT_POLL)
+        logger.error("outcome unknown", extra={"action": "dead_letter", **log, "key": found.key})
+        return Outcome.DEAD_LETTERED
+    if isinstance(found, AlreadySucceeded):
+        return _absorb_duplicate(run, step, found)
+    return found
+
+
+def _absorb_duplicate(run: Run, step: Step[object], outcome: AlreadySucceeded) -> Outcome:
+    rt, pipeline = run.rt, run.pipeline
+    job_id = str(outcome.job_id)
+    dispatch = run.dispatch_for(step, job_id)
+    following = pipeline.next_step(step.name)
+    next_name = following.name if following else None
+    if outcome.recorded_for_this_job and outcome.current_step != step.name:
+        rt.ledger.note_duplicate(outcome)
+        # A redelivery after the record: the next step's publish may have been lost with
+        # the worker, so publish it again; a second copy is absorbed the same way.
+        if following is not None and outcome.current_step == next_name:
+            dispatch.send(pipeline.name, following.name, job_id)
+    # Another job's result (the same request sent twice), or this job's own result for a
+    # step it never moved past (a replay of a step that had in fact succeeded): adopt it.
+    elif rt.ledger.adopt_result(outcome, next_step=next_name) is JobState.RUNNING and following:
+        dispatch.send(pipeline.name, following.name, job_id)
+    logger.info(
+        "duplicate absorbed",
+        extra={"action": "duplicate", "job_id": job_id, "step": step.name, "key": outcome.key},
+    )
+    return Outcome.DUPLICATE

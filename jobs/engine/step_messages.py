@@ -1,0 +1,124 @@
+"""What a step message must carry — one argument, its job's id, a UUID — and what becomes of one
+that cannot be a delivery: rejected once, never requeued (it would come back forever), logged
+with its task and why, and counted in the ledger (`oncelery_malformed_messages_total`).
+
+Celery-free: the step tasks (`jobs.worker.steps`), the batches (`jobs.worker.batching`) and
+the runner's settling of a claim that found no job use it alike.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final
+from uuid import UUID
+
+from jobs.engine.runtime import Runtime
+from ledger import MalformedMessages
+
+logger = logging.getLogger(__name__)
+
+#: How much of a bad value a log line or a count's detail shows.
+_SHOWN: Final = 80
+
+
+class MalformedReason(enum.StrEnum):
+    """Why a step message cannot be a delivery (the metric's `reason` label)."""
+
+    #: Not exactly one positional argument (keyword arguments, none, several).
+    ARGUMENTS = "arguments"
+    #: Its one argument is not a UUID.
+    JOB_ID = "job_id"
+    #: A well-formed UUID, but no job has it (acknowledged, not rejected: nothing is wrong
+    #: with the message's form, and a pruned job's late duplicate is one).
+    NO_SUCH_JOB = "no_such_job"
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A step message that cannot be a delivery, and why."""
+
+    reason: MalformedReason
+    detail: str
+
+
+def task_name(pipeline: str, step: str) -> str:
+    """The Celery task name of a pipeline's step."""
+    return f"oncelery.{pipeline}.{step}"
+
+
+def job_id_of(args: object, kwargs: object) -> str | Malformed:
+    """The job id a step message carries (as `args=[job_id]`), or why it carries none.
+
+    Args:
+        args: the message's positional arguments.
+        kwargs: its keyword arguments.
+
+    Returns:
+        The job id, in the canonical form of a UUID; or `Malformed`.
+    """
+    if isinstance(kwargs, Mapping) and kwargs:
+        names = _shown(sorted(str(name) for name in kwargs))
+        return Malformed(
+            MalformedReason.ARGUMENTS,
+            f"keyword arguments {names}: a step message takes one argument, the job id",
+        )
+    if not isinstance(args, Sequence) or isinstance(args, str) or len(args) != 1:
+        given = len(args) if isinstance(args, Sequence) else type(args).__name__
+        return Malformed(
+            MalformedReason.ARGUMENTS,
+            f"arguments {_shown(args)} ({given}): a step message takes one, the job id",
+        )
+    [job_id] = args
+    try:
+        return str(UUID(job_id))
+    except (TypeError, ValueError, AttributeError):
+        return Malformed(MalformedReason.JOB_ID, f"job id {_shown(job_id)} is not a UUID")
+
+
+def reject_malformed(rt: Runtime | None, task: str, message_id: str, malformed: Malformed) -> None:
+    """Say and count that a step message is rejected as malformed (the caller rejects it,
+    without requeueing). `rt`: where to count it; None when no runtime can be had."""
+    logger.error(
+        "rejected step message %s of %s: %s",
+        message_id,
+        task,
+        malformed.detail,
+        extra={"action": "malformed_message", "task": task, "reason": str(malformed.reason)},
+    )
+    _count(rt, task, malformed)
+
+
+def no_such_job(rt: Runtime, pipeline: str, step: str, job_id: str) -> None:
+    """Say and count that a step message's well-formed job id names no job (the caller
+    acknowledges the message: nothing is wrong with its form)."""
+    task = task_name(pipeline, step)
+    logger.warning(
+        "step message of %s names no job: %s",
+        task,
+        job_id,
+        extra={"action": "no_such_job", "task": task, "job_id": job_id, "step": step},
+    )
+    _count(rt, task, Malformed(MalformedReason.NO_SUCH_JOB, f"no job {job_id}"))
+
+
+def _count(rt: Runtime | None, task: str, malformed: Malformed) -> None:
+    # Counting is a courtesy: a database that cannot count must not keep the message.
+    if rt is None:
+        return
+    try:
+        MalformedMessages(engine=rt.engine).count(task, str(malformed.reason), malformed.detail)
+    except Exception:  # whatever went wrong, the message is still ended once
+        logger.warning(
+            "malformed message of %s not counted",
+            task,
+            exc_info=True,
+            extra={"action": "malformed_not_counted", "task": task},
+        )
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOWN else f"{text[: _SHOWN - 3]}..."

@@ -1,0 +1,203 @@
+"""What people do with dead letters: plan a replay (which steps are skipped, re-run or refused),
+replay, resolve an unknown outcome, purge. The ledger changes state; this module adds what it
+cannot know — a pipeline's steps and whether a step's provider honours keys — and sends."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+
+from jobs.engine.dispatch import Dispatch
+from jobs.errors import UnknownPipeline
+from jobs.pipelines import Delivery, Pipeline, registry
+from ledger import (
+    JSON,
+    DeadLetter,
+    DeadLetterReason,
+    DeadLetterState,
+    DeadLetterStore,
+    EventKind,
+    JobNotFound,
+    JobState,
+    JobStore,
+    Refused,
+    StepState,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReplayPlan:
+    """What replaying one dead letter would do."""
+
+    letter_id: int
+    job_id: str
+    pipeline: str
+    step: str
+    #: Steps already succeeded: their recorded results are reused, they do not run again.
+    skip: list[str] = field(default_factory=list)
+    #: The failed step and those after it.
+    rerun: list[str] = field(default_factory=list)
+    #: Why it will not be replayed (None: it will).
+    refused: str | None = None
+
+    def as_json(self) -> dict[str, JSON]:
+        """For `--json`."""
+        return {
+            "dead_letter": self.letter_id,
+            "job_id": self.job_id,
+            "pipeline": self.pipeline,
+            "step": self.step,
+            "skip": list(self.skip),
+            "rerun": list(self.rerun),
+            "refused": self.refused,
+        }
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """What happened to one dead letter."""
+
+    letter_id: int
+    job_id: str
+    done: bool
+    detail: str
+
+    def as_json(self) -> dict[str, JSON]:
+        """For `--json`."""
+        return {"dead_letter": self.letter_id, "job_id": self.job_id, "done": self.done,
+                "detail": self.detail}  # fmt: skip
+
+
+class DeadLetterDesk:
+    """Plans and carries out what people ask of dead letters.
+
+    Args:
+        store: the jobs.
+        letters: the dead letters.
+        dispatch: how a reopened job's step is sent (on the retry queue).
+    """
+
+    def __init__(self, *, store: JobStore, letters: DeadLetterStore, dispatch: Dispatch) -> None:
+        self.store = store
+        self.letters = letters
+        self.dispatch = dispatch
+
+    def plan(self, letter: DeadLetter, *, force: bool) -> ReplayPlan:
+        """What a replay of `letter` would do; changes nothing."""
+        base = ReplayPlan(letter.id, str(letter.job_id), letter.pipeline, letter.step)
+        try:
+            pipeline = registry.get(letter.pipeline)
+            job = self.store.get_job(letter.job_id)
+        except (UnknownPipeline, JobNotFound) as exc:
+            return _refused(base, str(exc))
+        names = [step.name for step in pipeline.steps]
+        if letter.step not in names:
+            return _refused(base, f"pipeline {pipeline.name!r} has no step {letter.step!r}")
+        at = names.index(letter.step)
+        plan = dataclasses.replace(base, skip=names[:at], rerun=names[at:])
+        refusal = self._refusal(letter, job.state, pipeline, force=force)
+        return _refused(plan, refusal) if refusal else plan
+
+    def _refusal(
+        self, letter: DeadLetter, job_state: JobState, pipeline: Pipeline[object], *, force: bool
+    ) -> str | None:
+        if letter.state is not DeadLetterState.OPEN:
+            return f"already {letter.state}"
+        if job_state is not JobState.DEAD_LETTERED:
+            return f"the job is {job_state}"
+        if letter.reason is DeadLetterReason.FINGERPRINT_MISMATCH:
+            return "its key was first used for a different request: fix the key, do not replay"
+        if self._unknown_at_most_once(letter, pipeline) and not force:
+            return (
+                "the step's outcome is unknown and its provider ignores keys: "
+                "check the provider, then replay --force or resolve"
+            )
+        return None
+
+    def _unknown_at_most_once(self, letter: DeadLetter, pipeline: Pipeline[object]) -> bool:
+        if pipeline.step(letter.step).delivery is not Delivery.AT_MOST_ONCE or letter.key is None:
+            return False
+        entries = self.store.history(letter.job_id).entries
+        return any(e.key == letter.key and e.state is StepState.UNKNOWN for e in entries)
+
+    def replay(self, letter: DeadLetter, *, by: str, force: bool) -> ReplayResult:
+        """Replay one dead letter: the job resumes at the failed step, on the retry queue."""
+        plan = self.plan(letter, force=force)
+        if plan.refused:
+            return ReplayResult(letter.id, str(letter.job_id), False, plan.refused)
+        # An exactly-once step may run again even if its outcome is unknown: the provider's
+        # key turns a repeat into the first answer.
+        outcome = self.letters.replay(letter.id, by=by, allow_unknown=True)
+        return self._send(outcome, letter)
+
+    def retry(self, letter: DeadLetter, *, by: str) -> ReplayResult:
+        """A person decided the step did not take effect: run it again (`resolve --as retry`)."""
+        outcome = self.letters.replay(
+            letter.id, by=by, allow_unknown=True, event=EventKind.RESOLVED
+        )
+        return self._send(outcome, letter)
+
+    def settle(self, letter: DeadLetter, *, by: str, result: JSON) -> ReplayResult:
+        """A person decided the step did take effect (`resolve --as succeeded`): record
+        `result` as its outcome and move the job on."""
+        try:
+            following = registry.get(letter.pipeline).next_step(letter.step)
+        except UnknownPipeline as exc:
+            return ReplayResult(letter.id, str(letter.job_id), False, str(exc))
+        outcome = self.letters.settle(
+            letter.id, by=by, result=result, next_step=following.name if following else None
+        )
+        if isinstance(outcome, Refused):
+            return ReplayResult(letter.id, str(letter.job_id), False, outcome.reason)
+        if outcome.next_step is not None and outcome.job_state is JobState.RUNNING:
+            self.dispatch.send(
+                outcome.pipeline, outcome.next_step, str(outcome.job_id), resend=True
+            )
+            return ReplayResult(
+                letter.id, str(letter.job_id), True, f"resumed at {outcome.next_step}"
+            )
+        return ReplayResult(letter.id, str(letter.job_id), True, f"job {outcome.job_state}")
+
+    def _send(self, outcome: object, letter: DeadLetter) -> ReplayResult:
+        if isinstance(outcome, Refused):
+            return ReplayResult(letter.id, str(letter.job_id), False, outcome.reason)
+        try:
+            self.dispatch.send(letter.pipeline, letter.step, str(letter.job_id), resend=True)
+        except Exception as exc:  # noqa: BLE001 - reopened in Postgres: the sweeper sends it
+            detail = f"reopened, but not sent ({exc}); the sweeper will send it"
+            return ReplayResult(letter.id, str(letter.job_id), True, detail)
+        logger.info(
+            "replayed dead letter %s",
+            letter.id,
+            extra={"action": "replay", "job_id": str(letter.job_id), "step": letter.step},
+        )
+        return ReplayResult(letter.id, str(letter.job_id), True, f"resumed at {letter.step}")
+
+
+def _refused(plan: ReplayPlan, reason: str) -> ReplayPlan:
+    return dataclasses.replace(plan, refused=reason)
+
+
+def letter_view(letter: DeadLetter) -> dict[str, JSON]:
+    """A dead letter as `dlq list/show --json` prints it."""
+    return {
+        "id": letter.id,
+        "job_id": str(letter.job_id),
+        "pipeline": letter.pipeline,
+        "step": letter.step,
+        "key": letter.key,
+        "state": str(letter.state),
+        "reason": str(letter.reason),
+        "error_type": letter.error_type,
+        "message": letter.message,
+        "traceback": letter.traceback,
+        "input": letter.input,
+        "attempts": letter.attempts,
+        "first_failed_at": letter.first_failed_at.isoformat(),
+        "last_failed_at": letter.last_failed_at.isoformat(),
+        "closed_at": letter.closed_at.isoformat() if letter.closed_at else None,
+        "closed_by": letter.closed_by,
+    }

@@ -1,0 +1,133 @@
+"""Prometheus metrics, read from Postgres at scrape time: they survive restarts and agree
+across processes, unlike counters kept in one process's memory (or Flower's)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Final
+
+from celery import Celery
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from jobs.engine.runtime import Runtime
+from jobs.worker.queues import queue_depths
+from ledger import EventKind, Histogram, LedgerStats, MalformedMessages
+
+#: Histograms cover this many recent seconds.
+WINDOW: Final = 3600.0
+#: Step duration buckets, in seconds.
+STEP_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+#: Schedule-to-start buckets, in seconds.
+START_BUCKETS: Final = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+class LedgerCollector(Collector):
+    """Collects oncelery's metrics from the ledger and the broker."""
+
+    def __init__(self, rt: Runtime, app: Celery) -> None:
+        self.stats = LedgerStats(engine=rt.engine)
+        self.malformed = MalformedMessages(engine=rt.engine)
+        self.app = app
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
+        """Read everything once per scrape."""
+        snapshot = self.stats.snapshot(window=WINDOW)
+        jobs = GaugeMetricFamily("oncelery_jobs", "Jobs by state.", labels=["state"])
+        for state, count in snapshot.jobs.items():
+            jobs.add_metric([str(state)], count)
+        yield jobs
+        depth = GaugeMetricFamily(
+            "oncelery_queue_depth", "Messages waiting per queue.", labels=["queue"]
+        )
+        for queue, waiting in queue_depths(self.app).items():
+            if waiting is not None:
+                depth.add_metric([queue], waiting)
+        yield depth
+        yield GaugeMetricFamily(
+            "oncelery_oldest_pending_job_age_seconds",
+            "Age of the oldest job no worker has claimed yet (0 when none).",
+            value=snapshot.oldest_pending_age or 0.0,
+        )
+        yield GaugeMetricFamily(
+            "oncelery_dead_letters_open",
+            "Dead letters waiting for a person.",
+            value=snapshot.open_dead_letters,
+        )
+        yield from _counters(snapshot.events)
+        yield self._malformed()
+        yield _histogram(
+            "oncelery_schedule_to_start_seconds",
+            "Seconds from a job's creation to its first claim (jobs started in the last hour).",
+            {"": self.stats.schedule_to_start(START_BUCKETS, window=WINDOW)},
+            scale=1.0,
+        )
+        yield _histogram(
+            "oncelery_step_duration_seconds",
+            "Duration of successful step attempts in the last hour.",
+            self.stats.step_histograms([b * 1000 for b in STEP_BUCKETS], window=WINDOW),
+            scale=0.001,
+        )
+
+    def _malformed(self) -> CounterMetricFamily:
+        family = CounterMetricFamily(
+            "oncelery_malformed_messages",
+            "Step messages that could not be a delivery, by task and reason: `arguments` and "
+            "`job_id` were rejected (to the dead-letter queue on RabbitMQ), `no_such_job` "
+            "acknowledged.",
+            labels=["task", "reason"],
+        )
+        for counted in self.malformed.counts():
+            family.add_metric([counted.task, counted.reason], counted.count)
+        return family
+
+
+def _counters(events: dict[EventKind, int]) -> Iterator[CounterMetricFamily]:
+    yield CounterMetricFamily(
+        "oncelery_step_retries",
+        "Step attempts that failed and were retried.",
+        value=events[EventKind.FAILED],
+    )
+    yield CounterMetricFamily(
+        "oncelery_dead_lettered",
+        "Jobs dead-lettered (a job may be again after a replay).",
+        value=events[EventKind.DEAD_LETTERED],
+    )
+    yield CounterMetricFamily(
+        "oncelery_duplicates_absorbed",
+        "Deliveries whose key the ledger had already recorded: acted on zero times, not twice.",
+        value=events[EventKind.DUPLICATE] + events[EventKind.DEDUPLICATED],
+    )
+    yield CounterMetricFamily(
+        "oncelery_redrives",
+        "Stalled jobs the sweeper sent again.",
+        value=events[EventKind.REDRIVEN],
+    )
+
+
+def _histogram(
+    name: str, documentation: str, histograms: dict[str, Histogram], *, scale: float
+) -> HistogramMetricFamily:
+    labelled = any(histograms)
+    family = HistogramMetricFamily(name, documentation, labels=["step"] if labelled else None)
+    for label, histogram in histograms.items():
+        buckets = [
+            (_bound(bound * scale), count)
+            for bound, count in zip(histogram.bounds, histogram.cumulative, strict=True)
+        ]
+        buckets.append(("+Inf", histogram.count))
+        family.add_metric([label] if labelled else [], buckets, histogram.total * scale)
+    return family
+
+
+def _bound(value: float) -> str:
+    return f"{value:g}"
+
+
+def render_metrics(rt: Runtime, app: Celery) -> tuple[bytes, str]:
+    """The Prometheus exposition text, and its content type."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(LedgerCollector(rt, app))
+    return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,63 @@
+"""`oncelery status`: queue depths, jobs by state, the oldest pending job, step durations over a
+recent window, dead letters — one JSON object, or a table that `--watch` refreshes."""
+
+from __future__ import annotations
+
+from celery import Celery
+from rich.table import Table
+
+from jobs.worker.queues import queue_depths
+from ledger import JSON, LedgerStats
+
+
+def status_view(stats: LedgerStats, app: Celery, *, window: float) -> dict[str, JSON]:
+    """Everything `status --json` prints."""
+    snapshot = stats.snapshot(window=window)
+    return {
+        "queues": dict(queue_depths(app)),
+        "jobs": {str(state): count for state, count in snapshot.jobs.items()},
+        "oldest_pending_age_seconds": (
+            round(snapshot.oldest_pending_age, 3)
+            if snapshot.oldest_pending_age is not None
+            else None
+        ),
+        "dead_letters_open": snapshot.open_dead_letters,
+        "succeeded_estimated": snapshot.succeeded_estimated,
+        "window_seconds": window,
+        "steps": {
+            timing.step: {
+                "attempts": timing.attempts,
+                "p50_ms": _round(timing.p50_ms),
+                "p99_ms": _round(timing.p99_ms),
+            }
+            for timing in snapshot.steps
+        },
+        "events": {str(kind): count for kind, count in snapshot.events.items()},
+    }
+
+
+def status_table(view: dict[str, JSON]) -> Table:
+    """The view as one table, for people."""
+    table = Table("what", "value", title="oncelery status")
+    for section in ("queues", "jobs", "events"):
+        values = view[section]
+        assert isinstance(values, dict)
+        for name, count in values.items():
+            table.add_row(f"{section}: {name}", "?" if count is None else str(count))
+    table.add_row("oldest pending job", _age(view["oldest_pending_age_seconds"]))
+    table.add_row("open dead letters", str(view["dead_letters_open"]))
+    steps = view["steps"]
+    assert isinstance(steps, dict)
+    for step, timing in steps.items():
+        assert isinstance(timing, dict)
+        summary = f"p50 {timing['p50_ms']} ms · p99 {timing['p99_ms']} ms"
+        table.add_row(f"step {step}", f"{summary} · {timing['attempts']} attempts")
+    return table
+
+
+def _round(value: float | None) -> float | None:
+    return round(value, 3) if value is not None else None
+
+
+def _age(value: JSON) -> str:
+    return "none" if value is None else f"{value}s"

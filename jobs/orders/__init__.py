@@ -1,0 +1,61 @@
+"""The order-placed pipeline shipped with oncelery: gather → act → publish, run for each
+order-placed event."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from config import Settings
+from jobs.engine.dispatch import Dispatch
+from jobs.engine.enqueue import Enqueued, start_jobs
+from jobs.orders.event import (
+    OrderItem,
+    OrderPlaced,
+    describe_validation_error,
+    parse_event_lines,
+    parse_events,
+)
+from jobs.orders.steps import charge, gather, notify
+from jobs.pipelines import Delivery, Pipeline, Step
+from jobs.provider import ProviderClient
+from ledger import JobStore, NewJob
+
+__all__ = [
+    "OrderItem",
+    "OrderPlaced",
+    "describe_validation_error",
+    "enqueue_orders",
+    "order_job",
+    "order_placed",
+    "parse_event_lines",
+    "parse_events",
+]
+
+
+def _provider(settings: Settings) -> ProviderClient:
+    return ProviderClient(base_url=settings.provider_url, timeout=settings.provider_timeout)
+
+
+#: The flagship pipeline.
+order_placed: Pipeline[ProviderClient] = Pipeline(
+    name="order-placed",
+    steps=[
+        Step("gather", gather, key="order:{order_id}:gather", delivery=Delivery.READ_ONLY),
+        Step("act", charge, key="order:{order_id}:charge", effect="charge"),
+        Step("publish", notify, key="order:{order_id}:notify", effect="notification"),
+    ],
+    resources=_provider,
+)
+
+
+def order_job(event: OrderPlaced) -> NewJob:
+    """The job for one event: the event id deduplicates, the rest is the job's context."""
+    return order_placed.new_job(event.event_id, event.model_dump(mode="json", exclude={"event_id"}))
+
+
+def enqueue_orders(
+    store: JobStore, dispatch: Dispatch, events: Sequence[OrderPlaced]
+) -> list[Enqueued]:
+    """Start one order-placed job per event."""
+    pipeline: Pipeline[object] = order_placed  # type: ignore[assignment]
+    return start_jobs(store, dispatch, pipeline, [order_job(event) for event in events])

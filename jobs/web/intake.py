@@ -1,0 +1,324 @@
+"""The HTTP intake (`oncelery api`): the signed order-placed webhook, the read API, health and
+Prometheus metrics. Errors are JSON; the webhook answers 4xx to bad input, never 5xx.
+
+A 202 means the job is in Postgres: the webhook writes the job (its row is the outbox) and the
+relay thread hands it to the broker, so a broker outage delays orders but never loses them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Any, Final
+from uuid import UUID
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from sqlalchemy.engine import Engine
+
+from config import Settings
+from jobs.engine.enqueue import OutboxRelay
+from jobs.engine.runtime import Runtime, load_pipelines
+from jobs.ops import health
+from jobs.ops.dead_letters import DeadLetterDesk, letter_view
+from jobs.ops.health import Probe
+from jobs.ops.history import history_view
+from jobs.ops.metrics import render_metrics
+from jobs.ops.signatures import sign
+from jobs.orders import OrderPlaced, describe_validation_error, order_job
+from jobs.orders import order_placed as order_pipeline
+from jobs.pipelines import registry
+from jobs.web import pages
+from jobs.web.http import (
+    ApiError,
+    Intake,
+    IntakeDep,
+    api_error,
+    http_error,
+    not_configured,
+    require_token,
+)
+from jobs.web.job_writer import JobWriter
+from jobs.worker import CeleryDispatch
+from jobs.worker.queues import broker_reachable
+from ledger import (
+    DeadLetterNotFound,
+    DeadLetterState,
+    DeadLetterStore,
+    EventConflict,
+    JobNotFound,
+    JobState,
+    PostgresLimits,
+    create_engine,
+)
+
+logger = logging.getLogger(__name__)
+
+#: The largest webhook body accepted (100 items fit in a few kilobytes).
+MAX_BODY_BYTES: Final = 64 * 1024
+#: How far a webhook's timestamp may be from our clock, in seconds (replays of old requests).
+SIGNATURE_TOLERANCE: Final = 300
+#: Seconds `/healthz` waits for each dependency (Docker's health check gives up after 3).
+HEALTH_DEADLINE: Final = 2.5
+#: The most digits a number in a header may have (unix seconds have 10; a body size fewer).
+_MAX_DIGITS: Final = 12
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The intake's FastAPI application (the relay thread runs while it serves)."""
+    for variable, value in (
+        ("WEBHOOK_SECRET", settings.webhook_secret),
+        ("API_TOKEN", settings.api_token),
+    ):
+        if value is None:
+            logger.warning(
+                "%s is not set: the endpoints it guards answer 503",
+                variable,
+                extra={"action": "secret_unset"},
+            )
+    load_pipelines(settings)
+    rt = Runtime.from_settings(settings, engine=intake_engine(settings))
+    dispatch = CeleryDispatch(settings=settings)
+    intake = Intake(
+        settings,
+        rt,
+        DeadLetterStore(engine=rt.engine),
+        OutboxRelay(rt, dispatch, _first_step),
+        dispatch,
+        ThreadPoolExecutor(settings.intake_database_threads, thread_name_prefix="intake-db"),
+    )
+    intake.writer = JobWriter(rt.store, intake.in_database, writes=settings.intake_database_threads)
+    intake.probes = (
+        Probe("database", rt.store.ping, deadline=HEALTH_DEADLINE),
+        Probe("broker", lambda: _broker_answers(dispatch), deadline=HEALTH_DEADLINE),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        intake.relay.start()
+        try:
+            yield
+        finally:
+            intake.relay.stop()
+            intake.database_threads.shutdown(wait=False, cancel_futures=True)
+            rt.close()
+
+    app = FastAPI(title="oncelery", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.intake = intake
+    app.add_exception_handler(ApiError, api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, http_error)  # type: ignore[arg-type]
+    app.include_router(_routes())
+    app.include_router(pages.router)
+    return app
+
+
+def _routes() -> APIRouter:
+    router = APIRouter()
+    authorized = [Depends(require_token)]
+
+    @router.post("/webhooks/order-placed")
+    async def order_placed(request: Request, intake: IntakeDep) -> JSONResponse:
+        body = await _read_body(request)
+        verify_signature(intake.settings, request.headers, body)
+        job = order_job(parse_order(body))
+        try:
+            job_id, created = await intake.writer.create(job)
+        except EventConflict as conflict:
+            raise ApiError(
+                409,
+                "conflict",
+                f"event_id {conflict.event_id!r} was accepted before with other content",
+                field="event_id",
+                event_id=conflict.event_id,
+            ) from None
+        if created:
+            intake.relay.accepted(order_pipeline.name, job_id)
+        return JSONResponse({"job_id": str(job_id)}, status_code=202 if created else 200)
+
+    @router.get("/healthz")
+    async def healthz(intake: IntakeDep) -> JSONResponse:
+        # Which dependency is down, never its error text (logged): no token guards this.
+        states = await asyncio.gather(*(probe.status() for probe in intake.probes))
+        checks = {probe.name: state for probe, state in zip(intake.probes, states, strict=True)}
+        healthy = all(state == health.OK for state in states)
+        return JSONResponse(checks, status_code=200 if healthy else 503)
+
+    @router.get("/jobs/{job_id}", dependencies=authorized)
+    def get_job(job_id: UUID, intake: IntakeDep) -> JSONResponse:
+        try:
+            return JSONResponse(history_view(intake.runtime.store.history(job_id)))
+        except JobNotFound:
+            raise ApiError(404, "not_found", f"no job {job_id}") from None
+
+    @router.get("/jobs", dependencies=authorized)
+    def list_jobs(
+        intake: IntakeDep,
+        state: JobState | None = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    ) -> JSONResponse:
+        jobs = intake.runtime.store.list_jobs(state=state, limit=limit)
+        return JSONResponse({"jobs": [job_summary(job) for job in jobs]})
+
+    @router.get("/dead-letters", dependencies=authorized)
+    def dead_letters(
+        intake: IntakeDep,
+        state: DeadLetterState | None = DeadLetterState.OPEN,
+        step: str | None = None,
+        error_type: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> JSONResponse:
+        found = intake.letters.list(state=state, step=step, error_type=error_type, limit=limit)
+        return JSONResponse({"dead_letters": [letter_view(letter) for letter in found]})
+
+    @router.post("/dead-letters/{letter_id}/replay", dependencies=authorized)
+    def replay(
+        letter_id: int,
+        intake: IntakeDep,
+        force: bool = False,
+        dry_run: bool = False,
+        by: str = "api",
+    ) -> JSONResponse:
+        try:
+            letter = intake.letters.get(letter_id)
+        except DeadLetterNotFound:
+            raise ApiError(404, "not_found", f"no dead letter {letter_id}") from None
+        desk = DeadLetterDesk(
+            store=intake.runtime.store, letters=intake.letters, dispatch=intake.dispatch
+        )
+        if dry_run:
+            return JSONResponse({"dry_run": True, "plan": desk.plan(letter, force=force).as_json()})
+        result = desk.replay(letter, by=by, force=force)
+        return JSONResponse(result.as_json(), status_code=200 if result.done else 409)
+
+    @router.get("/metrics", dependencies=authorized)
+    def metrics(intake: IntakeDep) -> Response:
+        text, content_type = render_metrics(intake.runtime, intake.dispatch.sender)
+        return Response(text, media_type=content_type)
+
+    return router
+
+
+async def _read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and _digits(declared, "Content-Length") > MAX_BODY_BYTES:
+        raise ApiError(413, "too_large", f"the body is over {MAX_BODY_BYTES} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > MAX_BODY_BYTES:
+            raise ApiError(413, "too_large", f"the body is over {MAX_BODY_BYTES} bytes")
+    return bytes(body)
+
+
+def _digits(value: str, header: str) -> int:
+    """A header holding a whole number of ASCII digits, as an int; `int()` alone would take
+    "²" or " 1_0 ", and raise on 4,300 digits. Longer than `_MAX_DIGITS` reads as too big.
+
+    Raises:
+        ApiError: 400 naming the header when it is not digits.
+    """
+    if not value.isascii() or not value.isdigit():
+        raise ApiError(400, "bad_request", f"{header} must be a whole number")
+    digits = value.lstrip("0") or "0"
+    return int(digits) if len(digits) <= _MAX_DIGITS else 10**_MAX_DIGITS
+
+
+def _first_step(pipeline: str) -> str:
+    return registry.get(pipeline).steps[0].name
+
+
+def verify_signature(
+    settings: Settings, headers: Any, body: bytes, *, now: float | None = None
+) -> None:
+    """Check `X-Oncelery-Timestamp` and `X-Oncelery-Signature` (constant-time).
+
+    Raises:
+        ApiError: 401, naming what is wrong; 503 when WEBHOOK_SECRET is unset.
+    """
+    if settings.webhook_secret is None or not settings.webhook_secret.get_secret_value():
+        raise not_configured("WEBHOOK_SECRET")
+    timestamp = headers.get("x-oncelery-timestamp")
+    signature = headers.get("x-oncelery-signature")
+    if not timestamp or not signature:
+        raise ApiError(
+            401, "unauthorized", "X-Oncelery-Timestamp and X-Oncelery-Signature are required"
+        )
+    # Unix seconds have 10 digits until 2286; more (or padding) is no clock we can check.
+    if len(timestamp) > _MAX_DIGITS or not timestamp.isascii() or not timestamp.isdigit():
+        raise ApiError(401, "unauthorized", "X-Oncelery-Timestamp must be unix seconds")
+    if abs((now if now is not None else time.time()) - int(timestamp)) > SIGNATURE_TOLERANCE:
+        raise ApiError(401, "unauthorized", "X-Oncelery-Timestamp is too old or in the future")
+    expected = sign(settings.webhook_secret.get_secret_value(), timestamp, body)
+    if not hmac.compare_digest(signature.encode("utf-8", "replace"), expected.encode()):
+        raise ApiError(401, "unauthorized", "X-Oncelery-Signature does not match the body")
+
+
+def parse_order(body: bytes) -> OrderPlaced:
+    """The webhook's event, validated like the CLI's.
+
+    Raises:
+        ApiError: 422, naming the invalid fields.
+    """
+    try:
+        value = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise ApiError(422, "invalid_body", "the body is not UTF-8 JSON") from None
+    if not isinstance(value, dict):
+        raise ApiError(422, "invalid_body", "the body must be a JSON object")
+    try:
+        return OrderPlaced.model_validate(value)
+    except ValidationError as exc:
+        fields = [
+            {
+                "field": _field(error["loc"]),
+                "message": error["msg"] if error["type"] != "extra_forbidden" else "unknown field",
+            }
+            for error in exc.errors()
+        ]
+        raise ApiError(422, "invalid_body", describe_validation_error(exc), fields=fields) from None
+
+
+def _field(location: tuple[int | str, ...]) -> str:
+    return "".join(
+        f"[{part}]" if isinstance(part, int) else f".{part}" for part in location
+    ).lstrip(".")
+
+
+def intake_engine(settings: Settings) -> Engine:
+    """The intake's engine: its Postgres connections give up on a server that does not answer
+    (connect and statement timeouts, TCP keepalives), sized for its database threads."""
+    limits = PostgresLimits(
+        connect_timeout=settings.intake_connect_timeout,
+        statement_timeout=settings.intake_statement_timeout,
+        keepalive_idle=settings.intake_keepalive,
+    )
+    return create_engine(
+        settings.database_url, pool_size=settings.intake_database_threads, limits=limits
+    )
+
+
+def _broker_answers(dispatch: CeleryDispatch) -> None:
+    state = broker_reachable(dispatch.sender)
+    if state != "ok":
+        raise ConnectionError(state)
+
+
+def job_summary(job: Any) -> dict[str, object]:
+    """One line of `GET /jobs`."""
+    return {
+        "job_id": str(job.id),
+        "pipeline": job.pipeline,
+        "event_id": job.event_id,
+        "order_id": job.context.get("order_id"),
+        "state": str(job.state),
+        "current_step": job.current_step,
+        "created_at": job.created_at.isoformat(),
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+    }

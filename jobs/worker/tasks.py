@@ -1,0 +1,98 @@
+"""The Celery tasks: one per pipeline step (`oncelery.<pipeline>.<step>`), bound as pipelines are
+declared, and the sweep, which beat runs on a thread of its own."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from celery import Task
+from celery.signals import beat_init
+
+from config import SWEEP_TASK, get_settings
+from jobs.engine.step_messages import task_name
+from jobs.engine.sweeper import SweepReport, sweep
+from jobs.pipelines import Pipeline, registry
+from jobs.worker import batching, steps
+from jobs.worker.app import app, runtime
+from jobs.worker.publishing import CeleryDispatch
+from jobs.worker.queues import broker_watch, queued_steps
+
+logger = logging.getLogger(__name__)
+
+
+def _bind(pipeline: Pipeline[object]) -> None:
+    for step in pipeline.steps:
+        name = task_name(pipeline.name, step.name)
+        if steps.declare(pipeline, name, step.name):
+            # Celery keeps the first callable registered under a name; it looks its step up
+            # when it runs, so it runs the new declaration.
+            continue
+        # max_retries=None: the ledger counts attempts and decides when to stop, not Celery.
+        # A prefork worker runs queued messages of the step in batches (`jobs.worker.batching`);
+        # staticmethod: Celery calls the task's `Strategy` with the task as first argument.
+        app.task(
+            name=name,
+            bind=True,
+            acks_late=True,
+            reject_on_worker_lost=True,
+            max_retries=None,
+            Strategy=staticmethod(batching.strategy),
+        )(_step_task())
+
+
+def _step_task() -> Callable[..., str]:
+    def run(task: Task[Any, Any], *args: Any, **kwargs: Any) -> str:
+        return steps.run_message(task, args, kwargs)
+
+    return run
+
+
+registry.on_add(_bind)
+
+
+@app.task(name=SWEEP_TASK, acks_late=False, ignore_result=True)
+def sweep_task() -> dict[str, int]:
+    """One sweep, for whoever sends it (`celery call oncelery.sweep`); beat sweeps itself."""
+    return _sweep_once()
+
+
+@beat_init.connect
+def _sweep_from_beat(**_: Any) -> None:
+    # In beat's own process, on a thread of its own: no worker pool, busy with the messages a
+    # sweep must re-drive, stands between the schedule and the sweep.
+    threading.Thread(target=_sweep_forever, name="oncelery-sweeper", daemon=True).start()
+
+
+def _sweep_forever() -> None:
+    """Sweep every `ONCELERY_SWEEP_INTERVAL` seconds, for as long as beat runs (a sweep that
+    fails is logged; the next one tries again)."""
+    interval = get_settings().sweep_interval
+    while True:
+        began = time.monotonic()
+        try:
+            report = _sweep_once()
+        except Exception:
+            logger.exception("sweep failed", extra={"action": "sweep_failed"})
+        else:
+            if report["redriven"] or report["relayed"]:
+                logger.info("swept: %s", report, extra={"action": "swept"})
+        time.sleep(max(0.0, interval - (time.monotonic() - began)))
+
+
+def _sweep_once() -> dict[str, int]:
+    """Re-drive what the sweeper finds (see `jobs.engine.sweeper`); what it did."""
+    report: SweepReport = sweep(
+        runtime(), CeleryDispatch(), queued=lambda: queued_steps(app), watch=broker_watch(app)
+    )
+    return {
+        "redriven": report.redriven,
+        "abandoned": report.abandoned,
+        "lost": report.lost,
+        "skipped": report.skipped,
+        "relayed": report.relayed,
+        "backlog_wait": round(report.backlog_wait),
+    }

@@ -1,0 +1,229 @@
+"""`oncelery` (`jobs.cli.commands`) on bad input, run as a real process: exit 2, one line on stderr,
+nothing on stdout, never a traceback, and nothing created.
+
+Every command here fails before it reaches a database or a broker; the environment has no
+`DATABASE_URL` or `BROKER_URL`, and the data folder is the test's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ledger import create_engine, upgrade
+from tests.factories import order_event
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One `oncelery` run. `{file}` in `args` stands for a file holding `file_text`."""
+
+    args: tuple[str, ...]
+    file_text: str | None = None
+    stdin: str = ""
+    env: tuple[tuple[str, str], ...] = ()
+    #: Create the SQLite ledger in the data folder first, to check nothing was written to it.
+    migrated: bool = False
+
+
+@dataclass(frozen=True)
+class Ran:
+    """What one `oncelery` process did, and where."""
+
+    code: int
+    stdout: str
+    stderr: str
+    data_dir: Path
+    file: Path
+
+    @property
+    def stderr_lines(self) -> list[str]:
+        return self.stderr.strip().splitlines()
+
+
+_GOOD = json.dumps(order_event())
+_TWICE = order_event()
+_CHANGED = json.dumps({**_TWICE, "currency": "USD"})
+_BAD_QUANTITY = json.dumps(order_event(items=[{"sku": "SKU-1", "quantity": "2"}]))
+
+#: Every run, started together (each costs a Python start-up; in parallel the suite stays fast).
+CASES = {
+    "bad-line-3": Case(
+        ("enqueue", "{file}"),
+        file_text=f"{_GOOD}\n{json.dumps(order_event())}\n{_BAD_QUANTITY}\n",
+        migrated=True,
+    ),
+    "conflict-line-3": Case(
+        ("enqueue", "{file}"),
+        file_text=f"{json.dumps(_TWICE)}\n{_GOOD}\n{_CHANGED}\n",
+        migrated=True,
+    ),
+    "bad-currency": Case(
+        ("enqueue", "{file}"), file_text=json.dumps(order_event(currency="eur")) + "\n"
+    ),
+    "missing-file": Case(("enqueue", "{file}")),
+    "empty-stdin": Case(("enqueue", "-"), stdin="\n"),
+    "not-a-job-id": Case(("history", "not-a-uuid")),
+    "mysql-url": Case(
+        ("history", str(uuid.uuid4())), env=(("DATABASE_URL", "mysql://u:secret@h/db"),)
+    ),
+    "unknown-option": Case(("--no-such-option",)),
+    "unknown-command-option": Case(("history", "--no-such-option", "x")),
+    "missing-argument": Case(("history",)),
+    "unknown-command": Case(("no-such-command",)),
+    "demo-zero-orders": Case(("demo", "--orders", "0")),
+    "deep-json": Case(("enqueue", "{file}"), file_text="[" * 100_000),
+}
+
+
+def _environment(data_dir: Path, extra: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith("ONCELERY_") and name not in ("DATABASE_URL", "BROKER_URL")
+    }
+    environment.update(
+        ONCELERY_DATA_DIR=str(data_dir),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    )
+    environment.update(extra)
+    return environment
+
+
+def prepare(case: Case, folder: Path) -> None:
+    """The case's folder, input file and (if asked) migrated ledger; not thread-safe (Alembic
+    keeps its migration context in a global)."""
+    folder.mkdir(parents=True)
+    if case.file_text is not None:
+        (folder / "input.jsonl").write_text(case.file_text)
+    if case.migrated:
+        engine = create_engine(f"sqlite:///{folder / 'data' / 'ledger.sqlite3'}")
+        upgrade(engine)
+        engine.dispose()
+
+
+def oncelery(case: Case, folder: Path) -> Ran:
+    """Run `python -m jobs ARGS` in `folder` (see `prepare`), its data folder `folder/data`."""
+    data_dir, file = folder / "data", folder / "input.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs", *(arg.format(file=file) for arg in case.args)],
+        cwd=folder,
+        env=_environment(data_dir, case.env),
+        input=case.stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return Ran(done.returncode, done.stdout, done.stderr, data_dir, file)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Ran]:
+    """Every case of `CASES`, run in parallel, by name."""
+    base = tmp_path_factory.mktemp("cli")
+    for name, case in CASES.items():
+        prepare(case, base / name)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        started = {name: pool.submit(oncelery, case, base / name) for name, case in CASES.items()}
+        return {name: future.result() for name, future in started.items()}
+
+
+def assert_bad_input(ran: Ran, *fragments: str) -> str:
+    """Exit 2, nothing on stdout, one `error: …` line naming every fragment; returns it."""
+    assert "Traceback" not in ran.stderr, ran.stderr
+    assert ran.code == 2, ran.stderr
+    assert ran.stdout == ""
+    [line] = ran.stderr_lines
+    assert line.startswith("error: ")
+    for fragment in fragments:
+        assert fragment in line
+    return line
+
+
+def _jobs_in(ledger_file: Path) -> int:
+    with sqlite3.connect(ledger_file) as conn:
+        (count,) = conn.execute("SELECT count(*) FROM jobs").fetchone()
+    return int(count)
+
+
+def test_enqueue_refuses_the_whole_file_for_one_bad_line(runs: dict[str, Ran]) -> None:
+    # Given a migrated ledger and a file whose third line has a quantity as a string,
+    # when it is enqueued,
+    ran = runs["bad-line-3"]
+
+    # then the line and the field are named, and not even the two good lines are enqueued.
+    line = assert_bad_input(ran)
+    assert line == "error: line 3: items[0].quantity: Input should be a valid integer"
+    assert _jobs_in(ran.data_dir / "ledger.sqlite3") == 0
+    assert not (ran.data_dir / "broker").exists()
+
+
+def test_enqueue_of_a_bad_file_creates_nothing(runs: dict[str, Ran]) -> None:
+    ran = runs["bad-currency"]
+
+    assert_bad_input(ran, "currency")
+    assert not ran.data_dir.exists()
+
+
+def test_enqueue_refuses_an_event_id_given_twice_with_two_contents(
+    runs: dict[str, Ran],
+) -> None:
+    ran = runs["conflict-line-3"]
+    line = assert_bad_input(ran, "line 3", "event_id", str(_TWICE["event_id"]), "nothing")
+    assert "other content" in line
+    assert _jobs_in(ran.data_dir / "ledger.sqlite3") == 0
+
+
+def test_enqueue_of_a_missing_file(runs: dict[str, Ran]) -> None:
+    ran = runs["missing-file"]
+
+    line = assert_bad_input(ran)
+    assert line == f"error: FILE: no such file: {ran.file}"
+
+
+def test_enqueue_of_empty_stdin(runs: dict[str, Ran]) -> None:
+    line = assert_bad_input(runs["empty-stdin"])
+
+    assert line == "error: no event given (empty input)"
+
+
+def test_history_of_something_that_is_not_a_job_id(runs: dict[str, Ran]) -> None:
+    ran = runs["not-a-job-id"]
+
+    line = assert_bad_input(ran)
+    assert line == "error: JOB_ID: not a job id: 'not-a-uuid'"
+    assert not ran.data_dir.exists()
+
+
+def test_a_bad_database_url_is_named_without_its_password(runs: dict[str, Ran]) -> None:
+    ran = runs["mysql-url"]
+
+    assert_bad_input(ran, "DATABASE_URL", "mysql")
+    assert "secret" not in ran.stderr
+
+
+@pytest.mark.parametrize(
+    "name", ["unknown-option", "unknown-command-option", "missing-argument", "unknown-command"]
+)
+def test_usage_errors_are_one_line(runs: dict[str, Ran], name: str) -> None:
+    assert_bad_input(runs[name])
+
+
+def test_demo_of_zero_orders_is_refused(runs: dict[str, Ran]) -> None:
+    assert_bad_input(runs["demo-zero-orders"], "--orders")
+
+
+def test_enqueue_of_deeply_nested_json_is_bad_input(runs: dict[str, Ran]) -> None:
+    assert_bad_input(runs["deep-json"])
