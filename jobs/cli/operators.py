@@ -259,7 +259,7 @@ def dlq_resolve(
             raise BadInput("--result goes with --as succeeded")
         outcome = desk.retry(letter, by=person)
     else:
-        outcome = desk.settle(letter, by=person, result=_result(result, person))
+        outcome = desk.resolve(letter, by=person, result=_result(result, person))
     _report([outcome], as_json)
 
 

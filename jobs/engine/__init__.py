@@ -1,2 +1,2 @@
-"""The engine, Celery-free: a delivery of a step through claim, act, record and hand-on; starting
+"""The engine, Celery-free: a run of a step through claim, act, record and hand-on; starting
 jobs and the outbox; the sweeper; leases and crash points beside them."""

@@ -1,9 +1,5 @@
-"""Crash points: named places in the step runner where a worker kills itself, for tests only.
-
-Nothing happens unless `ONCELERY_CRASH_POINTS` arms a point (see `config.CrashRule`); then the
-process sends itself SIGKILL — no cleanup, no ack, exactly like the OOM killer or a power cut.
-A rule armed `once` leaves a marker file first, so the next delivery of the same job passes.
-"""
+"""Crash points: named places in a run where a worker kills itself with SIGKILL (no cleanup, no
+ack, like the OOM killer), armed only by tests through `ONCELERY_CRASH_POINTS`."""
 
 from __future__ import annotations
 
@@ -20,7 +16,8 @@ logger = logging.getLogger(__name__)
 
 
 class Crasher:
-    """Kills this process at armed crash points.
+    """Kills this process at armed crash points. A rule armed `once` leaves a marker file
+    first, so the next run of the same job passes.
 
     Args:
         rules: the armed points (none in production).

@@ -1,4 +1,4 @@
-"""How a delivery hands a job on: the `Dispatch` the runner publishes through, and the
+"""How a run hands a job on: the `Dispatch` a run publishes through, and the
 continuation a step not carried by a message of its own retries through."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ READING_LIMIT: Final = 8192
 
 
 class Dispatch(Protocol):
-    """How the runner hands a job on."""
+    """How a run hands a job on: publishing through the broker."""
 
     def send(
         self,
@@ -77,7 +77,7 @@ def message_reading(header: object, job_id: str, step: str) -> Reading | None:
 
 class HandedBack(Exception):
     """A job's step went back to the broker as a message of its own (a retry, or its key was
-    busy): this delivery is done with that job."""
+    busy): this run is done with that job."""
 
 
 class Continuation:

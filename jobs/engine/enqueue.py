@@ -1,11 +1,5 @@
-"""Starting jobs: write the job rows, then publish their first steps; and the outbox relay,
-which sends what could not be sent then: the HTTP intake's thread, and the sweeper's round.
-
-The job row is committed before anything is sent: the broker never holds the only copy. A
-send that fails puts the job in the outbox (`dispatched_at` NULL), which the relay sends later;
-a message lost after it was sent, or a crash between the commit and the send, is the
-sweeper's to find.
-"""
+"""Starting jobs: write the job rows, then publish their first steps; and the outbox relay, which
+sends later what could not be sent then (the HTTP intake's thread, the sweeper's round)."""
 
 from __future__ import annotations
 
@@ -46,6 +40,9 @@ def start_jobs(
     Raises:
         EventConflict: an event id came with other content than before; no job was created.
     """
+    # The job row is committed before anything is sent: the broker never holds the only
+    # copy. A send that fails puts the job in the outbox (`dispatched_at` NULL) for the relay;
+    # a message lost after it was sent, or a crash between commit and send, is the sweeper's.
     # One transaction for the lot: a conflict anywhere in the input creates nothing.
     created = store.create_jobs(new_jobs, dispatched=True)
     answer: list[Enqueued] = []

@@ -1,11 +1,6 @@
-"""Leases kept while steps act: a thread of each worker process renews the leases of the
-claims the process holds, so a step keeps its key for as long as it runs, however long that
-is, while a killed worker's keys come free within one (short) lease.
-
-Without it a step that outlived its lease could be taken over while it acted, and the lease
-had to outlast every time limit (a killed worker's job then waited minutes). With it the
-lease only has to outlast the time between two renewals (a third of it).
-"""
+"""Leases kept while steps act: a thread of each worker process renews the leases of the claims
+it holds, so a step keeps its key however long it runs, and a killed worker's keys come free
+within one (short) lease."""
 
 from __future__ import annotations
 
@@ -27,6 +22,10 @@ Renew = Callable[[Sequence[Claim]], list[bool]]
 
 class LeaseKeeper:
     """Renews the leases of the claims this process holds, from a thread of its own.
+
+    Without it a step that outlived its lease could be taken over while it acted, and the
+    lease had to outlast every time limit (a killed worker's job then waited minutes). With
+    it the lease only has to outlast the time between two renewals (a third of it).
 
     Args:
         renew: renews leases (`StepLedger.renew_leases`).

@@ -1,10 +1,5 @@
-"""What a step message must carry — one argument, its job's id, a UUID — and what becomes of one
-that cannot be a delivery: rejected once, never requeued (it would come back forever), logged
-with its task and why, and counted in the ledger (`oncelery_malformed_messages_total`).
-
-Celery-free: the step tasks (`jobs.worker.steps`), the batches (`jobs.worker.batching`) and
-the runner's settling of a claim that found no job use it alike.
-"""
+"""What a step message must carry (one argument: its job's id, a UUID), and what becomes of one
+that cannot be run: rejected once, never requeued, logged with its task and why, and counted."""
 
 from __future__ import annotations
 
@@ -25,7 +20,7 @@ _SHOWN: Final = 80
 
 
 class MalformedReason(enum.StrEnum):
-    """Why a step message cannot be a delivery (the metric's `reason` label)."""
+    """Why a step message cannot be run (the metric's `reason` label)."""
 
     #: Not exactly one positional argument (keyword arguments, none, several).
     ARGUMENTS = "arguments"
@@ -38,7 +33,7 @@ class MalformedReason(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Malformed:
-    """A step message that cannot be a delivery, and why."""
+    """A step message that cannot be run, and why."""
 
     reason: MalformedReason
     detail: str
@@ -80,7 +75,8 @@ def job_id_of(args: object, kwargs: object) -> str | Malformed:
 
 def reject_malformed(rt: Runtime | None, task: str, message_id: str, malformed: Malformed) -> None:
     """Say and count that a step message is rejected as malformed (the caller rejects it,
-    without requeueing). `rt`: where to count it; None when no runtime can be had."""
+    without requeueing: it would come back forever; `oncelery_malformed_messages_total`).
+    `rt`: where to count it; None when no runtime can be had."""
     logger.error(
         "rejected step message %s of %s: %s",
         message_id,

@@ -1,27 +1,6 @@
-"""The sweeper: finds unfinished jobs that made no progress in Postgres and sends their step
-again. The broker is never trusted to redeliver (DESIGN.md, "Failure handling"); duplicates
-this causes are absorbed by the ledger.
-
-It knows more than a timer, and re-drives at once what it knows to be lost:
-
-- **abandoned** jobs: the current step is `started` under a lease that expired since the job
-  was last touched. A live owner renews its lease while it acts, so its owner is dead;
-- jobs whose message a broker that **lost its queues** lost (`QueueLoss`: a Redis restarted
-  without the data it held, see `jobs.worker.queues`): those handed to it before the loss and not
-  touched since.
-
-The rest waits for `stalled_after`. A job waiting behind a backlog looks exactly like a job
-whose message was lost, and re-driving it cannot make it run sooner: the new message queues
-behind the same backlog. Left alone, a backlog longer than `stalled_after` had every waiting
-job re-driven each sweep, which lengthened the backlog (a 10,000-order chaos run never
-converged). So the sweeper first asks how long the queued messages need to drain at the pace
-workers went in the last minute (messages, not history events: on the fast path one message
-runs every step). When that is within `stalled_after`, a job is stalled after
-`stalled_after` plus that time; when it is longer, the queue is backlogged and only jobs
-untouched for `MAX_BACKLOG_WAIT` are re-driven, until it drains. A broker that cannot say how
-much is queued gets the same cap. A lost message is still found: once the messages ahead of
-it are gone, or after an hour of sustained overload or of a broker that cannot tell.
-"""
+"""The sweeper: sends again the current step of unfinished jobs that made no progress in
+Postgres (the broker is never trusted to redeliver; the ledger absorbs the duplicates), at once
+for what it knows lost, after `stalled_after` (plus any backlog's drain time) for the rest."""
 
 from __future__ import annotations
 
@@ -102,10 +81,29 @@ class SweepReport:
     lost: int = 0
 
 
+# What the sweeper re-drives at once, knowing it lost:
+# - abandoned jobs: the current step is `started` under a lease that expired since the job was
+#   last touched. A live owner renews its lease while it acts, so its owner is dead;
+# - jobs whose message a broker that lost its queues lost (`QueueLoss`: a Redis restarted
+#   without the data it held, see `jobs.worker.queues`): those handed to it before the loss
+#   and not touched since.
+# The rest waits for `stalled_after`. A job waiting behind a backlog looks exactly like a job
+# whose message was lost, and re-driving it cannot make it run sooner: the new message queues
+# behind the same backlog. Left alone, a backlog longer than `stalled_after` had every waiting
+# job re-driven each sweep, which lengthened the backlog (a 10,000-order chaos run never
+# converged). So the sweeper first asks how long the queued messages need to drain at the pace
+# workers went in the last minute (messages, not history events: on the fast path one message
+# runs every step). When that is within `stalled_after`, a job is stalled after
+# `stalled_after` plus that time; when it is longer, the queue is backlogged and only jobs
+# untouched for `MAX_BACKLOG_WAIT` are re-driven, until it drains. A broker that cannot say
+# how much is queued gets the same cap. A lost message is still found: once the messages
+# ahead of it are gone, or after an hour of sustained overload or of a broker that cannot tell.
+
+
 def backlog_wait(rt: Runtime, queued: int, stalled_after: float) -> float:
     """Seconds added to `stalled_after` for `queued` waiting messages: the time they need to
     drain at the pace of the last `PACE_WINDOW` seconds, or `MAX_BACKLOG_WAIT` when that is
-    longer than `stalled_after` itself (see the module's text)."""
+    longer than `stalled_after` itself (see above)."""
     if queued <= 0:
         return 0.0
     handled = rt.store.recent_deliveries(window=PACE_WINDOW, fast_path=rt.settings.fast_path)

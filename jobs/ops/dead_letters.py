@@ -140,7 +140,7 @@ class DeadLetterDesk:
         )
         return self._send(outcome, letter)
 
-    def settle(self, letter: DeadLetter, *, by: str, result: JSON) -> ReplayResult:
+    def resolve(self, letter: DeadLetter, *, by: str, result: JSON) -> ReplayResult:
         """A person decided the step did take effect (`resolve --as succeeded`): record
         `result` as its outcome and move the job on."""
         try:

@@ -393,7 +393,7 @@ def resolve(
             raise PageError(422, f"the result is not JSON ({exc.msg})") from None
         except RecursionError:
             raise PageError(422, "the result is not JSON we can read (nested too deep)") from None
-    return _outcome(session, "Resolve", _desk(intake).settle(letter, by=person, result=outcome))
+    return _outcome(session, "Resolve", _desk(intake).resolve(letter, by=person, result=outcome))
 
 
 def _outcome(session: Session, action: str, result: ReplayResult) -> HTMLResponse:

@@ -3,7 +3,7 @@
 Each step task's messages are taken by `strategy` instead of going to the pool one by one.
 While a child is free, a message goes at once (alone, so an idle worker answers as fast as
 ever); while all are busy, messages wait, and the next free child takes up to
-`ONCELERY_BATCH_SIZE` of them in one go. The child runs them with `jobs.engine.runner.run_steps`:
+`ONCELERY_BATCH_SIZE` of them in one go. The child runs them with `jobs.engine.run.run_steps`:
 one round trip per stage for the lot, instead of one per job, and one pool hand-off instead
 of one per message. Each message is still acknowledged (or rejected) on its own, after its
 job's outcome is recorded. All of this happens on the worker's event loop (one thread): a
@@ -11,7 +11,7 @@ worker without one (the embedded file broker) takes its messages one by one.
 
 A batch whose child dies is redelivered message by message, and a redelivered message always
 runs alone: a job that kills its worker cannot take its neighbours down with it twice. A
-message that cannot be a delivery (`jobs.engine.step_messages`) is rejected on its own, never
+message that cannot be run (`jobs.engine.step_messages`) is rejected on its own, never
 requeued, while its neighbours run.
 """
 
@@ -37,7 +37,7 @@ from celery.worker.strategy import default as default_strategy
 
 from config import BATCH_SIZE_SETTING
 from jobs.engine.dispatch import READING_HEADER
-from jobs.engine.runner import Outcome
+from jobs.engine.run import Outcome
 from jobs.engine.runtime import Runtime
 from jobs.engine.step_messages import Malformed, job_id_of, reject_malformed
 from jobs.worker.app import runtime
@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between a batch's soft and hard backstop limits.
 _BACKSTOP_GRACE: Final = 5.0
-#: A batch's answer for a message that cannot be a delivery: rejected, never requeued.
+#: A batch's answer for a message that cannot be run: rejected, never requeued.
 MALFORMED: Final = "malformed"
 
 
@@ -206,11 +206,11 @@ class Batcher:
             correlation_id=batch[0].id,
         )
 
-    def _done(self, settle: Callable[[], None]) -> None:
+    def _done(self, acknowledge: Callable[[], None]) -> None:
         """A batch is over: end its messages, then give its child to what waits."""
         self.slots.running -= 1
         try:
-            settle()
+            acknowledge()
         finally:
             self.slots.flush()
 
@@ -279,7 +279,7 @@ def run_batch(
 ) -> list[tuple[str, float]]:
     """In a pool child: run one batch (`messages`: each message's id, positional and keyword
     arguments; `repeats`: which may repeat an attempt; `headers`: each one's reading header,
-    if any); each message's outcome (`MALFORMED` for one that cannot be a delivery) and the
+    if any); each message's outcome (`MALFORMED` for one that cannot be run) and the
     batch's seconds so far."""
     started = time.monotonic()
     checked = [job_id_of(args, kwargs) for _, args, kwargs in messages]

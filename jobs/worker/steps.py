@@ -12,7 +12,7 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from config import RETRY_QUEUE
 from jobs.engine.dispatch import READING_HEADER, message_reading
-from jobs.engine.runner import Outcome, StepTimer, run_step, run_steps
+from jobs.engine.run import Outcome, StepTimer, run_step, run_steps
 from jobs.engine.step_messages import Malformed, job_id_of, reject_malformed
 from jobs.pipelines import Pipeline
 from jobs.worker.app import runtime
@@ -75,7 +75,7 @@ def declare(pipeline: Pipeline[object], name: str, step: str) -> bool:
 
 def run_message(task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     """Run one message of a step's task. It takes whatever the message brings and checks it
-    itself: a message that cannot be a delivery is rejected once rather than failing in
+    itself: a message that cannot be run is rejected once rather than failing in
     Celery's argument binding (and a keyword could not pick another step)."""
     pipeline, step = _STEPS[task.name]
     job_id = job_id_of(args, kwargs)
@@ -104,7 +104,7 @@ def run_message(task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, A
         dispatch.retry_later(_DATABASE_DOWN_DELAY)
     except SoftTimeLimitExceeded:
         # The limit struck while the attempt was being recorded, not while it acted:
-        # send it again; its claim's lease tells the next delivery what to do.
+        # send it again; its claim's lease tells the next run what to do.
         logger.warning("time limit hit while recording", extra={"action": "late_limit"})
         dispatch.retry_later(_LATE_LIMIT_DELAY)
     if outcome is Outcome.DEAD_LETTERED:

@@ -13,7 +13,7 @@ from billiard.exceptions import SoftTimeLimitExceeded
 
 from config import Settings
 from jobs import retry
-from jobs.engine.runner import StepTimer
+from jobs.engine.run import StepTimer
 
 # A step cut by its time limit (Celery's, or `step_timer`'s) is tried again.
 retry.treat_as_transient(SoftTimeLimitExceeded)

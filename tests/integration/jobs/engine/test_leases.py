@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from jobs.engine.runner import Outcome, run_step
+from jobs.engine.run import Outcome, run_step
 from jobs.engine.runtime import Runtime
 from jobs.pipelines import Pipeline, Step, StepContext
 from ledger import JSON, Claim, InFlight, JobStore, LeaseLost, StepLedger, StepState

@@ -44,7 +44,7 @@ from config import Settings
 from config.settings import CrashPoint
 from jobs.engine.dispatch import message_reading
 from jobs.engine.enqueue import relay, start_jobs
-from jobs.engine.runner import Outcome, run_step, run_steps
+from jobs.engine.run import Outcome, run_step, run_steps
 from jobs.engine.runtime import Runtime
 from jobs.engine.sweeper import sweep
 from jobs.errors import JobError
@@ -293,7 +293,7 @@ class ProtocolModel(RuleBasedStateMachine):
         elif effect is None:
             self.desk.retry(letter, by="model")
         else:
-            self.desk.settle(letter, by="model", result=effect.as_result())
+            self.desk.resolve(letter, by="model", result=effect.as_result())
             self.memory.settled_keys.add(effect.key or "")
 
     # --- checks -------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from celery.exceptions import Reject
 
-from jobs.engine.runner import Outcome
+from jobs.engine.run import Outcome
 from jobs.engine.runtime import Runtime
 from jobs.pipelines import registry
 from jobs.worker.batching import MALFORMED, run_batch

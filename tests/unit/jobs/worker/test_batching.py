@@ -14,7 +14,7 @@ from celery.exceptions import Reject
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 
-from jobs.engine.runner import Outcome
+from jobs.engine.run import Outcome
 from jobs.worker.batching import MALFORMED, Batcher, Slots, run_batch
 
 

@@ -1,5 +1,5 @@
-"""A delivery being run: what its jobs share (`Run`), how each ended (`Outcome`), the stage of
-steps it is at, and the small helpers every part of the runner uses."""
+"""A run of a step: what its jobs share (`Run`), how each ended (`Outcome`), the stage of
+steps it is at, and the small helpers every part of a run uses."""
 
 from __future__ import annotations
 
@@ -36,32 +36,32 @@ StepTimer = Callable[[float], AbstractContextManager[object]]
 
 
 class Outcome(enum.StrEnum):
-    """How one delivery of a step ended."""
+    """How one job's run of a step ended."""
 
     SUCCEEDED = "succeeded"
     RETRYING = "retrying"
     DEAD_LETTERED = "dead_lettered"
-    #: The key was already recorded: a duplicate delivery, absorbed by the ledger.
+    #: The key was already recorded: a duplicate, absorbed by the ledger.
     DUPLICATE = "duplicate"
     #: The job may not run (finished, cancelled, dead-lettered, missing).
     INACTIVE = "inactive"
     #: The lease was taken over while acting: this owner neither records nor continues.
     FENCED = "fenced"
     #: A batch could not finish with this job (an unexpected error, the database gone): its
-    #: message goes back to the broker, to be delivered again alone.
+    #: message goes back to the broker, to be redelivered alone.
     INTERRUPTED = "interrupted"
 
 
 @dataclass
 class Run:
-    """One delivery being run: what all of its jobs share."""
+    """One run of a step: what all of its jobs share."""
 
     rt: Runtime
     dispatch: Dispatch
     pipeline: Pipeline[object]
-    #: The step the delivery was for.
+    #: The step the run was for.
     first: Step[object]
-    #: The delivery is one task message: `dispatch.retry_later` re-sends it.
+    #: The run is one task message: `dispatch.retry_later` re-sends it.
     own_message: bool
     timer: StepTimer | None
     #: The places of jobs whose message may repeat an attempt (redelivered after its worker
@@ -69,15 +69,15 @@ class Run:
     #: read-only step, so that every such attempt is counted.
     repeats: frozenset[int] = frozenset()
     #: The readings jobs' messages brought (their first step's, from the enqueue), by place
-    #: in the delivery: those jobs are not read again.
+    #: in the run: those jobs are not read again.
     brought: dict[int, Reading] = field(default_factory=dict)
-    #: Each job's outcome, by its place in the delivery.
+    #: Each job's outcome, by its place in the run.
     outcomes: dict[int, Outcome] = field(default_factory=dict)
-    #: The claims whose leases are kept while the delivery runs (see `hold`).
+    #: The claims whose leases are kept while the run goes on (see `hold`).
     held: list[Claim] = field(default_factory=list)
 
     def hold(self, found: Sequence[object]) -> None:
-        """Keep the leases of the claims among `found` until the delivery ends (a claim
+        """Keep the leases of the claims among `found` until the run ends (a claim
         recorded meanwhile is dropped by the keeper's next renewal)."""
         claims = [each for each in found if isinstance(each, Claim)]
         self.held.extend(claims)
@@ -92,11 +92,11 @@ class Run:
 
 @dataclass
 class Stage:
-    """One step of a delivery's jobs: each job's claim outcome, ready to act on."""
+    """One step of a run's jobs: each job's claim outcome, ready to act on."""
 
     step: Step[object]
-    #: (place in the delivery, job id, what claiming, or reading, found — or None: not
-    #: claimed yet, the job claims just before it acts; see `jobs.engine.runner`).
+    #: (place in the run, job id, what claiming, or reading, found — or None: not
+    #: claimed yet, the job claims just before it acts; see `jobs.engine.run`).
     found: Sequence[tuple[int, str, ClaimOutcome | Reading | LedgerError | None]]
 
 

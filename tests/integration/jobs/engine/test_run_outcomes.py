@@ -14,7 +14,7 @@ from typing import cast
 
 import pytest
 
-from jobs.engine.runner import Outcome, run_step
+from jobs.engine.run import Outcome, run_step
 from jobs.engine.runtime import Runtime
 from jobs.errors import PermanentError, TransientError
 from jobs.ops.dead_letters import DeadLetterDesk

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from jobs.engine.runner import Outcome, run_step
+from jobs.engine.run import Outcome, run_step
 from jobs.engine.runtime import Runtime
 from jobs.errors import PermanentError, TransientError
 from jobs.pipelines import Delivery, Pipeline, Step, StepContext

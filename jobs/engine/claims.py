@@ -1,6 +1,6 @@
-"""Settling what a claim (or a read) found: the claim to act on, or how this delivery of the
-job ends — a key in flight elsewhere, an outcome unknown, a duplicate absorbed, a dead
-letter for a key reused or a step the job cannot run."""
+"""The verdict on what a claim (or a read) found: the claim to act on, or how this run of the
+job ends — a key in flight elsewhere, an outcome unknown, a duplicate absorbed, a dead letter
+for a key reused or a step the job cannot run."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import random
 from uuid import UUID
 
-from jobs.engine.delivery import Outcome, Run, claim_alone, error_json
+from jobs.engine.run_state import Outcome, Run, claim_alone, error_json
 from jobs.engine.step_messages import no_such_job
 from jobs.pipelines import Step
 from ledger import (
@@ -34,23 +34,23 @@ logger = logging.getLogger(__name__)
 _IN_FLIGHT_POLL = 1.0
 
 
-def settle_found(
+def verdict_on_found(
     run: Run, step: Step[object], job_id: str, found: ClaimOutcome | Reading | LedgerError
 ) -> Claim | Reading | Outcome:
-    """What a claim or a read found: a claim or a reading to act on, or how this delivery of
+    """What a claim or a read found: a claim or a reading to act on, or how this run of
     the job ends."""
     if isinstance(found, Reading):
         if found.attempt <= run.rt.retry_policy_for(run.pipeline.name, step).max_attempts:
             return found
         # Its attempts ran out (they died with their workers): only a claim dead-letters it.
         found = claim_alone(run, step, found.job_id)
-    return settle(run, step, job_id, found)
+    return verdict_on_claim(run, step, job_id, found)
 
 
-def settle(
+def verdict_on_claim(
     run: Run, step: Step[object], job_id: str, found: ClaimOutcome | LedgerError
 ) -> Claim | Outcome:
-    """What a claim found: the claim itself, or how this delivery of the job ends."""
+    """What a claim found: the claim itself, or how this run of the job ends."""
     rt, dispatch = run.rt, run.dispatch_for(step, job_id)
     job = UUID(job_id)
     log = {"job_id": job_id, "step": step.name}

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from jobs.engine.runner import run_step, run_steps
+from jobs.engine.run import run_step, run_steps
 from jobs.engine.runtime import Runtime
 from jobs.pipelines import Delivery, Pipeline, Step, StepContext
 from ledger import JSON, DeadLetterStore, JobState, StepLedger, StepState

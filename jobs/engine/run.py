@@ -1,13 +1,5 @@
-"""Running deliveries of a step: claim → act → record, then hand each job on.
-
-A delivery carries one job (a task message) or several jobs at the same step (queued messages
-a worker took together, see `jobs.worker.batching`). The ledger's statements run once per stage for
-all of them (one transaction on Postgres), yet each job is claimed, acted on, recorded and
-handed on as if it had come alone, and each failure is retried or dead-lettered on its own.
-
-Celery-free on purpose: `jobs/worker/app.py` binds it to tasks through a `Dispatch`, and tests can
-drive it with their own.
-"""
+"""A run of a step, top to bottom: claim (or read) → act → record → hand on, for one task
+message's job or for a batch's jobs at the same step; each job's outcome is saved here."""
 
 from __future__ import annotations
 
@@ -21,7 +13,16 @@ from typing import Final
 from uuid import UUID
 
 from config.settings import CrashPoint
-from jobs.engine.delivery import (
+from jobs.engine.claims import verdict_on_claim, verdict_on_found
+from jobs.engine.dispatch import Dispatch
+from jobs.engine.records import (
+    hand_on,
+    handle_failure,
+    record,
+    record_and_claim,
+    record_failure,
+)
+from jobs.engine.run_state import (
     Acted,
     Outcome,
     Run,
@@ -32,10 +33,7 @@ from jobs.engine.delivery import (
     log_fields,
     takes_over,
 )
-from jobs.engine.dispatch import Dispatch
-from jobs.engine.recording import handle_failure, record, record_and_claim, record_failure
 from jobs.engine.runtime import Runtime
-from jobs.engine.settling import settle, settle_found
 from jobs.outside import watching
 from jobs.pipelines import Delivery, Pipeline, Step, StepContext
 from ledger import (
@@ -82,7 +80,7 @@ def run_step(
     run = Run(rt, dispatch, pipeline, step, own_message=True, timer=timer)
     run.repeats = frozenset({0}) if repeat else frozenset()
     run.brought = {0: reading} if reading is not None else {}
-    [outcome] = _deliver(run, [job_id])
+    [outcome] = _run(run, [job_id])
     return outcome
 
 
@@ -97,8 +95,10 @@ def run_steps(
     repeats: Sequence[bool] = (),
     readings: Sequence[Reading | None] = (),
 ) -> list[Outcome]:
-    """Run several jobs at the same step, each as `run_step` would, with the ledger's
-    statements shared per stage; each job's outcome, in order. A job that must wait goes
+    """Run several jobs at the same step (queued messages a worker took together, see
+    `jobs.worker.batching`), each as `run_step` would — claimed, acted on, recorded, handed
+    on, retried or dead-lettered on its own — with the ledger's statements shared per stage
+    (one transaction on Postgres); each job's outcome, in order. A job that must wait goes
     back to the broker as a message of its own (`dispatch.send`).
 
     Args:
@@ -109,10 +109,10 @@ def run_steps(
     run = Run(rt, dispatch, pipeline, step, own_message=False, timer=timer)
     run.repeats = frozenset(index for index, repeat in enumerate(repeats) if repeat)
     run.brought = {index: found for index, found in enumerate(readings) if found is not None}
-    return _deliver(run, job_ids)
+    return _run(run, job_ids)
 
 
-def _deliver(run: Run, job_ids: Sequence[str]) -> list[Outcome]:
+def _run(run: Run, job_ids: Sequence[str]) -> list[Outcome]:
     step = run.first
     try:
         for job_id in job_ids:
@@ -134,7 +134,7 @@ def _deliver(run: Run, job_ids: Sequence[str]) -> list[Outcome]:
 
 
 def _claim_or_read(run: Run, jobs: list[UUID]) -> list[ClaimOutcome | Reading | LedgerError | None]:
-    """Claim the delivery's step for its jobs — or, for a read-only step, read them: running
+    """Claim the run's step for its jobs — or, for a read-only step, read them: running
     it needs no claim, and a job that may run it unclaimed is just read (or not even that,
     when its message brought the reading). A batch's at-most-once step is claimed job by
     job, just before each acts (None here)."""
@@ -167,11 +167,13 @@ def _run_stage(run: Run, stage: Stage) -> Stage | None:
     waiting: deque[tuple[int, Claim | Reading | None]] = deque()
     job_ids = {index: job_id for index, job_id, _ in stage.found}
     for index, job_id, found in stage.found:
-        settled = None if found is None else guarded(run, settle_found, run, step, job_id, found)
-        if settled is None or isinstance(settled, Claim | Reading):
-            waiting.append((index, settled))
+        verdict = (
+            None if found is None else guarded(run, verdict_on_found, run, step, job_id, found)
+        )
+        if verdict is None or isinstance(verdict, Claim | Reading):
+            waiting.append((index, verdict))
         else:
-            run.outcomes[index] = settled
+            run.outcomes[index] = verdict
     run.hold([claim for _, claim in waiting])
     acted: list[Acted] = []
     following: list[Stage] = []
@@ -184,7 +186,7 @@ def _run_stage(run: Run, stage: Stage) -> Stage | None:
             continue
         if isinstance(claim, Claim) and leases.lost(claim):
             # Taken over while it waited its turn (its lease ran out unrenewed): another
-            # delivery has the key now.
+            # run has the key now.
             logger.warning(
                 "lease lost while waiting", extra={"action": "fenced", **log_fields(claim)}
             )
@@ -226,18 +228,34 @@ def _records_now(step: Step[object], last: StepResult | ReadResult, oldest: floa
 
 
 def _record(run: Run, step: Step[object], acted: list[Acted]) -> list[Stage]:
-    """Record the jobs that acted: the next step's stage on the fast path, if any."""
+    """Record the jobs that acted and hand them on: the next step's stage on the fast path, if
+    any. Their outcomes are saved here, before anything is published."""
     if not acted:
         return []
     following = run.pipeline.next_step(step.name)
-    if following is None or not run.rt.settings.fast_path:
-        record(run, step, acted, following, hand_on=True)
-        return []
-    if _claims_one_by_one(run, following):
+    if following is not None and run.rt.settings.fast_path:
+        if not _claims_one_by_one(run, following):
+            return _record_and_claim(run, step, acted, following)
         # Recorded without the next claim: each job claims it just before it acts.
-        recorded = record(run, step, acted, following, hand_on=False)
-        return [Stage(following, [(i, j, None) for i, j in recorded])]
-    stage = record_and_claim(run, step, acted, following)
+        outcomes, going_on = record(run, step, acted, following)
+        run.outcomes.update(outcomes)
+        _published(run, step, acted)
+        return [Stage(following, [(index, job_id, None) for index, job_id in going_on])]
+    outcomes, going_on = record(run, step, acted, following)
+    run.outcomes.update(outcomes)
+    if following is not None and going_on:
+        hand_on(run, step, following, [job_id for _, job_id in going_on])
+    _published(run, step, acted)
+    return []
+
+
+def _record_and_claim(
+    run: Run, step: Step[object], acted: list[Acted], following: Step[object]
+) -> list[Stage]:
+    outcomes, unclaimed, stage = record_and_claim(run, step, acted, following)
+    run.outcomes.update(outcomes)
+    for job_id in unclaimed:
+        run.dispatch_for(step, job_id).send(run.pipeline.name, following.name, job_id)
     if stage is None:
         return []
     # Claimed now, acted on once this stage is done: their leases are kept meanwhile.
@@ -245,8 +263,14 @@ def _record(run: Run, step: Step[object], acted: list[Acted]) -> list[Stage]:
     return [stage]
 
 
+def _published(run: Run, step: Step[object], acted: list[Acted]) -> None:
+    for each in acted:
+        if run.outcomes.get(each.index) is Outcome.SUCCEEDED:
+            run.rt.crash(CrashPoint.AFTER_PUBLISH, step.name, each.job_id)
+
+
 def _claims_one_by_one(run: Run, step: Step[object]) -> bool:
-    """Whether a delivery claims `step` for each job just before it acts, rather than for all
+    """Whether a run claims `step` for each job just before it acts, rather than for all
     its jobs at once: an at-most-once step in a batch. A key claimed but not yet acted on
     looks, once its worker is killed, exactly like one that acted — `unknown` — so a batch
     holds at most one such key at a time."""
@@ -260,15 +284,15 @@ def _claim_now(run: Run, step: Step[object], job_id: str) -> Claim | Outcome:
     if isinstance(found, Outcome):
         return found
     run.hold([found])
-    settled = guarded(run, settle_found, run, step, job_id, found)
-    if isinstance(settled, Reading):  # a read-only step is never claimed one by one
+    verdict = guarded(run, verdict_on_found, run, step, job_id, found)
+    if isinstance(verdict, Reading):  # a read-only step is never claimed one by one
         raise TypeError(f"unexpected reading of {step.name}")
-    return settled
+    return verdict
 
 
 def _act(run: Run, step: Step[object], claim: Claim | Reading) -> StepResult | ReadResult | Outcome:
     """Run the step for a claim (or a read-only step's reading): its result, or how the
-    failed attempt ended the delivery."""
+    failed attempt ended the run."""
     rt = run.rt
     policy = rt.retry_policy_for(run.pipeline.name, step)
     if isinstance(claim, Claim) and claim.attempt > policy.max_attempts:
@@ -307,10 +331,10 @@ def _act(run: Run, step: Step[object], claim: Claim | Reading) -> StepResult | R
         duration_ms = (time.monotonic() - started) * 1000
         if isinstance(claim, Reading):
             # A failed attempt is recorded on a claimed key, counted and fenced as any.
-            settled = settle(run, step, ctx.job_id, claim_alone(run, step, claim.job_id))
-            if isinstance(settled, Outcome):
-                return settled
-            claim = settled
+            verdict = verdict_on_claim(run, step, ctx.job_id, claim_alone(run, step, claim.job_id))
+            if isinstance(verdict, Outcome):
+                return verdict
+            claim = verdict
         return handle_failure(
             run, step, claim, exc, duration_ms=duration_ms, policy=policy, sent=watch.sent > 0
         )

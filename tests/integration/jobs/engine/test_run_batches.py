@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.engine.runner import Outcome, StepTimer, run_steps
+from jobs.engine.run import Outcome, StepTimer, run_steps
 from jobs.engine.runtime import Runtime
 from jobs.errors import PermanentError, TransientError
 from jobs.pipelines import Pipeline, Step, StepContext

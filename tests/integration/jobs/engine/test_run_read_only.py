@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from jobs.engine.runner import Outcome, run_step, run_steps
+from jobs.engine.run import Outcome, run_step, run_steps
 from jobs.engine.runtime import Runtime
 from jobs.errors import TransientError
 from jobs.pipelines import Delivery, Pipeline, Step, StepContext

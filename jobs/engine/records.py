@@ -1,5 +1,5 @@
-"""Recording a delivery's outcomes: successes (and, on the fast path, the next step's claim in
-the same round trip), failures to retry or dead-letter, and handing each job on."""
+"""Records: successes (and, on the fast path, the next step's claim in the same round trip),
+failures to retry or dead-letter with the verdict on each, and handing recorded jobs on."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import logging
 
 from config.settings import CrashPoint
 from jobs import retry
-from jobs.engine.delivery import (
+from jobs.engine.claims import verdict_on_claim
+from jobs.engine.dispatch import SendsMany
+from jobs.engine.run_state import (
     Acted,
     Outcome,
     Run,
@@ -19,8 +21,6 @@ from jobs.engine.delivery import (
     message_of,
     takes_over,
 )
-from jobs.engine.dispatch import SendsMany
-from jobs.engine.settling import settle
 from jobs.pipelines import Delivery, Step
 from ledger import (
     Claim,
@@ -45,40 +45,34 @@ def record(
     step: Step[object],
     acted: list[Acted],
     following: Step[object] | None,
-    *,
-    hand_on: bool,
-) -> list[tuple[int, str]]:
-    """Record the stage's successes, then (`hand_on`) publish each job's next step.
+) -> tuple[dict[int, Outcome], list[tuple[int, str]]]:
+    """Record the stage's successes, moving their jobs to `following`.
 
-    Returns the jobs that go on to `following` (place in the delivery, job id).
+    Returns each job's outcome (by place in the run), and the jobs that go on to
+    `following` (place in the run, job id), to be handed on.
     """
     rt = run.rt
     next_name = following.name if following else None
     answers = _recorded(run, acted, next_name)
-    recorded: list[str] = []
     going_on: list[tuple[int, str]] = []
+    outcomes: dict[int, Outcome] = {}
     for each in acted:
         answer = answers[each.index]
         if isinstance(answer, LedgerError) or answer is None:
-            run.outcomes[each.index] = unrecorded(run, step, each, answer)
+            outcomes[each.index] = unrecorded(run, step, each, answer)
             continue
         logger.info("step succeeded", extra={"action": "succeeded", **log_fields(each.held)})
         rt.crash(CrashPoint.AFTER_RECORD, step.name, each.job_id)
-        recorded.append(each.job_id)
         if following is not None and answer.job_state is JobState.RUNNING:
             going_on.append((each.index, each.job_id))
-        run.outcomes[each.index] = Outcome.SUCCEEDED
-    if following is not None and going_on and hand_on:
-        _hand_on(run, step, following, [job_id for _, job_id in going_on])
-    for job_id in recorded:
-        rt.crash(CrashPoint.AFTER_PUBLISH, step.name, job_id)
-    return going_on
+        outcomes[each.index] = Outcome.SUCCEEDED
+    return outcomes, going_on
 
 
 def _recorded(
     run: Run, acted: list[Acted], next_step: str | None
 ) -> dict[int, Recorded | LedgerError | None]:
-    """Record successes (moving jobs to `next_step`), by place in the delivery; None for a
+    """Record successes (moving jobs to `next_step`), by place in the run; None for a
     read-only step's job that had moved on meanwhile."""
     ledger = run.rt.ledger
     claimed = [each for each in acted if isinstance(each.done, StepResult)]
@@ -97,7 +91,7 @@ def _recorded(
     return answers
 
 
-def _hand_on(run: Run, step: Step[object], following: Step[object], job_ids: list[str]) -> None:
+def hand_on(run: Run, step: Step[object], following: Step[object], job_ids: list[str]) -> None:
     """Publish the next step of recorded jobs: together when there are several (one wait for
     the broker's confirms); a job whose message the broker did not take waits for the
     sweeper, its step recorded."""
@@ -115,26 +109,33 @@ def _hand_on(run: Run, step: Step[object], following: Step[object], job_ids: lis
 
 def record_and_claim(
     run: Run, step: Step[object], acted: list[Acted], following: Step[object]
-) -> Stage | None:
+) -> tuple[dict[int, Outcome], list[str], Stage | None]:
     """The fast path: record the stage's successes and claim their next step in one round
     trip, then run that step here instead of publishing it — one broker message per job
     instead of one per step. Every step is still claimed and recorded, so a crash resumes
-    from the ledger."""
+    from the ledger.
+
+    Returns the outcome of each job that ends here (by place in the run), the jobs
+    whose next step was not claimed yet must be handed on (their claim will sort it out),
+    and the stage of those whose next step was claimed (or refused: its verdict tells).
+    """
     rt = run.rt
     for each in acted:
         # The next step's claim rides on this step's record, so "before its claim" is here.
         rt.crash(CrashPoint.BEFORE_CLAIM, following.name, each.job_id)
     answers = _recorded_and_claimed(run, acted, following)
     found: list[tuple[int, str, ClaimOutcome | Reading | LedgerError]] = []
+    outcomes: dict[int, Outcome] = {}
+    unclaimed: list[str] = []
     for each in acted:
         answer = answers[each.index]
         if answer is None or isinstance(answer, LeaseLost | StatementRejected):
-            run.outcomes[each.index] = unrecorded(run, step, each, answer)
+            outcomes[each.index] = unrecorded(run, step, each, answer)
             continue
         rt.crash(CrashPoint.AFTER_RECORD, step.name, each.job_id)
         rt.crash(CrashPoint.AFTER_PUBLISH, step.name, each.job_id)
         if isinstance(answer, LedgerError):
-            # Recorded; the next step's claim is refused, and settled like any claim.
+            # Recorded; the next step's claim is refused, and verdict like any claim.
             found.append((each.index, each.job_id, answer))
             continue
         recorded, outcome = answer
@@ -142,12 +143,11 @@ def record_and_claim(
             # Nothing was claimed (an ambiguous earlier commit, or the job stopped): hand the
             # next step to the broker if the job still runs; its claim will sort it out.
             if recorded.job_state is JobState.RUNNING:
-                dispatch = run.dispatch_for(step, each.job_id)
-                dispatch.send(run.pipeline.name, following.name, each.job_id)
-            run.outcomes[each.index] = Outcome.SUCCEEDED
+                unclaimed.append(each.job_id)
+            outcomes[each.index] = Outcome.SUCCEEDED
             continue
         found.append((each.index, each.job_id, outcome))
-    return Stage(following, found) if found else None
+    return outcomes, unclaimed, Stage(following, found) if found else None
 
 
 #: A fast-path record's answer: the record and the next step's claim, an error about this
@@ -158,7 +158,7 @@ _Answer = tuple[Recorded, ClaimOutcome | None] | LedgerError | None
 def _recorded_and_claimed(
     run: Run, acted: list[Acted], following: Step[object]
 ) -> dict[int, _Answer]:
-    """Record successes and claim `following` for their jobs, by place in the delivery: one
+    """Record successes and claim `following` for their jobs, by place in the run: one
     transaction for the claimed steps, one for the read-only steps' readings."""
     ledger, takeover = run.rt.ledger, takes_over(following)
     answers: dict[int, _Answer] = {}
@@ -180,12 +180,12 @@ def _recorded_and_claimed(
 
 
 def unrecorded(run: Run, step: Step[object], acted: Acted, error: LedgerError | None) -> Outcome:
-    """A success the ledger would not record: fenced out, recorded by another delivery (a
+    """A success the ledger would not record: fenced out, recorded by another run (a
     read-only step), or its result refused."""
     held = acted.held
     if error is None and isinstance(held, Reading) and held.assumed:
         # The reading its message brought no longer held: since the job was created, another
-        # delivery tried, holds or did the step (or another job did it, or its key is another
+        # run tried, holds or did the step (or another job did it, or its key is another
         # request's). A claim tells which, as for any repeat: on the retry queue.
         logger.info(
             "job changed since it was sent; claiming instead",
@@ -197,7 +197,7 @@ def unrecorded(run: Run, step: Step[object], acted: Acted, error: LedgerError | 
         return Outcome.RETRYING
     if error is None:
         logger.info(
-            "step recorded by another delivery",
+            "step recorded by another run",
             extra={"action": "duplicate", **log_fields(acted.held)},
         )
         return Outcome.DUPLICATE
@@ -215,10 +215,12 @@ def unrecorded(run: Run, step: Step[object], acted: Acted, error: LedgerError | 
     claim = acted.done.claim if isinstance(acted.done, StepResult) else None
     if claim is None:
         # Read-only, unclaimed: the failure is recorded on a claim, fenced as any.
-        settled = settle(run, step, acted.job_id, claim_alone(run, step, acted.held.job_id))
-        if isinstance(settled, Outcome):
-            return settled
-        claim = settled
+        verdict = verdict_on_claim(
+            run, step, acted.job_id, claim_alone(run, step, acted.held.job_id)
+        )
+        if isinstance(verdict, Outcome):
+            return verdict
+        claim = verdict
     return guarded(run, record_failure, run, step, claim, failure)
 
 
