@@ -5,7 +5,6 @@ and the worker goes on with good messages."""
 from __future__ import annotations
 
 import re
-import time
 import uuid
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from ledger import JobState
 from tests.conftest import queue_length, settings_for
 from tests.factories import order_event
 from tests.system.conftest import SystemFactory
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.system
 
@@ -77,16 +77,15 @@ def test_a_malformed_step_message_is_rejected_once_logged_and_counted(
     def logged() -> bool:
         return all(line in worker.log_path.read_text() for line in wanted)
 
-    deadline = time.monotonic() + 20
-    while not logged():
-        if time.monotonic() > deadline:
-            log = worker.log_path.read_text()
-            deliveries = {i: _received(log, i) for i in (keywords, not_uuid, no_job)}
-            pytest.fail(
-                f"not rejected once: deliveries by message {deliveries}, "
-                f"{log.count(chr(10))} log lines; see {worker.log_path}"
-            )
-        time.sleep(0.1)
+    def not_rejected() -> str:
+        log = worker.log_path.read_text()
+        deliveries = {i: _received(log, i) for i in (keywords, not_uuid, no_job)}
+        return (
+            f"each bad message to be rejected: deliveries by message {deliveries}, "
+            f"{log.count(chr(10))} log lines; see {worker.log_path}"
+        )
+
+    wait_for(logged, not_rejected, timeout=20)
     log = worker.log_path.read_text()
     assert [_received(log, i) for i in (keywords, not_uuid, no_job)] == [1, 1, 1]
     assert [log.count(line) for line in wanted] == [1, 1, 1]

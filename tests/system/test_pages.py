@@ -9,7 +9,6 @@ import contextlib
 import json
 import shutil
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from ledger import JobState
 from tests.conftest import REPO_ROOT, unavailable
 from tests.factories import order_event
 from tests.system.conftest import System, SystemFactory, per_order
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.system
 
@@ -191,11 +191,14 @@ def replay_by_clicking(page: Page, camera: Camera, system: System, job_id: str) 
     camera.shoot("replayed")
 
     page.click("text=Follow the job")
-    deadline = time.monotonic() + 30
-    while page.inner_text("#job-state") != "succeeded":
-        assert time.monotonic() < deadline, f"the job did not finish; logs in {system.log_dir}"
-        time.sleep(0.3)
+
+    def succeeded() -> bool:
+        if page.inner_text("#job-state") == "succeeded":
+            return True
         page.reload()
+        return False
+
+    wait_for(succeeded, f"the job to finish; logs in {system.log_dir}", timeout=30, interval=0.3)
     assert f"/ui/jobs/{job_id}" in page.url
     assert event_kinds(page, "act")[-2:] == ["replayed", "succeeded"]
     assert event_kinds(page, "publish") == ["succeeded"]
