@@ -1,9 +1,5 @@
-"""The public API to declare a pipeline: an ordered list of named steps, each a plain function.
-
-A step function receives a `StepContext` (the job's context, the earlier steps' recorded
-results, its idempotency key) and returns a JSON-able result. The engine claims, records,
-retries and chains; the function only acts.
-"""
+"""The public API to declare a pipeline: an ordered list of named steps, each a plain function
+that only acts (the engine claims, records, retries and chains)."""
 
 from __future__ import annotations
 
@@ -66,7 +62,9 @@ class Step(Generic[R]):
 
     Args:
         name: unique within the pipeline; part of the Celery task name.
-        run: the function that acts.
+        run: the function that acts: it receives a `StepContext` (the job's context, the
+            earlier steps' recorded results, its idempotency key) and returns a JSON-able
+            result.
         key: the idempotency key, a template over the job's context (`"order:{order_id}:charge"`)
             or a function of it; derive it from the business identity, not from the job id, so
             the same request arriving as two events is still done once.
