@@ -1,7 +1,6 @@
 """The pages for people in a real headless Chromium (Debian's, driven by Playwright) against a
 running system — `oncelery api`, workers and the sandbox on Postgres and Redis: log in, look
-around, replay a dead letter by clicking, see the job finish, log out. Each page is saved as a
-screenshot under `test-artifacts/screenshots/`."""
+around, replay a dead letter by clicking, see the job finish, log out."""
 
 from __future__ import annotations
 
@@ -26,6 +25,7 @@ from tests.waiting import wait_for
 pytestmark = pytest.mark.system
 
 TOKEN = "pages-test-token"
+#: Where each page is saved as a screenshot.
 SCREENSHOTS = REPO_ROOT / "test-artifacts" / "screenshots"
 #: Four tries for the charge, quickly: the dead letter comes within seconds.
 FEW_ATTEMPTS = {"ONCELERY_STEP_POLICIES": json.dumps({"order-placed.act": {"max_attempts": 4}})}
