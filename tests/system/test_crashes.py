@@ -193,6 +193,7 @@ def test_a_crash_after_an_unkeyed_effect_is_unknown_and_not_resent(
     [letter] = system.cli_json("dlq", "list")["dead_letters"]
     assert letter["reason"] == "outcome_unknown"
     # And nothing was resent: one notification, from the attempt that died
+    # (2 s: two sweeps, one a second here; a message a sweep sent would act in milliseconds)
     time.sleep(2)
     assert per_order(system.effects(), "notification") == {f"toy-{word}": 1}
 
@@ -238,6 +239,7 @@ def test_a_zombie_worker_is_fenced(
         return "was taken over" in log or "time limit" in log.lower()
 
     system.wait_for(zombie_stopped, "the zombie to wake up and be stopped")
+    # (2 s: two sweeps, one a second here, and four times a retry's longest backoff, 0.5 s)
     time.sleep(2)
     assert_exactly_once(system, prefix, 1)
     assert step_view(system, job_id, "act")["attempts"] == 2
