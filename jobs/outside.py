@@ -1,10 +1,5 @@
 """What one attempt of a step sent to the outside world: whether a request that may apply an
-effect went out, so that a failure after it is never mistaken for "nothing happened".
-
-Clients report each such request with `request_sent()` (`jobs.provider.ProviderClient` does);
-the runner watches each attempt with `watching()`. A context variable, so threads and
-greenlets running attempts side by side each see their own.
-"""
+effect went out, so that a failure after it is never mistaken for "nothing happened"."""
 
 from __future__ import annotations
 
@@ -22,13 +17,14 @@ class Watch:
     sent: int = 0
 
 
+# A context variable, so threads and greenlets running attempts side by side each see their own.
 _current: ContextVar[Watch | None] = ContextVar("oncelery_attempt_watch", default=None)
 
 
 def request_sent() -> None:
     """Report that a request that may apply an effect (a POST, say) is going out, from a
-    client a step uses. Call it before sending: a request whose answer never comes may have
-    been applied. Outside an attempt it does nothing."""
+    client a step uses (`jobs.provider.ProviderClient` does). Call it before sending: a request
+    whose answer never comes may have been applied. Outside an attempt it does nothing."""
     watch = _current.get()
     if watch is not None:
         watch.sent += 1
@@ -36,7 +32,7 @@ def request_sent() -> None:
 
 @contextmanager
 def watching() -> Iterator[Watch]:
-    """Watch one attempt: what `request_sent` reports while it runs."""
+    """Watch one attempt (a run watches each): what `request_sent` reports while it runs."""
     watch = Watch()
     token = _current.set(watch)
     try:

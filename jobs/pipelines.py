@@ -1,9 +1,5 @@
-"""The public API to declare a pipeline: an ordered list of named steps, each a plain function.
-
-A step function receives a `StepContext` (the job's context, the earlier steps' recorded
-results, its idempotency key) and returns a JSON-able result. The engine claims, records,
-retries and chains; the function only acts.
-"""
+"""The public API to declare a pipeline: an ordered list of named steps, each a plain function
+that only acts (the engine claims, records, retries and chains)."""
 
 from __future__ import annotations
 
@@ -35,8 +31,8 @@ class Delivery(enum.StrEnum):
     #: `unknown` and the job dead-lettered for a person, never silently resent.
     AT_MOST_ONCE = "at_most_once"
     #: The step changes nothing outside (it reads), so running it twice is harmless: on
-    #: Postgres a delivery runs it without claiming its key first, and records its result
-    #: fenced by the job's current step (a delivery that may repeat one whose worker died
+    #: Postgres a run does it without claiming its key first, and records its result
+    #: fenced by the job's current step (a run that may repeat one whose worker died
     #: still claims, so that attempts are counted).
     READ_ONLY = "read_only"
 
@@ -66,7 +62,9 @@ class Step(Generic[R]):
 
     Args:
         name: unique within the pipeline; part of the Celery task name.
-        run: the function that acts.
+        run: the function that acts: it receives a `StepContext` (the job's context, the
+            earlier steps' recorded results, its idempotency key) and returns a JSON-able
+            result.
         key: the idempotency key, a template over the job's context (`"order:{order_id}:charge"`)
             or a function of it; derive it from the business identity, not from the job id, so
             the same request arriving as two events is still done once.

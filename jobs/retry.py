@@ -1,8 +1,5 @@
 """The retry policy: which errors are worth retrying, and how long to wait before the next try.
-
-Retry is decided here, by exception type, and nowhere else; backoff is a pure function of the
-attempt number and a random draw.
-"""
+Retry is decided here, by exception type, and nowhere else."""
 
 from __future__ import annotations
 
@@ -101,7 +98,8 @@ def may_have_acted(
 
 
 def backoff(attempt: int, policy: RetryPolicy, draw: float) -> float:
-    """Exponential backoff with full jitter: uniform in [0, min(max, base · 2^(attempt-1))].
+    """Exponential backoff with full jitter: uniform in [0, min(max, base · 2^(attempt-1))], a
+    pure function of the attempt number and a random draw.
 
     Args:
         attempt: the attempt that just failed, from 1.

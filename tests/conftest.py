@@ -1,9 +1,5 @@
 """Shared fixtures: real Postgres databases cloned from a migrated template, SQLite files,
-brokers purged before and after, and the environment stripped of oncelery's variables.
-
-A service that cannot be reached fails the test under `CI=true`, and skips it (saying why)
-elsewhere.
-"""
+brokers purged before and after, and the environment stripped of oncelery's variables."""
 
 from __future__ import annotations
 
@@ -48,7 +44,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def unavailable(service: str, problem: object) -> None:
-    """Fail under CI, skip elsewhere: a test that needs a service never silently passes."""
+    """Fail under `CI=true`, skip (saying why) elsewhere: a test that needs a service never
+    silently passes."""
     message = f"{service} is not reachable ({problem}); run scripts/services.sh"
     if IN_CI:
         pytest.fail(message)

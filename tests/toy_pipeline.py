@@ -1,10 +1,5 @@
 """More pipelines, declared with the same public API as order-placed: the engine is not
-order-specific. Workers load them through `ONCELERY_PIPELINES=tests.toy_pipeline`.
-
-- `toy`: a pure step, then an exactly-once notification.
-- `toy-once`: the same notification declared at-most-once (as if the provider ignored keys).
-- `toy-slow`: a step that sleeps `seconds`, to meet time limits.
-"""
+order-specific. Workers load them through `ONCELERY_PIPELINES=tests.toy_pipeline`."""
 
 from __future__ import annotations
 
@@ -43,6 +38,7 @@ def _provider(settings: Settings) -> ProviderClient:
     return ProviderClient(base_url=settings.provider_url, timeout=settings.provider_timeout)
 
 
+#: A pure step, then an exactly-once notification.
 toy: Pipeline[ProviderClient] = Pipeline(
     name="toy",
     steps=[
@@ -53,6 +49,7 @@ toy: Pipeline[ProviderClient] = Pipeline(
 )
 
 
+#: The same notification declared at-most-once (as if the provider ignored keys).
 toy_once: Pipeline[ProviderClient] = Pipeline(
     name="toy-once",
     steps=[
@@ -77,6 +74,7 @@ def nap(ctx: StepContext[None]) -> JSON:
     return {"slept": seconds}
 
 
+#: A step that sleeps `seconds`, to meet time limits.
 toy_slow: Pipeline[None] = Pipeline(
     name="toy-slow",
     steps=[Step("nap", nap, key="toy-slow:{name}:nap")],

@@ -74,7 +74,7 @@ class LedgerCollector(Collector):
     def _malformed(self) -> CounterMetricFamily:
         family = CounterMetricFamily(
             "oncelery_malformed_messages",
-            "Step messages that could not be a delivery, by task and reason: `arguments` and "
+            "Step messages that could not be run, by task and reason: `arguments` and "
             "`job_id` were rejected (to the dead-letter queue on RabbitMQ), `no_such_job` "
             "acknowledged.",
             labels=["task", "reason"],

@@ -1,7 +1,5 @@
-"""`oncelery chaos`: the order-placed pipeline under fire — injected 5xx and timeouts, a worker
-SIGKILLed every few seconds (its main process or a child) and replaced, the broker and the
-database restarted mid-run — then the five invariants checked at the provider, and how fast
-the jobs each fault interrupted moved again (`jobs.tools.recovery`)."""
+"""`oncelery chaos`: the order-placed pipeline under fire (faults, kills, restarts), then the five
+invariants checked at the provider, and how fast the jobs each fault interrupted moved again."""
 
 from __future__ import annotations
 
@@ -173,7 +171,10 @@ class _Mayhem:
 
 
 def run_chaos(settings: Settings, options: ChaosOptions, progress: Progress) -> ChaosReport:
-    """Run the chaos scenario; every process it starts is stopped before it returns."""
+    """Run the chaos scenario — injected 5xx and timeouts, a worker SIGKILLed every few seconds
+    (its main process or a child) and replaced, the broker and the database restarted mid-run —
+    and check it (recovery times by `jobs.tools.recovery`); every process it starts is stopped
+    before it returns."""
     harness = Harness.prepare(settings, "chaos", CHAOS_ENVIRONMENT)
     mayhem = _Mayhem(harness, options, random.Random(options.seed))
     timeout = options.timeout or 180.0 + options.orders * 0.3

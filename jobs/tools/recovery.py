@@ -1,20 +1,5 @@
 """How fast jobs recover from a fault, as `oncelery chaos` reports it: the seconds from each
-kill -9 or restart to the next progress of the jobs it interrupted, read from the ledger.
-
-Which jobs a fault interrupted is decided from what the ledger showed just before it:
-
-- a **kill**: the claims whose lease ran at that moment (key, attempt) and that never wrote
-  an event of their own afterwards — their owner died (or was fenced) before recording. The
-  ledger does not say which process owns a claim, so a claim another worker held and lost
-  in a later kill counts for the earliest kill it was in flight at: the figure can only err
-  long, never short;
-- a **restart** (broker or database): every job unfinished at that moment, in flight or
-  queued, since a restart may have taken its message or its connection.
-
-A job's next progress is its first history event after the fault that records an attempt
-(`PROGRESS`); a re-drive is not progress. A job that never progressed counts until the run
-ended (a lower bound), and is counted as unrecovered.
-"""
+kill -9 or restart to the next progress of the jobs it interrupted, read from the ledger."""
 
 from __future__ import annotations
 
@@ -97,7 +82,22 @@ def observe(store: JobStore, prefix: str, kind: str) -> Fault | None:
 def recoveries(
     faults: Sequence[Fault], events: Sequence[StepEvent], ended: datetime
 ) -> dict[str, Recovery]:
-    """Each kind of fault's recovery times (see the module's text), by kind."""
+    """Each kind of fault's recovery times, by kind.
+
+    Which jobs a fault interrupted is decided from what the ledger showed just before it:
+
+    - a **kill**: the claims whose lease ran at that moment (key, attempt) and that never wrote
+      an event of their own afterwards — their owner died (or was fenced) before recording. The
+      ledger does not say which process owns a claim, so a claim another worker held and lost
+      in a later kill counts for the earliest kill it was in flight at: the figure can only err
+      long, never short;
+    - a **restart** (broker or database): every job unfinished at that moment, in flight or
+      queued, since a restart may have taken its message or its connection.
+
+    A job's next progress is its first history event after the fault that records an attempt
+    (`PROGRESS`); a re-drive is not progress. A job that never progressed counts until the run
+    ended (a lower bound), and is counted as unrecovered.
+    """
     by_job: dict[UUID, list[StepEvent]] = {}
     recorded: set[tuple[UUID, str | None, int | None]] = set()
     for event in events:

@@ -1,9 +1,5 @@
 """The HTTP intake (`oncelery api`): the signed order-placed webhook, the read API, health and
-Prometheus metrics. Errors are JSON; the webhook answers 4xx to bad input, never 5xx.
-
-A 202 means the job is in Postgres: the webhook writes the job (its row is the outbox) and the
-relay thread hands it to the broker, so a broker outage delays orders but never loses them.
-"""
+Prometheus metrics. Errors are JSON; the webhook answers 4xx to bad input, never 5xx."""
 
 from __future__ import annotations
 
@@ -138,6 +134,8 @@ def _routes() -> APIRouter:
                 field="event_id",
                 event_id=conflict.event_id,
             ) from None
+        # A 202 means the job is in Postgres: its row is the outbox, and the relay thread hands
+        # it to the broker, so a broker outage delays orders but never loses them.
         if created:
             intake.relay.accepted(order_pipeline.name, job_id)
         return JSONResponse({"job_id": str(job_id)}, status_code=202 if created else 200)

@@ -1,10 +1,5 @@
-"""`JobWriter`: the webhook's jobs written in groups (a group commit). Each request's job joins
-the next write; a few writes run at once on the intake's database threads, each taking every
-job waiting when it starts, in one statement and one commit. Idle, a job is written at once,
-alone; under load one commit serves many requests instead of each waiting for its own.
-
-A job is still created exactly as `JobStore.create_jobs` creates a list of them: each its own
-row, the same event id twice in one write one job (the first created, the second found)."""
+"""`JobWriter`: the webhook's jobs written in groups (a group commit): idle, a job is written at
+once, alone; under load one commit serves many requests instead of each waiting for its own."""
 
 from __future__ import annotations
 
@@ -26,7 +21,13 @@ Created = tuple[UUID, bool]
 
 
 class JobWriter:
-    """Writes jobs in groups, at most `writes` groups at a time.
+    """Writes jobs in groups, at most `writes` groups at a time. Each request's job joins the
+    next write; a few writes run at once on the intake's database threads, each taking every
+    job waiting when it starts, in one statement and one commit.
+
+    A job is still created exactly as `JobStore.create_jobs` creates a list of them: each its
+    own row, the same event id twice in one write one job (the first created, the second
+    found).
 
     Args:
         store: where jobs are created.

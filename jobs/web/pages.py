@@ -1,9 +1,5 @@
 """The pages for people: server-rendered HTML (Jinja2, no JavaScript) behind a login with the
-API token — home with charts, jobs and their timelines, dead letters with replay and resolve.
-
-A session is a signed cookie whose key derives from the API token, so rotating the token ends
-every session; a form that changes something carries a CSRF token tied to the session.
-"""
+API token — home with charts, jobs and their timelines, dead letters with replay and resolve."""
 
 from __future__ import annotations
 
@@ -117,6 +113,8 @@ router = APIRouter(route_class=PageRoute)
 
 
 # --- sessions ------------------------------------------------------------------------------
+# A session is a signed cookie whose key derives from the API token, so rotating the token ends
+# every session; a form that changes something carries a CSRF token tied to the session.
 def _api_token(settings: Settings) -> bytes:
     return settings.api_token.get_secret_value().encode() if settings.api_token else b""
 

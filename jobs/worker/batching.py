@@ -1,19 +1,5 @@
-"""Batches: a prefork worker hands the queued messages of one step to a pool child together.
-
-Each step task's messages are taken by `strategy` instead of going to the pool one by one.
-While a child is free, a message goes at once (alone, so an idle worker answers as fast as
-ever); while all are busy, messages wait, and the next free child takes up to
-`ONCELERY_BATCH_SIZE` of them in one go. The child runs them with `jobs.engine.run.run_steps`:
-one round trip per stage for the lot, instead of one per job, and one pool hand-off instead
-of one per message. Each message is still acknowledged (or rejected) on its own, after its
-job's outcome is recorded. All of this happens on the worker's event loop (one thread): a
-worker without one (the embedded file broker) takes its messages one by one.
-
-A batch whose child dies is redelivered message by message, and a redelivered message always
-runs alone: a job that kills its worker cannot take its neighbours down with it twice. A
-message that cannot be run (`jobs.engine.step_messages`) is rejected on its own, never
-requeued, while its neighbours run.
-"""
+"""Batches: a prefork worker hands the queued messages of one step to a pool child together,
+which runs them with one round trip per stage for the lot instead of one per job."""
 
 from __future__ import annotations
 
@@ -55,7 +41,9 @@ MALFORMED: Final = "malformed"
 def strategy(task: Task[Any, Any], app: Celery, consumer: Consumer, **options: Any) -> Any:
     """The step tasks' Celery strategy: Celery's own, except that a message ready to run (at
     once, or when its countdown is up) goes to the step's `Batcher` rather than straight to
-    the pool. Other pools than prefork, and a batch size of 1, keep Celery's own."""
+    the pool one by one. Other pools than prefork, and a batch size of 1, keep Celery's own.
+    All of batching happens on the worker's event loop (one thread): a worker without one (the
+    embedded file broker) takes its messages one by one."""
     size = int(app.conf.get(BATCH_SIZE_SETTING) or 1)
     # Without the event loop (the embedded file broker), the pool calls back from threads
     # of its own and may block them waiting for a free child: batches need the loop, where
@@ -126,7 +114,10 @@ class Slots:
 
 
 class Batcher:
-    """The messages of one step task that wait for a pool child.
+    """The messages of one step task that wait for a pool child. While a child is free, a
+    message goes at once (alone, so an idle worker answers as fast as ever); while all are
+    busy, messages wait, and the next free child takes up to `ONCELERY_BATCH_SIZE` of them in
+    one go.
 
     Args:
         task: the step's task.
@@ -157,6 +148,9 @@ class Batcher:
             self._done(lambda: _requeue_all(batch))
 
     def _next_batch(self) -> list[Request]:
+        # A batch whose child dies is redelivered message by message, and a redelivered message
+        # always runs alone: a job that kills its worker cannot take its neighbours down with
+        # it twice.
         if _redelivered(self.waiting[0][1]):
             return [self.waiting.popleft()[1]]
         batch: list[Request] = []
@@ -227,6 +221,8 @@ def _redelivered(request: Request) -> bool:
 
 
 def _acknowledge_all(batch: Sequence[Request], answers: Sequence[tuple[str, float]]) -> None:
+    """End each message of a finished batch on its own (acknowledged or rejected), now that its
+    job's outcome is recorded."""
     for request, (outcome, seconds) in zip(batch, answers, strict=True):
         try:
             _acknowledge(request, outcome, seconds)
@@ -280,7 +276,12 @@ def run_batch(
     """In a pool child: run one batch (`messages`: each message's id, positional and keyword
     arguments; `repeats`: which may repeat an attempt; `headers`: each one's reading header,
     if any); each message's outcome (`MALFORMED` for one that cannot be run) and the
-    batch's seconds so far."""
+    batch's seconds so far.
+
+    The jobs run with `jobs.engine.run.run_steps`: one round trip per stage for the lot,
+    instead of one per job, and one pool hand-off instead of one per message. A message that
+    cannot be run (`jobs.engine.step_messages`) is rejected on its own, never requeued,
+    while its neighbours run."""
     started = time.monotonic()
     checked = [job_id_of(args, kwargs) for _, args, kwargs in messages]
     for (message_id, _, _), found in zip(messages, checked, strict=True):

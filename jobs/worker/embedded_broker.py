@@ -1,15 +1,5 @@
-"""The embedded broker: kombu's file-system transport, with each message written atomically.
-
-kombu's own `_put` creates the message file and then writes into it, so a consumer polling
-the folder can pick up the empty file and crash on it (celery/kombu#1551; we saw workers die
-with `JSONDecodeError`). Writing under a name no queue matches, then renaming, closes that
-window: a rename within one folder is atomic on POSIX.
-
-The exchange's binding table has the same window: `_queue_bind` creates the table file and
-then writes it, so a producer publishing while a worker starts read it empty, failed with
-`JSONDecodeError`, and left its job to the outbox (seen once in CI). Bindings are written the
-same way here, under a lock file of their own so two binders do not lose each other's entry.
-"""
+"""The embedded broker: kombu's file-system transport, with each message (and each binding
+table) written atomically."""
 
 from __future__ import annotations
 
@@ -29,6 +19,10 @@ from kombu.utils.json import dumps, loads
 class Channel(filesystem.Channel):
     """A file-system channel whose messages appear whole or not at all."""
 
+    # kombu's own `_put` creates the message file and then writes into it, so a consumer
+    # polling the folder can pick up the empty file and crash on it (celery/kombu#1551; we saw
+    # workers die with `JSONDecodeError`). Writing under a name no queue matches, then
+    # renaming, closes that window: a rename within one folder is atomic on POSIX.
     # kombu-stubs omit the keyword options kombu's exchanges pass to `_put`.
     def _put(self, queue: str, message: Any, **_options: Any) -> None:  # type: ignore[override]
         name = f"{round(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
@@ -45,6 +39,11 @@ class Channel(filesystem.Channel):
     def _queue_bind(
         self, exchange: str, routing_key: str | None, pattern: str | None, queue: str | None
     ) -> None:
+        # The exchange's binding table has the same window as `_put`: kombu's `_queue_bind`
+        # creates the table file and then writes it, so a producer publishing while a worker
+        # starts read it empty, failed with `JSONDecodeError`, and left its job to the outbox
+        # (seen once in CI). Bindings are written the same way here, under a lock file of
+        # their own so two binders do not lose each other's entry.
         # The file kombu's `get_table` reads, name checked by kombu (kombu-stubs omit it).
         table_file = Path(self._exchange_file(exchange))  # type: ignore[attr-defined]
         self.control_folder.mkdir(exist_ok=True)

@@ -1,11 +1,6 @@
-"""Publishing many task messages at once, on a connection each process keeps for it: on
-RabbitMQ the publisher confirms of the lot are awaited together, not one by one.
-
-Used for the first steps of enqueued jobs, and for the next steps of a batch in the chained
-mode. A message counts as sent only once the broker confirmed it; whatever is not confirmed
-is reported unsent, to go back to the outbox or wait for the sweeper (a second copy of a
-message that was in fact queued is absorbed by the ledger).
-"""
+"""Publishing many task messages at once (the first steps of enqueued jobs, the next steps of a
+batch in the chained mode), on a connection each process keeps for it: on RabbitMQ the
+publisher confirms of the lot are awaited together, not one by one."""
 
 from __future__ import annotations
 
@@ -81,6 +76,10 @@ class Publisher:
 
     def publish(self, job_ids: Sequence[str], send: Callable[[str, Producer], None]) -> list[str]:
         """Call `send(job_id, producer)` for each job, then wait for the broker's confirms.
+
+        A message counts as sent only once the broker confirmed it; whatever is not confirmed
+        is reported unsent, to go back to the outbox or wait for the sweeper (a second copy of
+        a message that was in fact queued is absorbed by the ledger).
 
         Returns:
             The jobs whose messages were not all confirmed (all of them if the broker could

@@ -1,7 +1,6 @@
 """What the broker holds: the depth of oncelery's queues, whether it answers at all, whether
-it lost what it held (`broker_watch`), and the RabbitMQ dead-letter queue's copies — declared
-bounded (replacing one an older version declared unbounded), and removed when their dead
-letters are purged."""
+it lost what it held (`broker_watch`), and the RabbitMQ dead-letter queue's copies (declared
+bounded, removed when their dead letters are purged)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from config import child_environment
 from jobs.tools import processes
 from ledger import JobState, JobStore, create_engine
 from tests.conftest import REPO_ROOT
+from tests.waiting import wait_for
 
 #: Fast retries, so a test with injected faults finishes in seconds.
 TEST_WORKER_SETTINGS = {
@@ -82,16 +82,22 @@ class System:
         self, event_prefix: str, count: int, *, timeout: float = 180.0
     ) -> dict[JobState, int]:
         """Wait until `count` jobs of the prefix are finished; returns the counts by state."""
-        deadline = time.monotonic() + timeout
-        while True:
-            counts = self.store.count_by_state(event_prefix=event_prefix)
+        counts: dict[JobState, int] = {}
+
+        def finished() -> dict[JobState, int] | None:
+            counts.update(self.store.count_by_state(event_prefix=event_prefix))
             if sum(counts[state] for state in FINISHED) >= count:
                 return counts
-            if time.monotonic() > deadline:
-                pytest.fail(f"jobs not finished after {timeout}s: {counts}; logs in {self.log_dir}")
             for process in self.started:
                 assert process.alive(), f"{process.name} died; see {process.log_path}"
-            time.sleep(0.2)
+            return None
+
+        return wait_for(
+            finished,
+            lambda: f"{count} jobs to finish: {counts}; logs in {self.log_dir}",
+            timeout=timeout,
+            interval=0.2,
+        )
 
     def faults(self, **faults: object) -> None:
         """Change the sandbox's faults at run time (`POST /sandbox/faults`)."""
@@ -114,11 +120,7 @@ class System:
 
     def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
         """Poll `condition` until it holds, failing with `what` after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                pytest.fail(f"timed out waiting for {what}; logs in {self.log_dir}")
-            time.sleep(0.1)
+        wait_for(condition, f"{what}; logs in {self.log_dir}", timeout=timeout)
 
     def effects(self) -> list[dict[str, object]]:
         """What the sandbox applied."""

@@ -108,7 +108,7 @@ def test_every_crash_point_of_every_step(
     # Then every cell crashed once, and still every order was done exactly once. In a batch,
     # a job's record is committed with its neighbours' before each job's after-record points:
     # a neighbour's crash there may carry the job past its own (it was recorded, and then
-    # its worker died; the next delivery finds it done)
+    # its worker died; the next run finds it done)
     assert_exactly_once(system, prefix, len(job_ids))
     for (step, point), job in zip(cells, job_ids, strict=False):
         past_record = point in (CrashPoint.AFTER_RECORD, CrashPoint.AFTER_PUBLISH)
@@ -121,7 +121,7 @@ def test_every_crash_point_of_every_step(
             # attempt of its own: only the attempts the crash cost are counted here.
             failed = sum(event["kind"] == "failed" for event in view["events"])
             attempts = view["attempts"] - failed
-            # The crash left the key started, and a later delivery took it over; gather, a
+            # The crash left the key started, and a later run took it over; gather, a
             # read-only step, died unclaimed and its redelivery claimed it once. In a batch,
             # a neighbour's crash may have cost the key an attempt before that.
             once = 1 if step == "gather" else 2
@@ -193,6 +193,7 @@ def test_a_crash_after_an_unkeyed_effect_is_unknown_and_not_resent(
     [letter] = system.cli_json("dlq", "list")["dead_letters"]
     assert letter["reason"] == "outcome_unknown"
     # And nothing was resent: one notification, from the attempt that died
+    # (2 s: two sweeps, one a second here; a message a sweep sent would act in milliseconds)
     time.sleep(2)
     assert per_order(system.effects(), "notification") == {f"toy-{word}": 1}
 
@@ -238,6 +239,7 @@ def test_a_zombie_worker_is_fenced(
         return "was taken over" in log or "time limit" in log.lower()
 
     system.wait_for(zombie_stopped, "the zombie to wake up and be stopped")
+    # (2 s: two sweeps, one a second here, and four times a retry's longest backoff, 0.5 s)
     time.sleep(2)
     assert_exactly_once(system, prefix, 1)
     assert step_view(system, job_id, "act")["attempts"] == 2

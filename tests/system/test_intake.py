@@ -4,6 +4,7 @@ down, and are done exactly once when it comes back."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -24,6 +25,11 @@ SECRET, TOKEN = "whsec-system-test", "token-system-test"
 
 def rabbitmq(action: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", action], check=True, timeout=120, capture_output=True)
+
+
+def relay_refused(log: str) -> int:
+    """How many jobs the API's outbox relay failed to send, by its log."""
+    return sum(int(count) for count in re.findall(r"send of (\d+) jobs failed", log))
 
 
 def test_orders_accepted_while_the_broker_is_down_are_done_when_it_is_back(
@@ -60,7 +66,11 @@ def test_orders_accepted_while_the_broker_is_down_are_done_when_it_is_back(
         answers = [post(n) for n in range(5)]
         assert [a.status_code for a in answers] == [202] * 5
         assert httpx.get(f"{base}/healthz", timeout=30).json()["broker"] != "ok"
-        time.sleep(2)
+        # (the relay tries to send each one at once, fails, and leaves it in the outbox)
+        system.wait_for(
+            lambda: relay_refused(api.log_path.read_text()) >= 5,
+            "the relay's failed sends of the five jobs",
+        )
         assert system.store.count_by_state(event_prefix=prefix)[JobState.PENDING] == 5
     finally:
         rabbitmq("start_app")

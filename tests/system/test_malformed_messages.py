@@ -1,11 +1,10 @@
-"""Step messages that cannot be a delivery, sent to a real worker on RabbitMQ and on Redis: each
+"""Step messages that cannot be run, sent to a real worker on RabbitMQ and on Redis: each
 is rejected (or, naming no job, acknowledged) once, logged once and counted, never looped,
 and the worker goes on with good messages."""
 
 from __future__ import annotations
 
 import re
-import time
 import uuid
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from ledger import JobState
 from tests.conftest import queue_length, settings_for
 from tests.factories import order_event
 from tests.system.conftest import SystemFactory
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.system
 
@@ -41,7 +41,7 @@ def test_a_malformed_step_message_is_rejected_once_logged_and_counted(
     postgres_url: str, broker_url: str, system_factory: SystemFactory, tmp_path: Path
 ) -> None:
     # Given a queue that holds, before any worker runs, good orders and, between them, step
-    # messages that cannot be a delivery — sent as the README's "each step is a Celery task"
+    # messages that cannot be run — sent as the README's "each step is a Celery task"
     # invites: keyword arguments, a job id that is not a UUID, a UUID of no job
     system = system_factory(database_url=postgres_url, broker_url=broker_url, workers=0)
     settings = settings_for(
@@ -77,16 +77,15 @@ def test_a_malformed_step_message_is_rejected_once_logged_and_counted(
     def logged() -> bool:
         return all(line in worker.log_path.read_text() for line in wanted)
 
-    deadline = time.monotonic() + 20
-    while not logged():
-        if time.monotonic() > deadline:
-            log = worker.log_path.read_text()
-            deliveries = {i: _received(log, i) for i in (keywords, not_uuid, no_job)}
-            pytest.fail(
-                f"not rejected once: deliveries by message {deliveries}, "
-                f"{log.count(chr(10))} log lines; see {worker.log_path}"
-            )
-        time.sleep(0.1)
+    def not_rejected() -> str:
+        log = worker.log_path.read_text()
+        deliveries = {i: _received(log, i) for i in (keywords, not_uuid, no_job)}
+        return (
+            f"each bad message to be rejected: deliveries by message {deliveries}, "
+            f"{log.count(chr(10))} log lines; see {worker.log_path}"
+        )
+
+    wait_for(logged, not_rejected, timeout=20)
     log = worker.log_path.read_text()
     assert [_received(log, i) for i in (keywords, not_uuid, no_job)] == [1, 1, 1]
     assert [log.count(line) for line in wanted] == [1, 1, 1]

@@ -1,7 +1,6 @@
 """The pages for people in a real headless Chromium (Debian's, driven by Playwright) against a
 running system — `oncelery api`, workers and the sandbox on Postgres and Redis: log in, look
-around, replay a dead letter by clicking, see the job finish, log out. Each page is saved as a
-screenshot under `test-artifacts/screenshots/`."""
+around, replay a dead letter by clicking, see the job finish, log out."""
 
 from __future__ import annotations
 
@@ -9,7 +8,6 @@ import contextlib
 import json
 import shutil
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,10 +20,12 @@ from ledger import JobState
 from tests.conftest import REPO_ROOT, unavailable
 from tests.factories import order_event
 from tests.system.conftest import System, SystemFactory, per_order
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.system
 
 TOKEN = "pages-test-token"
+#: Where each page is saved as a screenshot.
 SCREENSHOTS = REPO_ROOT / "test-artifacts" / "screenshots"
 #: Four tries for the charge, quickly: the dead letter comes within seconds.
 FEW_ATTEMPTS = {"ONCELERY_STEP_POLICIES": json.dumps({"order-placed.act": {"max_attempts": 4}})}
@@ -191,11 +191,14 @@ def replay_by_clicking(page: Page, camera: Camera, system: System, job_id: str) 
     camera.shoot("replayed")
 
     page.click("text=Follow the job")
-    deadline = time.monotonic() + 30
-    while page.inner_text("#job-state") != "succeeded":
-        assert time.monotonic() < deadline, f"the job did not finish; logs in {system.log_dir}"
-        time.sleep(0.3)
+
+    def succeeded() -> bool:
+        if page.inner_text("#job-state") == "succeeded":
+            return True
         page.reload()
+        return False
+
+    wait_for(succeeded, f"the job to finish; logs in {system.log_dir}", timeout=30, interval=0.3)
     assert f"/ui/jobs/{job_id}" in page.url
     assert event_kinds(page, "act")[-2:] == ["replayed", "succeeded"]
     assert event_kinds(page, "publish") == ["succeeded"]

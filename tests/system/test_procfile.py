@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from ledger import JobState, JobStore, create_engine
 from tests.conftest import REPO_ROOT
 from tests.factories import order_event
 from tests.system.conftest import TEST_WORKER_SETTINGS, System, per_order
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.system
 
@@ -86,10 +86,15 @@ def test_the_procfile_runs_the_system(tmp_path: Path, postgres_url: str, redis_u
     groups: set[int] = set()
     try:
         processes.wait_until_answers(f"{provider_url}/healthz", process=honcho, timeout=60)
-        deadline = time.monotonic() + 30
-        while len(groups) < 5 and time.monotonic() < deadline:
+
+        def all_started() -> bool:
+            nonlocal groups
             groups = process_groups_below(honcho.pid)
-            time.sleep(0.2)
+            return len(groups) >= 5
+
+        wait_for(
+            all_started, lambda: f"five process groups, saw {groups}", timeout=30, interval=0.2
+        )
         assert len(groups) == 5, groups  # sandbox, worker, beat, flower, web
 
         # When orders are enqueued
@@ -113,10 +118,12 @@ def test_the_procfile_runs_the_system(tmp_path: Path, postgres_url: str, redis_u
         # When honcho is stopped, every process it started stops too
         honcho.popen.send_signal(signal.SIGTERM)
         honcho.popen.wait(timeout=60)
-        deadline = time.monotonic() + 30
-        while any(group_alive(g) for g in groups) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not [g for g in groups if group_alive(g)]
+        wait_for(
+            lambda: not any(group_alive(g) for g in groups),
+            lambda: f"every process group to stop: {[g for g in groups if group_alive(g)]} alive",
+            timeout=30,
+            interval=0.2,
+        )
     finally:
         honcho.stop()
         for group in groups:

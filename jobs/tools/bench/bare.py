@@ -1,9 +1,5 @@
 """The bench's baseline: a bare Celery app with three no-op tasks chained a → b → c, configured
-like oncelery's workers (prefork, acks late, JSON, prefetch 4, no result backend, no events) but
-with no ledger. Its worker gets the broker from `celery -b URL`.
-
-`c` appends one byte to a file of its own process in the run's folder (O_APPEND), so finished
-chains are counted by adding up file sizes, at almost no cost to the workers."""
+like oncelery's workers but with no ledger. Its worker gets the broker from `celery -b URL`."""
 
 from __future__ import annotations
 
@@ -22,7 +18,8 @@ TASK_C: Final = "oncelery.bench.c"
 
 
 def bare_config() -> dict[str, object]:
-    """The Celery settings of the baseline (lower-case names), the broker aside."""
+    """The Celery settings of the baseline (lower-case names), the broker aside: as oncelery's
+    workers run (prefork, acks late, JSON, prefetch 4, no result backend, no events)."""
     return {
         "task_serializer": "json",
         "accept_content": ["json"],
@@ -57,7 +54,9 @@ def step_b(folder: str) -> str:
 
 @app.task(name=TASK_C)
 def step_c(folder: str) -> None:
-    """Counts one finished chain: one byte appended to this process's file in `folder`."""
+    """Counts one finished chain: one byte appended to this process's file in `folder`
+    (O_APPEND), so finished chains are counted by adding up file sizes, at almost no cost to
+    the workers."""
     fd = os.open(Path(folder) / str(os.getpid()), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         os.write(fd, b".")

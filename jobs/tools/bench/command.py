@@ -1,9 +1,6 @@
 """`oncelery bench`: bare Celery against oncelery, side by side, on this machine's Postgres and
-brokers — the baseline chain, the chained protocol, the fast path and the fast path against the
-sandbox, interleaved round by round in fresh workers — and, with `--seed-jobs`, the sweeper's
-and `status`'s queries timed over a large finished history. Everything runs in a database of
-its own (`<name>_bench`), never in the user's ledger. With `--intake`, the signed webhook of a
-real `oncelery api` under concurrent load instead."""
+brokers, in a database of its own (`<name>_bench`), never in the user's ledger. With
+`--intake`, the signed webhook of a real `oncelery api` under concurrent load instead."""
 
 from __future__ import annotations
 
@@ -143,8 +140,10 @@ def _interrupt(signum: int, _frame: object) -> None:
 
 
 def run_bench(settings: Settings, options: BenchOptions, log: Callable[[str], None]) -> BenchReport:
-    """Run the rows round by round (and the seeded-history timings); every process the bench
-    starts is stopped before it returns.
+    """Run the rows — the baseline chain, the chained protocol, the fast path and the fast path
+    against the sandbox — interleaved round by round in fresh workers, and, with `--seed-jobs`,
+    time the sweeper's and `status`'s queries over a large finished history; every process the
+    bench starts is stopped before it returns.
 
     Raises:
         BenchFailed: the bench database could not be prepared, or a row could not be measured.

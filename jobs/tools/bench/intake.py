@@ -1,7 +1,5 @@
-"""`oncelery bench --intake`: signed order-placed events posted to a real `oncelery api` process
-at a fixed concurrency by a client on the same machine, each answer timed, in the bench
-database. What the webhook costs under load: answers/s, latency percentiles, the API's CPU per
-event, and how long the outbox relay takes to hand the last job to the broker."""
+"""`oncelery bench --intake`: what the webhook of a real `oncelery api` costs under load, signed
+order-placed events posted at a fixed concurrency, each answer timed, in the bench database."""
 
 from __future__ import annotations
 
@@ -44,7 +42,9 @@ class IntakeOptions:
 
 @dataclass(frozen=True)
 class IntakeRun:
-    """The figures of one run: `events` posted at `concurrency`, answered in `seconds`."""
+    """The figures of one run: `events` posted at `concurrency`, answered in `seconds`; from them
+    answers/s, latency percentiles, the API's CPU per event, and how long the outbox relay took
+    to hand the last job to the broker."""
 
     broker: str
     round: int
@@ -107,8 +107,8 @@ class IntakeRun:
 def run_intake_bench(
     database_url: str, data_dir: Path, options: IntakeOptions, log: Callable[[str], None]
 ) -> list[IntakeRun]:
-    """Post the events to a fresh `oncelery api` per run, on each broker; every process the
-    bench starts is stopped before it returns.
+    """Post the events to a fresh `oncelery api` per run, on each broker, from a client on the
+    same machine; every process the bench starts is stopped before it returns.
 
     Raises:
         BenchFailed: the bench database could not be prepared, the API did not start, or an

@@ -1,7 +1,6 @@
-"""The order-placed pipeline with a null provider, for `oncelery bench`: the same three steps
-(gather → act → publish), the same step functions and the same protocol (claim, record, history,
-job advance), but the provider answers from memory, so the bench measures oncelery and Celery
-rather than HTTP. Workers load it with `ONCELERY_PIPELINES=jobs.tools.bench.pipeline`."""
+"""The order-placed pipeline with a null provider, for `oncelery bench`, which then measures
+oncelery and Celery rather than HTTP. Workers load it with
+`ONCELERY_PIPELINES=jobs.tools.bench.pipeline`."""
 
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ _UNIT_AMOUNT: Final = 1250
 
 
 class NullProvider(ProviderClient):
-    """A provider that answers at once, without I/O, in the sandbox's shapes."""
+    """A provider that answers at once, from memory, without I/O, in the sandbox's shapes."""
 
     def __init__(self) -> None:
         super().__init__(base_url="null://provider", timeout=1.0)
@@ -67,7 +66,9 @@ def _null_provider(_settings: Settings) -> ProviderClient:
     return NullProvider()
 
 
-#: The order-placed pipeline's copy, keyed apart from it (`bench:<order_id>:<step>`).
+#: The order-placed pipeline's copy, keyed apart from it (`bench:<order_id>:<step>`): the same
+#: three steps (gather → act → publish), the same step functions and the same protocol (claim,
+#: record, history, job advance); only the provider differs.
 bench_order_placed: Pipeline[ProviderClient] = Pipeline(
     name=BENCH_PIPELINE,
     steps=[

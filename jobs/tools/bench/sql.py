@@ -1,8 +1,6 @@
-"""Every statement the bench runs itself (the ledger's own statements stay in `ledger/queries`):
-its database, the statement counts of pg_stat_statements, and the seeded history.
-
-Plain SQL on purpose: these statements serve the bench only, on Postgres only, and some
-(CREATE DATABASE, TRUNCATE, VACUUM, set-based seeding) have no Core form."""
+"""Every statement the bench runs itself (the ledger's stay in `ledger/queries`): its database,
+pg_stat_statements' counts, the seeded history. Plain SQL on purpose: bench only, Postgres only,
+and some (CREATE DATABASE, TRUNCATE, VACUUM, set-based seeding) have no Core form."""
 
 from __future__ import annotations
 

@@ -184,8 +184,8 @@ def test_a_reading_not_read_records_only_while_its_key_is_untouched(
     store: JobStore, ledger: StepLedger, since: str
 ) -> None:
     """The reading a job's first message brought stands for a read as the job was created:
-    once another delivery tried, holds or did the step (or another job did), it writes
-    nothing, and the delivery falls back on a claim."""
+    once another run tried, holds or did the step (or another job did), it writes
+    nothing, and the run falls back on a claim."""
     base = f"same:{uuid.uuid4().hex[:8]}"
     job_id = create_job(store, key_base=base, context={"sku": base})
     job = store.get_job(job_id)
@@ -215,7 +215,7 @@ def test_a_reading_that_differs_from_the_job_records_nothing(
     store: JobStore, ledger: StepLedger, differs: str
 ) -> None:
     """A message's reading is its word only: one that disagrees with the job's row (stale, or
-    forged by whoever can publish to the broker) records nothing, and the delivery falls back
+    forged by whoever can publish to the broker) records nothing, and the run falls back
     on a claim, which runs the step on the row."""
     job_id = create_job(store, context={"amount": 100})
     job = store.get_job(job_id)

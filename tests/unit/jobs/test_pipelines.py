@@ -1,9 +1,5 @@
 """`jobs.pipelines`: declaring a pipeline, its steps' keys, the context fingerprint, and the
-registry.
-
-Constructing a `Pipeline` registers it process-wide (and binds Celery tasks for it), so every
-pipeline here has a name of its own, prefixed `unit-`.
-"""
+registry."""
 
 from __future__ import annotations
 
@@ -43,7 +39,8 @@ def _steps(*names: str) -> list[Step[None]]:
 
 @pytest.fixture
 def name() -> str:
-    """A pipeline name no other test uses."""
+    """A pipeline name no other test uses: constructing a `Pipeline` registers it process-wide
+    (and binds Celery tasks for it), so every pipeline here has a name of its own."""
     return f"unit-{uuid.uuid4().hex[:10]}"
 
 

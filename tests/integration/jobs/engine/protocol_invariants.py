@@ -65,7 +65,7 @@ class Memory:
     #: Keys a person settled as succeeded (`resolve`): their entry names whichever job
     #: claimed them last, which may not be the job whose dead letter was settled.
     settled_keys: set[str] = field(default_factory=set)
-    #: Keys a killed delivery may have held when it died (its jobs' keys).
+    #: Keys a killed run may have held when it died (its jobs' keys).
     killed_keys: set[str] = field(default_factory=set)
     #: By job: deliveries that may have noted a duplicate in its history (answered duplicate,
     #: killed, or interrupted).
@@ -222,7 +222,7 @@ def one_success_per_step(snapshot: Snapshot, effects: Sequence[Effect], memory: 
 
 
 def one_note_per_duplicate(snapshot: Snapshot, effects: Sequence[Effect], memory: Memory) -> None:
-    """A job's history notes a duplicate at most once per delivery that absorbed one."""
+    """A job's history notes a duplicate at most once per run that absorbed one."""
     noted: Counter[str] = Counter()
     for (job_id, _, kind), count in snapshot.events.items():
         if kind in (EventKind.DUPLICATE, EventKind.DEDUPLICATED):
@@ -260,7 +260,7 @@ def results_follow_records(snapshot: Snapshot, effects: Sequence[Effect], memory
 def started_keys_have_an_owner(
     snapshot: Snapshot, effects: Sequence[Effect], memory: Memory
 ) -> None:
-    """Between rules no delivery runs: a key still `started` was left by a worker that died
+    """Between rules no run goes on: a key still `started` was left by a worker that died
     (or a batch interrupted) while holding it, never by one that lives on — such a key would
     hold its job up for a whole lease (class 8: a commit whose answer was lost)."""
     for entry in snapshot.entries.values():

@@ -1,7 +1,7 @@
 """The world the protocol's model-based test (`test_protocol_model.py`) runs the real runner
 in: orders and what they cost, a provider behind the real `ProviderClient` that answers as
 each rule says and counts every effect, a broker of messages, crash points that kill a
-delivery, and ledger commits whose answer is lost. The pipelines are made of the shipped
+run, and ledger commits whose answer is lost. The pipelines are made of the shipped
 step functions (gather, charge, notify)."""
 
 from __future__ import annotations
@@ -340,7 +340,7 @@ class ModelBroker:
 
 
 class ModelDispatch:
-    """How the runner publishes, onto the model broker; `message` is the delivery's own (its
+    """How the runner publishes, onto the model broker; `message` is the run's own (its
     retry goes back on the retry queue, as Celery's `task.retry` does)."""
 
     def __init__(self, broker: ModelBroker, message: Message | None = None) -> None:
@@ -393,7 +393,7 @@ class Killed(BaseException):
 
 
 class ModelCrasher(Crasher):
-    """Kills the delivery at the armed crash point (once)."""
+    """Kills the run at the armed crash point (once)."""
 
     def __init__(self) -> None:
         super().__init__((), Path())
@@ -406,7 +406,7 @@ class ModelCrasher(Crasher):
 
 
 class LostAnswers:
-    """Ambiguous commits: the `nth` ledger call of a delivery (see `arm`) commits, its answer
+    """Ambiguous commits: the `nth` ledger call of a run (see `arm`) commits, its answer
     is lost with the connection, and `StepLedger.retrying` runs it again, as after a
     `DatabaseUnavailable` raised past the COMMIT. (Every call of the protocol that writes
     goes through `retrying`.)"""

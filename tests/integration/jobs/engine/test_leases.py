@@ -1,5 +1,5 @@
 """Leases kept while a step acts (`jobs.engine.leases`): a step that runs longer than its
-lease keeps its key, so no other delivery takes it over meanwhile; a key nobody renews comes
+lease keeps its key, so no other run takes it over meanwhile; a key nobody renews comes
 free within one lease."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def leased(database_url: str, tmp_path: Path) -> Iterator[Runtime]:
 
 
 def test_a_step_that_outlasts_its_lease_keeps_its_key(leased: Runtime) -> None:
-    # Given a step that takes three leases, and another delivery of the same job meanwhile
+    # Given a step that takes three leases, and another run of the same job meanwhile
     seen: list[object] = []
 
     def slow(ctx: StepContext[None]) -> JSON:

@@ -90,13 +90,13 @@ _VARIANT = st.integers(0, 3).map(lambda n: n // 3)  # other content, one time in
 _EVENTS = st.lists(
     st.tuples(st.integers(0, 3), st.integers(0, 2), _VARIANT), min_size=1, max_size=3
 )
-#: The provider's answers to a delivery's calls that may apply an effect, in order (then
+#: The provider's answers to a run's calls that may apply an effect, in order (then
 #: ok): half of them ok.
 _ANSWERS = st.lists(st.just("ok") | st.sampled_from(ANSWERS[1:]), max_size=4)
 #: Its answers to reads: mostly ok, so that deliveries reach the calls that act.
 _READS = st.lists(st.sampled_from(("ok", "ok", "ok", "503", "timeout")), max_size=2)
 _CRASH = st.none() | st.tuples(st.sampled_from(list(CrashPoint)), st.sampled_from(STEPS))
-#: Which ledger call of a delivery loses its answer after committing.
+#: Which ledger call of a run loses its answer after committing.
 _LOST = st.none() | st.integers(1, 4)
 _PICK = st.integers(0, 30)
 #: Deliveries of one job per drain round: its steps, and a few polls of a key held elsewhere.

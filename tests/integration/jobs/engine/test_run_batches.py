@@ -1,4 +1,4 @@
-"""Several jobs at the same step in one delivery (`run_steps`, what a worker's batch runs), on
+"""Several jobs at the same step in one run (`run_steps`, what a worker's batch runs), on
 the real ledger: each job ends as it would alone, the statements are shared per stage."""
 
 from __future__ import annotations

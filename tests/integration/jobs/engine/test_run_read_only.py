@@ -1,4 +1,4 @@
-"""A read-only first step on Postgres: a delivery reads its jobs instead of claiming, acts,
+"""A read-only first step on Postgres: a run reads its jobs instead of claiming, acts,
 and records with the next step's claim; failures and repeats still go through claims."""
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def test_a_reading_its_message_brought_spares_the_read(
         assert fast.store.get_job(uuid.UUID(job_id)).state is JobState.SUCCEEDED
 
 
-@pytest.mark.parametrize("since", ["claimed by another delivery", "recorded by another delivery"])
+@pytest.mark.parametrize("since", ["claimed by another run", "recorded by another run"])
 def test_a_reading_that_no_longer_holds_is_claimed_instead(fast: Runtime, since: str) -> None:
     """The step's key changed between the job's enqueue and this delivery: nothing is
     recorded on the strength of the message, and the job goes on the retry queue, to be
@@ -181,7 +181,7 @@ def test_a_reading_that_no_longer_holds_is_claimed_instead(fast: Runtime, since:
     pipeline = lookup_pipeline(looks)
     [job_id] = start(fast, pipeline)
     reading, step = brought(fast, job_id), pipeline.step("look")
-    if since == "claimed by another delivery":
+    if since == "claimed by another run":
         fast.ledger.claim_step(uuid.UUID(job_id), "look")
     else:
         assert run_step(fast, dispatch, pipeline, step, job_id) is Outcome.SUCCEEDED  # type: ignore[arg-type]

@@ -1,4 +1,4 @@
-"""Step messages that cannot be a delivery, through the real task body and a pool child's
+"""Step messages that cannot be run, through the real task body and a pool child's
 batch, on the real ledger: rejected (or, naming no job, acknowledged) and counted once, while
 the good jobs beside them run."""
 
@@ -63,7 +63,7 @@ def test_a_task_message_that_cannot_be_a_delivery_is_rejected_and_counted(
 def test_a_batch_rejects_what_cannot_be_a_delivery_and_runs_its_neighbours(
     process_runtime: Runtime,
 ) -> None:
-    # Given a good job, between messages that cannot be a delivery, in one batch
+    # Given a good job, between messages that cannot be run, in one batch
     [(good, created)] = process_runtime.store.create_jobs(
         [toy_slow.new_job(f"nap-{uuid.uuid4().hex[:8]}", {"name": "n", "seconds": 0})]
     )

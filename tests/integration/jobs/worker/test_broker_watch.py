@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from celery import Celery
 from jobs.engine.sweeper import BlindWatch
 from jobs.tools import processes
 from jobs.worker.queues import SEEN_KEY, RedisWatch, broker_watch
+from tests.waiting import wait_for
 
 
 class PrivateRedis:
@@ -39,15 +39,14 @@ class PrivateRedis:
         self.process = subprocess.Popen(
             [*argv, "--dir", str(self.folder)], stdout=subprocess.DEVNULL
         )
-        deadline = time.monotonic() + 15
-        while True:
+
+        def answers() -> bool:
             try:
-                self.client.ping()
-                return
+                return bool(self.client.ping())
             except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+                return False
+
+        wait_for(answers, f"redis-server to answer on port {self.port}", timeout=15, interval=0.05)
 
     def stop(self) -> None:
         if self.process is not None:
@@ -108,10 +107,11 @@ def test_a_note_of_another_server_written_while_this_one_ran_is_a_failover(
     private_redis: PrivateRedis,
 ) -> None:
     # Given a note another server wrote after this one started (it replicated it)
-    deadline = time.monotonic() + 15
-    while int(private_redis.client.info("server")["uptime_in_seconds"]) < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_for(
+        lambda: int(private_redis.client.info("server")["uptime_in_seconds"]) >= 1,
+        "redis-server to have run a second",
+        timeout=15,
+    )
     seconds, micros = private_redis.client.time()
     private_redis.client.set(SEEN_KEY, f"{'0' * 40} {seconds + micros / 1e6}")
 

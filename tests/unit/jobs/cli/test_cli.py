@@ -1,9 +1,5 @@
 """`oncelery` (`jobs.cli.commands`) on bad input, run as a real process: exit 2, one line on stderr,
-nothing on stdout, never a traceback, and nothing created.
-
-Every command here fails before it reaches a database or a broker; the environment has no
-`DATABASE_URL` or `BROKER_URL`, and the data folder is the test's own.
-"""
+nothing on stdout, never a traceback, and nothing created."""
 
 from __future__ import annotations
 
@@ -88,6 +84,8 @@ CASES = {
 
 
 def _environment(data_dir: Path, extra: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    # Every command here fails before it reaches a database or a broker; the environment has
+    # no `DATABASE_URL` or `BROKER_URL`, and the data folder is the test's own.
     environment = {
         name: value
         for name, value in os.environ.items()

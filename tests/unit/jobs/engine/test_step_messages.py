@@ -1,4 +1,4 @@
-"""`jobs.engine.step_messages`: what a step message must carry, and why one cannot be a delivery."""
+"""`jobs.engine.step_messages`: what a step message must carry, and why one cannot be run."""
 
 from __future__ import annotations
 

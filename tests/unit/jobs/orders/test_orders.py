@@ -1,8 +1,6 @@
-"""`jobs.orders`: the order-placed pipeline and the job planned for one event.
-
-The event id only deduplicates deliveries; the business identity (the order) makes the keys
-and the fingerprint, so the same order sent as two events is done once.
-"""
+"""`jobs.orders`: the order-placed pipeline and the job planned for one event. The event id only
+deduplicates deliveries; the business identity (the order) makes the keys and the fingerprint,
+so the same order sent as two events is done once."""
 
 from __future__ import annotations
 
