@@ -4,7 +4,6 @@ the broker together and leave the outbox; with the broker unreachable they stay 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from jobs.tools.bench import sql
 from jobs.worker import CeleryDispatch, client_app
 from tests.conftest import purge_queues, queue_length, settings_for
 from tests.factories import order
+from tests.waiting import wait_for
 
 
 def relay_for(runtime: Runtime, broker_url: str, tmp_path: Path) -> OutboxRelay:
@@ -56,9 +56,7 @@ def test_accepted_jobs_go_to_the_broker_and_leave_the_outbox(
 
     relay.start()
     try:
-        deadline = time.monotonic() + 30
-        while in_outbox(runtime) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: in_outbox(runtime) == 0, "the outbox to empty", timeout=30, interval=0.05)
     finally:
         relay.stop()
 
@@ -75,9 +73,12 @@ def test_with_the_broker_unreachable_accepted_jobs_stay_in_the_outbox(
     with caplog.at_level(logging.WARNING, logger="jobs"):
         relay.start()
         try:
-            deadline = time.monotonic() + 60
-            while "wait in the outbox" not in caplog.text and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_for(
+                lambda: "wait in the outbox" in caplog.text,
+                "the relay to report its failed sends",
+                timeout=60,
+                interval=0.05,
+            )
         finally:
             relay.stop()
 

@@ -19,6 +19,7 @@ from jobs.pipelines import Pipeline, Step, StepContext
 from ledger import JSON, Claim, InFlight, JobStore, LeaseLost, StepLedger, StepState
 from tests.conftest import settings_for
 from tests.factories import RecordingDispatch
+from tests.waiting import wait_for
 
 #: The shortest lease the settings allow; renewed every third of it.
 LEASE = 1.0
@@ -50,6 +51,7 @@ def test_a_step_that_outlasts_its_lease_keeps_its_key(leased: Runtime) -> None:
     [(job_id, _)] = leased.store.create_jobs([pipeline.new_job("evt-1", {"n": uuid.uuid4().hex})])
 
     def rival() -> None:
+        # Past two leases: unrenewed, the slow step's key would be free by now.
         time.sleep(2 * LEASE)
         other = StepLedger(engine=leased.engine, lease_seconds=LEASE)
         seen.append(other.claim_step(job_id, "slow"))
@@ -82,13 +84,16 @@ def test_a_released_claim_is_no_longer_renewed(leased: Runtime, engine: sa.Engin
     assert isinstance(claim, Claim)
 
     leased.leases.hold([claim])
+    # Two leases: unrenewed, the key would have come free by now.
     time.sleep(2 * LEASE)
     assert isinstance(leased.ledger.claim_step(job_id, "s"), InFlight)  # renewed: still held
     leased.leases.release([claim])
-    time.sleep(1.5 * LEASE)
 
-    taken = leased.ledger.claim_step(job_id, "s")
-    assert isinstance(taken, Claim)
+    def taken_over() -> Claim | None:
+        found = leased.ledger.claim_step(job_id, "s")
+        return found if isinstance(found, Claim) else None
+
+    taken = wait_for(taken_over, "the released key to come free", timeout=3 * LEASE)
     assert taken.owner != claim.owner
     # The first owner's record is fenced out.
     with pytest.raises(LeaseLost):

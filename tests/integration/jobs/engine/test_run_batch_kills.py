@@ -15,6 +15,7 @@ from jobs.engine.runtime import Runtime
 from jobs.pipelines import Delivery, Pipeline, Step, StepContext
 from ledger import JSON, DeadLetterStore, JobState, StepLedger, StepState
 from tests.factories import RecordingDispatch
+from tests.waiting import wait_for
 
 _names = itertools.count()
 
@@ -95,13 +96,12 @@ def test_a_kill_mid_batch_leaves_only_the_acting_job_unknown(
 def _wait_for_leases(runtime: Runtime, job_id: str) -> None:
     """Until the job's started keys' leases ran out (0.5 s), as a redelivery after a kill
     would find them."""
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
+
+    def ran_out() -> bool:
         entries = runtime.store.history(uuid.UUID(job_id)).entries
         held = [e for e in entries if e.state is StepState.STARTED]
-        if all(
+        return all(
             e.locked_until is not None and e.locked_until.timestamp() < time.time() for e in held
-        ):
-            return
-        time.sleep(0.05)
-    raise AssertionError("leases did not run out")
+        )
+
+    wait_for(ran_out, "the leases to run out", timeout=5, interval=0.05)
