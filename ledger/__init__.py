@@ -24,6 +24,8 @@ from ledger.malformed import MalformedCount, MalformedMessages
 from ledger.migrations import current_revision, head_revision, upgrade
 from ledger.stats import Histogram, LedgerStats, Snapshot, StepTiming
 from ledger.step_ledger import Failure, StepLedger
+from ledger.step_ledger_postgres import PostgresStepLedger
+from ledger.step_ledger_sqlite import SqliteStepLedger
 from ledger.store import JobStore, JobToSend, UnfinishedStep
 from ledger.types import (
     JSON,
@@ -86,6 +88,7 @@ __all__ = [
     "NewJob",
     "OutcomeUnknown",
     "PostgresLimits",
+    "PostgresStepLedger",
     "ReadResult",
     "Reading",
     "Recorded",
@@ -94,6 +97,7 @@ __all__ = [
     "SchemaMissing",
     "Settled",
     "Snapshot",
+    "SqliteStepLedger",
     "StatementRejected",
     "StepEntry",
     "StepEvent",

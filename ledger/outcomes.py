@@ -121,14 +121,13 @@ class Record:
     event: tuple[EventKind, float | None, JSON]
     job: tuple[JobState, str | None, tuple[str, JSON] | None]
 
-    def template(self) -> Any:
-        """The statement that records it in one round trip (Postgres)."""
-        if self.event[0] is EventKind.SUCCEEDED:
-            return queries.record_success_template(self.job[0] is JobState.SUCCEEDED)
-        return queries.record_retry_template()
+    @property
+    def shape(self) -> tuple[EventKind, bool]:
+        """Which record statement it takes: its event's kind, and whether it ends the job."""
+        return self.event[0], self.job[0] is JobState.SUCCEEDED
 
     def values(self) -> dict[str, Any]:
-        """The template's parameters."""
+        """The record statement's parameters."""
         _, _, error = self.entry
         _, duration_ms, detail = self.event
         state, current_step, result = self.job
@@ -141,6 +140,11 @@ class Record:
             result=result,
             error=error,
         )
+
+    def finish_values(self) -> dict[str, Any]:
+        """The parameters of its entry's `finish_entry` run alone (SQLite)."""
+        _, result, error = self.entry
+        return queries.finish_params(self.claim.key, self.claim.owner, result=result, error=error)
 
 
 def answer(call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T | LedgerError:

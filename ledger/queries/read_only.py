@@ -17,8 +17,8 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql.expression import CTE
 
 from ledger import db
+from ledger.queries.claims import claim_from
 from ledger.queries.common import ACTIVE, param
-from ledger.queries.protocol import claim_from
 from ledger.schema import JSONDocument, jobs, ledger_entries, step_events
 from ledger.types import JSON, EventKind, JobState, StepState
 
@@ -60,7 +60,7 @@ def record_read_template(next_step: bool, claim_next: bool, takeover_expired: bo
 
     Answers no row when the job was not at that step (another delivery recorded it);
     otherwise `recorded_key`, `job_state` and, with `claim_next`, the columns of
-    `claim_step_in_one` for the next step (nothing claimed if the job had stopped).
+    `claim_template` for the next step (nothing claimed if the job had stopped).
     """
     job = _advance_from_read(next_step, claim_next)
     entry = _upsert_read_entry(job)
@@ -69,9 +69,7 @@ def record_read_template(next_step: bool, claim_next: bool, takeover_expired: bo
         return sa.select(
             job.c.read_key.label("recorded_key"), job.c.state.label("job_state")
         ).add_cte(entry, event)
-    claimed, existing, columns = claim_from(
-        job, step="", owner=UUID(int=0), lease_seconds=0.0, takeover_expired=takeover_expired
-    )
+    claimed, existing, columns = claim_from(job, takeover_expired)
     return (
         sa.select(job.c.read_key.label("recorded_key"), job.c.state.label("job_state"), *columns)
         .select_from(
