@@ -1,8 +1,6 @@
-"""The idempotency ledger and the job store: SQLAlchemy Core over Postgres or SQLite.
-
-It knows nothing of Celery (no celery, kombu, jobs or config import) and is usable, and
-tested, from plain Python: hand it an engine.
-"""
+"""The idempotency ledger and the job store: SQLAlchemy Core over Postgres or SQLite. It knows
+nothing of Celery (no celery, kombu, jobs or config import) and is usable, and tested, from
+plain Python: hand it an engine."""
 
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
-"""What the step protocol's statements answer, read row by row: a claim's outcome, the
-outcome to record (with its statement's parameters), and a batch's answers job by job.
-
-Must not import celery, kombu, jobs or config.
-"""
+"""What the step protocol's statements answer, read row by row: a claim's outcome, the outcome
+to record (with its statement's parameters), and a batch's answers job by job. Must not import
+celery, kombu, jobs or config."""
 
 from __future__ import annotations
 

@@ -133,6 +133,21 @@ def _claim_key(insert: Any, source: sa.Select[Any], takeover_expired: bool) -> A
     )
     statement = insert(ledger_entries).from_select(_CLAIM_COLUMNS, source)
     entry, excluded = ledger_entries.c, statement.excluded
+    return statement.on_conflict_do_update(
+        index_elements=[entry.key],
+        set_=_taken_over(excluded),
+        where=sa.and_(
+            entry.fingerprint == excluded.fingerprint,
+            entry.step == excluded.step,
+            sa.or_(*_takeable(excluded, takeover_expired)),
+        ),
+    ).returning(entry.attempts)
+
+
+def _takeable(excluded: Any, takeover_expired: bool) -> list[ColumnElement[bool]]:
+    """Which existing entries a claim takes over: a failed one, our own (a retry after an
+    ambiguous commit) and, if allowed, one whose lease expired."""
+    entry = ledger_entries.c
     started = entry.state == str(StepState.STARTED)
     takeable = [
         entry.state == str(StepState.FAILED),
@@ -140,24 +155,23 @@ def _claim_key(insert: Any, source: sa.Select[Any], takeover_expired: bool) -> A
     ]
     if takeover_expired:
         takeable.append(sa.and_(started, entry.locked_until < db.utcnow()))
-    return statement.on_conflict_do_update(
-        index_elements=[entry.key],
-        set_={
-            "job_id": excluded.job_id,
-            "state": excluded.state,
-            "owner": excluded.owner,
-            "locked_until": excluded.locked_until,
-            "attempts": sa.case(
-                (entry.owner == excluded.owner, entry.attempts), else_=entry.attempts + 1
-            ),
-            "error": None,
-            "started_at": excluded.started_at,
-            "finished_at": None,
-            "updated_at": excluded.updated_at,
-        },
-        where=sa.and_(
-            entry.fingerprint == excluded.fingerprint,
-            entry.step == excluded.step,
-            sa.or_(*takeable),
+    return takeable
+
+
+def _taken_over(excluded: Any) -> dict[str, Any]:
+    """What a claim writes over an entry it takes: the new owner and lease, one more attempt
+    (the same count for the same owner)."""
+    entry = ledger_entries.c
+    return {
+        "job_id": excluded.job_id,
+        "state": excluded.state,
+        "owner": excluded.owner,
+        "locked_until": excluded.locked_until,
+        "attempts": sa.case(
+            (entry.owner == excluded.owner, entry.attempts), else_=entry.attempts + 1
         ),
-    ).returning(entry.attempts)
+        "error": None,
+        "started_at": excluded.started_at,
+        "finished_at": None,
+        "updated_at": excluded.updated_at,
+    }
