@@ -20,8 +20,9 @@ from ledger.errors import (
 )
 from ledger.malformed import MalformedCount, MalformedMessages
 from ledger.migrations import current_revision, head_revision, upgrade
+from ledger.outcomes import Failure
 from ledger.stats import Histogram, LedgerStats, Snapshot, StepTiming
-from ledger.step_ledger import Failure, StepLedger
+from ledger.step_ledger import StepLedger
 from ledger.step_ledger_postgres import PostgresStepLedger
 from ledger.step_ledger_sqlite import SqliteStepLedger
 from ledger.store import JobStore, JobToSend, UnfinishedStep

@@ -1,6 +1,6 @@
-"""What the step protocol's statements answer, read row by row: a claim's outcome, the outcome
-to record (with its statement's parameters), and a batch's answers job by job. Must not import
-celery, kombu, jobs or config."""
+"""The step protocol's outcomes: a claim's, read from its row; a failed attempt (`Failure`) and
+the record to write (with its statement's parameters); a batch's answers job by job. Must not
+import celery, kombu, jobs or config."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from ledger.types import (
     AlreadySucceeded,
     Claim,
     ClaimOutcome,
+    DeadLetterReason,
     EventKind,
     InFlight,
     JobState,
@@ -108,6 +109,25 @@ def _remaining(locked_until: datetime | None) -> float:
     if until is None:
         return MIN_IN_FLIGHT_WAIT
     return max(MIN_IN_FLIGHT_WAIT, (until - datetime.now(UTC)).total_seconds())
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How a step attempt failed, as recorded in the ledger and the job's history."""
+
+    error: JSON
+    #: Seconds until the next attempt, or None when the job is dead-lettered instead.
+    retry_in: float | None
+    duration_ms: float | None = None
+    #: The attempt may have acted before failing (a timeout after sending): the key becomes
+    #: `unknown` rather than `failed`, so nobody mistakes it for "nothing happened".
+    outcome_unknown: bool = False
+    #: Why the job is dead-lettered, when `retry_in` is None.
+    reason: DeadLetterReason | None = None
+
+    def __post_init__(self) -> None:
+        if self.outcome_unknown and self.retry_in is not None:
+            raise ValueError("an attempt whose outcome is unknown is not retried")
 
 
 @dataclass(frozen=True)

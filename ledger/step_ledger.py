@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 from uuid import UUID, uuid4
 
@@ -15,7 +14,7 @@ from sqlalchemy.engine import Engine
 from ledger import db, queries
 from ledger.dead_letters import DeadLetterNote, write_dead_letter
 from ledger.errors import LeaseLost, LedgerError
-from ledger.outcomes import Record, answer, decode_claim, raised
+from ledger.outcomes import Failure, Record, answer, decode_claim, raised
 from ledger.types import (
     JSON,
     AlreadySucceeded,
@@ -36,25 +35,6 @@ from ledger.types import (
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Failure:
-    """How a step attempt failed, as recorded in the ledger and the job's history."""
-
-    error: JSON
-    #: Seconds until the next attempt, or None when the job is dead-lettered instead.
-    retry_in: float | None
-    duration_ms: float | None = None
-    #: The attempt may have acted before failing (a timeout after sending): the key becomes
-    #: `unknown` rather than `failed`, so nobody mistakes it for "nothing happened".
-    outcome_unknown: bool = False
-    #: Why the job is dead-lettered, when `retry_in` is None.
-    reason: DeadLetterReason | None = None
-
-    def __post_init__(self) -> None:
-        if self.outcome_unknown and self.retry_in is not None:
-            raise ValueError("an attempt whose outcome is unknown is not retried")
 
 
 class StepLedger:
@@ -313,10 +293,8 @@ class StepLedger:
     # --- read-only steps (Postgres) -------------------------------------------------------
 
     def read_steps(self, job_ids: Sequence[UUID], step: str) -> list[Reading | None]:
-        """For a read-only step: each job that may run it unclaimed — active, at `step`, its
-        key new or after a failed attempt — as a `Reading`; None for a job to claim instead
-        (whatever else it is, the claim says). Only where `reads_unclaimed`.
-        """
+        """For a read-only step: each job that may run it unclaimed as a `Reading`; None for
+        a job to claim instead. Only where `reads_unclaimed` (see `PostgresStepLedger`)."""
         raise NotImplementedError("read-only steps run unclaimed on Postgres only")
 
     def record_reads(
@@ -328,13 +306,7 @@ class StepLedger:
         takeover_expired: bool = True,
     ) -> list[tuple[Recorded, ClaimOutcome | None] | LedgerError | None]:
         """Record read-only steps' results, fenced by their jobs' current step, and move the
-        jobs on to `next_step` (claiming it, with `claim_next`), in one transaction. Only where
-        `reads_unclaimed`.
-
-        Returns, for each: the record and the next step's claim outcome (None without
-        `claim_next`); None when the job had moved on (another delivery recorded the step, or
-        the job stopped: nothing was written); or the error about this job alone.
-        """
+        jobs on. Only where `reads_unclaimed` (see `PostgresStepLedger`)."""
         raise NotImplementedError("read-only steps run unclaimed on Postgres only")
 
     # --- the non-happy paths --------------------------------------------------------------

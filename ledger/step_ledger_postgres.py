@@ -151,6 +151,9 @@ class PostgresStepLedger(StepLedger):
     # --- read-only steps ------------------------------------------------------------------
 
     def read_steps(self, job_ids: Sequence[UUID], step: str) -> list[Reading | None]:
+        """For a read-only step: each job that may run it unclaimed — active, at `step`, its
+        key new or after a failed attempt — as a `Reading`; None for a job to claim instead
+        (whatever else it is, the claim says)."""
         values = {"p_job_ids": list(job_ids), "p_step_key": step}
         rows = self.retrying(lambda: self.direct.rows(queries.read_jobs_template(), values))
         by_id = {row["id"]: row for row in rows}
@@ -164,6 +167,13 @@ class PostgresStepLedger(StepLedger):
         claim_next: bool,
         takeover_expired: bool = True,
     ) -> list[tuple[Recorded, ClaimOutcome | None] | LedgerError | None]:
+        """Record read-only steps' results, fenced by their jobs' current step, and move the
+        jobs on to `next_step` (claiming it, with `claim_next`), in one transaction.
+
+        Returns, for each: the record and the next step's claim outcome (None without
+        `claim_next`); None when the job had moved on (another delivery recorded the step, or
+        the job stopped: nothing was written); or the error about this job alone.
+        """
         owners = [uuid4() for _ in done]
         claiming = next_step if claim_next else None
         values = [
