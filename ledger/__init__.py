@@ -1,8 +1,6 @@
-"""The idempotency ledger and the job store: SQLAlchemy Core over Postgres or SQLite.
-
-It knows nothing of Celery (no celery, kombu, jobs or config import) and is usable, and
-tested, from plain Python: hand it an engine.
-"""
+"""The idempotency ledger and the job store: SQLAlchemy Core over Postgres or SQLite. It knows
+nothing of Celery (no celery, kombu, jobs or config import) and is usable, and tested, from
+plain Python: hand it an engine."""
 
 from __future__ import annotations
 
@@ -22,8 +20,11 @@ from ledger.errors import (
 )
 from ledger.malformed import MalformedCount, MalformedMessages
 from ledger.migrations import current_revision, head_revision, upgrade
+from ledger.outcomes import Failure
 from ledger.stats import Histogram, LedgerStats, Snapshot, StepTiming
-from ledger.step_ledger import Failure, StepLedger
+from ledger.step_ledger import StepLedger
+from ledger.step_ledger_postgres import PostgresStepLedger
+from ledger.step_ledger_sqlite import SqliteStepLedger
 from ledger.store import JobStore, JobToSend, UnfinishedStep
 from ledger.types import (
     JSON,
@@ -86,6 +87,7 @@ __all__ = [
     "NewJob",
     "OutcomeUnknown",
     "PostgresLimits",
+    "PostgresStepLedger",
     "ReadResult",
     "Reading",
     "Recorded",
@@ -94,6 +96,7 @@ __all__ = [
     "SchemaMissing",
     "Settled",
     "Snapshot",
+    "SqliteStepLedger",
     "StatementRejected",
     "StepEntry",
     "StepEvent",

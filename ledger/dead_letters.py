@@ -1,17 +1,15 @@
-"""`DeadLetterStore`: the dead letters people list, replay, resolve and purge.
-
-Must not import celery, kombu, jobs or config. Each operation on one dead letter is one
-transaction, and only an open dead letter can be closed, so doing anything twice does it once.
-"""
+"""`DeadLetterStore`: the dead letters people list, replay, resolve and purge, and how a job
+becomes one. Must not import celery, kombu, jobs or config."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
-from sqlalchemy.engine import Connection, Engine, RowMapping
+from sqlalchemy.engine import Connection, Engine, Row, RowMapping
 
 from ledger import db, queries
 from ledger.errors import DeadLetterNotFound
@@ -66,33 +64,35 @@ def write_dead_letter(
             detail=detail,
         )
     )
-    error = letter.error if isinstance(letter.error, dict) else {"message": str(letter.error)}
-    conn.execute(
-        queries.insert_dead_letter(
-            {
-                "job_id": letter.job_id,
-                "pipeline": job.pipeline,
-                "step": letter.step,
-                "key": letter.key,
-                "state": str(DeadLetterState.OPEN),
-                "reason": str(letter.reason),
-                "error_type": str(error.get("type", "Error"))[:200],
-                "message": str(error.get("message", "")),
-                "traceback": error.get("traceback")
-                if isinstance(error.get("traceback"), str)
-                else None,
-                "input": {"context": job.context, "results": job.results},
-                "attempts": attempts,
-                "first_failed_at": first_failed_at if first_failed_at is not None else db.utcnow(),
-                "last_failed_at": db.utcnow(),
-            }
-        )
-    )
+    conn.execute(queries.insert_dead_letter(_letter_row(letter, job, attempts, first_failed_at)))
     return JobState.DEAD_LETTERED
 
 
+def _letter_row(
+    letter: DeadLetterNote, job: Row[Any], attempts: int, first_failed_at: datetime | None
+) -> dict[str, Any]:
+    """A dead letter's row: the note, and the job's input (its context and results)."""
+    error = letter.error if isinstance(letter.error, dict) else {"message": str(letter.error)}
+    return {
+        "job_id": letter.job_id,
+        "pipeline": job.pipeline,
+        "step": letter.step,
+        "key": letter.key,
+        "state": str(DeadLetterState.OPEN),
+        "reason": str(letter.reason),
+        "error_type": str(error.get("type", "Error"))[:200],
+        "message": str(error.get("message", "")),
+        "traceback": error.get("traceback") if isinstance(error.get("traceback"), str) else None,
+        "input": {"context": job.context, "results": job.results},
+        "attempts": attempts,
+        "first_failed_at": first_failed_at if first_failed_at is not None else db.utcnow(),
+        "last_failed_at": db.utcnow(),
+    }
+
+
 class DeadLetterStore:
-    """Dead letters over one engine.
+    """Dead letters over one engine. Each operation on one dead letter is one transaction, and
+    only an open dead letter can be closed, so doing anything twice does it once.
 
     Args:
         engine: where the ledger lives.

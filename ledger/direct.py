@@ -1,29 +1,6 @@
-"""The hot path's statements on a psycopg connection of their own, past SQLAlchemy's engine.
-
-The step protocol's templates (`queries.templates`) are built once; running one through
-`Connection.execute` still costs ~0.2 ms of client CPU per statement (pool checkout, the
-autocommit switch and back, the cache key, parameter and result processing), three times what
-psycopg itself costs, and four such statements make an order on the fast path. Here each
-template is compiled once to SQL, with SQLAlchemy's own bind processors kept for its
-parameters, and run on one autocommit connection per process: the same SQL, the same values,
-a third of the CPU. Postgres only; every other statement goes through the engine as before.
-
-One connection per process and thread (a threads pool runs steps side by side), shared by
-everything built on the same engine (`for_engine`). A batch of jobs at the same step runs its
-statements with `many`: one transaction, sent in one pipeline, so the lot costs one round trip
-and one commit instead of one of each per job.
-
-Each statement is an idle order's latency, so the connection spares what it can per run:
-- The SQL goes out with `$n` placeholders, rewritten once per template, on a raw cursor.
-  psycopg parses a `%(name)s` query on every run once it is longer than its cache allows
-  (4 KiB), as the read-only step's record is.
-- Rows come back as dicts straight from the result's column names.
-
-Planning is left to Postgres (`plan_cache_mode = auto`). Forcing generic plans would spare
-the read its planning on every run (`id = ANY(...)` cannot be sized), but a generic plan made
-while the tables are nearly empty (a fresh ledger) scans them whole, and keeps doing so as
-they grow, until an ANALYZE: a bench row measured at a tenth of its speed.
-"""
+"""The step protocol's statements on a psycopg connection of their own, past SQLAlchemy's
+engine (Postgres only): the same SQL and values, a third of the client's CPU. Must not import
+celery, kombu, jobs or config."""
 
 from __future__ import annotations
 
@@ -110,6 +87,23 @@ def numbered(pyformat_sql: str) -> tuple[str, list[str]]:
 class DirectStatements:
     """Runs compiled templates on psycopg connections in autocommit, one per process and
     thread; use `for_engine` rather than building one.
+
+    Running a statement through `Connection.execute` costs ~0.2 ms of client CPU (pool
+    checkout, the autocommit switch and back, the cache key, parameter and result
+    processing), three times what psycopg itself costs, and four such statements make an order
+    on the fast path. Here each statement is compiled once to SQL, with SQLAlchemy's own bind
+    processors kept for its parameters, and run on one autocommit connection per process and
+    thread, shared by everything built on the same engine. A batch of jobs at the same step
+    runs with `many`: one transaction, sent in one pipeline, one round trip and one commit.
+
+    Each statement is an idle order's latency, so the connection spares what it can per run:
+    the SQL goes out with `$n` placeholders, rewritten once per template, on a raw cursor
+    (psycopg parses a `%(name)s` query on every run once it is longer than its cache allows,
+    4 KiB, as the read-only step's record is); rows come back as dicts straight from the
+    result's column names. Planning is left to Postgres (`plan_cache_mode = auto`): forcing
+    generic plans would spare the read its planning on every run, but a generic plan made while
+    the tables are nearly empty (a fresh ledger) scans them whole, and keeps doing so as they
+    grow, until an ANALYZE (a bench row measured at a tenth of its speed).
 
     Args:
         engine: the ledger's Postgres engine: its URL, connect arguments and dialect.

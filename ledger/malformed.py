@@ -1,8 +1,6 @@
 """`MalformedMessages`: how many step messages could not be a delivery, per task and reason
 (kept in the ledger so that every process's count reaches the metrics and survives restarts).
-
-Must not import celery, kombu, jobs or config.
-"""
+Must not import celery, kombu, jobs or config."""
 
 from __future__ import annotations
 

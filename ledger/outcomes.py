@@ -1,8 +1,6 @@
-"""What the step protocol's statements answer, read row by row: a claim's outcome, the
-outcome to record (with its statement's parameters), and a batch's answers job by job.
-
-Must not import celery, kombu, jobs or config.
-"""
+"""The step protocol's outcomes: a claim's, read from its row; a failed attempt (`Failure`) and
+the record to write (with its statement's parameters); a batch's answers job by job. Must not
+import celery, kombu, jobs or config."""
 
 from __future__ import annotations
 
@@ -25,6 +23,7 @@ from ledger.types import (
     AlreadySucceeded,
     Claim,
     ClaimOutcome,
+    DeadLetterReason,
     EventKind,
     InFlight,
     JobState,
@@ -113,6 +112,25 @@ def _remaining(locked_until: datetime | None) -> float:
 
 
 @dataclass(frozen=True)
+class Failure:
+    """How a step attempt failed, as recorded in the ledger and the job's history."""
+
+    error: JSON
+    #: Seconds until the next attempt, or None when the job is dead-lettered instead.
+    retry_in: float | None
+    duration_ms: float | None = None
+    #: The attempt may have acted before failing (a timeout after sending): the key becomes
+    #: `unknown` rather than `failed`, so nobody mistakes it for "nothing happened".
+    outcome_unknown: bool = False
+    #: Why the job is dead-lettered, when `retry_in` is None.
+    reason: DeadLetterReason | None = None
+
+    def __post_init__(self) -> None:
+        if self.outcome_unknown and self.retry_in is not None:
+            raise ValueError("an attempt whose outcome is unknown is not retried")
+
+
+@dataclass(frozen=True)
 class Record:
     """One attempt's outcome to record: on its key, in its job's history, on its job."""
 
@@ -121,14 +139,13 @@ class Record:
     event: tuple[EventKind, float | None, JSON]
     job: tuple[JobState, str | None, tuple[str, JSON] | None]
 
-    def template(self) -> Any:
-        """The statement that records it in one round trip (Postgres)."""
-        if self.event[0] is EventKind.SUCCEEDED:
-            return queries.record_success_template(self.job[0] is JobState.SUCCEEDED)
-        return queries.record_retry_template()
+    @property
+    def shape(self) -> tuple[EventKind, bool]:
+        """Which record statement it takes: its event's kind, and whether it ends the job."""
+        return self.event[0], self.job[0] is JobState.SUCCEEDED
 
     def values(self) -> dict[str, Any]:
-        """The template's parameters."""
+        """The record statement's parameters."""
         _, _, error = self.entry
         _, duration_ms, detail = self.event
         state, current_step, result = self.job
@@ -141,6 +158,11 @@ class Record:
             result=result,
             error=error,
         )
+
+    def finish_values(self) -> dict[str, Any]:
+        """The parameters of its entry's `finish_entry` run alone (SQLite)."""
+        _, result, error = self.entry
+        return queries.finish_params(self.claim.key, self.claim.owner, result=result, error=error)
 
 
 def answer(call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T | LedgerError:

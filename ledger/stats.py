@@ -1,9 +1,6 @@
 """`LedgerStats`: the figures `status`, the metrics and the home page show — jobs by state, the
-oldest pending job, step duration percentiles, completions per minute, histograms.
-
-Must not import celery, kombu, jobs or config. Postgres computes percentiles itself; SQLite
-(the embedded default, small by nature) has them computed here from the window's rows.
-"""
+oldest pending job, step duration percentiles, completions per minute, histograms. Must not
+import celery, kombu, jobs or config."""
 
 from __future__ import annotations
 
@@ -66,7 +63,8 @@ class Snapshot:
 
 
 class LedgerStats:
-    """Reads figures from the ledger.
+    """Reads figures from the ledger. Postgres computes percentiles itself; SQLite (the
+    embedded default, small by nature) has them computed here from the window's rows.
 
     Args:
         engine: where the ledger lives.

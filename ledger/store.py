@@ -1,22 +1,19 @@
-"""`JobStore`: creating jobs (deduplicated by event id), reading them and their history.
-
-Must not import celery, kombu, jobs or config.
-"""
+"""`JobStore`: jobs and their history, created (`new_jobs`), read, cancelled, taken by the
+sweeper and the outbox relay, and pruned. Must not import celery, kombu, jobs or config."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
-from uuid import UUID, uuid4
+from uuid import UUID
 
 from sqlalchemy import Update
 from sqlalchemy.engine import Connection, Engine, RowMapping
 
 from ledger import db, queries
-from ledger.direct import for_engine
-from ledger.errors import EventConflict, JobNotFound
+from ledger.errors import JobNotFound
+from ledger.new_jobs import create_jobs
 from ledger.types import (
     JSON,
     EventKind,
@@ -29,8 +26,8 @@ from ledger.types import (
     StepState,
 )
 
-#: Rows per INSERT when creating many jobs at once, and keys per IN list when reading.
-_INSERT_BATCH = 500
+#: Keys per IN list when reading many.
+_READ_BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -84,53 +81,7 @@ class JobStore:
             EventConflict: an event id came with other content than it had before (in an
                 earlier call, or earlier in `new_jobs`).
         """
-        first_of = _first_occurrences(new_jobs)
-        unique = [new_jobs[index] for index in first_of.values()]
-        if len(unique) == 1 and db.is_postgres(self.engine):
-            # Its INSERT wrote nothing if the event was there: a conflict leaves no trace.
-            ids = self._create_one(unique[0], dispatched=dispatched)
-            _raise_conflict(ids, unique, first_of)
-        else:
-            ids = {}
-            with db.transaction(self.engine) as conn:
-                for start in range(0, len(unique), _INSERT_BATCH):
-                    batch = unique[start : start + _INSERT_BATCH]
-                    ids.update(self._create_batch(conn, batch, dispatched=dispatched))
-                # Raised inside the transaction: its rollback takes every row of the input.
-                _raise_conflict(ids, unique, first_of)
-        seen: set[tuple[str, str]] = set()
-        answer = []
-        for job in new_jobs:
-            identity = _identity(job)
-            job_id, created = ids[identity]
-            answer.append((job_id, bool(created) and identity not in seen))
-            seen.add(identity)
-        return answer
-
-    def _create_one(self, job: NewJob, *, dispatched: bool) -> dict[tuple[str, str], _Created]:
-        """One job on Postgres, as an intake creates them: the INSERT on the direct
-        connection (a third of the client's time on the engine, see `ledger.direct`)."""
-        insert = queries.insert_jobs(self.engine.dialect.name, dispatched)
-        inserted = for_engine(self.engine).one(insert, _job_row(job))
-        if inserted is not None:
-            return {_identity(job): (inserted["id"], True)}
-        with db.single_statement(self.engine) as conn:
-            return _existing(conn, [job])
-
-    def _create_batch(
-        self, conn: Connection, batch: Sequence[NewJob], *, dispatched: bool
-    ) -> dict[tuple[str, str], _Created]:
-        """Inside the caller's transaction: insert the jobs of events not seen before; the
-        others' existing ids (None for `created` when the content differs)."""
-        if not batch:
-            return {}
-        insert = queries.insert_jobs(self.engine.dialect.name, dispatched)
-        found: dict[tuple[str, str], _Created] = {
-            (row.pipeline, row.event_id): (row.id, True)
-            for row in conn.execute(insert, [_job_row(job) for job in batch])
-        }
-        found.update(_existing(conn, [job for job in batch if _identity(job) not in found]))
-        return found
+        return create_jobs(self.engine, new_jobs, dispatched=dispatched)
 
     def get_job(self, job_id: UUID) -> Job:
         """One job.
@@ -196,8 +147,8 @@ class JobStore:
         ordered = sorted(set(job_ids))
         found: dict[UUID, Mapping[str, JSON]] = {}
         with db.transaction(self.engine) as conn:
-            for start in range(0, len(ordered), _INSERT_BATCH):
-                chunk = ordered[start : start + _INSERT_BATCH]
+            for start in range(0, len(ordered), _READ_BATCH):
+                chunk = ordered[start : start + _READ_BATCH]
                 found.update(
                     (row.id, row.context) for row in conn.execute(queries.select_contexts(chunk))
                 )
@@ -211,7 +162,7 @@ class JobStore:
         chunks: list[Sequence[str] | None] = [None]
         if keys is not None:
             ordered = sorted(keys)
-            chunks = [ordered[i : i + _INSERT_BATCH] for i in range(0, len(ordered), _INSERT_BATCH)]
+            chunks = [ordered[i : i + _READ_BATCH] for i in range(0, len(ordered), _READ_BATCH)]
         found: list[tuple[str, StepEntry]] = []
         with db.transaction(self.engine) as conn:
             for chunk in chunks:
@@ -377,67 +328,6 @@ class JobStore:
         """How many history events of a kind exist, optionally for some jobs only."""
         with db.single_statement(self.engine) as conn:
             return int(conn.execute(queries.count_events(kind, job_ids)).scalar_one())
-
-
-#: A job's id and whether this call created it: True, False (the same event was there), or
-#: None (the event id was there with other content: a conflict).
-_Created = tuple[UUID, bool | None]
-
-
-def _identity(job: NewJob) -> tuple[str, str]:
-    return (job.pipeline, job.event_id)
-
-
-def _first_occurrences(new_jobs: Sequence[NewJob]) -> dict[tuple[str, str], int]:
-    """Each event's first place in `new_jobs`.
-
-    Raises:
-        EventConflict: an event id appears again with other content.
-    """
-    first_of: dict[tuple[str, str], int] = {}
-    for index, job in enumerate(new_jobs):
-        first = first_of.setdefault(_identity(job), index)
-        if new_jobs[first].fingerprint != job.fingerprint:
-            raise EventConflict(job.pipeline, job.event_id, index)
-    return first_of
-
-
-def _raise_conflict(
-    ids: dict[tuple[str, str], _Created],
-    unique: Sequence[NewJob],
-    first_of: dict[tuple[str, str], int],
-) -> None:
-    conflict = next((job for job in unique if ids[_identity(job)][1] is None), None)
-    if conflict is not None:
-        index = first_of[_identity(conflict)]
-        raise EventConflict(conflict.pipeline, conflict.event_id, index)
-
-
-def _existing(conn: Connection, jobs: Sequence[NewJob]) -> dict[tuple[str, str], _Created]:
-    """The jobs already created for these events, each marked a conflict when its content
-    (its fingerprint) differs."""
-    found: dict[tuple[str, str], _Created] = {}
-    by_pipeline: dict[str, dict[str, NewJob]] = {}
-    for job in jobs:
-        by_pipeline.setdefault(job.pipeline, {})[job.event_id] = job
-    for pipeline, wanted in by_pipeline.items():
-        for row in conn.execute(queries.select_job_ids(pipeline, list(wanted))):
-            same = row.fingerprint == wanted[row.event_id].fingerprint
-            found[(pipeline, row.event_id)] = (row.id, False if same else None)
-    return found
-
-
-def _job_row(job: NewJob) -> dict[str, Any]:
-    """A new job's own values, for `queries.insert_jobs`."""
-    return {
-        "id": uuid4(),
-        "pipeline": job.pipeline,
-        "event_id": job.event_id,
-        "context": dict(job.context),
-        "fingerprint": job.fingerprint,
-        "step_keys": dict(job.step_keys),
-        "current_step": job.first_step,
-    }
 
 
 def job_from_row(row: RowMapping) -> Job:

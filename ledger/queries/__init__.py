@@ -1,19 +1,37 @@
-"""Every statement the ledger runs, each a small function returning a SQLAlchemy Core statement.
-
-Functions here build statements and never execute them; `step_ledger.py`, `store.py`,
-`dead_letters.py` and `stats.py` run them and decide what the rows mean. `job_rows` holds the
-jobs table's statements, `protocol` the step protocol's (and `templates` their hot-path forms,
-built once), `history` the step history's, `common` what they share, `operations` those of
-dead letters, cancellation, the sweeper, the outbox and retention, `stats` those of `status`
-and the metrics.
-"""
+"""Every statement the ledger runs, each a small function returning a SQLAlchemy Core statement
+(one module per concern); nothing here executes them."""
 
 from __future__ import annotations
 
+from ledger.queries.claims import (
+    claim_from,
+    claim_key_template,
+    claim_params,
+    claim_template,
+    select_entry_for_claim,
+)
 from ledger.queries.common import (
     ACTIVE,
+    ANY_ID,
     json_value,
     param,
+)
+from ledger.queries.dead_letters import (
+    close_dead_letter,
+    count_open_dead_letters,
+    delete_dead_letters,
+    give_up_dead_job,
+    insert_dead_letter,
+    move_dead_job_on,
+    reopen_job,
+    reset_entry,
+    select_dead_letters,
+    settle_entry,
+)
+from ledger.queries.entries import (
+    select_entries_for_job,
+    select_entries_of_steps,
+    select_entry,
 )
 from ledger.queries.history import (
     append_event,
@@ -37,72 +55,52 @@ from ledger.queries.job_rows import (
     select_jobs_by_event_prefix,
     start_job,
 )
-from ledger.queries.operations import (
-    close_dead_letter,
-    count_open_dead_letters,
+from ledger.queries.read_only import (
+    read_jobs_template,
+    read_only_params,
+    record_read_template,
+)
+from ledger.queries.records import (
+    finish_entry,
+    finish_params,
+    mark_unknown,
+    record_and_claim_template,
+    record_params,
+    record_statements,
+    record_template,
+    renew_lease,
+    renew_params,
+)
+from ledger.queries.sweeps import (
     count_recent_deliveries,
     count_recent_messages,
     current_key,
-    delete_dead_letters,
     delete_jobs,
-    give_up_dead_job,
     hand_entry_to,
-    insert_dead_letter,
     mark_dispatched,
-    move_dead_job_on,
-    reopen_job,
-    reset_entry,
-    select_dead_letters,
     select_events_by_event_prefix,
     select_keys_kept_for_others,
     select_prunable_jobs,
     select_unfinished_steps,
-    settle_entry,
     take_abandoned_jobs,
     take_jobs_sent_between,
     take_stalled_jobs,
     take_undispatched,
     undo_dispatched,
 )
-from ledger.queries.protocol import (
-    claim_source,
-    claim_step,
-    claim_step_in_one,
-    entry_after_record,
-    finish_entry,
-    mark_unknown,
-    record_and_claim_next_in_one,
-    record_step_in_one,
-    renew_lease,
-    select_entries_for_job,
-    select_entries_of_steps,
-    select_entry,
-    select_entry_for_claim,
-)
-from ledger.queries.read_only import read_jobs_template, read_only_params, record_read_template
-from ledger.queries.templates import (
-    claim_params,
-    claim_template,
-    record_and_claim_template,
-    record_params,
-    record_retry_template,
-    record_success_template,
-    renew_lease_template,
-    renew_params,
-)
 
 __all__ = [
     "ACTIVE",
+    "ANY_ID",
     "adopt_result",
     "advance_job",
     "append_event",
     "append_event_after",
     "append_event_once",
     "append_events",
+    "claim_from",
+    "claim_key_template",
     "claim_params",
-    "claim_source",
-    "claim_step",
-    "claim_step_in_one",
     "claim_template",
     "close_dead_letter",
     "count_events",
@@ -113,9 +111,9 @@ __all__ = [
     "current_key",
     "delete_dead_letters",
     "delete_jobs",
-    "entry_after_record",
     "finish_entry",
     "finish_job",
+    "finish_params",
     "give_up_dead_job",
     "hand_entry_to",
     "insert_dead_letter",
@@ -128,15 +126,12 @@ __all__ = [
     "ping",
     "read_jobs_template",
     "read_only_params",
-    "record_and_claim_next_in_one",
     "record_and_claim_template",
     "record_params",
     "record_read_template",
-    "record_retry_template",
-    "record_step_in_one",
-    "record_success_template",
+    "record_statements",
+    "record_template",
     "renew_lease",
-    "renew_lease_template",
     "renew_params",
     "reopen_job",
     "reset_entry",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from uuid import UUID
 
 import sqlalchemy as sa
 from sqlalchemy.sql.expression import BindParameter, ColumnElement
@@ -11,12 +12,14 @@ from ledger.schema import JSONDocument
 from ledger.types import ACTIVE_JOB_STATES, JSON
 
 ACTIVE = [str(state) for state in ACTIVE_JOB_STATES]
+#: The placeholder value of an id parameter in a statement built once (each run passes its own).
+ANY_ID = UUID(int=0)
 
 
 def param(name: str, value: Any, type_: Any = None) -> BindParameter[Any]:
     """A named parameter with a value. A statement built from named parameters keeps its
-    shape across calls, so the hot path builds it once (the `*_template` functions) and runs
-    it with fresh values: building SQLAlchemy constructs costs more CPU than running them."""
+    shape across calls, so the step protocol builds its statements once and runs them with fresh
+    values: building SQLAlchemy constructs costs more CPU than running them."""
     return sa.bindparam(f"p_{name}", value, type_=type_)
 
 

@@ -11,24 +11,23 @@ import sqlalchemy as sa
 from sqlalchemy.sql.expression import FromClause
 
 from ledger import db
-from ledger.queries.common import json_value, param
+from ledger.queries.common import ANY_ID, json_value, param
 from ledger.schema import JSONDocument, step_events
 from ledger.types import JSON, EventKind
 
 
-def append_event_after(
-    after: FromClause, job_id: UUID, kind: EventKind, duration_ms: float | None, detail: JSON
-) -> sa.Insert:
-    """Append a history event for the entry `after` yields (nothing if it yields no row)."""
+def append_event_after(after: FromClause, kind: EventKind) -> sa.Insert:
+    """Append a history event of job `p_job_id` (`p_duration_ms`, `p_detail`) for the entry
+    `after` yields (nothing if it yields no row). A part of the record."""
     source = sa.select(
-        param("job_id", job_id, sa.Uuid()),
+        param("job_id", ANY_ID, sa.Uuid()),
         after.c.step,
         after.c.key,
         after.c.attempts,
         sa.literal(str(kind)),
         db.utcnow(),
-        param("duration_ms", duration_ms, sa.Float()),
-        param("detail", detail, JSONDocument),
+        param("duration_ms", 0.0, sa.Float()),
+        param("detail", {}, JSONDocument),
     ).select_from(after)
     columns = ["job_id", "step", "key", "attempt", "kind", "at", "duration_ms", "detail"]
     return sa.insert(step_events).from_select(columns, source).returning(step_events.c.id)

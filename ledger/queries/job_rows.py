@@ -11,9 +11,9 @@ import sqlalchemy as sa
 from sqlalchemy.sql.expression import FromClause
 
 from ledger import db
-from ledger.queries.common import ACTIVE, json_value, param
+from ledger.queries.common import ACTIVE, ANY_ID, json_value, param
 from ledger.schema import JSONDocument, jobs
-from ledger.types import ACTIVE_JOB_STATES, JSON, JobState
+from ledger.types import JSON, JobState
 
 #: What each new job's row is given; the rest is the same for every job (`insert_jobs`).
 NEW_JOB_COLUMNS = (
@@ -105,11 +105,12 @@ def select_jobs_by_event_prefix(prefix: str) -> sa.Select[Any]:
     return sa.select(jobs).where(jobs.c.event_id.startswith(prefix, autoescape=True))
 
 
-def start_job(job_id: UUID, step: str) -> sa.Update:
-    """Mark a job that may still run as running; returns what its step needs."""
+def start_job() -> sa.Update:
+    """Mark a job (`p_job_id`) that may still run as running; returns what its step
+    (`p_step_key`) needs. A part of the claim (see `queries.claims`)."""
     return (
         sa.update(jobs)
-        .where(jobs.c.id == param("job_id", job_id, sa.Uuid()), jobs.c.state.in_(ACTIVE))
+        .where(jobs.c.id == param("job_id", ANY_ID, sa.Uuid()), jobs.c.state.in_(ACTIVE))
         .values(
             state=str(JobState.RUNNING),
             updated_at=db.utcnow(),
@@ -121,48 +122,41 @@ def start_job(job_id: UUID, step: str) -> sa.Update:
             jobs.c.results,
             jobs.c.fingerprint,
             jobs.c.current_step,
-            jobs.c.step_keys[param("step_key", step, sa.JSON.JSONStrIndexType())]
+            jobs.c.step_keys[param("step_key", "", sa.JSON.JSONStrIndexType())]
             .as_string()
             .label("key"),
         )
     )
 
 
-def advance_job(
-    job_id: UUID,
-    after: FromClause,
-    *,
-    state: JobState,
-    current_step: str | None,
-    result: tuple[str, JSON] | None,
-) -> sa.Update:
-    """Move an active job on, if `after` (the fenced ledger update) has a row; returns its state.
+def advance_job(after: FromClause, *, finishes: bool, with_result: bool) -> sa.Update:
+    """Move an active job (`p_job_id`) to `p_job_state` at `p_current_step`, if `after` (the
+    fenced ledger update) has a row; returns its state. A part of the record.
 
     A job cancelled or dead-lettered meanwhile keeps its state, step and finish time: the step's
-    result is still recorded (in its entry and the job's results, so it is reported), but the
-    job does not move.
+    result (`p_result_step`, `p_result`) is still recorded (in its entry and the job's results,
+    so it is reported), but the job does not move.
     """
     active = jobs.c.state.in_(ACTIVE)
     values: dict[str, Any] = {
-        "state": sa.case((active, param("job_state", str(state), sa.String())), else_=jobs.c.state),
+        "state": sa.case((active, param("job_state", "", sa.String())), else_=jobs.c.state),
         "current_step": sa.case(
-            (active, param("current_step", current_step, sa.String())), else_=jobs.c.current_step
+            (active, param("current_step", "", sa.String())), else_=jobs.c.current_step
         ),
         "updated_at": db.utcnow(),
     }
-    if state not in ACTIVE_JOB_STATES:
+    if finishes:
         values["finished_at"] = sa.case((active, db.utcnow()), else_=jobs.c.finished_at)
-    if result is not None:
-        step, value = result
+    if with_result:
         values["results"] = db.json_set_key(
             jobs.c.results,
-            param("result_step", step, sa.String()),
-            param("result", value, JSONDocument),
+            param("result_step", "", sa.String()),
+            param("result", {}, JSONDocument),
         )
     return (
         sa.update(jobs)
         .where(
-            jobs.c.id == param("job_id", job_id, sa.Uuid()),
+            jobs.c.id == param("job_id", ANY_ID, sa.Uuid()),
             sa.exists(sa.select(sa.literal(1)).select_from(after)),
         )
         .values(values)

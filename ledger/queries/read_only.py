@@ -1,9 +1,6 @@
-"""A read-only step's statements (Postgres): the step changes nothing outside, so a delivery
-reads its job instead of claiming a key, and records the result fenced by the job's current
-step — on the fast path claiming the next step in the same statement.
-
-Run them with `read_only_params` (and `claim_params` for the claim of the next step).
-"""
+"""A read-only step's statements (Postgres), run with `read_only_params`: a delivery reads its
+job instead of claiming a key, and records the result fenced by the job's current step (on the
+fast path claiming the next step in the same statement, with `claim_params`)."""
 
 from __future__ import annotations
 
@@ -14,11 +11,11 @@ from uuid import UUID
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.sql.expression import CTE
+from sqlalchemy.sql.expression import CTE, ColumnElement
 
 from ledger import db
+from ledger.queries.claims import claim_from
 from ledger.queries.common import ACTIVE, param
-from ledger.queries.protocol import claim_from
 from ledger.schema import JSONDocument, jobs, ledger_entries, step_events
 from ledger.types import JSON, EventKind, JobState, StepState
 
@@ -60,7 +57,7 @@ def record_read_template(next_step: bool, claim_next: bool, takeover_expired: bo
 
     Answers no row when the job was not at that step (another delivery recorded it);
     otherwise `recorded_key`, `job_state` and, with `claim_next`, the columns of
-    `claim_step_in_one` for the next step (nothing claimed if the job had stopped).
+    `claim_template` for the next step (nothing claimed if the job had stopped).
     """
     job = _advance_from_read(next_step, claim_next)
     entry = _upsert_read_entry(job)
@@ -69,9 +66,7 @@ def record_read_template(next_step: bool, claim_next: bool, takeover_expired: bo
         return sa.select(
             job.c.read_key.label("recorded_key"), job.c.state.label("job_state")
         ).add_cte(entry, event)
-    claimed, existing, columns = claim_from(
-        job, step="", owner=UUID(int=0), lease_seconds=0.0, takeover_expired=takeover_expired
-    )
+    claimed, existing, columns = claim_from(job, takeover_expired)
     return (
         sa.select(job.c.read_key.label("recorded_key"), job.c.state.label("job_state"), *columns)
         .select_from(
@@ -119,47 +114,6 @@ def _advance_from_read(next_step: bool, claim_next: bool) -> CTE:
     (`p_assumed`) records only while the step's key has no entry."""
     read_step = param("result_step", "", sa.String())
     read_key = jobs.c.step_keys[param("read_key_step", "", _KEY_TYPE)].as_string()
-    active = jobs.c.state.in_(ACTIVE)
-    values: dict[str, Any] = {
-        "results": db.json_set_key(jobs.c.results, read_step, param("result", {}, JSONDocument)),
-        "started_at": sa.func.coalesce(jobs.c.started_at, db.utcnow()),
-        "updated_at": db.utcnow(),
-    }
-    if next_step:
-        # On the fast path the next step's name is the claim's own `p_step`.
-        following: Any = param("step", "", sa.String()) if claim_next else param("current_step", "")
-        state: Any = sa.literal(str(JobState.RUNNING))
-    else:
-        following, state = sa.null(), sa.literal(str(JobState.SUCCEEDED))
-        values["finished_at"] = sa.case((active, db.utcnow()), else_=jobs.c.finished_at)
-    values["current_step"] = sa.case((active, following), else_=jobs.c.current_step)
-    values["state"] = sa.case((active, state), else_=jobs.c.state)
-    returned = [
-        jobs.c.id,
-        jobs.c.state,
-        jobs.c.context,
-        jobs.c.results,
-        jobs.c.fingerprint,
-        jobs.c.current_step,
-        jobs.c.step_keys[param("read_key_step", "", _KEY_TYPE)].as_string().label("read_key"),
-    ]
-    if claim_next:
-        # RETURNING sees the row as updated: a job that did not move on claims nothing.
-        next_key = jobs.c.step_keys[param("step_key", "", _KEY_TYPE)].as_string()
-        moved_on = jobs.c.state == str(JobState.RUNNING)
-        returned.append(sa.case((moved_on, next_key), else_=sa.null()).label("key"))
-    entry = ledger_entries.alias("same_key")
-    reused = sa.exists().where(
-        entry.c.key == read_key,
-        sa.or_(
-            entry.c.fingerprint != jobs.c.fingerprint,
-            entry.c.step != read_step,
-            # A reading that was not read stands for one taken as the job was created, when
-            # its key had no entry: it counts only while that holds (no other delivery tried,
-            # holds or did the step; no other job did it). Else the delivery claims.
-            param("assumed", False, sa.Boolean()),
-        ),
-    )
     return (
         sa.update(jobs)
         .where(
@@ -175,12 +129,88 @@ def _advance_from_read(next_step: bool, claim_next: bool) -> CTE:
             # A key first used for another request (or, for a reading not read, used at all):
             # nothing is recorded, and the claim the job falls back on tells why
             # (`FingerprintMismatch`, say).
-            ~reused,
+            ~_key_reused(read_key, read_step),
         )
-        .values(values)
-        .returning(*returned)
+        .values(_moved_on_from_read(read_step, next_step, claim_next))
+        .returning(*_returned_from_read(claim_next))
         .cte("job")
     )
+
+
+def _moved_on_from_read(
+    read_step: ColumnElement[Any], next_step: bool, claim_next: bool
+) -> dict[str, Any]:
+    """The job's row after its read-only step: its result, and the next step (or the end)
+    if it is active."""
+    active = jobs.c.state.in_(ACTIVE)
+    values: dict[str, Any] = {
+        "results": db.json_set_key(jobs.c.results, read_step, param("result", {}, JSONDocument)),
+        "started_at": sa.func.coalesce(jobs.c.started_at, db.utcnow()),
+        "updated_at": db.utcnow(),
+    }
+    if next_step:
+        # On the fast path the next step's name is the claim's own `p_step`.
+        following: Any = param("step", "", sa.String()) if claim_next else param("current_step", "")
+        state: Any = sa.literal(str(JobState.RUNNING))
+    else:
+        following, state = sa.null(), sa.literal(str(JobState.SUCCEEDED))
+        values["finished_at"] = sa.case((active, db.utcnow()), else_=jobs.c.finished_at)
+    values["current_step"] = sa.case((active, following), else_=jobs.c.current_step)
+    values["state"] = sa.case((active, state), else_=jobs.c.state)
+    return values
+
+
+def _returned_from_read(claim_next: bool) -> list[ColumnElement[Any]]:
+    """What the job's update answers: its row, the read step's key and, with `claim_next`,
+    the next step's key to claim."""
+    returned = [
+        jobs.c.id,
+        jobs.c.state,
+        jobs.c.context,
+        jobs.c.results,
+        jobs.c.fingerprint,
+        jobs.c.current_step,
+        jobs.c.step_keys[param("read_key_step", "", _KEY_TYPE)].as_string().label("read_key"),
+    ]
+    if claim_next:
+        # RETURNING sees the row as updated: a job that did not move on claims nothing.
+        next_key = jobs.c.step_keys[param("step_key", "", _KEY_TYPE)].as_string()
+        moved_on = jobs.c.state == str(JobState.RUNNING)
+        returned.append(sa.case((moved_on, next_key), else_=sa.null()).label("key"))
+    return returned
+
+
+def _key_reused(read_key: ColumnElement[Any], read_step: ColumnElement[Any]) -> sa.Exists:
+    """The read step's key has an entry for another request (or any entry, for a reading
+    that was not read)."""
+    entry = ledger_entries.alias("same_key")
+    return sa.exists().where(
+        entry.c.key == read_key,
+        sa.or_(
+            entry.c.fingerprint != jobs.c.fingerprint,
+            entry.c.step != read_step,
+            # A reading that was not read stands for one taken as the job was created, when
+            # its key had no entry: it counts only while that holds (no other delivery tried,
+            # holds or did the step; no other job did it). Else the delivery claims.
+            param("assumed", False, sa.Boolean()),
+        ),
+    )
+
+
+_READ_ENTRY_COLUMNS = [
+    "key",
+    "job_id",
+    "fingerprint",
+    "step",
+    "state",
+    "owner",
+    "attempts",
+    "result",
+    "started_at",
+    "finished_at",
+    "created_at",
+    "updated_at",
+]
 
 
 def _upsert_read_entry(job: CTE) -> CTE:
@@ -204,42 +234,12 @@ def _upsert_read_entry(job: CTE) -> CTE:
         began,
         now,
     ).where(job.c.read_key.is_not(None))
-    columns = [
-        "key",
-        "job_id",
-        "fingerprint",
-        "step",
-        "state",
-        "owner",
-        "attempts",
-        "result",
-        "started_at",
-        "finished_at",
-        "created_at",
-        "updated_at",
-    ]
-    insert = postgresql.insert(ledger_entries).from_select(columns, source)
+    insert = postgresql.insert(ledger_entries).from_select(_READ_ENTRY_COLUMNS, source)
     entry, excluded = ledger_entries.c, insert.excluded
     return (
         insert.on_conflict_do_update(
             index_elements=[entry.key],
-            set_={
-                "job_id": excluded.job_id,
-                "state": excluded.state,
-                "result": excluded.result,
-                "owner": excluded.owner,
-                "locked_until": None,
-                "error": None,
-                # A failed attempt's key counts this one; a claim counted it already.
-                "attempts": sa.case(
-                    (entry.state == str(StepState.FAILED), entry.attempts + 1),
-                    else_=entry.attempts,
-                ),
-                "started_at": excluded.started_at,
-                "finished_at": excluded.finished_at,
-                "updated_at": excluded.updated_at,
-                "first_failed_at": None,
-            },
+            set_=_read_entry_over(excluded),
             where=sa.and_(
                 sa.or_(
                     entry.state == str(StepState.FAILED),
@@ -252,6 +252,28 @@ def _upsert_read_entry(job: CTE) -> CTE:
         .returning(entry.key, entry.attempts)
         .cte("entry")
     )
+
+
+def _read_entry_over(excluded: Any) -> dict[str, Any]:
+    """What the read step's record writes over a failed entry, or a claim of the same job."""
+    entry = ledger_entries.c
+    return {
+        "job_id": excluded.job_id,
+        "state": excluded.state,
+        "result": excluded.result,
+        "owner": excluded.owner,
+        "locked_until": None,
+        "error": None,
+        # A failed attempt's key counts this one; a claim counted it already.
+        "attempts": sa.case(
+            (entry.state == str(StepState.FAILED), entry.attempts + 1),
+            else_=entry.attempts,
+        ),
+        "started_at": excluded.started_at,
+        "finished_at": excluded.finished_at,
+        "updated_at": excluded.updated_at,
+        "first_failed_at": None,
+    }
 
 
 def _append_read_event(job: CTE, entry: CTE) -> CTE:

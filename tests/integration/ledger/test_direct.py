@@ -10,7 +10,15 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
-from ledger import DatabaseUnavailable, JobState, JobStore, StepLedger, create_engine, queries
+from ledger import (
+    DatabaseUnavailable,
+    JobState,
+    JobStore,
+    PostgresStepLedger,
+    StepLedger,
+    create_engine,
+    queries,
+)
 from ledger.direct import DirectStatements, for_engine
 from tests.factories import create_job
 
@@ -82,7 +90,7 @@ def test_a_connection_left_inside_a_command_is_dropped_not_kept(engine: sa.Engin
 def test_the_ledger_retries_through_a_dropped_connection(engine: sa.Engine) -> None:
     store, ledger = JobStore(engine=engine), StepLedger(engine=engine, lease_seconds=30)
     job_id = create_job(store)
-    assert ledger.direct is not None
+    assert isinstance(ledger, PostgresStepLedger)
     with engine.connect() as conn:
         conn.execute(
             sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": _backend_pid(ledger.direct)}

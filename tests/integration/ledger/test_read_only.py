@@ -14,6 +14,7 @@ from ledger import (
     JobState,
     JobStore,
     LeaseLost,
+    PostgresStepLedger,
     Reading,
     ReadResult,
     Recorded,
@@ -34,8 +35,10 @@ def store(engine: sa.Engine) -> JobStore:
 
 
 @pytest.fixture
-def ledger(engine: sa.Engine) -> StepLedger:
-    return StepLedger(engine=engine, lease_seconds=30)
+def ledger(engine: sa.Engine) -> PostgresStepLedger:
+    ledger = StepLedger(engine=engine, lease_seconds=30)
+    assert isinstance(ledger, PostgresStepLedger)
+    return ledger
 
 
 def read(ledger: StepLedger, job_id: uuid.UUID, step: str = "first") -> Reading:
@@ -319,7 +322,7 @@ def test_another_jobs_claim_on_the_same_key_is_left_alone(
 
 
 def test_a_read_record_retried_after_an_ambiguous_commit_knows_its_own(
-    store: JobStore, ledger: StepLedger, engine: sa.Engine
+    store: JobStore, ledger: PostgresStepLedger, engine: sa.Engine
 ) -> None:
     job_id = create_job(store)
     reading = read(ledger, job_id)

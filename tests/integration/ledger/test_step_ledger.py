@@ -23,6 +23,8 @@ from ledger import (
     JobStore,
     LeaseLost,
     OutcomeUnknown,
+    PostgresStepLedger,
+    SqliteStepLedger,
     StatementRejected,
     StepLedger,
     StepNotInJob,
@@ -46,6 +48,14 @@ def ledger(engine: sa.Engine) -> StepLedger:
 def claimed(outcome: object) -> Claim:
     assert isinstance(outcome, Claim), outcome
     return outcome
+
+
+def test_the_ledger_is_built_for_its_engines_dialect(ledger: StepLedger) -> None:
+    postgres = ledger.engine.dialect.name == "postgresql"
+    expected = PostgresStepLedger if postgres else SqliteStepLedger
+
+    assert type(ledger) is expected
+    assert ledger.reads_unclaimed is postgres
 
 
 def test_happy_path_records_each_step_and_finishes_the_job(
@@ -246,19 +256,6 @@ def test_a_job_that_is_not_active_claims_nothing(store: JobStore, ledger: StepLe
     assert ledger.claim_step(missing, "first") == JobInactive(missing, "first", None)
 
 
-@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
-def test_the_happy_path_costs_two_statements_per_step_on_postgres(
-    store: JobStore, ledger: StepLedger, statements: list[str]
-) -> None:
-    job_id = create_job(store)
-    statements.clear()
-
-    first = claimed(ledger.claim_step(job_id, "first"))
-    ledger.record_success(first, {"n": 1}, next_step="second", duration_ms=1.0)
-
-    assert len(statements) == 2, statements
-
-
 def test_create_jobs_deduplicates_by_event_id(store: JobStore) -> None:
     plan = new_job()
     again = new_job(event_id=plan.event_id, context=plan.context)
@@ -399,18 +396,3 @@ def test_renewing_leases_keeps_the_keys_still_held(engine: sa.Engine, store: Job
     assert ledger.renew_leases([lost, held]) == [False, True]
     # Both first leases have run out: only the renewal, 1 s from now, keeps this key held.
     assert isinstance(ledger.claim_step(jobs[1], "first"), InFlight)
-
-
-@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
-def test_a_batch_costs_one_transaction_per_stage_on_postgres(
-    store: JobStore, ledger: StepLedger, statements: list[str]
-) -> None:
-    jobs = [create_job(store) for _ in range(5)]
-    statements.clear()
-
-    claims = [claimed(found) for found in ledger.claim_steps(jobs, "first")]
-    ledger.record_successes([StepResult(c, {}, 1.0) for c in claims], next_step="second")
-
-    # One claim and one record per job, in two transactions (each sent as one pipeline).
-    sent = [statement.split()[0] for statement in statements]
-    assert sent == ["BEGIN", *["WITH"] * 5, "COMMIT", "BEGIN", *["WITH"] * 5, "COMMIT"]

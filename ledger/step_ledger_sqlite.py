@@ -1,0 +1,49 @@
+"""`SqliteStepLedger`: the step protocol on SQLite, each claim or record a few statements in
+one transaction (SQLite has no data-modifying CTE). Must not import celery, kombu, jobs or
+config."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ledger import db, queries
+from ledger.errors import StepNotInJob
+from ledger.outcomes import Record
+from ledger.step_ledger import StepLedger
+
+
+class SqliteStepLedger(StepLedger):
+    """`StepLedger` on SQLite: build it as `StepLedger(engine=...)`."""
+
+    def _claim_row(
+        self, values: Mapping[str, Any], takeover_expired: bool
+    ) -> Mapping[str, Any] | None:
+        with db.transaction(self.engine) as conn:
+            job = conn.execute(queries.start_job(), values).mappings().one_or_none()
+            if job is None:
+                return None
+            if job["key"] is None:
+                raise StepNotInJob(values["p_job_id"], values["p_step"])
+            claim = queries.claim_key_template(takeover_expired)
+            found = {"p_key": job["key"], "p_fingerprint": job["fingerprint"]}
+            attempts = conn.execute(claim, {**values, **found}).scalar_one_or_none()
+            entry: dict[str, Any] = {}
+            if attempts is None:
+                lost_to = conn.execute(queries.select_entry_for_claim(job["key"])).mappings()
+                entry = dict(lost_to.one_or_none() or {})
+            return {**job, "claimed_attempts": attempts, **entry}
+
+    def _record_row(self, record: Record) -> Mapping[str, Any] | None:
+        finish, event, advance = queries.record_statements(*record.shape)
+        values = record.values()
+        with db.transaction(self.engine) as conn:
+            if conn.execute(finish, record.finish_values()).one_or_none() is None:
+                return None
+            conn.execute(event, values)
+            return {"state": conn.execute(advance, values).scalar_one()}
+
+    def _renewed(self, values: Sequence[Mapping[str, Any]]) -> list[bool]:
+        renew = queries.renew_lease()
+        with db.transaction(self.engine) as conn:
+            return [conn.execute(renew, each).one_or_none() is not None for each in values]
