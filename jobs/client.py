@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Mapping
-from typing import Final, TypeVar
+from typing import TypeVar
 from uuid import UUID
 
 from pydantic import BaseModel
@@ -21,16 +20,9 @@ from jobs.engine.runtime import Runtime, load_pipelines
 from jobs.events import payload_event
 from jobs.ops.history import history_view
 from jobs.pipelines import Pipeline, registry
-from ledger import FINISHED_JOB_STATES, JOB_ENDED_CHANNEL, JSON, JobStore, Listener
+from ledger import JSON, wait_for_end
 
 R = TypeVar("R")
-
-#: Seconds between two looks at a waited-for job's state while no notice comes (a safety
-#: net: on Postgres its end is announced).
-_RECHECK: Final = 10.0
-#: SQLite, which cannot announce: the first and the longest pause of the poll, in seconds.
-_FIRST_PAUSE: Final = 0.05
-_LONGEST_PAUSE: Final = 1.0
 
 
 def enqueue(
@@ -45,9 +37,10 @@ def enqueue(
     Without `connection`, the job is written and its first step published right away (if the
     broker refuses, the job waits in the outbox and the relay sends it). With `connection`,
     the job is written in the caller's transaction and nothing is published now: it exists if
-    and when the caller commits, and the relay (beat, or any `oncelery api`) sends it then —
-    moments after the commit on Postgres, which announces it; a process that dies between its
-    commit and any publish loses nothing.
+    and when the caller commits. On Postgres the commit announces it and beat's relay sends
+    it moments later; any job a listening relay missed (and every job on SQLite) is sent by
+    a relay round within `ONCELERY_RELAY_AFTER` seconds (beat, `oncelery api` and each sweep
+    run one). A process that dies between its commit and any publish loses nothing.
 
     Args:
         pipeline: a declared pipeline, or its name (modules in `ONCELERY_PIPELINES` are
@@ -94,44 +87,9 @@ def wait(job_id: str | UUID, timeout: float) -> dict[str, JSON]:
     """
     job = job_id if isinstance(job_id, UUID) else UUID(job_id)
     store = _runtime().store
-    deadline = time.monotonic() + timeout
-    if store.engine.dialect.name == "postgresql":
-        ended = _await_notice(store, job, deadline)
-    else:
-        ended = _await_poll(store, job, deadline)
-    if not ended:
+    if wait_for_end(store, job, timeout) is None:
         raise TimeoutError(f"job {job} did not end within {timeout:g} s")
     return history_view(store.history(job))
-
-
-def _await_notice(store: JobStore, job: UUID, deadline: float) -> bool:
-    """Whether the job ended by `deadline`, heard from its end's announcement."""
-    # Listening before marking the job awaited: an end between the two is still heard.
-    listener = Listener(store.engine, [JOB_ENDED_CHANNEL])
-    try:
-        state = store.await_job(job)
-        while state not in FINISHED_JOB_STATES:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            heard = listener.wait(min(left, _RECHECK))
-            if str(job) in heard or not heard:
-                state = store.get_job(job).state
-    finally:
-        listener.close()
-    return True
-
-
-def _await_poll(store: JobStore, job: UUID, deadline: float) -> bool:
-    """Whether the job ended by `deadline`, polled at growing intervals."""
-    pause = _FIRST_PAUSE
-    while store.get_job(job).state not in FINISHED_JOB_STATES:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-        time.sleep(min(pause, left))
-        pause = min(pause * 1.5, _LONGEST_PAUSE)
-    return True
 
 
 def _pipeline(pipeline: Pipeline[R] | str) -> Pipeline[object]:

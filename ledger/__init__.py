@@ -18,9 +18,10 @@ from ledger.errors import (
     StatementRejected,
     StepNotInJob,
 )
+from ledger.job_ends import wait_for_end
 from ledger.malformed import MalformedCount, MalformedMessages
 from ledger.migrations import current_revision, head_revision, upgrade
-from ledger.notices import JOB_ENDED_CHANNEL, OUTBOX_CHANNEL, Listener
+from ledger.notices import OUTBOX_CHANNEL, Listener
 from ledger.outcomes import Failure
 from ledger.stats import Histogram, LedgerStats, Snapshot, StepTiming
 from ledger.step_ledger import StepLedger
@@ -59,7 +60,6 @@ from ledger.types import (
 
 __all__ = [
     "FINISHED_JOB_STATES",
-    "JOB_ENDED_CHANNEL",
     "JSON",
     "OUTBOX_CHANNEL",
     "AlreadySucceeded",
@@ -117,4 +117,5 @@ __all__ = [
     "first_reading",
     "head_revision",
     "upgrade",
+    "wait_for_end",
 ]

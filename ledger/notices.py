@@ -16,7 +16,7 @@ from ledger.errors import DatabaseUnavailable
 #: Jobs a caller's transaction left in the outbox (`JobStore.create_jobs_in`): their ids,
 #: comma-separated, heard when that transaction commits and never if it rolls back.
 OUTBOX_CHANNEL: Final = "oncelery_outbox"
-#: The id of a job that ended while someone waited for it (`JobStore.await_job`), announced
+#: The id of a job that ended while someone waited for it (`ledger.job_ends`), announced
 #: by the trigger of migration 0005.
 JOB_ENDED_CHANNEL: Final = "oncelery_job_ended"
 

@@ -97,19 +97,6 @@ class JobStore:
         with db.wrap_errors():
             return create_jobs_in(conn, new_jobs)
 
-    def await_job(self, job_id: UUID) -> JobState:
-        """Note that someone waits for the job's end (on Postgres its end is then announced
-        on `notices.JOB_ENDED_CHANNEL`); its state now.
-
-        Raises:
-            JobNotFound: no job has that id.
-        """
-        with db.single_statement(self.engine) as conn:
-            row = conn.execute(queries.mark_awaited(job_id)).one_or_none()
-        if row is None:
-            raise JobNotFound(job_id)
-        return JobState(row.state)
-
     def get_job(self, job_id: UUID) -> Job:
         """One job.
 

@@ -26,7 +26,7 @@ from jobs.cli.support import (
     stdout,
 )
 from jobs.errors import InvalidEvent, JobError
-from ledger import JSON, EventConflict, LedgerError, create_engine, upgrade
+from ledger import JSON, EventConflict, LedgerError, create_engine, upgrade, wait_for_end
 
 cli = typer.Typer(
     name="oncelery",
@@ -102,6 +102,14 @@ def _read_source(source: str) -> str:
 @cli.command()
 def history(
     job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    wait: Annotated[
+        float | None,
+        typer.Option(
+            "--wait",
+            min=0.0,
+            help="Wait up to this many seconds for the job to end first (exit 1 if it does not).",
+        ),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """A job's state and every step's state, attempts, input, output, error and duration."""
@@ -111,7 +119,10 @@ def history(
     parsed = parse_job_id(job_id)
     settings = get_settings()
     load_pipelines(settings)
-    view = history_view(job_store(settings).history(parsed))
+    store = job_store(settings)
+    if wait is not None and wait_for_end(store, parsed, wait) is None:
+        _fail(1, f"job {parsed} did not end within {wait:g} s")
+    view = history_view(store.history(parsed))
     if as_json:
         print_json(view)
         return
