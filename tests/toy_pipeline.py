@@ -8,7 +8,7 @@ import time
 from pydantic import BaseModel, ConfigDict, Field
 
 from config import Settings
-from jobs import Delivery, Pipeline, Step, StepContext
+from jobs import Delivery, PermanentError, Pipeline, Step, StepContext
 from jobs.provider import ProviderClient
 from ledger import JSON
 
@@ -94,10 +94,13 @@ class Word(BaseModel):
 
 
 def count(ctx: StepContext[None]) -> JSON:
-    """A pure step over a typed input."""
+    """A pure step over a typed input; a word starting with `refused` fails for good (a dead
+    letter of a pipeline of one's own)."""
     word, times = ctx.context["word"], ctx.context["times"]
     assert isinstance(word, str)
     assert isinstance(times, int)
+    if word.startswith("refused"):
+        raise PermanentError(f"{word!r} is refused")
     return {"letters": len(word) * times}
 
 

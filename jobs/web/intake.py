@@ -123,7 +123,7 @@ def _routes() -> APIRouter:
         body = await _read_body(request)
         # Signed first: who cannot sign learns nothing, not even which pipelines exist.
         verify_signature(intake.settings, request.headers, body)
-        found = webhook_pipeline(pipeline)
+        found = declared_pipeline(pipeline)
         job = parse_event(found, body).new_job(found)
         try:
             job_id, created = await intake.writer.create(job)
@@ -160,9 +160,12 @@ def _routes() -> APIRouter:
     def list_jobs(
         intake: IntakeDep,
         state: JobState | None = None,
+        pipeline: str | None = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     ) -> JSONResponse:
-        jobs = intake.runtime.store.list_jobs(state=state, limit=limit)
+        if pipeline is not None:
+            declared_pipeline(pipeline)
+        jobs = intake.runtime.store.list_jobs(state=state, limit=limit, pipeline=pipeline)
         return JSONResponse({"jobs": [job_summary(job) for job in jobs]})
 
     @router.get("/dead-letters", dependencies=authorized)
@@ -259,8 +262,8 @@ def verify_signature(
         raise ApiError(401, "unauthorized", "X-Oncelery-Signature does not match the body")
 
 
-def webhook_pipeline(name: str) -> Pipeline[object]:
-    """The pipeline a webhook's path names.
+def declared_pipeline(name: str) -> Pipeline[object]:
+    """The pipeline a webhook's path (or a query) names.
 
     Raises:
         ApiError: 404 naming it, when no pipeline has that name.
