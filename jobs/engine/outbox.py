@@ -25,7 +25,8 @@ _BACKOFF: Final = 2.0
 
 def relay_announced(rt: Runtime, dispatch: Dispatch, job_ids: Sequence[UUID]) -> int:
     """Send the first step of announced jobs still in the outbox; returns how many were sent.
-    A failed send puts the job back in the outbox, for the next periodic round."""
+    A failed send puts the job, and those after it, back in the outbox for the next periodic
+    round (the broker is likely down: each try would wait for it)."""
     failed: list[UUID] = []
     sent = 0
     for job in rt.store.take_announced(job_ids):
@@ -36,6 +37,9 @@ def relay_announced(rt: Runtime, dispatch: Dispatch, job_ids: Sequence[UUID]) ->
                 job.pipeline,
                 extra={"action": "relay_skip", "job_id": str(job.job_id)},
             )
+            continue
+        if failed:
+            failed.append(job.job_id)
             continue
         try:
             dispatch.send(job.pipeline, job.step, str(job.job_id))
