@@ -75,7 +75,8 @@ def enqueue(
 
 def wait(job_id: str | UUID, timeout: float) -> dict[str, JSON]:
     """Wait for a job to end (succeeded, dead-lettered or cancelled); its view, as `oncelery
-    history --json` prints it: `state`, and `steps`, each with its `output` (the result).
+    history --json` prints it: `state`, `results` (what each step returned, by name) and
+    `steps` (each with its attempts, input, output and error).
 
     On Postgres the job's end is announced (LISTEN/NOTIFY); on SQLite its state is polled,
     at growing intervals up to a second.
