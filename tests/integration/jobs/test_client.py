@@ -12,15 +12,14 @@ from uuid import UUID
 
 import pytest
 import sqlalchemy as sa
-from kombu import Connection
 
 import jobs
-from config import MAIN_QUEUE, Settings, get_settings, task_queues
+from config import MAIN_QUEUE, Settings, get_settings
 from jobs.engine.outbox import relay_forever
 from jobs.engine.runtime import Runtime
 from jobs.worker import CeleryDispatch, client_app
 from ledger import EventConflict, JobState, JobStore, create_engine
-from tests.conftest import queue_length
+from tests.conftest import declare_queues, queue_length
 from tests.toy_pipeline import Word
 from tests.waiting import wait_for
 
@@ -39,11 +38,7 @@ def settings(
         monkeypatch.setenv(name, value)
     get_settings.cache_clear()
     settings = get_settings()
-    # The queues, declared afresh: the last test deleted them, and kombu's connection pools,
-    # which every app on one broker URL shares, remember having declared them.
-    with Connection(amqp_url, connect_timeout=5) as conn:
-        for queue in task_queues(settings):
-            queue(conn.default_channel).declare()
+    declare_queues(settings)
     return settings
 
 

@@ -15,7 +15,7 @@ from config import MAIN_QUEUE
 from jobs.engine.outbox import relay_announced
 from jobs.engine.runtime import Runtime, load_pipelines
 from jobs.worker import CeleryDispatch, client_app
-from tests.conftest import purge_queues, queue_length, settings_for
+from tests.conftest import declare_queues, queue_length, settings_for
 from tests.integration.jobs.engine.test_enqueue import in_outbox
 from tests.toy_pipeline import toy_typed
 
@@ -29,8 +29,10 @@ def runtime(postgres_url: str, tmp_path: Path) -> Iterator[Runtime]:
     rt.close()
 
 
-def dispatch_to(broker_url: str, tmp_path: Path) -> CeleryDispatch:
+def dispatch_to(broker_url: str, tmp_path: Path, *, reachable: bool = True) -> CeleryDispatch:
     settings = settings_for(database_url="sqlite://", broker_url=broker_url, data_dir=tmp_path)
+    if reachable:
+        declare_queues(settings)
     return CeleryDispatch(sender=client_app(settings), settings=settings)
 
 
@@ -44,7 +46,6 @@ def committed(runtime: Runtime, count: int) -> list[UUID]:
 def test_an_announced_job_is_sent_once_however_many_relays_hear_it(
     runtime: Runtime, amqp_url: str, tmp_path: Path
 ) -> None:
-    purge_queues(amqp_url)
     job_ids = committed(runtime, 3)
     dispatch = dispatch_to(amqp_url, tmp_path)
 
@@ -60,7 +61,7 @@ def test_with_the_broker_unreachable_announced_jobs_stay_in_the_outbox(
     runtime: Runtime, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     job_ids = committed(runtime, 3)
-    dispatch = dispatch_to("amqp://guest:guest@127.0.0.1:1//", tmp_path)
+    dispatch = dispatch_to("amqp://guest:guest@127.0.0.1:1//", tmp_path, reachable=False)
 
     with caplog.at_level(logging.WARNING, logger="jobs"):
         sent = relay_announced(runtime, dispatch, job_ids)
