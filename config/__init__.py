@@ -15,6 +15,7 @@ from config.celery import (
     celery_config,
     dead_letter_queue,
     prepare_broker,
+    task_queues,
 )
 from config.settings import (
     DEFAULT_PROVIDER_URL,
@@ -50,4 +51,5 @@ __all__ = [
     "get_settings",
     "load_settings",
     "prepare_broker",
+    "task_queues",
 ]

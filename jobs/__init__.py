@@ -1,19 +1,24 @@
 """oncelery's public API: declare pipelines of steps, their delivery and retry policy, the
-errors steps raise; `jobs.app` is the Celery app (`celery -A jobs worker` finds it)."""
+errors steps raise; start jobs (`enqueue`) and wait for them (`wait`); `jobs.app` is the
+Celery app (`celery -A jobs worker` finds it)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from jobs.errors import JobError, PermanentError, TransientError
+from jobs.errors import InvalidEvent, JobError, PermanentError, TransientError, UnknownPipeline
 from jobs.pipelines import Delivery, Pipeline, Step, StepContext
 from jobs.retry import RetryPolicy
+from ledger import EventConflict
 
 if TYPE_CHECKING:
-    from celery import Celery
+    from jobs.client import enqueue, wait
+    from jobs.worker import app
 
 __all__ = [
     "Delivery",
+    "EventConflict",
+    "InvalidEvent",
     "JobError",
     "PermanentError",
     "Pipeline",
@@ -21,15 +26,22 @@ __all__ = [
     "Step",
     "StepContext",
     "TransientError",
+    "UnknownPipeline",
     "app",
+    "enqueue",
+    "wait",
 ]
 
 
-def __getattr__(name: str) -> Celery:
-    # The Celery app is built on first use, so that declaring a pipeline (or importing the
-    # Celery-free engine) does not import Celery.
+def __getattr__(name: str) -> object:
+    # Looked up on first use, so that declaring a pipeline (or importing the Celery-free
+    # engine) imports neither Celery nor the client's modules.
     if name == "app":
         from jobs.worker import app  # noqa: PLC0415
 
         return app
+    if name in ("enqueue", "wait"):
+        from jobs import client  # noqa: PLC0415
+
+        return getattr(client, name)
     raise AttributeError(f"module 'jobs' has no attribute {name!r}")

@@ -55,14 +55,23 @@ class PermanentError(JobError):
 
 
 class InvalidEvent(JobError):
-    """Raised when an event (or a line of a JSON Lines file) is not a valid order-placed event.
+    """Raised when an event (or a line of a JSON Lines file), or a payload given to
+    `jobs.enqueue`, is not valid input of its pipeline.
 
-    The message names the line (when there are lines) and the field.
+    The message names the line (when there are lines) and the field; `fields` lists every
+    problem as `{"field", "message"}` (the webhook's 422 body).
     """
 
-    def __init__(self, problem: str, *, line: int | None = None) -> None:
+    def __init__(
+        self,
+        problem: str,
+        *,
+        line: int | None = None,
+        fields: tuple[dict[str, str], ...] = (),
+    ) -> None:
         self.problem = problem
         self.line = line
+        self.fields = fields
         where = f"line {line}: " if line is not None else ""
         super().__init__(f"{where}{problem}")
 

@@ -11,8 +11,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from pydantic import BaseModel
+from pydantic_core import PydanticSerializationError, to_json
+
 from config import Settings
-from jobs.errors import UnknownPipeline
+from jobs.errors import InvalidEvent, UnknownPipeline
 from jobs.retry import RetryPolicy
 from ledger import JSON, NewJob
 
@@ -101,11 +104,16 @@ class Step(Generic[R]):
         """This step's idempotency key for a job context."""
         if callable(self.key):
             return self.key(context)
-        fields = {name for _, name, _, _ in string.Formatter().parse(self.key) if name}
-        missing = sorted(fields - set(context))
+        missing = sorted(self.key_fields() - set(context))
         if missing:
             raise KeyError(f"key template {self.key!r} needs context fields {missing}")
         return self.key.format_map(context)
+
+    def key_fields(self) -> set[str]:
+        """The context fields a key template names (none for a key function)."""
+        if callable(self.key):
+            return set()
+        return {name for _, name, _, _ in string.Formatter().parse(self.key) if name}
 
 
 @dataclass(frozen=True)
@@ -117,11 +125,16 @@ class Pipeline(Generic[R]):
         steps: run in order; each sees the results of those before it.
         resources: builds what the steps share from the settings, once per worker process
             (after the fork, so sockets are never shared between processes).
+        input: the pydantic model of a job's payload (its context): validated strictly
+            (nothing coerced) from JSON, and it must reject unknown fields
+            (`model_config = ConfigDict(extra="forbid")`). `event_id` is not part of it: it
+            comes beside the payload. None: any JSON object is accepted as it is.
     """
 
     name: str
     steps: Sequence[Step[R]]
     resources: Callable[[Settings], R]
+    input: type[BaseModel] | None = None
     _by_name: dict[str, Step[R]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -130,8 +143,30 @@ class Pipeline(Generic[R]):
         by_name = {step.name: step for step in self.steps}
         if len(by_name) != len(self.steps):
             raise ValueError(f"pipeline {self.name!r} has two steps with the same name")
+        if self.input is not None:
+            _check_input(self)
         object.__setattr__(self, "_by_name", by_name)
         registry.add(self)
+
+    def validate_input(self, payload: object) -> dict[str, JSON]:
+        """The job context of a payload (a mapping, or an instance of the input model): turned
+        into JSON values, validated by the input model in strict mode (a field whose JSON is
+        text, a date say, declares `Field(strict=False)`), dumped back as JSON.
+
+        Raises:
+            pydantic.ValidationError: the payload does not fit the input model.
+            InvalidEvent: it cannot be JSON, or (without a model) is not a JSON object.
+        """
+        try:
+            text = to_json(payload)
+        except PydanticSerializationError as exc:
+            raise InvalidEvent(f"payload: cannot be sent as JSON ({exc})") from None
+        value = json.loads(text)
+        if self.input is not None:
+            return self.input.model_validate(value, strict=True).model_dump(mode="json")
+        if not isinstance(value, dict):
+            raise InvalidEvent(f"payload: expected a JSON object, got {type(payload).__name__}")
+        return value
 
     def step(self, name: str) -> Step[R]:
         """The step called `name`."""
@@ -153,6 +188,30 @@ class Pipeline(Generic[R]):
             step_keys={step.name: step.key_for(context) for step in self.steps},
             first_step=self.steps[0].name,
         )
+
+
+def _check_input(pipeline: Pipeline[R]) -> None:
+    """Refuse an input model that would accept unknown fields, that claims `event_id`, or
+    that lacks a field a step's key names: each would fail later, in a worker."""
+    model, name = pipeline.input, pipeline.name
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise ValueError(f"pipeline {name!r}: input must be a pydantic model class")
+    if model.model_config.get("extra") != "forbid":
+        raise ValueError(
+            f"pipeline {name!r}: input model {model.__name__} must reject unknown fields: "
+            'model_config = ConfigDict(extra="forbid")'
+        )
+    if "event_id" in model.model_fields:
+        raise ValueError(
+            f"pipeline {name!r}: event_id is not part of the input; it comes beside it"
+        )
+    for step in pipeline.steps:
+        missing = sorted(step.key_fields() - set(model.model_fields))
+        if missing:
+            raise ValueError(
+                f"pipeline {name!r}: step {step.name!r}'s key names fields {missing} that "
+                f"input model {model.__name__} does not have"
+            )
 
 
 def fingerprint(pipeline: str, context: Mapping[str, JSON]) -> str:

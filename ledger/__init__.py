@@ -18,8 +18,10 @@ from ledger.errors import (
     StatementRejected,
     StepNotInJob,
 )
+from ledger.job_ends import wait_for_end
 from ledger.malformed import MalformedCount, MalformedMessages
 from ledger.migrations import current_revision, head_revision, upgrade
+from ledger.notices import OUTBOX_CHANNEL, Listener
 from ledger.outcomes import Failure
 from ledger.stats import Histogram, LedgerStats, Snapshot, StepTiming
 from ledger.step_ledger import StepLedger
@@ -27,6 +29,7 @@ from ledger.step_ledger_postgres import PostgresStepLedger
 from ledger.step_ledger_sqlite import SqliteStepLedger
 from ledger.store import JobStore, JobToSend, UnfinishedStep
 from ledger.types import (
+    FINISHED_JOB_STATES,
     JSON,
     AlreadySucceeded,
     Claim,
@@ -56,7 +59,9 @@ from ledger.types import (
 )
 
 __all__ = [
+    "FINISHED_JOB_STATES",
     "JSON",
+    "OUTBOX_CHANNEL",
     "AlreadySucceeded",
     "Claim",
     "ClaimOutcome",
@@ -82,6 +87,7 @@ __all__ = [
     "LeaseLost",
     "LedgerError",
     "LedgerStats",
+    "Listener",
     "MalformedCount",
     "MalformedMessages",
     "NewJob",
@@ -111,4 +117,5 @@ __all__ = [
     "first_reading",
     "head_revision",
     "upgrade",
+    "wait_for_end",
 ]

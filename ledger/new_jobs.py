@@ -13,10 +13,13 @@ from sqlalchemy.engine import Connection, Engine
 from ledger import db, queries
 from ledger.direct import for_engine
 from ledger.errors import EventConflict
+from ledger.notices import OUTBOX_CHANNEL
 from ledger.types import NewJob
 
 #: Rows per INSERT when creating many jobs at once.
 INSERT_BATCH = 500
+#: Job ids per outbox announcement.
+_ANNOUNCED = 200
 
 #: A job's id and whether this call created it: True, False (the same event was there), or
 #: None (the event id was there with other content: a conflict).
@@ -46,6 +49,14 @@ def create_jobs(
                 ids.update(_create_batch(conn, batch, dispatched=dispatched))
             # Raised inside the transaction: its rollback takes every row of the input.
             _raise_conflict(ids, unique, first_of)
+    return _answer(new_jobs, ids)
+
+
+def _answer(
+    new_jobs: Sequence[NewJob], ids: dict[tuple[str, str], _Created]
+) -> list[tuple[UUID, bool]]:
+    """Each new job's id, and whether it was created now (only its event's first occurrence
+    can have been)."""
     seen: set[tuple[str, str]] = set()
     answer = []
     for job in new_jobs:
@@ -54,6 +65,39 @@ def create_jobs(
         answer.append((job_id, bool(created) and identity not in seen))
         seen.add(identity)
     return answer
+
+
+def create_jobs_in(conn: Connection, new_jobs: Sequence[NewJob]) -> list[tuple[UUID, bool]]:
+    """`create_jobs` in the caller's transaction (see `JobStore.create_jobs_in`), left in
+    the outbox and, on Postgres, announced on the outbox channel at commit.
+
+    Raises:
+        EventConflict: an event id came with other content than it had before.
+    """
+    first_of = _first_occurrences(new_jobs)
+    unique = [new_jobs[index] for index in first_of.values()]
+    # One job's INSERT writes nothing when its event conflicts; several need a savepoint,
+    # so that a conflict takes back this call's rows and leaves the caller's.
+    nested = conn.begin_nested() if len(unique) > 1 else None
+    ids: dict[tuple[str, str], _Created] = {}
+    try:
+        for start in range(0, len(unique), INSERT_BATCH):
+            batch = unique[start : start + INSERT_BATCH]
+            ids.update(_create_batch(conn, batch, dispatched=False))
+        _raise_conflict(ids, unique, first_of)
+    except BaseException:
+        if nested is not None:
+            nested.rollback()
+        raise
+    if nested is not None:
+        nested.commit()
+    created = [str(job_id) for job_id, is_new in ids.values() if is_new]
+    if created and conn.dialect.name == "postgresql":
+        # A NOTIFY payload holds under 8,000 bytes: 200 ids of 37 characters fit.
+        for start in range(0, len(created), _ANNOUNCED):
+            payload = ",".join(created[start : start + _ANNOUNCED])
+            conn.execute(queries.announce(OUTBOX_CHANNEL, payload))
+    return _answer(new_jobs, ids)
 
 
 def _create_one(

@@ -51,6 +51,9 @@ jobs = sa.Table(
     #: When the first step was handed to the broker: NULL is the outbox, which the relay
     #: sends (a job accepted while the broker was down).
     sa.Column("dispatched_at", Timestamp, nullable=True),
+    #: Someone waits for the job's end (`jobs.wait`): on Postgres a trigger announces it on
+    #: `ledger.notices.JOB_ENDED_CHANNEL` (migration 0005).
+    sa.Column("awaited", sa.Boolean(), nullable=False, server_default=sa.false()),
     sa.UniqueConstraint("pipeline", "event_id"),
     sa.CheckConstraint(_one_of("state", JobState), name="state"),
 )

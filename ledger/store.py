@@ -13,7 +13,7 @@ from sqlalchemy.engine import Connection, Engine, RowMapping
 
 from ledger import db, queries
 from ledger.errors import JobNotFound
-from ledger.new_jobs import create_jobs
+from ledger.new_jobs import create_jobs, create_jobs_in
 from ledger.types import (
     JSON,
     EventKind,
@@ -82,6 +82,20 @@ class JobStore:
                 earlier call, or earlier in `new_jobs`).
         """
         return create_jobs(self.engine, new_jobs, dispatched=dispatched)
+
+    def create_jobs_in(
+        self, conn: Connection, new_jobs: Sequence[NewJob]
+    ) -> list[tuple[UUID, bool]]:
+        """`create_jobs` inside the caller's open transaction, which this never commits: the
+        jobs exist if and when it commits. They wait in the outbox; on Postgres they are
+        announced on `notices.OUTBOX_CHANNEL`, heard by a relay at the commit.
+
+        Raises:
+            EventConflict: as `create_jobs` (this call's rows are rolled back to a savepoint;
+                the caller's own rows and transaction are left as they were).
+        """
+        with db.wrap_errors():
+            return create_jobs_in(conn, new_jobs)
 
     def get_job(self, job_id: UUID) -> Job:
         """One job.
@@ -285,6 +299,17 @@ class JobStore:
             return [
                 JobToSend(row.id, row.pipeline, row.current_step, JobState(row.state))
                 for row in conn.execute(statement)
+            ]
+
+    def take_announced(self, job_ids: Sequence[UUID]) -> list[JobToSend]:
+        """Take the given jobs for the relay to send, those still in the outbox (another
+        relay may have sent some); they count as dispatched from now on."""
+        if not job_ids:
+            return []
+        with db.single_statement(self.engine) as conn:
+            return [
+                JobToSend(row.id, row.pipeline, row.current_step, JobState(row.state))
+                for row in conn.execute(queries.take_announced(job_ids))
             ]
 
     def undo_dispatched(self, job_ids: Sequence[UUID]) -> None:

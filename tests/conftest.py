@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, Phase
 from hypothesis import settings as hypothesis_settings
 from kombu import Connection, Queue
 
-from config import DEAD_QUEUE, MAIN_QUEUE, RETRY_QUEUE, Settings, get_settings
+from config import DEAD_QUEUE, MAIN_QUEUE, RETRY_QUEUE, Settings, get_settings, task_queues
 from jobs.tools.databases import drop_database
 from ledger import create_engine, upgrade
 from ledger.direct import for_engine
@@ -222,6 +222,17 @@ def delete_queues(url: str) -> None:
         for name in (MAIN_QUEUE, RETRY_QUEUE, DEAD_QUEUE):
             with contextlib.suppress(*conn.channel_errors):
                 Queue(name, channel=conn.channel()).delete()
+
+
+def declare_queues(settings: Settings) -> None:
+    """Declare the task queues on the settings' broker, as every app does. For a test that
+    publishes with `send_task`: Celery declares a queue only once per pooled connection, and
+    kombu's pools, which every app on one broker URL shares, outlive the queues the test
+    before deleted (messages would go to no queue)."""
+    assert settings.broker_url is not None
+    with Connection(settings.broker_url, connect_timeout=5) as conn:
+        for queue in task_queues(settings):
+            queue(conn.default_channel).declare()
 
 
 def queue_length(url: str, name: str) -> int:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import time
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from config import Settings
-from jobs import Delivery, Pipeline, Step, StepContext
+from jobs import Delivery, PermanentError, Pipeline, Step, StepContext
 from jobs.provider import ProviderClient
 from ledger import JSON
 
@@ -79,4 +81,33 @@ toy_slow: Pipeline[None] = Pipeline(
     name="toy-slow",
     steps=[Step("nap", nap, key="toy-slow:{name}:nap")],
     resources=lambda _settings: None,
+)
+
+
+class Word(BaseModel):
+    """The input of `toy-typed`: a word, and how many times to count it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    word: str = Field(min_length=1, max_length=100)
+    times: int = Field(default=1, gt=0)
+
+
+def count(ctx: StepContext[None]) -> JSON:
+    """A pure step over a typed input; a word starting with `refused` fails for good (a dead
+    letter of a pipeline of one's own)."""
+    word, times = ctx.context["word"], ctx.context["times"]
+    assert isinstance(word, str)
+    assert isinstance(times, int)
+    if word.startswith("refused"):
+        raise PermanentError(f"{word!r} is refused")
+    return {"letters": len(word) * times}
+
+
+#: A pipeline whose input is a pydantic model (`jobs.enqueue`, `enqueue --pipeline`).
+toy_typed: Pipeline[None] = Pipeline(
+    name="toy-typed",
+    steps=[Step("count", count, key="toy-typed:{word}:count")],
+    resources=lambda _settings: None,
+    input=Word,
 )

@@ -18,6 +18,7 @@ from jobs.cli import runs as run_commands
 from jobs.cli.support import (
     BadInput,
     JsonFlag,
+    declared_pipeline,
     job_store,
     parse_job_id,
     print_json,
@@ -25,7 +26,7 @@ from jobs.cli.support import (
     stdout,
 )
 from jobs.errors import InvalidEvent, JobError
-from ledger import JSON, EventConflict, LedgerError, create_engine, upgrade
+from ledger import JSON, EventConflict, LedgerError, create_engine, upgrade, wait_for_end
 
 cli = typer.Typer(
     name="oncelery",
@@ -50,23 +51,32 @@ def db_upgrade() -> None:
 @cli.command()
 def enqueue(
     source: Annotated[str, typer.Argument(help="A JSON event or JSON Lines file, or - for stdin.")],
+    pipeline: Annotated[
+        str, typer.Option("--pipeline", help="The pipeline whose jobs the events start.")
+    ] = "order-placed",
 ) -> None:
-    """Start one order-placed job per event; prints one job id per line.
+    """Start one job per event (an object with `event_id` and the pipeline's input fields);
+    prints one job id per line.
 
     Every event is validated before any is enqueued. The same event id again prints the same
     job id and enqueues nothing.
     """
-    from jobs.orders import enqueue_orders, parse_event_lines
+    from jobs.engine.enqueue import start_jobs
+    from jobs.events import read_events
     from jobs.worker import CeleryDispatch
 
-    text = _read_source(source)
-    lines = parse_event_lines(text)
     settings = get_settings()
+    found = declared_pipeline(settings, pipeline)
+    events = read_events(found, _read_source(source))
     try:
-        enqueued = enqueue_orders(job_store(settings), CeleryDispatch(), [e for _, e in lines])
+        enqueued = start_jobs(
+            job_store(settings), CeleryDispatch(), found, [event.new_job(found) for event in events]
+        )
     except EventConflict as exc:
         problem = f"event_id: {exc.event_id!r} came before with other content"
-        raise InvalidEvent(f"{problem}; nothing was enqueued", line=lines[exc.index][0]) from None
+        raise InvalidEvent(
+            f"{problem}; nothing was enqueued", line=events[exc.index].line
+        ) from None
     for item in enqueued:
         stdout.print(item.job_id, highlight=False)
         if not item.sent:
@@ -92,6 +102,14 @@ def _read_source(source: str) -> str:
 @cli.command()
 def history(
     job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    wait: Annotated[
+        float | None,
+        typer.Option(
+            "--wait",
+            min=0.0,
+            help="Wait up to this many seconds for the job to end first (exit 1 if it does not).",
+        ),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """A job's state and every step's state, attempts, input, output, error and duration."""
@@ -101,7 +119,10 @@ def history(
     parsed = parse_job_id(job_id)
     settings = get_settings()
     load_pipelines(settings)
-    view = history_view(job_store(settings).history(parsed))
+    store = job_store(settings)
+    if wait is not None and wait_for_end(store, parsed, wait) is None:
+        _fail(1, f"job {parsed} did not end within {wait:g} s")
+    view = history_view(store.history(parsed))
     if as_json:
         print_json(view)
         return

@@ -144,12 +144,13 @@ def dlq_list(
     if as_json:
         print_json({"dead_letters": [letter_view(letter) for letter in letters]})
         return
-    table = Table("id", "job", "step", "reason", "error", "attempts", "last failed", "state")
+    columns = ("id", "job", "pipeline.step", "reason", "error", "attempts", "last failed", "state")
+    table = Table(*columns)
     for letter in letters:
         table.add_row(
             str(letter.id),
             str(letter.job_id),
-            letter.step,
+            f"{letter.pipeline}.{letter.step}",
             str(letter.reason),
             f"{letter.error_type}: {letter.message[:60]}",
             str(letter.attempts),

@@ -14,6 +14,9 @@ import typer
 from rich.console import Console
 
 from config import Settings
+from jobs.engine.runtime import load_pipelines
+from jobs.errors import UnknownPipeline
+from jobs.pipelines import Pipeline, registry
 from ledger import JobStore, create_engine
 
 stdout = Console(soft_wrap=True)
@@ -42,6 +45,22 @@ def print_json(value: object) -> None:
 def job_store(settings: Settings) -> JobStore:
     """The job store on the configured database."""
     return JobStore(engine=create_engine(settings.database_url))
+
+
+def declared_pipeline(settings: Settings, name: str) -> Pipeline[object]:
+    """The pipeline called `name`, after loading the shipped ones and `ONCELERY_PIPELINES`.
+
+    Raises:
+        BadInput: none has that name (the message lists those that exist).
+    """
+    load_pipelines(settings)
+    try:
+        return registry.get(name)
+    except UnknownPipeline as exc:
+        known = ", ".join(sorted(pipeline.name for pipeline in registry))
+        raise BadInput(
+            f"--pipeline: {exc} (declared: {known}; add yours with ONCELERY_PIPELINES)"
+        ) from None
 
 
 def parse_job_id(value: str, *, name: str = "JOB_ID") -> UUID:

@@ -31,6 +31,8 @@ def history_view(history: JobHistory) -> dict[str, JSON]:
         "created_at": _time(job.created_at),
         "updated_at": _time(job.updated_at),
         "finished_at": _time(job.finished_at),
+        # What each step returned, by step name (`jobs.wait`'s callers read it here).
+        "results": dict(job.results),
         "steps": steps,
     }
 

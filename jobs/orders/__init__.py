@@ -9,6 +9,8 @@ from config import Settings
 from jobs.engine.dispatch import Dispatch
 from jobs.engine.enqueue import Enqueued, start_jobs
 from jobs.orders.event import (
+    ORDER_PLACED,
+    Order,
     OrderItem,
     OrderPlaced,
     describe_validation_error,
@@ -21,6 +23,7 @@ from jobs.provider import ProviderClient
 from ledger import JobStore, NewJob
 
 __all__ = [
+    "Order",
     "OrderItem",
     "OrderPlaced",
     "describe_validation_error",
@@ -38,13 +41,14 @@ def _provider(settings: Settings) -> ProviderClient:
 
 #: The flagship pipeline.
 order_placed: Pipeline[ProviderClient] = Pipeline(
-    name="order-placed",
+    name=ORDER_PLACED,
     steps=[
         Step("gather", gather, key="order:{order_id}:gather", delivery=Delivery.READ_ONLY),
         Step("act", charge, key="order:{order_id}:charge", effect="charge"),
         Step("publish", notify, key="order:{order_id}:notify", effect="notification"),
     ],
     resources=_provider,
+    input=Order,
 )
 
 

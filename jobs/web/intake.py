@@ -1,4 +1,4 @@
-"""The HTTP intake (`oncelery api`): the signed order-placed webhook, the read API, health and
+"""The HTTP intake (`oncelery api`): the signed webhook of every pipeline, the read API, health and
 Prometheus metrics. Errors are JSON; the webhook answers 4xx to bad input, never 5xx."""
 
 from __future__ import annotations
@@ -16,21 +16,20 @@ from uuid import UUID
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
 from sqlalchemy.engine import Engine
 
 from config import Settings
 from jobs.engine.enqueue import OutboxRelay
 from jobs.engine.runtime import Runtime, load_pipelines
+from jobs.errors import InvalidEvent, UnknownPipeline
+from jobs.events import Event, read_event
 from jobs.ops import health
 from jobs.ops.dead_letters import DeadLetterDesk, letter_view
 from jobs.ops.health import Probe
 from jobs.ops.history import history_view
 from jobs.ops.metrics import render_metrics
 from jobs.ops.signatures import sign
-from jobs.orders import OrderPlaced, describe_validation_error, order_job
-from jobs.orders import order_placed as order_pipeline
-from jobs.pipelines import registry
+from jobs.pipelines import Pipeline, registry
 from jobs.web import pages
 from jobs.web.http import (
     ApiError,
@@ -119,11 +118,13 @@ def _routes() -> APIRouter:
     router = APIRouter()
     authorized = [Depends(require_token)]
 
-    @router.post("/webhooks/order-placed")
-    async def order_placed(request: Request, intake: IntakeDep) -> JSONResponse:
+    @router.post("/webhooks/{pipeline}")
+    async def webhook(pipeline: str, request: Request, intake: IntakeDep) -> JSONResponse:
         body = await _read_body(request)
+        # Signed first: who cannot sign learns nothing, not even which pipelines exist.
         verify_signature(intake.settings, request.headers, body)
-        job = order_job(parse_order(body))
+        found = declared_pipeline(pipeline)
+        job = parse_event(found, body).new_job(found)
         try:
             job_id, created = await intake.writer.create(job)
         except EventConflict as conflict:
@@ -135,9 +136,9 @@ def _routes() -> APIRouter:
                 event_id=conflict.event_id,
             ) from None
         # A 202 means the job is in Postgres: its row is the outbox, and the relay thread hands
-        # it to the broker, so a broker outage delays orders but never loses them.
+        # it to the broker, so a broker outage delays jobs but never loses them.
         if created:
-            intake.relay.accepted(order_pipeline.name, job_id)
+            intake.relay.accepted(found.name, job_id)
         return JSONResponse({"job_id": str(job_id)}, status_code=202 if created else 200)
 
     @router.get("/healthz")
@@ -159,9 +160,12 @@ def _routes() -> APIRouter:
     def list_jobs(
         intake: IntakeDep,
         state: JobState | None = None,
+        pipeline: str | None = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     ) -> JSONResponse:
-        jobs = intake.runtime.store.list_jobs(state=state, limit=limit)
+        if pipeline is not None:
+            declared_pipeline(pipeline)
+        jobs = intake.runtime.store.list_jobs(state=state, limit=limit, pipeline=pipeline)
         return JSONResponse({"jobs": [job_summary(job) for job in jobs]})
 
     @router.get("/dead-letters", dependencies=authorized)
@@ -258,7 +262,19 @@ def verify_signature(
         raise ApiError(401, "unauthorized", "X-Oncelery-Signature does not match the body")
 
 
-def parse_order(body: bytes) -> OrderPlaced:
+def declared_pipeline(name: str) -> Pipeline[object]:
+    """The pipeline a webhook's path (or a query) names.
+
+    Raises:
+        ApiError: 404 naming it, when no pipeline has that name.
+    """
+    try:
+        return registry.get(name)
+    except UnknownPipeline as exc:
+        raise ApiError(404, "unknown_pipeline", str(exc), pipeline=name) from None
+
+
+def parse_event(pipeline: Pipeline[object], body: bytes) -> Event:
     """The webhook's event, validated like the CLI's.
 
     Raises:
@@ -271,22 +287,10 @@ def parse_order(body: bytes) -> OrderPlaced:
     if not isinstance(value, dict):
         raise ApiError(422, "invalid_body", "the body must be a JSON object")
     try:
-        return OrderPlaced.model_validate(value)
-    except ValidationError as exc:
-        fields = [
-            {
-                "field": _field(error["loc"]),
-                "message": error["msg"] if error["type"] != "extra_forbidden" else "unknown field",
-            }
-            for error in exc.errors()
-        ]
-        raise ApiError(422, "invalid_body", describe_validation_error(exc), fields=fields) from None
-
-
-def _field(location: tuple[int | str, ...]) -> str:
-    return "".join(
-        f"[{part}]" if isinstance(part, int) else f".{part}" for part in location
-    ).lstrip(".")
+        return read_event(pipeline, value)
+    except InvalidEvent as exc:
+        fields = list(exc.fields) or [{"field": "", "message": exc.problem}]
+        raise ApiError(422, "invalid_body", exc.problem, fields=fields) from None
 
 
 def intake_engine(settings: Settings) -> Engine:

@@ -25,6 +25,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from config import Settings
 from jobs.ops.dead_letters import DeadLetterDesk, ReplayResult, letter_view
 from jobs.ops.history import history_view
+from jobs.pipelines import registry
 from jobs.web.charts import throughput_charts
 from jobs.web.http import Intake, IntakeDep, cookie_secure, get_intake
 from ledger import (
@@ -273,17 +274,24 @@ def jobs_page(
     session: SessionDep,
     intake: IntakeDep,
     state: str = "",
+    pipeline: str = "",
     order_id: str = "",
     limit: Annotated[int, Query(ge=1, le=MAX_ROWS)] = 50,
 ) -> HTMLResponse:
-    """Recent jobs, newest first, filtered by state and searched by order id."""
+    """Recent jobs, newest first, filtered by state and pipeline and searched by order id."""
     try:
         wanted = JobState(state) if state else None
     except ValueError:
         raise PageError(400, f"there is no job state {state!r}") from None
-    order_id = order_id.strip()
-    jobs = intake.runtime.store.list_jobs(state=wanted, limit=limit, order_id=order_id or None)
-    return render("jobs.html", session, "Jobs", jobs=jobs, state=state, order_id=order_id)
+    if pipeline and pipeline not in registry:
+        raise PageError(404, f"there is no pipeline {pipeline!r}")
+    order_id, store = order_id.strip(), intake.runtime.store
+    jobs = store.list_jobs(
+        state=wanted, limit=limit, pipeline=pipeline or None, order_id=order_id or None
+    )
+    names = sorted(declared.name for declared in registry)
+    filters = {"state": state, "pipeline": pipeline, "order_id": order_id}
+    return render("jobs.html", session, "Jobs", jobs=jobs, pipelines=names, filters=filters)
 
 
 @router.get("/ui/jobs/{job_id}")

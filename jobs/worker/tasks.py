@@ -13,6 +13,7 @@ from celery import Task
 from celery.signals import beat_init
 
 from config import SWEEP_TASK, get_settings
+from jobs.engine.outbox import relay_forever
 from jobs.engine.step_messages import task_name
 from jobs.engine.sweeper import SweepReport, sweep
 from jobs.pipelines import Pipeline, registry
@@ -65,6 +66,14 @@ def _sweep_from_beat(**_: Any) -> None:
     # In beat's own process, on a thread of its own: no worker pool, busy with the messages a
     # sweep must re-drive, stands between the schedule and the sweep.
     threading.Thread(target=_sweep_forever, name="oncelery-sweeper", daemon=True).start()
+    # And the outbox of callers' transactions (`jobs.enqueue(…, connection=…)`), sent moments
+    # after they commit rather than at the next sweep.
+    threading.Thread(target=_relay_forever, name="oncelery-relay", daemon=True).start()
+
+
+def _relay_forever() -> None:
+    """Relay the outbox for as long as beat runs (see `jobs.engine.outbox`)."""
+    relay_forever(runtime(), CeleryDispatch(), threading.Event())
 
 
 def _sweep_forever() -> None:

@@ -52,6 +52,17 @@ def insert_jobs(dialect_name: str, dispatched: bool) -> Any:
     )
 
 
+def mark_awaited(job_id: UUID) -> sa.Update:
+    """Note that someone waits for a job's end (its end is then announced); returns its
+    state. `updated_at` is left alone: waiting is no progress."""
+    return sa.update(jobs).where(jobs.c.id == job_id).values(awaited=True).returning(jobs.c.state)
+
+
+def announce(channel: str, payload: str) -> sa.Select[Any]:
+    """Postgres only: NOTIFY a channel, heard when (and if) the transaction commits."""
+    return sa.select(sa.func.pg_notify(channel, payload))
+
+
 def select_job_ids(pipeline: str, event_ids: Sequence[str]) -> sa.Select[Any]:
     """The job ids of the given events of one pipeline, with their content's fingerprint."""
     return sa.select(jobs.c.id, jobs.c.event_id, jobs.c.fingerprint).where(

@@ -255,6 +255,21 @@ def take_undispatched(dialect_name: str, older_than: float, limit: int) -> sa.Up
     )
 
 
+def take_announced(job_ids: Sequence[UUID]) -> sa.Update:
+    """Take the given jobs if they are still in the outbox (another relay may have sent
+    them), marking them dispatched; returns their first step to send."""
+    return (
+        sa.update(jobs)
+        .where(
+            jobs.c.id.in_(list(job_ids)),
+            jobs.c.dispatched_at.is_(None),
+            jobs.c.state == str(JobState.PENDING),
+        )
+        .values(dispatched_at=db.utcnow())
+        .returning(jobs.c.id, jobs.c.pipeline, jobs.c.current_step, jobs.c.state)
+    )
+
+
 def undo_dispatched(job_ids: Sequence[UUID]) -> sa.Update:
     """Put jobs back in the outbox: their send failed after all."""
     return sa.update(jobs).where(jobs.c.id.in_(list(job_ids))).values(dispatched_at=None)

@@ -78,6 +78,16 @@ class System:
         self.started.append(beat)
         return beat
 
+    def start_api(self, **env: str) -> str:
+        """Start `oncelery api` with `env` (its `API_TOKEN`, say); returns its base URL."""
+        port = processes.free_port()
+        argv = [sys.executable, "-m", "jobs", "api", "--port", str(port)]
+        api = processes.start("api", argv, env={**self.env, **env}, log_dir=self.log_dir)
+        self.started.append(api)
+        base = f"http://127.0.0.1:{port}"
+        processes.wait_until_answers(f"{base}/healthz", process=api)
+        return base
+
     def wait_finished(
         self, event_prefix: str, count: int, *, timeout: float = 180.0
     ) -> dict[JobState, int]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,6 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from jobs.tools import processes
 from ledger import JobState
 from tests.conftest import REPO_ROOT, unavailable
 from tests.factories import order_event
@@ -56,14 +54,7 @@ def browser() -> Iterator[Browser]:
 
 def start_api(system: System) -> str:
     """Start `oncelery api` with a token for this system; returns its base URL."""
-    port = processes.free_port()
-    argv = [sys.executable, "-m", "jobs", "api", "--port", str(port)]
-    env = {**system.env, "API_TOKEN": TOKEN, "WEBHOOK_SECRET": "pages-test-secret"}
-    api = processes.start("api", argv, env=env, log_dir=system.log_dir)
-    system.started.append(api)
-    base = f"http://127.0.0.1:{port}"
-    processes.wait_until_answers(f"{base}/healthz", process=api)
-    return base
+    return system.start_api(API_TOKEN=TOKEN, WEBHOOK_SECRET="pages-test-secret")
 
 
 def orders_with_one_dead_letter(system: System, prefix: str) -> str:

@@ -14,7 +14,16 @@ import jobs
 
 #: Each part of `jobs`, lowest first: a module may import its own part and those below it.
 LAYERS: tuple[frozenset[str], ...] = (
-    frozenset({"jobs.errors", "jobs.retry", "jobs.pipelines", "jobs.outside", "jobs.provider"}),
+    frozenset(
+        {
+            "jobs.errors",
+            "jobs.retry",
+            "jobs.pipelines",
+            "jobs.events",
+            "jobs.outside",
+            "jobs.provider",
+        }
+    ),
     frozenset({"jobs.engine"}),
     frozenset({"jobs.orders", "jobs.sandbox"}),
     frozenset({"jobs.worker"}),
@@ -22,8 +31,9 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"jobs.tools"}),
     frozenset({"jobs.web"}),
     frozenset({"jobs.cli"}),
-    # The facade: the package itself re-exports the public API, and `python -m jobs`.
-    frozenset({"jobs", "jobs.__main__"}),
+    # The facade: the package itself re-exports the public API, and `python -m jobs`; the
+    # client (`enqueue`, `wait`) publishes through the worker and reads history through ops.
+    frozenset({"jobs", "jobs.__main__", "jobs.client"}),
 )
 
 JOBS = Path(jobs.__file__).parent

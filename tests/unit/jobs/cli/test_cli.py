@@ -53,6 +53,8 @@ _TWICE = order_event()
 _CHANGED = json.dumps({**_TWICE, "currency": "USD"})
 _BAD_QUANTITY = json.dumps(order_event(items=[{"sku": "SKU-1", "quantity": "2"}]))
 
+_TOYS = (("ONCELERY_PIPELINES", "tests.toy_pipeline"),)
+
 #: Every run, started together (each costs a Python start-up; in parallel the suite stays fast).
 CASES = {
     "bad-line-3": Case(
@@ -80,6 +82,20 @@ CASES = {
     "unknown-command": Case(("no-such-command",)),
     "demo-zero-orders": Case(("demo", "--orders", "0")),
     "deep-json": Case(("enqueue", "{file}"), file_text="[" * 100_000),
+    "unknown-pipeline": Case(("enqueue", "--pipeline", "nope", "-"), stdin=_GOOD),
+    "typed-bad-field": Case(
+        ("enqueue", "--pipeline", "toy-typed", "{file}"),
+        file_text='{"event_id": "w1", "word": "hi"}\n'
+        '{"event_id": "w2", "word": "x", "colour": 1}\n',
+        env=_TOYS,
+        migrated=True,
+    ),
+    "typed-conflict": Case(
+        ("enqueue", "--pipeline", "toy-typed", "-"),
+        stdin='{"event_id": "w1", "word": "hi"}\n{"event_id": "w1", "word": "ho"}\n',
+        env=_TOYS,
+        migrated=True,
+    ),
 }
 
 
@@ -225,3 +241,24 @@ def test_demo_of_zero_orders_is_refused(runs: dict[str, Ran]) -> None:
 
 def test_enqueue_of_deeply_nested_json_is_bad_input(runs: dict[str, Ran]) -> None:
     assert_bad_input(runs["deep-json"])
+
+
+def test_enqueue_names_a_pipeline_that_does_not_exist(runs: dict[str, Ran]) -> None:
+    line = assert_bad_input(runs["unknown-pipeline"], "--pipeline", "'nope'", "order-placed")
+
+    assert "ONCELERY_PIPELINES" in line
+
+
+def test_enqueue_validates_any_pipeline_by_its_input_model(runs: dict[str, Ran]) -> None:
+    ran = runs["typed-bad-field"]
+
+    line = assert_bad_input(ran)
+    assert line == "error: line 2: colour: unknown field"
+    assert _jobs_in(ran.data_dir / "ledger.sqlite3") == 0
+
+
+def test_enqueue_refuses_a_conflict_in_any_pipeline(runs: dict[str, Ran]) -> None:
+    ran = runs["typed-conflict"]
+
+    assert_bad_input(ran, "line 2", "event_id", "'w1'", "other content", "nothing")
+    assert _jobs_in(ran.data_dir / "ledger.sqlite3") == 0

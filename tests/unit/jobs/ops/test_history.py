@@ -151,6 +151,10 @@ def test_the_job_part(history: JobHistory) -> None:
         "created_at": "2026-03-01T12:00:00+00:00",
         "updated_at": "2026-03-01T12:00:10+00:00",
         "finished_at": None,
+        "results": {
+            "gather": {"customer": {"id": "c1"}, "total": 700},
+            "act": {"charge_id": "ch_1"},
+        },
     }
 
 
