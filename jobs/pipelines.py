@@ -9,7 +9,7 @@ import json
 import string
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import ClassVar, Generic, TypeVar
 
 from config import Settings
 from jobs.errors import UnknownPipeline
@@ -123,6 +123,9 @@ class Pipeline(Generic[R]):
     steps: Sequence[Step[R]]
     resources: Callable[[Settings], R]
     _by_name: dict[str, Step[R]] = field(init=False, repr=False, compare=False)
+    #: Whether declaring one adds it to `registry` (whose tasks `jobs.app` binds); the
+    #: pipeline of a decorated Celery task (`jobs.tasks`) runs in its own app instead.
+    registered: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if not self.steps:
@@ -131,7 +134,8 @@ class Pipeline(Generic[R]):
         if len(by_name) != len(self.steps):
             raise ValueError(f"pipeline {self.name!r} has two steps with the same name")
         object.__setattr__(self, "_by_name", by_name)
-        registry.add(self)
+        if self.registered:
+            registry.add(self)
 
     def step(self, name: str) -> Step[R]:
         """The step called `name`."""
