@@ -71,6 +71,19 @@ class System:
         self.started.append(worker)
         return worker
 
+    def start_user_worker(
+        self, name: str, *, concurrency: int = 2, extra_env: dict[str, str] | None = None
+    ) -> processes.ManagedProcess:
+        """Start a worker of the user's own app, `tests.user_app` (decorated tasks)."""
+        env = {**self.env, **(extra_env or {})}
+        queue = env.get("PROJ_QUEUE", "proj")
+        argv = processes.worker_argv(
+            name, concurrency=concurrency, app="tests.user_app", queues=queue
+        )
+        worker = processes.start(name, argv, env=env, log_dir=self.log_dir)
+        self.started.append(worker)
+        return worker
+
     def start_beat(self) -> processes.ManagedProcess:
         """Start `celery -A jobs beat` (the sweeper)."""
         argv = processes.beat_argv(self.data_dir / "beat-schedule")
