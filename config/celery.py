@@ -33,9 +33,9 @@ SWEEP_TASK: Final = "oncelery.sweep"
 BATCH_SIZE_SETTING: Final = "oncelery_batch_size"
 #: How often the embedded file broker looks for new messages, in seconds.
 _FILESYSTEM_POLLING_INTERVAL: Final = 0.05
-#: kombu's file transport, fixed to write each message atomically (a path, so that config
-#: stays free of Celery-side imports).
-EMBEDDED_TRANSPORT: Final = "jobs.worker.embedded_broker:Transport"
+#: The name kombu knows the embedded broker's transport by: kombu's file transport, fixed to
+#: write each message atomically, which `jobs.worker.embedded_broker` registers under it.
+EMBEDDED_TRANSPORT: Final = "oncelery-files"
 
 
 def broker_transport_options(settings: Settings) -> dict[str, object]:

@@ -15,6 +15,8 @@ DB_NAME=oncelery
 DB_USER=oncelery
 DB_PASSWORD=oncelery
 LOG_DIR=${TMPDIR:-/tmp}/oncelery-services
+# One RabbitMQ virtual host per parallel test process (gw0, gw1, … of pytest-xdist).
+TEST_VHOSTS=(oncelery-test-gw0 oncelery-test-gw1 oncelery-test-gw2 oncelery-test-gw3)
 
 say() { printf 'services: %s\n' "$*" >&2; }
 die() {
@@ -224,8 +226,23 @@ ensure_rabbitmq() {
     say "rabbitmq: up on 127.0.0.1:$AMQP_PORT (started)"
 }
 
+# The tests run in parallel processes (pytest-xdist), each on a virtual host of its own.
+ensure_test_vhosts() {
+    is_root || return 0
+    local existing vhost
+    existing=$(rabbitmqctl -q list_vhosts name 2>/dev/null)
+    for vhost in "${TEST_VHOSTS[@]}"; do
+        if ! grep -qx "$vhost" <<<"$existing"; then
+            rabbitmqctl -q add_vhost "$vhost" >/dev/null
+            rabbitmqctl -q set_permissions -p "$vhost" guest ".*" ".*" ".*" >/dev/null
+            say "rabbitmq: virtual host $vhost created for the tests"
+        fi
+    done
+}
+
 install_missing_packages
 ensure_postgres
 ensure_pg_stat_statements
 ensure_redis
 ensure_rabbitmq
+ensure_test_vhosts

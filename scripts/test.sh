@@ -20,4 +20,7 @@ fi
 : "${TEST_REDIS_URL:=redis://127.0.0.1:6379/1}"
 export TEST_DATABASE_URL TEST_AMQP_URL TEST_REDIS_URL
 
-exec python3 -m pytest "$@"
+# Two test processes (pytest-xdist), each with brokers of its own (tests/conftest.py): the
+# system tests mostly wait on their workers, so two at a time fit two cores. Pass `-n 0` to
+# run in one process.
+exec python3 -m pytest -n "${TEST_PROCESSES:-2}" "$@"

@@ -4,10 +4,13 @@ brokers purged before and after, and the environment stripped of oncelery's vari
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -37,8 +40,30 @@ for _name in list(os.environ):
 POSTGRES_URL = os.environ.get(
     "TEST_DATABASE_URL", "postgresql+psycopg://oncelery:oncelery@127.0.0.1:5432/oncelery"
 )
-AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/1")
+#: The pytest-xdist process running this one's tests (`gw0`, `gw1`, …), or None.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+
+
+def _own_broker(amqp: str, redis_url: str) -> tuple[str, str]:
+    """The brokers of this test process: under pytest-xdist each process has a RabbitMQ
+    virtual host (`oncelery-test-gwN`, made by scripts/services.sh) and a Redis database of
+    its own, so that purging one test's queues never empties another's."""
+    if XDIST_WORKER is None:
+        return amqp, redis_url
+    number = int(XDIST_WORKER.removeprefix("gw"))
+    amqp_parts = urlsplit(amqp)
+    redis_parts = urlsplit(redis_url)
+    database = int(redis_parts.path.lstrip("/") or 0) + 1 + number
+    return (
+        amqp_parts._replace(path=f"/oncelery-test-{XDIST_WORKER}").geturl(),
+        redis_parts._replace(path=f"/{database}").geturl(),
+    )
+
+
+AMQP_URL, REDIS_URL = _own_broker(
+    os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//"),
+    os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/1"),
+)
 IN_CI = os.environ.get("CI", "").lower() == "true"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,6 +75,32 @@ def unavailable(service: str, problem: object) -> None:
     if IN_CI:
         pytest.fail(message)
     pytest.skip(message)
+
+
+@pytest.fixture(autouse=True)
+def _services_shared(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Under pytest-xdist, a test marked `disruptive` (it stops or restarts a service every
+    test process shares) runs alone: it waits for the running tests to end, and none starts
+    until it is done."""
+    if XDIST_WORKER is None:
+        yield
+        return
+    with _service_lock(exclusive=request.node.get_closest_marker("disruptive") is not None):
+        yield
+
+
+@contextlib.contextmanager
+def _service_lock(*, exclusive: bool) -> Iterator[None]:
+    # A readers-writer lock over flock(2): every test holds `services` shared, a disruptive
+    # one exclusive. The turnstile keeps tests that keep arriving from starving the latter.
+    folder = Path(tempfile.gettempdir()) / f"oncelery-tests-{os.environ['PYTEST_XDIST_TESTRUNUID']}"
+    folder.mkdir(exist_ok=True)
+    with open(folder / "turnstile", "a") as turnstile, open(folder / "services", "a") as services:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(services, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        if not exclusive:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        yield
 
 
 @pytest.fixture(autouse=True)

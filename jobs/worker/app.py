@@ -9,6 +9,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
 
+import jobs.worker.embedded_broker  # noqa: F401 - registers the embedded transport's name
 from config import Settings, celery_config, get_settings, prepare_broker
 from jobs.engine.runtime import Runtime, load_pipelines
 from jobs.worker.queues import declare_dead_letter_queue

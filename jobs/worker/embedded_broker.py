@@ -11,9 +11,11 @@ from time import monotonic
 from typing import Any
 
 from kombu.exceptions import ChannelError
-from kombu.transport import filesystem
+from kombu.transport import TRANSPORT_ALIASES, filesystem
 from kombu.utils.encoding import bytes_to_str, str_to_bytes
 from kombu.utils.json import dumps, loads
+
+from config import EMBEDDED_TRANSPORT
 
 
 class Channel(filesystem.Channel):
@@ -77,3 +79,8 @@ class Transport(filesystem.Transport):
     """kombu's file-system transport with atomic message files."""
 
     Channel = Channel
+
+
+# kombu resolves a transport's name through its aliases: the config names this one, and every
+# process that builds a Celery app imports `jobs.worker` (hence this module) first.
+TRANSPORT_ALIASES[EMBEDDED_TRANSPORT] = f"{__name__}:Transport"

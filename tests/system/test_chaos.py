@@ -15,7 +15,7 @@ from config import child_environment
 from jobs.tools import processes
 from tests.conftest import REPO_ROOT
 
-pytestmark = [pytest.mark.system, pytest.mark.chaos]
+pytestmark = [pytest.mark.system, pytest.mark.chaos, pytest.mark.disruptive]
 
 #: Orders per run: enough for every kind of fault to land mid-run (the closing notes of the
 #: issues report longer runs, `oncelery chaos --orders 10000`).

@@ -32,6 +32,8 @@ def relay_refused(log: str) -> int:
     return sum(int(count) for count in re.findall(r"send of (\d+) jobs failed", log))
 
 
+# It stops RabbitMQ itself, under every test process's feet.
+@pytest.mark.disruptive
 def test_orders_accepted_while_the_broker_is_down_are_done_when_it_is_back(
     postgres_url: str, amqp_url: str, system_factory: SystemFactory
 ) -> None:
