@@ -170,6 +170,13 @@ class JobStore:
                 found.extend((row["pipeline"], entry_from_row(row)) for row in rows)
         return found
 
+    def effects_in_context(self, *, pipeline_prefix: str) -> dict[str, str]:
+        """Each pipeline named with `pipeline_prefix` whose jobs keep the kind of effect they
+        apply in their context (`effect`), with that kind (for the audit)."""
+        query = queries.select_effects_in_context(pipeline_prefix)
+        with db.single_statement(self.engine) as conn:
+            return {row.pipeline: row.effect for row in conn.execute(query)}
+
     def cancel(self, job_id: UUID, *, by: str, reason: str | None = None) -> Job:
         """Cancel a pending or running job: no further step will be claimed. A step already
         acting finishes and is recorded (its effect is real), but the job does not move on.
@@ -233,8 +240,7 @@ class JobStore:
         """Take unfinished jobs (of `pipelines`, when given) whose current step's owner died
         (its lease expired while the key was `started`) and that nobody sent again since — or
         not for `again_after` seconds, and still nobody claimed it — for the sweeper to send
-        at once; each is marked touched and its history says so. Concurrent sweepers get
-        disjoint batches."""
+        at once; each is marked touched and its history says so (disjoint per sweeper)."""
         with db.transaction(self.engine) as conn:
             statement = queries.take_abandoned_jobs(
                 conn.dialect.name, limit, again_after, pipelines

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from jobs.tasks.calls import PIPELINE_PREFIX, STEP, is_task_pipeline
 from jobs.tasks.decorator import exactly_once
+from jobs.tasks.messages import resend
+from jobs.tasks.publishing import keep_call
 from jobs.tasks.running import idempotency_key
 from jobs.tasks.worker import check_settings
 
-# `jobs.tasks.worker` connects the worker signals that check settings and sweep the calls.
+# `jobs.tasks.publishing` connects the signal that keeps a call's message before its publish;
+# `jobs.tasks.worker` those that check a worker's settings and sweep the calls.
 
 __all__ = [
     "PIPELINE_PREFIX",
@@ -17,4 +20,6 @@ __all__ = [
     "exactly_once",
     "idempotency_key",
     "is_task_pipeline",
+    "keep_call",
+    "resend",
 ]

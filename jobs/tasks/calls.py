@@ -121,12 +121,15 @@ def template_fields(template: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Call:
-    """One call of a decorated task: its arguments by name, its key and its fingerprint."""
+    """One call of a decorated task: its arguments by name, its key and its fingerprint; its
+    delivery and the kind of effect it applies (for dead letters and the audit)."""
 
     task: str
     arguments: dict[str, JSON]
     key: str
     fingerprint: str
+    delivery: Delivery = Delivery.EXACTLY_ONCE
+    effect: str | None = None
 
     @classmethod
     def bind(
@@ -160,7 +163,8 @@ class Call:
                 f"{task}: key template {spec.template!r} needs {exc} in {sorted(flat)}"
             ) from None
         pipeline = PIPELINE_PREFIX + task
-        return cls(task, arguments, key, fingerprint(pipeline, {"arguments": arguments}))
+        digest = fingerprint(pipeline, {"arguments": arguments})
+        return cls(task, arguments, key, digest, spec.delivery, spec.effect)
 
     @property
     def pipeline(self) -> str:
@@ -183,6 +187,8 @@ class Call:
             "task": self.task,
             "key": self.key,
             "arguments": self.arguments,
+            "delivery": str(self.delivery),
+            "effect": self.effect,
             "message": dict(message),
         }
         return NewJob(

@@ -25,6 +25,7 @@ from jobs.engine.runtime import Runtime
 from jobs.errors import CallDeadLettered, NotInCall
 from jobs.pipelines import StepContext
 from jobs.tasks.calls import STEP, Call, CallSpec, TaskPipeline, task_pipeline
+from jobs.tasks.messages import request_message
 from ledger import JSON, DatabaseUnavailable, DeadLetterState, DeadLetterStore, Job, JobState
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,16 @@ LATE_LIMIT_DELAY: Final = 1.0
 _runtime: Runtime | None = None
 _runtime_lock = threading.Lock()
 _pipelines: dict[str, TaskPipeline] = {}
+
+
+def _after_fork_in_child() -> None:
+    # A fork while another thread (the calls' sweeper) held the lock would leave the child's
+    # copy locked for ever; the child builds its own runtime anyway.
+    global _runtime_lock  # noqa: PLW0603
+    _runtime_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def runtime() -> Runtime:
@@ -142,20 +153,6 @@ class CallDispatch:
         raise self.task.retry(countdown=delay, max_retries=sys.maxsize)
 
 
-def kept_message(task: Task[Any, Any]) -> dict[str, JSON]:
-    """What re-sends the running call: its signature as Celery's own retry builds it (name,
-    arguments, task id, the canvas still to come — chain, callbacks, group, chord — and the
-    queue it came on), as JSON."""
-    signature = task.signature_from_request()
-    kept: dict[str, JSON] = json.loads(json.dumps(dict(signature), default=str))
-    options = kept.get("options")
-    if isinstance(options, dict):
-        # Delivery details of this copy, not of the call.
-        for name in ("redelivered", "retries", "countdown", "eta"):
-            options.pop(name, None)
-    return kept
-
-
 def run_call(task: Task[Any, Any], spec: CallSpec, call: Call, body: Callable[[], Any]) -> JSON:
     """Run one call: its recorded result, from this run or an earlier one.
 
@@ -186,7 +183,8 @@ def _run_call(
     dispatch: CallDispatch,
 ) -> JSON:
     pipeline = pipeline_for(task.name, spec)
-    [(job_id, created)] = rt.store.create_jobs([call.new_job(kept_message(task))], dispatched=True)
+    new_job = call.new_job(request_message(task))
+    [(job_id, created)] = rt.store.create_jobs([new_job], dispatched=True)
     if not created:
         job = rt.store.get_job(job_id)
         if job.state is not JobState.PENDING and job.state is not JobState.RUNNING:

@@ -1,26 +1,32 @@
 """The calls' sweeper: in each worker of an app with decorated tasks, a thread re-sends, through
 that app, the message kept with a call whose owner died (its lease expired unrecorded) or
-that made no progress (a lost retry); the ledger absorbs whatever the broker also redelivers."""
+that made no progress (a message lost), waiting out the app's backlog first, as the engine's
+sweeper does; the ledger absorbs whatever the broker also redelivers."""
 
 from __future__ import annotations
 
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, Final
 
 from celery import Celery, Task
+from kombu import Queue
 
 from jobs.engine.runtime import Runtime
-from jobs.engine.sweeper import ABANDONED_AGAIN_AFTER_LEASES
+from jobs.engine.sweeper import ABANDONED_AGAIN_AFTER_LEASES, MAX_BACKLOG_WAIT, backlog_wait
 from jobs.tasks.calls import PIPELINE_PREFIX, CallSpec
 from jobs.tasks.decorator import SPEC_ATTRIBUTE
-from ledger import JSON, JobToSend
+from jobs.tasks.messages import resend
+from ledger import JobToSend
 
 logger = logging.getLogger(__name__)
 
 #: Jobs taken per statement.
 _BATCH: Final = 200
+#: Seconds to wait for the broker before calling the queues' depth unknown.
+_TIMEOUT: Final = 3
 
 
 def decorated_tasks(app: Celery) -> dict[str, CallSpec]:
@@ -33,36 +39,62 @@ def decorated_tasks(app: Celery) -> dict[str, CallSpec]:
     return found
 
 
-def resend(app: Celery, message: JSON) -> None:
-    """Publish a kept message through `app` (its broker, its routes): the call with its
-    task id and the canvas that follows it."""
-    if not isinstance(message, dict):
-        raise TypeError(f"not a kept message: {message!r}")
-    app.signature(message).apply_async()
+def queued_calls(app: Celery) -> int | None:
+    """Messages waiting in the queues the app's workers consume (its default queue unless
+    told otherwise); None when the broker cannot say."""
+    names = list(app.amqp.queues.consume_from or [app.conf.task_default_queue])
+    total = 0
+    try:
+        with app.connection_for_read() as conn:
+            conn.ensure_connection(max_retries=1, timeout=_TIMEOUT)
+            for name in names:
+                # A fresh channel each time: RabbitMQ closes the channel of a failed passive
+                # declare (a queue nobody declared yet).
+                try:
+                    declared = Queue(name, channel=conn.channel()).queue_declare(passive=True)
+                except conn.channel_errors:
+                    continue
+                # py-amqp and kombu's virtual transports answer (queue, messages, consumers);
+                # another answer is an error below: the depth is unknown.
+                total += int(declared[1])  # type: ignore[index]
+    except Exception:  # noqa: BLE001 - whatever the transport raises, the depth is unknown
+        return None
+    return total
 
 
-def sweep_calls(rt: Runtime, app: Celery, *, stalled_after: float | None = None) -> list[str]:
+def sweep_calls(
+    rt: Runtime,
+    app: Celery,
+    *,
+    stalled_after: float | None = None,
+    queued: Callable[[], int | None] = lambda: 0,
+) -> list[str]:
     """Re-send, through `app`, the calls of its decorated tasks whose owner died (at once) or
-    that made no progress for `stalled_after` seconds (the settings' by default); the job
-    ids sent. Safe in several workers at once (the takes lock with SKIP LOCKED)."""
+    that made no progress for `stalled_after` seconds (the settings' by default) plus the
+    time the `queued()` messages need to drain (see `jobs.engine.sweeper`); the job ids
+    sent. Safe in several workers at once (the takes lock with SKIP LOCKED)."""
     pipelines = [PIPELINE_PREFIX + name for name in decorated_tasks(app)]
     if not pipelines:
         return []
     store, settings = rt.store, rt.settings
     again = ABANDONED_AGAIN_AFTER_LEASES * settings.step_lease
-    stalled = settings.stalled_after if stalled_after is None else stalled_after
-    takes: list[Callable[[], list[JobToSend]]] = [
-        lambda: store.take_abandoned(again_after=again, limit=_BATCH, pipelines=pipelines),
-        lambda: store.take_stalled(stalled_after=stalled, limit=_BATCH, pipelines=pipelines),
-    ]
+    sent = _take_all(
+        rt, app, lambda: store.take_abandoned(again_after=again, limit=_BATCH, pipelines=pipelines)
+    )
+    base = settings.stalled_after if stalled_after is None else stalled_after
+    depth = queued()
+    stalled = base + (MAX_BACKLOG_WAIT if depth is None else backlog_wait(rt, depth, base))
+    stalled_calls = partial(store.take_stalled, stalled_after=stalled, pipelines=pipelines)
+    return sent + _take_all(rt, app, lambda: stalled_calls(limit=_BATCH))
+
+
+def _take_all(rt: Runtime, app: Celery, take: Callable[[], list[JobToSend]]) -> list[str]:
     sent: list[str] = []
-    for take in takes:
-        while True:
-            taken = take()
-            sent.extend(_resend_all(rt, app, taken))
-            if len(taken) < _BATCH:
-                break
-    return sent
+    while True:
+        taken = take()
+        sent.extend(_resend_all(rt, app, taken))
+        if len(taken) < _BATCH:
+            return sent
 
 
 def _resend_all(rt: Runtime, app: Celery, taken: Sequence[JobToSend]) -> list[str]:
@@ -85,10 +117,11 @@ def _resend_all(rt: Runtime, app: Celery, taken: Sequence[JobToSend]) -> list[st
 
 class CallSweeper:
     """Sweeps an app's calls every `interval` seconds from a thread of the worker's main
-    process (none of its pool's children, busy with the messages it may re-send)."""
+    process (none of its pool's children, busy with the messages it may re-send), on a
+    runtime of its own, built by `build` in that thread."""
 
-    def __init__(self, app: Celery, runtime: Callable[[], Runtime], *, interval: float) -> None:
-        self.app, self.runtime, self.interval = app, runtime, interval
+    def __init__(self, app: Celery, build: Callable[[], Runtime], *, interval: float) -> None:
+        self.app, self.build, self.interval = app, build, interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="oncelery-calls", daemon=True)
 
@@ -99,14 +132,18 @@ class CallSweeper:
         self._stop.set()
 
     def _run(self) -> None:
+        rt: Runtime | None = None
         while not self._stop.wait(self.interval):
             try:
-                sent = sweep_calls(self.runtime(), self.app)
+                rt = rt or self.build()
+                sent = sweep_calls(rt, self.app, queued=lambda: queued_calls(self.app))
             except Exception:
                 logger.exception("sweep of calls failed", extra={"action": "sweep_failed"})
                 continue
             if sent:
                 logger.info("re-sent %d calls", len(sent), extra={"action": "swept"})
+        if rt is not None:
+            rt.close()
 
 
 def is_decorated(task: Task[Any, Any]) -> bool:

@@ -11,7 +11,8 @@ from celery import Celery
 from celery.signals import worker_process_shutdown, worker_ready, worker_shutdown
 
 from config import get_settings
-from jobs.tasks.running import close_runtime, runtime
+from jobs.engine.runtime import Runtime
+from jobs.tasks.running import close_runtime
 from jobs.tasks.sweeper import CallSweeper, decorated_tasks
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,10 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
         return
     for problem in check_settings(app):
         logger.warning("oncelery: %s", problem, extra={"action": "settings_check"})
-    sweeper = CallSweeper(app, runtime, interval=get_settings().sweep_interval)
+    settings = get_settings()
+    sweeper = CallSweeper(
+        app, lambda: Runtime.from_settings(settings), interval=settings.sweep_interval
+    )
     _sweepers.append(sweeper)
     sweeper.start()
 

@@ -29,6 +29,7 @@ from ledger.queries.dead_letters import (
     settle_entry,
 )
 from ledger.queries.entries import (
+    select_effects_in_context,
     select_entries_for_job,
     select_entries_of_steps,
     select_entry,
@@ -137,6 +138,7 @@ __all__ = [
     "reset_entry",
     "select_contexts",
     "select_dead_letters",
+    "select_effects_in_context",
     "select_entries_for_job",
     "select_entries_of_steps",
     "select_entry",

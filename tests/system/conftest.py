@@ -71,14 +71,13 @@ class System:
         self.started.append(worker)
         return worker
 
-    def start_user_worker(
+    def start_shop_worker(
         self, name: str, *, concurrency: int = 2, extra_env: dict[str, str] | None = None
     ) -> processes.ManagedProcess:
-        """Start a worker of the user's own app, `tests.user_app` (decorated tasks)."""
+        """Start a worker of a user's own app with decorated tasks, `jobs.tools.shop`."""
         env = {**self.env, **(extra_env or {})}
-        queue = env.get("PROJ_QUEUE", "proj")
         argv = processes.worker_argv(
-            name, concurrency=concurrency, app="tests.user_app", queues=queue
+            name, concurrency=concurrency, app="jobs.tools.shop", queues="shop"
         )
         worker = processes.start(name, argv, env=env, log_dir=self.log_dir)
         self.started.append(worker)

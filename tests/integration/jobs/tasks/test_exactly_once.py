@@ -1,4 +1,4 @@
-"""`exactly_once` on the user's own Celery app (tests/user_app.py), its calls run in this
+"""`exactly_once` on the user's own Celery app (`jobs.tools.shop`), its calls run in this
 process (`Task.apply`) on the real Postgres and a real sandbox, counted at the sandbox."""
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ from jobs import Delivery, exactly_once
 from jobs.errors import CallDeadLettered, NotInCall
 from jobs.tasks import idempotency_key
 from jobs.tasks.running import close_runtime
-from jobs.tools import processes
+from jobs.tools import processes, shop
 from ledger import DeadLetterReason, DeadLetterStore, JobState, JobStore, create_engine, upgrade
-from tests import user_app
 
 
 @pytest.fixture
@@ -67,23 +66,23 @@ def test_a_repeat_returns_the_recorded_value_without_running_the_body(
 ) -> None:
     reservation = {"order_id": "o-1", "customer_id": "c-1", "amount": 1200}
 
-    first = run(user_app.charge, reservation)
-    again = run(user_app.charge, reservation)
+    first = run(shop.charge, reservation)
+    again = run(shop.charge, reservation)
 
     assert again == first
     assert first["charge_id"]
     assert requests_with_key(sandbox, "charge:o-1") == 1
-    jobs = JobStore(engine=ledger_engine).list_jobs(pipeline="task:tests.user_app.charge")
+    jobs = JobStore(engine=ledger_engine).list_jobs(pipeline="task:shop.charge")
     assert [(job.state, job.results["call"]) for job in jobs] == [(JobState.SUCCEEDED, first)]
 
 
 def test_the_same_key_with_other_arguments_is_dead_lettered_not_adopted(
     sandbox: str, ledger_engine: sa.Engine
 ) -> None:
-    run(user_app.charge, {"order_id": "o-2", "customer_id": "c-2", "amount": 100})
+    run(shop.charge, {"order_id": "o-2", "customer_id": "c-2", "amount": 100})
 
     with pytest.raises(CallDeadLettered, match="fingerprint_mismatch"):
-        run(user_app.charge, {"order_id": "o-2", "customer_id": "c-2", "amount": 999})
+        run(shop.charge, {"order_id": "o-2", "customer_id": "c-2", "amount": 999})
 
     assert requests_with_key(sandbox, "charge:o-2") == 1
     [letter] = DeadLetterStore(engine=ledger_engine).list()
@@ -94,9 +93,9 @@ def test_a_permanent_failure_is_dead_lettered_once(sandbox: str) -> None:
     # A declined card: 402, permanent; the repeat does not charge again either.
     declined = {"order_id": "o-3", "customer_id": "declined-1", "amount": 100}
     with pytest.raises(CallDeadLettered, match="permanent"):
-        run(user_app.charge, declined)
+        run(shop.charge, declined)
     with pytest.raises(CallDeadLettered, match="permanent"):
-        run(user_app.charge, declined)
+        run(shop.charge, declined)
 
     assert requests_with_key(sandbox, "charge:o-3") == 1
 
@@ -105,7 +104,7 @@ def test_idempotency_key_is_the_claimed_key_and_only_inside_a_call(sandbox: str)
     del sandbox
     seen: list[str] = []
 
-    @user_app.app.task(name="tests.seen_key")
+    @shop.app.task(name="tests.seen_key")
     @exactly_once(key="seen:{a}-{b[c]}")
     def seen_key(a: int, b: dict[str, str]) -> int:
         seen.append(idempotency_key())
