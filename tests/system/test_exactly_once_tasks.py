@@ -1,14 +1,15 @@
 """Decorated tasks of a user's own app (`jobs.tools.shop`) run by real workers of that app: a
-chain through a kill in every call, an at-most-once call killed between acting and recording,
-a dead-lettered call replayed from the CLI — counted at the sandbox."""
+group of chains through a kill in every call, an at-most-once call killed between acting and
+recording, a dead-lettered call replayed from the CLI — counted at the sandbox."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
-from celery import chain
+from celery import Signature, chain, group
 
 from jobs.tasks.running import close_runtime
 from jobs.tools import shop
@@ -39,13 +40,12 @@ def calls(system: System, task: str) -> dict[JobState, int]:
     return counts
 
 
-def send_chain(order: str, customer: str) -> None:
-    chain(
-        shop.reserve.s(order, customer, "SKU-1", 2), shop.charge.s(), shop.notify.s()
-    ).apply_async()
+def order_chain(order: str, customer: str) -> Signature[Any]:
+    """reserve → charge → notify for one order."""
+    return chain(shop.reserve.s(order, customer, "SKU-1", 2), shop.charge.s(), shop.notify.s())
 
 
-def test_a_chain_goes_on_through_a_kill_in_every_call_and_acts_once(
+def test_chains_go_on_through_a_kill_in_every_call_and_act_once(
     postgres_url: str, amqp_url: str, sender: None, system_factory: SystemFactory
 ) -> None:
     # Given two workers of the shop, whose every call kills its pool child once right after
@@ -58,11 +58,11 @@ def test_a_chain_goes_on_through_a_kill_in_every_call_and_acts_once(
     for number in range(2):
         system.start_shop_worker(f"shop{number}", extra_env=env)
 
-    # When six orders go through reserve → charge → notify, sent by the shop's own app
+    # When six orders go through reserve → charge → notify, sent by the shop's own app as a
+    # group of chains
     orders = [f"ord-{uuid.uuid4().hex[:6]}" for _ in range(6)]
     with shop_on(amqp_url):
-        for order in orders:
-            send_chain(order, f"cust-{order}")
+        group(order_chain(order, f"cust-{order}") for order in orders).apply_async()
 
         # Then every call succeeds, each order charged and notified exactly once
         def done() -> bool:
@@ -142,7 +142,7 @@ def test_a_dead_lettered_call_replayed_from_the_cli_resumes_its_chain(
 
     # When a chain is sent: its charge gives up and is dead-lettered, notify never runs
     with shop_on(redis_url):
-        send_chain("ord-replay", "cust-replay")
+        order_chain("ord-replay", "cust-replay").apply_async()
         system.wait_for(
             lambda: calls(system, "charge") == {JobState.DEAD_LETTERED: 1}, "a dead letter"
         )

@@ -3,9 +3,6 @@ process (`Task.apply`) on the real Postgres and a real sandbox, counted at the s
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,41 +12,8 @@ import sqlalchemy as sa
 from jobs import Delivery, exactly_once
 from jobs.errors import CallDeadLettered, NotInCall
 from jobs.tasks import idempotency_key
-from jobs.tasks.running import close_runtime
-from jobs.tools import processes, shop
-from ledger import DeadLetterReason, DeadLetterStore, JobState, JobStore, create_engine, upgrade
-
-
-@pytest.fixture
-def ledger_engine(postgres_url: str) -> Iterator[sa.Engine]:
-    engine = create_engine(postgres_url)
-    upgrade(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def sandbox(
-    postgres_url: str,
-    ledger_engine: sa.Engine,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> Iterator[str]:
-    """A sandbox process, and this process's settings on the test's ledger."""
-    del ledger_engine
-    port = processes.free_port()
-    url = f"http://127.0.0.1:{port}"
-    argv = processes.sandbox_argv(port, db_path=tmp_path / "sandbox.sqlite3", options=[])
-    process = processes.start("sandbox", argv, env=dict(os.environ), log_dir=tmp_path)
-    monkeypatch.setenv("DATABASE_URL", postgres_url)
-    monkeypatch.setenv("PROVIDER_URL", url)
-    monkeypatch.setenv("ONCELERY_DATA_DIR", str(tmp_path / "data"))
-    try:
-        processes.wait_until_answers(f"{url}/healthz", process=process)
-        yield url
-    finally:
-        close_runtime()
-        processes.stop_all([process])
+from jobs.tools import shop
+from ledger import DeadLetterReason, DeadLetterStore, JobState, JobStore
 
 
 def requests_with_key(sandbox: str, key: str) -> int:
