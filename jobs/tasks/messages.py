@@ -60,8 +60,9 @@ def request_message(task: Task[Any, Any]) -> dict[str, JSON]:
     kept = _plain(dict(signature))
     options = kept.get("options")
     if isinstance(options, dict):
-        # Delivery details of this copy, not of the call.
-        for name in ("redelivered", "retries", "countdown", "eta"):
+        # Delivery details of this copy, not of the call; and the call has started, so a
+        # re-send must finish it, whatever its expiry said about starting.
+        for name in ("redelivered", "retries", "countdown", "eta", "expires"):
             options.pop(name, None)
     return kept
 

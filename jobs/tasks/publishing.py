@@ -81,6 +81,10 @@ def _on_publish(
     current = celery_state.get_current_task()
     if current is not None and current.request.id == headers.get("id"):
         return  # Celery's retry of the call running here: its job exists
+    if headers.get("eta") or headers.get("expires"):
+        # A call for later, or not after a time: the sweeper cannot honour either, so its
+        # job is made when it first runs (the broker holds it until then).
+        return
     try:
         keep_call(sender, body, headers, exchange=exchange, routing_key=routing_key)
     except Exception as exc:  # noqa: BLE001 - never stop a publish: its run creates the job

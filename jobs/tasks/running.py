@@ -16,7 +16,7 @@ from typing import Any, Final, NoReturn
 from uuid import UUID
 
 from celery import Task
-from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
 
 from config import get_settings
 from jobs import retry
@@ -30,8 +30,11 @@ from ledger import JSON, DatabaseUnavailable, DeadLetterState, DeadLetterStore, 
 
 logger = logging.getLogger(__name__)
 
-# A soft time limit ends an attempt like a timeout: retried by the policy.
+# A soft time limit ends an attempt like a timeout: retried by the policy. So does a body's
+# own `self.retry()` (left from before the decorator): its message and the policy's both come
+# back, and the ledger absorbs the second.
 retry.treat_as_transient(SoftTimeLimitExceeded)
+retry.treat_as_transient(Retry)
 
 #: Seconds before a call is tried again when the database could not be reached at all.
 DATABASE_DOWN_DELAY: Final = 5.0

@@ -8,6 +8,7 @@ import os
 from typing import Any, Final
 
 from celery import Celery, Task
+from celery.signals import worker_process_shutdown
 
 from config import get_settings
 
@@ -46,6 +47,13 @@ def provider() -> ProviderClient:
     if where not in _clients:
         _clients[where] = ProviderClient(base_url=where[1], timeout=settings.provider_timeout)
     return _clients[where]
+
+
+@worker_process_shutdown.connect
+def close_clients(**_: Any) -> None:
+    """Close this process's provider clients (a pool child stopping; a test done)."""
+    while _clients:
+        _clients.popitem()[1].close()
 
 
 @app.task(name="shop.reserve")

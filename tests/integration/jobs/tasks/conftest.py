@@ -14,7 +14,7 @@ from celery import Celery
 
 from jobs.engine.runtime import Runtime
 from jobs.tasks.running import close_runtime
-from jobs.tools import processes
+from jobs.tools import processes, shop
 from ledger import create_engine, upgrade
 from tests.shop_app import shop_on
 
@@ -66,4 +66,5 @@ def sandbox(
         yield url
     finally:
         close_runtime()
+        shop.close_clients()
         processes.stop_all([process])

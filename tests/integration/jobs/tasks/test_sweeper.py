@@ -61,6 +61,17 @@ def test_a_published_call_whose_message_was_lost_is_re_sent_from_its_kept_messag
     assert sweep_calls(calls_ledger, shop_app) == []
 
 
+def test_a_call_for_later_is_not_kept_before_its_publish(
+    calls_ledger: Runtime, shop_app: Celery
+) -> None:
+    # The sweeper could not honour its countdown (or expiry): its job is made when it runs.
+    shop.charge.apply_async((RESERVATION,), countdown=600)
+    shop.charge.apply_async(({**RESERVATION, "order_id": "o-10"},), expires=600)
+
+    assert calls_ledger.store.list_jobs(pipeline="task:shop.charge") == []
+    assert queued_calls(shop_app) == 2
+
+
 def test_a_call_whose_owner_died_is_re_sent_at_once(
     calls_ledger: Runtime, shop_app: Celery, redis_url: str
 ) -> None:
