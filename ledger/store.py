@@ -247,6 +247,18 @@ class JobStore:
             )
             return self._taken(conn, statement, {"lease_expired": True})
 
+    def take_unfollowed(
+        self, *, stalled_after: float, within: float, pipelines: Sequence[str], limit: int = 500
+    ) -> list[JobToSend]:
+        """Take jobs of `pipelines` that succeeded in the last `within` seconds and hand on,
+        but that no job names as its parent, untouched for `stalled_after` seconds (see
+        `queries.take_unfollowed_jobs`); each is marked touched and its history says so."""
+        with db.transaction(self.engine) as conn:
+            statement = queries.take_unfollowed_jobs(
+                conn.dialect.name, stalled_after, within, limit, pipelines
+            )
+            return self._taken(conn, statement, {"unfollowed": True})
+
     def take_sent_between(
         self,
         *,

@@ -23,6 +23,9 @@ PIPELINE_PREFIX: Final = "task:"
 STEP: Final = "call"
 #: Event ids are at most this long (`jobs.event_id`).
 _EVENT_ID_LIMIT: Final = 200
+#: The attribute a decorated function carries its `CallSpec` in (the publish hook, the
+#: sweeper and the settings check find decorated tasks by it).
+SPEC_ATTRIBUTE: Final = "__oncelery_call__"
 
 
 class TaskPipeline(Pipeline[object]):
@@ -181,8 +184,21 @@ class Call:
             key = "sha256:" + hashlib.sha256(key.encode()).hexdigest()
         return key + suffix
 
-    def new_job(self, message: Mapping[str, JSON]) -> NewJob:
-        """The call's job, keeping `message` (what re-sends the call) in its context."""
+    def new_job(
+        self, message: Mapping[str, JSON], *, parent: str | None = None, hands_on: bool = False
+    ) -> NewJob:
+        """The call's job, keeping `message` (what re-sends the call) in its context.
+
+        Args:
+            message: the kept message.
+            parent: the task id of the call that handed on to this one (a chain's previous
+                call, a callback's caller), if any.
+            hands_on: whether the call hands on to a decorated task (its chain goes on, or a
+                callback follows): the sweeper re-sends it, recorded, until a call names it
+                as its parent.
+        """
+        options = message.get("options")
+        task_id = options.get("task_id") if isinstance(options, dict) else None
         context: dict[str, JSON] = {
             "task": self.task,
             "key": self.key,
@@ -190,7 +206,11 @@ class Call:
             "delivery": str(self.delivery),
             "effect": self.effect,
             "message": dict(message),
+            "task_id": task_id if isinstance(task_id, str) else None,
+            "parent": parent,
         }
+        if hands_on:
+            context["hands_on"] = True
         return NewJob(
             pipeline=self.pipeline,
             event_id=self.event_id,

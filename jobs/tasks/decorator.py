@@ -6,22 +6,18 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Final, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
 from celery import Task
 from celery._state import get_current_task
 
 from jobs.pipelines import Delivery
 from jobs.retry import RetryPolicy
-from jobs.tasks.calls import Call, CallSpec
+from jobs.tasks.calls import SPEC_ATTRIBUTE, Call, CallSpec
 from jobs.tasks.running import run_call
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-#: The attribute a decorated function carries its `CallSpec` in (the sweeper and the
-#: settings check find decorated tasks by it).
-SPEC_ATTRIBUTE: Final = "__oncelery_call__"
 
 
 def exactly_once(

@@ -11,7 +11,9 @@ from contextvars import ContextVar
 from typing import Any
 
 from celery import Celery, Task
+from celery import _state as celery_state
 
+from jobs.tasks.calls import SPEC_ATTRIBUTE, CallSpec
 from ledger import JSON
 
 _resending: ContextVar[bool] = ContextVar("oncelery_resending", default=False)
@@ -21,6 +23,41 @@ def as_json(value: object) -> JSON:
     """`value` as plain JSON (what is not JSON becomes its string)."""
     found: JSON = json.loads(json.dumps(value, default=str))
     return found
+
+
+def decorated_task(name: str) -> tuple[Task[Any, Any], CallSpec] | None:
+    """The task called `name` in an app of this process, with its `CallSpec`, if it is
+    decorated with `exactly_once`."""
+    # Celery's own list of the apps of this process (a publish does not say which sent it).
+    for app in list(celery_state._get_active_apps()):  # type: ignore[attr-defined]
+        task = app.tasks.get(name)
+        spec = getattr(getattr(task, "run", None), SPEC_ATTRIBUTE, None)
+        if task is not None and isinstance(spec, CallSpec):
+            return task, spec
+    return None
+
+
+def hands_on(message: Mapping[str, JSON]) -> bool:
+    """Whether a kept message's call hands on to a decorated task of an app here: the next
+    link of its chain (a task, or one of a group's), or one of its callbacks. (A chord's
+    body is its result backend's to send, not followed.)"""
+    options = message.get("options")
+    if not isinstance(options, dict):
+        return False
+    chain, links = options.get("chain"), options.get("link")
+    following = [chain[-1]] if isinstance(chain, list) and chain else []
+    following += links if isinstance(links, list) else []
+    return any(_decorated_in(signature) for signature in following)
+
+
+def _decorated_in(signature: JSON) -> bool:
+    if not isinstance(signature, dict):
+        return False
+    name, kwargs = signature.get("task"), signature.get("kwargs")
+    if name == "celery.group" and isinstance(kwargs, dict):
+        tasks = kwargs.get("tasks")
+        return isinstance(tasks, list) and any(_decorated_in(task) for task in tasks)
+    return isinstance(name, str) and decorated_task(name) is not None
 
 
 def published_message(

@@ -13,24 +13,11 @@ from celery import Task
 from celery import _state as celery_state
 from celery.signals import before_task_publish
 
-from jobs.tasks.calls import Call, CallSpec
-from jobs.tasks.decorator import SPEC_ATTRIBUTE
-from jobs.tasks.messages import is_resend, published_message
+from jobs.tasks.calls import Call
+from jobs.tasks.messages import decorated_task, hands_on, is_resend, published_message
 from jobs.tasks.running import runtime
 
 logger = logging.getLogger(__name__)
-
-
-def decorated_task(name: str) -> tuple[Task[Any, Any], CallSpec] | None:
-    """The task called `name` in an app of this process, with its `CallSpec`, if it is
-    decorated with `exactly_once`."""
-    # Celery's own list of the apps of this process (the signal does not say which sent).
-    for app in list(celery_state._get_active_apps()):  # type: ignore[attr-defined]
-        task = app.tasks.get(name)
-        spec = getattr(getattr(task, "run", None), SPEC_ATTRIBUTE, None)
-        if task is not None and isinstance(spec, CallSpec):
-            return task, spec
-    return None
 
 
 def is_bound(task: Task[Any, Any]) -> bool:
@@ -63,7 +50,11 @@ def keep_call(
     positional = (task, *args) if is_bound(task) else tuple(args)
     call = Call.bind(name, spec, positional, kwargs, bound=is_bound(task))
     message = published_message(name, body, headers, exchange=exchange, routing_key=routing_key)
-    [(job_id, _)] = runtime().store.create_jobs([call.new_job(message)], dispatched=True)
+    parent = headers.get("parent_id")
+    new_job = call.new_job(
+        message, parent=parent if isinstance(parent, str) else None, hands_on=hands_on(message)
+    )
+    [(job_id, _)] = runtime().store.create_jobs([new_job], dispatched=True)
     return str(job_id)
 
 

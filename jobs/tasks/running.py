@@ -25,7 +25,7 @@ from jobs.engine.runtime import Runtime
 from jobs.errors import CallDeadLettered, NotInCall
 from jobs.pipelines import StepContext
 from jobs.tasks.calls import STEP, Call, CallSpec, TaskPipeline, task_pipeline
-from jobs.tasks.messages import request_message
+from jobs.tasks.messages import hands_on, request_message
 from ledger import JSON, DatabaseUnavailable, DeadLetterState, DeadLetterStore, Job, JobState
 
 logger = logging.getLogger(__name__)
@@ -186,7 +186,8 @@ def _run_call(
     dispatch: CallDispatch,
 ) -> JSON:
     pipeline = pipeline_for(task.name, spec)
-    new_job = call.new_job(request_message(task))
+    message = request_message(task)
+    new_job = call.new_job(message, parent=task.request.parent_id, hands_on=hands_on(message))
     [(job_id, created)] = rt.store.create_jobs([new_job], dispatched=True)
     if not created:
         job = rt.store.get_job(job_id)

@@ -16,8 +16,7 @@ from kombu import Queue
 
 from jobs.engine.runtime import Runtime
 from jobs.engine.sweeper import ABANDONED_AGAIN_AFTER_LEASES, MAX_BACKLOG_WAIT, backlog_wait
-from jobs.tasks.calls import PIPELINE_PREFIX, CallSpec
-from jobs.tasks.decorator import SPEC_ATTRIBUTE
+from jobs.tasks.calls import PIPELINE_PREFIX, SPEC_ATTRIBUTE, CallSpec
 from jobs.tasks.messages import resend
 from ledger import JobToSend
 
@@ -25,6 +24,11 @@ logger = logging.getLogger(__name__)
 
 #: Jobs taken per statement.
 _BATCH: Final = 200
+#: How long after its record a call whose continuation never appeared is still re-sent, in
+#: seconds past the stall time (one kept under another task id — the same call sent twice,
+#: its continuation kept from the other — never shows: its call is re-sent every stall time
+#: until then, answering its recorded result).
+UNFOLLOWED_WITHIN: Final = 3600.0
 #: Seconds to wait for the broker before calling the queues' depth unknown.
 _TIMEOUT: Final = 3
 
@@ -71,8 +75,10 @@ def sweep_calls(
 ) -> list[str]:
     """Re-send, through `app`, the calls of its decorated tasks whose owner died (at once) or
     that made no progress for `stalled_after` seconds (the settings' by default) plus the
-    time the `queued()` messages need to drain (see `jobs.engine.sweeper`); the job ids
-    sent. Safe in several workers at once (the takes lock with SKIP LOCKED)."""
+    time the `queued()` messages need to drain (see `jobs.engine.sweeper`) — and, after as
+    long, recorded calls whose continuation never appeared (the re-send answers the
+    recorded result, and Celery hands on again); the job ids sent. Safe in several workers
+    at once (the takes lock with SKIP LOCKED)."""
     pipelines = [PIPELINE_PREFIX + name for name in decorated_tasks(app)]
     if not pipelines:
         return []
@@ -85,7 +91,14 @@ def sweep_calls(
     depth = queued()
     stalled = base + (MAX_BACKLOG_WAIT if depth is None else backlog_wait(rt, depth, base))
     stalled_calls = partial(store.take_stalled, stalled_after=stalled, pipelines=pipelines)
-    return sent + _take_all(rt, app, lambda: stalled_calls(limit=_BATCH))
+    sent += _take_all(rt, app, lambda: stalled_calls(limit=_BATCH))
+    unfollowed = partial(
+        store.take_unfollowed,
+        stalled_after=stalled,
+        within=stalled + UNFOLLOWED_WITHIN,
+        pipelines=pipelines,
+    )
+    return sent + _take_all(rt, app, lambda: unfollowed(limit=_BATCH))
 
 
 def _take_all(rt: Runtime, app: Celery, take: Callable[[], list[JobToSend]]) -> list[str]:

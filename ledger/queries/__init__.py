@@ -87,6 +87,7 @@ from ledger.queries.sweeps import (
     take_jobs_sent_between,
     take_stalled_jobs,
     take_undispatched,
+    take_unfollowed_jobs,
     undo_dispatched,
 )
 
@@ -158,5 +159,6 @@ __all__ = [
     "take_jobs_sent_between",
     "take_stalled_jobs",
     "take_undispatched",
+    "take_unfollowed_jobs",
     "undo_dispatched",
 ]

@@ -113,6 +113,51 @@ def take_abandoned_jobs(
     return _take(dialect_name, _of(abandoned, pipelines))
 
 
+def context_member(
+    dialect_name: str, name: str, table: sa.Table | Any = jobs
+) -> ColumnElement[str]:
+    """A text member of a job's context, written as migration 0006's index on `parent` is
+    (the key a literal, not a parameter, so that the index serves it)."""
+    if dialect_name == "sqlite":
+        path: ColumnElement[str] = sa.literal_column(f"'$.{name}'")
+        extracted: ColumnElement[str] = sa.func.json_extract(
+            table.c.context, path, type_=sa.String()
+        )
+        return extracted
+    member: ColumnElement[str] = table.c.context.op("->>", return_type=sa.String())(
+        sa.literal_column(f"'{name}'")
+    )
+    return member
+
+
+def take_unfollowed_jobs(
+    dialect_name: str, stalled_after: float, within: float, limit: int, pipelines: Sequence[str]
+) -> sa.Update:
+    """Claim a batch of jobs of `pipelines` that succeeded in the last `within` seconds, say
+    they hand on (`context.hands_on` set), and that no job names as its parent (a
+    `context.parent` equal to their `context.task_id`), untouched for `stalled_after` seconds:
+    mark them touched and return them (a decorated Celery task's call whose continuation
+    never appeared)."""
+    child = jobs.alias("child")
+    followed = sa.exists().where(
+        context_member(dialect_name, "parent", child) == context_member(dialect_name, "task_id")
+    )
+    unfollowed = (
+        sa.select(jobs.c.id)
+        .where(
+            jobs.c.state == str(JobState.SUCCEEDED),
+            jobs.c.finished_at > db.utcnow_plus(db.seconds(-within)),
+            jobs.c.updated_at < db.utcnow_plus(db.seconds(-stalled_after)),
+            jobs.c.pipeline.in_(list(pipelines)),
+            context_member(dialect_name, "hands_on").is_not(None),
+            ~followed,
+        )
+        .order_by(jobs.c.updated_at)
+        .limit(limit)
+    )
+    return _take(dialect_name, unfollowed)
+
+
 def take_jobs_sent_between(
     dialect_name: str,
     before: float,

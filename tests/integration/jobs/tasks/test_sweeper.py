@@ -86,6 +86,35 @@ def test_a_call_whose_owner_died_is_re_sent_at_once(
     assert queue_length(redis_url, shop.QUEUE) == 1
 
 
+def test_a_recorded_call_is_re_sent_until_its_continuation_appears(
+    calls_ledger: Runtime, shop_app: Celery, redis_url: str
+) -> None:
+    # Given a charge with a decorated callback, recorded, whose worker died before Celery
+    # published the callback (no call names it as its parent)
+    shop.charge.s(RESERVATION).set(task_id="t-7", link=shop.notify.s()).apply_async()
+    _taken(redis_url)
+    [job] = calls_ledger.store.list_jobs(pipeline="task:shop.charge")
+    assert (job.context["task_id"], job.context["hands_on"]) == ("t-7", True)
+    claim = calls_ledger.ledger.claim_step(job.id, "call")
+    assert isinstance(claim, Claim)
+    calls_ledger.ledger.record_success(claim, {"ok": 1}, next_step=None, duration_ms=1.0)
+
+    # When the sweeper runs past the stall time, it re-sends the call (which answers its
+    # recorded result, and Celery publishes the callback)
+    assert sweep_calls(calls_ledger, shop_app, stalled_after=0) == [str(job.id)]
+    headers, _ = _taken(redis_url)
+    assert headers["id"] == "t-7"
+
+    # Then once the callback is kept, naming the charge as its parent, it is not sent again
+    charged = {**RESERVATION, "charge_id": "ch-7"}
+    keep_call("shop.notify", ([charged], {}, {}), {"id": "t-n", "parent_id": "t-7"},
+              exchange="", routing_key=shop.QUEUE)  # fmt: skip
+    [notify] = calls_ledger.store.list_jobs(pipeline="task:shop.notify")
+    assert (notify.context["parent"], "hands_on" in notify.context) == ("t-7", False)
+    # (the callback itself, kept and never claimed, is stalled: re-sent)
+    assert sweep_calls(calls_ledger, shop_app, stalled_after=0) == [str(notify.id)]
+
+
 def test_a_recorded_call_is_not_re_sent(calls_ledger: Runtime, shop_app: Celery) -> None:
     claim = _claimed(calls_ledger, lease=0.2)
     calls_ledger.ledger.record_success(claim, {"ok": True}, next_step=None, duration_ms=1.0)
