@@ -171,8 +171,7 @@ class JobStore:
         return found
 
     def effects_in_context(self, *, pipeline_prefix: str) -> dict[str, str]:
-        """Each pipeline named with `pipeline_prefix` whose jobs keep the kind of effect they
-        apply in their context (`effect`), with that kind (for the audit)."""
+        """Pipelines named with `pipeline_prefix` whose jobs' context names their effect kind."""
         query = queries.select_effects_in_context(pipeline_prefix)
         with db.single_statement(self.engine) as conn:
             return {row.pipeline: row.effect for row in conn.execute(query)}
@@ -250,9 +249,8 @@ class JobStore:
     def take_unfollowed(
         self, *, stalled_after: float, within: float, pipelines: Sequence[str], limit: int = 500
     ) -> list[JobToSend]:
-        """Take jobs of `pipelines` that succeeded in the last `within` seconds and hand on,
-        but that no job names as its parent, untouched for `stalled_after` seconds (see
-        `queries.take_unfollowed_jobs`); each is marked touched and its history says so."""
+        """Take succeeded jobs that hand on but that no job names as its parent (see
+        `queries.take_unfollowed_jobs`), marked touched, with a history event saying so."""
         with db.transaction(self.engine) as conn:
             statement = queries.take_unfollowed_jobs(
                 conn.dialect.name, stalled_after, within, limit, pipelines
