@@ -1,6 +1,6 @@
 """oncelery's public API: declare pipelines of steps, their delivery and retry policy, the
-errors steps raise; start jobs (`enqueue`) and wait for them (`wait`); `jobs.app` is the
-Celery app (`celery -A jobs worker` finds it)."""
+errors steps raise; start jobs (`enqueue`), wait for them (`wait`); `exactly_once` for the
+Celery tasks of any app; `jobs.app` is the Celery app (`celery -A jobs worker` finds it)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,12 @@ from jobs.retry import RetryPolicy
 from ledger import EventConflict
 
 if TYPE_CHECKING:
+    from celery import Celery
+
     from jobs.client import enqueue, wait
-    from jobs.worker import app
+    from jobs.tasks import exactly_once, idempotency_key
+
+    app: Celery
 
 __all__ = [
     "Delivery",
@@ -29,13 +33,16 @@ __all__ = [
     "UnknownPipeline",
     "app",
     "enqueue",
+    "exactly_once",
+    "idempotency_key",
     "wait",
 ]
 
 
 def __getattr__(name: str) -> object:
     # Looked up on first use, so that declaring a pipeline (or importing the Celery-free
-    # engine) imports neither Celery nor the client's modules.
+    # engine) imports neither Celery nor the client's modules; `exactly_once` imports Celery,
+    # not the app.
     if name == "app":
         from jobs.worker import app  # noqa: PLC0415
 
@@ -44,4 +51,8 @@ def __getattr__(name: str) -> object:
         from jobs import client  # noqa: PLC0415
 
         return getattr(client, name)
+    if name in ("exactly_once", "idempotency_key"):
+        from jobs import tasks  # noqa: PLC0415
+
+        return getattr(tasks, name)
     raise AttributeError(f"module 'jobs' has no attribute {name!r}")

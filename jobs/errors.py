@@ -96,3 +96,27 @@ class ProviderUnavailable(JobError):
 class ProcessFailed(JobError):
     """Raised when a process oncelery started (a worker, the sandbox) exits early or never
     answers, or cannot start (its port is taken)."""
+
+
+class CallDeadLettered(JobError):
+    """Raised by a task decorated with `exactly_once` whose call is dead-lettered (its key was
+    first used with other arguments, its outcome is unknown, it failed for good): the call
+    waits for a person (`oncelery dlq`), and the canvas does not go on.
+
+    Args:
+        task: the Celery task's name.
+        key: the call's idempotency key.
+        job_id: the call's job, as `oncelery history` and `dlq` show it.
+        reason: why (a `ledger.DeadLetterReason` value), and what went wrong.
+    """
+
+    def __init__(self, task: str, key: str, job_id: str, reason: str, detail: str) -> None:
+        self.task, self.key, self.job_id, self.reason = task, key, job_id, reason
+        super().__init__(f"{task} call {key!r} (job {job_id}) dead-lettered: {reason}: {detail}")
+
+
+class NotInCall(JobError):
+    """Raised by `idempotency_key()` outside the body of a task decorated with `exactly_once`."""
+
+    def __init__(self) -> None:
+        super().__init__("idempotency_key() is only known inside an exactly_once task's body")

@@ -9,7 +9,7 @@ import json
 import string
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel
 from pydantic_core import PydanticSerializationError, to_json
@@ -136,6 +136,9 @@ class Pipeline(Generic[R]):
     resources: Callable[[Settings], R]
     input: type[BaseModel] | None = None
     _by_name: dict[str, Step[R]] = field(init=False, repr=False, compare=False)
+    #: Whether declaring one adds it to `registry` (whose tasks `jobs.app` binds); the
+    #: pipeline of a decorated Celery task (`jobs.tasks`) runs in its own app instead.
+    registered: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if not self.steps:
@@ -146,7 +149,8 @@ class Pipeline(Generic[R]):
         if self.input is not None:
             _check_input(self)
         object.__setattr__(self, "_by_name", by_name)
-        registry.add(self)
+        if self.registered:
+            registry.add(self)
 
     def validate_input(self, payload: object) -> dict[str, JSON]:
         """The job context of a payload (a mapping, or an instance of the input model): turned

@@ -68,6 +68,9 @@ sa.Index(
 )
 # The home page's chart and `status` read the last hour of finished jobs.
 sa.Index("ix_jobs_finished_at", jobs.c.finished_at)
+# `ix_jobs_parent`, on the `parent` member of a job's context (a decorated task's call names the
+# call that handed on to it), is an expression each dialect writes its own way: it is declared
+# in migration 0006 only, beside the query it serves (`queries.take_unfollowed_jobs`).
 
 ledger_entries = sa.Table(
     "ledger_entries",

@@ -184,6 +184,12 @@ class JobStore:
                 found.extend((row["pipeline"], entry_from_row(row)) for row in rows)
         return found
 
+    def effects_in_context(self, *, pipeline_prefix: str) -> dict[str, str]:
+        """Pipelines named with `pipeline_prefix` whose jobs' context names their effect kind."""
+        query = queries.select_effects_in_context(pipeline_prefix)
+        with db.single_statement(self.engine) as conn:
+            return {row.pipeline: row.effect for row in conn.execute(query)}
+
     def cancel(self, job_id: UUID, *, by: str, reason: str | None = None) -> Job:
         """Cancel a pending or running job: no further step will be claimed. A step already
         acting finishes and is recorded (its effect is real), but the job does not move on.
@@ -204,12 +210,16 @@ class JobStore:
                 )
         return self.get_job(job_id)
 
-    def take_stalled(self, *, stalled_after: float, limit: int = 500) -> list[JobToSend]:
-        """Take unfinished jobs that made no progress for `stalled_after` seconds, for the
-        sweeper to send again; each is marked touched and its history says so. Concurrent
-        sweepers get disjoint batches (rows are locked with SKIP LOCKED)."""
+    def take_stalled(
+        self, *, stalled_after: float, limit: int = 500, pipelines: Sequence[str] | None = None
+    ) -> list[JobToSend]:
+        """Take unfinished jobs (of `pipelines`, when given) that made no progress for
+        `stalled_after` seconds, for the sweeper to send again; each is marked touched and its
+        history says so. Concurrent sweepers get disjoint batches (SKIP LOCKED)."""
         with db.transaction(self.engine) as conn:
-            statement = queries.take_stalled_jobs(conn.dialect.name, stalled_after, limit)
+            statement = queries.take_stalled_jobs(
+                conn.dialect.name, stalled_after, limit, pipelines
+            )
             return self._taken(conn, statement, {"stalled_after": stalled_after})
 
     @staticmethod
@@ -237,24 +247,46 @@ class JobStore:
         with db.single_statement(self.engine) as conn:
             return int(conn.execute(query).scalar_one())
 
-    def take_abandoned(self, *, again_after: float, limit: int = 500) -> list[JobToSend]:
-        """Take unfinished jobs whose current step's owner died (its lease expired while the
-        key was `started`) and that nobody sent again since — or not for `again_after`
-        seconds, and still nobody claimed it — for the sweeper to send at once; each is
-        marked touched and its history says so. Concurrent sweepers get disjoint batches."""
+    def take_abandoned(
+        self, *, again_after: float, limit: int = 500, pipelines: Sequence[str] | None = None
+    ) -> list[JobToSend]:
+        """Take unfinished jobs (of `pipelines`, when given) whose current step's owner died
+        (its lease expired while the key was `started`) and that nobody sent again since — or
+        not for `again_after` seconds, and still nobody claimed it — for the sweeper to send
+        at once; each is marked touched and its history says so (disjoint per sweeper)."""
         with db.transaction(self.engine) as conn:
-            statement = queries.take_abandoned_jobs(conn.dialect.name, limit, again_after)
+            statement = queries.take_abandoned_jobs(
+                conn.dialect.name, limit, again_after, pipelines
+            )
             return self._taken(conn, statement, {"lease_expired": True})
 
+    def take_unfollowed(
+        self, *, stalled_after: float, within: float, pipelines: Sequence[str], limit: int = 500
+    ) -> list[JobToSend]:
+        """Take succeeded jobs that hand on but that no job names as its parent (see
+        `queries.take_unfollowed_jobs`), marked touched, with a history event saying so."""
+        with db.transaction(self.engine) as conn:
+            statement = queries.take_unfollowed_jobs(
+                conn.dialect.name, stalled_after, within, limit, pipelines
+            )
+            return self._taken(conn, statement, {"unfollowed": True})
+
     def take_sent_between(
-        self, *, before: float, after: float | None = None, limit: int = 500
+        self,
+        *,
+        before: float,
+        after: float | None = None,
+        limit: int = 500,
+        pipelines: Sequence[str] | None = None,
     ) -> list[JobToSend]:
         """Take unfinished jobs last touched between `after` and `before` seconds ago (`after`
         None: any time before), handed to the broker and not in flight, for the sweeper to
         send again: a broker that lost its queues lost their messages. Each is marked
         touched and its history says so; concurrent sweepers get disjoint batches."""
         with db.transaction(self.engine) as conn:
-            statement = queries.take_jobs_sent_between(conn.dialect.name, before, after, limit)
+            statement = queries.take_jobs_sent_between(
+                conn.dialect.name, before, after, limit, pipelines
+            )
             detail: JSON = {"lost_by_broker": {"before": before, "after": after}}
             return self._taken(conn, statement, detail)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
@@ -12,6 +12,9 @@ from rich.table import Table
 
 from config import get_settings
 from jobs.cli.support import BadInput, JsonFlag, print_json, stderr, stdout
+
+if TYPE_CHECKING:
+    from jobs.tools.chaos import ChaosOptions
 
 #: Options the commands share (same meaning, same bounds; defaults stay per command).
 Orders = Annotated[int, typer.Option(min=1, max=1_000_000, help="How many orders.")]
@@ -101,14 +104,23 @@ def chaos(
         float | None, typer.Option(min=1.0, help="Give up waiting after this many seconds.")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the kills and the orders.")] = None,
+    tasks: Annotated[
+        bool,
+        typer.Option(
+            "--tasks",
+            help="Chains of a Celery app's decorated tasks (jobs.tools.shop) instead of orders.",
+        ),
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Run orders while killing workers and restarting the broker and Postgres; exit 1 if any
-    order was lost, doubled or left stuck."""
+    order was lost, doubled or left stuck. With --tasks: chains of decorated Celery tasks."""
     from jobs.tools.chaos import ChaosOptions, run_chaos
 
     if fault_rate + timeout_rate > 1:
         raise BadInput("--fault-rate and --timeout-rate add up to more than 1")
+    if tasks and db_restart:
+        raise BadInput("--db-restart: not with --tasks (the orders' chaos restarts Postgres)")
     options = ChaosOptions(
         orders=orders,
         kill_every=kill_every,
@@ -122,8 +134,34 @@ def chaos(
         seed=seed,
     )
     settings = get_settings()
+    if tasks:
+        _chaos_tasks(options, as_json=as_json)
+        return
     report = _counting_orders(
         orders, quiet=as_json, run=lambda progress: run_chaos(settings, options, progress)
+    )
+    stderr.print(report.summary(), highlight=False)
+    for violation in report.violations[:20]:
+        stderr.print(f"  {violation}", highlight=False)
+    if as_json:
+        print_json(report.as_json())
+    else:
+        _print_demo(report.as_json())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _chaos_tasks(options: ChaosOptions, *, as_json: bool) -> None:
+    """`chaos --tasks`: the shop's chains under the same fire, reported the same way."""
+    from jobs.tools.chaos_tasks import run_task_chaos
+
+    settings = get_settings()
+    if settings.embedded_database or settings.broker_kind not in ("amqp", "redis"):
+        raise BadInput("--tasks: needs DATABASE_URL (Postgres) and BROKER_URL (amqp or redis)")
+    report = _counting_orders(
+        options.orders,
+        quiet=as_json,
+        run=lambda progress: run_task_chaos(settings, options, progress),
     )
     stderr.print(report.summary(), highlight=False)
     for violation in report.violations[:20]:

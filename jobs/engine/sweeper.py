@@ -128,6 +128,8 @@ def sweep(
     (every transport we use answers otherwise): only jobs stalled past `MAX_BACKLOG_WAIT` are
     sent, since a re-drive judged without the backlog would resend every waiting job."""
     relayed = relay(rt, dispatch)
+    # Only the declared pipelines' jobs: a decorated Celery task's are its own app's to send.
+    ours = [pipeline.name for pipeline in registry]
     base = stalled_after if stalled_after is not None else rt.settings.stalled_after
     depth = queued()
     if depth is None:
@@ -138,19 +140,22 @@ def sweep(
         )
         old, skipped = _redrive(
             dispatch,
-            lambda n: rt.store.take_stalled(stalled_after=base + MAX_BACKLOG_WAIT, limit=n),
+            lambda n: rt.store.take_stalled(
+                stalled_after=base + MAX_BACKLOG_WAIT, limit=n, pipelines=ours
+            ),
         )
         return SweepReport(len(old), skipped, old, relayed, deferred=True)
     # A re-drive that nobody claimed within a few leases was lost in turn (a killed worker's
     # prefetch, which Redis gives back only after its visibility timeout): sent again.
     again = ABANDONED_AGAIN_AFTER_LEASES * rt.settings.step_lease
     abandoned, skipped = _redrive(
-        dispatch, lambda n: rt.store.take_abandoned(again_after=again, limit=n)
+        dispatch, lambda n: rt.store.take_abandoned(again_after=again, limit=n, pipelines=ours)
     )
-    lost, skipped_lost = _redrive_lost(rt, dispatch, watch or BlindWatch())
+    lost, skipped_lost = _redrive_lost(rt, dispatch, watch or BlindWatch(), ours)
     waiting = backlog_wait(rt, depth, base)
     stalled, skipped_stalled = _redrive(
-        dispatch, lambda n: rt.store.take_stalled(stalled_after=base + waiting, limit=n)
+        dispatch,
+        lambda n: rt.store.take_stalled(stalled_after=base + waiting, limit=n, pipelines=ours),
     )
     return SweepReport(
         redriven=len(abandoned) + len(lost) + len(stalled),
@@ -163,7 +168,9 @@ def sweep(
     )
 
 
-def _redrive_lost(rt: Runtime, dispatch: Dispatch, watch: BrokerWatch) -> tuple[list[str], int]:
+def _redrive_lost(
+    rt: Runtime, dispatch: Dispatch, watch: BrokerWatch, pipelines: list[str]
+) -> tuple[list[str], int]:
     """Send again the jobs whose message the broker lost, then note the broker as seen (not
     before: a sweep that fails half-way, its database gone, leaves the loss to the next one;
     a job whose send failed was touched, so the stall threshold finds it)."""
@@ -178,7 +185,9 @@ def _redrive_lost(rt: Runtime, dispatch: Dispatch, watch: BrokerWatch) -> tuple[
         )
         sent, skipped = _redrive(
             dispatch,
-            lambda n: rt.store.take_sent_between(before=loss.before, after=loss.after, limit=n),
+            lambda n: rt.store.take_sent_between(
+                before=loss.before, after=loss.after, limit=n, pipelines=pipelines
+            ),
         )
     watch.seen()
     return sent, skipped

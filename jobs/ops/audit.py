@@ -16,6 +16,7 @@ from jobs.engine.runtime import declared_pipelines, load_pipelines
 from jobs.errors import ProviderUnavailable
 from jobs.pipelines import Pipeline
 from jobs.sandbox import SandboxStore, unit_amount
+from jobs.tasks import PIPELINE_PREFIX, STEP
 from ledger import JSON, JobStore, StepEntry, StepState, create_engine
 
 #: Ledger states that may stand behind an applied effect.
@@ -119,6 +120,13 @@ def effect_steps(pipelines: Iterable[Pipeline[object]]) -> dict[tuple[str, str],
         for step in pipeline.steps
         if step.effect is not None
     }
+
+
+def call_effect_steps(store: JobStore) -> dict[tuple[str, str], str]:
+    """(pipeline, step) → effect kind for decorated Celery tasks that apply effects: their
+    calls' jobs say which (no process here declares them, `jobs.tasks`)."""
+    found = store.effects_in_context(pipeline_prefix=PIPELINE_PREFIX)
+    return {(pipeline, STEP): kind for pipeline, kind in found.items()}
 
 
 def reconcile(
@@ -304,6 +312,7 @@ def run_audit(settings: Settings, *, sandbox_db: Path | None = None) -> tuple[Au
     steps = effect_steps(declared_pipelines())
     store = JobStore(engine=create_engine(settings.database_url))
     try:
+        steps.update(call_effect_steps(store))
         entries = store.entries_of_steps(list(steps))
         kinds = {entry.key: steps[(pipeline, entry.step)] for pipeline, entry in entries}
         in_scope = [entry for _, entry in entries]

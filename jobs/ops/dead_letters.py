@@ -1,16 +1,21 @@
 """What people do with dead letters: plan a replay (which steps are skipped, re-run or refused),
 replay, resolve an unknown outcome, purge. The ledger changes state; this module adds what it
-cannot know — a pipeline's steps and whether a step's provider honours keys — and sends."""
+cannot know — a pipeline's steps and whether a step's provider honours keys — and sends (a
+decorated Celery task's call: its kept message, so that its canvas goes on)."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from celery import Celery
 
 from jobs.engine.dispatch import Dispatch
 from jobs.errors import UnknownPipeline
-from jobs.pipelines import Delivery, Pipeline, registry
+from jobs.pipelines import Delivery, Step, registry
+from jobs.tasks import STEP, is_task_pipeline, resend
 from ledger import (
     JSON,
     DeadLetter,
@@ -78,31 +83,42 @@ class DeadLetterDesk:
         store: the jobs.
         letters: the dead letters.
         dispatch: how a reopened job's step is sent (on the retry queue).
+        calls: the Celery app that re-sends a decorated task's call (its kept message names
+            its queue); the dispatch's own sender by default.
     """
 
-    def __init__(self, *, store: JobStore, letters: DeadLetterStore, dispatch: Dispatch) -> None:
+    def __init__(
+        self,
+        *,
+        store: JobStore,
+        letters: DeadLetterStore,
+        dispatch: Dispatch,
+        calls: Celery | None = None,
+    ) -> None:
         self.store = store
         self.letters = letters
         self.dispatch = dispatch
+        sender = getattr(dispatch, "sender", None)
+        self.calls = calls or (sender if isinstance(sender, Celery) else None)
 
     def plan(self, letter: DeadLetter, *, force: bool) -> ReplayPlan:
         """What a replay of `letter` would do; changes nothing."""
         base = ReplayPlan(letter.id, str(letter.job_id), letter.pipeline, letter.step)
         try:
-            pipeline = registry.get(letter.pipeline)
             job = self.store.get_job(letter.job_id)
-        except (UnknownPipeline, JobNotFound) as exc:
+            names, deliveries = _steps_of(letter.pipeline, job.context)
+        except (UnknownPipeline, JobNotFound, ValueError) as exc:
             return _refused(base, str(exc))
-        names = [step.name for step in pipeline.steps]
         if letter.step not in names:
-            return _refused(base, f"pipeline {pipeline.name!r} has no step {letter.step!r}")
+            return _refused(base, f"pipeline {letter.pipeline!r} has no step {letter.step!r}")
+        delivery = deliveries[names.index(letter.step)]
         at = names.index(letter.step)
         plan = dataclasses.replace(base, skip=names[:at], rerun=names[at:])
-        refusal = self._refusal(letter, job.state, pipeline, force=force)
+        refusal = self._refusal(letter, job.state, delivery, force=force)
         return _refused(plan, refusal) if refusal else plan
 
     def _refusal(
-        self, letter: DeadLetter, job_state: JobState, pipeline: Pipeline[object], *, force: bool
+        self, letter: DeadLetter, job_state: JobState, delivery: Delivery, *, force: bool
     ) -> str | None:
         if letter.state is not DeadLetterState.OPEN:
             return f"already {letter.state}"
@@ -110,15 +126,15 @@ class DeadLetterDesk:
             return f"the job is {job_state}"
         if letter.reason is DeadLetterReason.FINGERPRINT_MISMATCH:
             return "its key was first used for a different request: fix the key, do not replay"
-        if self._unknown_at_most_once(letter, pipeline) and not force:
+        if delivery is Delivery.AT_MOST_ONCE and self._unknown(letter) and not force:
             return (
                 "the step's outcome is unknown and its provider ignores keys: "
                 "check the provider, then replay --force or resolve"
             )
         return None
 
-    def _unknown_at_most_once(self, letter: DeadLetter, pipeline: Pipeline[object]) -> bool:
-        if pipeline.step(letter.step).delivery is not Delivery.AT_MOST_ONCE or letter.key is None:
+    def _unknown(self, letter: DeadLetter) -> bool:
+        if letter.key is None:
             return False
         entries = self.store.history(letter.job_id).entries
         return any(e.key == letter.key and e.state is StepState.UNKNOWN for e in entries)
@@ -144,7 +160,7 @@ class DeadLetterDesk:
         """A person decided the step did take effect (`resolve --as succeeded`): record
         `result` as its outcome and move the job on."""
         try:
-            following = registry.get(letter.pipeline).next_step(letter.step)
+            following = _next_step(letter)
         except UnknownPipeline as exc:
             return ReplayResult(letter.id, str(letter.job_id), False, str(exc))
         outcome = self.letters.settle(
@@ -152,6 +168,10 @@ class DeadLetterDesk:
         )
         if isinstance(outcome, Refused):
             return ReplayResult(letter.id, str(letter.job_id), False, outcome.reason)
+        if is_task_pipeline(letter.pipeline):
+            # Its kept message again: the call answers the person's result, and the canvas
+            # after it goes on.
+            return self._send(outcome, letter)
         if outcome.next_step is not None and outcome.job_state is JobState.RUNNING:
             self.dispatch.send(
                 outcome.pipeline, outcome.next_step, str(outcome.job_id), resend=True
@@ -165,7 +185,10 @@ class DeadLetterDesk:
         if isinstance(outcome, Refused):
             return ReplayResult(letter.id, str(letter.job_id), False, outcome.reason)
         try:
-            self.dispatch.send(letter.pipeline, letter.step, str(letter.job_id), resend=True)
+            if is_task_pipeline(letter.pipeline):
+                self._resend_call(letter)
+            else:
+                self.dispatch.send(letter.pipeline, letter.step, str(letter.job_id), resend=True)
         except Exception as exc:  # noqa: BLE001 - reopened in Postgres: the sweeper sends it
             detail = f"reopened, but not sent ({exc}); the sweeper will send it"
             return ReplayResult(letter.id, str(letter.job_id), True, detail)
@@ -175,6 +198,31 @@ class DeadLetterDesk:
             extra={"action": "replay", "job_id": str(letter.job_id), "step": letter.step},
         )
         return ReplayResult(letter.id, str(letter.job_id), True, f"resumed at {letter.step}")
+
+    def _resend_call(self, letter: DeadLetter) -> None:
+        if self.calls is None:
+            raise RuntimeError("no Celery app to send the call through")
+        resend(self.calls, self.store.get_job(letter.job_id).context.get("message"))
+
+
+def _steps_of(pipeline: str, context: Mapping[str, JSON]) -> tuple[list[str], list[Delivery]]:
+    """A job's steps and their deliveries: its pipeline's, or a decorated task's call's (one
+    step, its delivery kept in the job's context).
+
+    Raises:
+        UnknownPipeline: no pipeline of that name is declared here.
+        ValueError: the call's kept delivery is not one.
+    """
+    if is_task_pipeline(pipeline):
+        return [STEP], [Delivery(str(context.get("delivery", Delivery.EXACTLY_ONCE)))]
+    steps = registry.get(pipeline).steps
+    return [step.name for step in steps], [step.delivery for step in steps]
+
+
+def _next_step(letter: DeadLetter) -> Step[object] | None:
+    if is_task_pipeline(letter.pipeline):
+        return None
+    return registry.get(letter.pipeline).next_step(letter.step)
 
 
 def _refused(plan: ReplayPlan, reason: str) -> ReplayPlan:

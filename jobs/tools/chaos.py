@@ -100,7 +100,7 @@ class ChaosReport:
 
 
 @dataclass
-class _Mayhem:
+class Mayhem:
     """The kills and restarts of one run."""
 
     harness: Harness
@@ -176,7 +176,7 @@ def run_chaos(settings: Settings, options: ChaosOptions, progress: Progress) -> 
     and check it (recovery times by `jobs.tools.recovery`); every process it starts is stopped
     before it returns."""
     harness = Harness.prepare(settings, "chaos", CHAOS_ENVIRONMENT)
-    mayhem = _Mayhem(harness, options, random.Random(options.seed))
+    mayhem = Mayhem(harness, options, random.Random(options.seed))
     timeout = options.timeout or 180.0 + options.orders * 0.3
     try:
         harness.start_sandbox(
@@ -210,9 +210,7 @@ def run_chaos(settings: Settings, options: ChaosOptions, progress: Progress) -> 
         harness.stop()
 
 
-def _report(
-    harness: Harness, options: ChaosOptions, mayhem: _Mayhem, seconds: float
-) -> ChaosReport:
+def _report(harness: Harness, options: ChaosOptions, mayhem: Mayhem, seconds: float) -> ChaosReport:
     jobs = harness.store.jobs_with_event_prefix(harness.prefix)
     scope = Scope(order_prefix=harness.prefix)
     effects = [e for e in fetch_effects(harness.settings.provider_url) if scope.covers_effect(e)]

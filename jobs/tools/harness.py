@@ -49,6 +49,10 @@ class Harness:
     prefix: str
     started: list[processes.ManagedProcess] = field(default_factory=list)
     workers: list[processes.ManagedProcess] = field(default_factory=list)
+    #: The app the workers run (`celery -A …`) and the queues they consume, when not
+    #: oncelery's own (the shop of `oncelery chaos --tasks`).
+    worker_app: str = "jobs"
+    worker_queues: str | None = None
 
     @classmethod
     def prepare(cls, settings: Settings, name: str, env: dict[str, str] | None = None) -> Harness:
@@ -75,9 +79,10 @@ class Harness:
         processes.wait_until_answers(f"{self.settings.provider_url}/healthz", process=sandbox)
 
     def start_worker(self, concurrency: int) -> processes.ManagedProcess:
-        """One more `celery -A jobs worker`."""
+        """One more `celery -A jobs worker` (or of the harness's `worker_app`)."""
         name = f"worker{len(self.workers)}"
-        argv = processes.worker_argv(name, concurrency=concurrency)
+        queues = {"queues": self.worker_queues} if self.worker_queues else {}
+        argv = processes.worker_argv(name, concurrency=concurrency, app=self.worker_app, **queues)
         worker = processes.start(name, argv, env=self.env, log_dir=self.log_dir)
         self.started.append(worker)
         self.workers.append(worker)

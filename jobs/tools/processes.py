@@ -82,15 +82,22 @@ def start(name: str, argv: list[str], *, env: dict[str, str], log_dir: Path) -> 
 
 
 def worker_argv(
-    name: str, *, concurrency: int, pool: str = "prefork", loglevel: str = "INFO"
+    name: str,
+    *,
+    concurrency: int,
+    pool: str = "prefork",
+    loglevel: str = "INFO",
+    app: str = "jobs",
+    queues: str = f"{MAIN_QUEUE},{RETRY_QUEUE}",
 ) -> list[str]:
-    """A `celery -A jobs worker` command line consuming the main and the retry queue."""
+    """A `celery -A jobs worker` command line consuming the main and the retry queue (or a
+    user's `app`, consuming its `queues`)."""
     return [
         sys.executable,
         "-m",
         "celery",
         "-A",
-        "jobs",
+        app,
         "worker",
         "--hostname",
         f"{name}@%h",
@@ -99,7 +106,7 @@ def worker_argv(
         "--pool",
         pool,
         "--queues",
-        f"{MAIN_QUEUE},{RETRY_QUEUE}",
+        queues,
         "--loglevel",
         loglevel,
         "--without-gossip",

@@ -29,6 +29,7 @@ from ledger.queries.dead_letters import (
     settle_entry,
 )
 from ledger.queries.entries import (
+    select_effects_in_context,
     select_entries_for_job,
     select_entries_of_steps,
     select_entry,
@@ -89,6 +90,7 @@ from ledger.queries.sweeps import (
     take_jobs_sent_between,
     take_stalled_jobs,
     take_undispatched,
+    take_unfollowed_jobs,
     undo_dispatched,
 )
 
@@ -142,6 +144,7 @@ __all__ = [
     "reset_entry",
     "select_contexts",
     "select_dead_letters",
+    "select_effects_in_context",
     "select_entries_for_job",
     "select_entries_of_steps",
     "select_entry",
@@ -162,5 +165,6 @@ __all__ = [
     "take_jobs_sent_between",
     "take_stalled_jobs",
     "take_undispatched",
+    "take_unfollowed_jobs",
     "undo_dispatched",
 ]

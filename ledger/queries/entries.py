@@ -46,3 +46,14 @@ def select_entries_of_steps(
     if keys is not None:
         query = query.where(ledger_entries.c.key.in_(keys))
     return query
+
+
+def select_effects_in_context(pipeline_prefix: str) -> sa.Select[Any]:
+    """Each pipeline named with `pipeline_prefix` whose jobs' context names the kind of effect
+    they apply (`effect`), with that kind."""
+    effect = jobs.c.context["effect"].as_string()
+    return (
+        sa.select(jobs.c.pipeline, effect.label("effect"))
+        .where(jobs.c.pipeline.startswith(pipeline_prefix, autoescape=True), effect.is_not(None))
+        .distinct()
+    )

@@ -42,6 +42,12 @@ def _held_live(dialect_name: str) -> sa.Exists:
     )
 
 
+def _of(chosen: sa.Select[Any], pipelines: Sequence[str] | None) -> sa.Select[Any]:
+    """`chosen`, only of `pipelines` when given: each sweeper takes the jobs it can send (a
+    decorated Celery task's are sent by its own app's sweeper, see `jobs.tasks`)."""
+    return chosen if pipelines is None else chosen.where(jobs.c.pipeline.in_(list(pipelines)))
+
+
 def _take(dialect_name: str, chosen: sa.Select[Any]) -> sa.Update:
     """Lock the `chosen` job rows (SKIP LOCKED: sweepers running at once share the work
     instead of sending the same job twice; only the jobs', never the entries workers claim),
@@ -56,7 +62,9 @@ def _take(dialect_name: str, chosen: sa.Select[Any]) -> sa.Update:
     )
 
 
-def take_stalled_jobs(dialect_name: str, stalled_after: float, limit: int) -> sa.Update:
+def take_stalled_jobs(
+    dialect_name: str, stalled_after: float, limit: int, pipelines: Sequence[str] | None = None
+) -> sa.Update:
     """Claim a batch of unfinished jobs without progress for `stalled_after` seconds and not
     in flight: mark them touched (so the next sweep leaves them alone) and return their step
     to send again. SKIP LOCKED, as every take of the sweeper."""
@@ -70,10 +78,12 @@ def take_stalled_jobs(dialect_name: str, stalled_after: float, limit: int) -> sa
         .order_by(jobs.c.updated_at)
         .limit(limit)
     )
-    return _take(dialect_name, stalled)
+    return _take(dialect_name, _of(stalled, pipelines))
 
 
-def take_abandoned_jobs(dialect_name: str, limit: int, again_after: float) -> sa.Update:
+def take_abandoned_jobs(
+    dialect_name: str, limit: int, again_after: float, pipelines: Sequence[str] | None = None
+) -> sa.Update:
     """Claim a batch of unfinished jobs whose current step is `started` under a lease that
     expired since the job was last touched — its owner died (a live one renews its lease
     while it acts) and nobody sent the step since — or that is still expired `again_after`
@@ -100,11 +110,60 @@ def take_abandoned_jobs(dialect_name: str, limit: int, again_after: float) -> sa
         .order_by(entry.locked_until)
         .limit(limit)
     )
-    return _take(dialect_name, abandoned)
+    return _take(dialect_name, _of(abandoned, pipelines))
+
+
+def context_member(
+    dialect_name: str, name: str, table: sa.Table | Any = jobs
+) -> ColumnElement[str]:
+    """A text member of a job's context, written as migration 0006's index on `parent` is
+    (the key a literal, not a parameter, so that the index serves it)."""
+    if dialect_name == "sqlite":
+        path: ColumnElement[str] = sa.literal_column(f"'$.{name}'")
+        extracted: ColumnElement[str] = sa.func.json_extract(
+            table.c.context, path, type_=sa.String()
+        )
+        return extracted
+    member: ColumnElement[str] = table.c.context.op("->>", return_type=sa.String())(
+        sa.literal_column(f"'{name}'")
+    )
+    return member
+
+
+def take_unfollowed_jobs(
+    dialect_name: str, stalled_after: float, within: float, limit: int, pipelines: Sequence[str]
+) -> sa.Update:
+    """Claim a batch of jobs of `pipelines` that succeeded in the last `within` seconds, say
+    they hand on (`context.hands_on` set), and that no job names as its parent (a
+    `context.parent` equal to their `context.task_id`), untouched for `stalled_after` seconds:
+    mark them touched and return them (a decorated Celery task's call whose continuation
+    never appeared)."""
+    child = jobs.alias("child")
+    followed = sa.exists().where(
+        context_member(dialect_name, "parent", child) == context_member(dialect_name, "task_id")
+    )
+    unfollowed = (
+        sa.select(jobs.c.id)
+        .where(
+            jobs.c.state == str(JobState.SUCCEEDED),
+            jobs.c.finished_at > db.utcnow_plus(db.seconds(-within)),
+            jobs.c.updated_at < db.utcnow_plus(db.seconds(-stalled_after)),
+            jobs.c.pipeline.in_(list(pipelines)),
+            context_member(dialect_name, "hands_on").is_not(None),
+            ~followed,
+        )
+        .order_by(jobs.c.updated_at)
+        .limit(limit)
+    )
+    return _take(dialect_name, unfollowed)
 
 
 def take_jobs_sent_between(
-    dialect_name: str, before: float, after: float | None, limit: int
+    dialect_name: str,
+    before: float,
+    after: float | None,
+    limit: int,
+    pipelines: Sequence[str] | None = None,
 ) -> sa.Update:
     """Claim a batch of unfinished jobs last touched between `after` and `before` seconds ago
     (`after` None: any time before), handed to the broker and not in flight — whose message
@@ -118,7 +177,7 @@ def take_jobs_sent_between(
     )
     if after is not None:
         waiting = waiting.where(touched > db.utcnow_plus(db.seconds(-after)))
-    return _take(dialect_name, waiting.order_by(touched).limit(limit))
+    return _take(dialect_name, _of(waiting, pipelines).order_by(touched).limit(limit))
 
 
 #: History kinds that mean a worker took a step's message off the broker and dealt with it.

@@ -71,6 +71,18 @@ class System:
         self.started.append(worker)
         return worker
 
+    def start_shop_worker(
+        self, name: str, *, concurrency: int = 2, extra_env: dict[str, str] | None = None
+    ) -> processes.ManagedProcess:
+        """Start a worker of a user's own app with decorated tasks, `jobs.tools.shop`."""
+        env = {**self.env, **(extra_env or {})}
+        argv = processes.worker_argv(
+            name, concurrency=concurrency, app="jobs.tools.shop", queues="shop"
+        )
+        worker = processes.start(name, argv, env=env, log_dir=self.log_dir)
+        self.started.append(worker)
+        return worker
+
     def start_beat(self) -> processes.ManagedProcess:
         """Start `celery -A jobs beat` (the sweeper)."""
         argv = processes.beat_argv(self.data_dir / "beat-schedule")

@@ -18,7 +18,7 @@ import pytest
 from ledger import create_engine, upgrade
 from tests.factories import order_event
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+REPO_ROOT = Path(__file__).resolve().parents[4]
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,8 @@ CASES = {
     "missing-argument": Case(("history",)),
     "unknown-command": Case(("no-such-command",)),
     "demo-zero-orders": Case(("demo", "--orders", "0")),
+    "chaos-tasks-db-restart": Case(("chaos", "--tasks", "--db-restart")),
+    "chaos-tasks-embedded": Case(("chaos", "--tasks", "--orders", "1")),
     "deep-json": Case(("enqueue", "{file}"), file_text="[" * 100_000),
     "unknown-pipeline": Case(("enqueue", "--pipeline", "nope", "-"), stdin=_GOOD),
     "typed-bad-field": Case(
@@ -237,6 +239,11 @@ def test_usage_errors_are_one_line(runs: dict[str, Ran], name: str) -> None:
 
 def test_demo_of_zero_orders_is_refused(runs: dict[str, Ran]) -> None:
     assert_bad_input(runs["demo-zero-orders"], "--orders")
+
+
+def test_chaos_of_tasks_refuses_what_it_cannot_do(runs: dict[str, Ran]) -> None:
+    assert_bad_input(runs["chaos-tasks-db-restart"], "--db-restart")
+    assert_bad_input(runs["chaos-tasks-embedded"], "DATABASE_URL", "BROKER_URL")
 
 
 def test_enqueue_of_deeply_nested_json_is_bad_input(runs: dict[str, Ran]) -> None:

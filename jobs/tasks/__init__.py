@@ -1,0 +1,25 @@
+"""Exactly once for the Celery tasks people already have: `exactly_once` under `@app.task` of
+any Celery app, `idempotency_key()` inside its body; each call is a job of the ledger."""
+
+from __future__ import annotations
+
+from jobs.tasks.calls import PIPELINE_PREFIX, STEP, is_task_pipeline
+from jobs.tasks.decorator import exactly_once
+from jobs.tasks.messages import resend
+from jobs.tasks.publishing import keep_call
+from jobs.tasks.running import idempotency_key
+from jobs.tasks.worker import check_settings
+
+# `jobs.tasks.publishing` connects the signal that keeps a call's message before its publish;
+# `jobs.tasks.worker` those that check a worker's settings and sweep the calls.
+
+__all__ = [
+    "PIPELINE_PREFIX",
+    "STEP",
+    "check_settings",
+    "exactly_once",
+    "idempotency_key",
+    "is_task_pipeline",
+    "keep_call",
+    "resend",
+]

@@ -1,0 +1,149 @@
+"""The calls' sweeper on the real Postgres (and SQLite) and Redis: a call whose message was lost,
+or whose owner died unrecorded, is re-sent through the user's app from the message kept with
+its job — same task id, arguments and canvas — and a recorded one is not; the settings check."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+from celery import Celery
+from kombu import Connection
+
+from jobs import exactly_once
+from jobs.engine.runtime import Runtime
+from jobs.tasks import check_settings, keep_call
+from jobs.tasks.sweeper import queued_calls, sweep_calls
+from jobs.tools import shop
+from ledger import Claim, EventKind, JobState, StepLedger
+from tests.conftest import queue_length
+from tests.waiting import wait_for
+
+RESERVATION = {"order_id": "o-9", "customer_id": "c-9", "amount": 500}
+
+
+def _taken(redis_url: str) -> tuple[dict[str, Any], list[Any]]:
+    """The next message on the shop's queue: its headers and body."""
+    with Connection(redis_url) as conn:
+        got = conn.SimpleQueue(shop.QUEUE).get(timeout=5)
+        body = got.decode()
+        got.ack()
+    return dict(got.headers), list(body)
+
+
+def test_a_published_call_whose_message_was_lost_is_re_sent_from_its_kept_message(
+    calls_ledger: Runtime, shop_app: Celery, redis_url: str
+) -> None:
+    # Given a charge with a callback, published: its job is kept before the broker has it
+    signature = shop.charge.s(RESERVATION).set(task_id="t-9", link=shop.notify.s())
+    signature.apply_async()
+    [job] = calls_ledger.store.list_jobs(pipeline="task:shop.charge")
+    assert (job.state, job.context["key"], job.context["effect"]) == (
+        JobState.PENDING,
+        "charge:o-9",
+        "charge",
+    )
+    assert queued_calls(shop_app) == 1
+
+    # When the broker loses the message, and the sweeper runs past the stall time
+    _taken(redis_url)
+    sent = sweep_calls(calls_ledger, shop_app, stalled_after=0)
+
+    # Then the call is on the shop's queue again: same id, arguments and callback
+    assert sent == [str(job.id)]
+    headers, (args, _, embed) = _taken(redis_url)
+    assert (headers["id"], headers["task"], args) == ("t-9", "shop.charge", [RESERVATION])
+    assert [each["task"] for each in embed["callbacks"]] == ["shop.notify"]
+    kinds = [event.kind for event in calls_ledger.store.history(job.id).events]
+    assert EventKind.REDRIVEN in kinds
+    # and the re-send kept nothing more: still one job, and the next sweep leaves it alone
+    assert len(calls_ledger.store.list_jobs(pipeline="task:shop.charge")) == 1
+    assert sweep_calls(calls_ledger, shop_app) == []
+
+
+def test_a_call_for_later_is_not_kept_before_its_publish(
+    calls_ledger: Runtime, shop_app: Celery
+) -> None:
+    # The sweeper could not honour its countdown (or expiry): its job is made when it runs.
+    shop.charge.apply_async((RESERVATION,), countdown=600)
+    shop.charge.apply_async(({**RESERVATION, "order_id": "o-10"},), expires=600)
+
+    assert calls_ledger.store.list_jobs(pipeline="task:shop.charge") == []
+    assert queued_calls(shop_app) == 2
+
+
+def test_a_call_whose_owner_died_is_re_sent_at_once(
+    calls_ledger: Runtime, shop_app: Celery, redis_url: str
+) -> None:
+    # Given a kept call claimed by a worker that died (its lease ran out unrenewed)
+    claim = _claimed(calls_ledger, lease=0.2)
+
+    # When the sweeper runs (the stall time is far away)
+    sent = wait_for(lambda: sweep_calls(calls_ledger, shop_app) or None, "a re-send", timeout=10)
+
+    # Then the call is re-sent
+    assert sent == [str(claim.job_id)]
+    assert queue_length(redis_url, shop.QUEUE) == 1
+
+
+def test_a_recorded_call_is_re_sent_until_its_continuation_appears(
+    calls_ledger: Runtime, shop_app: Celery, redis_url: str
+) -> None:
+    # Given a charge with a decorated callback, recorded, whose worker died before Celery
+    # published the callback (no call names it as its parent)
+    shop.charge.s(RESERVATION).set(task_id="t-7", link=shop.notify.s()).apply_async()
+    _taken(redis_url)
+    [job] = calls_ledger.store.list_jobs(pipeline="task:shop.charge")
+    assert (job.context["task_id"], job.context["hands_on"]) == ("t-7", True)
+    claim = calls_ledger.ledger.claim_step(job.id, "call")
+    assert isinstance(claim, Claim)
+    calls_ledger.ledger.record_success(claim, {"ok": 1}, next_step=None, duration_ms=1.0)
+
+    # When the sweeper runs past the stall time, it re-sends the call (which answers its
+    # recorded result, and Celery publishes the callback)
+    assert sweep_calls(calls_ledger, shop_app, stalled_after=0) == [str(job.id)]
+    headers, _ = _taken(redis_url)
+    assert headers["id"] == "t-7"
+
+    # Then once the callback is kept, naming the charge as its parent, it is not sent again
+    charged = {**RESERVATION, "charge_id": "ch-7"}
+    keep_call("shop.notify", ([charged], {}, {}), {"id": "t-n", "parent_id": "t-7"},
+              exchange="", routing_key=shop.QUEUE)  # fmt: skip
+    [notify] = calls_ledger.store.list_jobs(pipeline="task:shop.notify")
+    assert (notify.context["parent"], "hands_on" in notify.context) == ("t-7", False)
+    # (the callback itself, kept and never claimed, is stalled: re-sent)
+    assert sweep_calls(calls_ledger, shop_app, stalled_after=0) == [str(notify.id)]
+
+
+def test_a_recorded_call_is_not_re_sent(calls_ledger: Runtime, shop_app: Celery) -> None:
+    claim = _claimed(calls_ledger, lease=0.2)
+    calls_ledger.ledger.record_success(claim, {"ok": True}, next_step=None, duration_ms=1.0)
+
+    assert sweep_calls(calls_ledger, shop_app, stalled_after=0) == []
+
+
+def _claimed(runtime: Runtime, *, lease: float) -> Claim:
+    """A charge call kept as its publish keeps it, then claimed by an owner."""
+    job_id = keep_call(
+        "shop.charge", ([RESERVATION], {}, {}), {"id": "t-8"}, exchange="", routing_key=shop.QUEUE
+    )
+    assert job_id is not None
+    ledger = StepLedger(engine=runtime.engine, lease_seconds=lease)
+    claim = ledger.claim_step(UUID(job_id), "call")
+    assert isinstance(claim, Claim)
+    return claim
+
+
+def test_the_settings_check_names_what_is_missing() -> None:
+    lax_app = Celery("lax", broker="redis://127.0.0.1:6379/0", set_as_current=False)
+
+    @lax_app.task
+    @exactly_once(key="k:{a}")
+    def lax(a: int) -> int:
+        return a
+
+    problems = check_settings(lax_app)
+    assert any("acks_late is off" in p for p in problems), problems
+    assert any("reject_on_worker_lost is off" in p for p in problems), problems
+    assert any("visibility_timeout (3600 s)" in p for p in problems), problems
+    assert check_settings(shop.app) == []
