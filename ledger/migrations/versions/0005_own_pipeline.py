@@ -2,7 +2,7 @@
 
 Revision ID: 0005_own_pipeline
 Revises: 0004_malformed_messages
-Create Date: 2026-12-14
+Create Date: 2026-12-07
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 calls' sweeper finds recorded calls whose continuation never appeared
 
 Revision ID: 0006_call_parents
-Revises: 0004_malformed_messages
+Revises: 0005_own_pipeline
 Create Date: 2026-12-07
 """
 
