@@ -14,7 +14,7 @@ from uuid import UUID
 from jobs.engine.dispatch import Dispatch, SendsMany
 from jobs.engine.runtime import Runtime
 from jobs.pipelines import Delivery, Pipeline, registry
-from ledger import JobStore, NewJob, Reading, first_reading
+from ledger import JobStore, JobToSend, NewJob, Reading, first_reading
 
 logger = logging.getLogger(__name__)
 
@@ -222,32 +222,42 @@ def relay(rt: Runtime, dispatch: Dispatch, *, older_than: float | None = None) -
     sent = 0
     while True:
         taken = rt.store.take_undispatched(older_than=after, limit=_RELAY_BATCH)
-        failed: list[UUID] = []
-        for job in taken:
-            if job.step is None or job.pipeline not in registry:
-                # Unroutable here; left out of the outbox so it cannot block the others.
-                logger.error(
-                    "outbox job %s has no step to send (pipeline %s)",
-                    job.job_id,
-                    job.pipeline,
-                    extra={"action": "relay_skip", "job_id": str(job.job_id)},
-                )
-                continue
-            if failed:
-                failed.append(job.job_id)
-                continue
-            try:
-                dispatch.send(job.pipeline, job.step, str(job.job_id))
-            except Exception as exc:  # noqa: BLE001 - back to the outbox for the next round
-                failed.append(job.job_id)
-                logger.warning(
-                    "relay of %s failed: %s",
-                    job.job_id,
-                    exc,
-                    extra={"action": "relay_failed", "job_id": str(job.job_id)},
-                )
-            else:
-                sent += 1
-        rt.store.undo_dispatched(failed)
+        sent_now, failed = send_taken(rt, dispatch, taken)
+        sent += sent_now
         if failed or len(taken) < _RELAY_BATCH:
             return sent
+
+
+def send_taken(rt: Runtime, dispatch: Dispatch, taken: Sequence[JobToSend]) -> tuple[int, bool]:
+    """Send the first step of jobs taken from the outbox; returns how many were sent, and
+    whether a send failed. After a failure the rest go back untried with it (the broker is
+    likely down: each try would wait for it)."""
+    failed: list[UUID] = []
+    sent = 0
+    for job in taken:
+        if job.step is None or job.pipeline not in registry:
+            # Unroutable here; left out of the outbox so it cannot block the others.
+            logger.error(
+                "outbox job %s has no step to send (pipeline %s)",
+                job.job_id,
+                job.pipeline,
+                extra={"action": "relay_skip", "job_id": str(job.job_id)},
+            )
+            continue
+        if failed:
+            failed.append(job.job_id)
+            continue
+        try:
+            dispatch.send(job.pipeline, job.step, str(job.job_id))
+        except Exception as exc:  # noqa: BLE001 - back to the outbox for the next round
+            failed.append(job.job_id)
+            logger.warning(
+                "relay of %s failed: %s",
+                job.job_id,
+                exc,
+                extra={"action": "relay_failed", "job_id": str(job.job_id)},
+            )
+        else:
+            sent += 1
+    rt.store.undo_dispatched(failed)
+    return sent, bool(failed)

@@ -12,9 +12,8 @@ from typing import Final
 from uuid import UUID
 
 from jobs.engine.dispatch import Dispatch
-from jobs.engine.enqueue import relay
+from jobs.engine.enqueue import relay, send_taken
 from jobs.engine.runtime import Runtime
-from jobs.pipelines import registry
 from ledger import OUTBOX_CHANNEL, Listener
 
 logger = logging.getLogger(__name__)
@@ -27,33 +26,7 @@ def relay_announced(rt: Runtime, dispatch: Dispatch, job_ids: Sequence[UUID]) ->
     """Send the first step of announced jobs still in the outbox; returns how many were sent.
     A failed send puts the job, and those after it, back in the outbox for the next periodic
     round (the broker is likely down: each try would wait for it)."""
-    failed: list[UUID] = []
-    sent = 0
-    for job in rt.store.take_announced(job_ids):
-        if job.step is None or job.pipeline not in registry:
-            logger.error(
-                "outbox job %s has no step to send (pipeline %s)",
-                job.job_id,
-                job.pipeline,
-                extra={"action": "relay_skip", "job_id": str(job.job_id)},
-            )
-            continue
-        if failed:
-            failed.append(job.job_id)
-            continue
-        try:
-            dispatch.send(job.pipeline, job.step, str(job.job_id))
-        except Exception as exc:  # noqa: BLE001 - back to the outbox for the next round
-            failed.append(job.job_id)
-            logger.warning(
-                "relay of %s failed: %s",
-                job.job_id,
-                exc,
-                extra={"action": "relay_failed", "job_id": str(job.job_id)},
-            )
-        else:
-            sent += 1
-    rt.store.undo_dispatched(failed)
+    sent, _ = send_taken(rt, dispatch, rt.store.take_announced(job_ids))
     return sent
 
 
