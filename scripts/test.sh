@@ -22,5 +22,5 @@ export TEST_DATABASE_URL TEST_AMQP_URL TEST_REDIS_URL
 
 # Two test processes (pytest-xdist), each with brokers of its own (tests/conftest.py): the
 # system tests mostly wait on their workers, so two at a time fit two cores. Pass `-n 0` to
-# run in one process. Tests of one `xdist_group` run in the same process (loadgroup).
-exec python3 -m pytest -n "${TEST_PROCESSES:-2}" --dist loadgroup "$@"
+# run in one process.
+exec python3 -m pytest -n "${TEST_PROCESSES:-2}" "$@"

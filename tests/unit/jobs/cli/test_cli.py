@@ -20,10 +20,6 @@ from tests.factories import order_event
 
 REPO_ROOT = Path(__file__).resolve().parents[4]
 
-# The module's tests share one run of every case (`runs`): in one test process, not once in
-# each (scripts/test.sh runs pytest-xdist with `--dist loadgroup`).
-pytestmark = pytest.mark.xdist_group("cli-runs")
-
 
 @dataclass(frozen=True)
 class Case:
