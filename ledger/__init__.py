@@ -20,6 +20,18 @@ from ledger.errors import (
 )
 from ledger.job_ends import wait_for_end
 from ledger.malformed import MalformedCount, MalformedMessages
+from ledger.map_types import (
+    FanOut,
+    ItemClaim,
+    ItemFound,
+    ItemRecorded,
+    ItemResult,
+    ItemSettled,
+    LostItem,
+    MapCounters,
+    NewItem,
+)
+from ledger.maps import MapLedger
 from ledger.migrations import current_revision, head_revision, upgrade
 from ledger.notices import OUTBOX_CHANNEL, Listener
 from ledger.outcomes import Failure
@@ -39,6 +51,7 @@ from ledger.types import (
     DeadLetterState,
     EventKind,
     InFlight,
+    ItemState,
     Job,
     JobHistory,
     JobInactive,
@@ -74,9 +87,16 @@ __all__ = [
     "EventConflict",
     "EventKind",
     "Failure",
+    "FanOut",
     "FingerprintMismatch",
     "Histogram",
     "InFlight",
+    "ItemClaim",
+    "ItemFound",
+    "ItemRecorded",
+    "ItemResult",
+    "ItemSettled",
+    "ItemState",
     "Job",
     "JobHistory",
     "JobInactive",
@@ -88,8 +108,12 @@ __all__ = [
     "LedgerError",
     "LedgerStats",
     "Listener",
+    "LostItem",
     "MalformedCount",
     "MalformedMessages",
+    "MapCounters",
+    "MapLedger",
+    "NewItem",
     "NewJob",
     "OutcomeUnknown",
     "PostgresLimits",

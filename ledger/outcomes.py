@@ -66,10 +66,10 @@ def decode_claim(
     if row["entry_state"] == StepState.SUCCEEDED:
         result, ours = row["entry_result"], step in results
         return AlreadySucceeded(job_id, step, key, result, ours, context, results, current_step)
-    return _not_claimed(job_id, step, key, row, takeover_expired)
+    return not_claimed(job_id, step, key, row, takeover_expired)
 
 
-def _not_claimed(
+def not_claimed(
     job_id: UUID, step: str, key: str, row: Mapping[str, Any], takeover_expired: bool
 ) -> InFlight | OutcomeUnknown:
     """Why a claim that found an unfinished entry did not take it."""

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-from jobs.engine.dispatch import Dispatch
+from jobs.engine.dispatch import Dispatch, ItemDispatch
 from jobs.engine.enqueue import relay
 from jobs.engine.runtime import Runtime
 from jobs.pipelines import registry
@@ -79,6 +80,8 @@ class SweepReport:
     abandoned: int = 0
     #: Of `redriven`: jobs whose message the broker lost (see `QueueLoss`).
     lost: int = 0
+    #: Items of map steps sent again: left in the outbox, abandoned, or stalled.
+    items: int = 0
 
 
 # What the sweeper re-drives at once, knowing it lost:
@@ -157,6 +160,7 @@ def sweep(
         dispatch,
         lambda n: rt.store.take_stalled(stalled_after=base + waiting, limit=n, pipelines=ours),
     )
+    items = redrive_items(rt, dispatch, stalled_after=base + waiting, pipelines=ours)
     return SweepReport(
         redriven=len(abandoned) + len(lost) + len(stalled),
         skipped=skipped + skipped_lost + skipped_stalled,
@@ -165,7 +169,44 @@ def sweep(
         backlog_wait=waiting,
         abandoned=len(abandoned),
         lost=len(lost),
+        items=items,
     )
+
+
+def redrive_items(
+    rt: Runtime, dispatch: Dispatch, *, stalled_after: float, pipelines: list[str]
+) -> int:
+    """Send again the pending items of map steps that look lost — left in the outbox for
+    `relay_after`, abandoned by a dead owner, or stalled — batch after batch, several to a
+    message; how many were sent. The ledger absorbs a copy that was not lost after all."""
+    if not isinstance(dispatch, ItemDispatch):
+        return 0
+    sent = 0
+    while True:
+        taken = rt.maps.take_lost_items(
+            stalled_after=stalled_after,
+            relay_after=rt.settings.relay_after,
+            limit=_BATCH,
+            pipelines=pipelines,
+        )
+        by_job: dict[tuple[str, str, str], list[str]] = defaultdict(list)
+        for item in taken:
+            by_job[(item.pipeline, item.step, str(item.job_id))].append(item.item_id)
+        for (pipeline, step, job_id), item_ids in by_job.items():
+            try:
+                unsent = dispatch.send_items(pipeline, step, job_id, item_ids, resend=True)
+            except Exception as exc:  # noqa: BLE001 - touched: the stall time finds them
+                logger.warning("items of %s not re-sent: %s", job_id, exc)
+                continue
+            sent += len(item_ids) - len(unsent)
+            logger.warning(
+                "re-drove %d items of %s",
+                len(item_ids) - len(unsent),
+                step,
+                extra={"action": "redrive_items", "job_id": job_id, "step": step},
+            )
+        if len(taken) < _BATCH:
+            return sent
 
 
 def _redrive_lost(
