@@ -41,6 +41,7 @@ from ledger.step_ledger_postgres import PostgresStepLedger
 from ledger.step_ledger_sqlite import SqliteStepLedger
 from ledger.store import JobStore, JobToSend, UnfinishedStep
 from ledger.types import (
+    ACTIVE_JOB_STATES,
     FINISHED_JOB_STATES,
     JSON,
     AlreadySucceeded,
@@ -72,6 +73,7 @@ from ledger.types import (
 )
 
 __all__ = [
+    "ACTIVE_JOB_STATES",
     "FINISHED_JOB_STATES",
     "JSON",
     "OUTBOX_CHANNEL",

@@ -330,6 +330,15 @@ class MapLedger:
                 return
             after = rows[-1].path
 
+    def item_keys(self, keys: Sequence[str]) -> set[str]:
+        """Which of these keys are items' (the others: steps')."""
+        found: set[str] = set()
+        for start in range(0, len(keys), READ_PAGE):
+            chunk = keys[start : start + READ_PAGE]
+            with db.single_statement(self.engine) as conn:
+                found.update(conn.execute(queries.select_item_keys(chunk)).scalars())
+        return found
+
     def take_lost_items(
         self,
         *,

@@ -66,8 +66,9 @@ class ItemRun:
         self.settles = step.policy is MapPolicy.ALL_SETTLED
 
     def label(self, item_id: str) -> str:
-        """What crash points match an item by: its job id, "/", its item id."""
-        return f"{self.job_id}/{item_id}"
+        """What crash points match an item by: its job id, then its item id between slashes
+        (a rule's `/7/` is item 7 alone, of any job)."""
+        return f"{self.job_id}/{item_id}/"
 
     def send_later(self, item_ids: Sequence[str], delay: float) -> None:
         """Send items again after `delay` seconds, on the retry queue."""

@@ -329,6 +329,11 @@ def take_lost_items(
     )
 
 
+def select_item_keys(keys: Sequence[str]) -> sa.Select[Any]:
+    """Which of these keys are items'."""
+    return sa.select(map_items.c.key).where(map_items.c.key.in_(list(keys))).distinct()
+
+
 def not_an_item_key(job_id: UUID, key: ColumnElement[Any]) -> ColumnElement[bool]:
     """The key is not one of the job's items' (history lists steps, and sums items up)."""
     item = map_items.c
