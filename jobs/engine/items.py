@@ -101,8 +101,19 @@ def run_items(
     timer: StepTimer | None = None,
 ) -> list[Outcome]:
     """Run the items of one message (claims in one transaction, records in as few as the
-    acts allow); each item's outcome, in order."""
+    acts allow); each item's outcome, in order. At most once, each item is claimed just
+    before it acts and recorded at once: a key claimed but not acted on looks, once its
+    worker is dead, exactly like one that acted (`unknown`), so a message holds at most one
+    such key at a time."""
     run = ItemRun(rt, dispatch, pipeline, step, job_id, timer)
+    if step.delivery is Delivery.AT_MOST_ONCE:
+        return [outcome for item_id in item_ids for outcome in _run_group(run, [item_id])]
+    return _run_group(run, item_ids)
+
+
+def _run_group(run: ItemRun, item_ids: Sequence[str]) -> list[Outcome]:
+    """Claim items together, then act on and record each."""
+    rt, step, job_id = run.rt, run.step, run.job_id
     for item_id in item_ids:
         rt.crash(CrashPoint.BEFORE_CLAIM, step.name, run.label(item_id))
     found = rt.maps.claim_items(
@@ -147,14 +158,26 @@ def _act_and_record(
         if isinstance(done, Outcome):
             outcomes[index] = done
             continue
-        acted.append((index, claim, *done))
+        result, children, duration_ms = done
+        acted.append((index, claim, result, children))
         oldest = oldest if len(acted) > 1 else time.monotonic()
-        # An item with an effect is recorded promptly: a kill before its record leaves its
-        # key held until its lease runs out (or, at most once, unknown).
-        if run.step.effect is not None or time.monotonic() - oldest >= RECORD_WITHIN:
+        if _records_now(run.step, duration_ms, oldest):
             outcomes.update(_record(run, acted))
             acted = []
     outcomes.update(_record(run, acted))
+
+
+def _records_now(step: MapStep[object], duration_ms: float, oldest: float) -> bool:
+    """Whether the items that acted are recorded before the next acts, as a batch's steps
+    are (`jobs.engine.run`): at most once at once (a kill before the record leaves the item
+    `unknown`), read-only items together, any other once an act was slow or the oldest
+    unrecorded one waited `RECORD_WITHIN` (a kill meanwhile leaves their keys held until
+    their leases run out)."""
+    if step.delivery is Delivery.AT_MOST_ONCE:
+        return True
+    if step.delivery is Delivery.READ_ONLY:
+        return False
+    return duration_ms / 1000 >= RECORD_WITHIN or time.monotonic() - oldest >= RECORD_WITHIN
 
 
 def _verdict(run: ItemRun, item_id: str, found: ItemFound | LedgerError) -> ItemClaim | Outcome:
@@ -215,8 +238,9 @@ def _dead_letter_unclaimed(
     return Outcome.DEAD_LETTERED
 
 
-def _act(run: ItemRun, claim: ItemClaim) -> tuple[JSON, Sequence[NewItem]] | Outcome:
-    """Act on an item: its result and the items it expands into, or how the attempt ended."""
+def _act(run: ItemRun, claim: ItemClaim) -> tuple[JSON, Sequence[NewItem], float] | Outcome:
+    """Act on an item: its result, the items it expands into and how long it took; or how
+    the attempt ended."""
     rt, step = run.rt, run.step
     policy = rt.retry_policy_for(run.pipeline.name, step)
     if claim.attempt > policy.max_attempts:
@@ -260,7 +284,7 @@ def _act(run: ItemRun, claim: ItemClaim) -> tuple[JSON, Sequence[NewItem]] | Out
         )
         return _record_failure(run, claim, failure)
     rt.crash(CrashPoint.AFTER_ACT, step.name, run.label(claim.item_id))
-    return result, children
+    return result, children, (time.monotonic() - started) * 1000
 
 
 def _children(step: MapStep[object], pipeline: str, claim: ItemClaim, out: object) -> list[NewItem]:

@@ -21,7 +21,7 @@ from jobs.engine.sweeper import redrive_items
 from jobs.errors import PermanentError
 from jobs.maps import Expand, ItemContext, MapPolicy, MapStep
 from jobs.ops.history import history_view
-from jobs.pipelines import Pipeline, Step, StepContext
+from jobs.pipelines import Delivery, Pipeline, Step, StepContext
 from ledger import JSON, DeadLetterStore, ItemState, JobState, MapLedger, Reopened
 from tests.conftest import settings_for
 from tests.factories import RetryRequested
@@ -77,7 +77,11 @@ class QueueDispatch:
         raise RetryRequested(delay)
 
 
-def build(world: World, policy: MapPolicy = MapPolicy.ALL_SUCCEED) -> Pipeline[World]:
+def build(
+    world: World,
+    policy: MapPolicy = MapPolicy.ALL_SUCCEED,
+    delivery: Delivery = Delivery.EXACTLY_ONCE,
+) -> Pipeline[World]:
     def plan(ctx: StepContext[World]) -> list[object]:
         return [{"id": f"r{n}", "depth": 0} for n in range(int(str(ctx.context["roots"])))]
 
@@ -113,6 +117,8 @@ def build(world: World, policy: MapPolicy = MapPolicy.ALL_SUCCEED) -> Pipeline[W
                 each=each,  # type: ignore[arg-type]
                 item_id=lambda item: str(item["id"]),  # type: ignore[call-overload,index]
                 policy=policy,
+                delivery=delivery,
+                effect="visit",
             ),
             Step("publish", join, key="crawl:{crawl}:publish"),  # type: ignore[arg-type]
         ],
@@ -283,3 +289,32 @@ def test_the_sweeper_sends_items_left_in_the_outbox_or_abandoned(
     assert runtime.store.get_job(uuid.UUID(job_id)).state is JobState.SUCCEEDED
     items = list(runtime.maps.item_results(uuid.UUID(job_id), "search", page=2))
     assert [each.state for each in items] == [ItemState.DONE] * len(items)
+
+
+def test_an_at_most_once_item_whose_owner_vanished_is_unknown_and_dead_lettered(
+    runtime: Runtime,
+) -> None:
+    # Given an at-most-once map whose item r1 was claimed by an owner that died
+    world, dispatch = World(), QueueDispatch()
+    pipeline = build(world, delivery=Delivery.AT_MOST_ONCE)
+    job_id = start(runtime, pipeline, roots=3)
+    dispatch.fail_items = True
+    run_step(runtime, dispatch, pipeline, pipeline.step("search"), job_id)  # type: ignore[arg-type]
+    dispatch.fail_items = False
+    short = MapLedger(engine=runtime.engine, lease_seconds=0.001)
+    [claimed] = short.claim_items(uuid.UUID(job_id), "search", ["r1"], takeover_expired=False)
+    assert not isinstance(claimed, Exception)
+
+    # When its message comes back
+    map_step = pipeline.step("search")
+    assert isinstance(map_step, MapStep)
+    outcomes = run_items(runtime, dispatch, pipeline, map_step, job_id, ["r0", "r1", "r2"])  # type: ignore[arg-type]
+
+    # Then it is not acted on again: its key is unknown and it is dead-lettered on its own
+    assert outcomes == [Outcome.SUCCEEDED, Outcome.DEAD_LETTERED, Outcome.SUCCEEDED]
+    assert "r1" not in world.acted
+    [letter] = DeadLetterStore(engine=runtime.engine).list(job_id=uuid.UUID(job_id))
+    assert str(letter.reason) == "outcome_unknown"
+    [counters] = runtime.maps.counters(uuid.UUID(job_id))
+    # (r0 split into three, pending)
+    assert (counters.done, counters.failed, counters.remaining) == (2, 1, 4)
