@@ -313,7 +313,8 @@ def _act(run: Run, step: Step[object], claim: Claim | Reading) -> StepResult | R
         failure = Failure(
             error=error,
             retry_in=None,
-            outcome_unknown=step.effect is not None,
+            # (A map step's own run only computed its items: no effect of its own.)
+            outcome_unknown=step.effect is not None and not is_map(step),
             reason=DeadLetterReason.WORKER_LOST,
         )
         return record_failure(run, step, claim, failure)

@@ -141,6 +141,11 @@ class DeadLetterDesk:
     def _unknown(self, letter: DeadLetter) -> bool:
         if letter.key is None:
             return False
+        if item_of(letter) is not None:
+            # An item's entry is not in its job's history (a map may have 100,000).
+            step = [(letter.pipeline, letter.step)]
+            found = self.store.entries_of_steps(step, keys=[letter.key])
+            return any(entry.state is StepState.UNKNOWN for _, entry in found)
         entries = self.store.history(letter.job_id).entries
         return any(e.key == letter.key and e.state is StepState.UNKNOWN for e in entries)
 

@@ -20,6 +20,7 @@ from jobs.engine.runtime import Runtime
 from jobs.engine.sweeper import redrive_items
 from jobs.errors import PermanentError
 from jobs.maps import Expand, ItemContext, MapPolicy, MapStep
+from jobs.ops.dead_letters import DeadLetterDesk
 from jobs.ops.history import history_view
 from jobs.pipelines import Delivery, Pipeline, Step, StepContext
 from ledger import JSON, DeadLetterStore, ItemState, JobState, MapLedger, Reopened
@@ -318,3 +319,13 @@ def test_an_at_most_once_item_whose_owner_vanished_is_unknown_and_dead_lettered(
     [counters] = runtime.maps.counters(uuid.UUID(job_id))
     # (r0 split into three, pending)
     assert (counters.done, counters.failed, counters.remaining) == (2, 1, 4)
+    # And a replay waits for a person to check the provider (--force)
+    desk = DeadLetterDesk(
+        store=runtime.store, letters=DeadLetterStore(engine=runtime.engine), dispatch=dispatch
+    )
+    refused = desk.replay(letter, by="test", force=False)
+    assert not refused.done
+    assert "unknown" in refused.detail
+    forced = desk.replay(letter, by="test", force=True)
+    assert forced.done, forced.detail
+    assert dispatch.queue[-1][3] == ["r1"]
