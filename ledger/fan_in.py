@@ -5,6 +5,7 @@ kombu, jobs or config."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, Final
 from uuid import UUID
@@ -25,65 +26,88 @@ def insert_items(
     conn: Connection,
     job_id: UUID,
     step: str,
-    items: Sequence[NewItem],
-    *,
-    parent: tuple[str, str] | None,
-) -> list[str]:
-    """Write items (children of `parent`, an (item id, path), if given), one INSERT per
-    batch; the ids of those the map did not have."""
-    prefix = f"{parent[1]}." if parent is not None else ""
+    items: Sequence[tuple[tuple[str, str] | None, Sequence[NewItem]]],
+) -> dict[str | None, list[str]]:
+    """Write items, each group the children of a parent (an (item id, path)) or the roots
+    (None), one INSERT per `INSERT_BATCH` rows; the ids the map did not have, by parent."""
     rows = [
         {
             "job_id": job_id,
             "step": step,
             "item_id": each.item_id,
-            "path": f"{prefix}{index:08d}",
+            "path": f"{parent[1]}.{index:08d}" if parent is not None else f"{index:08d}",
             "key": each.key,
             "fingerprint": each.fingerprint,
             "item": each.item,
             "parent": parent[0] if parent is not None else None,
         }
-        for index, each in enumerate(items)
+        for parent, group in items
+        for index, each in enumerate(group)
     ]
-    added: list[str] = []
+    added: dict[str | None, list[str]] = {}
     for start in range(0, len(rows), INSERT_BATCH):
         batch = rows[start : start + INSERT_BATCH]
-        added.extend(conn.execute(queries.insert_items(conn.dialect.name, batch)).scalars())
+        inserted = conn.execute(queries.insert_items(conn.dialect.name, batch))
+        for item_id, parent in inserted:
+            added.setdefault(str(parent) if parent is not None else None, []).append(str(item_id))
     return added
 
 
 def settle(
     conn: Connection,
-    claim: ItemClaim,
+    claims: Sequence[tuple[ItemClaim, Sequence[NewItem]]],
     state: ItemState,
-    children: Sequence[NewItem],
     next_step: str | None,
     settles: bool,
-) -> ItemRecorded:
-    """The fan-in: the item's first transition out of pending (else nothing more), its
-    children written, the counters moved by one conditional statement, and the join
-    handed on by the transaction that settles the last item."""
-    job_id, step = claim.job_id, claim.step
-    moved = queries.settle_item(job_id, step, claim.item_id, state, len(children))
-    row = conn.execute(moved).one_or_none()
-    if row is None:
-        return ItemRecorded(claim.key, counted=False)
-    added = insert_items(conn, job_id, step, children, parent=(claim.item_id, row.path))
+) -> dict[str, ItemRecorded]:
+    """The fan-in, for items of one job's map: their first transition out of pending (one
+    UPDATE; an item already settled counts nothing more), their children written (one
+    INSERT), the counters moved by one conditional statement, and the join handed on by the
+    transaction that settles the last item. By item id, what each record did."""
+    if not claims:
+        return {}
+    job_id, step = claims[0][0].job_id, claims[0][0].step
+    by_id = {claim.item_id: (claim, children) for claim, children in claims}
+    moved = conn.execute(queries.settle_items(state), _settle_params(job_id, step, list(by_id)))
+    paths: dict[str, str] = {str(item_id): str(path) for item_id, path in moved}
+    recorded = {
+        item_id: ItemRecorded(claim.key, counted=False)
+        for item_id, (claim, _) in by_id.items()
+        if item_id not in paths
+    }
+    if not paths:
+        return recorded
+    parents = [((item_id, paths[item_id]), by_id[item_id][1]) for item_id in paths]
+    added = insert_items(conn, job_id, step, [(p, kids) for p, kids in parents if kids])
+    for item_id, kids in added.items():
+        conn.execute(queries.note_children(job_id, step, str(item_id), len(kids)))
     done = state is ItemState.DONE
+    new = sum(len(kids) for kids in added.values())
     counters = count(
         conn,
         job_id,
         step,
-        total=len(added),
-        done=int(done),
-        failed=int(not done),
-        expanded=int(bool(added)),
-        remaining=len(added) - int(done or settles),
+        total=new,
+        done=len(paths) if done else 0,
+        failed=0 if done else len(paths),
+        expanded=len(added),
+        remaining=new - (len(paths) if done or settles else 0),
     )
     joined = None
     if counters.remaining == 0 and not counters.joined:
         joined = join(conn, job_id, step, next_step)
-    return ItemRecorded(claim.key, counted=True, children=added, joined=joined)
+    for item_id in paths:
+        claim = by_id[item_id][0]
+        recorded[item_id] = ItemRecorded(claim.key, counted=True, children=added.get(item_id, []))
+    if joined is not None:
+        # One record hands the join on: the last of the lot.
+        last = list(paths)[-1]
+        recorded[last] = dataclasses.replace(recorded[last], joined=joined)
+    return recorded
+
+
+def _settle_params(job_id: UUID, step: str, item_ids: list[str]) -> dict[str, Any]:
+    return {"p_job_id": job_id, "p_step": step, "p_item_ids": item_ids}
 
 
 def count(conn: Connection, job_id: UUID, step: str, **moves: int) -> MapCounters:

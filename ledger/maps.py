@@ -90,7 +90,8 @@ class MapLedger:
                 if finished.one_or_none() is None:
                     return self._fanned_out_before(conn, claim)
                 conn.execute(queries.insert_map(self._dialect, claim.job_id, claim.step, policy))
-                added = fan_in.insert_items(conn, claim.job_id, claim.step, items, parent=None)
+                roots = fan_in.insert_items(conn, claim.job_id, claim.step, [(None, items)])
+                added = roots.get(None, [])
                 counters = fan_in.count(conn, claim.job_id, claim.step, total=len(added))
                 event = queries.append_event(
                     claim.job_id,
@@ -135,31 +136,33 @@ class MapLedger:
     def claim_items(
         self, job_id: UUID, step: str, item_ids: Sequence[str], *, takeover_expired: bool = True
     ) -> list[ItemFound | LedgerError]:
-        """Claim items' keys as a step's key is claimed, in one transaction: for each, the
+        """Claim items' keys as a step's key is claimed, for one owner (the run that acts on
+        them), in one statement, then read what each found, in a second: for each, the
         claim, or what was found instead (or `FingerprintMismatch`: its key was first used
         for another request)."""
-        owners = [uuid4() for _ in item_ids]
-        claim = queries.claim_item(self._dialect, takeover_expired)
-        lease = self.lease_seconds
+        owner = uuid4()
+        claim = queries.claim_items(self._dialect, takeover_expired)
+        values = {
+            "p_job_id": job_id,
+            "p_step": step,
+            "p_item_ids": list(item_ids),
+            "p_owner": owner,
+            "p_lease": self.lease_seconds,
+        }
+        looked = queries.select_items_for_claim(job_id, step, item_ids)
 
         def attempt() -> list[ItemFound | LedgerError]:
-            found: list[ItemFound | LedgerError] = []
             with db.transaction(self.engine) as conn:
-                for item_id, owner in zip(item_ids, owners, strict=True):
-                    values = {
-                        "p_job_id": job_id,
-                        "p_step": step,
-                        "p_item_id": item_id,
-                        "p_owner": owner,
-                        "p_lease": lease,
-                    }
-                    attempts = conn.execute(claim, values).scalar_one_or_none()
-                    looked = queries.select_item_for_claim(job_id, step, item_id)
-                    row = conn.execute(looked).mappings().one_or_none()
-                    decoded = answer(
-                        _decode, (job_id, step, item_id), owner, attempts, row, takeover_expired
-                    )
-                    found.append(decoded)
+                claimed: dict[str, int] = {
+                    row.key: row.attempts for row in conn.execute(claim, values)
+                }
+                rows = {row["item_id"]: row for row in conn.execute(looked).mappings()}
+            found: list[ItemFound | LedgerError] = []
+            for item_id in item_ids:
+                row = rows.get(item_id)
+                attempts = claimed.get(row["key"]) if row is not None else None
+                item = (job_id, step, item_id)
+                found.append(answer(_decode, item, owner, attempts, row, takeover_expired))
             return found
 
         return self._retrying(attempt)
@@ -180,26 +183,27 @@ class MapLedger:
         over: do not hand anything on) or `StatementRejected`.
         """
 
-        def each(
-            conn: Connection, claim: ItemClaim, result: JSON, children: Sequence[NewItem]
-        ) -> ItemRecorded:
-            finish = queries.finish_entry(StepState.SUCCEEDED)
-            values = queries.finish_params(claim.key, claim.owner, result=result)
-            if conn.execute(finish, values).one_or_none() is None:
-                return self._recorded_before(conn, claim, StepState.SUCCEEDED)
-            return fan_in.settle(conn, claim, ItemState.DONE, children, next_step, settles=True)
+        finish = queries.finish_entry(StepState.SUCCEEDED)
 
         def attempt() -> list[ItemRecorded | LedgerError]:
-            recorded: list[ItemRecorded | LedgerError] = []
+            recorded: dict[int, ItemRecorded | LedgerError] = {}
+            finished: list[tuple[ItemClaim, Sequence[NewItem]]] = []
             with db.transaction(self.engine) as conn:
-                for one in done:
+                for index, (claim, result, children) in enumerate(done):
+                    values = queries.finish_params(claim.key, claim.owner, result=result)
+                    if conn.execute(finish, values).one_or_none() is not None:
+                        finished.append((claim, children))
+                        continue
                     # Fenced out is this item's alone; a statement the database refuses
                     # aborts the transaction, and each item is then recorded alone.
                     try:
-                        recorded.append(each(conn, *one))
+                        recorded[index] = self._recorded_before(conn, claim, StepState.SUCCEEDED)
                     except LeaseLost as exc:
-                        recorded.append(exc)
-            return recorded
+                        recorded[index] = exc
+                settled = fan_in.settle(conn, finished, ItemState.DONE, next_step, settles=True)
+            by_id = {claim.item_id: index for index, (claim, _, _) in enumerate(done)}
+            recorded.update({by_id[item_id]: each for item_id, each in settled.items()})
+            return [recorded[index] for index in range(len(done))]
 
         try:
             return self._retrying(attempt)
@@ -234,7 +238,9 @@ class MapLedger:
                 if failure.retry_in is not None:
                     conn.execute(queries.touch_item(claim.job_id, claim.step, claim.item_id))
                     return ItemRecorded(claim.key, counted=False)
-                recorded = fan_in.settle(conn, claim, ItemState.FAILED, (), next_step, settles)
+                failed = [(claim, ())]
+                settled = fan_in.settle(conn, failed, ItemState.FAILED, next_step, settles)
+                recorded = settled[claim.item_id]
                 if recorded.counted:
                     fan_in.dead_letter(
                         conn, claim, failure, finished.attempts, finished.first_failed_at
@@ -271,7 +277,9 @@ class MapLedger:
                 claim = ItemClaim(
                     job_id, step, key, uuid4(), attempts, {}, {}, item_id=item_id, item=value
                 )
-                recorded = fan_in.settle(conn, claim, ItemState.FAILED, (), next_step, settles)
+                failed = [(claim, ())]
+                settled = fan_in.settle(conn, failed, ItemState.FAILED, next_step, settles)
+                recorded = settled[claim.item_id]
                 if recorded.counted:
                     failure = Failure(error, None, reason=reason)
                     fan_in.dead_letter(conn, claim, failure, attempts, None)
@@ -290,7 +298,8 @@ class MapLedger:
                 claim = ItemClaim(
                     found.job_id, found.step, found.key, uuid4(), 0, {}, {}, item_id=item_id
                 )
-                return fan_in.settle(conn, claim, ItemState.DONE, (), next_step, settles=True)
+                done = fan_in.settle(conn, [(claim, ())], ItemState.DONE, next_step, settles=True)
+                return done[item_id]
 
         return self._retrying(attempt)
 

@@ -106,6 +106,17 @@ def run_items(
     worker is dead, exactly like one that acted (`unknown`), so a message holds at most one
     such key at a time."""
     run = ItemRun(rt, dispatch, pipeline, step, job_id, timer)
+    if len(set(item_ids)) != len(item_ids):
+        # A message names each item once; one that does not runs each once.
+        unique = list(dict.fromkeys(item_ids))
+        ran = dict(
+            zip(
+                unique,
+                run_items(rt, dispatch, pipeline, step, job_id, unique, timer=timer),
+                strict=True,
+            )
+        )
+        return [ran[item_id] for item_id in item_ids]
     if step.delivery is Delivery.AT_MOST_ONCE:
         return [outcome for item_id in item_ids for outcome in _run_group(run, [item_id])]
     return _run_group(run, item_ids)

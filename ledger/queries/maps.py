@@ -4,6 +4,7 @@ join's hand-on, the items read in item order, and the sweeper's take of lost ite
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 from uuid import UUID
@@ -42,7 +43,7 @@ def insert_map(dialect_name: str, job_id: UUID, step: str, policy: str) -> Any:
 def insert_items(dialect_name: str, rows: Sequence[Mapping[str, Any]]) -> Any:
     """A batch of items as one INSERT: each row's `job_id`, `step`, `item_id`, `path`, `key`,
     `fingerprint`, `item`, `parent`; an item id the map has already is left as it is.
-    Returns the item ids inserted."""
+    Returns the (item id, parent) of those inserted."""
     insert = db.insert_for(dialect_name)
     values = [
         {
@@ -59,7 +60,7 @@ def insert_items(dialect_name: str, rows: Sequence[Mapping[str, Any]]) -> Any:
         insert(map_items)
         .values(values)
         .on_conflict_do_nothing(index_elements=[item.job_id, item.step, item.item_id])
-        .returning(item.item_id)
+        .returning(item.item_id, item.parent)
     )
 
 
@@ -82,30 +83,32 @@ def mark_items_dispatched(job_id: UUID, step: str, item_ids: Sequence[str]) -> s
     )
 
 
-def claim_item(dialect_name: str, takeover_expired: bool) -> Any:
-    """Claim a pending item's key (`p_job_id`, `p_step`, `p_item_id`) for `p_owner`, as a
-    step's key is claimed (the same statement: inserted as started, or taken over from a
-    failed or expired attempt), if its job is active; returns `attempts` when it is ours."""
+@functools.cache
+def claim_items(dialect_name: str, takeover_expired: bool) -> Any:
+    """Claim the keys of pending items (`p_job_id`, `p_step`, `p_item_ids`) for `p_owner`, as
+    a step's key is claimed (the same statement: inserted as started, or taken over from a
+    failed or expired attempt), if their job is active, in one statement; returns
+    (`attempts`, `key`) of each key that is now ours."""
     item = map_items.c
     active_job = sa.exists().where(jobs.c.id == item.job_id, jobs.c.state.in_(ACTIVE))
     source = sa.select(item.key, item.job_id, item.fingerprint).where(
-        *_the_item(
-            param("job_id", ANY_ID, sa.Uuid()),
-            param("step", "", sa.String()),
-            param("item_id", "", sa.String()),
-        ),
+        item.job_id == param("job_id", ANY_ID, sa.Uuid()),
+        item.step == param("step", "", sa.String()),
+        item.item_id.in_(sa.bindparam("p_item_ids", expanding=True)),
         item.state == str(ItemState.PENDING),
         active_job,
     )
-    return claim_key_from(db.insert_for(dialect_name), source, takeover_expired)
+    claim = claim_key_from(db.insert_for(dialect_name), source, takeover_expired)
+    return claim.returning(ledger_entries.c.key)
 
 
-def select_item_for_claim(job_id: UUID, step: str, item_id: str) -> sa.Select[Any]:
-    """What an item's claim needs and found: the item, its job, its key's entry."""
+def select_items_for_claim(job_id: UUID, step: str, item_ids: Sequence[str]) -> sa.Select[Any]:
+    """What items' claim needs and found: each item, its job, its key's entry."""
     item = map_items.c
     entry = ledger_entries.alias("entry")
     return (
         sa.select(
+            item.item_id,
             item.key,
             item.item,
             item.state.label("item_state"),
@@ -118,19 +121,32 @@ def select_item_for_claim(job_id: UUID, step: str, item_id: str) -> sa.Select[An
         .select_from(
             map_items.join(jobs, jobs.c.id == item.job_id).outerjoin(entry, entry.c.key == item.key)
         )
-        .where(*_the_item(job_id, step, item_id))
+        .where(*_the_item(job_id, step, list(item_ids)))
     )
 
 
-def settle_item(job_id: UUID, step: str, item_id: str, state: ItemState, children: int) -> Any:
-    """An item's first transition out of pending (to done or failed); returns it only then,
-    so a redelivered or re-driven item never counts twice."""
+@functools.cache
+def settle_items(state: ItemState) -> sa.Update:
+    """Items' first transition out of pending (to done or failed; `p_job_id`, `p_step`,
+    `p_item_ids`); returns (item id, path) of those that made it now, and only those, so a
+    redelivered or re-driven item never counts twice."""
+    item = map_items.c
     return (
         sa.update(map_items)
-        .where(*_the_item(job_id, step, item_id), map_items.c.state == str(ItemState.PENDING))
-        .values(state=str(state), children=children, updated_at=db.utcnow())
-        .returning(map_items.c.item_id, map_items.c.path)
+        .where(
+            item.job_id == param("job_id", ANY_ID, sa.Uuid()),
+            item.step == param("step", "", sa.String()),
+            item.item_id.in_(sa.bindparam("p_item_ids", expanding=True)),
+            item.state == str(ItemState.PENDING),
+        )
+        .values(state=str(state), updated_at=db.utcnow())
+        .returning(item.item_id, item.path)
     )
+
+
+def note_children(job_id: UUID, step: str, item_id: str, children: int) -> sa.Update:
+    """How many new items an item expanded into."""
+    return sa.update(map_items).where(*_the_item(job_id, step, item_id)).values(children=children)
 
 
 def reopen_item(job_id: UUID, step: str, key: str) -> sa.Update:
