@@ -339,6 +339,11 @@ class MapLedger:
                 return
             after = rows[-1].path
 
+    def recent_items(self, *, window: float) -> int:
+        """How many items were done in the last `window` seconds."""
+        with db.single_statement(self.engine) as conn:
+            return int(conn.execute(queries.count_recent_items(window)).scalar_one())
+
     def item_keys(self, keys: Sequence[str]) -> set[str]:
         """Which of these keys are items' (the others: steps')."""
         found: set[str] = set()

@@ -53,6 +53,11 @@ class SendsMany(Protocol):
         `READING_HEADER`); the job ids whose publish failed."""
 
 
+#: Items of a map step one message carries: a redelivery repeats a few claims, not many,
+#: and the items of a big map still spread over every worker.
+ITEMS_PER_MESSAGE: Final = 20
+
+
 @runtime_checkable
 class ItemDispatch(Protocol):
     """A dispatch that publishes a map step's items (`CeleryDispatch`)."""

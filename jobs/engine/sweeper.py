@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-from jobs.engine.dispatch import Dispatch, ItemDispatch
+from jobs.engine.dispatch import ITEMS_PER_MESSAGE, Dispatch, ItemDispatch
 from jobs.engine.enqueue import relay
 from jobs.engine.runtime import Runtime
 from jobs.pipelines import registry
@@ -110,6 +110,8 @@ def backlog_wait(rt: Runtime, queued: int, stalled_after: float) -> float:
     if queued <= 0:
         return 0.0
     handled = rt.store.recent_deliveries(window=PACE_WINDOW, fast_path=rt.settings.fast_path)
+    # Map steps' items write no history: their messages are counted by the items done.
+    handled += math.ceil(rt.maps.recent_items(window=PACE_WINDOW) / ITEMS_PER_MESSAGE)
     drain = queued * PACE_WINDOW / handled if handled else math.inf
     return drain if drain <= stalled_after else MAX_BACKLOG_WAIT
 

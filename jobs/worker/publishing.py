@@ -21,7 +21,7 @@ from kombu import Connection, Producer
 from kombu.utils.uuid import uuid
 
 from config import MAIN_QUEUE, RETRY_QUEUE, Settings, get_settings
-from jobs.engine.dispatch import READING_HEADER, reading_header
+from jobs.engine.dispatch import ITEMS_PER_MESSAGE, READING_HEADER, reading_header
 from jobs.engine.runtime import step_time_limit
 from jobs.engine.step_messages import item_task_name, task_name
 from jobs.errors import UnknownPipeline
@@ -34,9 +34,6 @@ logger = logging.getLogger(__name__)
 
 #: Seconds to wait for RabbitMQ to confirm a batch before calling the rest unsent.
 CONFIRM_TIMEOUT: Final = 30.0
-#: Items of a map step one message carries: a redelivery repeats a few claims, not many,
-#: and the items of a big map still spread over every worker.
-ITEMS_PER_MESSAGE: Final = 20
 
 _PUBLISHERS: weakref.WeakKeyDictionary[Celery, Publisher] = weakref.WeakKeyDictionary()
 _PUBLISHERS_LOCK = threading.Lock()

@@ -63,6 +63,7 @@ from ledger.queries.job_rows import (
 from ledger.queries.maps import (
     claim_items,
     count_items,
+    count_recent_items,
     insert_items,
     insert_map,
     join_map,
@@ -139,6 +140,7 @@ __all__ = [
     "count_jobs_by_state",
     "count_open_dead_letters",
     "count_recent_deliveries",
+    "count_recent_items",
     "count_recent_messages",
     "current_key",
     "delete_dead_letters",

@@ -345,6 +345,16 @@ def take_lost_items(
     )
 
 
+def count_recent_items(window: float) -> sa.Select[Any]:
+    """How many items were done in the last `window` seconds (the `(state, updated_at)`
+    index answers it)."""
+    item = map_items.c
+    return sa.select(sa.func.count()).where(
+        item.state == str(ItemState.DONE),
+        item.updated_at > db.utcnow_plus(db.seconds(-window)),
+    )
+
+
 def select_item_keys(keys: Sequence[str]) -> sa.Select[Any]:
     """Which of these keys are items'."""
     return sa.select(map_items.c.key).where(map_items.c.key.in_(list(keys))).distinct()

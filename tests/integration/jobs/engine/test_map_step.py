@@ -290,6 +290,8 @@ def test_the_sweeper_sends_items_left_in_the_outbox_or_abandoned(
     assert runtime.store.get_job(uuid.UUID(job_id)).state is JobState.SUCCEEDED
     items = list(runtime.maps.item_results(uuid.UUID(job_id), "search", page=2))
     assert [each.state for each in items] == [ItemState.DONE] * len(items)
+    # And the sweeper's pace counts the items done (they write no history of their own)
+    assert runtime.maps.recent_items(window=60) >= len(items)
 
 
 def test_an_at_most_once_item_whose_owner_vanished_is_unknown_and_dead_lettered(
