@@ -9,33 +9,28 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Final, TypeVar
 from uuid import UUID, uuid4
 
-from sqlalchemy.engine import Connection, Engine, RowMapping
+from sqlalchemy.engine import Connection, Engine
 
 from ledger import db, fan_in, queries
-from ledger.errors import FingerprintMismatch, LeaseLost, LedgerError, StatementRejected
+from ledger.errors import LeaseLost, LedgerError, StatementRejected
 from ledger.map_types import (
     FanOut,
     ItemClaim,
     ItemFound,
     ItemRecorded,
     ItemResult,
-    ItemSettled,
     LostItem,
     MapCounters,
     NewItem,
 )
-from ledger.outcomes import MIN_IN_FLIGHT_WAIT, Failure, answer, not_claimed
+from ledger.outcomes import Failure, answer, decode_item_claim
 from ledger.types import (
-    ACTIVE_JOB_STATES,
     JSON,
     AlreadySucceeded,
     Claim,
     DeadLetterReason,
     EventKind,
-    InFlight,
     ItemState,
-    JobInactive,
-    JobState,
     StepState,
 )
 
@@ -162,7 +157,9 @@ class MapLedger:
                 row = rows.get(item_id)
                 attempts = claimed.get(row["key"]) if row is not None else None
                 item = (job_id, step, item_id)
-                found.append(answer(_decode, item, owner, attempts, row, takeover_expired))
+                found.append(
+                    answer(decode_item_claim, item, owner, attempts, row, takeover_expired)
+                )
             return found
 
         return self._retrying(attempt)
@@ -360,53 +357,29 @@ class MapLedger:
         relay_after: float,
         limit: int,
         pipelines: Sequence[str] | None = None,
+        sent_between: tuple[float, float | None] | None = None,
     ) -> list[LostItem]:
-        """Pending items that look lost (left in the outbox, abandoned by a dead owner, or
-        stalled), marked touched so that the next sweep leaves them alone; SKIP LOCKED."""
-        take = queries.take_lost_items(
-            self._dialect,
-            stalled_after=stalled_after,
-            relay_after=relay_after,
-            limit=limit,
-            pipelines=pipelines,
-        )
+        """Pending items that look lost — left in the outbox, abandoned by a dead owner, or
+        stalled; or (`sent_between`: (before, after) seconds ago) handed to a broker that
+        lost its queues then — marked touched so that the next sweep leaves them alone;
+        SKIP LOCKED."""
+        if sent_between is not None:
+            before, after = sent_between
+            take = queries.take_items_sent_between(self._dialect, before, after, limit, pipelines)
+        else:
+            take = queries.take_lost_items(
+                self._dialect,
+                stalled_after=stalled_after,
+                relay_after=relay_after,
+                limit=limit,
+                pipelines=pipelines,
+            )
         with db.transaction(self.engine) as conn:
             rows = conn.execute(take).all()
         return [LostItem(row[0], row[3], row[1], row[2]) for row in rows]
 
     def _retrying(self, call: Callable[[], T]) -> T:
         return db.retry_while_unavailable(call, for_seconds=self.unavailable_for)
-
-
-def _decode(  # noqa: PLR0911 - one answer per thing a claim can find
-    item: tuple[UUID, str, str],
-    owner: UUID,
-    attempts: int | None,
-    row: RowMapping | None,
-    takeover_expired: bool,
-) -> ItemFound:
-    """What an item's claim found: the claim, or why not (as a step's claim decodes)."""
-    job_id, step, item_id = item
-    if row is None:
-        return ItemSettled(job_id, step, item_id, None)
-    key = row["key"]
-    if row["job_state"] not in ACTIVE_JOB_STATES:
-        return JobInactive(job_id, step, JobState(row["job_state"]))
-    context, results = row["context"], row["results"]
-    if attempts is not None:
-        return ItemClaim(
-            job_id, step, key, owner, attempts, context, results, item_id=item_id, item=row["item"]
-        )
-    if row["item_state"] != ItemState.PENDING:
-        return ItemSettled(job_id, step, item_id, ItemState(row["item_state"]))
-    if row["entry_state"] is None:
-        return InFlight(job_id, step, key, retry_in=MIN_IN_FLIGHT_WAIT)
-    if row["entry_step"] != step or row["entry_fingerprint"] != row["fingerprint"]:
-        raise FingerprintMismatch(key, job_id, step)
-    if row["entry_state"] == StepState.SUCCEEDED:
-        ours = row["entry_job_id"] == job_id
-        return AlreadySucceeded(job_id, step, key, row["entry_result"], ours, context, results)
-    return not_claimed(job_id, step, key, dict(row), takeover_expired)
 
 
 def _rejected(claim: ItemClaim) -> str:

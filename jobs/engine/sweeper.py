@@ -176,11 +176,17 @@ def sweep(
 
 
 def redrive_items(
-    rt: Runtime, dispatch: Dispatch, *, stalled_after: float, pipelines: list[str]
+    rt: Runtime,
+    dispatch: Dispatch,
+    *,
+    stalled_after: float,
+    pipelines: list[str],
+    loss: QueueLoss | None = None,
 ) -> int:
     """Send again the pending items of map steps that look lost — left in the outbox for
-    `relay_after`, abandoned by a dead owner, or stalled — batch after batch, several to a
-    message; how many were sent. The ledger absorbs a copy that was not lost after all."""
+    `relay_after`, abandoned by a dead owner, or stalled; or, given a `loss`, handed to the
+    broker while it lost them — batch after batch, several to a message; how many were sent.
+    The ledger absorbs a copy that was not lost after all."""
     if not isinstance(dispatch, ItemDispatch):
         return 0
     sent = 0
@@ -190,6 +196,7 @@ def redrive_items(
             relay_after=rt.settings.relay_after,
             limit=_BATCH,
             pipelines=pipelines,
+            sent_between=(loss.before, loss.after) if loss is not None else None,
         )
         by_job: dict[tuple[str, str, str], list[str]] = defaultdict(list)
         for item in taken:
@@ -232,6 +239,7 @@ def _redrive_lost(
                 before=loss.before, after=loss.after, limit=n, pipelines=pipelines
             ),
         )
+        redrive_items(rt, dispatch, stalled_after=0.0, pipelines=pipelines, loss=loss)
     watch.seen()
     return sent, skipped
 

@@ -79,6 +79,7 @@ from ledger.queries.maps import (
     select_items_page,
     select_map_counters,
     settle_items,
+    take_items_sent_between,
     take_lost_items,
     touch_item,
 )
@@ -206,6 +207,7 @@ __all__ = [
     "start_job",
     "take_abandoned_jobs",
     "take_announced",
+    "take_items_sent_between",
     "take_jobs_sent_between",
     "take_lost_items",
     "take_stalled_jobs",

@@ -17,7 +17,7 @@ import pytest
 from jobs.engine.items import run_items
 from jobs.engine.run import Outcome, run_step
 from jobs.engine.runtime import Runtime
-from jobs.engine.sweeper import redrive_items
+from jobs.engine.sweeper import QueueLoss, redrive_items
 from jobs.errors import PermanentError
 from jobs.maps import Expand, ItemContext, MapPolicy, MapStep
 from jobs.ops.dead_letters import DeadLetterDesk
@@ -278,6 +278,12 @@ def test_the_sweeper_sends_items_left_in_the_outbox_or_abandoned(
     )
     assert redrive_items(runtime, dispatch, stalled_after=3600, pipelines=[pipeline.name]) == 5
     assert redrive_items(runtime, dispatch, stalled_after=3600, pipelines=[pipeline.name]) == 0
+
+    # A broker that lost its queues lost their messages: the items it held are sent again
+    dispatch.queue.clear()
+    loss = QueueLoss(before=-1.0, after=None, reason="restarted without its data")
+    ours = [pipeline.name]
+    assert redrive_items(runtime, dispatch, stalled_after=3600, pipelines=ours, loss=loss) == 5
 
     # An item claimed by an owner that died (its lease expired) is sent again at once
     _, _, _, first = dispatch.queue[0]
