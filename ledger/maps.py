@@ -13,6 +13,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from ledger import db, fan_in, queries
 from ledger.errors import LeaseLost, LedgerError, StatementRejected
+from ledger.fan_in import INSERT_BATCH
 from ledger.map_types import (
     FanOut,
     ItemClaim,
@@ -115,14 +116,18 @@ class MapLedger:
         raise LeaseLost(claim.key, claim.job_id, claim.step)
 
     def mark_dispatched(self, job_id: UUID, step: str, item_ids: Sequence[str]) -> None:
-        """Take published items out of the outbox (one UPDATE)."""
+        """Take published items out of the outbox (one UPDATE per `INSERT_BATCH`)."""
         if not item_ids:
             return
-        update = queries.mark_items_dispatched(job_id, step, item_ids)
+        updates = [
+            queries.mark_items_dispatched(job_id, step, item_ids[start : start + INSERT_BATCH])
+            for start in range(0, len(item_ids), INSERT_BATCH)
+        ]
 
         def attempt() -> None:
             with db.transaction(self.engine) as conn:
-                conn.execute(update)
+                for update in updates:
+                    conn.execute(update)
 
         self._retrying(attempt)
 
