@@ -26,6 +26,9 @@ class MapPolicy(enum.StrEnum):
     #: A failed item is dead-lettered and settled: the join runs once every item is done or
     #: failed, and reads the failures with the results.
     ALL_SETTLED = "all_settled"
+    #: Up to `max_failed` failed items settle (as `ALL_SETTLED`); any failure past them
+    #: waits for a person (as `ALL_SUCCEED`).
+    THRESHOLD = "threshold"
 
 
 @dataclass(frozen=True)
@@ -72,11 +75,29 @@ class MapStep(Step[R]):
             more items (recorded in the same transaction as the item's result).
         item_id: the identity of an item (not its position): its key is derived from it.
         policy: when the join runs, given failed items (`MapPolicy`).
+        max_failed: how many failed items may settle, for `MapPolicy.THRESHOLD` only.
     """
 
     each: Callable[[ItemContext[R]], JSON | Expand]
     item_id: Callable[[JSON], str]
     policy: MapPolicy = MapPolicy.ALL_SUCCEED
+    max_failed: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        threshold = self.policy is MapPolicy.THRESHOLD
+        if threshold and not (isinstance(self.max_failed, int) and self.max_failed >= 0):
+            raise ValueError(f"map step {self.name!r}: a threshold needs max_failed >= 0")
+        if not threshold and self.max_failed is not None:
+            raise ValueError(f"map step {self.name!r}: max_failed is for MapPolicy.THRESHOLD")
+
+    def settled_failures(self) -> int | None:
+        """How many failed items settle (None: every one)."""
+        if self.policy is MapPolicy.ALL_SETTLED:
+            return None
+        if self.policy is MapPolicy.THRESHOLD:
+            return self.max_failed
+        return 0
 
     def new_items(self, pipeline: str, step_key: str, items: Sequence[JSON]) -> list[NewItem]:
         """The items to add to a map whose step key is `step_key`.

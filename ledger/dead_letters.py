@@ -19,6 +19,7 @@ from ledger.types import (
     DeadLetterReason,
     DeadLetterState,
     EventKind,
+    ItemState,
     JobState,
     Refused,
     Reopened,
@@ -77,7 +78,7 @@ def write_item_dead_letter(
 ) -> None:
     """Inside the caller's transaction: dead-letter one item of a map step on its own. Its
     job stays active: the other items go on, and the join waits for this one's replay (or,
-    under the `all_settled` policy, sees it failed)."""
+    if its map's policy settles it, reads it failed)."""
     job = conn.execute(queries.select_job(letter.job_id)).one()
     item_id, value = item
     detail: JSON = {"error": letter.error, "reason": str(letter.reason), "item_id": item_id}
@@ -290,21 +291,25 @@ def _reopen_item(conn: Connection, letter: _Closed) -> str | None:
     """If the dead letter is an item's (of a map step), make the item pending again and count
     it back as unsettled; its item id then (None: a step's dead letter)."""
     assert letter.key is not None
-    reopened = conn.execute(queries.reopen_item(letter.job_id, letter.step, letter.key))
-    item_id: str | None = reopened.scalar_one_or_none()
-    if item_id is None:
-        item = conn.execute(queries.select_item_by_key(letter.job_id, letter.step, letter.key))
-        if item.one_or_none() is not None:
-            raise _Refusal("its item is not failed")
+    found = conn.execute(queries.select_item_by_key(letter.job_id, letter.step, letter.key))
+    item = found.mappings().one_or_none()
+    if item is None:
         return None
+    state = ItemState(item["state"])
+    if state not in (ItemState.FAILED, ItemState.WAITING):
+        raise _Refusal(f"its item is {state}, not failed")
     [counters] = conn.execute(queries.select_map_counters(letter.job_id, letter.step)).all()
     if counters.joined_at is not None:
         raise _Refusal("its map was joined already (its policy let the join see the failure)")
-    settles = counters.policy == "all_settled"
+    reopened = queries.reopen_item(letter.job_id, letter.step, letter.key, state)
+    if conn.execute(reopened).one_or_none() is None:
+        raise _Refusal("its item changed meanwhile")
+    waited = state is ItemState.WAITING
     moved = queries.count_items(
-        letter.job_id, letter.step, total=0, done=0, failed=-1, expanded=0, remaining=int(settles)
+        letter.job_id, letter.step, failed=-1, waiting=-int(waited), remaining=int(not waited)
     )
     conn.execute(moved)
+    item_id: str = item["item_id"]
     return item_id
 
 

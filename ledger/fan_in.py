@@ -58,12 +58,14 @@ def settle(
     claims: Sequence[tuple[ItemClaim, Sequence[NewItem]]],
     state: ItemState,
     next_step: str | None,
-    settles: bool,
+    max_failed: int | None = None,
 ) -> dict[str, ItemRecorded]:
     """The fan-in, for items of one job's map: their first transition out of pending (one
     UPDATE; an item already settled counts nothing more), their children written (one
     INSERT), the counters moved by one conditional statement, and the join handed on by the
-    transaction that settles the last item. By item id, what each record did."""
+    transaction that settles the last item. A failed item settles while the map's settled
+    failures stay within `max_failed` (None: any number); past it, it waits for a person.
+    By item id, what each record did."""
     if not claims:
         return {}
     job_id, step = claims[0][0].job_id, claims[0][0].step
@@ -81,18 +83,20 @@ def settle(
     added = insert_items(conn, job_id, step, [(p, kids) for p, kids in parents if kids])
     for item_id, kids in added.items():
         conn.execute(queries.note_children(job_id, step, str(item_id), len(kids)))
-    done = state is ItemState.DONE
-    new = sum(len(kids) for kids in added.values())
-    counters = count(
-        conn,
-        job_id,
-        step,
-        total=new,
-        done=len(paths) if done else 0,
-        failed=0 if done else len(paths),
-        expanded=len(added),
-        remaining=new - (len(paths) if done or settles else 0),
-    )
+    if state is ItemState.DONE:
+        new = sum(len(kids) for kids in added.values())
+        counters = count(
+            conn,
+            job_id,
+            step,
+            total=new,
+            done=len(paths),
+            expanded=len(added),
+            remaining=new - len(paths),
+        )
+    else:
+        for item_id in paths:
+            counters = _count_failed(conn, job_id, step, item_id, max_failed)
     joined = None
     if counters.remaining == 0 and not counters.joined:
         joined = join(conn, job_id, step, next_step)
@@ -106,16 +110,26 @@ def settle(
     return recorded
 
 
+def _count_failed(
+    conn: Connection, job_id: UUID, step: str, item_id: str, max_failed: int | None
+) -> MapCounters:
+    """Count a failed item, settled if the map's settled failures stay within `max_failed`
+    (the `maps` row, locked by the first statement, decides for concurrent failures too)."""
+    counters = count(conn, job_id, step, failed=1)
+    settled_before = counters.failed - 1 - counters.waiting
+    if max_failed is None or settled_before < max_failed:
+        return count(conn, job_id, step, remaining=-1)
+    conn.execute(queries.wait_item(job_id, step, item_id))
+    return count(conn, job_id, step, waiting=1)
+
+
 def _settle_params(job_id: UUID, step: str, item_ids: list[str]) -> dict[str, Any]:
     return {"p_job_id": job_id, "p_step": step, "p_item_ids": item_ids}
 
 
 def count(conn: Connection, job_id: UUID, step: str, **moves: int) -> MapCounters:
-    given = {"total": 0, "done": 0, "failed": 0, "expanded": 0, "remaining": 0}
-    given.update(moves)
-    if "remaining" not in moves:
-        given["remaining"] = given["total"]
-    row = conn.execute(queries.count_items(job_id, step, **given)).mappings().one()
+    """Move a map's counters by `moves`; they as they now stand."""
+    row = conn.execute(queries.count_items(job_id, step, **moves)).mappings().one()
     return counters_of(step, row)
 
 
@@ -153,6 +167,7 @@ def counters_of(step: str, row: RowMapping) -> MapCounters:
         total=row["total"],
         done=row["done"],
         failed=row["failed"],
+        waiting=row["waiting"],
         expanded=row["expanded"],
         remaining=row["remaining"],
         joined=row["joined_at"] is not None,

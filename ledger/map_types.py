@@ -60,9 +60,11 @@ class MapCounters:
     policy: str
     total: int
     done: int
+    #: Items failed for good: settled, or `waiting` for a person (of which `waiting`).
     failed: int
+    waiting: int
     expanded: int
-    #: Items not settled yet (a failed item is settled only under the `all_settled` policy).
+    #: Items not settled yet: pending, or failed and waiting for a person.
     remaining: int
     joined: bool
 
@@ -77,6 +79,7 @@ class MapCounters:
             "total": self.total,
             "done": self.done,
             "failed": self.failed,
+            "waiting": self.waiting,
             "pending": self.pending,
             "expanded": self.expanded,
             "joined": self.joined,

@@ -88,7 +88,8 @@ class MapLedger:
                 conn.execute(queries.insert_map(self._dialect, claim.job_id, claim.step, policy))
                 roots = fan_in.insert_items(conn, claim.job_id, claim.step, [(None, items)])
                 added = roots.get(None, [])
-                counters = fan_in.count(conn, claim.job_id, claim.step, total=len(added))
+                moves = {"total": len(added), "remaining": len(added)}
+                counters = fan_in.count(conn, claim.job_id, claim.step, **moves)
                 event = queries.append_event(
                     claim.job_id,
                     claim.step,
@@ -202,7 +203,7 @@ class MapLedger:
                         recorded[index] = self._recorded_before(conn, claim, StepState.SUCCEEDED)
                     except LeaseLost as exc:
                         recorded[index] = exc
-                settled = fan_in.settle(conn, finished, ItemState.DONE, next_step, settles=True)
+                settled = fan_in.settle(conn, finished, ItemState.DONE, next_step)
             by_id = {claim.item_id: index for index, (claim, _, _) in enumerate(done)}
             recorded.update({by_id[item_id]: each for item_id, each in settled.items()})
             return [recorded[index] for index in range(len(done))]
@@ -219,12 +220,13 @@ class MapLedger:
         claim: ItemClaim,
         failure: Failure,
         *,
-        settles: bool,
+        max_failed: int | None,
         next_step: str | None,
     ) -> ItemRecorded:
         """Record an item's failed attempt: its key free for a retry, or the item
-        dead-lettered on its own (its key `failed` or `unknown`); `settles`: the map's policy
-        counts a failed item as settled (the join sees it) rather than waiting for a replay.
+        dead-lettered on its own (its key `failed` or `unknown`): settled (the join reads it) while
+        the map's settled failures stay within `max_failed` (None: any number), else waiting
+        for a person to replay it.
 
         Raises:
             LeaseLost: another owner took the key over meanwhile.
@@ -241,7 +243,7 @@ class MapLedger:
                     conn.execute(queries.touch_item(claim.job_id, claim.step, claim.item_id))
                     return ItemRecorded(claim.key, counted=False)
                 failed = [(claim, ())]
-                settled = fan_in.settle(conn, failed, ItemState.FAILED, next_step, settles)
+                settled = fan_in.settle(conn, failed, ItemState.FAILED, next_step, max_failed)
                 recorded = settled[claim.item_id]
                 if recorded.counted:
                     fan_in.dead_letter(
@@ -259,7 +261,7 @@ class MapLedger:
         reason: DeadLetterReason,
         mark_unknown: UUID | None,
         attempts: int,
-        settles: bool,
+        max_failed: int | None,
         next_step: str | None,
     ) -> ItemRecorded | None:
         """Dead-letter an item whose key could not be claimed — (job id, step, item id,
@@ -280,7 +282,7 @@ class MapLedger:
                     job_id, step, key, uuid4(), attempts, {}, {}, item_id=item_id, item=value
                 )
                 failed = [(claim, ())]
-                settled = fan_in.settle(conn, failed, ItemState.FAILED, next_step, settles)
+                settled = fan_in.settle(conn, failed, ItemState.FAILED, next_step, max_failed)
                 recorded = settled[claim.item_id]
                 if recorded.counted:
                     failure = Failure(error, None, reason=reason)
@@ -300,7 +302,7 @@ class MapLedger:
                 claim = ItemClaim(
                     found.job_id, found.step, found.key, uuid4(), 0, {}, {}, item_id=item_id
                 )
-                done = fan_in.settle(conn, [(claim, ())], ItemState.DONE, next_step, settles=True)
+                done = fan_in.settle(conn, [(claim, ())], ItemState.DONE, next_step)
                 return done[item_id]
 
         return self._retrying(attempt)

@@ -167,11 +167,14 @@ maps = sa.Table(
         primary_key=True,
     ),
     sa.Column("step", sa.String(100), primary_key=True),
-    #: Whether a failed item settles (`all_settled`) or waits for a person (`all_succeed`).
+    #: The step's `MapPolicy` when it fanned out (what settles a failed item is passed with
+    #: each record; this is for people).
     sa.Column("policy", sa.String(20), nullable=False),
     sa.Column("total", sa.BigInteger(), nullable=False),
     sa.Column("done", sa.BigInteger(), nullable=False),
+    #: Items that failed for good, settled or `waiting` for a person (of which `waiting`).
     sa.Column("failed", sa.BigInteger(), nullable=False),
+    sa.Column("waiting", sa.BigInteger(), nullable=False),
     sa.Column("expanded", sa.BigInteger(), nullable=False),
     sa.Column("remaining", sa.BigInteger(), nullable=False),
     sa.Column("joined_at", Timestamp, nullable=True),

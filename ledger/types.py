@@ -57,8 +57,12 @@ class ItemState(enum.StrEnum):
     PENDING = "pending"
     #: Its act succeeded and is recorded (whether or not it expanded).
     DONE = "done"
-    #: It failed for good and was dead-lettered on its own (a replay makes it pending again).
+    #: It failed for good and was dead-lettered on its own, and is settled: the join reads it
+    #: as failed (a replay before the join makes it pending again).
     FAILED = "failed"
+    #: It failed for good and was dead-lettered on its own, but its map's policy does not
+    #: settle it: the join waits for a person to replay it.
+    WAITING = "waiting"
 
 
 class EventKind(enum.StrEnum):

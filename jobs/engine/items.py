@@ -18,7 +18,7 @@ from jobs.engine.fan_out import hand_on_join, publish_items
 from jobs.engine.records import failure_of
 from jobs.engine.run_state import Outcome, StepTimer, error_json, log_fields
 from jobs.engine.runtime import Runtime
-from jobs.maps import Expand, ItemContext, MapPolicy, MapStep
+from jobs.maps import Expand, ItemContext, MapStep
 from jobs.outside import watching
 from jobs.pipelines import Delivery, Pipeline
 from ledger import (
@@ -63,7 +63,7 @@ class ItemRun:
         self.job_id, self.timer = job_id, timer
         following = pipeline.next_step(step.name)
         self.next_step = following.name if following else None
-        self.settles = step.policy is MapPolicy.ALL_SETTLED
+        self.max_failed = step.settled_failures()
 
     def label(self, item_id: str) -> str:
         """What crash points match an item by: its job id, then its item id between slashes
@@ -236,7 +236,7 @@ def _dead_letter_unclaimed(
         reason=reason,
         mark_unknown=owner,
         attempts=attempts,
-        settles=run.settles,
+        max_failed=run.max_failed,
         next_step=run.next_step,
     )
     if recorded is None:  # its owner recorded late, or another took it over: look again
@@ -308,7 +308,7 @@ def _children(step: MapStep[object], pipeline: str, claim: ItemClaim, out: objec
 def _record_failure(run: ItemRun, claim: ItemClaim, failure: Failure) -> Outcome:
     try:
         recorded = run.rt.maps.record_item_failure(
-            claim, failure, settles=run.settles, next_step=run.next_step
+            claim, failure, max_failed=run.max_failed, next_step=run.next_step
         )
     except LeaseLost as exc:
         logger.warning("%s", exc, extra={"action": "fenced", **log_fields(claim)})

@@ -82,6 +82,7 @@ from ledger.queries.maps import (
     take_items_sent_between,
     take_lost_items,
     touch_item,
+    wait_item,
 )
 from ledger.queries.read_only import (
     read_jobs_template,
@@ -215,4 +216,5 @@ __all__ = [
     "take_unfollowed_jobs",
     "touch_item",
     "undo_dispatched",
+    "wait_item",
 ]

@@ -31,6 +31,7 @@ def insert_map(dialect_name: str, job_id: UUID, step: str, policy: str) -> Any:
             total=0,
             done=0,
             failed=0,
+            waiting=0,
             expanded=0,
             remaining=0,
             created_at=db.utcnow(),
@@ -149,8 +150,18 @@ def note_children(job_id: UUID, step: str, item_id: str, children: int) -> sa.Up
     return sa.update(map_items).where(*_the_item(job_id, step, item_id)).values(children=children)
 
 
-def reopen_item(job_id: UUID, step: str, key: str) -> sa.Update:
-    """A failed item back to pending (a replay of its dead letter); returns it then."""
+def wait_item(job_id: UUID, step: str, item_id: str) -> sa.Update:
+    """A failed item its map's policy does not settle: it waits for a person."""
+    return (
+        sa.update(map_items)
+        .where(*_the_item(job_id, step, item_id), map_items.c.state == str(ItemState.FAILED))
+        .values(state=str(ItemState.WAITING))
+    )
+
+
+def reopen_item(job_id: UUID, step: str, key: str, state: ItemState) -> sa.Update:
+    """An item failed (settled, or waiting) back to pending, if still in `state` (a replay of
+    its dead letter); returns it then."""
     item = map_items.c
     return (
         sa.update(map_items)
@@ -158,7 +169,7 @@ def reopen_item(job_id: UUID, step: str, key: str) -> sa.Update:
             item.job_id == job_id,
             item.step == step,
             item.key == key,
-            item.state == str(ItemState.FAILED),
+            item.state == str(state),
         )
         .values(state=str(ItemState.PENDING), updated_at=db.utcnow(), dispatched_at=db.utcnow())
         .returning(item.item_id)
@@ -179,7 +190,15 @@ def select_item_by_key(job_id: UUID, step: str, key: str) -> sa.Select[Any]:
 
 
 def count_items(
-    job_id: UUID, step: str, *, total: int, done: int, failed: int, expanded: int, remaining: int
+    job_id: UUID,
+    step: str,
+    *,
+    total: int = 0,
+    done: int = 0,
+    failed: int = 0,
+    waiting: int = 0,
+    expanded: int = 0,
+    remaining: int = 0,
 ) -> sa.Update:
     """Move a map's counters (the fan-in); returns them as they now stand."""
     counters = maps.c
@@ -190,6 +209,7 @@ def count_items(
             total=counters.total + total,
             done=counters.done + done,
             failed=counters.failed + failed,
+            waiting=counters.waiting + waiting,
             expanded=counters.expanded + expanded,
             remaining=counters.remaining + remaining,
             updated_at=db.utcnow(),
@@ -200,7 +220,7 @@ def count_items(
 
 def _counter_columns() -> list[ColumnElement[Any]]:
     c = maps.c
-    return [c.policy, c.total, c.done, c.failed, c.expanded, c.remaining, c.joined_at]
+    return [c.policy, c.total, c.done, c.failed, c.waiting, c.expanded, c.remaining, c.joined_at]
 
 
 def join_map(job_id: UUID, step: str) -> sa.Update:

@@ -78,7 +78,8 @@ def test_a_map_under_crashes_counts_each_item_once_and_joins_once(
     assert view["state"] == "succeeded"
     split = view["steps"][0]
     assert split["items"] == {
-        "total": 160, "done": 160, "failed": 0, "pending": 0, "expanded": 20, "joined": True
+        "total": 160, "done": 160, "failed": 0, "waiting": 0, "pending": 0, "expanded": 20,
+        "joined": True,
     }  # fmt: skip
     assert [e["kind"] for e in split["events"]].count("joined") == 1
     assert view["results"]["join"]["items"] == 160

@@ -34,6 +34,7 @@ def upgrade() -> None:
         sa.Column("total", sa.BigInteger(), nullable=False),
         sa.Column("done", sa.BigInteger(), nullable=False),
         sa.Column("failed", sa.BigInteger(), nullable=False),
+        sa.Column("waiting", sa.BigInteger(), nullable=False),
         sa.Column("expanded", sa.BigInteger(), nullable=False),
         sa.Column("remaining", sa.BigInteger(), nullable=False),
         sa.Column("joined_at", _TIME, nullable=True),
@@ -59,7 +60,9 @@ def upgrade() -> None:
         sa.Column("dispatched_at", _TIME, nullable=True),
         sa.Column("created_at", _TIME, nullable=False),
         sa.Column("updated_at", _TIME, nullable=False),
-        sa.CheckConstraint("state IN ('pending', 'done', 'failed')", name="ck_map_items_state"),
+        sa.CheckConstraint(
+            "state IN ('pending', 'done', 'failed', 'waiting')", name="ck_map_items_state"
+        ),
         sa.ForeignKeyConstraint(
             ["job_id"], ["jobs.id"], name="fk_map_items_job_id_jobs", ondelete="CASCADE"
         ),

@@ -59,18 +59,19 @@ class FanInModel(RuleBasedStateMachine):
         self.states: dict[str, str] = {}
         self.claims: list[ItemClaim] = []
         self.joins = 0
-        self.settles = False
+        self.max_failed: int | None = 0
         self.names = itertools.count()
 
-    @initialize(settles=st.booleans(), roots=st.integers(1, 3))
-    def fan_out(self, settles: bool, roots: int) -> None:
+    @initialize(max_failed=st.sampled_from([0, 1, None]), roots=st.integers(1, 3))
+    def fan_out(self, max_failed: int | None, roots: int) -> None:
+        """A map whose failed items all wait for a person (0), one settles (1), or all do."""
         run = next(_runs)
-        self.settles = settles
+        self.max_failed = max_failed
         self.prefix = f"fan-in-{uuid.uuid4().hex[:8]}-{run}"
         job = self._job()
         [claim] = StepLedger(engine=self.engine, lease_seconds=30).claim_steps([job], "map")
         assert not isinstance(claim, Exception)
-        policy = "all_settled" if settles else "all_succeed"
+        policy = {0: "all_succeed", 1: "threshold", None: "all_settled"}[max_failed]
         items = [self._item(f"r{n}") for n in range(roots)]
         done = self.maps.fan_out(claim, items, policy=policy, next_step="join", duration_ms=1)  # type: ignore[arg-type]
         self.job = job
@@ -136,13 +137,15 @@ class FanInModel(RuleBasedStateMachine):
         failure = Failure({"message": "no"}, None, reason=DeadLetterReason.PERMANENT)
         try:
             answer = self.maps.record_item_failure(
-                claim, failure, settles=self.settles, next_step="join"
+                claim, failure, max_failed=self.max_failed, next_step="join"
             )
         except LeaseLost:
             return
         if answer.counted:
             assert self.states[claim.item_id] == "pending", "counted twice"
-            self.states[claim.item_id] = "failed"
+            settled = list(self.states.values()).count("failed")
+            limit = self.max_failed
+            self.states[claim.item_id] = "failed" if limit is None or settled < limit else "waiting"
         self._joined(answer)
 
     @rule(pick=st.integers(0, 50))
@@ -155,7 +158,7 @@ class FanInModel(RuleBasedStateMachine):
         reopened = self.letters.replay(letter.id, by="model", allow_unknown=True)
         if isinstance(reopened, Reopened):
             assert reopened.item_id is not None
-            assert self.states[reopened.item_id] == "failed"
+            assert self.states[reopened.item_id] in ("failed", "waiting")
             assert self.joins == 0, "replayed after the join"
             self.states[reopened.item_id] = "pending"
 
@@ -177,13 +180,15 @@ class FanInModel(RuleBasedStateMachine):
                 )
             ).all()
         assert dict(rows) == self.states
-        unsettled = states.count("pending") + (0 if self.settles else states.count("failed"))
+        unsettled = states.count("pending") + states.count("waiting")
+        failed = states.count("failed") + states.count("waiting")
         assert (counters.total, counters.done, counters.failed, counters.remaining) == (
             len(states),
             states.count("done"),
-            states.count("failed"),
+            failed,
             unsettled,
         )
+        assert counters.waiting == states.count("waiting")
         # The join is handed on once, by the record that settled the last item.
         assert self.joins == (1 if unsettled == 0 else 0)
         assert counters.joined == (unsettled == 0)

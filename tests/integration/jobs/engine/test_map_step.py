@@ -82,6 +82,7 @@ def build(
     world: World,
     policy: MapPolicy = MapPolicy.ALL_SUCCEED,
     delivery: Delivery = Delivery.EXACTLY_ONCE,
+    max_failed: int | None = None,
 ) -> Pipeline[World]:
     def plan(ctx: StepContext[World]) -> list[object]:
         return [{"id": f"r{n}", "depth": 0} for n in range(int(str(ctx.context["roots"])))]
@@ -118,6 +119,7 @@ def build(
                 each=each,  # type: ignore[arg-type]
                 item_id=lambda item: str(item["id"]),  # type: ignore[call-overload,index]
                 policy=policy,
+                max_failed=max_failed,
                 delivery=delivery,
                 effect="visit",
             ),
@@ -183,6 +185,7 @@ def test_a_map_fans_out_expands_and_joins_once(runtime: Runtime, twice: bool) ->
         "total": len(expected),
         "done": len(expected),
         "failed": 0,
+        "waiting": 0,
         "pending": 0,
         "expanded": 6,
         "joined": True,
@@ -246,6 +249,43 @@ def test_all_settled_lets_the_join_see_the_failures(runtime: Runtime) -> None:
     letters = DeadLetterStore(engine=runtime.engine)
     first = letters.list(job_id=uuid.UUID(job_id))[0]
     assert not isinstance(letters.replay(first.id, by="test", allow_unknown=False), Reopened)
+
+
+def test_a_threshold_settles_that_many_failures_and_waits_on_the_next(
+    runtime: Runtime,
+) -> None:
+    # Given a map that lets one item fail, and two that do
+    world, dispatch = World(failing={"r2", "r5"}), QueueDispatch()
+    pipeline = build(world, MapPolicy.THRESHOLD, max_failed=1)
+    job_id = start(runtime, pipeline, roots=6)
+    dispatch.send(pipeline.name, "search", job_id)
+    drain(runtime, dispatch, pipeline, twice=True)
+
+    # Then the first failure settles, the second waits for a person: no join yet
+    assert world.joins == []
+    [counters] = runtime.maps.counters(uuid.UUID(job_id))
+    assert (counters.failed, counters.waiting, counters.remaining) == (2, 1, 1)
+    states = {
+        each.item_id: each.state for each in runtime.maps.item_results(uuid.UUID(job_id), "search")
+    }
+    waiting = [item_id for item_id, state in states.items() if state is ItemState.WAITING]
+    assert len(waiting) == 1
+
+    # When a person fixes and replays the waiting item, the join runs once, seeing one failure
+    world.failing.discard(waiting[0])
+    letters = DeadLetterStore(engine=runtime.engine)
+    [letter] = [
+        each
+        for each in letters.list(job_id=uuid.UUID(job_id))
+        if each.key and each.key.endswith(f"/{waiting[0]}")
+    ]
+    reopened = letters.replay(letter.id, by="test", allow_unknown=False)
+    assert isinstance(reopened, Reopened)
+    dispatch.send_items(pipeline.name, "search", job_id, [waiting[0]])
+    drain(runtime, dispatch, pipeline, twice=True)
+    [seen] = world.joins
+    assert [state for _, state, _ in seen].count("failed") == 1
+    assert runtime.store.get_job(uuid.UUID(job_id)).state is JobState.SUCCEEDED
 
 
 def test_a_map_of_no_items_goes_straight_to_its_join(runtime: Runtime) -> None:
