@@ -10,7 +10,7 @@ from jobs.tasks.publishing import keep_call
 from jobs.tasks.running import idempotency_key
 from jobs.tasks.worker import check_settings
 
-# `jobs.tasks.publishing` connects the signal that keeps a call's message before its publish;
+# `jobs.tasks.publishing` connects the signal that keeps a call's message once it is published;
 # `jobs.tasks.worker` those that check a worker's settings and sweep the calls.
 
 __all__ = [

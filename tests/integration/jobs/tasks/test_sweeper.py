@@ -7,8 +7,10 @@ from __future__ import annotations
 from typing import Any
 from uuid import UUID
 
+import pytest
 from celery import Celery
 from kombu import Connection
+from kombu.exceptions import OperationalError
 
 from jobs import exactly_once
 from jobs.engine.runtime import Runtime
@@ -17,6 +19,7 @@ from jobs.tasks.sweeper import queued_calls, sweep_calls
 from jobs.tools import shop
 from ledger import Claim, EventKind, JobState, StepLedger
 from tests.conftest import queue_length
+from tests.shop_app import broker_down
 from tests.waiting import wait_for
 
 RESERVATION = {"order_id": "o-9", "customer_id": "c-9", "amount": 500}
@@ -34,7 +37,7 @@ def _taken(redis_url: str) -> tuple[dict[str, Any], list[Any]]:
 def test_a_published_call_whose_message_was_lost_is_re_sent_from_its_kept_message(
     calls_ledger: Runtime, shop_app: Celery, redis_url: str
 ) -> None:
-    # Given a charge with a callback, published: its job is kept before the broker has it
+    # Given a charge with a callback, published: its job is kept once the broker has it
     signature = shop.charge.s(RESERVATION).set(task_id="t-9", link=shop.notify.s())
     signature.apply_async()
     [job] = calls_ledger.store.list_jobs(pipeline="task:shop.charge")
@@ -59,6 +62,19 @@ def test_a_published_call_whose_message_was_lost_is_re_sent_from_its_kept_messag
     # and the re-send kept nothing more: still one job, and the next sweep leaves it alone
     assert len(calls_ledger.store.list_jobs(pipeline="task:shop.charge")) == 1
     assert sweep_calls(calls_ledger, shop_app) == []
+
+
+def test_a_call_whose_publish_failed_is_not_kept_and_never_sent(
+    calls_ledger: Runtime, shop_app: Celery
+) -> None:
+    # Given the shop's broker down: the caller is told its call was not sent
+    with broker_down(shop_app), pytest.raises(OperationalError):
+        shop.charge.apply_async((RESERVATION,), task_id="t-down", retry=False)
+
+    # Then nothing keeps the call, so no sweep sends it behind the caller's back
+    assert calls_ledger.store.list_jobs(pipeline="task:shop.charge") == []
+    assert sweep_calls(calls_ledger, shop_app, stalled_after=0) == []
+    assert queued_calls(shop_app) == 0
 
 
 def test_a_call_for_later_is_not_kept_before_its_publish(
