@@ -96,6 +96,11 @@ class DeadLetterReason(enum.StrEnum):
     OUTCOME_UNKNOWN = "outcome_unknown"
     #: The key was first used for a different request.
     FINGERPRINT_MISMATCH = "fingerprint_mismatch"
+    #: The outbox relay could not route the job: its pipeline is not loaded where it runs.
+    UNKNOWN_PIPELINE = "unknown_pipeline"
+    #: A decorated task's call was re-sent again and again and never claimed (no worker
+    #: has its task, or a changed key template makes its run another call).
+    NEVER_CLAIMED = "never_claimed"
 
 
 @dataclass(frozen=True)
