@@ -271,6 +271,21 @@ class JobStore:
             )
             return self._taken(conn, statement, {"unfollowed": True})
 
+    def unclaimed_redrives(self, job_ids: Sequence[UUID]) -> dict[UUID, int]:
+        """How many times the sweeper took each of these jobs that no worker ever claimed,
+        since a person last replayed or resolved it (claimed jobs are left out)."""
+        if not job_ids:
+            return {}
+        with db.single_statement(self.engine) as conn:
+            rows = conn.execute(queries.count_unclaimed_redrives(job_ids))
+            return {row.job_id: int(row.redrives) for row in rows}
+
+    def count_children(self, task_id: str) -> int:
+        """How many jobs name the decorated task's call `task_id` as their parent."""
+        with db.single_statement(self.engine) as conn:
+            statement = queries.count_children(conn.dialect.name, task_id)
+            return int(conn.execute(statement).scalar_one())
+
     def take_sent_between(
         self,
         *,

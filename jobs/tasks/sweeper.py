@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, Final
 
@@ -16,9 +16,9 @@ from kombu import Queue
 
 from jobs.engine.runtime import Runtime
 from jobs.engine.sweeper import ABANDONED_AGAIN_AFTER_LEASES, MAX_BACKLOG_WAIT, backlog_wait
-from jobs.tasks.calls import PIPELINE_PREFIX, SPEC_ATTRIBUTE, CallSpec
+from jobs.tasks.calls import PIPELINE_PREFIX, SPEC_ATTRIBUTE, STEP, CallSpec
 from jobs.tasks.messages import resend
-from ledger import JobToSend
+from ledger import JSON, DeadLetterReason, JobToSend
 
 logger = logging.getLogger(__name__)
 
@@ -111,11 +111,17 @@ def _take_all(rt: Runtime, app: Celery, take: Callable[[], list[JobToSend]]) -> 
 
 
 def _resend_all(rt: Runtime, app: Celery, taken: Sequence[JobToSend]) -> list[str]:
-    contexts = rt.store.contexts([job.job_id for job in taken])
+    job_ids = [job.job_id for job in taken]
+    contexts = rt.store.contexts(job_ids)
+    # Each take counts: this one too, not sent yet.
+    redrives = rt.store.unclaimed_redrives(job_ids)
     sent: list[str] = []
     for job in taken:
         context = contexts.get(job.job_id, {})
         log = {"job_id": str(job.job_id), "step": job.step, "key": context.get("key")}
+        if redrives.get(job.job_id, 0) > rt.settings.call_max_resends:
+            _dead_letter_unclaimed(rt, app, job, context)
+            continue
         try:
             resend(app, context.get("message"))
         except Exception as exc:  # noqa: BLE001 - touched: the next sweep tries again
@@ -126,6 +132,42 @@ def _resend_all(rt: Runtime, app: Celery, taken: Sequence[JobToSend]) -> list[st
         logger.warning("re-sent a stalled call", extra={"action": "redrive", **log})
         sent.append(str(job.job_id))
     return sent
+
+
+def _dead_letter_unclaimed(
+    rt: Runtime, app: Celery, job: JobToSend, context: Mapping[str, JSON]
+) -> None:
+    """Dead-letter a call re-sent `call_max_resends` times that no worker ever claimed: a
+    person finds why (`dlq list`), fixes it, and replays it; the sweeper stops sending it."""
+    task, key = context.get("task"), context.get("key")
+    queue = _queue_of(context.get("message")) or app.conf.task_default_queue
+    message = (
+        f"re-sent {rt.settings.call_max_resends} times and never claimed: no worker consuming "
+        f"queue {queue!r} runs task {task!r} decorated with exactly_once (not registered "
+        f"there, or not decorated), or its key template changed so that its run is another "
+        f"call; fix that, then replay this dead letter"
+    )
+    logger.error(
+        "call dead-lettered: %s",
+        message,
+        extra={"action": "never_claimed", "job_id": str(job.job_id), "key": key},
+    )
+    error: JSON = {"type": "NeverClaimed", "message": message}
+    rt.ledger.dead_letter(
+        job.job_id,
+        STEP,
+        error,
+        reason=DeadLetterReason.NEVER_CLAIMED,
+        key=key if isinstance(key, str) else None,
+    )
+
+
+def _queue_of(message: JSON) -> str | None:
+    options = message.get("options") if isinstance(message, dict) else None
+    if not isinstance(options, dict):
+        return None
+    queue = options.get("queue") or options.get("routing_key")
+    return queue if isinstance(queue, str) and queue else None
 
 
 class CallSweeper:

@@ -158,6 +158,34 @@ def take_unfollowed_jobs(
     return _take(dialect_name, unfollowed)
 
 
+def count_unclaimed_redrives(job_ids: Sequence[UUID]) -> sa.Select[Any]:
+    """(job id, re-drives) of the given jobs that no worker ever claimed: their `redriven`
+    events since their last replay or resolve (a person's decision starts a fresh count)."""
+    event, later = step_events.alias("event"), step_events.alias("later")
+    restarted = sa.exists().where(
+        later.c.job_id == event.c.job_id,
+        later.c.id > event.c.id,
+        later.c.kind.in_([str(EventKind.REPLAYED), str(EventKind.RESOLVED)]),
+    )
+    return (
+        sa.select(event.c.job_id, sa.func.count().label("redrives"))
+        .join(jobs, jobs.c.id == event.c.job_id)
+        .where(
+            event.c.job_id.in_(list(job_ids)),
+            event.c.kind == str(EventKind.REDRIVEN),
+            jobs.c.started_at.is_(None),
+            ~restarted,
+        )
+        .group_by(event.c.job_id)
+    )
+
+
+def count_children(dialect_name: str, task_id: str) -> sa.Select[Any]:
+    """How many jobs name the call with Celery task id `task_id` as their parent (the calls it
+    handed on to), by migration 0006's index on `parent`."""
+    return sa.select(sa.func.count()).where(context_member(dialect_name, "parent") == task_id)
+
+
 def take_jobs_sent_between(
     dialect_name: str,
     before: float,

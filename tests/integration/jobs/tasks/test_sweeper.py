@@ -17,7 +17,7 @@ from jobs.engine.runtime import Runtime
 from jobs.tasks import check_settings, keep_call
 from jobs.tasks.sweeper import queued_calls, sweep_calls
 from jobs.tools import shop
-from ledger import Claim, EventKind, JobState, StepLedger
+from ledger import Claim, DeadLetterReason, DeadLetterStore, EventKind, JobState, StepLedger
 from tests.conftest import queue_length
 from tests.shop_app import broker_down
 from tests.waiting import wait_for
@@ -129,6 +129,31 @@ def test_a_recorded_call_is_re_sent_until_its_continuation_appears(
     assert (notify.context["parent"], "hands_on" in notify.context) == ("t-7", False)
     # (the callback itself, kept and never claimed, is stalled: re-sent)
     assert sweep_calls(calls_ledger, shop_app, stalled_after=0) == [str(notify.id)]
+
+
+def test_a_call_never_claimed_is_re_sent_a_few_times_then_dead_lettered(
+    calls_ledger: Runtime, shop_app: Celery, redis_url: str
+) -> None:
+    # Given a kept call that no worker ever claims (its task is registered nowhere, say),
+    # and at most two re-sends
+    calls_ledger.settings = calls_ledger.settings.model_copy(update={"call_max_resends": 2})
+    job_id = keep_call("shop.charge", ([RESERVATION], {}, {}), {"id": "t-lost"},
+                       exchange="", routing_key=shop.QUEUE)  # fmt: skip
+
+    # When the sweeper runs past the stall time again and again
+    rounds = [sweep_calls(calls_ledger, shop_app, stalled_after=0) for _ in range(4)]
+
+    # Then the call is re-sent twice, then dead-lettered with a reason a person can act on
+    assert rounds == [[job_id], [job_id], [], []]
+    assert queue_length(redis_url, shop.QUEUE) == 2
+    assert calls_ledger.store.get_job(UUID(job_id)).state is JobState.DEAD_LETTERED
+    [letter] = DeadLetterStore(engine=calls_ledger.engine).list()
+    assert (letter.reason, letter.pipeline, letter.key) == (
+        DeadLetterReason.NEVER_CLAIMED,
+        "task:shop.charge",
+        "charge:o-9",
+    )
+    assert "re-sent 2 times and never claimed" in letter.message
 
 
 def test_a_recorded_call_is_not_re_sent(calls_ledger: Runtime, shop_app: Celery) -> None:
