@@ -213,7 +213,18 @@ def _run_call(
 
 
 def _ended(rt: Runtime, call: Call, job: Job) -> JSON:
-    """The answer of a call whose job ended: its recorded result, or why there is none."""
+    """The answer of a call whose job ended: its recorded result, or why there is none.
+
+    Raises:
+        celery.exceptions.Ignore: the call was cancelled (revoked): it must not act, and
+            its canvas does not go on.
+    """
+    if job.state is JobState.CANCELLED:
+        logger.info(
+            "repeat of a cancelled call: not run",
+            extra={"action": "cancelled", "job_id": str(job.id), "step": STEP, "key": call.key},
+        )
+        raise Ignore()
     if job.state is JobState.SUCCEEDED:
         logger.info(
             "repeat of a recorded call: its result, not run again",

@@ -18,6 +18,7 @@ from jobs.engine.runtime import Runtime
 from jobs.engine.sweeper import ABANDONED_AGAIN_AFTER_LEASES, MAX_BACKLOG_WAIT, backlog_wait
 from jobs.tasks.calls import PIPELINE_PREFIX, SPEC_ATTRIBUTE, STEP, CallSpec
 from jobs.tasks.messages import resend
+from jobs.tasks.revoked import cancel_call, is_revoked
 from ledger import JSON, DeadLetterReason, JobToSend
 
 logger = logging.getLogger(__name__)
@@ -119,6 +120,10 @@ def _resend_all(rt: Runtime, app: Celery, taken: Sequence[JobToSend]) -> list[st
     for job in taken:
         context = contexts.get(job.job_id, {})
         log = {"job_id": str(job.job_id), "step": job.step, "key": context.get("key")}
+        task_id = context.get("task_id")
+        if is_revoked(task_id):
+            cancel_call(rt.store, job.job_id, str(task_id))
+            continue
         if redrives.get(job.job_id, 0) > rt.settings.call_max_resends:
             _dead_letter_unclaimed(rt, app, job, context)
             continue
