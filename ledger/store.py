@@ -109,13 +109,6 @@ class JobStore:
             raise JobNotFound(job_id)
         return job_from_row(row)
 
-    def find_job(self, pipeline: str, event_id: str) -> Job | None:
-        """The job of an event of a pipeline, if there is one."""
-        with db.single_statement(self.engine) as conn:
-            query = queries.select_job_of_event(pipeline, event_id)
-            row = conn.execute(query).mappings().one_or_none()
-        return job_from_row(row) if row is not None else None
-
     def history(self, job_id: UUID) -> JobHistory:
         """A job, every ledger entry it claimed or adopted, and its events, oldest first.
 

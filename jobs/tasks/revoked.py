@@ -15,9 +15,10 @@ from celery.signals import task_revoked
 from celery.worker import state as worker_state
 
 from jobs.tasks.calls import SPEC_ATTRIBUTE, Call, CallSpec
+from jobs.tasks.messages import as_json
 from jobs.tasks.publishing import is_bound
 from jobs.tasks.running import runtime
-from ledger import Job, JobState, JobStore
+from ledger import JSON, Job, JobState, JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +51,23 @@ def cancel_revoked(
 ) -> Job | None:
     """Cancel the call a revoked message of `task` carries, if it is the call's kept message
     (the same call sent again under another task id is a duplicate: revoking that copy
-    leaves the call alone); the job as it stands after, or None when there is none."""
+    leaves the call alone); the job as it stands after, or None when it is not this call's.
+
+    A worker may drop the message before its sender kept the call (it keeps it after the
+    publish): the call's job is then made here, cancelled, and the sender's keep finds it.
+    """
     positional = (task, *args) if is_bound(task) else tuple(args)
     call = Call.bind(task.name, spec, positional, kwargs, bound=is_bound(task))
     store = runtime().store
-    job = store.find_job(call.pipeline, call.event_id)
-    if job is None or job.context.get("task_id") != task_id:
+    message: dict[str, JSON] = {
+        "task": task.name,
+        "args": as_json(list(args)),
+        "kwargs": as_json(dict(kwargs)),
+        "options": {"task_id": task_id},
+    }
+    [(job_id, _)] = store.create_jobs([call.new_job(message)], dispatched=True)
+    job = store.get_job(job_id)
+    if job.context.get("task_id") != task_id:
         return None
     if job.state not in (JobState.PENDING, JobState.RUNNING):
         return job

@@ -80,11 +80,6 @@ def ping() -> sa.Select[Any]:
     return sa.select(sa.literal(1))
 
 
-def select_job_of_event(pipeline: str, event_id: str) -> sa.Select[Any]:
-    """The job of one event of a pipeline."""
-    return sa.select(jobs).where(jobs.c.pipeline == pipeline, jobs.c.event_id == event_id)
-
-
 def select_job(job_id: UUID) -> sa.Select[Any]:
     """One job's row."""
     return sa.select(jobs).where(jobs.c.id == job_id)

@@ -108,3 +108,14 @@ def test_a_revoked_call_is_cancelled_and_a_repeat_of_it_does_not_act(
     assert (str(cancelled.id), cancelled.state) == (job_id, JobState.CANCELLED)
     assert str(shop.charge.apply(args=(reservation,), task_id="t-5").state) == "IGNORED"
     assert requests_with_key(sandbox, "charge:o-5") == 0
+
+    # A call revoked before its sender kept it (a worker dropped its message first): its
+    # job is made cancelled, and the sender's keep leaves it so
+    early = {**reservation, "order_id": "o-6"}
+    made = cancel_revoked(shop.charge, spec, "t-6", [early], {})
+    assert made is not None
+    assert made.state is JobState.CANCELLED
+    kept = keep_call("shop.charge", ([early], {}, {}), {"id": "t-6"},
+                     exchange="", routing_key=shop.QUEUE)  # fmt: skip
+    assert kept == str(made.id)
+    assert JobStore(engine=ledger_engine).get_job(made.id).state is JobState.CANCELLED
