@@ -1,5 +1,6 @@
 """How decorated calls of a user's own app end, run by one real worker of it started once for
-the module: a revoked call is cancelled and never re-sent."""
+the module: a revoked call is cancelled and never re-sent; a late repeat of a call whose chain
+already went on does not hand it on a second time."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from celery import chain
 
+from jobs.tasks import resend
 from jobs.tasks.running import close_runtime, runtime
 from jobs.tasks.sweeper import sweep_calls
 from jobs.tools import processes, shop
 from jobs.tools.databases import drop_database
 from ledger import EventKind, Job, JobState
-from tests.conftest import POSTGRES_URL, REDIS_URL, forget_everything
+from tests.conftest import POSTGRES_URL, REDIS_URL, forget_everything, queue_length
 from tests.shop_app import shop_on
 from tests.system.conftest import System, build_system, per_order
 
@@ -77,7 +80,7 @@ def test_a_revoked_call_is_cancelled_never_re_sent_and_never_acts(shop_system: S
     task_id = f"revoked-{order}"
     with shop_on(REDIS_URL) as app:
         # Given a call revoked (the worker has taken the revocation in) before it ran
-        assert app.control.revoke(task_id, reply=True, timeout=5)
+        assert app.control.revoke(task_id, reply=True, timeout=5, limit=1)
 
         # When it is sent
         reservation = {"order_id": order, "customer_id": f"cust-{order}", "amount": 100}
@@ -99,3 +102,41 @@ def test_a_revoked_call_is_cancelled_never_re_sent_and_never_acts(shop_system: S
         assert str(job.id) not in sweep_calls(runtime(), app, stalled_after=0)
     # and it never charged
     assert per_order(system.effects(), "charge") == {}
+
+
+def test_a_late_repeat_of_a_call_whose_chain_went_on_does_not_hand_on_again(
+    shop_system: System,
+) -> None:
+    system = shop_system
+    order = f"ord-{uuid.uuid4().hex[:6]}"
+    reserve_id, charge_id = f"reserve-{order}", f"charge-{order}"
+    worker_log = next(p for p in system.started if p.name == "shop0").log_path
+    with shop_on(REDIS_URL) as app:
+        # Given a chain reserve → charge that went through
+        chain(
+            shop.reserve.s(order, f"cust-{order}", "SKU-1", 1).set(task_id=reserve_id),
+            shop.charge.s().set(task_id=charge_id),
+        ).apply_async()
+        system.wait_for(
+            lambda: (
+                [job.state for job in calls_of(system, "charge", charge_id)] == [JobState.SUCCEEDED]
+            ),
+            "the chain to go through",
+        )
+
+        # When the reserve's message comes once more (a late Redis redelivery)
+        resend(app, call_of(system, "reserve", reserve_id).context["message"])
+
+        # Then the repeat is answered, and the charge is not handed on again
+        def seen(text: str) -> int:
+            return worker_log.read_text().count(text)
+
+        def repeat_done() -> bool:
+            done = seen(f"shop.reserve[{reserve_id}] succeeded") + seen(
+                f"shop.reserve[{reserve_id}] ignored"
+            )
+            return done == 2 and queue_length(REDIS_URL, shop.QUEUE) == 0
+
+        system.wait_for(repeat_done, "the repeat to be answered")
+        assert seen(f"Task shop.charge[{charge_id}] received") == 1
+    assert per_order(system.effects(), "charge") == {order: 1}
