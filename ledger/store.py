@@ -280,6 +280,22 @@ class JobStore:
             rows = conn.execute(queries.count_unclaimed_redrives(job_ids))
             return {row.job_id: int(row.redrives) for row in rows}
 
+    def unclaimed_calls(
+        self,
+        *,
+        prefix: str,
+        excluded: Sequence[str],
+        queues: Sequence[str],
+        older_than: float,
+        limit: int = 500,
+    ) -> list[Job]:
+        """Pending jobs of pipelines named `prefix…` but not in `excluded`, whose kept message
+        goes to one of `queues`, never claimed and untouched for `older_than` seconds (see
+        `queries.select_unclaimed_calls`)."""
+        query = queries.select_unclaimed_calls(prefix, excluded, queues, older_than, limit)
+        with db.single_statement(self.engine) as conn:
+            return [job_from_row(row) for row in conn.execute(query).mappings()]
+
     def count_children(self, task_id: str) -> int:
         """How many jobs name the decorated task's call `task_id` as their parent."""
         with db.single_statement(self.engine) as conn:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Final
 
@@ -16,10 +16,11 @@ from kombu import Queue
 
 from jobs.engine.runtime import Runtime
 from jobs.engine.sweeper import ABANDONED_AGAIN_AFTER_LEASES, MAX_BACKLOG_WAIT, backlog_wait
-from jobs.tasks.calls import PIPELINE_PREFIX, SPEC_ATTRIBUTE, STEP, CallSpec
+from jobs.tasks.calls import PIPELINE_PREFIX, SPEC_ATTRIBUTE, CallSpec
 from jobs.tasks.messages import resend
 from jobs.tasks.revoked import cancel_call, is_revoked
-from ledger import JSON, DeadLetterReason, JobToSend
+from jobs.tasks.unclaimed import consumed_queues, dead_letter_strays, dead_letter_unclaimed
+from ledger import JobToSend
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def decorated_tasks(app: Celery) -> dict[str, CallSpec]:
 def queued_calls(app: Celery) -> int | None:
     """Messages waiting in the queues the app's workers consume (its default queue unless
     told otherwise); None when the broker cannot say."""
-    names = list(app.amqp.queues.consume_from or [app.conf.task_default_queue])
+    names = consumed_queues(app)
     total = 0
     try:
         with app.connection_for_read() as conn:
@@ -79,7 +80,9 @@ def sweep_calls(
     time the `queued()` messages need to drain (see `jobs.engine.sweeper`) — and, after as
     long, recorded calls whose continuation never appeared (the re-send answers the
     recorded result, and Celery hands on again); the job ids sent. Safe in several workers
-    at once (the takes lock with SKIP LOCKED)."""
+    at once (the takes lock with SKIP LOCKED). A call re-sent `call_max_resends` times and
+    never claimed is dead-lettered instead, as is one of a task the app does not have whose
+    message goes to the app's queues, once it waited as long (see `jobs.tasks.unclaimed`)."""
     pipelines = [PIPELINE_PREFIX + name for name in decorated_tasks(app)]
     if not pipelines:
         return []
@@ -99,7 +102,9 @@ def sweep_calls(
         within=stalled + UNFOLLOWED_WITHIN,
         pipelines=pipelines,
     )
-    return sent + _take_all(rt, app, lambda: unfollowed(limit=_BATCH))
+    sent += _take_all(rt, app, lambda: unfollowed(limit=_BATCH))
+    dead_letter_strays(rt, app, pipelines, older_than=stalled * settings.call_max_resends)
+    return sent
 
 
 def _take_all(rt: Runtime, app: Celery, take: Callable[[], list[JobToSend]]) -> list[str]:
@@ -125,7 +130,7 @@ def _resend_all(rt: Runtime, app: Celery, taken: Sequence[JobToSend]) -> list[st
             cancel_call(rt.store, job.job_id, str(task_id))
             continue
         if redrives.get(job.job_id, 0) > rt.settings.call_max_resends:
-            _dead_letter_unclaimed(rt, app, job, context)
+            dead_letter_unclaimed(rt, app, job.job_id, context)
             continue
         try:
             resend(app, context.get("message"))
@@ -137,42 +142,6 @@ def _resend_all(rt: Runtime, app: Celery, taken: Sequence[JobToSend]) -> list[st
         logger.warning("re-sent a stalled call", extra={"action": "redrive", **log})
         sent.append(str(job.job_id))
     return sent
-
-
-def _dead_letter_unclaimed(
-    rt: Runtime, app: Celery, job: JobToSend, context: Mapping[str, JSON]
-) -> None:
-    """Dead-letter a call re-sent `call_max_resends` times that no worker ever claimed: a
-    person finds why (`dlq list`), fixes it, and replays it; the sweeper stops sending it."""
-    task, key = context.get("task"), context.get("key")
-    queue = _queue_of(context.get("message")) or app.conf.task_default_queue
-    message = (
-        f"re-sent {rt.settings.call_max_resends} times and never claimed: no worker consuming "
-        f"queue {queue!r} runs task {task!r} decorated with exactly_once (not registered "
-        f"there, or not decorated), or its key template changed so that its run is another "
-        f"call; fix that, then replay this dead letter"
-    )
-    logger.error(
-        "call dead-lettered: %s",
-        message,
-        extra={"action": "never_claimed", "job_id": str(job.job_id), "key": key},
-    )
-    error: JSON = {"type": "NeverClaimed", "message": message}
-    rt.ledger.dead_letter(
-        job.job_id,
-        STEP,
-        error,
-        reason=DeadLetterReason.NEVER_CLAIMED,
-        key=key if isinstance(key, str) else None,
-    )
-
-
-def _queue_of(message: JSON) -> str | None:
-    options = message.get("options") if isinstance(message, dict) else None
-    if not isinstance(options, dict):
-        return None
-    queue = options.get("queue") or options.get("routing_key")
-    return queue if isinstance(queue, str) and queue else None
 
 
 class CallSweeper:

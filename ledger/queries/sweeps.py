@@ -180,6 +180,32 @@ def count_unclaimed_redrives(job_ids: Sequence[UUID]) -> sa.Select[Any]:
     )
 
 
+def select_unclaimed_calls(
+    prefix: str, excluded: Sequence[str], queues: Sequence[str], older_than: float, limit: int
+) -> sa.Select[Any]:
+    """Pending jobs of pipelines starting with `prefix` but not of `excluded`, whose kept
+    message (`context.message`) goes to one of `queues`, that no worker ever claimed and
+    nobody touched for `older_than` seconds, oldest first."""
+    options = ("message", "options")
+    queue = sa.func.coalesce(
+        jobs.c.context[(*options, "queue")].as_string(),
+        jobs.c.context[(*options, "routing_key")].as_string(),
+    )
+    return (
+        sa.select(jobs)
+        .where(
+            jobs.c.state == str(JobState.PENDING),
+            jobs.c.updated_at < db.utcnow_plus(db.seconds(-older_than)),
+            jobs.c.started_at.is_(None),
+            jobs.c.pipeline.startswith(prefix, autoescape=True),
+            jobs.c.pipeline.not_in(list(excluded)),
+            queue.in_(list(queues)),
+        )
+        .order_by(jobs.c.updated_at)
+        .limit(limit)
+    )
+
+
 def count_children(dialect_name: str, task_id: str) -> sa.Select[Any]:
     """How many jobs name the call with Celery task id `task_id` as their parent (the calls it
     handed on to), by migration 0006's index on `parent`."""

@@ -156,6 +156,33 @@ def test_a_call_never_claimed_is_re_sent_a_few_times_then_dead_lettered(
     assert "re-sent 2 times and never claimed" in letter.message
 
 
+def test_a_call_of_a_task_the_app_does_not_have_is_dead_lettered_once_it_waited_as_long(
+    calls_ledger: Runtime, shop_app: Celery
+) -> None:
+    # Given a call of a task renamed since: the sender's (older) app had it, and its message
+    # goes to the shop's queue, whose workers drop it as unregistered
+    sender = Celery("shop-before", set_as_current=False)
+
+    @sender.task(name="shop.charge_before", shared=False)
+    @exactly_once(key="charge:{order_id}")
+    def charge_before(order_id: str) -> str:
+        return order_id
+
+    job_id = keep_call("shop.charge_before", (["o-11"], {}, {}), {"id": "t-11"},
+                       exchange="", routing_key=shop.QUEUE)  # fmt: skip
+    calls_ledger.settings = calls_ledger.settings.model_copy(update={"call_max_resends": 1})
+
+    # When the shop's sweeper runs past the time its own calls get re-sends in
+    sweep_calls(calls_ledger, shop_app, stalled_after=0)
+
+    # Then the call is dead-lettered, naming the task and the queue
+    assert calls_ledger.store.get_job(UUID(str(job_id))).state is JobState.DEAD_LETTERED
+    [letter] = DeadLetterStore(engine=calls_ledger.engine).list()
+    assert letter.reason is DeadLetterReason.NEVER_CLAIMED
+    assert "task 'shop.charge_before' is not a task of app 'shop'" in letter.message
+    assert "queue 'shop'" in letter.message
+
+
 def test_a_recorded_call_is_not_re_sent(calls_ledger: Runtime, shop_app: Celery) -> None:
     claim = _claimed(calls_ledger, lease=0.2)
     calls_ledger.ledger.record_success(claim, {"ok": True}, next_step=None, duration_ms=1.0)
