@@ -289,7 +289,7 @@ class JobStore:
         older_than: float,
         limit: int = 500,
     ) -> list[Job]:
-        """Pending jobs of pipelines named `prefix…` but not in `excluded`, whose kept message
+        """Unfinished jobs of pipelines named `prefix…` but not in `excluded`, whose kept message
         goes to one of `queues`, never claimed and untouched for `older_than` seconds (see
         `queries.select_unclaimed_calls`)."""
         query = queries.select_unclaimed_calls(prefix, excluded, queues, older_than, limit)

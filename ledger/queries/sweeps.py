@@ -183,9 +183,10 @@ def count_unclaimed_redrives(job_ids: Sequence[UUID]) -> sa.Select[Any]:
 def select_unclaimed_calls(
     prefix: str, excluded: Sequence[str], queues: Sequence[str], older_than: float, limit: int
 ) -> sa.Select[Any]:
-    """Pending jobs of pipelines starting with `prefix` but not of `excluded`, whose kept
+    """Unfinished jobs of pipelines starting with `prefix` but not of `excluded`, whose kept
     message (`context.message`) goes to one of `queues`, that no worker ever claimed and
-    nobody touched for `older_than` seconds, oldest first."""
+    nobody touched for `older_than` seconds (since they were made, or replayed), oldest
+    first."""
     options = ("message", "options")
     queue = sa.func.coalesce(
         jobs.c.context[(*options, "queue")].as_string(),
@@ -194,7 +195,7 @@ def select_unclaimed_calls(
     return (
         sa.select(jobs)
         .where(
-            jobs.c.state == str(JobState.PENDING),
+            jobs.c.state.in_(ACTIVE),
             jobs.c.updated_at < db.utcnow_plus(db.seconds(-older_than)),
             jobs.c.started_at.is_(None),
             jobs.c.pipeline.startswith(prefix, autoescape=True),

@@ -77,7 +77,7 @@ def test_a_call_whose_publish_failed_is_not_kept_and_never_sent(
     assert queued_calls(shop_app) == 0
 
 
-def test_a_call_for_later_is_not_kept_before_its_publish(
+def test_a_call_for_later_is_not_kept_when_published(
     calls_ledger: Runtime, shop_app: Celery
 ) -> None:
     # The sweeper could not honour its countdown (or expiry): its job is made when it runs.
@@ -154,6 +154,10 @@ def test_a_call_never_claimed_is_re_sent_a_few_times_then_dead_lettered(
         "charge:o-9",
     )
     assert "re-sent 2 times and never claimed" in letter.message
+
+    # and once a person replays it, it gets its re-sends again
+    DeadLetterStore(engine=calls_ledger.engine).replay(letter.id, by="test", allow_unknown=False)
+    assert sweep_calls(calls_ledger, shop_app, stalled_after=0) == [job_id]
 
 
 def test_a_call_of_a_task_the_app_does_not_have_is_dead_lettered_once_it_waited_as_long(
