@@ -296,6 +296,14 @@ class JobStore:
         with db.single_statement(self.engine) as conn:
             return [job_from_row(row) for row in conn.execute(query).mappings()]
 
+    def note_resend_failed(self, job_id: UUID, step: str, error: str) -> None:
+        """Append to a job's history that the step the sweeper took did not reach the broker."""
+        event = queries.append_event(
+            job_id, step, EventKind.RESEND_FAILED, detail={"error": error[:500]}
+        )
+        with db.single_statement(self.engine) as conn:
+            conn.execute(event)
+
     def count_children(self, task_id: str) -> int:
         """How many jobs name the decorated task's call `task_id` as their parent."""
         with db.single_statement(self.engine) as conn:

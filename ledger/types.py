@@ -68,6 +68,9 @@ class EventKind(enum.StrEnum):
     PURGED = "purged"
     #: The sweeper found the job stalled and sent its step again.
     REDRIVEN = "redriven"
+    #: The step the sweeper took to send again did not reach the broker (a decorated task's
+    #: call; the next sweep tries again). It does not count as a re-send.
+    RESEND_FAILED = "resend_failed"
     #: A delivery found its key already recorded for this job: a duplicate the ledger absorbed.
     DUPLICATE = "duplicate"
 

@@ -16,7 +16,7 @@ from kombu import Queue
 
 from jobs.engine.runtime import Runtime
 from jobs.engine.sweeper import ABANDONED_AGAIN_AFTER_LEASES, MAX_BACKLOG_WAIT, backlog_wait
-from jobs.tasks.calls import PIPELINE_PREFIX, SPEC_ATTRIBUTE, CallSpec
+from jobs.tasks.calls import PIPELINE_PREFIX, SPEC_ATTRIBUTE, STEP, CallSpec
 from jobs.tasks.messages import resend
 from jobs.tasks.revoked import cancel_call, is_revoked
 from jobs.tasks.unclaimed import consumed_queues, dead_letter_strays, dead_letter_unclaimed
@@ -138,6 +138,8 @@ def _resend_all(rt: Runtime, app: Celery, taken: Sequence[JobToSend]) -> list[st
             logger.warning(
                 "call not re-sent: %s", exc, extra={"action": "sweep_send_failed", **log}
             )
+            # Not a re-send: a long broker outage must not use up the call's re-sends.
+            rt.store.note_resend_failed(job.job_id, job.step or STEP, str(exc))
             continue
         logger.warning("re-sent a stalled call", extra={"action": "redrive", **log})
         sent.append(str(job.job_id))

@@ -160,19 +160,21 @@ def take_unfollowed_jobs(
 
 def count_unclaimed_redrives(job_ids: Sequence[UUID]) -> sa.Select[Any]:
     """(job id, re-drives) of the given jobs that no worker ever claimed: their `redriven`
-    events since their last replay or resolve (a person's decision starts a fresh count)."""
+    events less their `resend_failed` ones, since their last replay or resolve (a person's
+    decision starts a fresh count)."""
     event, later = step_events.alias("event"), step_events.alias("later")
     restarted = sa.exists().where(
         later.c.job_id == event.c.job_id,
         later.c.id > event.c.id,
         later.c.kind.in_([str(EventKind.REPLAYED), str(EventKind.RESOLVED)]),
     )
+    sent = sa.case((event.c.kind == str(EventKind.REDRIVEN), 1), else_=-1)
     return (
-        sa.select(event.c.job_id, sa.func.count().label("redrives"))
+        sa.select(event.c.job_id, sa.func.sum(sent).label("redrives"))
         .join(jobs, jobs.c.id == event.c.job_id)
         .where(
             event.c.job_id.in_(list(job_ids)),
-            event.c.kind == str(EventKind.REDRIVEN),
+            event.c.kind.in_([str(EventKind.REDRIVEN), str(EventKind.RESEND_FAILED)]),
             jobs.c.started_at.is_(None),
             ~restarted,
         )

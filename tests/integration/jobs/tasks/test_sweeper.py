@@ -140,7 +140,10 @@ def test_a_call_never_claimed_is_re_sent_a_few_times_then_dead_lettered(
     job_id = keep_call("shop.charge", ([RESERVATION], {}, {}), {"id": "t-lost"},
                        exchange="", routing_key=shop.QUEUE)  # fmt: skip
 
-    # When the sweeper runs past the stall time again and again
+    # When the sweeper runs past the stall time again and again, the first time with the
+    # broker down (a send that fails is not a re-send)
+    with broker_down(shop_app):
+        assert sweep_calls(calls_ledger, shop_app, stalled_after=0) == []
     rounds = [sweep_calls(calls_ledger, shop_app, stalled_after=0) for _ in range(4)]
 
     # Then the call is re-sent twice, then dead-lettered with a reason a person can act on
