@@ -66,7 +66,8 @@ def dead_letter_strays(
             f"never claimed: task {job.context.get('task')!r} is not a task of app "
             f"{app.main!r} (or not decorated with exactly_once there), whose workers consume "
             f"queue {queue!r} where its message goes: renamed or removed? Register it, then "
-            f"replay this dead letter",
+            f"replay this dead letter (if a worker ran it undecorated, its effect may be real: "
+            f"check first)",
         )
     return [str(job.id) for job in strays]
 
