@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from ledger.queries.calls import count_children, count_unclaimed_redrives, select_unclaimed_calls
 from ledger.queries.claims import (
     claim_from,
     claim_key_template,
@@ -75,10 +76,8 @@ from ledger.queries.records import (
     renew_params,
 )
 from ledger.queries.sweeps import (
-    count_children,
     count_recent_deliveries,
     count_recent_messages,
-    count_unclaimed_redrives,
     current_key,
     delete_jobs,
     hand_entry_to,
@@ -86,7 +85,6 @@ from ledger.queries.sweeps import (
     select_events_by_event_prefix,
     select_keys_kept_for_others,
     select_prunable_jobs,
-    select_unclaimed_calls,
     select_unfinished_steps,
     take_abandoned_jobs,
     take_announced,
