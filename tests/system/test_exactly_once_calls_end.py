@@ -44,17 +44,19 @@ def shop_system(
     url = sa.make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
     forget_everything(REDIS_URL)
     folder: Path = tmp_path_factory.mktemp("shop")
-    system = build_system(folder, database_url=url, broker_url=REDIS_URL, workers=0)
     try:
-        system.start_shop_worker("shop0", concurrency=1, extra_env=FAST)
-        with pytest.MonkeyPatch.context() as patch, shop_on(REDIS_URL) as app:
-            patch.setenv("DATABASE_URL", url)
-            system.wait_for(lambda: bool(app.control.ping(timeout=0.5)), "the worker to answer")
-            yield system
+        system = build_system(folder, database_url=url, broker_url=REDIS_URL, workers=0)
+        try:
+            system.start_shop_worker("shop0", concurrency=1, extra_env=FAST)
+            with pytest.MonkeyPatch.context() as patch, shop_on(REDIS_URL) as app:
+                patch.setenv("DATABASE_URL", url)
+                system.wait_for(lambda: bool(app.control.ping(timeout=0.5)), "the worker")
+                yield system
+        finally:
+            close_runtime()
+            processes.stop_all(system.started)
+            system.store.engine.dispose()
     finally:
-        close_runtime()
-        processes.stop_all(system.started)
-        system.store.engine.dispose()
         forget_everything(REDIS_URL)
         drop_database(postgres_admin, name)
 
