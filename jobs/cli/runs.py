@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, Protocol, TypeVar
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
@@ -140,15 +140,7 @@ def chaos(
     report = _counting_orders(
         orders, quiet=as_json, run=lambda progress: run_chaos(settings, options, progress)
     )
-    stderr.print(report.summary(), highlight=False)
-    for violation in report.violations[:20]:
-        stderr.print(f"  {violation}", highlight=False)
-    if as_json:
-        print_json(report.as_json())
-    else:
-        _print_demo(report.as_json())
-    if not report.ok:
-        raise typer.Exit(1)
+    _verdict(report, as_json=as_json)
 
 
 def _chaos_tasks(options: ChaosOptions, *, as_json: bool) -> None:
@@ -163,15 +155,7 @@ def _chaos_tasks(options: ChaosOptions, *, as_json: bool) -> None:
         quiet=as_json,
         run=lambda progress: run_task_chaos(settings, options, progress),
     )
-    stderr.print(report.summary(), highlight=False)
-    for violation in report.violations[:20]:
-        stderr.print(f"  {violation}", highlight=False)
-    if as_json:
-        print_json(report.as_json())
-    else:
-        _print_demo(report.as_json())
-    if not report.ok:
-        raise typer.Exit(1)
+    _verdict(report, as_json=as_json)
 
 
 def bench(
@@ -262,6 +246,33 @@ def _counting_orders(
     with Progress(*columns, console=stderr, transient=quiet) as bar:
         task = bar.add_task("orders finished", total=total)
         return run(lambda done, expected: bar.update(task, completed=done, total=expected))
+
+
+class _Verdict(Protocol):
+    """What a chaos run reports (`ChaosReport`, `TaskChaosReport`)."""
+
+    @property
+    def violations(self) -> list[str]: ...
+
+    @property
+    def ok(self) -> bool: ...
+
+    def summary(self) -> str: ...
+
+    def as_json(self) -> dict[str, object]: ...
+
+
+def _verdict(report: _Verdict, *, as_json: bool) -> None:
+    """Print a chaos run's summary and first violations, then its figures; exit 1 unless ok."""
+    stderr.print(report.summary(), highlight=False)
+    for violation in report.violations[:20]:
+        stderr.print(f"  {violation}", highlight=False)
+    if as_json:
+        print_json(report.as_json())
+    else:
+        _print_demo(report.as_json())
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 def _print_demo(figures: dict[str, object]) -> None:
