@@ -90,7 +90,12 @@ def destination(lat: float, lng: float, bearing_deg: float, distance: float) -> 
         math.sin(theta) * math.sin(delta) * math.cos(phi1),
         math.cos(delta) - math.sin(phi1) * sin_phi2,
     )
-    return math.degrees(phi2), (math.degrees(lambda2) + 180.0) % 360.0 - 180.0
+    return math.degrees(phi2), _wrapped(math.degrees(lambda2))
+
+
+def _wrapped(lng: float) -> float:
+    # Only out-of-range longitudes are wrapped: adding 180 would cost precision (nanometres).
+    return lng if -180.0 <= lng < 180.0 else (lng + 180.0) % 360.0 - 180.0
 
 
 def snapped(lat: float, lng: float, radius_m: float) -> Circle:
@@ -100,8 +105,7 @@ def snapped(lat: float, lng: float, radius_m: float) -> Circle:
     and if that moved it (by under a centimetre) the radius grows by one more centimetre, so
     nothing the exact circle covered is lost. Snapping a snapped circle changes nothing.
     """
-    if not -180.0 <= lng < 180.0:
-        lng = (lng + 180.0) % 360.0 - 180.0
+    lng = _wrapped(lng)
     # The epsilon keeps a radius already in centimetres (float noise aside) where it is.
     radius = math.ceil(radius_m * 100 - 1e-6) / 100
     centre = round(lat, COORDINATE_DECIMALS), round(lng, COORDINATE_DECIMALS)
