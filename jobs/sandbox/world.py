@@ -64,6 +64,10 @@ class Centre:
     sigma_m: float
     places: int
 
+    def position(self) -> tuple[float, float]:
+        """Return the centre's latitude and longitude."""
+        return _offset(self.north_m, self.east_m)
+
 
 #: The dense spots, placed in metres east and north of `ORIGIN`; the seed moves their places,
 #: never them. The city's middle holds ~800 places per km², so crawling it needs many splits.
@@ -208,16 +212,21 @@ def _cells_around(
     return [(row, column) for row in rows for column in columns]
 
 
+def _offset(north_m: float, east_m: float) -> tuple[float, float]:
+    """The point `north_m` north and `east_m` east of `ORIGIN` (a flat map: fine for a world
+    made up, whose distances are measured on the sphere anyway)."""
+    lat = ORIGIN[0] + north_m / METRES_PER_DEGREE
+    return lat, ORIGIN[1] + east_m / (METRES_PER_DEGREE * math.cos(math.radians(lat)))
+
+
 def _generate(seed: int) -> list[Place]:
     """Every place of the world of `seed`: the centres' crowds, then the background."""
     rng = random.Random(seed)
     cumulative = list(itertools.accumulate(CATEGORY_SHARES.values()))
-    origin_lat, origin_lng = ORIGIN
     places: list[Place] = []
 
     def add(north_m: float, east_m: float) -> None:
-        lat = origin_lat + north_m / METRES_PER_DEGREE
-        lng = origin_lng + east_m / (METRES_PER_DEGREE * math.cos(math.radians(lat)))
+        lat, lng = _offset(north_m, east_m)
         share = bisect.bisect_right(cumulative, rng.random() * cumulative[-1])
         category = CATEGORIES[min(share, len(CATEGORIES) - 1)]
         adjective, noun = rng.choice(_ADJECTIVES), rng.choice(_NOUNS)

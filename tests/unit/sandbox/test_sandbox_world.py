@@ -4,7 +4,6 @@ is tested against a real sandbox process, in tests/integration/sandbox.)"""
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 
 import pytest
@@ -17,17 +16,10 @@ from jobs.sandbox.world import (
     CATEGORY_SHARES,
     CENTRES,
     DEFAULT_SEED,
-    METRES_PER_DEGREE,
     ORIGIN,
     World,
     distance_m,
 )
-
-
-def _centre(index: int) -> tuple[float, float]:
-    centre = CENTRES[index]
-    lat = ORIGIN[0] + centre.north_m / METRES_PER_DEGREE
-    return lat, ORIGIN[1] + centre.east_m / (METRES_PER_DEGREE * math.cos(math.radians(lat)))
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +44,7 @@ circles = st.tuples(
 )
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(circle=circles)
 def test_the_grid_finds_what_brute_force_finds(
     world: World, circle: tuple[float, float, float, str | None]
@@ -107,7 +99,7 @@ def _crawl(world: World, area: geometry.Circle, category: str) -> tuple[int, set
 def test_crawling_a_town_takes_three_levels_of_splitting_and_finds_every_place(
     world: World, centre: int, category: str
 ) -> None:
-    area = geometry.Circle(*_centre(centre), 5_000.0)
+    area = geometry.Circle(*CENTRES[centre].position(), 5_000.0)
 
     deepest, found = _crawl(world, area, category)
 
