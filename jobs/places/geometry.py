@@ -24,6 +24,8 @@ LATTICE_SLACK = 0.98
 
 #: Decimals kept of a circle's latitude and longitude (1e-7 degree is about a centimetre).
 COORDINATE_DECIMALS = 7
+#: The most snapping may add to a radius, in metres: a centimetre rounding up, one for the centre.
+SNAP_GROWTH_M = 0.02
 
 
 @dataclass(frozen=True)
@@ -125,17 +127,19 @@ def cover(area: Circle, radius_m: float) -> list[Circle]:
 
     Args:
         area: The circle to cover.
-        radius_m: The radius of each covering circle, in metres.
+        radius_m: The largest radius of a covering circle, in metres (the lattice is laid for
+            `SNAP_GROWTH_M` less, so that snapping never makes a circle larger than asked).
 
     Returns:
         The snapped circles whose lattice point lies within `area.radius_m + radius_m` of the
         centre (every other circle misses the area), south to north, west to east.
 
     Raises:
-        ValueError: If `radius_m` is not positive.
+        ValueError: If `radius_m` is not more than twice `SNAP_GROWTH_M`.
     """
-    if not (math.isfinite(radius_m) and radius_m > 0):
-        raise ValueError(f"radius_m must be a positive number of metres, got {radius_m}")
+    if not (math.isfinite(radius_m) and radius_m > 2 * SNAP_GROWTH_M):
+        raise ValueError(f"radius_m must be more than {2 * SNAP_GROWTH_M} m, got {radius_m}")
+    radius_m -= SNAP_GROWTH_M
     spacing = math.sqrt(3) * radius_m * LATTICE_SLACK
     row_height = spacing * math.sqrt(3) / 2
     reach = area.radius_m + radius_m
@@ -163,13 +167,14 @@ def plan(area: Circle, *, max_radius_m: float) -> list[Circle]:
     The area itself (snapped) when it is small enough, else its `cover` by circles of
     `max_radius_m`.
     """
-    if area.radius_m <= max_radius_m:
-        return [snapped(area.lat, area.lng, area.radius_m)]
+    whole = snapped(area.lat, area.lng, area.radius_m)
+    if whole.radius_m <= max_radius_m:
+        return [whole]
     return cover(area, max_radius_m)
 
 
 def split(circle: Circle, *, min_radius_m: float, area: Circle | None = None) -> list[Circle]:
-    """Return the children of a full circle: seven circles of `SPLIT_FACTOR` its radius.
+    """Return the children of a full circle: seven circles of `SPLIT_FACTOR` its radius (at most).
 
     Every point of `circle` (of `circle` within `area`, if given) lies in some child. Children
     that miss `area` are left out: what they would find is outside the crawl.
