@@ -195,7 +195,8 @@ def split(circle: Circle, *, min_radius_m: float, area: Circle | None = None) ->
     if not (math.isfinite(min_radius_m) and min_radius_m > 0):
         raise ValueError(f"min_radius_m must be a positive number of metres, got {min_radius_m}")
     child_radius = circle.radius_m * SPLIT_FACTOR
-    if child_radius < min_radius_m:
+    # Below a few centimetres snapping leaves no room for a circle: saturated too.
+    if child_radius < min_radius_m or child_radius <= 2 * SNAP_GROWTH_M:
         return []
     children = cover(circle, child_radius)
     if area is not None:
