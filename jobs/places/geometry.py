@@ -110,7 +110,8 @@ def snapped(lat: float, lng: float, radius_m: float) -> Circle:
     lng = _wrapped(lng)
     # The epsilon keeps a radius already in centimetres (float noise aside) where it is.
     radius = math.ceil(radius_m * 100 - 1e-6) / 100
-    centre = round(lat, COORDINATE_DECIMALS), round(lng, COORDINATE_DECIMALS)
+    # Rounding may carry a longitude just short of 180 to 180, which is -180.
+    centre = round(lat, COORDINATE_DECIMALS), _wrapped(round(lng, COORDINATE_DECIMALS))
     if centre != (lat, lng):
         radius += 0.01
     return Circle(*centre, round(radius, 2))
