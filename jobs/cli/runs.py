@@ -299,11 +299,23 @@ def sandbox(
     no_idempotency: Annotated[
         bool, typer.Option("--no-idempotency", help="Ignore Idempotency-Key.")
     ] = False,
+    places_seed: Annotated[
+        int | None,
+        typer.Option(help="Seed of the places world (the same seed, the same world; default 1)."),
+    ] = None,
+    places_rate: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Most places searches per second; above it, 429 (default: no cap)."
+        ),
+    ] = None,
 ) -> None:
-    """Run the sandbox provider: customers, prices, payments and notifications over HTTP."""
+    """Run the sandbox provider: customers, prices, payments, notifications, places search and
+    datasets over HTTP."""
     from pydantic import ValidationError
 
     from jobs.sandbox import Faults, serve
+    from jobs.sandbox.world import DEFAULT_SEED
 
     try:
         faults = Faults(
@@ -324,4 +336,6 @@ def sandbox(
         faults=faults,
         honour_keys=not no_idempotency,
         hang_seconds=hang_seconds,
+        places_seed=DEFAULT_SEED if places_seed is None else places_seed,
+        places_rate=places_rate,
     )
