@@ -79,8 +79,8 @@ def wait(job_id: str | UUID, timeout: float) -> dict[str, JSON]:
     `steps` (each with its attempts, input, output and error).
 
     On Postgres the job's end is announced (LISTEN/NOTIFY), heard on one connection that
-    every wait of the process shares while any waits; on SQLite its state is polled, at growing intervals up
-    to a second.
+    every wait of the process shares while any waits; on SQLite its state is polled, at
+    growing intervals up to a second.
 
     Raises:
         TimeoutError: the job had not ended after `timeout` seconds.
