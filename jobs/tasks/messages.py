@@ -50,6 +50,36 @@ def hands_on(message: Mapping[str, JSON]) -> bool:
     return any(_decorated_in(signature) for signature in following)
 
 
+def decorated_followers(message: Mapping[str, JSON]) -> int | None:
+    """How many calls of decorated tasks a kept message's call hands on to (its chain's next
+    link, a group's tasks each, its callbacks); None when it also hands on to something
+    else (a plain task, a chord), whose publish leaves no trace to count."""
+    options = message.get("options")
+    if not isinstance(options, dict):
+        return 0
+    chain, links = options.get("chain"), options.get("link")
+    following = [chain[-1]] if isinstance(chain, list) and chain else []
+    following += links if isinstance(links, list) else []
+    total = 0
+    for signature in following:
+        found = _decorated_count(signature)
+        if found is None:
+            return None
+        total += found
+    return total
+
+
+def _decorated_count(signature: JSON) -> int | None:
+    if not isinstance(signature, dict):
+        return None
+    name, kwargs = signature.get("task"), signature.get("kwargs")
+    if name == "celery.group" and isinstance(kwargs, dict):
+        tasks = kwargs.get("tasks")
+        counts = [_decorated_count(task) for task in tasks] if isinstance(tasks, list) else [None]
+        return None if None in counts else sum(c for c in counts if c is not None)
+    return 1 if isinstance(name, str) and decorated_task(name) is not None else None
+
+
 def _decorated_in(signature: JSON) -> bool:
     if not isinstance(signature, dict):
         return False

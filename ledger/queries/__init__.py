@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from ledger.queries.calls import count_children, count_unclaimed_redrives, select_unclaimed_calls
 from ledger.queries.claims import (
     claim_from,
     claim_key_template,
@@ -109,11 +110,13 @@ __all__ = [
     "claim_params",
     "claim_template",
     "close_dead_letter",
+    "count_children",
     "count_events",
     "count_jobs_by_state",
     "count_open_dead_letters",
     "count_recent_deliveries",
     "count_recent_messages",
+    "count_unclaimed_redrives",
     "current_key",
     "delete_dead_letters",
     "delete_jobs",
@@ -157,6 +160,7 @@ __all__ = [
     "select_jobs_by_event_prefix",
     "select_keys_kept_for_others",
     "select_prunable_jobs",
+    "select_unclaimed_calls",
     "select_unfinished_steps",
     "settle_entry",
     "start_job",
