@@ -8,7 +8,7 @@ from typing import Any
 from uuid import UUID
 
 import pytest
-from celery import Celery
+from celery import Celery, chain, group
 from kombu import Connection
 from kombu.exceptions import OperationalError
 
@@ -110,7 +110,7 @@ def test_a_recorded_call_is_re_sent_until_its_continuation_appears(
     shop.charge.s(RESERVATION).set(task_id="t-7", link=shop.notify.s()).apply_async()
     _taken(redis_url)
     [job] = calls_ledger.store.list_jobs(pipeline="task:shop.charge")
-    assert (job.context["task_id"], job.context["hands_on"]) == ("t-7", True)
+    assert (job.context["task_id"], job.context["hands_on"]) == ("t-7", 1)
     claim = calls_ledger.ledger.claim_step(job.id, "call")
     assert isinstance(claim, Claim)
     calls_ledger.ledger.record_success(claim, {"ok": 1}, next_step=None, duration_ms=1.0)
@@ -129,6 +129,50 @@ def test_a_recorded_call_is_re_sent_until_its_continuation_appears(
     assert (notify.context["parent"], "hands_on" in notify.context) == ("t-7", False)
     # (the callback itself, kept and never claimed, is stalled: re-sent)
     assert sweep_calls(calls_ledger, shop_app, stalled_after=0) == [str(notify.id)]
+
+
+def test_a_recorded_call_handing_on_to_a_group_is_re_sent_until_all_its_followers_appear(
+    calls_ledger: Runtime, shop_app: Celery, redis_url: str
+) -> None:
+    # Given a charge handing on to a group of two decorated calls, recorded, whose worker
+    # died mid-hand-on: Celery had published the group's notify, not its note
+    chain(
+        shop.charge.s(RESERVATION).set(task_id="t-g"),
+        group(shop.notify.s(), shop.note.si("o-9", "c-9")),
+    ).apply_async()
+    _taken(redis_url)
+    [job] = calls_ledger.store.list_jobs(pipeline="task:shop.charge")
+    claim = calls_ledger.ledger.claim_step(job.id, "call")
+    assert isinstance(claim, Claim)
+    calls_ledger.ledger.record_success(claim, {"ok": 1}, next_step=None, duration_ms=1.0)
+    charged = {**RESERVATION, "charge_id": "ch-g"}
+    keep_call("shop.notify", ([charged], {}, {}), {"id": "t-gn", "parent_id": "t-g"},
+              exchange="", routing_key=shop.QUEUE)  # fmt: skip
+    [notify] = calls_ledger.store.list_jobs(pipeline="task:shop.notify")
+    calls_ledger.ledger.record_success(
+        _claim(calls_ledger, notify.id), {"ok": 1}, next_step=None, duration_ms=1.0
+    )
+
+    # When the sweeper runs past the stall time, it re-sends the charge (one follower of
+    # two is not its canvas going on): its repeat hands on to the group again
+    assert sweep_calls(calls_ledger, shop_app, stalled_after=0) == [str(job.id)]
+    headers, _ = _taken(redis_url)
+    assert headers["id"] == "t-g"
+
+    # Then once the note is kept too, naming the charge as its parent, it is not sent again
+    keep_call("shop.note", (["o-9", "c-9"], {}, {}), {"id": "t-gm", "parent_id": "t-g"},
+              exchange="", routing_key=shop.QUEUE)  # fmt: skip
+    [note] = calls_ledger.store.list_jobs(pipeline="task:shop.note")
+    calls_ledger.ledger.record_success(
+        _claim(calls_ledger, note.id), {"ok": 1}, next_step=None, duration_ms=1.0
+    )
+    assert sweep_calls(calls_ledger, shop_app, stalled_after=0) == []
+
+
+def _claim(runtime: Runtime, job_id: UUID) -> Claim:
+    claim = runtime.ledger.claim_step(job_id, "call")
+    assert isinstance(claim, Claim)
+    return claim
 
 
 def test_a_call_never_claimed_is_re_sent_a_few_times_then_dead_lettered(
