@@ -14,11 +14,22 @@ from kombu.exceptions import OperationalError
 
 from jobs import exactly_once
 from jobs.engine.runtime import Runtime
-from jobs.tasks import check_settings, keep_call
+from jobs.ops.dead_letters import DeadLetterDesk
+from jobs.tasks import check_settings, dead_letter_timed_out, keep_call
+from jobs.tasks.calls import SPEC_ATTRIBUTE
 from jobs.tasks.sweeper import queued_calls, sweep_calls
 from jobs.tools import shop
-from ledger import Claim, DeadLetterReason, DeadLetterStore, EventKind, JobState, StepLedger
+from ledger import (
+    Claim,
+    DeadLetterReason,
+    DeadLetterStore,
+    EventKind,
+    JobState,
+    StepLedger,
+    StepState,
+)
 from tests.conftest import queue_length
+from tests.factories import RecordingDispatch
 from tests.shop_app import broker_down
 from tests.waiting import wait_for
 
@@ -232,6 +243,45 @@ def test_a_call_of_a_task_the_app_does_not_have_is_dead_lettered_once_it_waited_
     assert letter.reason is DeadLetterReason.NEVER_CLAIMED
     assert "task 'shop.charge_before' is not a task of app 'shop'" in letter.message
     assert "queue 'shop'" in letter.message
+
+
+def test_an_at_most_once_call_past_its_hard_time_limit_is_unknown_until_a_person_forces_it(
+    calls_ledger: Runtime, shop_app: Celery, redis_url: str
+) -> None:
+    # Given an at-most-once call claimed by a run that Celery's hard time limit killed
+    job_id = keep_call("shop.note", (["o-9", "c-9"], {}, {}), {"id": "t-note"},
+                       exchange="", routing_key=shop.QUEUE)  # fmt: skip
+    assert job_id is not None
+    _claim(calls_ledger, UUID(job_id))
+    note = shop.app.tasks["shop.note"]  # the task itself, as Celery's signal sends it
+    spec = getattr(note.run, SPEC_ATTRIBUTE)
+
+    # When Celery fails it in the worker's main process (a copy of the call sent under
+    # another task id is another canvas's: it leaves the call alone)
+    assert dead_letter_timed_out(note, spec, "t-other", ["o-9", "c-9"], {}, 1) is None
+    job = dead_letter_timed_out(note, spec, "t-note", ["o-9", "c-9"], {}, 1)
+
+    # Then it is dead-lettered, time_limit, its key unknown (it may have acted), and no
+    # sweep sends it again
+    assert job is not None
+    assert job.state is JobState.DEAD_LETTERED
+    [entry] = calls_ledger.store.history(job.id).entries
+    assert entry.state is StepState.UNKNOWN
+    [letter] = DeadLetterStore(engine=calls_ledger.engine).list()
+    assert (letter.reason, letter.key) == (DeadLetterReason.TIME_LIMIT, "note:o-9")
+    assert sweep_calls(calls_ledger, shop_app, stalled_after=0) == []
+
+    # and a replay needs a person's --force, as for any unknown outcome
+    desk = DeadLetterDesk(
+        store=calls_ledger.store,
+        letters=DeadLetterStore(engine=calls_ledger.engine),
+        dispatch=RecordingDispatch(),
+        calls=shop_app,
+    )
+    assert "--force" in str(desk.replay(letter, by="test", force=False).detail)
+    assert desk.replay(letter, by="test", force=True).done
+    headers, _ = _taken(redis_url)
+    assert headers["id"] == "t-note"
 
 
 def test_a_recorded_call_is_not_re_sent(calls_ledger: Runtime, shop_app: Celery) -> None:
