@@ -38,14 +38,12 @@ def dead_letter_timed_out(
     positional = (task, *args) if is_bound(task) else tuple(args)
     call = Call.bind(task.name, spec, positional, kwargs, bound=is_bound(task))
     rt = runtime()
-    found = [
-        job
-        for job in rt.store.jobs_with_event_prefix(call.event_id)
-        if job.pipeline == call.pipeline and job.event_id == call.event_id
-    ]
-    if not found or found[0].context.get("task_id") != task_id:
+    job_id = rt.store.job_id_of(call.pipeline, call.event_id)
+    if job_id is None:
         return None
-    job = found[0]
+    job = rt.store.get_job(job_id)
+    if job.context.get("task_id") != task_id:
+        return None
     if job.state not in (JobState.PENDING, JobState.RUNNING):
         return job
     message = (
