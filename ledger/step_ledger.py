@@ -390,7 +390,7 @@ class StepLedger:
         def attempt() -> None:
             with db.transaction(self.engine) as conn:
                 ended = write_dead_letter(conn, letter, 0, None)
-                if ended is JobState.DEAD_LETTERED and key is not None and started_as:
+                if ended is JobState.DEAD_LETTERED and key is not None and started_as is not None:
                     conn.execute(queries.end_started(key, started_as))
 
         self.retrying(attempt)

@@ -81,8 +81,8 @@ def sweep_calls(
     long, recorded calls whose continuation never appeared, or only in part (fewer calls
     name them as their parent than they hand on to: a hand-on to a group cut short; the
     re-send answers the recorded result, Celery hands on again, and each follower's key
-    absorbs its repeat); the job ids sent. Safe in several workers
-    at once (the takes lock with SKIP LOCKED). A call re-sent `call_max_resends` times and
+    absorbs its repeat); the job ids sent. Safe in several workers at once (the takes lock
+    with SKIP LOCKED). A call re-sent `call_max_resends` times and
     never claimed is dead-lettered instead, as is one of a task the app does not have whose
     message goes to the app's queues, once it waited as long (see `jobs.tasks.unclaimed`)."""
     pipelines = [PIPELINE_PREFIX + name for name in decorated_tasks(app)]
