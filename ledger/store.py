@@ -97,6 +97,12 @@ class JobStore:
         with db.wrap_errors():
             return create_jobs_in(conn, new_jobs)
 
+    def job_id_of(self, pipeline: str, event_id: str) -> UUID | None:
+        """The id of the job of `pipeline` made for `event_id`, if there is one."""
+        with db.single_statement(self.engine) as conn:
+            row = conn.execute(queries.select_job_ids(pipeline, [event_id])).one_or_none()
+            return row.id if row is not None else None
+
     def get_job(self, job_id: UUID) -> Job:
         """One job.
 

@@ -104,6 +104,9 @@ class DeadLetterReason(enum.StrEnum):
     #: A decorated task's call was re-sent again and again and never claimed (no worker
     #: has its task, or a changed key template makes its run another call).
     NEVER_CLAIMED = "never_claimed"
+    #: Celery's hard time limit killed a decorated task's call mid-run and failed it (its
+    #: errbacks ran): it is not re-sent behind its canvas's back.
+    TIME_LIMIT = "time_limit"
 
 
 @dataclass(frozen=True)

@@ -78,9 +78,11 @@ def sweep_calls(
     """Re-send, through `app`, the calls of its decorated tasks whose owner died (at once) or
     that made no progress for `stalled_after` seconds (the settings' by default) plus the
     time the `queued()` messages need to drain (see `jobs.engine.sweeper`) — and, after as
-    long, recorded calls whose continuation never appeared (the re-send answers the
-    recorded result, and Celery hands on again); the job ids sent. Safe in several workers
-    at once (the takes lock with SKIP LOCKED). A call re-sent `call_max_resends` times and
+    long, recorded calls whose continuation never appeared, or only in part (fewer calls
+    name them as their parent than they hand on to: a hand-on to a group cut short; the
+    re-send answers the recorded result, Celery hands on again, and each follower's key
+    absorbs its repeat); the job ids sent. Safe in several workers at once (the takes lock
+    with SKIP LOCKED). A call re-sent `call_max_resends` times and
     never claimed is dead-lettered instead, as is one of a task the app does not have whose
     message goes to the app's queues, once it waited as long (see `jobs.tasks.unclaimed`)."""
     pipelines = [PIPELINE_PREFIX + name for name in decorated_tasks(app)]

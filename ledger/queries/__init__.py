@@ -65,6 +65,7 @@ from ledger.queries.read_only import (
     record_read_template,
 )
 from ledger.queries.records import (
+    end_started,
     finish_entry,
     finish_params,
     mark_unknown,
@@ -120,6 +121,7 @@ __all__ = [
     "current_key",
     "delete_dead_letters",
     "delete_jobs",
+    "end_started",
     "finish_entry",
     "finish_job",
     "finish_params",

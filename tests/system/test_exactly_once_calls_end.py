@@ -1,6 +1,7 @@
 """How decorated calls of a user's own app end, run by one real worker of it started once for
 the module: a revoked call is cancelled and never re-sent; a late repeat of a call whose chain
-already went on does not hand it on a second time."""
+already went on does not hand it on a second time; a call Celery's hard time limit killed is
+dead-lettered, as Celery failed it."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ import pytest
 import sqlalchemy as sa
 from celery import chain
 
+from jobs.ops.dead_letters import DeadLetterDesk
 from jobs.tasks import resend
 from jobs.tasks.running import close_runtime, runtime
 from jobs.tasks.sweeper import sweep_calls
 from jobs.tools import processes, shop
 from jobs.tools.databases import drop_database
-from ledger import EventKind, Job, JobState
+from ledger import DeadLetterReason, DeadLetterStore, EventKind, Job, JobState
 from tests.conftest import POSTGRES_URL, REDIS_URL, forget_everything, queue_length
+from tests.factories import RecordingDispatch
 from tests.shop_app import shop_on
 from tests.system.conftest import System, build_system, per_order
 
@@ -142,3 +145,63 @@ def test_a_late_repeat_of_a_call_whose_chain_went_on_does_not_hand_on_again(
         system.wait_for(repeat_done, "the repeat to be answered")
         assert seen(f"Task shop.charge[{charge_id}] received") == 1
     assert per_order(system.effects(), "charge") == {order: 1}
+
+
+def test_a_call_past_its_hard_time_limit_is_dead_lettered_as_celery_failed_it(
+    shop_system: System,
+) -> None:
+    system = shop_system
+    order = f"ord-{uuid.uuid4().hex[:6]}"
+    task_id = f"limited-{order}"
+    reservation = {"order_id": order, "customer_id": f"cust-{order}", "amount": 100}
+    worker_log = next(p for p in system.started if p.name == "shop0").log_path
+    with shop_on(REDIS_URL) as app:
+        # Given a charge with an errback, whose provider answers after its hard time limit
+        system.faults(service="payments", latency_ms=4000)
+        try:
+            shop.charge.apply_async(
+                (reservation,),
+                task_id=task_id,
+                time_limit=1,
+                link_error=shop.note.si(order, f"cust-{order}"),
+            )
+            # When Celery kills its pool process, and tells its canvas it failed
+            system.wait_for(
+                lambda: f"exceeded for shop.charge[{task_id}]" in worker_log.read_text(),
+                "the hard time limit",
+            )
+        finally:
+            system.faults(service="payments", latency_ms=0)
+        job = call_of(system, "charge", task_id)
+        system.wait_for(
+            lambda: per_order(system.effects(), "notification").get(order) == 1,
+            "the errback",
+        )
+
+        # Then the call's job is dead-lettered, time_limit, as Celery failed it: no sweep
+        # sends it again to succeed behind the errback's back
+        system.wait_for(
+            lambda: (
+                system.store.get_job(job.id).state in (JobState.DEAD_LETTERED, JobState.SUCCEEDED)
+            ),
+            "the call to end",
+            timeout=30,
+        )
+        assert system.store.get_job(job.id).state is JobState.DEAD_LETTERED
+        [letter] = DeadLetterStore(engine=system.store.engine).list(job_id=job.id)
+        assert letter.reason is DeadLetterReason.TIME_LIMIT
+        assert str(job.id) not in sweep_calls(runtime(), app, stalled_after=0)
+        assert EventKind.REDRIVEN not in kinds(system, job)
+
+        # and a person's replay runs it again, its key making the repeat safe
+        desk = DeadLetterDesk(
+            store=system.store,
+            letters=DeadLetterStore(engine=system.store.engine),
+            dispatch=RecordingDispatch(),
+            calls=app,
+        )
+        assert desk.replay(letter, by="test", force=False).done
+        system.wait_for(
+            lambda: system.store.get_job(job.id).state is JobState.SUCCEEDED, "the replay"
+        )
+    assert per_order(system.effects(), "charge").get(order) == 1
