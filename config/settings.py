@@ -177,6 +177,9 @@ class Settings(BaseSettings):
     #: again; by default the longest step time limit or retry delay, plus 30 s (see
     #: `stalled_after`). A job whose step's owner died is sent again once its lease expires.
     sweep_stalled_after: float | None = Field(default=None, gt=0, le=30 * 86_400)
+    #: Re-sends of a decorated task's call that no worker claims (its task registered
+    #: nowhere, its key template changed) before it is dead-lettered, `never_claimed`.
+    call_max_resends: int = Field(default=10, ge=1, le=1_000)
     #: Seconds after which a job whose first step never reached the broker is sent by the
     #: relay (the API process and every sweep run it).
     relay_after: float = Field(default=5.0, gt=0, le=86_400)

@@ -78,9 +78,9 @@ def wait(job_id: str | UUID, timeout: float) -> dict[str, JSON]:
     history --json` prints it: `state`, `results` (what each step returned, by name) and
     `steps` (each with its attempts, input, output and error).
 
-    On Postgres the job's end is announced (LISTEN/NOTIFY), heard on a connection of the
-    wait's own, held while it waits; on SQLite its state is polled, at growing intervals up
-    to a second.
+    On Postgres the job's end is announced (LISTEN/NOTIFY), heard on one connection that
+    every wait of the process shares while any waits; on SQLite its state is polled, at
+    growing intervals up to a second.
 
     Raises:
         TimeoutError: the job had not ended after `timeout` seconds.

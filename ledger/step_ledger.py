@@ -380,13 +380,18 @@ class StepLedger:
         *,
         reason: DeadLetterReason,
         key: str | None = None,
+        started_as: StepState | None = None,
     ) -> None:
-        """Dead-letter a job at a step it could not claim (its key's fingerprint mismatched)."""
+        """Dead-letter a job at a step it could not claim (its key's fingerprint mismatched),
+        or whose run was ended from outside: then its key, if still `started`, becomes
+        `started_as` (`failed`: a replay runs it again; `unknown`: a person decides)."""
         letter = DeadLetterNote(job_id, step, key, error, reason)
 
         def attempt() -> None:
             with db.transaction(self.engine) as conn:
-                write_dead_letter(conn, letter, 0, None)
+                ended = write_dead_letter(conn, letter, 0, None)
+                if ended is JobState.DEAD_LETTERED and key is not None and started_as is not None:
+                    conn.execute(queries.end_started(key, started_as))
 
         self.retrying(attempt)
 

@@ -98,6 +98,12 @@ class JobStore:
         with db.wrap_errors():
             return create_jobs_in(conn, new_jobs)
 
+    def job_id_of(self, pipeline: str, event_id: str) -> UUID | None:
+        """The id of the job of `pipeline` made for `event_id`, if there is one."""
+        with db.single_statement(self.engine) as conn:
+            row = conn.execute(queries.select_job_ids(pipeline, [event_id])).one_or_none()
+            return row.id if row is not None else None
+
     def get_job(self, job_id: UUID) -> Job:
         """One job.
 
@@ -273,6 +279,45 @@ class JobStore:
                 conn.dialect.name, stalled_after, within, limit, pipelines
             )
             return self._taken(conn, statement, {"unfollowed": True})
+
+    def unclaimed_redrives(self, job_ids: Sequence[UUID]) -> dict[UUID, int]:
+        """How many times the sweeper took each of these jobs that no worker ever claimed,
+        since a person last replayed or resolved it (claimed jobs are left out)."""
+        if not job_ids:
+            return {}
+        with db.single_statement(self.engine) as conn:
+            rows = conn.execute(queries.count_unclaimed_redrives(job_ids))
+            return {row.job_id: int(row.redrives) for row in rows}
+
+    def unclaimed_calls(
+        self,
+        *,
+        prefix: str,
+        excluded: Sequence[str],
+        queues: Sequence[str],
+        older_than: float,
+        limit: int = 500,
+    ) -> list[Job]:
+        """Unfinished jobs of pipelines named `prefix…` but not in `excluded`, whose kept message
+        goes to one of `queues`, never claimed and untouched for `older_than` seconds (see
+        `queries.select_unclaimed_calls`)."""
+        query = queries.select_unclaimed_calls(prefix, excluded, queues, older_than, limit)
+        with db.single_statement(self.engine) as conn:
+            return [job_from_row(row) for row in conn.execute(query).mappings()]
+
+    def note_resend_failed(self, job_id: UUID, step: str, error: str) -> None:
+        """Append to a job's history that the step the sweeper took did not reach the broker."""
+        event = queries.append_event(
+            job_id, step, EventKind.RESEND_FAILED, detail={"error": error[:500]}
+        )
+        with db.single_statement(self.engine) as conn:
+            conn.execute(event)
+
+    def count_children(self, task_id: str) -> int:
+        """How many jobs name the decorated task's call `task_id` as their parent."""
+        with db.single_statement(self.engine) as conn:
+            statement = queries.count_children(conn.dialect.name, task_id)
+            return int(conn.execute(statement).scalar_one())
 
     def take_sent_between(
         self,

@@ -88,6 +88,9 @@ class EventKind(enum.StrEnum):
     PURGED = "purged"
     #: The sweeper found the job stalled and sent its step again.
     REDRIVEN = "redriven"
+    #: The step the sweeper took to send again did not reach the broker (a decorated task's
+    #: call; the next sweep tries again). It does not count as a re-send.
+    RESEND_FAILED = "resend_failed"
     #: A delivery found its key already recorded for this job: a duplicate the ledger absorbed.
     DUPLICATE = "duplicate"
 
@@ -116,6 +119,14 @@ class DeadLetterReason(enum.StrEnum):
     OUTCOME_UNKNOWN = "outcome_unknown"
     #: The key was first used for a different request.
     FINGERPRINT_MISMATCH = "fingerprint_mismatch"
+    #: The outbox relay could not route the job: its pipeline is not loaded where it runs.
+    UNKNOWN_PIPELINE = "unknown_pipeline"
+    #: A decorated task's call was re-sent again and again and never claimed (no worker
+    #: has its task, or a changed key template makes its run another call).
+    NEVER_CLAIMED = "never_claimed"
+    #: Celery's hard time limit killed a decorated task's call mid-run and failed it (its
+    #: errbacks ran): it is not re-sent behind its canvas's back.
+    TIME_LIMIT = "time_limit"
 
 
 @dataclass(frozen=True)

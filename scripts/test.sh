@@ -21,6 +21,7 @@ fi
 export TEST_DATABASE_URL TEST_AMQP_URL TEST_REDIS_URL
 
 # Two test processes (pytest-xdist), each with brokers of its own (tests/conftest.py): the
-# system tests mostly wait on their workers, so two at a time fit two cores. Pass `-n 0` to
-# run in one process.
-exec python3 -m pytest -n "${TEST_PROCESSES:-2}" "$@"
+# system tests mostly wait on their workers, so two at a time fit two cores. Work stealing:
+# tests last from milliseconds to a minute, and a process that runs out takes from the other
+# rather than idling at the end. Pass `-n 0` to run in one process.
+exec python3 -m pytest -n "${TEST_PROCESSES:-2}" --dist worksteal "$@"

@@ -75,6 +75,7 @@ def open_sandbox(
     honour_keys: bool = True,
     hang_seconds: float = 30.0,
     seed: int | None = None,
+    places_rate: int | None = None,
 ) -> Iterator[SandboxClient]:
     """Build a sandbox app over `store` and yield a client for it; close the client after.
 
@@ -84,11 +85,12 @@ def open_sandbox(
         honour_keys: Whether `Idempotency-Key` deduplicates.
         hang_seconds: How long timeouts and lost replies hang (keep it tiny in tests).
         seed: Seed for the app's fault dice.
+        places_rate: The most places searches admitted per second; `None`: no cap.
 
     Yields:
         A synchronous client whose requests reach the app without a socket.
     """
-    app = create_app(store, faults, honour_keys, hang_seconds, seed=seed)
+    app = create_app(store, faults, honour_keys, hang_seconds, seed=seed, places_rate=places_rate)
     with asyncio.Runner() as runner:
         client = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://sandbox"

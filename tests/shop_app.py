@@ -10,6 +10,7 @@ from celery import Celery
 from kombu import Connection, Queue
 
 from jobs.tools import shop
+from jobs.tools.processes import free_port
 
 
 @contextmanager
@@ -43,3 +44,18 @@ def _purge(broker_url: str) -> None:
             Queue(shop.QUEUE, channel=conn.channel()).purge()
         except conn.channel_errors:
             return  # RabbitMQ refuses to purge a queue nobody declared yet: nothing to purge
+
+
+@contextmanager
+def broker_down(app: Celery) -> Iterator[None]:
+    """`app` sending to a broker nobody answers at (a port nothing listens on)."""
+    saved = app.conf.broker_url, app.conf.broker_transport_options
+    down = f"redis://127.0.0.1:{free_port()}/0"
+    # One connection attempt, not kombu's retries over seconds.
+    app.conf.update(broker_url=down, broker_transport_options={**saved[1], "max_retries": 0})
+    _forget_connections(app)
+    try:
+        yield
+    finally:
+        _forget_connections(app)
+        app.conf.update(broker_url=saved[0], broker_transport_options=saved[1])

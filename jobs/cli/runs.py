@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, Protocol, TypeVar
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
@@ -140,15 +140,7 @@ def chaos(
     report = _counting_orders(
         orders, quiet=as_json, run=lambda progress: run_chaos(settings, options, progress)
     )
-    stderr.print(report.summary(), highlight=False)
-    for violation in report.violations[:20]:
-        stderr.print(f"  {violation}", highlight=False)
-    if as_json:
-        print_json(report.as_json())
-    else:
-        _print_demo(report.as_json())
-    if not report.ok:
-        raise typer.Exit(1)
+    _verdict(report, as_json=as_json)
 
 
 def _chaos_tasks(options: ChaosOptions, *, as_json: bool) -> None:
@@ -163,15 +155,7 @@ def _chaos_tasks(options: ChaosOptions, *, as_json: bool) -> None:
         quiet=as_json,
         run=lambda progress: run_task_chaos(settings, options, progress),
     )
-    stderr.print(report.summary(), highlight=False)
-    for violation in report.violations[:20]:
-        stderr.print(f"  {violation}", highlight=False)
-    if as_json:
-        print_json(report.as_json())
-    else:
-        _print_demo(report.as_json())
-    if not report.ok:
-        raise typer.Exit(1)
+    _verdict(report, as_json=as_json)
 
 
 def bench(
@@ -264,6 +248,33 @@ def _counting_orders(
         return run(lambda done, expected: bar.update(task, completed=done, total=expected))
 
 
+class _Verdict(Protocol):
+    """What a chaos run reports (`ChaosReport`, `TaskChaosReport`)."""
+
+    @property
+    def violations(self) -> list[str]: ...
+
+    @property
+    def ok(self) -> bool: ...
+
+    def summary(self) -> str: ...
+
+    def as_json(self) -> dict[str, object]: ...
+
+
+def _verdict(report: _Verdict, *, as_json: bool) -> None:
+    """Print a chaos run's summary and first violations, then its figures; exit 1 unless ok."""
+    stderr.print(report.summary(), highlight=False)
+    for violation in report.violations[:20]:
+        stderr.print(f"  {violation}", highlight=False)
+    if as_json:
+        print_json(report.as_json())
+    else:
+        _print_demo(report.as_json())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 def _print_demo(figures: dict[str, object]) -> None:
     table = Table("figure", "value", title="oncelery demo (counted at the provider)")
     for name, value in figures.items():
@@ -288,11 +299,23 @@ def sandbox(
     no_idempotency: Annotated[
         bool, typer.Option("--no-idempotency", help="Ignore Idempotency-Key.")
     ] = False,
+    places_seed: Annotated[
+        int | None,
+        typer.Option(help="Seed of the places world (the same seed, the same world; default 1)."),
+    ] = None,
+    places_rate: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Most places searches per second; above it, 429 (default: no cap)."
+        ),
+    ] = None,
 ) -> None:
-    """Run the sandbox provider: customers, prices, payments and notifications over HTTP."""
+    """Run the sandbox provider: customers, prices, payments, notifications, places search and
+    datasets over HTTP."""
     from pydantic import ValidationError
 
     from jobs.sandbox import Faults, serve
+    from jobs.sandbox.world import DEFAULT_SEED
 
     try:
         faults = Faults(
@@ -313,4 +336,6 @@ def sandbox(
         faults=faults,
         honour_keys=not no_idempotency,
         hang_seconds=hang_seconds,
+        places_seed=DEFAULT_SEED if places_seed is None else places_seed,
+        places_rate=places_rate,
     )

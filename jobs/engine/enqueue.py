@@ -14,7 +14,7 @@ from uuid import UUID
 from jobs.engine.dispatch import Dispatch, SendsMany
 from jobs.engine.runtime import Runtime
 from jobs.pipelines import Delivery, Pipeline, registry
-from ledger import JobStore, JobToSend, NewJob, Reading, first_reading
+from ledger import JSON, DeadLetterReason, JobStore, JobToSend, NewJob, Reading, first_reading
 
 logger = logging.getLogger(__name__)
 
@@ -236,13 +236,7 @@ def send_taken(rt: Runtime, dispatch: Dispatch, taken: Sequence[JobToSend]) -> t
     sent = 0
     for job in taken:
         if job.step is None or job.pipeline not in registry:
-            # Unroutable here; left out of the outbox so it cannot block the others.
-            logger.error(
-                "outbox job %s has no step to send (pipeline %s)",
-                job.job_id,
-                job.pipeline,
-                extra={"action": "relay_skip", "job_id": str(job.job_id)},
-            )
+            _dead_letter_unroutable(rt, job)
             continue
         if failed:
             failed.append(job.job_id)
@@ -261,3 +255,27 @@ def send_taken(rt: Runtime, dispatch: Dispatch, taken: Sequence[JobToSend]) -> t
             sent += 1
     rt.store.undo_dispatched(failed)
     return sent, bool(failed)
+
+
+def _dead_letter_unroutable(rt: Runtime, job: JobToSend) -> None:
+    """Dead-letter an outbox job this process cannot route (its pipeline is not loaded here):
+    a person sees it in `dlq list`, loads the pipeline and replays it. Not left in the
+    outbox, where the relay would take it again every round (and enough of them would fill
+    every batch); never counted as sent."""
+    message = (
+        f"pipeline {job.pipeline!r} is not loaded where the outbox relay runs, so its job "
+        f"cannot be sent: add its module to ONCELERY_PIPELINES there (and in the workers), "
+        f"then replay this dead letter"
+    )
+    if job.step is None:
+        message = f"job of pipeline {job.pipeline!r} has no step to send"
+    logger.error(
+        "outbox job %s not sent: %s",
+        job.job_id,
+        message,
+        extra={"action": "relay_unroutable", "job_id": str(job.job_id)},
+    )
+    error: JSON = {"type": "UnknownPipeline", "message": message}
+    rt.ledger.dead_letter(
+        job.job_id, job.step or "-", error, reason=DeadLetterReason.UNKNOWN_PIPELINE
+    )

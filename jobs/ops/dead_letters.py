@@ -131,14 +131,16 @@ class DeadLetterDesk:
             return f"the job is {job_state}"
         if letter.reason is DeadLetterReason.FINGERPRINT_MISMATCH:
             return "its key was first used for a different request: fix the key, do not replay"
-        if delivery is Delivery.AT_MOST_ONCE and self._unknown(letter) and not force:
+        if delivery is Delivery.AT_MOST_ONCE and self.outcome_unknown(letter) and not force:
             return (
                 "the step's outcome is unknown and its provider ignores keys: "
                 "check the provider, then replay --force or resolve"
             )
         return None
 
-    def _unknown(self, letter: DeadLetter) -> bool:
+    def outcome_unknown(self, letter: DeadLetter) -> bool:
+        """Whether the letter's key is `unknown` (whatever its reason: a call its time limit
+        killed, say): nobody knows whether its step took effect."""
         if letter.key is None:
             return False
         if item_of(letter) is not None:

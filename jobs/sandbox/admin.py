@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 
 from .faults import FaultUpdate
+from .places import TruthQuery
 from .services import Service
 from .state import SandboxState, get_state
 from .store import EffectKind
@@ -60,10 +61,13 @@ async def set_faults(update: FaultUpdate, state: StateDep) -> JSONResponse:
 
 @router.get("/sandbox/effects")
 async def list_effects(
-    state: StateDep, kind: EffectKind | None = None, order_id: str | None = None
+    state: StateDep,
+    kind: EffectKind | None = None,
+    order_id: str | None = None,
+    crawl_id: str | None = None,
 ) -> JSONResponse:
-    """List every effect applied, oldest first, optionally of one kind or for one order."""
-    rows = state.store.list_effects(kind=kind, order_id=order_id)
+    """List every effect applied, oldest first, optionally of one kind, order or crawl."""
+    rows = state.store.list_effects(kind=kind, order_id=order_id, crawl_id=crawl_id)
     return JSONResponse([dataclasses.asdict(row) for row in rows])
 
 
@@ -76,6 +80,13 @@ async def list_requests(
     """List the requests the services received, oldest first; `limit` keeps the latest ones."""
     rows = state.store.list_requests(service=service, limit=limit)
     return JSONResponse([dataclasses.asdict(row) for row in rows])
+
+
+@router.get("/sandbox/places/truth")
+async def places_truth(query: Annotated[TruthQuery, Query()], state: StateDep) -> JSONResponse:
+    """List every place of the world in a circle (of one category, or all), nearest first."""
+    found = state.world.within(query.lat, query.lng, query.radius_m, query.category)
+    return JSONResponse({"places": [place.to_json() for place in found]})
 
 
 @router.post("/sandbox/reset")

@@ -17,8 +17,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import admin, routes
 from .faults import FaultPlan, Faults
+from .places import RateCap
 from .state import SandboxState, get_state, service_of
 from .store import SandboxStore
+from .world import DEFAULT_SEED, World
 
 
 def create_app(
@@ -28,6 +30,8 @@ def create_app(
     hang_seconds: float = 30.0,
     *,
     seed: int | None = None,
+    places_seed: int = DEFAULT_SEED,
+    places_rate: int | None = None,
 ) -> FastAPI:
     """Build the sandbox provider app.
 
@@ -42,12 +46,14 @@ def create_app(
         honour_keys: Whether `Idempotency-Key` deduplicates (False exercises at-most-once steps).
         hang_seconds: How long a timeout or a lost reply hangs before answering 504.
         seed: Seed of the app's random source for fault decisions, for reproducible tests.
+        places_seed: Seed of the places world (generated on the first places request).
+        places_rate: The most places searches admitted per second; `None`: no cap.
 
     Returns:
         The app, its state on `app.state.sandbox`.
 
     Raises:
-        ValueError: If `hang_seconds` is negative.
+        ValueError: If `hang_seconds` is negative or `places_rate` is not positive.
     """
     if hang_seconds < 0:
         raise ValueError(f"hang_seconds must be >= 0, got {hang_seconds}")
@@ -58,6 +64,8 @@ def create_app(
         honour_keys=honour_keys,
         hang_seconds=hang_seconds,
         rng=random.Random(seed),
+        world=World(places_seed),
+        places_rate=RateCap(places_rate),
     )
     app.include_router(routes.router)
     app.include_router(admin.router)

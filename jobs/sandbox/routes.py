@@ -1,4 +1,4 @@
-"""The four services' HTTP endpoints, and the path each request takes: latency, fault, key, effect.
+"""The services' HTTP endpoints, and the path each request takes: latency, fault, key, effect.
 
 Handlers are `async def` and touch SQLite synchronously, on purpose (see `_serve`).
 """
@@ -16,8 +16,9 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from . import services
+from . import places, services
 from .faults import Outcome, decide
+from .places import DatasetRequest, PlacesSearch
 from .services import ChargeRequest, NotificationRequest, QuoteRequest, Reply, Service
 from .state import SandboxState, get_state
 
@@ -27,6 +28,10 @@ logger = logging.getLogger(__name__)
 INJECTED_FAULT: dict[str, object] = {"error": {"type": "injected_fault"}}
 #: The body of a 504 after a timeout or a lost reply; the same for both, as a client cannot tell.
 GATEWAY_TIMEOUT: dict[str, object] = {"error": {"type": "gateway_timeout"}}
+#: The body of a 429 for a places search above `--places-rate`.
+RATE_LIMITED: dict[str, object] = {
+    "error": {"type": "rate_limited", "message": "Too many places searches; see Retry-After."}
+}
 
 router = APIRouter()
 
@@ -193,4 +198,42 @@ async def post_notification(
         service,
         request,
         lambda: _once(state, service, idempotency_key, body, lambda: services.notify(body)),
+    )
+
+
+@router.post("/places/search")
+async def post_places_search(
+    body: PlacesSearch, request: Request, state: StateDep, idempotency_key: KeyHeader = None
+) -> JSONResponse:
+    """Search a circle for places of a category: the 20 nearest at most, nearest first.
+
+    Billed (a `places_query` effect) unless it repeats a key. Above the rate cap it is refused
+    with 429 and `Retry-After` before anything else happens: no fault, no key, no bill.
+    """
+    service = Service.PLACES
+    wait = state.places_rate.admit()
+    if wait is not None:
+        state.record(request, service, status=429)
+        return JSONResponse(RATE_LIMITED, status_code=429, headers={"Retry-After": str(wait)})
+    return await _serve(
+        state,
+        service,
+        request,
+        lambda: _once(
+            state, service, idempotency_key, body, lambda: places.search(state.world, body)
+        ),
+    )
+
+
+@router.post("/datasets", status_code=201)
+async def post_dataset(
+    body: DatasetRequest, request: Request, state: StateDep, idempotency_key: KeyHeader = None
+) -> JSONResponse:
+    """Publish a crawl's places: 201 and a dataset effect."""
+    service = Service.DATASETS
+    return await _serve(
+        state,
+        service,
+        request,
+        lambda: _once(state, service, idempotency_key, body, lambda: places.publish(body)),
     )

@@ -15,6 +15,7 @@ import uvicorn
 from .app import create_app
 from .faults import Faults
 from .store import SandboxStore
+from .world import DEFAULT_SEED
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,9 @@ def serve(
     faults: Faults,
     honour_keys: bool,
     hang_seconds: float,
+    *,
+    places_seed: int = DEFAULT_SEED,
+    places_rate: int | None = None,
 ) -> None:
     """Serve the sandbox provider until SIGTERM or SIGINT, then return.
 
@@ -45,10 +49,19 @@ def serve(
         faults: The global faults at start.
         honour_keys: Whether `Idempotency-Key` deduplicates.
         hang_seconds: How long a timeout or a lost reply hangs before answering 504.
+        places_seed: Seed of the places world.
+        places_rate: The most places searches admitted per second; `None`: no cap.
     """
     store = SandboxStore(db_path)
     try:
-        app = create_app(store, faults, honour_keys, hang_seconds)
+        app = create_app(
+            store,
+            faults,
+            honour_keys,
+            hang_seconds,
+            places_seed=places_seed,
+            places_rate=places_rate,
+        )
         config = uvicorn.Config(
             app,
             host=host,

@@ -1,4 +1,5 @@
-"""The four downstream services the sandbox plays: their names, request bodies and answers.
+"""The downstream services the sandbox plays: their names; the shop's bodies and answers
+(the places search and datasets are in `places`).
 
 Pure functions of the request: deterministic apart from generated ids, no I/O, no faults.
 """
@@ -35,6 +36,10 @@ class Service(enum.StrEnum):
     PRICES = "prices"
     PAYMENTS = "payments"
     NOTIFICATIONS = "notifications"
+    #: The paid places search (`POST /places/search`).
+    PLACES = "places"
+    #: Where a crawl publishes its places (`POST /datasets`).
+    DATASETS = "datasets"
 
 
 #: Every service, in the order they are listed in the contract.

@@ -1,4 +1,5 @@
-"""The sandbox app's mutable state (store, fault plan, key handling, dice) and its lookup."""
+"""The sandbox app's mutable state (store, fault plan, key handling, dice, places world and
+rate cap) and its lookup."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from .faults import FaultPlan, Outcome
+from .places import RateCap
 from .services import SERVICES, Service
 from .store import SandboxStore
+from .world import World
 
 
 @dataclass
@@ -21,6 +24,8 @@ class SandboxState:
     honour_keys: bool
     hang_seconds: float
     rng: random.Random
+    world: World
+    places_rate: RateCap
 
     def record(
         self,

@@ -29,17 +29,6 @@ CREATE TABLE IF NOT EXISTS requests (
     fault TEXT
 );
 CREATE INDEX IF NOT EXISTS requests_service ON requests (service);
-CREATE TABLE IF NOT EXISTS effects (
-    id INTEGER PRIMARY KEY,
-    kind TEXT NOT NULL CHECK (kind IN ('charge', 'notification')),
-    idempotency_key TEXT,
-    order_id TEXT NOT NULL,
-    amount INTEGER,
-    currency TEXT,
-    at TEXT NOT NULL,
-    service TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS effects_order_id ON effects (order_id);
 CREATE TABLE IF NOT EXISTS idempotency (
     service TEXT NOT NULL,
     key TEXT NOT NULL,
@@ -51,7 +40,32 @@ CREATE TABLE IF NOT EXISTS idempotency (
 ) WITHOUT ROWID;
 """
 
+_EFFECTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS effects (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('charge', 'notification', 'places_query', 'dataset')),
+    idempotency_key TEXT,
+    order_id TEXT,
+    amount INTEGER,
+    currency TEXT,
+    at TEXT NOT NULL,
+    service TEXT NOT NULL,
+    crawl_id TEXT,
+    body TEXT
+);
+CREATE INDEX IF NOT EXISTS effects_order_id ON effects (order_id);
+"""
+
 _RESET = ("DELETE FROM requests", "DELETE FROM effects", "DELETE FROM idempotency")
+
+#: `PRAGMA user_version` of a file with the schema above. Version 0 files (before the places
+#: API) have an `effects` table that allows only charges and notifications; opening one
+#: rebuilds that table, its rows kept.
+SCHEMA_VERSION = 1
+_COPY_VERSION_0_EFFECTS = (
+    "INSERT INTO effects (id, kind, idempotency_key, order_id, amount, currency, at, service)"
+    " SELECT id, kind, idempotency_key, order_id, amount, currency, at, service FROM effects_v0"
+)
 
 
 class EffectKind(enum.StrEnum):
@@ -61,16 +75,26 @@ class EffectKind(enum.StrEnum):
     CHARGE = "charge"
     #: A customer was told something: `POST /notifications` answered 201.
     NOTIFICATION = "notification"
+    #: A places search was billed: `POST /places/search` answered anything but a repeat.
+    PLACES_QUERY = "places_query"
+    #: A crawl's places were published: `POST /datasets` answered 201.
+    DATASET = "dataset"
 
 
 @dataclass(frozen=True)
 class NewEffect:
-    """An effect a service is about to apply, before the store stamps it."""
+    """An effect a service is about to apply, before the store stamps it.
+
+    Charges and notifications name their order; places queries and datasets carry the request
+    `body` they were billed or published for, and datasets their `crawl_id`.
+    """
 
     kind: EffectKind
-    order_id: str
+    order_id: str | None = None
     amount: int | None = None
     currency: str | None = None
+    crawl_id: str | None = None
+    body: dict[str, object] | None = None
 
 
 @dataclass(frozen=True)
@@ -79,11 +103,13 @@ class EffectRow:
 
     kind: EffectKind
     idempotency_key: str | None
-    order_id: str
+    order_id: str | None
     amount: int | None
     currency: str | None
     at: str
     service: str
+    crawl_id: str | None
+    body: dict[str, object] | None
 
 
 @dataclass(frozen=True)
@@ -137,8 +163,28 @@ class SandboxStore:
         # NORMAL under WAL skips the fsync per commit; a power cut may lose the last commits,
         # which a test sandbox can afford, and the per-request cost stays small.
         self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.executescript(_SCHEMA)
+        self._upgrade()
+        self._conn.executescript(_SCHEMA + _EFFECTS_SCHEMA)
+        self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self.path = path
+
+    def _upgrade(self) -> None:
+        """Rebuild a version 0 file's `effects` table with the current schema, rows kept."""
+        (version,) = self._conn.execute("PRAGMA user_version").fetchone()
+        old = self._conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'effects'"
+        ).fetchone()
+        if version >= SCHEMA_VERSION or old is None:
+            return
+        # SQLite cannot alter a CHECK constraint: copy the rows into a table of the new shape.
+        with self.transaction():
+            self._conn.execute("ALTER TABLE effects RENAME TO effects_v0")
+            self._conn.execute("DROP INDEX IF EXISTS effects_order_id")
+            for statement in filter(str.strip, _EFFECTS_SCHEMA.split(";")):
+                self._conn.execute(statement)
+            self._conn.execute(_COPY_VERSION_0_EFFECTS)
+            self._conn.execute("DROP TABLE effects_v0")
+        logger.info("sandbox store upgraded", extra={"action": "sandbox.store_upgraded"})
 
     def close(self) -> None:
         """Close the connection."""
@@ -223,9 +269,10 @@ class SandboxStore:
             service: The service that applied it.
             idempotency_key: The request's key, kept even when keys are not honoured.
         """
+        body = None if effect.body is None else json.dumps(effect.body, separators=(",", ":"))
         self._conn.execute(
-            "INSERT INTO effects (kind, idempotency_key, order_id, amount, currency, at, service)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO effects (kind, idempotency_key, order_id, amount, currency, at, service,"
+            " crawl_id, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 str(effect.kind),
                 idempotency_key,
@@ -234,23 +281,35 @@ class SandboxStore:
                 effect.currency,
                 utc_now(),
                 service,
+                effect.crawl_id,
+                body,
             ),
         )
 
     def list_effects(
-        self, *, kind: EffectKind | None = None, order_id: str | None = None
+        self,
+        *,
+        kind: EffectKind | None = None,
+        order_id: str | None = None,
+        crawl_id: str | None = None,
     ) -> list[EffectRow]:
         """Return the effects applied, oldest first.
 
         Args:
             kind: Only effects of this kind.
             order_id: Only effects for this order.
+            crawl_id: Only effects for this crawl.
         """
         rows = self._conn.execute(
-            "SELECT kind, idempotency_key, order_id, amount, currency, at, service FROM effects"
-            " WHERE (:kind IS NULL OR kind = :kind)"
-            " AND (:order_id IS NULL OR order_id = :order_id) ORDER BY id",
-            {"kind": None if kind is None else str(kind), "order_id": order_id},
+            "SELECT kind, idempotency_key, order_id, amount, currency, at, service, crawl_id,"
+            " body FROM effects WHERE (:kind IS NULL OR kind = :kind)"
+            " AND (:order_id IS NULL OR order_id = :order_id)"
+            " AND (:crawl_id IS NULL OR crawl_id = :crawl_id) ORDER BY id",
+            {
+                "kind": None if kind is None else str(kind),
+                "order_id": order_id,
+                "crawl_id": crawl_id,
+            },
         ).fetchall()
         return [
             EffectRow(
@@ -261,6 +320,8 @@ class SandboxStore:
                 currency=row["currency"],
                 at=row["at"],
                 service=row["service"],
+                crawl_id=row["crawl_id"],
+                body=None if row["body"] is None else json.loads(row["body"]),
             )
             for row in rows
         ]

@@ -185,7 +185,7 @@ class Call:
         return key + suffix
 
     def new_job(
-        self, message: Mapping[str, JSON], *, parent: str | None = None, hands_on: bool = False
+        self, message: Mapping[str, JSON], *, parent: str | None = None, hands_on: int = 0
     ) -> NewJob:
         """The call's job, keeping `message` (what re-sends the call) in its context.
 
@@ -193,9 +193,9 @@ class Call:
             message: the kept message.
             parent: the task id of the call that handed on to this one (a chain's previous
                 call, a callback's caller), if any.
-            hands_on: whether the call hands on to a decorated task (its chain goes on, or a
-                callback follows): the sweeper re-sends it, recorded, until a call names it
-                as its parent.
+            hands_on: how many calls of decorated tasks the call hands on to (its chain's
+                next link, a group's tasks each, its callbacks): the sweeper re-sends it,
+                recorded, until as many calls name it as their parent.
         """
         options = message.get("options")
         task_id = options.get("task_id") if isinstance(options, dict) else None
@@ -210,7 +210,7 @@ class Call:
             "parent": parent,
         }
         if hands_on:
-            context["hands_on"] = True
+            context["hands_on"] = hands_on
         return NewJob(
             pipeline=self.pipeline,
             event_id=self.event_id,

@@ -37,27 +37,59 @@ def decorated_task(name: str) -> tuple[Task[Any, Any], CallSpec] | None:
     return None
 
 
-def hands_on(message: Mapping[str, JSON]) -> bool:
-    """Whether a kept message's call hands on to a decorated task of an app here: the next
-    link of its chain (a task, or one of a group's), or one of its callbacks. (A chord's
-    body is its result backend's to send, not followed.)"""
+def hands_on(message: Mapping[str, JSON]) -> int:
+    """How many calls of decorated tasks of the apps here a kept message's call hands on to
+    at least: its chain's next link (a task, or each of a group's), its callbacks. Plain
+    tasks and chords among them leave no call to count (a chord's body is its result
+    backend's to send), so they add nothing."""
+    return sum(_decorated_at_least(signature) for signature in _following(message))
+
+
+def decorated_followers(message: Mapping[str, JSON]) -> int | None:
+    """How many calls of decorated tasks a kept message's call hands on to (its chain's next
+    link, a group's tasks each, its callbacks); None when it also hands on to something
+    else (a plain task, a chord), whose publish leaves no trace to count."""
+    total = 0
+    for signature in _following(message):
+        found = _decorated_count(signature)
+        if found is None:
+            return None
+        total += found
+    return total
+
+
+def _following(message: Mapping[str, JSON]) -> list[JSON]:
+    """The signatures a kept message's call hands on to once it succeeds."""
     options = message.get("options")
     if not isinstance(options, dict):
-        return False
+        return []
     chain, links = options.get("chain"), options.get("link")
     following = [chain[-1]] if isinstance(chain, list) and chain else []
-    following += links if isinstance(links, list) else []
-    return any(_decorated_in(signature) for signature in following)
+    return following + (links if isinstance(links, list) else [])
 
 
-def _decorated_in(signature: JSON) -> bool:
+def _decorated_at_least(signature: JSON) -> int:
+    """The decorated calls `signature` publishes, among whatever else it publishes."""
     if not isinstance(signature, dict):
-        return False
+        return 0
     name, kwargs = signature.get("task"), signature.get("kwargs")
     if name == "celery.group" and isinstance(kwargs, dict):
         tasks = kwargs.get("tasks")
-        return isinstance(tasks, list) and any(_decorated_in(task) for task in tasks)
-    return isinstance(name, str) and decorated_task(name) is not None
+        return sum(_decorated_at_least(task) for task in tasks) if isinstance(tasks, list) else 0
+    return 1 if isinstance(name, str) and decorated_task(name) is not None else 0
+
+
+def _decorated_count(signature: JSON) -> int | None:
+    """The decorated calls `signature` publishes (a group's, each); None when it publishes
+    something else too."""
+    if not isinstance(signature, dict):
+        return None
+    name, kwargs = signature.get("task"), signature.get("kwargs")
+    if name == "celery.group" and isinstance(kwargs, dict):
+        tasks = kwargs.get("tasks")
+        counts = [_decorated_count(task) for task in tasks] if isinstance(tasks, list) else [None]
+        return None if None in counts else sum(c for c in counts if c is not None)
+    return 1 if isinstance(name, str) and decorated_task(name) is not None else None
 
 
 def published_message(

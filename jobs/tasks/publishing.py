@@ -1,4 +1,4 @@
-"""A call's message kept before the broker has it: when a decorated task is published (by the
+"""A call's message kept once the broker has it: when a decorated task is published (by the
 user's code, or by Celery handing a canvas on to its next task), its call's job is created with
 the message, so that a message the broker loses is re-sent by the calls' sweeper."""
 
@@ -11,7 +11,7 @@ from typing import Any
 
 from celery import Task
 from celery import _state as celery_state
-from celery.signals import before_task_publish
+from celery.signals import after_task_publish
 
 from jobs.tasks.calls import Call
 from jobs.tasks.messages import decorated_task, hands_on, is_resend, published_message
@@ -58,7 +58,14 @@ def keep_call(
     return str(job_id)
 
 
-@before_task_publish.connect
+# Kept after the publish, not before: a publish that raises (broker down, a message it
+# refuses) tells the caller its call was not sent, and a call kept before it would be sent
+# by the sweeper all the same. Keeping it first and confirming it afterwards would add a
+# statement per call and recover nothing more: an unconfirmed call could never be sent (a
+# failed publish and a death between publish and confirm look alike), and a confirm lost to
+# a database blip would drop a call whose message is real. What is published but not kept
+# (this process died in between, the ledger was down) is kept by its first run.
+@after_task_publish.connect
 def _on_publish(
     sender: str | None = None,
     body: Sequence[Any] | None = None,
@@ -78,9 +85,9 @@ def _on_publish(
         return
     try:
         keep_call(sender, body, headers, exchange=exchange, routing_key=routing_key)
-    except Exception as exc:  # noqa: BLE001 - never stop a publish: its run creates the job
+    except Exception as exc:  # noqa: BLE001 - the publish is done: its run creates the job
         logger.warning(
-            "call of %s not kept before its publish: %s",
+            "call of %s not kept after its publish: %s",
             sender,
             exc,
             extra={"action": "keep_failed", "task_id": headers.get("id")},

@@ -25,7 +25,7 @@ from jobs.engine.runtime import Runtime
 from jobs.errors import CallDeadLettered, NotInCall
 from jobs.pipelines import StepContext
 from jobs.tasks.calls import STEP, Call, CallSpec, TaskPipeline, task_pipeline
-from jobs.tasks.messages import hands_on, request_message
+from jobs.tasks.messages import decorated_followers, hands_on, request_message
 from ledger import JSON, DatabaseUnavailable, DeadLetterState, DeadLetterStore, Job, JobState
 
 logger = logging.getLogger(__name__)
@@ -193,6 +193,12 @@ def _run_call(
         job = rt.store.get_job(job_id)
         if job.state is not JobState.PENDING and job.state is not JobState.RUNNING:
             # A repeat of a finished call: its answer, without a claim.
+            if job.state is JobState.SUCCEEDED and _followed(rt, task, message):
+                logger.info(
+                    "repeat of a call its canvas went on from: not handed on again",
+                    extra={"action": "duplicate", "job_id": str(job_id), "key": call.key},
+                )
+                raise Ignore()
             return _ended(rt, call, job)
     holder = _Body(body)
     token = _body.set(holder)
@@ -212,8 +218,31 @@ def _run_call(
     return _ended(rt, call, rt.store.get_job(job_id))
 
 
+def _followed(rt: Runtime, task: Task[Any, Any], message: dict[str, JSON]) -> bool:
+    """Whether every call this call hands on to is kept already, naming it as its parent: a
+    repeat of it must then not hand on again (Celery would publish them a second time). A
+    call handing on to something else too (a plain task, a chord) is handed on again, as
+    before: a hand-on cut short by a crash must be finished, and a plain task's publish
+    leaves nothing to count."""
+    expected = decorated_followers(message)
+    if not expected or not isinstance(task.request.id, str):
+        return False
+    return rt.store.count_children(task.request.id) >= expected
+
+
 def _ended(rt: Runtime, call: Call, job: Job) -> JSON:
-    """The answer of a call whose job ended: its recorded result, or why there is none."""
+    """The answer of a call whose job ended: its recorded result, or why there is none.
+
+    Raises:
+        celery.exceptions.Ignore: the call was cancelled (revoked): it must not act, and
+            its canvas does not go on.
+    """
+    if job.state is JobState.CANCELLED:
+        logger.info(
+            "repeat of a cancelled call: not run",
+            extra={"action": "cancelled", "job_id": str(job.id), "step": STEP, "key": call.key},
+        )
+        raise Ignore()
     if job.state is JobState.SUCCEEDED:
         logger.info(
             "repeat of a recorded call: its result, not run again",

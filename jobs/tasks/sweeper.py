@@ -16,8 +16,10 @@ from kombu import Queue
 
 from jobs.engine.runtime import Runtime
 from jobs.engine.sweeper import ABANDONED_AGAIN_AFTER_LEASES, MAX_BACKLOG_WAIT, backlog_wait
-from jobs.tasks.calls import PIPELINE_PREFIX, SPEC_ATTRIBUTE, CallSpec
+from jobs.tasks.calls import PIPELINE_PREFIX, SPEC_ATTRIBUTE, STEP, CallSpec
 from jobs.tasks.messages import resend
+from jobs.tasks.revoked import cancel_call, is_revoked
+from jobs.tasks.unclaimed import consumed_queues, dead_letter_strays, dead_letter_unclaimed
 from ledger import JobToSend
 
 logger = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ def decorated_tasks(app: Celery) -> dict[str, CallSpec]:
 def queued_calls(app: Celery) -> int | None:
     """Messages waiting in the queues the app's workers consume (its default queue unless
     told otherwise); None when the broker cannot say."""
-    names = list(app.amqp.queues.consume_from or [app.conf.task_default_queue])
+    names = consumed_queues(app)
     total = 0
     try:
         with app.connection_for_read() as conn:
@@ -76,9 +78,13 @@ def sweep_calls(
     """Re-send, through `app`, the calls of its decorated tasks whose owner died (at once) or
     that made no progress for `stalled_after` seconds (the settings' by default) plus the
     time the `queued()` messages need to drain (see `jobs.engine.sweeper`) — and, after as
-    long, recorded calls whose continuation never appeared (the re-send answers the
-    recorded result, and Celery hands on again); the job ids sent. Safe in several workers
-    at once (the takes lock with SKIP LOCKED)."""
+    long, recorded calls whose continuation never appeared, or only in part (fewer calls
+    name them as their parent than they hand on to: a hand-on to a group cut short; the
+    re-send answers the recorded result, Celery hands on again, and each follower's key
+    absorbs its repeat); the job ids sent. Safe in several workers at once (the takes lock
+    with SKIP LOCKED). A call re-sent `call_max_resends` times and
+    never claimed is dead-lettered instead, as is one of a task the app does not have whose
+    message goes to the app's queues, once it waited as long (see `jobs.tasks.unclaimed`)."""
     pipelines = [PIPELINE_PREFIX + name for name in decorated_tasks(app)]
     if not pipelines:
         return []
@@ -98,7 +104,9 @@ def sweep_calls(
         within=stalled + UNFOLLOWED_WITHIN,
         pipelines=pipelines,
     )
-    return sent + _take_all(rt, app, lambda: unfollowed(limit=_BATCH))
+    sent += _take_all(rt, app, lambda: unfollowed(limit=_BATCH))
+    dead_letter_strays(rt, app, pipelines, older_than=stalled * settings.call_max_resends)
+    return sent
 
 
 def _take_all(rt: Runtime, app: Celery, take: Callable[[], list[JobToSend]]) -> list[str]:
@@ -111,17 +119,29 @@ def _take_all(rt: Runtime, app: Celery, take: Callable[[], list[JobToSend]]) -> 
 
 
 def _resend_all(rt: Runtime, app: Celery, taken: Sequence[JobToSend]) -> list[str]:
-    contexts = rt.store.contexts([job.job_id for job in taken])
+    job_ids = [job.job_id for job in taken]
+    contexts = rt.store.contexts(job_ids)
+    # Each take counts: this one too, not sent yet.
+    redrives = rt.store.unclaimed_redrives(job_ids)
     sent: list[str] = []
     for job in taken:
         context = contexts.get(job.job_id, {})
         log = {"job_id": str(job.job_id), "step": job.step, "key": context.get("key")}
+        task_id = context.get("task_id")
+        if is_revoked(task_id):
+            cancel_call(rt.store, job.job_id, str(task_id))
+            continue
+        if redrives.get(job.job_id, 0) > rt.settings.call_max_resends:
+            dead_letter_unclaimed(rt, app, job.job_id, context)
+            continue
         try:
             resend(app, context.get("message"))
         except Exception as exc:  # noqa: BLE001 - touched: the next sweep tries again
             logger.warning(
                 "call not re-sent: %s", exc, extra={"action": "sweep_send_failed", **log}
             )
+            # Not a re-send: a long broker outage must not use up the call's re-sends.
+            rt.store.note_resend_failed(job.job_id, job.step or STEP, str(exc))
             continue
         logger.warning("re-sent a stalled call", extra={"action": "redrive", **log})
         sent.append(str(job.job_id))

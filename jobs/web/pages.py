@@ -342,7 +342,8 @@ def dead_letter_page(letter_id: str, session: SessionDep, intake: IntakeDep) -> 
     """One dead letter: its error, traceback, input and attempts, and what can be done."""
     letter = _letter(intake, letter_id)
     is_open = letter.state is DeadLetterState.OPEN
-    unknown = letter.reason is DeadLetterReason.OUTCOME_UNKNOWN
+    desk = _desk(intake)
+    unknown = letter.reason is DeadLetterReason.OUTCOME_UNKNOWN or desk.outcome_unknown(letter)
     title, view = f"Dead letter {letter.id}", letter_view(letter)
     return render("dead_letter.html", session, title, letter=view, is_open=is_open, unknown=unknown)
 

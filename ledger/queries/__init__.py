@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from ledger.queries.calls import count_children, count_unclaimed_redrives, select_unclaimed_calls
 from ledger.queries.claims import (
     claim_from,
     claim_key_from,
@@ -90,6 +91,7 @@ from ledger.queries.read_only import (
     record_read_template,
 )
 from ledger.queries.records import (
+    end_started,
     finish_entry,
     finish_params,
     mark_unknown,
@@ -137,6 +139,7 @@ __all__ = [
     "claim_params",
     "claim_template",
     "close_dead_letter",
+    "count_children",
     "count_events",
     "count_items",
     "count_jobs_by_state",
@@ -144,9 +147,11 @@ __all__ = [
     "count_recent_deliveries",
     "count_recent_items",
     "count_recent_messages",
+    "count_unclaimed_redrives",
     "current_key",
     "delete_dead_letters",
     "delete_jobs",
+    "end_started",
     "entry_columns",
     "finish_entry",
     "finish_job",
@@ -202,6 +207,7 @@ __all__ = [
     "select_keys_kept_for_others",
     "select_map_counters",
     "select_prunable_jobs",
+    "select_unclaimed_calls",
     "select_unfinished_steps",
     "settle_entry",
     "settle_items",

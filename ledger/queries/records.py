@@ -241,3 +241,15 @@ def mark_unknown(key: str, owner: UUID) -> sa.Update:
         .values(state=str(StepState.UNKNOWN), locked_until=None, updated_at=db.utcnow())
         .returning(entry.key)
     )
+
+
+def end_started(key: str, state: StepState) -> sa.Update:
+    """End a `started` key as `state`, whoever holds it: its owner's process was killed from
+    outside (a hard time limit), so no record will come; returns it if it was `started`."""
+    entry = ledger_entries.c
+    return (
+        sa.update(ledger_entries)
+        .where(entry.key == key, entry.state == str(StepState.STARTED))
+        .values(state=str(state), locked_until=None, updated_at=db.utcnow())
+        .returning(entry.key)
+    )

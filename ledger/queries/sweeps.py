@@ -145,13 +145,19 @@ def take_unfollowed_jobs(
     dialect_name: str, stalled_after: float, within: float, limit: int, pipelines: Sequence[str]
 ) -> sa.Update:
     """Claim a batch of jobs of `pipelines` that succeeded in the last `within` seconds, say
-    they hand on (`context.hands_on` set), and that no job names as its parent (a
-    `context.parent` equal to their `context.task_id`), untouched for `stalled_after` seconds:
-    mark them touched and return them (a decorated Celery task's call whose continuation
-    never appeared)."""
+    how many calls they hand on to (`context.hands_on`), and that fewer jobs than that name
+    as their parent (a `context.parent` equal to their `context.task_id`), untouched for
+    `stalled_after` seconds: mark them touched and return them (a decorated Celery task's
+    call whose continuation never appeared, or appeared in part: a hand-on to a group cut
+    short)."""
     child = jobs.alias("child")
-    followed = sa.exists().where(
-        context_member(dialect_name, "parent", child) == context_member(dialect_name, "task_id")
+    children = (
+        sa.select(sa.func.count())
+        .select_from(child)
+        .where(
+            context_member(dialect_name, "parent", child) == context_member(dialect_name, "task_id")
+        )
+        .scalar_subquery()
     )
     unfollowed = (
         sa.select(jobs.c.id)
@@ -161,12 +167,22 @@ def take_unfollowed_jobs(
             jobs.c.updated_at < db.utcnow_plus(db.seconds(-stalled_after)),
             jobs.c.pipeline.in_(list(pipelines)),
             context_member(dialect_name, "hands_on").is_not(None),
-            ~followed,
+            children < _hands_on(dialect_name),
         )
         .order_by(jobs.c.updated_at)
         .limit(limit)
     )
     return _take(dialect_name, unfollowed)
+
+
+def _hands_on(dialect_name: str) -> ColumnElement[int]:
+    """How many calls a job's call hands on to: `context.hands_on`, a count (a job kept
+    before it was one says `true`: at least one)."""
+    member = context_member(dialect_name, "hands_on")
+    if dialect_name == "sqlite":
+        # SQLite's JSON `true` comes out as 1 already.
+        return sa.cast(member, sa.Integer)
+    return sa.case((member == "true", 1), else_=sa.cast(member, sa.Integer))
 
 
 def take_jobs_sent_between(

@@ -162,47 +162,36 @@ class System:
 SystemFactory = Callable[..., System]
 
 
-@pytest.fixture
-def system_factory(tmp_path: Path) -> Iterator[SystemFactory]:
-    """Builds running systems; every process they started is stopped at teardown.
-
-    Request it after the database and broker fixtures: fixtures are torn down in reverse
-    order, and the workers must stop before their database is dropped.
-    """
-    systems: list[System] = []
-
-    def build(
-        *,
-        database_url: str | None,
-        broker_url: str | None,
-        workers: int = 2,
-        sandbox_options: Sequence[str] = (),
-        extra_env: dict[str, str] | None = None,
-    ) -> System:
-        data_dir = tmp_path / f"data{len(systems)}"
-        port = processes.free_port()
-        provider_url = f"http://127.0.0.1:{port}"
-        overrides = {
-            **TEST_WORKER_SETTINGS,
-            "ONCELERY_DATA_DIR": str(data_dir),
-            "PROVIDER_URL": provider_url,
-            "PYTHONPATH": str(REPO_ROOT),
-            **(extra_env or {}),
-        }
-        if database_url:
-            overrides["DATABASE_URL"] = database_url
-        if broker_url:
-            overrides["BROKER_URL"] = broker_url
-        env = child_environment(overrides)
-        ledger_url = database_url or f"sqlite:///{data_dir / 'ledger.sqlite3'}"
-        system = System(
-            env,
-            data_dir,
-            provider_url,
-            JobStore(engine=create_engine(ledger_url)),
-            data_dir / "logs",
-        )
-        systems.append(system)
+def build_system(
+    data_dir: Path,
+    *,
+    database_url: str | None,
+    broker_url: str | None,
+    workers: int = 2,
+    sandbox_options: Sequence[str] = (),
+    extra_env: dict[str, str] | None = None,
+) -> System:
+    """A running system whose files are in `data_dir`: its database upgraded, a sandbox and
+    `workers` workers started (stop them with `processes.stop_all(system.started)`)."""
+    port = processes.free_port()
+    provider_url = f"http://127.0.0.1:{port}"
+    overrides = {
+        **TEST_WORKER_SETTINGS,
+        "ONCELERY_DATA_DIR": str(data_dir),
+        "PROVIDER_URL": provider_url,
+        "PYTHONPATH": str(REPO_ROOT),
+        **(extra_env or {}),
+    }
+    if database_url:
+        overrides["DATABASE_URL"] = database_url
+    if broker_url:
+        overrides["BROKER_URL"] = broker_url
+    env = child_environment(overrides)
+    ledger_url = database_url or f"sqlite:///{data_dir / 'ledger.sqlite3'}"
+    system = System(
+        env, data_dir, provider_url, JobStore(engine=create_engine(ledger_url)), data_dir / "logs"
+    )
+    try:
         upgraded = system.cli("db", "upgrade")
         assert upgraded.returncode == 0, upgraded.stderr
         options = ["--hang-seconds", "3", *sandbox_options]
@@ -212,6 +201,25 @@ def system_factory(tmp_path: Path) -> Iterator[SystemFactory]:
         processes.wait_until_answers(f"{provider_url}/healthz", process=sandbox)
         for number in range(workers):
             system.start_worker(f"worker{number}")
+    except BaseException:
+        processes.stop_all(system.started)
+        system.store.engine.dispose()
+        raise
+    return system
+
+
+@pytest.fixture
+def system_factory(tmp_path: Path) -> Iterator[SystemFactory]:
+    """Builds running systems; every process they started is stopped at teardown.
+
+    Request it after the database and broker fixtures: fixtures are torn down in reverse
+    order, and the workers must stop before their database is dropped.
+    """
+    systems: list[System] = []
+
+    def build(**options: Any) -> System:
+        system = build_system(tmp_path / f"data{len(systems)}", **options)
+        systems.append(system)
         return system
 
     yield build

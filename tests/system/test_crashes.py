@@ -125,7 +125,7 @@ def test_every_crash_point_of_every_step(
             # read-only step, died unclaimed and its redelivery claimed it once. In a batch,
             # a neighbour's crash may have cost the key an attempt before that.
             once = 1 if step == "gather" else 2
-            assert attempts == once if batch_size == 1 else attempts >= once, (step, point)
+            assert attempts == once if batch_size == 1 else attempts >= once, (step, point, view)
 
 
 def test_lost_replies_are_charged_once_under_one_key(

@@ -27,7 +27,7 @@ FAST = {"ONCELERY_STEP_LEASE": "2", "ONCELERY_SWEEP_INTERVAL": "1"}
 @pytest.fixture
 def sender(postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """This process sends the shop's tasks as its code would, keeping each call in the
-    test's ledger before its publish."""
+    test's ledger once published."""
     monkeypatch.setenv("DATABASE_URL", postgres_url)
     yield
     close_runtime()

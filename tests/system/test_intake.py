@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,15 +17,12 @@ from jobs.ops.signatures import sign
 from jobs.tools import processes
 from ledger import JobState
 from tests.factories import order_event
-from tests.system.conftest import SystemFactory, per_order
+from tests.services import OwnRabbitMQ, running
+from tests.system.conftest import System, SystemFactory, per_order
 
 pytestmark = pytest.mark.system
 
 SECRET, TOKEN = "whsec-system-test", "token-system-test"
-
-
-def rabbitmq(action: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", action], check=True, timeout=120, capture_output=True)
 
 
 def relay_refused(log: str) -> int:
@@ -32,13 +30,20 @@ def relay_refused(log: str) -> int:
     return sum(int(count) for count in re.findall(r"send of (\d+) jobs failed", log))
 
 
-# It stops RabbitMQ itself, under every test process's feet.
-@pytest.mark.disruptive
 def test_orders_accepted_while_the_broker_is_down_are_done_when_it_is_back(
-    postgres_url: str, amqp_url: str, system_factory: SystemFactory
+    postgres_url: str, tmp_path: Path, system_factory: SystemFactory
 ) -> None:
-    # Given the API and workers on RabbitMQ
-    system = system_factory(database_url=postgres_url, broker_url=amqp_url)
+    # Given the API and workers on a RabbitMQ node of the test's own (it is stopped below)
+    broker = OwnRabbitMQ(tmp_path / "rabbitmq", processes.free_port())
+    with running(broker) as amqp_url:
+        system = system_factory(database_url=postgres_url, broker_url=amqp_url)
+        try:
+            _accepted_while_down(broker, system)
+        finally:
+            processes.stop_all(system.started)  # before their broker goes
+
+
+def _accepted_while_down(broker: OwnRabbitMQ, system: System) -> None:
     port = processes.free_port()
     api = processes.start(
         "api",
@@ -63,7 +68,7 @@ def test_orders_accepted_while_the_broker_is_down_are_done_when_it_is_back(
         )
 
     # When the broker is down, orders are still accepted
-    rabbitmq("stop_app")
+    subprocess.run(broker.ctl("stop_app"), check=True, timeout=120, capture_output=True)
     try:
         answers = [post(n) for n in range(5)]
         assert [a.status_code for a in answers] == [202] * 5
@@ -75,7 +80,7 @@ def test_orders_accepted_while_the_broker_is_down_are_done_when_it_is_back(
         )
         assert system.store.count_by_state(event_prefix=prefix)[JobState.PENDING] == 5
     finally:
-        rabbitmq("start_app")
+        subprocess.run(broker.ctl("start_app"), check=True, timeout=120, capture_output=True)
 
     # Then, once it is back, every order is done, once
     assert system.wait_finished(prefix, 5, timeout=120)[JobState.SUCCEEDED] == 5

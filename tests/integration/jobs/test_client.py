@@ -200,6 +200,46 @@ def test_wait_returns_the_view_when_the_job_ends(user_engine: sa.Engine, store: 
     assert jobs.wait(job_id, timeout=0)["state"] == str(JobState.CANCELLED)
 
 
+def test_waits_of_one_process_share_one_listening_connection(
+    user_engine: sa.Engine, store: JobStore
+) -> None:
+    # Given ten jobs, each waited for by a thread of its own
+    with user_engine.begin() as conn:
+        job_ids = [
+            jobs.enqueue("toy-typed", {"word": "w"}, event_id=f"many{n}", connection=conn)
+            for n in range(10)
+        ]
+    views: dict[str, dict[str, object]] = {}
+    waiters = [
+        threading.Thread(target=lambda j=job_id: views.update({j: jobs.wait(j, timeout=30)}))
+        for job_id in job_ids
+    ]
+    for waiter in waiters:
+        waiter.start()
+    listening = sa.text(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND query = 'LISTEN oncelery_job_ended'"
+    )
+
+    def awaited() -> int:
+        with user_engine.connect() as conn:
+            marked = "SELECT count(*) FROM jobs WHERE awaited"
+            return int(conn.execute(sa.text(marked)).scalar_one())
+
+    # When all of them are waiting
+    wait_for(lambda: awaited() == len(job_ids), "every job marked awaited", timeout=30)
+    with user_engine.connect() as conn:
+        connections = int(conn.execute(listening).scalar_one())
+
+    # Then they listen on one connection, and each hears its own job's end
+    assert connections == 1
+    for job_id in job_ids:
+        store.cancel(UUID(job_id), by="test")
+    for waiter in waiters:
+        waiter.join(timeout=30)
+    assert {views[j]["state"] for j in job_ids} == {str(JobState.CANCELLED)}
+
+
 def test_wait_raises_timeout_error_for_a_job_that_does_not_end(
     user_engine: sa.Engine,
 ) -> None:

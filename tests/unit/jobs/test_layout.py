@@ -26,7 +26,7 @@ LAYERS: tuple[frozenset[str], ...] = (
         }
     ),
     frozenset({"jobs.engine"}),
-    frozenset({"jobs.orders", "jobs.sandbox"}),
+    frozenset({"jobs.orders", "jobs.places", "jobs.sandbox"}),
     frozenset({"jobs.worker"}),
     # `exactly_once` for any Celery app: above the engine it runs calls through, below the
     # surfaces that show them (ops), apart from `jobs.worker` (which builds oncelery's app).

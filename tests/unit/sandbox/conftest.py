@@ -32,10 +32,16 @@ def make_sandbox(store: SandboxStore) -> Iterator[Callable[..., SandboxClient]]:
             honour_keys: bool = True,
             hang_seconds: float = TEST_HANG_SECONDS,
             seed: int | None = 0,
+            places_rate: int | None = None,
         ) -> SandboxClient:
             return stack.enter_context(
                 open_sandbox(
-                    store, faults, honour_keys=honour_keys, hang_seconds=hang_seconds, seed=seed
+                    store,
+                    faults,
+                    honour_keys=honour_keys,
+                    hang_seconds=hang_seconds,
+                    seed=seed,
+                    places_rate=places_rate,
                 )
             )
 

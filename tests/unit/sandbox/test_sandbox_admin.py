@@ -102,6 +102,8 @@ def test_effects_report_has_the_contract_shape(sandbox: SandboxClient) -> None:
         "currency",
         "at",
         "service",
+        "crawl_id",
+        "body",
     }
     assert effect["idempotency_key"] == "order:o-1:charge"
 

@@ -28,7 +28,14 @@ def test_public_names() -> None:
         "SERVICES",
         "unit_amount",
     }
-    assert SERVICES == ("customers", "prices", "payments", "notifications")
+    assert SERVICES == (
+        "customers",
+        "prices",
+        "payments",
+        "notifications",
+        "places",
+        "datasets",
+    )
 
 
 def test_package_imports_nothing_outside_itself() -> None:

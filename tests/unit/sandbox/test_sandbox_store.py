@@ -138,3 +138,49 @@ def test_reset_forgets_everything(store: SandboxStore) -> None:
     assert store.list_effects() == []
     assert store.list_requests() == []
     assert store.find_response("payments", "k") is None
+
+
+#: The `effects` table as files made before the places API have it.
+_VERSION_0_EFFECTS = """
+CREATE TABLE effects (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('charge', 'notification')),
+    idempotency_key TEXT,
+    order_id TEXT NOT NULL,
+    amount INTEGER,
+    currency TEXT,
+    at TEXT NOT NULL,
+    service TEXT NOT NULL
+);
+CREATE INDEX effects_order_id ON effects (order_id);
+INSERT INTO effects (kind, idempotency_key, order_id, amount, currency, at, service)
+VALUES ('charge', 'k-1', 'o-1', 100, 'EUR', '2026-01-01T00:00:00+00:00', 'payments');
+"""
+
+
+def test_a_file_from_before_the_places_api_is_upgraded_with_its_effects_kept(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "sandbox.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(_VERSION_0_EFFECTS)
+
+    store = SandboxStore(path)
+    try:
+        store.apply_effect(
+            NewEffect(kind=EffectKind.PLACES_QUERY, body={"radius_m": 10.0}),
+            service="places",
+            idempotency_key="q-1",
+        )
+        effects = store.list_effects()
+    finally:
+        store.close()
+
+    assert [(e.kind, e.order_id, e.body) for e in effects] == [
+        (EffectKind.CHARGE, "o-1", None),
+        (EffectKind.PLACES_QUERY, None, {"radius_m": 10.0}),
+    ]
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (1,)
+        indexes = conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall()
+    assert ("effects_order_id",) in indexes

@@ -11,7 +11,8 @@ import sqlalchemy as sa
 
 from jobs import Delivery, exactly_once
 from jobs.errors import CallDeadLettered, NotInCall
-from jobs.tasks import idempotency_key
+from jobs.tasks import cancel_revoked, idempotency_key, keep_call
+from jobs.tasks.calls import SPEC_ATTRIBUTE
 from jobs.tools import shop
 from ledger import DeadLetterReason, DeadLetterStore, JobState, JobStore
 
@@ -89,3 +90,32 @@ def test_a_template_naming_no_argument_is_refused_at_decoration() -> None:
 
     with pytest.raises(ValueError, match="read-only"):
         exactly_once(key="k:{a}", delivery=Delivery.READ_ONLY)(lambda a: a)
+
+
+def test_a_revoked_call_is_cancelled_and_a_repeat_of_it_does_not_act(
+    sandbox: str, ledger_engine: sa.Engine
+) -> None:
+    reservation = {"order_id": "o-5", "customer_id": "c-5", "amount": 100}
+    job_id = keep_call("shop.charge", ([reservation], {}, {}), {"id": "t-5"},
+                       exchange="", routing_key=shop.QUEUE)  # fmt: skip
+    spec = getattr(shop.charge.run, SPEC_ATTRIBUTE)
+
+    # A revoke of another copy of the call (sent again under another id) leaves it alone
+    assert cancel_revoked(shop.charge, spec, "t-other", [reservation], {}) is None
+    cancelled = cancel_revoked(shop.charge, spec, "t-5", [reservation], {})
+
+    assert cancelled is not None
+    assert (str(cancelled.id), cancelled.state) == (job_id, JobState.CANCELLED)
+    assert str(shop.charge.apply(args=(reservation,), task_id="t-5").state) == "IGNORED"
+    assert requests_with_key(sandbox, "charge:o-5") == 0
+
+    # A call revoked before its sender kept it (a worker dropped its message first): its
+    # job is made cancelled, and the sender's keep leaves it so
+    early = {**reservation, "order_id": "o-6"}
+    made = cancel_revoked(shop.charge, spec, "t-6", [early], {})
+    assert made is not None
+    assert made.state is JobState.CANCELLED
+    kept = keep_call("shop.charge", ([early], {}, {}), {"id": "t-6"},
+                     exchange="", routing_key=shop.QUEUE)  # fmt: skip
+    assert kept == str(made.id)
+    assert JobStore(engine=ledger_engine).get_job(made.id).state is JobState.CANCELLED

@@ -69,6 +69,9 @@ def test_calls_show_in_the_read_api_pages_metrics_and_audit(
     page = api.request("GET", f"/ui/jobs/{done.id}")
     assert page.status_code == 200, page.text
     assert "charge:o-1" in page.text
+    shown = api.request("GET", f"/ui/dead-letters/{letter['id']}")
+    assert shown.status_code == 200, shown.text
+    assert "forced replay" not in shown.text  # its key is not unknown
     plan = api.request("GET", f"/ui/dead-letters/{letter['id']}/plan")
     assert plan.status_code == 200, plan.text
     assert "different request" in plan.text

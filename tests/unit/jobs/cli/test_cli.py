@@ -9,7 +9,6 @@ import sqlite3
 import subprocess
 import sys
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +54,7 @@ _BAD_QUANTITY = json.dumps(order_event(items=[{"sku": "SKU-1", "quantity": "2"}]
 
 _TOYS = (("ONCELERY_PIPELINES", "tests.toy_pipeline"),)
 
-#: Every run, started together (each costs a Python start-up; in parallel the suite stays fast).
+#: Every run, by name; `Runs` starts each one once.
 CASES = {
     "bad-line-3": Case(
         ("enqueue", "{file}"),
@@ -145,15 +144,24 @@ def oncelery(case: Case, folder: Path) -> Ran:
     return Ran(done.returncode, done.stdout, done.stderr, data_dir, file)
 
 
+class Runs:
+    """`CASES`, each run on first use and kept: a test process runs only the cases of the
+    tests it was given (under pytest-xdist the module's tests are shared out)."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.done: dict[str, Ran] = {}
+
+    def __getitem__(self, name: str) -> Ran:
+        if name not in self.done:
+            prepare(CASES[name], self.base / name)
+            self.done[name] = oncelery(CASES[name], self.base / name)
+        return self.done[name]
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Ran]:
-    """Every case of `CASES`, run in parallel, by name."""
-    base = tmp_path_factory.mktemp("cli")
-    for name, case in CASES.items():
-        prepare(case, base / name)
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        started = {name: pool.submit(oncelery, case, base / name) for name, case in CASES.items()}
-        return {name: future.result() for name, future in started.items()}
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    return Runs(tmp_path_factory.mktemp("cli"))
 
 
 def assert_bad_input(ran: Ran, *fragments: str) -> str:
@@ -174,7 +182,7 @@ def _jobs_in(ledger_file: Path) -> int:
     return int(count)
 
 
-def test_enqueue_refuses_the_whole_file_for_one_bad_line(runs: dict[str, Ran]) -> None:
+def test_enqueue_refuses_the_whole_file_for_one_bad_line(runs: Runs) -> None:
     # Given a migrated ledger and a file whose third line has a quantity as a string,
     # when it is enqueued,
     ran = runs["bad-line-3"]
@@ -186,7 +194,7 @@ def test_enqueue_refuses_the_whole_file_for_one_bad_line(runs: dict[str, Ran]) -
     assert not (ran.data_dir / "broker").exists()
 
 
-def test_enqueue_of_a_bad_file_creates_nothing(runs: dict[str, Ran]) -> None:
+def test_enqueue_of_a_bad_file_creates_nothing(runs: Runs) -> None:
     ran = runs["bad-currency"]
 
     assert_bad_input(ran, "currency")
@@ -194,7 +202,7 @@ def test_enqueue_of_a_bad_file_creates_nothing(runs: dict[str, Ran]) -> None:
 
 
 def test_enqueue_refuses_an_event_id_given_twice_with_two_contents(
-    runs: dict[str, Ran],
+    runs: Runs,
 ) -> None:
     ran = runs["conflict-line-3"]
     line = assert_bad_input(ran, "line 3", "event_id", str(_TWICE["event_id"]), "nothing")
@@ -202,20 +210,20 @@ def test_enqueue_refuses_an_event_id_given_twice_with_two_contents(
     assert _jobs_in(ran.data_dir / "ledger.sqlite3") == 0
 
 
-def test_enqueue_of_a_missing_file(runs: dict[str, Ran]) -> None:
+def test_enqueue_of_a_missing_file(runs: Runs) -> None:
     ran = runs["missing-file"]
 
     line = assert_bad_input(ran)
     assert line == f"error: FILE: no such file: {ran.file}"
 
 
-def test_enqueue_of_empty_stdin(runs: dict[str, Ran]) -> None:
+def test_enqueue_of_empty_stdin(runs: Runs) -> None:
     line = assert_bad_input(runs["empty-stdin"])
 
     assert line == "error: no event given (empty input)"
 
 
-def test_history_of_something_that_is_not_a_job_id(runs: dict[str, Ran]) -> None:
+def test_history_of_something_that_is_not_a_job_id(runs: Runs) -> None:
     ran = runs["not-a-job-id"]
 
     line = assert_bad_input(ran)
@@ -223,7 +231,7 @@ def test_history_of_something_that_is_not_a_job_id(runs: dict[str, Ran]) -> None
     assert not ran.data_dir.exists()
 
 
-def test_a_bad_database_url_is_named_without_its_password(runs: dict[str, Ran]) -> None:
+def test_a_bad_database_url_is_named_without_its_password(runs: Runs) -> None:
     ran = runs["mysql-url"]
 
     assert_bad_input(ran, "DATABASE_URL", "mysql")
@@ -233,30 +241,30 @@ def test_a_bad_database_url_is_named_without_its_password(runs: dict[str, Ran]) 
 @pytest.mark.parametrize(
     "name", ["unknown-option", "unknown-command-option", "missing-argument", "unknown-command"]
 )
-def test_usage_errors_are_one_line(runs: dict[str, Ran], name: str) -> None:
+def test_usage_errors_are_one_line(runs: Runs, name: str) -> None:
     assert_bad_input(runs[name])
 
 
-def test_demo_of_zero_orders_is_refused(runs: dict[str, Ran]) -> None:
+def test_demo_of_zero_orders_is_refused(runs: Runs) -> None:
     assert_bad_input(runs["demo-zero-orders"], "--orders")
 
 
-def test_chaos_of_tasks_refuses_what_it_cannot_do(runs: dict[str, Ran]) -> None:
+def test_chaos_of_tasks_refuses_what_it_cannot_do(runs: Runs) -> None:
     assert_bad_input(runs["chaos-tasks-db-restart"], "--db-restart")
     assert_bad_input(runs["chaos-tasks-embedded"], "DATABASE_URL", "BROKER_URL")
 
 
-def test_enqueue_of_deeply_nested_json_is_bad_input(runs: dict[str, Ran]) -> None:
+def test_enqueue_of_deeply_nested_json_is_bad_input(runs: Runs) -> None:
     assert_bad_input(runs["deep-json"])
 
 
-def test_enqueue_names_a_pipeline_that_does_not_exist(runs: dict[str, Ran]) -> None:
+def test_enqueue_names_a_pipeline_that_does_not_exist(runs: Runs) -> None:
     line = assert_bad_input(runs["unknown-pipeline"], "--pipeline", "'nope'", "order-placed")
 
     assert "ONCELERY_PIPELINES" in line
 
 
-def test_enqueue_validates_any_pipeline_by_its_input_model(runs: dict[str, Ran]) -> None:
+def test_enqueue_validates_any_pipeline_by_its_input_model(runs: Runs) -> None:
     ran = runs["typed-bad-field"]
 
     line = assert_bad_input(ran)
@@ -264,7 +272,7 @@ def test_enqueue_validates_any_pipeline_by_its_input_model(runs: dict[str, Ran])
     assert _jobs_in(ran.data_dir / "ledger.sqlite3") == 0
 
 
-def test_enqueue_refuses_a_conflict_in_any_pipeline(runs: dict[str, Ran]) -> None:
+def test_enqueue_refuses_a_conflict_in_any_pipeline(runs: Runs) -> None:
     ran = runs["typed-conflict"]
 
     assert_bad_input(ran, "line 2", "event_id", "'w1'", "other content", "nothing")
