@@ -61,6 +61,7 @@ from ledger.queries.job_rows import (
     select_jobs_by_event_prefix,
     start_job,
 )
+from ledger.queries.map_sweeps import take_items_sent_between, take_lost_items
 from ledger.queries.maps import (
     claim_items,
     count_items,
@@ -80,8 +81,6 @@ from ledger.queries.maps import (
     select_items_page,
     select_map_counters,
     settle_items,
-    take_items_sent_between,
-    take_lost_items,
     touch_item,
     wait_item,
 )
