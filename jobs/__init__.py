@@ -1,12 +1,13 @@
-"""oncelery's public API: declare pipelines of steps, their delivery and retry policy, the
-errors steps raise; start jobs (`enqueue`), wait for them (`wait`); `exactly_once` for the
-Celery tasks of any app; `jobs.app` is the Celery app (`celery -A jobs worker` finds it)."""
+"""oncelery's public API: declare pipelines of steps (map steps too), their delivery and retry
+policy, the errors steps raise; start jobs (`enqueue`), wait for them (`wait`); `exactly_once`
+for the Celery tasks of any app; `jobs.app` is the Celery app (`celery -A jobs worker`)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from jobs.errors import InvalidEvent, JobError, PermanentError, TransientError, UnknownPipeline
+from jobs.maps import Expand, ItemContext, MapPolicy, MapStep
 from jobs.pipelines import Delivery, Pipeline, Step, StepContext
 from jobs.retry import RetryPolicy
 from ledger import EventConflict
@@ -22,8 +23,12 @@ if TYPE_CHECKING:
 __all__ = [
     "Delivery",
     "EventConflict",
+    "Expand",
     "InvalidEvent",
+    "ItemContext",
     "JobError",
+    "MapPolicy",
+    "MapStep",
     "PermanentError",
     "Pipeline",
     "RetryPolicy",

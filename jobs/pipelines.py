@@ -17,7 +17,7 @@ from pydantic_core import PydanticSerializationError, to_json
 from config import Settings
 from jobs.errors import InvalidEvent, UnknownPipeline
 from jobs.retry import RetryPolicy
-from ledger import JSON, NewJob
+from ledger import JSON, ItemResult, NewJob
 
 R = TypeVar("R")
 
@@ -40,6 +40,10 @@ class Delivery(enum.StrEnum):
     READ_ONLY = "read_only"
 
 
+def _no_items(step: str) -> Iterator[ItemResult]:
+    raise LookupError(f"no map step {step!r} can be read here")
+
+
 @dataclass(frozen=True)
 class StepContext(Generic[R]):
     """What a step function receives."""
@@ -57,6 +61,11 @@ class StepContext(Generic[R]):
     results: Mapping[str, JSON]
     #: The pipeline's per-process resources (an HTTP client, say).
     resources: R
+    #: A map step's items with their results, in item order, read page by page from the
+    #: ledger (`ctx.items("search")`): how the step after a map (its join) reads it.
+    items: Callable[[str], Iterator[ItemResult]] = field(
+        default=_no_items, repr=False, compare=False
+    )
 
 
 @dataclass(frozen=True)

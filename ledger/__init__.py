@@ -20,6 +20,18 @@ from ledger.errors import (
 )
 from ledger.job_ends import wait_for_end
 from ledger.malformed import MalformedCount, MalformedMessages
+from ledger.map_types import (
+    FanOut,
+    ItemClaim,
+    ItemFound,
+    ItemRecorded,
+    ItemResult,
+    ItemSettled,
+    LostItem,
+    MapCounters,
+    NewItem,
+)
+from ledger.maps import MapLedger
 from ledger.migrations import current_revision, head_revision, upgrade
 from ledger.notices import OUTBOX_CHANNEL, Listener
 from ledger.outcomes import Failure
@@ -29,6 +41,7 @@ from ledger.step_ledger_postgres import PostgresStepLedger
 from ledger.step_ledger_sqlite import SqliteStepLedger
 from ledger.store import JobStore, JobToSend, UnfinishedStep
 from ledger.types import (
+    ACTIVE_JOB_STATES,
     FINISHED_JOB_STATES,
     JSON,
     AlreadySucceeded,
@@ -39,6 +52,7 @@ from ledger.types import (
     DeadLetterState,
     EventKind,
     InFlight,
+    ItemState,
     Job,
     JobHistory,
     JobInactive,
@@ -59,6 +73,7 @@ from ledger.types import (
 )
 
 __all__ = [
+    "ACTIVE_JOB_STATES",
     "FINISHED_JOB_STATES",
     "JSON",
     "OUTBOX_CHANNEL",
@@ -74,9 +89,16 @@ __all__ = [
     "EventConflict",
     "EventKind",
     "Failure",
+    "FanOut",
     "FingerprintMismatch",
     "Histogram",
     "InFlight",
+    "ItemClaim",
+    "ItemFound",
+    "ItemRecorded",
+    "ItemResult",
+    "ItemSettled",
+    "ItemState",
     "Job",
     "JobHistory",
     "JobInactive",
@@ -88,8 +110,12 @@ __all__ = [
     "LedgerError",
     "LedgerStats",
     "Listener",
+    "LostItem",
     "MalformedCount",
     "MalformedMessages",
+    "MapCounters",
+    "MapLedger",
+    "NewItem",
     "NewJob",
     "OutcomeUnknown",
     "PostgresLimits",

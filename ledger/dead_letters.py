@@ -19,6 +19,7 @@ from ledger.types import (
     DeadLetterReason,
     DeadLetterState,
     EventKind,
+    ItemState,
     JobState,
     Refused,
     Reopened,
@@ -66,6 +67,35 @@ def write_dead_letter(
     )
     conn.execute(queries.insert_dead_letter(_letter_row(letter, job, attempts, first_failed_at)))
     return JobState.DEAD_LETTERED
+
+
+def write_item_dead_letter(
+    conn: Connection,
+    letter: DeadLetterNote,
+    attempts: int,
+    first_failed_at: datetime | None,
+    item: tuple[str, JSON],
+) -> None:
+    """Inside the caller's transaction: dead-letter one item of a map step on its own. Its
+    job stays active: the other items go on, and the join waits for this one's replay (or,
+    if its map's policy settles it, reads it failed)."""
+    job = conn.execute(queries.select_job(letter.job_id)).one()
+    item_id, value = item
+    detail: JSON = {"error": letter.error, "reason": str(letter.reason), "item_id": item_id}
+    conn.execute(
+        queries.append_event(
+            letter.job_id,
+            letter.step,
+            EventKind.DEAD_LETTERED,
+            key=letter.key,
+            attempt=attempts or None,
+            duration_ms=letter.duration_ms,
+            detail=detail,
+        )
+    )
+    row = _letter_row(letter, job, attempts, first_failed_at)
+    row["input"] = {**row["input"], "item_id": item_id, "item": value}
+    conn.execute(queries.insert_dead_letter(row))
 
 
 def _letter_row(
@@ -163,8 +193,10 @@ class DeadLetterStore:
                     reset = conn.execute(queries.reset_entry(letter.key, from_states=allowed))
                     if reset.one_or_none() is None:
                         _refuse_unless_claimable(conn, letter.key)
+                item_id = _reopen_item(conn, letter) if letter.key is not None else None
                 if (
-                    conn.execute(queries.reopen_job(letter.job_id, letter.step)).one_or_none()
+                    item_id is None
+                    and conn.execute(queries.reopen_job(letter.job_id, letter.step)).one_or_none()
                     is None
                 ):
                     raise _Refusal("its job is no longer dead-lettered")
@@ -178,7 +210,7 @@ class DeadLetterStore:
                 )
         except _Refusal as refusal:
             return Refused(letter_id, str(refusal))
-        return Reopened(letter_id, letter.job_id, letter.pipeline, letter.step)
+        return Reopened(letter_id, letter.job_id, letter.pipeline, letter.step, item_id)
 
     def settle(
         self, letter_id: int, *, by: str, result: JSON, next_step: str | None
@@ -253,6 +285,32 @@ def _close(conn: Connection, letter_id: int, state: DeadLetterState, by: str) ->
             raise DeadLetterNotFound(letter_id)
         raise _Refusal(f"it is {found['state']}, not open")
     return _Closed(row)
+
+
+def _reopen_item(conn: Connection, letter: _Closed) -> str | None:
+    """If the dead letter is an item's (of a map step), make the item pending again and count
+    it back as unsettled; its item id then (None: a step's dead letter)."""
+    assert letter.key is not None
+    found = conn.execute(queries.select_item_by_key(letter.job_id, letter.step, letter.key))
+    item = found.mappings().one_or_none()
+    if item is None:
+        return None
+    state = ItemState(item["state"])
+    if state not in (ItemState.FAILED, ItemState.WAITING):
+        raise _Refusal(f"its item is {state}, not failed")
+    [counters] = conn.execute(queries.select_map_counters(letter.job_id, letter.step)).all()
+    if counters.joined_at is not None:
+        raise _Refusal("its map was joined already (its policy let the join see the failure)")
+    reopened = queries.reopen_item(letter.job_id, letter.step, letter.key, state)
+    if conn.execute(reopened).one_or_none() is None:
+        raise _Refusal("its item changed meanwhile")
+    waited = state is ItemState.WAITING
+    moved = queries.count_items(
+        letter.job_id, letter.step, failed=-1, waiting=-int(waited), remaining=int(not waited)
+    )
+    conn.execute(moved)
+    item_id: str = item["item_id"]
+    return item_id
 
 
 def _refuse_unless_claimable(conn: Connection, key: str) -> None:

@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
 from uuid import UUID
 
+from sqlalchemy.engine import RowMapping
+
 from ledger import db, queries
 from ledger.errors import (
     FingerprintMismatch,
@@ -18,7 +20,9 @@ from ledger.errors import (
     StatementRejected,
     StepNotInJob,
 )
+from ledger.map_types import ItemClaim, ItemFound, ItemSettled
 from ledger.types import (
+    ACTIVE_JOB_STATES,
     JSON,
     AlreadySucceeded,
     Claim,
@@ -26,6 +30,8 @@ from ledger.types import (
     DeadLetterReason,
     EventKind,
     InFlight,
+    ItemState,
+    JobInactive,
     JobState,
     OutcomeUnknown,
     Reading,
@@ -66,10 +72,10 @@ def decode_claim(
     if row["entry_state"] == StepState.SUCCEEDED:
         result, ours = row["entry_result"], step in results
         return AlreadySucceeded(job_id, step, key, result, ours, context, results, current_step)
-    return _not_claimed(job_id, step, key, row, takeover_expired)
+    return not_claimed(job_id, step, key, row, takeover_expired)
 
 
-def _not_claimed(
+def not_claimed(
     job_id: UUID, step: str, key: str, row: Mapping[str, Any], takeover_expired: bool
 ) -> InFlight | OutcomeUnknown:
     """Why a claim that found an unfinished entry did not take it."""
@@ -84,6 +90,43 @@ def _not_claimed(
             job_id, step, key, attempts=row["entry_attempts"], owner=row["entry_owner"]
         )
     return InFlight(job_id, step, key, retry_in=_remaining(row["entry_locked_until"]))
+
+
+def decode_item_claim(  # noqa: PLR0911 - one answer per thing a claim can find
+    item: tuple[UUID, str, str],
+    owner: UUID,
+    attempts: int | None,
+    row: RowMapping | None,
+    takeover_expired: bool,
+) -> ItemFound:
+    """What an item's claim found (`queries.select_items_for_claim`, and the `attempts` its
+    claim returned if the key is now `owner`'s): the claim, or why not, as `decode_claim`
+    decodes a step's.
+
+    Raises:
+        FingerprintMismatch: the key was first used for another request.
+    """
+    job_id, step, item_id = item
+    if row is None:
+        return ItemSettled(job_id, step, item_id, None)
+    key = row["key"]
+    if row["job_state"] not in ACTIVE_JOB_STATES:
+        return JobInactive(job_id, step, JobState(row["job_state"]))
+    context, results = row["context"], row["results"]
+    if attempts is not None:
+        return ItemClaim(
+            job_id, step, key, owner, attempts, context, results, item_id=item_id, item=row["item"]
+        )
+    if row["item_state"] != ItemState.PENDING:
+        return ItemSettled(job_id, step, item_id, ItemState(row["item_state"]))
+    if row["entry_state"] is None:
+        return InFlight(job_id, step, key, retry_in=MIN_IN_FLIGHT_WAIT)
+    if row["entry_step"] != step or row["entry_fingerprint"] != row["fingerprint"]:
+        raise FingerprintMismatch(key, job_id, step)
+    if row["entry_state"] == StepState.SUCCEEDED:
+        ours = row["entry_job_id"] == job_id
+        return AlreadySucceeded(job_id, step, key, row["entry_result"], ours, context, results)
+    return not_claimed(job_id, step, key, dict(row), takeover_expired)
 
 
 def reading_of(row: Mapping[str, Any] | None, job_id: UUID, step: str) -> Reading | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from ledger.types import DeadLetterState, JobState, StepState
+from ledger.types import DeadLetterState, ItemState, JobState, StepState
 
 metadata = sa.MetaData(
     naming_convention={
@@ -27,7 +27,10 @@ BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 Timestamp = sa.DateTime(timezone=True)
 
 
-def _one_of(column: str, values: type[JobState] | type[StepState] | type[DeadLetterState]) -> str:
+def _one_of(
+    column: str,
+    values: type[JobState] | type[StepState] | type[DeadLetterState] | type[ItemState],
+) -> str:
     return f"{column} IN ({', '.join(repr(str(v)) for v in values)})"
 
 
@@ -150,3 +153,69 @@ malformed_messages = sa.Table(
     sa.Column("last_at", Timestamp, nullable=False),
     sa.Column("last_detail", sa.Text(), nullable=False),
 )
+
+#: A map step's fan-in, one row per job and map step: the counters its items' first
+#: transitions move (`ledger.maps`). `remaining` counts the items not settled yet; the
+#: transaction that brings it to 0 sets `joined_at` and hands the job on to the join.
+maps = sa.Table(
+    "maps",
+    metadata,
+    sa.Column(
+        "job_id",
+        sa.Uuid(),
+        sa.ForeignKey("jobs.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("step", sa.String(100), primary_key=True),
+    #: The step's `MapPolicy` when it fanned out (what settles a failed item is passed with
+    #: each record; this is for people).
+    sa.Column("policy", sa.String(20), nullable=False),
+    sa.Column("total", sa.BigInteger(), nullable=False),
+    sa.Column("done", sa.BigInteger(), nullable=False),
+    #: Items that failed for good, settled or `waiting` for a person (of which `waiting`).
+    sa.Column("failed", sa.BigInteger(), nullable=False),
+    sa.Column("waiting", sa.BigInteger(), nullable=False),
+    sa.Column("expanded", sa.BigInteger(), nullable=False),
+    sa.Column("remaining", sa.BigInteger(), nullable=False),
+    sa.Column("joined_at", Timestamp, nullable=True),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("updated_at", Timestamp, nullable=False),
+)
+
+#: Byte order on Postgres, whatever the database's collation: item paths sort as a tree.
+_Path = sa.String(1000).with_variant(sa.String(1000, collation="C"), "postgresql")
+
+#: A map step's items: each a unit of work whose key (in `ledger_entries`) is claimed and
+#: recorded like a step's. The rows are also the items' outbox (`dispatched_at` NULL).
+map_items = sa.Table(
+    "map_items",
+    metadata,
+    sa.Column(
+        "job_id",
+        sa.Uuid(),
+        sa.ForeignKey("jobs.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("step", sa.String(100), primary_key=True),
+    #: The item's identity within its map, given by the step's `item_id` function.
+    sa.Column("item_id", sa.String(300), primary_key=True),
+    #: Its place in item order: its root's index, then its index in each expansion.
+    sa.Column("path", _Path, nullable=False),
+    sa.Column("key", sa.String(300), nullable=False),
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("item", JSONDocument, nullable=False),
+    sa.Column("parent", sa.String(300), nullable=True),
+    sa.Column("state", sa.String(20), nullable=False),
+    #: How many items its act expanded into (that were new to the map).
+    sa.Column("children", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("dispatched_at", Timestamp, nullable=True),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("updated_at", Timestamp, nullable=False),
+    sa.CheckConstraint(_one_of("state", ItemState), name="state"),
+)
+# The join reads a map's items in item order, page after page.
+sa.Index("ix_map_items_job_id_step_path", map_items.c.job_id, map_items.c.step, map_items.c.path)
+# A dead letter names its item by key; history leaves items' entries out by key.
+sa.Index("ix_map_items_key", map_items.c.key)
+# The sweeper looks for pending items by age.
+sa.Index("ix_map_items_state_updated_at", map_items.c.state, map_items.c.updated_at)

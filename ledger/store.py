@@ -13,6 +13,7 @@ from sqlalchemy.engine import Connection, Engine, RowMapping
 
 from ledger import db, queries
 from ledger.errors import JobNotFound
+from ledger.fan_in import counters_of
 from ledger.new_jobs import create_jobs, create_jobs_in
 from ledger.types import (
     JSON,
@@ -127,10 +128,12 @@ class JobStore:
                 raise JobNotFound(job_id)
             entries = conn.execute(queries.select_entries_for_job(job_id)).mappings().all()
             events = conn.execute(queries.select_events(job_id)).mappings().all()
+            maps = conn.execute(queries.select_map_counters(job_id)).mappings().all()
         return JobHistory(
             job=job_from_row(row),
             entries=tuple(entry_from_row(e) for e in entries),
             events=tuple(event_from_row(e) for e in events),
+            maps=tuple(counters_of(m["step"], m) for m in maps),
         )
 
     def list_jobs(

@@ -6,8 +6,11 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 from uuid import UUID
+
+if TYPE_CHECKING:
+    from ledger.map_types import MapCounters
 
 #: What a step receives and returns: plain JSON.
 JSON: TypeAlias = dict[str, "JSON"] | list["JSON"] | str | int | float | bool | None
@@ -47,6 +50,21 @@ class StepState(enum.StrEnum):
     UNKNOWN = "unknown"
 
 
+class ItemState(enum.StrEnum):
+    """Where one item of a map step stands (its key's own state is in the ledger)."""
+
+    #: Not settled yet: queued, claimed, acting, or retrying.
+    PENDING = "pending"
+    #: Its act succeeded and is recorded (whether or not it expanded).
+    DONE = "done"
+    #: It failed for good and was dead-lettered on its own, and is settled: the join reads it
+    #: as failed (a replay before the join makes it pending again).
+    FAILED = "failed"
+    #: It failed for good and was dead-lettered on its own, but its map's policy does not
+    #: settle it: the join waits for a person to replay it.
+    WAITING = "waiting"
+
+
 class EventKind(enum.StrEnum):
     """What an entry of a job's append-only history says happened."""
 
@@ -64,6 +82,8 @@ class EventKind(enum.StrEnum):
     RESOLVED = "resolved"
     #: A person cancelled the job.
     CANCELLED = "cancelled"
+    #: Every item of a map step was settled: the job moved on to the join (once).
+    JOINED = "joined"
     #: A person purged the job's dead letter: the job is given up.
     PURGED = "purged"
     #: The sweeper found the job stalled and sent its step again.
@@ -180,6 +200,8 @@ class JobHistory:
     job: Job
     entries: tuple[StepEntry, ...]
     events: tuple[StepEvent, ...]
+    #: Its map steps' counters (their items are summed up, not listed).
+    maps: tuple[MapCounters, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -286,6 +308,8 @@ class Reopened:
     job_id: UUID
     pipeline: str
     step: str
+    #: The item of a map step the dead letter was (send that item, not the step).
+    item_id: str | None = None
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from uuid import UUID
 
 from jobs.engine.run_state import Outcome, Run, claim_alone, error_json
 from jobs.engine.step_messages import no_such_job
+from jobs.maps import is_map
 from jobs.pipelines import Step
 from ledger import (
     JSON,
@@ -102,7 +103,11 @@ def _absorb_duplicate(run: Run, step: Step[object], outcome: AlreadySucceeded) -
     dispatch = run.dispatch_for(step, job_id)
     following = pipeline.next_step(step.name)
     next_name = following.name if following else None
-    if outcome.recorded_for_this_job and outcome.current_step != step.name:
+    if is_map(step) and outcome.recorded_for_this_job and outcome.current_step == step.name:
+        # Its items were written with its record and run on their own (the sweeper sends
+        # those lost); the fan-in moves the job on, never this message.
+        rt.ledger.note_duplicate(outcome)
+    elif outcome.recorded_for_this_job and outcome.current_step != step.name:
         rt.ledger.note_duplicate(outcome)
         # A redelivery after the record: the next step's publish may have been lost with
         # the worker, so publish it again; a second copy is absorbed the same way.

@@ -53,6 +53,29 @@ class SendsMany(Protocol):
         `READING_HEADER`); the job ids whose publish failed."""
 
 
+#: Items of a map step one message carries: a redelivery repeats a few claims, not many,
+#: and the items of a big map still spread over every worker.
+ITEMS_PER_MESSAGE: Final = 20
+
+
+@runtime_checkable
+class ItemDispatch(Protocol):
+    """A dispatch that publishes a map step's items (`CeleryDispatch`)."""
+
+    def send_items(
+        self,
+        pipeline: str,
+        step: str,
+        job_id: str,
+        item_ids: Sequence[str],
+        *,
+        resend: bool = False,
+        countdown: float | None = None,
+    ) -> list[str]:
+        """Publish items of a job's map step (several to a message); the item ids whose
+        publish failed (they stay in the outbox, for the sweeper)."""
+
+
 def reading_header(reading: Reading) -> str | None:
     """A reading as its message carries it (None when too long to carry)."""
     text = json.dumps({"key": reading.key, "context": reading.context}, separators=(",", ":"))

@@ -3,6 +3,7 @@ failures to retry or dead-letter with the verdict on each, and handing recorded 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from config.settings import CrashPoint
@@ -21,6 +22,7 @@ from jobs.engine.run_state import (
     message_of,
     takes_over,
 )
+from jobs.maps import is_map
 from jobs.pipelines import Delivery, Step
 from ledger import (
     Claim,
@@ -237,7 +239,28 @@ def handle_failure(
     """Record a failed attempt: retried, or dead-lettered with its key `failed` — or
     `unknown` when an effect may exist (`sent`: the attempt reported a request that may
     apply one, see `jobs.outside`)."""
-    verdict = retry.decide(exc, claim.attempt, policy)
+    judged = step
+    if is_map(step):
+        # A map step's own run only computes its items: its delivery and effect are theirs.
+        judged = dataclasses.replace(step, delivery=Delivery.EXACTLY_ONCE, effect=None)
+    failure = failure_of(
+        judged, claim.attempt, exc, duration_ms=duration_ms, policy=policy, sent=sent
+    )
+    return record_failure(run, step, claim, failure)
+
+
+def failure_of(
+    step: Step[object],
+    attempt: int,
+    exc: Exception,
+    *,
+    duration_ms: float,
+    policy: retry.RetryPolicy,
+    sent: bool,
+) -> Failure:
+    """How a failed attempt of `step` (or of one of its items) is recorded: retried after a
+    delay, or given up — its key `unknown` when an effect may exist."""
+    verdict = retry.decide(exc, attempt, policy)
     error = error_json(exc, retryable=verdict.delay is not None)
     if verdict.reason == "attempts_exhausted":
         error["reason"] = verdict.reason
@@ -252,14 +275,13 @@ def handle_failure(
         and gives_up
         and (maybe_applied or verdict.reason == "attempts_exhausted")
     )
-    failure = Failure(
+    return Failure(
         error=error,
         retry_in=None if unknown else verdict.delay,
         duration_ms=duration_ms,
         outcome_unknown=unknown,
         reason=_reason(verdict.reason, unknown and verdict.delay is not None),
     )
-    return record_failure(run, step, claim, failure)
 
 
 def _reason(verdict: str, cut_short: bool) -> DeadLetterReason:

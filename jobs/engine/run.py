@@ -3,6 +3,7 @@ message's job or for a batch's jobs at the same step; each job's outcome is save
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -15,6 +16,7 @@ from uuid import UUID
 from config.settings import CrashPoint
 from jobs.engine.claims import verdict_on_claim, verdict_on_found
 from jobs.engine.dispatch import Dispatch
+from jobs.engine.fan_out import fan_out
 from jobs.engine.records import (
     hand_on,
     handle_failure,
@@ -34,6 +36,7 @@ from jobs.engine.run_state import (
     takes_over,
 )
 from jobs.engine.runtime import Runtime
+from jobs.maps import MapStep, is_map
 from jobs.outside import watching
 from jobs.pipelines import Delivery, Pipeline, Step, StepContext
 from ledger import (
@@ -143,7 +146,8 @@ def _claim_or_read(run: Run, jobs: list[UUID]) -> list[ClaimOutcome | Reading | 
         return [None] * len(jobs)
     readings: list[Reading | None] = [None] * len(jobs)
     first_tries = [index for index in range(len(jobs)) if index not in run.repeats]
-    if step.delivery is Delivery.READ_ONLY and first_tries and ledger.reads_unclaimed:
+    unclaimed = step.delivery is Delivery.READ_ONLY and not is_map(step)
+    if unclaimed and first_tries and ledger.reads_unclaimed:
         to_read = []
         for index in first_tries:
             brought = run.brought.get(index)
@@ -232,6 +236,9 @@ def _record(run: Run, step: Step[object], acted: list[Acted]) -> list[Stage]:
     any. Their outcomes are saved here, before anything is published."""
     if not acted:
         return []
+    if isinstance(step, MapStep):
+        run.outcomes.update(fan_out(run, step, acted))
+        return []
     following = run.pipeline.next_step(step.name)
     if following is not None and run.rt.settings.fast_path:
         if not _claims_one_by_one(run, following):
@@ -274,7 +281,7 @@ def _claims_one_by_one(run: Run, step: Step[object]) -> bool:
     its jobs at once: an at-most-once step in a batch. A key claimed but not yet acted on
     looks, once its worker is killed, exactly like one that acted — `unknown` — so a batch
     holds at most one such key at a time."""
-    return not run.own_message and step.delivery is Delivery.AT_MOST_ONCE
+    return not run.own_message and step.delivery is Delivery.AT_MOST_ONCE and not is_map(step)
 
 
 def _claim_now(run: Run, step: Step[object], job_id: str) -> Claim | Outcome:
@@ -306,7 +313,8 @@ def _act(run: Run, step: Step[object], claim: Claim | Reading) -> StepResult | R
         failure = Failure(
             error=error,
             retry_in=None,
-            outcome_unknown=step.effect is not None,
+            # (A map step's own run only computed its items: no effect of its own.)
+            outcome_unknown=step.effect is not None and not is_map(step),
             reason=DeadLetterReason.WORKER_LOST,
         )
         return record_failure(run, step, claim, failure)
@@ -319,6 +327,7 @@ def _act(run: Run, step: Step[object], claim: Claim | Reading) -> StepResult | R
         context=claim.context,
         results=claim.results,
         resources=rt.resources_for(run.pipeline),
+        items=functools.partial(rt.maps.item_results, claim.job_id),
     )
     rt.crash(CrashPoint.AFTER_CLAIM, step.name, ctx.job_id)
     limit = run.timer(rt.time_limit_for(run.pipeline, step)) if run.timer else nullcontext()

@@ -14,6 +14,7 @@ from uuid import UUID
 
 from jobs.engine.dispatch import Continuation, Dispatch, HandedBack
 from jobs.engine.runtime import Runtime
+from jobs.maps import is_map
 from jobs.pipelines import Delivery, Pipeline, Step
 from ledger import (
     JSON,
@@ -140,7 +141,8 @@ def claim_alone(run: Run, step: Step[object], job: UUID) -> ClaimOutcome | Ledge
 def takes_over(step: Step[object]) -> bool:
     """Whether a claim of `step` may take over a key whose owner's lease ran out (an
     at-most-once step's expired key may have acted: it is unknown instead)."""
-    return step.delivery is not Delivery.AT_MOST_ONCE
+    # A map step's own run only computes its items (its delivery is its items'): taken over.
+    return step.delivery is not Delivery.AT_MOST_ONCE or is_map(step)
 
 
 def error_json(exc: BaseException, *, retryable: bool) -> dict[str, JSON]:

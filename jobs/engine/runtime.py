@@ -15,7 +15,7 @@ from jobs.engine.crashpoints import Crasher
 from jobs.engine.leases import LeaseKeeper
 from jobs.pipelines import Pipeline, Step, registry
 from jobs.retry import RetryPolicy, effective_policy
-from ledger import JobStore, StepLedger, create_engine
+from ledger import JobStore, MapLedger, StepLedger, create_engine
 
 
 @dataclass
@@ -31,6 +31,7 @@ class Runtime:
     pid: int = field(default_factory=os.getpid)
     _resources: dict[str, object] = field(default_factory=dict)
     _leases: LeaseKeeper | None = None
+    _maps: MapLedger | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, *, engine: Engine | None = None) -> Runtime:
@@ -65,6 +66,18 @@ class Runtime:
             ledger = self.ledger
             self._leases = LeaseKeeper(ledger.renew_leases, lease=ledger.lease_seconds)
         return self._leases
+
+    @property
+    def maps(self) -> MapLedger:
+        """This process's ledger of map steps' items (on the same engine and lease)."""
+        if self._maps is None:
+            ledger = self.ledger
+            self._maps = MapLedger(
+                engine=self.engine,
+                lease_seconds=ledger.lease_seconds,
+                unavailable_for=ledger.unavailable_for,
+            )
+        return self._maps
 
     def resources_for(self, pipeline: Pipeline[object]) -> object:
         """The pipeline's resources in this process, built on first use."""

@@ -44,6 +44,28 @@ def task_name(pipeline: str, step: str) -> str:
     return f"oncelery.{pipeline}.{step}"
 
 
+def item_task_name(pipeline: str, step: str) -> str:
+    """The Celery task name of a map step's items."""
+    return f"oncelery.{pipeline}.{step}.items"
+
+
+def items_of(args: object, kwargs: object) -> tuple[str, list[str]] | Malformed:
+    """The job id and item ids an item message carries (as `args=[job_id, [item_id, …]]`),
+    or why it carries none."""
+    if kwargs or not isinstance(args, Sequence) or isinstance(args, str) or len(args) != 2:
+        return Malformed(
+            MalformedReason.ARGUMENTS,
+            f"arguments {_shown(args)}: an item message takes the job id and a list of item ids",
+        )
+    job_id = job_id_of(args[:1], {})
+    if isinstance(job_id, Malformed):
+        return job_id
+    item_ids = args[1]
+    if not isinstance(item_ids, list) or not all(isinstance(i, str) and i for i in item_ids):
+        return Malformed(MalformedReason.ARGUMENTS, f"item ids {_shown(item_ids)}: not strings")
+    return job_id, item_ids
+
+
 def job_id_of(args: object, kwargs: object) -> str | Malformed:
     """The job id a step message carries (as `args=[job_id]`), or why it carries none.
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-from jobs.engine.dispatch import Dispatch
+from jobs.engine.dispatch import ITEMS_PER_MESSAGE, Dispatch, ItemDispatch
 from jobs.engine.enqueue import relay
 from jobs.engine.runtime import Runtime
 from jobs.pipelines import registry
@@ -79,6 +80,8 @@ class SweepReport:
     abandoned: int = 0
     #: Of `redriven`: jobs whose message the broker lost (see `QueueLoss`).
     lost: int = 0
+    #: Items of map steps sent again: left in the outbox, abandoned, or stalled.
+    items: int = 0
 
 
 # What the sweeper re-drives at once, knowing it lost:
@@ -107,6 +110,8 @@ def backlog_wait(rt: Runtime, queued: int, stalled_after: float) -> float:
     if queued <= 0:
         return 0.0
     handled = rt.store.recent_deliveries(window=PACE_WINDOW, fast_path=rt.settings.fast_path)
+    # Map steps' items write no history: their messages are counted by the items done.
+    handled += math.ceil(rt.maps.recent_items(window=PACE_WINDOW) / ITEMS_PER_MESSAGE)
     drain = queued * PACE_WINDOW / handled if handled else math.inf
     return drain if drain <= stalled_after else MAX_BACKLOG_WAIT
 
@@ -157,6 +162,7 @@ def sweep(
         dispatch,
         lambda n: rt.store.take_stalled(stalled_after=base + waiting, limit=n, pipelines=ours),
     )
+    items = redrive_items(rt, dispatch, stalled_after=base + waiting, pipelines=ours)
     return SweepReport(
         redriven=len(abandoned) + len(lost) + len(stalled),
         skipped=skipped + skipped_lost + skipped_stalled,
@@ -165,7 +171,51 @@ def sweep(
         backlog_wait=waiting,
         abandoned=len(abandoned),
         lost=len(lost),
+        items=items,
     )
+
+
+def redrive_items(
+    rt: Runtime,
+    dispatch: Dispatch,
+    *,
+    stalled_after: float,
+    pipelines: list[str],
+    loss: QueueLoss | None = None,
+) -> int:
+    """Send again the pending items of map steps that look lost — left in the outbox for
+    `relay_after`, abandoned by a dead owner, or stalled; or, given a `loss`, handed to the
+    broker while it lost them — batch after batch, several to a message; how many were sent.
+    The ledger absorbs a copy that was not lost after all."""
+    if not isinstance(dispatch, ItemDispatch):
+        return 0
+    sent = 0
+    while True:
+        taken = rt.maps.take_lost_items(
+            stalled_after=stalled_after,
+            relay_after=rt.settings.relay_after,
+            limit=_BATCH,
+            pipelines=pipelines,
+            sent_between=(loss.before, loss.after) if loss is not None else None,
+        )
+        by_job: dict[tuple[str, str, str], list[str]] = defaultdict(list)
+        for item in taken:
+            by_job[(item.pipeline, item.step, str(item.job_id))].append(item.item_id)
+        for (pipeline, step, job_id), item_ids in by_job.items():
+            try:
+                unsent = dispatch.send_items(pipeline, step, job_id, item_ids, resend=True)
+            except Exception as exc:  # noqa: BLE001 - touched: the stall time finds them
+                logger.warning("items of %s not re-sent: %s", job_id, exc)
+                continue
+            sent += len(item_ids) - len(unsent)
+            logger.warning(
+                "re-drove %d items of %s",
+                len(item_ids) - len(unsent),
+                step,
+                extra={"action": "redrive_items", "job_id": job_id, "step": step},
+            )
+        if len(taken) < _BATCH:
+            return sent
 
 
 def _redrive_lost(
@@ -189,6 +239,7 @@ def _redrive_lost(
                 before=loss.before, after=loss.after, limit=n, pipelines=pipelines
             ),
         )
+        redrive_items(rt, dispatch, stalled_after=0.0, pipelines=pipelines, loss=loss)
     watch.seen()
     return sent, skipped
 

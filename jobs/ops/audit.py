@@ -14,10 +14,11 @@ import httpx
 from config import Settings
 from jobs.engine.runtime import declared_pipelines, load_pipelines
 from jobs.errors import ProviderUnavailable
+from jobs.maps import is_map
 from jobs.pipelines import Pipeline
 from jobs.sandbox import SandboxStore, unit_amount
 from jobs.tasks import PIPELINE_PREFIX, STEP
-from ledger import JSON, JobStore, StepEntry, StepState, create_engine
+from ledger import JSON, JobStore, MapLedger, StepEntry, StepState, create_engine
 
 #: Ledger states that may stand behind an applied effect.
 _MAY_HAVE_ACTED = (StepState.SUCCEEDED, StepState.UNKNOWN)
@@ -120,6 +121,19 @@ def effect_steps(pipelines: Iterable[Pipeline[object]]) -> dict[tuple[str, str],
         for step in pipeline.steps
         if step.effect is not None
     }
+
+
+def _without_fan_outs(
+    store: JobStore, entries: list[tuple[str, StepEntry]]
+) -> list[tuple[str, StepEntry]]:
+    """The entries but for map steps' own keys: a map step's effect is its items' (whose
+    keys are entries of the same step); its own run only computed them."""
+    maps = {(p.name, s.name) for p in declared_pipelines() for s in p.steps if is_map(s)}
+    mapped = [entry.key for pipeline, entry in entries if (pipeline, entry.step) in maps]
+    if not mapped:
+        return entries
+    items = MapLedger(engine=store.engine, lease_seconds=1.0).item_keys(mapped)
+    return [(p, e) for p, e in entries if (p, e.step) not in maps or e.key in items]
 
 
 def call_effect_steps(store: JobStore) -> dict[tuple[str, str], str]:
@@ -313,7 +327,7 @@ def run_audit(settings: Settings, *, sandbox_db: Path | None = None) -> tuple[Au
     store = JobStore(engine=create_engine(settings.database_url))
     try:
         steps.update(call_effect_steps(store))
-        entries = store.entries_of_steps(list(steps))
+        entries = _without_fan_outs(store, store.entries_of_steps(list(steps)))
         kinds = {entry.key: steps[(pipeline, entry.step)] for pipeline, entry in entries}
         in_scope = [entry for _, entry in entries]
         amounts = order_amounts(in_scope, kinds, store)

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 
 from celery import Celery
 
-from jobs.engine.dispatch import Dispatch
+from jobs.engine.dispatch import Dispatch, ItemDispatch
 from jobs.errors import UnknownPipeline
 from jobs.pipelines import Delivery, Step, registry
 from jobs.tasks import STEP, is_task_pipeline, resend
 from ledger import (
+    ACTIVE_JOB_STATES,
     JSON,
     DeadLetter,
     DeadLetterReason,
@@ -27,6 +28,7 @@ from ledger import (
     JobState,
     JobStore,
     Refused,
+    Reopened,
     StepState,
 )
 
@@ -122,7 +124,10 @@ class DeadLetterDesk:
     ) -> str | None:
         if letter.state is not DeadLetterState.OPEN:
             return f"already {letter.state}"
-        if job_state is not JobState.DEAD_LETTERED:
+        if job_state is not JobState.DEAD_LETTERED and not (
+            item_of(letter) is not None and job_state in ACTIVE_JOB_STATES
+        ):
+            # A map step's item is dead-lettered on its own: its job goes on meanwhile.
             return f"the job is {job_state}"
         if letter.reason is DeadLetterReason.FINGERPRINT_MISMATCH:
             return "its key was first used for a different request: fix the key, do not replay"
@@ -138,6 +143,11 @@ class DeadLetterDesk:
         killed, say): nobody knows whether its step took effect."""
         if letter.key is None:
             return False
+        if item_of(letter) is not None:
+            # An item's entry is not in its job's history (a map may have 100,000).
+            step = [(letter.pipeline, letter.step)]
+            found = self.store.entries_of_steps(step, keys=[letter.key])
+            return any(entry.state is StepState.UNKNOWN for _, entry in found)
         entries = self.store.history(letter.job_id).entries
         return any(e.key == letter.key and e.state is StepState.UNKNOWN for e in entries)
 
@@ -186,6 +196,8 @@ class DeadLetterDesk:
     def _send(self, outcome: object, letter: DeadLetter) -> ReplayResult:
         if isinstance(outcome, Refused):
             return ReplayResult(letter.id, str(letter.job_id), False, outcome.reason)
+        if isinstance(outcome, Reopened) and outcome.item_id is not None:
+            return self._send_item(letter, outcome.item_id)
         try:
             if is_task_pipeline(letter.pipeline):
                 self._resend_call(letter)
@@ -200,6 +212,23 @@ class DeadLetterDesk:
             extra={"action": "replay", "job_id": str(letter.job_id), "step": letter.step},
         )
         return ReplayResult(letter.id, str(letter.job_id), True, f"resumed at {letter.step}")
+
+    def _send_item(self, letter: DeadLetter, item_id: str) -> ReplayResult:
+        """Send a replayed item alone (pending again in Postgres: if this send fails, the
+        sweeper sends it)."""
+        job_id = str(letter.job_id)
+        unsent: list[str] = [item_id]
+        if isinstance(self.dispatch, ItemDispatch):
+            try:
+                unsent = self.dispatch.send_items(
+                    letter.pipeline, letter.step, job_id, [item_id], resend=True
+                )
+            except Exception:
+                logger.warning("replayed item %s not sent", item_id, exc_info=True)
+        if unsent:
+            detail = f"item {item_id} reopened, but not sent; the sweeper will send it"
+            return ReplayResult(letter.id, job_id, True, detail)
+        return ReplayResult(letter.id, job_id, True, f"item {item_id} resumed at {letter.step}")
 
     def _resend_call(self, letter: DeadLetter) -> None:
         if self.calls is None:
@@ -227,6 +256,12 @@ def _next_step(letter: DeadLetter) -> Step[object] | None:
     return registry.get(letter.pipeline).next_step(letter.step)
 
 
+def item_of(letter: DeadLetter) -> str | None:
+    """The item of a map step a dead letter is (None: a job's step)."""
+    found = letter.input.get("item_id") if isinstance(letter.input, dict) else None
+    return found if isinstance(found, str) else None
+
+
 def _refused(plan: ReplayPlan, reason: str) -> ReplayPlan:
     return dataclasses.replace(plan, refused=reason)
 
@@ -239,6 +274,7 @@ def letter_view(letter: DeadLetter) -> dict[str, JSON]:
         "pipeline": letter.pipeline,
         "step": letter.step,
         "key": letter.key,
+        "item_id": item_of(letter),
         "state": str(letter.state),
         "reason": str(letter.reason),
         "error_type": letter.error_type,

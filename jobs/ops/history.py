@@ -14,12 +14,17 @@ def history_view(history: JobHistory) -> dict[str, JSON]:
     """The JSON object `oncelery history --json` prints."""
     job = history.job
     entries = {entry.key: entry for entry in history.entries}
+    maps = {counters.step: counters for counters in history.maps}
     steps: list[JSON] = []
     earlier: dict[str, JSON] = {}
     for name in _step_order(history):
         events = [event for event in history.events if event.step == name]
         entry = entries.get(job.step_keys[name])
-        steps.append(_step_view(job, name, entry, events, dict(earlier)))
+        view = _step_view(job, name, entry, events, dict(earlier))
+        if name in maps and isinstance(view, dict):
+            # A map step's items, summed up: a map may have 100,000 of them.
+            view["items"] = maps[name].summary()
+        steps.append(view)
         if name in job.results:
             earlier[name] = job.results[name]
     return {

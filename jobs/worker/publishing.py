@@ -21,11 +21,11 @@ from kombu import Connection, Producer
 from kombu.utils.uuid import uuid
 
 from config import MAIN_QUEUE, RETRY_QUEUE, Settings, get_settings
-from jobs.engine.dispatch import READING_HEADER, reading_header
+from jobs.engine.dispatch import ITEMS_PER_MESSAGE, READING_HEADER, reading_header
 from jobs.engine.runtime import step_time_limit
-from jobs.engine.step_messages import task_name
+from jobs.engine.step_messages import item_task_name, task_name
 from jobs.errors import UnknownPipeline
-from jobs.pipelines import registry
+from jobs.pipelines import MAX_TIME_LIMIT, registry
 from jobs.worker.app import app
 from jobs.worker.redis_broker import lend_one_client
 from ledger import Reading
@@ -324,6 +324,50 @@ class CeleryDispatch:
             )
 
         return publisher_for(self.sender).publish(job_ids, send)
+
+    def send_items(
+        self,
+        pipeline: str,
+        step: str,
+        job_id: str,
+        item_ids: Sequence[str],
+        *,
+        resend: bool = False,
+        countdown: float | None = None,
+    ) -> list[str]:
+        """Publish items of a job's map step, `ITEMS_PER_MESSAGE` to a message, on this
+        process's publishing connection (on RabbitMQ the confirms of the lot awaited once);
+        `resend`: on the retry queue. Returns the item ids not confirmed: they stay in the
+        outbox for the sweeper, and a second copy, if any, is absorbed by the ledger."""
+        chunks = {
+            str(start): list(item_ids[start : start + ITEMS_PER_MESSAGE])
+            for start in range(0, len(item_ids), ITEMS_PER_MESSAGE)
+        }
+        # Each item is bounded by its own limit as it acts; the message's bounds them all.
+        each = self._time_limit(pipeline, step)
+        name = item_task_name(pipeline, step)
+        amqp, sent_events = self.sender.amqp, self.sender.conf.task_send_sent_event
+
+        def send(chunk: str, producer: Producer) -> None:
+            items = chunks[chunk]
+            soft = math.ceil(min(each * len(items), MAX_TIME_LIMIT))
+            message = amqp.create_task_message(
+                uuid(),
+                name,
+                [job_id, items],
+                {},
+                countdown=countdown,
+                time_limit=soft + _HARD_LIMIT_GRACE,
+                soft_time_limit=soft,
+                create_sent_event=sent_events,
+                reply_to=self.sender.thread_oid,
+                ignore_result=None,
+            )
+            queue = RETRY_QUEUE if resend else MAIN_QUEUE
+            amqp.send_task_message(producer, name, message, queue=queue, retry=False)
+
+        unsent = publisher_for(self.sender).publish(list(chunks), send)
+        return [item_id for chunk in unsent for item_id in chunks[chunk]]
 
     def retry_later(self, delay: float) -> NoReturn:
         """Publish the running task again on the retry queue after `delay` seconds."""

@@ -4,6 +4,7 @@ them, runs it."""
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -12,12 +13,14 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from config import RETRY_QUEUE
 from jobs.engine.dispatch import READING_HEADER, message_reading
+from jobs.engine.items import run_items
 from jobs.engine.run import Outcome, StepTimer, run_step, run_steps
-from jobs.engine.step_messages import Malformed, job_id_of, reject_malformed
+from jobs.engine.step_messages import Malformed, items_of, job_id_of, reject_malformed
+from jobs.maps import MapStep
 from jobs.pipelines import Pipeline
 from jobs.worker.app import runtime
 from jobs.worker.publishing import CeleryDispatch
-from jobs.worker.time_limits import step_timer_for
+from jobs.worker.time_limits import step_timer, step_timer_for
 from ledger import DatabaseUnavailable
 
 logger = logging.getLogger(__name__)
@@ -63,6 +66,37 @@ def run_batch_of(
         repeats=repeats,
         readings=readings,
     )
+
+
+def run_items_message(
+    task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> list[str]:
+    """Run one message of a map step's items (`[job_id, [item_id, …]]`); each item is
+    claimed, acted on, recorded, retried or dead-lettered on its own, so the message is
+    acknowledged whatever became of each (a crash before that redelivers it: the ledger
+    absorbs what was done)."""
+    pipeline, step = _STEPS[task.name]
+    found = items_of(args, kwargs)
+    if isinstance(found, Malformed):
+        reject_malformed(runtime(), task.name, str(task.request.id), found)
+        raise Reject(f"malformed item message: {found.detail}", requeue=False)
+    job_id, item_ids = found
+    map_step = pipeline.step(step)
+    assert isinstance(map_step, MapStep)
+    dispatch = CeleryDispatch(task)
+    rt = runtime()
+    # In a prefork child each item gets its own time limit from an alarm; the message's
+    # limit bounds them all.
+    timer = step_timer if threading.current_thread() is threading.main_thread() else None
+    try:
+        outcomes = run_items(rt, dispatch, pipeline, map_step, job_id, item_ids, timer=timer)
+    except DatabaseUnavailable as exc:
+        logger.warning("database unavailable: %s", exc.detail, extra={"action": "db_down"})
+        dispatch.retry_later(_DATABASE_DOWN_DELAY)
+    except SoftTimeLimitExceeded:
+        logger.warning("time limit hit while recording", extra={"action": "late_limit"})
+        dispatch.retry_later(_LATE_LIMIT_DELAY)
+    return [str(outcome) for outcome in outcomes]
 
 
 def declare(pipeline: Pipeline[object], name: str, step: str) -> bool:

@@ -14,8 +14,9 @@ from celery.signals import beat_init
 
 from config import SWEEP_TASK, get_settings
 from jobs.engine.outbox import relay_forever
-from jobs.engine.step_messages import task_name
+from jobs.engine.step_messages import item_task_name, task_name
 from jobs.engine.sweeper import SweepReport, sweep
+from jobs.maps import MapStep
 from jobs.pipelines import Pipeline, registry
 from jobs.worker import batching, steps
 from jobs.worker.app import app, runtime
@@ -27,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 def _bind(pipeline: Pipeline[object]) -> None:
     for step in pipeline.steps:
+        if isinstance(step, MapStep):
+            _bind_items(pipeline, step)
         name = task_name(pipeline.name, step.name)
         if steps.declare(pipeline, name, step.name):
             # Celery keeps the first callable registered under a name; it looks its step up
@@ -43,6 +46,24 @@ def _bind(pipeline: Pipeline[object]) -> None:
             max_retries=None,
             Strategy=staticmethod(batching.strategy),
         )(_step_task())
+
+
+def _bind_items(pipeline: Pipeline[object], step: MapStep[object]) -> None:
+    """A map step's items run as a task of their own, several items to a message (which
+    carries them all: no batching of messages)."""
+    name = item_task_name(pipeline.name, step.name)
+    if steps.declare(pipeline, name, step.name):
+        return
+    app.task(name=name, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)(
+        _items_task()
+    )
+
+
+def _items_task() -> Callable[..., list[str]]:
+    def run(task: Task[Any, Any], *args: Any, **kwargs: Any) -> list[str]:
+        return steps.run_items_message(task, args, kwargs)
+
+    return run
 
 
 def _step_task() -> Callable[..., str]:
@@ -87,7 +108,7 @@ def _sweep_forever() -> None:
         except Exception:
             logger.exception("sweep failed", extra={"action": "sweep_failed"})
         else:
-            if report["redriven"] or report["relayed"]:
+            if report["redriven"] or report["relayed"] or report["items"]:
                 logger.info("swept: %s", report, extra={"action": "swept"})
         time.sleep(max(0.0, interval - (time.monotonic() - began)))
 
@@ -103,5 +124,6 @@ def _sweep_once() -> dict[str, int]:
         "lost": report.lost,
         "skipped": report.skipped,
         "relayed": report.relayed,
+        "items": report.items,
         "backlog_wait": round(report.backlog_wait),
     }

@@ -78,6 +78,18 @@ def claim_from(
     return claimed, existing, columns
 
 
+def claim_key_from(insert: Any, source: sa.Select[Any], takeover_expired: bool) -> Any:
+    """Claim the key that `source` yields as (key, job_id, fingerprint), with the dialect's
+    `insert`, exactly as a step's key is claimed (a map step's items are: `queries.maps`);
+    returns `attempts` when the key is now ours."""
+    return _claim_key(insert, source, takeover_expired)
+
+
+def entry_columns(entry: FromClause) -> list[ColumnElement[Any]]:
+    """The columns of an entry a claim found, as `decode_claim` reads them."""
+    return _entry_columns(entry)
+
+
 def select_entry_for_claim(key: str) -> sa.Select[Any]:
     """The entry a claim lost to, with whether its lease has run out."""
     return sa.select(*_entry_columns(ledger_entries)).where(ledger_entries.c.key == key)

@@ -9,6 +9,7 @@ from uuid import UUID
 
 import sqlalchemy as sa
 
+from ledger.queries.maps import not_an_item_key
 from ledger.schema import jobs, ledger_entries, step_events
 
 
@@ -24,7 +25,11 @@ def select_entries_for_job(job_id: UUID) -> sa.Select[Any]:
     )
     return (
         sa.select(ledger_entries)
-        .where(sa.or_(ledger_entries.c.job_id == job_id, ledger_entries.c.key.in_(adopted)))
+        .where(
+            sa.or_(ledger_entries.c.job_id == job_id, ledger_entries.c.key.in_(adopted)),
+            # A map step's items are summed up, not listed: a map may have 100,000.
+            not_an_item_key(job_id, ledger_entries.c.key),
+        )
         .order_by(ledger_entries.c.created_at)
     )
 

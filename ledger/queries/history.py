@@ -12,6 +12,7 @@ from sqlalchemy.sql.expression import FromClause
 
 from ledger import db
 from ledger.queries.common import ANY_ID, json_value, param
+from ledger.queries.maps import not_an_item_key
 from ledger.schema import JSONDocument, step_events
 from ledger.types import JSON, EventKind
 
@@ -100,8 +101,14 @@ def append_events(
 
 
 def select_events(job_id: UUID) -> sa.Select[Any]:
-    """A job's history, oldest first."""
-    return sa.select(step_events).where(step_events.c.job_id == job_id).order_by(step_events.c.id)
+    """A job's history, oldest first, but for its map steps' items' own events (dead letters:
+    the map's counters sum them up, `dlq list` lists them)."""
+    key = step_events.c.key
+    return (
+        sa.select(step_events)
+        .where(step_events.c.job_id == job_id, sa.or_(key.is_(None), not_an_item_key(job_id, key)))
+        .order_by(step_events.c.id)
+    )
 
 
 def count_events(kind: EventKind, job_ids: Sequence[UUID] | None = None) -> sa.Select[Any]:

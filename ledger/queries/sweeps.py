@@ -12,7 +12,7 @@ from sqlalchemy.sql.expression import ColumnElement
 
 from ledger import db
 from ledger.queries.common import ACTIVE
-from ledger.schema import jobs, ledger_entries, step_events
+from ledger.schema import jobs, ledger_entries, maps, step_events
 from ledger.types import EventKind, JobState, StepState
 
 # --- the sweeper and retention ------------------------------------------------------------
@@ -39,6 +39,16 @@ def _held_live(dialect_name: str) -> sa.Exists:
         entry.key == current_key(dialect_name),
         entry.state == str(StepState.STARTED),
         entry.locked_until >= db.utcnow(),
+    )
+
+
+def _mapping() -> sa.Exists:
+    """The job's current step is a map whose items run (or wait for a person): its items are
+    re-driven on their own (`queries.take_lost_items`), the fan-in moves the job on."""
+    return sa.exists().where(
+        maps.c.job_id == jobs.c.id,
+        maps.c.step == jobs.c.current_step,
+        maps.c.joined_at.is_(None),
     )
 
 
@@ -74,6 +84,7 @@ def take_stalled_jobs(
             jobs.c.state.in_(ACTIVE),
             jobs.c.updated_at < db.utcnow_plus(db.seconds(-stalled_after)),
             ~_held_live(dialect_name),
+            ~_mapping(),
         )
         .order_by(jobs.c.updated_at)
         .limit(limit)

@@ -19,6 +19,7 @@ LAYERS: tuple[frozenset[str], ...] = (
             "jobs.errors",
             "jobs.retry",
             "jobs.pipelines",
+            "jobs.maps",
             "jobs.events",
             "jobs.outside",
             "jobs.provider",
