@@ -1,7 +1,7 @@
 """map steps: the `maps` fan-in counters and the `map_items` items (each item's key is a
 ledger entry like a step's)
 
-Revision ID: 0008_map_steps
+Revision ID: 0007_map_steps
 Revises: 0006_call_parents
 Create Date: 2026-12-07
 """
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = "0008_map_steps"
+revision: str = "0007_map_steps"
 down_revision: str | None = "0006_call_parents"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
