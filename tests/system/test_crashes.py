@@ -121,11 +121,16 @@ def test_every_crash_point_of_every_step(
             # attempt of its own: only the attempts the crash cost are counted here.
             failed = sum(event["kind"] == "failed" for event in view["events"])
             attempts = view["attempts"] - failed
-            # The crash left the key started, and a later run took it over; gather, a
-            # read-only step, died unclaimed and its redelivery claimed it once. In a batch,
-            # a neighbour's crash may have cost the key an attempt before that.
-            once = 1 if step == "gather" else 2
-            assert attempts == once if batch_size == 1 else attempts >= once, (step, point, view)
+            # The crash left the key started, and a later run took it over: two attempts.
+            # Gather, a read-only step, runs unclaimed on its first delivery: dying there
+            # costs nothing, and its redelivery claims it once. But a gather whose message
+            # came again before its crash (the sweep re-sent a job waiting for slow-booting
+            # workers; a redelivery) was claimed by the run that died: two, like the others.
+            # In a batch, a neighbour's crash may have cost the key an attempt before that.
+            fewest, most = (1, 2) if step == "gather" else (2, 2)
+            if batch_size > 1:
+                most = attempts
+            assert fewest <= attempts <= most, f"{step} {point} {view}"
 
 
 def test_lost_replies_are_charged_once_under_one_key(
