@@ -102,11 +102,13 @@ class MapStep(Step[R]):
     def new_items(self, pipeline: str, step_key: str, items: Sequence[JSON]) -> list[NewItem]:
         """The items to add to a map whose step key is `step_key`.
 
+        An item given twice (same id, same content) is one item.
+
         Raises:
-            ValueError: an item id that is not a non-empty string, or a key too long for the
-                ledger.
+            ValueError: an item id that is not a non-empty string, a key too long for the
+                ledger, or one id given with two contents (its identity would hide the second).
         """
-        added = []
+        added: dict[str, NewItem] = {}
         for item in items:
             item_id = self.item_id(item)
             if not isinstance(item_id, str) or not item_id:
@@ -114,8 +116,13 @@ class MapStep(Step[R]):
             key = f"{step_key}/{item_id}"
             if len(key) > MAX_KEY:
                 raise ValueError(f"map step {self.name!r}: item key {key[:80]!r}… is too long")
-            added.append(NewItem(item_id, item, key, item_fingerprint(pipeline, self.name, item)))
-        return added
+            new = NewItem(item_id, item, key, item_fingerprint(pipeline, self.name, item))
+            seen = added.setdefault(item_id, new)
+            if seen.fingerprint != new.fingerprint:
+                raise ValueError(
+                    f"map step {self.name!r}: item id {item_id!r} given twice with other content"
+                )
+        return list(added.values())
 
 
 #: The longest idempotency key the ledger stores.
