@@ -140,7 +140,7 @@ def join(conn: Connection, job_id: UUID, step: str, next_step: str | None) -> Jo
     if row is None:
         return None
     summary = counters_of(step, row).summary()
-    moved = queries.move_job_past_map(job_id, step, summary, next_step)
+    moved = queries.move_on_with_result(job_id, step, summary, next_step)
     state = conn.execute(moved).scalar_one_or_none()
     conn.execute(queries.append_event(job_id, step, EventKind.JOINED, detail=summary))
     return JobState(state) if state is not None else None

@@ -319,7 +319,7 @@ class StepLedger:
         key succeeded but which never moved on (a replay of a step that had in fact succeeded)
         catches up.
         """
-        adopt = queries.adopt_result(outcome.job_id, outcome.step, outcome.result, next_step)
+        adopt = queries.move_on_with_result(outcome.job_id, outcome.step, outcome.result, next_step)
         kind = EventKind.DUPLICATE if outcome.recorded_for_this_job else EventKind.DEDUPLICATED
         event = queries.append_event(
             outcome.job_id, outcome.step, kind, key=outcome.key, detail=outcome.result

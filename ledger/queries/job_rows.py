@@ -175,8 +175,10 @@ def advance_job(after: FromClause, *, finishes: bool, with_result: bool) -> sa.U
     )
 
 
-def adopt_result(job_id: UUID, step: str, value: JSON, next_step: str | None) -> sa.Update:
-    """Give an active job a result another job recorded under the same key; returns its state."""
+def move_on_with_result(job_id: UUID, step: str, value: JSON, next_step: str | None) -> sa.Update:
+    """Give an active job still at `step` that step's result — one another job recorded under
+    the same key, or a map's summary once its items are settled — and move it on to
+    `next_step` (or finish it); returns its state."""
     state = JobState.RUNNING if next_step is not None else JobState.SUCCEEDED
     values: dict[str, Any] = {
         "results": db.json_set_key(jobs.c.results, sa.literal(step), json_value(value)),

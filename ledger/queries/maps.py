@@ -16,7 +16,7 @@ from ledger import db
 from ledger.queries.claims import claim_key_from, entry_columns
 from ledger.queries.common import ACTIVE, ANY_ID, json_value, param
 from ledger.schema import jobs, ledger_entries, map_items, maps
-from ledger.types import JSON, ItemState, JobState
+from ledger.types import JSON, ItemState
 
 
 def insert_map(dialect_name: str, job_id: UUID, step: str, policy: str) -> Any:
@@ -237,26 +237,6 @@ def join_map(job_id: UUID, step: str) -> sa.Update:
         )
         .values(joined_at=db.utcnow(), updated_at=db.utcnow())
         .returning(*_counter_columns())
-    )
-
-
-def move_job_past_map(job_id: UUID, step: str, summary: JSON, next_step: str | None) -> sa.Update:
-    """Give an active job still at its map step the map's summary as that step's result, and
-    move it on to `next_step` (or finish it); returns its state."""
-    state = JobState.RUNNING if next_step is not None else JobState.SUCCEEDED
-    values: dict[str, Any] = {
-        "results": db.json_set_key(jobs.c.results, sa.literal(step), json_value(summary)),
-        "current_step": next_step,
-        "state": str(state),
-        "updated_at": db.utcnow(),
-    }
-    if next_step is None:
-        values["finished_at"] = db.utcnow()
-    return (
-        sa.update(jobs)
-        .where(jobs.c.id == job_id, jobs.c.state.in_(ACTIVE), jobs.c.current_step == step)
-        .values(values)
-        .returning(jobs.c.state)
     )
 
 
