@@ -1,4 +1,4 @@
-"""A map step's progress in `status` (the function and the real command), on
+"""A map step's progress in `status` (the function and the real command) and the metrics, on
 Postgres and SQLite: maps driven by the engine without Celery (tests/integration/jobs/engine
 /test_map_step.py's harness), one waiting for a person on a failed item, one joined."""
 
@@ -12,9 +12,11 @@ import sys
 import uuid
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
 from jobs.engine.runtime import Runtime
+from jobs.ops.metrics import render_metrics
 from jobs.ops.status import status_table, status_view
 from jobs.worker import CeleryDispatch
 from ledger import LedgerStats
@@ -38,7 +40,7 @@ def two_maps(runtime: Runtime) -> tuple[str, str, str]:
     return pipeline.name, waiting, joined
 
 
-def test_status_sums_up_the_maps_in_progress(runtime: Runtime, tmp_path: Path) -> None:
+def test_status_and_metrics_sum_up_the_maps_in_progress(runtime: Runtime, tmp_path: Path) -> None:
     # Given a map waiting for a person on one item, and one joined
     name, waiting, _ = two_maps(runtime)
     [counters] = runtime.maps.counters(uuid.UUID(waiting))
@@ -63,6 +65,26 @@ def test_status_sums_up_the_maps_in_progress(runtime: Runtime, tmp_path: Path) -
     text = console.export_text()
     assert "1 running" in text
     assert "1 waiting for a person" in text
+
+    # And the metrics: items by state of the unjoined maps, maps running and joined
+    metrics = render_metrics(runtime, dispatch.sender)[0].decode()
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.labels.get("pipeline") == name
+    }
+    where = (("pipeline", name), ("step", "search"))
+    by_state = {
+        state: samples[("oncelery_map_items", tuple(sorted((*where, ("state", state)))))]
+        for state in ("pending", "done", "failed", "waiting")
+    }
+    assert by_state == {"pending": 0, "done": counters.total - 1, "failed": 0, "waiting": 1}
+    assert samples[("oncelery_maps_running", where)] == 1
+    assert samples[("oncelery_maps_joined_total", where)] == 1
+    # Bounded labels: a pipeline, a step, a state — never a job or an item.
+    labels = {key for _, pairs in samples for key, _ in pairs}
+    assert labels == {"pipeline", "step", "state"}
 
 
 def test_a_joined_or_cancelled_map_is_not_in_progress(runtime: Runtime) -> None:
