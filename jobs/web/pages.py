@@ -1,6 +1,6 @@
 """The pages for people: server-rendered HTML (Jinja2, no JavaScript) behind a login with the
-API token — home with charts, jobs and their timelines; dead letters with replay and resolve
-are in `letter_pages`."""
+API token — home with charts, jobs and their timelines; a map step's items are in `map_pages`,
+dead letters with replay and resolve in `letter_pages`."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from itsdangerous import URLSafeTimedSerializer
 from config import Settings
 from jobs.ops.history import history_view
 from jobs.pipelines import registry
-from jobs.web import letter_pages
+from jobs.web import letter_pages, map_pages
 from jobs.web.charts import throughput_charts
 from jobs.web.http import IntakeDep, cookie_secure
 from jobs.web.rendering import MAX_ROWS, PageRoute, render
@@ -151,3 +151,4 @@ def job_page(job_id: str, session: SessionDep, intake: IntakeDep) -> HTMLRespons
 
 
 router.include_router(letter_pages.router)
+router.include_router(map_pages.router)

@@ -19,6 +19,8 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from jobs.web.sessions import LoginRequired, PageError, Session, current_session
 from ledger import DeadLetterState, JobState
 
+#: Characters of a value shown in a table cell.
+SHORT: Final = 160
 #: Rows at most in a list.
 MAX_ROWS: Final = 500
 #: No script, no frames, forms only to ourselves: the pages need nothing else.
@@ -63,6 +65,12 @@ def _when(value: object) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def _short(value: object) -> str:
+    # One line, cut: a table row stays a row however big an item is.
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= SHORT else text[: SHORT - 1] + "…"
+
+
 def _ms(value: float | None) -> str:
     return "—" if value is None else f"{value:,.1f} ms"
 
@@ -75,7 +83,7 @@ _templates = Environment(
     lstrip_blocks=True,
 )
 _pretty = functools.partial(json.dumps, indent=2, ensure_ascii=False, default=str)
-_templates.filters.update(pretty=_pretty, when=_when, ms=_ms)
+_templates.filters.update(pretty=_pretty, when=_when, ms=_ms, short=_short)
 _templates.globals.update(job_states=list(JobState), letter_states=[*DeadLetterState, "all"])
 
 
