@@ -35,6 +35,7 @@ from jobs.web.sessions import (
     session_key,
 )
 from ledger import DeadLetter, DeadLetterState, JobNotFound, JobState, LedgerStats
+from ledger.map_views import MapViews
 
 logger = logging.getLogger(__name__)
 
@@ -102,13 +103,15 @@ def logout(request: Request, _session: CsrfDep, intake: IntakeDep) -> Response:
 # --- jobs ----------------------------------------------------------------------------------
 @router.get("/")
 def home(session: SessionDep, intake: IntakeDep) -> HTMLResponse:
-    """Jobs by state, open dead letters, the oldest pending job, the last hour in charts."""
+    """Jobs by state, open dead letters, the oldest pending job, the maps in progress, the
+    last hour in charts."""
     stats = LedgerStats(engine=intake.runtime.engine)
     window = CHART_MINUTES * 60.0
     snapshot = stats.snapshot(window=window)
     completed, p99 = stats.per_minute(window=window)
     charts = throughput_charts(completed, p99, end=datetime.now(UTC), minutes=CHART_MINUTES)
-    return render("home.html", session, "oncelery", snapshot=snapshot, charts=charts)
+    maps = MapViews(engine=intake.runtime.engine).in_progress()
+    return render("home.html", session, "oncelery", snapshot=snapshot, charts=charts, maps=maps)
 
 
 @router.get("/ui/jobs")

@@ -91,10 +91,14 @@ def test_the_read_api_pages_through_the_items_in_item_order(
     assert api_pages(client, waiting_map, state="pending")[0]["items"] == []
 
 
-def test_the_job_page_shows_the_bar_and_the_items_page_follows_next_links(
+def test_home_and_the_job_page_show_the_bar_and_the_items_page_follows_next_links(
     client: Client, waiting_map: str
 ) -> None:
     log_in(client, TOKEN)
+    home = client.get("/")
+    assert 'id="maps"' in home.text
+    assert re.search(r"search: 1 running", home.text)
+    assert '<td class="num">192</td>' in home.text
     job = client.get(f"/ui/jobs/{waiting_map}")
     assert job.status_code == 200
     assert 'class="progress"' in job.text
