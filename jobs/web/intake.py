@@ -184,7 +184,7 @@ def _routes() -> APIRouter:
             raise ApiError(404, "not_found", str(exc)) from None
         except BadItemsQuery as exc:
             raise ApiError(422, "bad_request", str(exc)) from None
-        return JSONResponse(page_view(job_id, step, page))
+        return JSONResponse(page_view(str(UUID(job_id)), step, page))
 
     @router.get("/jobs", dependencies=authorized)
     def list_jobs(

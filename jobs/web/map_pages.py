@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
+from uuid import UUID
 
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
@@ -31,7 +32,8 @@ def items_page_html(
         raise PageError(404, str(exc)) from None
     except BadItemsQuery as exc:
         raise PageError(422, str(exc)) from None
-    here = f"/ui/jobs/{job_id}/steps/{step}/items"
+    job_id = str(UUID(job_id))  # as the job's links spell it (the page found the job)
+    here = f"/ui/jobs/{job_id}/steps/{quote(step, safe='')}/items"
     filters = {
         name: here + (f"?{urlencode({'state': name})}" if name else "") for name in ("", *ItemState)
     }
