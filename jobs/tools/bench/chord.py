@@ -68,10 +68,10 @@ def joined_at(folder: Path) -> float | None:
         return None
 
 
-def write_joined(folder: Path, items: int) -> None:
-    """The join's mark: its time and how many items it saw, written whole (a rename)."""
+def write_joined(folder: Path, items: int, began: float) -> None:
+    """The join's mark: when it began and how many items it saw, written whole (a rename)."""
     partial = folder / f".{JOINED}.{os.getpid()}"
-    partial.write_text(f"{time.time():.6f} {items}")
+    partial.write_text(f"{began:.6f} {items}")
     partial.rename(folder / JOINED)
 
 
@@ -85,7 +85,7 @@ def item(folder: str, number: int) -> int:
 @app.task(name=TASK_JOIN)
 def join(results: list[int], folder: str) -> None:
     """Marks the chord joined, with how many results it got."""
-    write_joined(Path(folder), len(results))
+    write_joined(Path(folder), len(results), time.time())
 
 
 def client(broker_url: str, backend_url: str) -> Celery:

@@ -5,6 +5,7 @@ results and marks the map joined. Workers load it with
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Final
 
@@ -31,9 +32,10 @@ def _each(ctx: ItemContext[None]) -> JSON:
 
 
 def _join(ctx: StepContext[None]) -> JSON:
+    began = time.time()
     # Streamed, as a join over 100,000 items would be: no list of results is built.
     count = sum(1 for _ in ctx.items("items"))
-    chord.write_joined(Path(str(ctx.context["folder"])), count)
+    chord.write_joined(Path(str(ctx.context["folder"])), count, began)
     return {"items": count}
 
 
