@@ -131,6 +131,8 @@ class MapViews:
             found = conn.execute(statements.select_map(job_id, step)).mappings().one_or_none()
             if found is None:
                 return None
+            if db.is_postgres(self.engine):
+                conn.execute(statements.walk_in_order())
             query = statements.select_item_rows(job_id, step, state, after, limit + 1)
             rows = conn.execute(query).mappings().all()
             more, rows = len(rows) > limit, rows[:limit]
