@@ -110,12 +110,6 @@ class MapViews:
             rows = conn.execute(statements.count_joined_maps()).all()
         return {(row.pipeline, row.step): int(row.maps) for row in rows}
 
-    def counters(self, job_id: UUID, step: str) -> MapCounters | None:
-        """A job's map at `step` (None before it fanned out, or if `step` is no map)."""
-        with db.transaction(self.engine) as conn:
-            row = conn.execute(statements.select_map(job_id, step)).mappings().one_or_none()
-        return counters_of(step, row) if row is not None else None
-
     def items(
         self,
         job_id: UUID,
