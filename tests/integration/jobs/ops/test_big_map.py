@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -22,6 +24,7 @@ from ledger.map_views import ItemsPage, MapViews
 from ledger.queries.map_views import select_item_rows, walk_in_order
 from ledger.schema import ledger_entries, map_items, step_events
 from ledger.types import EventKind, StepState
+from tests.conftest import REPO_ROOT
 from tests.factories import create_job
 
 T = TypeVar("T")
@@ -152,6 +155,21 @@ def test_a_big_map_stays_cheap_to_look_at(engine: sa.Engine) -> None:
     # Then its history sums it up, and a page of its items is one index range
     history_is_bounded(engine, job_id)
     pages_are_one_index_range(engine, job_id)
+    # And so does the command
+    url = engine.url.render_as_string(hide_password=False)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DATABASE_URL": url}
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs", "history", str(job_id), "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    print(f"{engine.dialect.name}: `oncelery history --json` printed {len(done.stdout)} bytes")
+    assert len(done.stdout) < 2 * HISTORY_BYTES  # indented
+    assert json.loads(done.stdout)["steps"][0]["items"]["total"] == ITEMS
 
 
 def history_is_bounded(engine: sa.Engine, big_map: uuid.UUID) -> None:
