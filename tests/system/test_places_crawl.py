@@ -167,15 +167,27 @@ def test_the_demo_crawls_on_the_embedded_default(tmp_path: Path) -> None:
     assert (report["broker"], report["audit_clean"]) == ("filesystem", True)
 
 
+#: The items searching circles centred on the east town's centre (the plan's circle, then the
+#: middle child of each split): a worker dies once at each, for museums after the provider
+#: billed the search and before its record, for hotels after the record (children included)
+#: and before the children are published.
+CENTRE_ITEMS = {"museum": "/museum@48.8206000,", "hotel": "/hotel@48.8206000,"}
+CRASHES = {
+    "ONCELERY_CRASH_POINTS": f"search:after_act:once:{CENTRE_ITEMS['museum'][:-1]},"
+    f"search:after_record:once:{CENTRE_ITEMS['hotel'][:-1]}"
+}
+
+
 def test_a_crawl_with_workers_killed_mid_run_pays_once_and_loses_nothing(
     postgres_url: str, amqp_url: str, system_factory: SystemFactory
 ) -> None:
-    # Given two workers, a sweeper, short leases, and a provider that answers 10 % 5xx
+    # Given two workers that die at the crash points above, a sweeper, short leases, and a
+    # provider that answers 10 % 5xx
     system = system_factory(
         database_url=postgres_url,
         broker_url=amqp_url,
         sandbox_options=["--fault-rate", "0.1", "--latency-ms", "20"],
-        extra_env=RECOVERY_SETTINGS,
+        extra_env={**RECOVERY_SETTINGS, **CRASHES},
     )
     system.start_beat()
     workers = [p for p in system.started if p.name.startswith("worker")]
@@ -203,6 +215,17 @@ def test_a_crawl_with_workers_killed_mid_run_pays_once_and_loses_nothing(
     assert kills == 4
     assert assert_crawled_once(system, job_id, "town", LARGER) == 319
     assert_audit_clean(system)
+    # And the crash points did kill: a museum search billed, then sent again under its key
+    # after its worker died, answered without a second bill
+    markers = list((system.data_dir / "crash-markers").iterdir())
+    assert len(markers) >= 2
+    prefix = f"crawl:town:search{CENTRE_ITEMS['museum']}"
+    sent = Counter(
+        r["idempotency_key"]
+        for r in system.requests()
+        if str(r["idempotency_key"]).startswith(prefix) and r["status"] == 200
+    )
+    assert max(sent.values()) >= 2, sent
 
 
 def _items_done(system: System, job_id: str) -> int:
