@@ -53,6 +53,10 @@ def demo(
     crawls: Annotated[
         int, typer.Option(min=1, max=10_000, help="How many crawls (places-crawl).")
     ] = 3,
+    places_rate: Annotated[
+        int | None,
+        typer.Option(min=1, help="places-crawl: the sandbox's searches per second (then 429)."),
+    ] = None,
     fault_rate: FaultRate = 0.0,
     timeout_rate: TimeoutRate = 0.0,
     lost_reply_rate: LostReplyRate = 0.0,
@@ -75,6 +79,8 @@ def demo(
         raise BadInput(f"--pipeline: {pipeline!r} has no demo; try {', '.join(DEMO_PIPELINES)}")
     if fault_rate + timeout_rate + lost_reply_rate > 1:
         raise BadInput("--fault-rate, --timeout-rate and --lost-reply-rate add up to more than 1")
+    if pipeline != "places-crawl" and places_rate is not None:
+        raise BadInput("--places-rate: for --pipeline places-crawl only")
     if pipeline == "places-crawl":
         if declined_rate:
             raise BadInput("--declined-rate: crawls have no cards to decline")
@@ -89,6 +95,7 @@ def demo(
             workers=workers,
             concurrency=concurrency,
             timeout=timeout,
+            places_rate=places_rate,
         )
         _crawl_demo(chosen, as_json=as_json)
         return

@@ -56,6 +56,8 @@ class CrawlDemoOptions:
     workers: int = 2
     concurrency: int = 2
     timeout: float = 600.0
+    #: The sandbox's cap on searches per second (above it: 429 with `Retry-After`).
+    places_rate: int | None = None
 
 
 @dataclass(frozen=True)
@@ -72,8 +74,10 @@ class CrawlDemoReport:
     places_expected: int | None
     datasets: int
     duplicate_datasets: int
-    #: Searches the sandbox received for these crawls (faults and repeats included).
+    #: Searches the sandbox received for these crawls (faults and repeats included), and
+    #: those it refused with 429 for its rate cap.
     search_requests: int
+    rate_limited: int
     #: The deepest split any crawl went to, and circles recorded as saturated.
     levels: int
     saturated: int
@@ -133,6 +137,8 @@ def run_crawl_demo(
         "--hang-seconds",
         str(max(1.0, settings.provider_timeout * 2)),
     ]
+    if options.places_rate is not None:
+        faults += ["--places-rate", str(options.places_rate)]
     try:
         harness.start_sandbox(faults)
         for _ in range(options.workers):
@@ -144,7 +150,7 @@ def run_crawl_demo(
         seconds = time.monotonic() - began
         jobs = harness.store.jobs_with_event_prefix(harness.prefix)
         audit = audit_crawl_run(harness, jobs)
-        searches = search_requests(settings.provider_url, jobs)
+        searches, refused = search_requests(settings.provider_url, jobs)
     finally:
         harness.stop()
     crawls = audit.crawls or {}
@@ -160,6 +166,7 @@ def run_crawl_demo(
         datasets=_int(crawls.get("datasets")),
         duplicate_datasets=_int(crawls.get("duplicate_datasets")),
         search_requests=searches,
+        rate_limited=refused,
         levels=max((_levels(job) for job in jobs), default=0),
         saturated=_int(crawls.get("saturated")),
         seconds=round(seconds, 2),
@@ -201,18 +208,20 @@ def _in_run(
     return key.startswith(item_prefixes) or key in dataset_keys or effect.crawl_id in crawl_ids
 
 
-def search_requests(provider_url: str, jobs: Sequence[Job]) -> int:
-    """How many searches the sandbox received for some crawls (by their items' keys)."""
+def search_requests(provider_url: str, jobs: Sequence[Job]) -> tuple[int, int]:
+    """How many searches the sandbox received for some crawls (by their items' keys), and
+    how many of them it refused with 429."""
     prefixes = tuple(f"{job.step_keys['search']}/" for job in jobs)
     response = httpx.get(
         f"{provider_url}/sandbox/requests", params={"service": "places"}, timeout=30
     )
     response.raise_for_status()
-    return sum(
-        1
+    ours = [
+        request
         for request in response.json()
         if str(request.get("idempotency_key") or "").startswith(prefixes)
-    )
+    ]
+    return len(ours), sum(1 for request in ours if request.get("status") == 429)
 
 
 def _levels(job: Job) -> int:
