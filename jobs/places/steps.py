@@ -79,21 +79,27 @@ def search_items(ctx: StepContext[ProviderClient]) -> JSON:
 
 
 def search(ctx: ItemContext[ProviderClient]) -> JSON | Expand:
-    """Search one circle for one category (billed once: the item's key goes with it). A full
-    answer splits the circle into the children that touch the area, or, at the smallest
-    radius, records that the circle is saturated."""
+    """Search one circle for one category (billed once: the item's key goes with it)."""
     circle = circle_of(ctx.item)
-    category = _text(_obj(ctx.item, "item"), "category", "item")
-    level = _obj(ctx.item, "item").get("level")
-    level = level if isinstance(level, int) else 0
+    fields = _obj(ctx.item, "item")
+    category, level = _text(fields, "category", "item"), fields.get("level")
     answer = ctx.resources.post(
         "/places/search", {**circle.to_json(), "category": category}, idempotency_key=ctx.key
     )
-    places = [_place(place) for place in _list(answer.get("places"), "search.places")]
-    result: dict[str, JSON] = {"places": list(places), "level": level}
+    places: list[JSON] = [_place(p) for p in _list(answer.get("places"), "search.places")]
+    depth = level if isinstance(level, int) else 0
+    return searched(circle, category, depth, places, area_of(ctx.context))
+
+
+def searched(
+    circle: Circle, category: str, level: int, places: list[JSON], area: Circle
+) -> JSON | Expand:
+    """What a search's answer makes of its item: its places, and if the answer is full the
+    children of its circle that touch the area, or (at the smallest radius) `saturated`."""
+    result: dict[str, JSON] = {"places": places, "level": level}
     if len(places) < MAX_RESULTS:
         return result
-    children = split(circle, min_radius_m=MIN_RADIUS_M, area=area_of(ctx.context))
+    children = split(circle, min_radius_m=MIN_RADIUS_M, area=area)
     if not children:
         return {**result, "saturated": True}
     items: list[JSON] = [new_item(child, category, level + 1) for child in children]

@@ -9,10 +9,10 @@ import pytest
 
 from jobs.errors import InvalidEvent
 from jobs.events import read_events
-from jobs.maps import MapStep
+from jobs.maps import Expand, MapStep
 from jobs.pipelines import Pipeline, StepContext, registry
 from jobs.places import PLACES_CRAWL, places_crawl
-from jobs.places.geometry import Circle, plan, split
+from jobs.places.geometry import SPLIT_FACTOR, Circle, plan, split
 from jobs.places.steps import (
     MIN_RADIUS_M,
     PLAN_RADIUS_M,
@@ -20,6 +20,7 @@ from jobs.places.steps import (
     new_item,
     plan_circles,
     search_items,
+    searched,
 )
 from jobs.provider import ProviderClient
 from ledger import JSON
@@ -193,3 +194,44 @@ def test_a_circle_at_the_smallest_radius_does_not_split() -> None:
 
     assert split(tiny, min_radius_m=MIN_RADIUS_M) == []
     assert plan(tiny, max_radius_m=PLAN_RADIUS_M) == [tiny]
+
+
+# --- what an answer makes of its item -----------------------------------------------------
+
+
+def _places(count: int) -> list[JSON]:
+    return [
+        {"id": f"pl_{n}", "name": "x", "lat": 48.5868, "lng": 2.1891, "category": "museum"}
+        for n in range(count)
+    ]
+
+
+AREA = Circle(48.5868, 2.1891, 3000.0)
+
+
+def test_an_answer_below_the_cap_is_the_items_result() -> None:
+    circle = Circle(48.5868, 2.1891, 2500.0)
+
+    assert searched(circle, "museum", 0, _places(19), AREA) == {
+        "places": _places(19),
+        "level": 0,
+    }
+
+
+def test_a_full_answer_splits_the_circle_into_items_one_level_down() -> None:
+    circle = Circle(48.5868, 2.1891, 2500.0)
+
+    out = searched(circle, "museum", 2, _places(20), AREA)
+
+    assert isinstance(out, Expand)
+    assert out.result == {"places": _places(20), "level": 2, "split": 7}
+    children = split(circle, min_radius_m=MIN_RADIUS_M, area=AREA)
+    assert list(out.items) == [new_item(child, "museum", 3) for child in children]
+
+
+def test_a_full_answer_at_the_smallest_radius_records_saturation_instead() -> None:
+    smallest = Circle(48.5868, 2.1891, MIN_RADIUS_M / SPLIT_FACTOR - 1.0)
+
+    out = searched(smallest, "museum", 6, _places(20), AREA)
+
+    assert out == {"places": _places(20), "level": 6, "saturated": True}
