@@ -1,7 +1,7 @@
 """The places crawl under fire, opt-in (`TEST_CRAWL_CHAOS=1`, a minute or two; figures in
 the closing notes, not in CI): the demo's four crawls with 10 % 5xx, 5 % timeouts and 3 %
 lost replies, workers dying at crash points and SIGKILLed each time another tenth of the
-items is done, and the broker (a RabbitMQ of its own) restarted a quarter of the way — the
+items is done, and the broker (a RabbitMQ of its own) restarted a fifth of the way — the
 same exact figures as a quiet run."""
 
 from __future__ import annotations
