@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Protocol, TypeVar
@@ -168,16 +169,28 @@ def chaos(
             help="Chains of a Celery app's decorated tasks (jobs.tools.shop) instead of orders.",
         ),
     ] = False,
+    map_roots: Annotated[
+        int,
+        typer.Option(
+            "--map",
+            min=0,
+            max=1_000_000,
+            help="One map step of this many items (and what they split into) instead of orders.",
+        ),
+    ] = 0,
     as_json: JsonFlag = False,
 ) -> None:
     """Run orders while killing workers and restarting the broker and Postgres; exit 1 if any
-    order was lost, doubled or left stuck. With --tasks: chains of decorated Celery tasks."""
+    order was lost, doubled or left stuck. With --tasks: chains of decorated Celery tasks;
+    with --map N: one map of N items, each notified exactly once, the join once."""
     from jobs.tools.chaos import ChaosOptions, run_chaos
 
     if fault_rate + timeout_rate > 1:
         raise BadInput("--fault-rate and --timeout-rate add up to more than 1")
     if tasks and db_restart:
         raise BadInput("--db-restart: not with --tasks (the orders' chaos restarts Postgres)")
+    if tasks and map_roots:
+        raise BadInput("--map: not with --tasks")
     options = ChaosOptions(
         orders=orders,
         kill_every=kill_every,
@@ -194,8 +207,24 @@ def chaos(
     if tasks:
         _chaos_tasks(options, as_json=as_json)
         return
+    if map_roots:
+        _chaos_map(dataclasses.replace(options, orders=map_roots), as_json=as_json)
+        return
     report = _counting_orders(
         orders, quiet=as_json, run=lambda progress: run_chaos(settings, options, progress)
+    )
+    _verdict(report, as_json=as_json)
+
+
+def _chaos_map(options: ChaosOptions, *, as_json: bool) -> None:
+    """`chaos --map N`: one map's items under the same fire, counted at the provider."""
+    from jobs.tools.chaos_map import run_map_chaos
+
+    settings = get_settings()
+    report = _counting_orders(
+        options.orders,
+        quiet=as_json,
+        run=lambda progress: run_map_chaos(settings, options, progress),
     )
     _verdict(report, as_json=as_json)
 
