@@ -72,6 +72,9 @@ class CrashPoint(enum.StrEnum):
     AFTER_ACT = "after_act"
     AFTER_RECORD = "after_record"
     AFTER_PUBLISH = "after_publish"
+    #: The timer loop committed a firing (the step is the sleep step) and has not published
+    #: the next step yet.
+    AFTER_FIRE = "after_fire"
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from ledger.step_ledger import StepLedger
 from ledger.step_ledger_postgres import PostgresStepLedger
 from ledger.step_ledger_sqlite import SqliteStepLedger
 from ledger.store import JobStore, JobToSend, UnfinishedStep
+from ledger.timers import DUE_NAMES, DueTimer, FiredTimer, TimerLedger, TimerStats
 from ledger.types import (
     ACTIVE_JOB_STATES,
     FINISHED_JOB_STATES,
@@ -69,11 +70,14 @@ from ledger.types import (
     StepEvent,
     StepResult,
     StepState,
+    TimerKind,
+    TimerState,
     first_reading,
 )
 
 __all__ = [
     "ACTIVE_JOB_STATES",
+    "DUE_NAMES",
     "FINISHED_JOB_STATES",
     "JSON",
     "OUTBOX_CHANNEL",
@@ -86,11 +90,13 @@ __all__ = [
     "DeadLetterReason",
     "DeadLetterState",
     "DeadLetterStore",
+    "DueTimer",
     "EventConflict",
     "EventKind",
     "Failure",
     "FanOut",
     "FingerprintMismatch",
+    "FiredTimer",
     "Histogram",
     "InFlight",
     "ItemClaim",
@@ -137,6 +143,10 @@ __all__ = [
     "StepResult",
     "StepState",
     "StepTiming",
+    "TimerKind",
+    "TimerLedger",
+    "TimerState",
+    "TimerStats",
     "UnfinishedStep",
     "create_engine",
     "current_revision",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from ledger.types import DeadLetterState, ItemState, JobState, StepState
+from ledger.types import DeadLetterState, ItemState, JobState, StepState, TimerKind, TimerState
 
 metadata = sa.MetaData(
     naming_convention={
@@ -29,7 +29,12 @@ Timestamp = sa.DateTime(timezone=True)
 
 def _one_of(
     column: str,
-    values: type[JobState] | type[StepState] | type[DeadLetterState] | type[ItemState],
+    values: type[JobState]
+    | type[StepState]
+    | type[DeadLetterState]
+    | type[ItemState]
+    | type[TimerKind]
+    | type[TimerState],
 ) -> str:
     return f"{column} IN ({', '.join(repr(str(v)) for v in values)})"
 
@@ -219,3 +224,51 @@ sa.Index("ix_map_items_job_id_step_path", map_items.c.job_id, map_items.c.step, 
 sa.Index("ix_map_items_key", map_items.c.key)
 # The sweeper looks for pending items by age.
 sa.Index("ix_map_items_state_updated_at", map_items.c.state, map_items.c.updated_at)
+
+#: Durable timers (`ledger.timers`): a job's wait is a row with a due time, never a broker
+#: message. Written in the transaction that moves the job to its waiting step; fired once by
+#: the timer loop, whose compare-and-set `pending` → `fired` moves the job on in the same
+#: transaction. A fired row with `dispatched_at` NULL is the outbox of the next step's publish.
+timers = sa.Table(
+    "timers",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.Uuid(), sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    #: The step that waits.
+    sa.Column("step", sa.String(100), nullable=False),
+    sa.Column("kind", sa.String(20), nullable=False),
+    sa.Column("state", sa.String(20), nullable=False),
+    sa.Column("due_at", Timestamp, nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("fired_at", Timestamp, nullable=True),
+    sa.Column("dispatched_at", Timestamp, nullable=True),
+    #: One wait of a kind per job and step: a record repeated after an ambiguous commit
+    #: cannot set a second timer.
+    sa.UniqueConstraint("job_id", "step", "kind"),
+    sa.CheckConstraint(_one_of("kind", TimerKind), name="kind"),
+    sa.CheckConstraint(_one_of("state", TimerState), name="state"),
+)
+# The timer loop takes the earliest due pending timers: a partial index, so a million
+# pending timers cost what the due ones do, and fired ones none.
+sa.Index(
+    "ix_timers_due_at_pending",
+    timers.c.due_at,
+    postgresql_where=timers.c.state == str(TimerState.PENDING),
+    sqlite_where=timers.c.state == str(TimerState.PENDING),
+)
+# `status` reads the lateness of the timers fired lately.
+sa.Index(
+    "ix_timers_fired_at",
+    timers.c.fired_at,
+    postgresql_where=timers.c.fired_at.is_not(None),
+    sqlite_where=timers.c.fired_at.is_not(None),
+)
+# The sweeper resends the few fired timers whose publish was lost.
+sa.Index(
+    "ix_timers_fired_at_unsent",
+    timers.c.fired_at,
+    postgresql_where=sa.and_(
+        timers.c.state == str(TimerState.FIRED), timers.c.dispatched_at.is_(None)
+    ),
+    sqlite_where=sa.and_(timers.c.state == str(TimerState.FIRED), timers.c.dispatched_at.is_(None)),
+)

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from typing import Any, ClassVar, TypeVar
 from uuid import UUID, uuid4
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from ledger import db, queries
 from ledger.dead_letters import DeadLetterNote, write_dead_letter
@@ -30,6 +31,7 @@ from ledger.types import (
     Recorded,
     StepResult,
     StepState,
+    TimerKind,
 )
 
 logger = logging.getLogger(__name__)
@@ -149,23 +151,63 @@ class StepLedger:
         return raised(found)
 
     def record_successes(
-        self, done: Sequence[StepResult], *, next_step: str | None
+        self,
+        done: Sequence[StepResult],
+        *,
+        next_step: str | None,
+        sleep_until: Sequence[datetime] | None = None,
     ) -> list[Recorded | LedgerError]:
         """`record_success` for several claims of the same step (in one transaction on
         Postgres); for each, its record or the error `record_success` would have raised
-        (`LeaseLost`, `StatementRejected`)."""
+        (`LeaseLost`, `StatementRejected`).
+
+        Args:
+            sleep_until: `next_step` is a sleep step: each job's due time, its timer set in
+                the transaction of its record (one transaction per job).
+        """
         state = JobState.RUNNING if next_step is not None else JobState.SUCCEEDED
-        return self._record_many(
-            [
-                Record(
-                    each.claim,
-                    entry=(StepState.SUCCEEDED, each.result, None),
-                    event=(EventKind.SUCCEEDED, each.duration_ms, each.result),
-                    job=(state, next_step, (each.claim.step, each.result)),
-                )
-                for each in done
-            ]
-        )
+        records = [
+            Record(
+                each.claim,
+                entry=(StepState.SUCCEEDED, each.result, None),
+                event=(EventKind.SUCCEEDED, each.duration_ms, each.result),
+                job=(state, next_step, (each.claim.step, each.result)),
+            )
+            for each in done
+        ]
+        if sleep_until is None or next_step is None:
+            return self._record_many(records)
+        return [
+            answer(self._record_and_sleep, record, next_step, due)
+            for record, due in zip(records, sleep_until, strict=True)
+        ]
+
+    def _record_and_sleep(self, record: Record, sleep_step: str, due: datetime) -> Recorded:
+        """Record a success that moves its job to a sleep step, and set the job's timer, in
+        one transaction (the record's statements as on SQLite, on either database)."""
+        finish, event, advance = queries.record_statements(*record.shape)
+        values = record.values()
+        job_id = record.claim.job_id
+
+        def attempt() -> Mapping[str, Any] | None:
+            with db.transaction(self.engine) as conn:
+                if conn.execute(finish, record.finish_values()).one_or_none() is None:
+                    return None
+                conn.execute(event, values)
+                state: str = conn.execute(advance, values).scalar_one()
+                if state == JobState.RUNNING:
+                    self._sleep(conn, job_id, sleep_step, due)
+                return {"state": state}
+
+        return self._recorded(record, self.retrying(attempt))
+
+    @staticmethod
+    def _sleep(conn: Connection, job_id: UUID, step: str, due: datetime) -> None:
+        """Set a job's sleep timer and say so in its history (in the caller's transaction)."""
+        dialect = conn.dialect.name
+        conn.execute(queries.insert_timer(dialect, job_id, step, TimerKind.SLEEP, due))
+        until: JSON = {"until": due.isoformat()}
+        conn.execute(queries.append_event(job_id, step, EventKind.SLEEPING, detail=until))
 
     def record_and_claim_next_steps(
         self, done: Sequence[StepResult], *, next_step: str, takeover_expired: bool = True
@@ -311,13 +353,20 @@ class StepLedger:
 
     # --- the non-happy paths --------------------------------------------------------------
 
-    def adopt_result(self, outcome: AlreadySucceeded, *, next_step: str | None) -> JobState:
+    def adopt_result(
+        self,
+        outcome: AlreadySucceeded,
+        *,
+        next_step: str | None,
+        sleep_until: datetime | None = None,
+    ) -> JobState:
         """Give a job the result recorded under its step's key and move it on.
 
         Usually the same business request arrived twice (two events for one order): the second
         job reuses the first one's result instead of acting again. It is also how a job whose
         key succeeded but which never moved on (a replay of a step that had in fact succeeded)
-        catches up.
+        catches up. `sleep_until`: `next_step` is a sleep step, its timer due then (set in
+        the same transaction).
         """
         adopt = queries.move_on_with_result(outcome.job_id, outcome.step, outcome.result, next_step)
         kind = EventKind.DUPLICATE if outcome.recorded_for_this_job else EventKind.DEDUPLICATED
@@ -331,6 +380,8 @@ class StepLedger:
                 if adopted is None:
                     return None
                 conn.execute(event)
+                if sleep_until is not None and next_step is not None and adopted == "running":
+                    self._sleep(conn, outcome.job_id, next_step, sleep_until)
                 return JobState(adopted)
 
         state = self.retrying(attempt)

@@ -210,6 +210,9 @@ class JobStore:
             JobNotFound: no job has that id.
         """
         with db.transaction(self.engine) as conn:
+            # Its timers first, as the timer loop locks them (then the job): a timer firing
+            # meanwhile is waited for, and then is no longer pending; one cancelled never fires.
+            conn.execute(queries.cancel_timers(job_id))
             cancelled = conn.execute(queries.finish_job(job_id, JobState.CANCELLED)).one_or_none()
             if cancelled is not None:
                 detail: JSON = {"by": by, "reason": reason}

@@ -50,6 +50,26 @@ class StepState(enum.StrEnum):
     UNKNOWN = "unknown"
 
 
+class TimerKind(enum.StrEnum):
+    """What a timer (`ledger.timers`) ends when it fires."""
+
+    #: A sleep step: the job moves on to the step after it.
+    SLEEP = "sleep"
+    #: A wait for a signal that did not come in time (not built yet).
+    SIGNAL_TIMEOUT = "signal_timeout"
+    #: A retry whose delay is too long for a broker message (not built yet).
+    RETRY = "retry"
+
+
+class TimerState(enum.StrEnum):
+    """Where a timer stands: firing is one compare-and-set from `pending` to `fired`."""
+
+    PENDING = "pending"
+    FIRED = "fired"
+    #: Its job was cancelled before it fired: it never will.
+    CANCELLED = "cancelled"
+
+
 class ItemState(enum.StrEnum):
     """Where one item of a map step stands (its key's own state is in the ledger)."""
 
@@ -93,6 +113,10 @@ class EventKind(enum.StrEnum):
     RESEND_FAILED = "resend_failed"
     #: A delivery found its key already recorded for this job: a duplicate the ledger absorbed.
     DUPLICATE = "duplicate"
+    #: The job reached a sleep step: a timer (detail: `until`) will move it on.
+    SLEEPING = "sleeping"
+    #: The sleep step's timer fired and moved the job on (detail: `due_at`, `fired_at`).
+    WOKE = "woke"
 
 
 class DeadLetterState(enum.StrEnum):

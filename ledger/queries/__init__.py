@@ -120,6 +120,7 @@ from ledger.queries.sweeps import (
     take_unfollowed_jobs,
     undo_dispatched,
 )
+from ledger.queries.timers import cancel_timers, insert_timer
 
 __all__ = [
     "ACTIVE",
@@ -130,6 +131,7 @@ __all__ = [
     "append_event_after",
     "append_event_once",
     "append_events",
+    "cancel_timers",
     "claim_from",
     "claim_items",
     "claim_key_from",
@@ -160,6 +162,7 @@ __all__ = [
     "insert_items",
     "insert_jobs",
     "insert_map",
+    "insert_timer",
     "join_map",
     "json_value",
     "mark_awaited",

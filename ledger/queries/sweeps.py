@@ -12,6 +12,7 @@ from sqlalchemy.sql.expression import ColumnElement
 
 from ledger import db
 from ledger.queries.common import ACTIVE
+from ledger.queries.timers import waiting as waiting_on_timer
 from ledger.schema import jobs, ledger_entries, maps, step_events
 from ledger.types import EventKind, JobState, StepState
 
@@ -85,6 +86,7 @@ def take_stalled_jobs(
             jobs.c.updated_at < db.utcnow_plus(db.seconds(-stalled_after)),
             ~_held_live(dialect_name),
             ~_mapping(),
+            ~waiting_on_timer(),
         )
         .order_by(jobs.c.updated_at)
         .limit(limit)
@@ -201,6 +203,7 @@ def take_jobs_sent_between(
         touched < db.utcnow_plus(db.seconds(-before)),
         jobs.c.dispatched_at.is_not(None),
         ~_held_live(dialect_name),
+        ~waiting_on_timer(),
     )
     if after is not None:
         waiting = waiting.where(touched > db.utcnow_plus(db.seconds(-after)))

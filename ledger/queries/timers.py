@@ -1,0 +1,184 @@
+"""The timers' statements: set a timer, fire the due ones (a compare-and-set on each row,
+SKIP LOCKED), resend a lost firing's publish, cancel a job's timers, and count them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import sqlalchemy as sa
+
+from ledger import db
+from ledger.queries.common import ACTIVE
+from ledger.schema import jobs, timers
+from ledger.types import TimerKind, TimerState
+
+_PENDING = str(TimerState.PENDING)
+_FIRED = str(TimerState.FIRED)
+
+
+def insert_timer(
+    dialect_name: str, job_id: UUID, step: str, kind: TimerKind, due_at: datetime
+) -> Any:
+    """Set a job's timer for `step`; nothing if it has one of that kind already (a record
+    repeated after an ambiguous commit)."""
+    insert = db.insert_for(dialect_name)(timers).values(
+        job_id=job_id,
+        step=step,
+        kind=str(kind),
+        state=_PENDING,
+        due_at=due_at,
+        created_at=db.utcnow(),
+    )
+    return insert.on_conflict_do_nothing(index_elements=["job_id", "step", "kind"])
+
+
+def fire_due(dialect_name: str, limit: int, pipelines: Sequence[str]) -> sa.Update:
+    """Fire up to `limit` pending timers due by now, earliest first, of jobs of `pipelines`:
+    each row taken is locked (SKIP LOCKED: loops running at once take disjoint rows) and
+    moved `pending` → `fired` only if still pending (the compare-and-set that fires it once,
+    whatever the locking); returns the fired rows."""
+    due = (
+        sa.select(timers.c.id)
+        .join(jobs, jobs.c.id == timers.c.job_id)
+        .where(
+            timers.c.state == _PENDING,
+            timers.c.due_at <= db.utcnow(),
+            jobs.c.pipeline.in_(list(pipelines)),
+        )
+        .order_by(timers.c.due_at)
+        .limit(limit)
+    )
+    if dialect_name == "postgresql":
+        due = due.with_for_update(skip_locked=True, of=timers)
+    return (
+        sa.update(timers)
+        .where(timers.c.id.in_(due.scalar_subquery()), timers.c.state == _PENDING)
+        .values(state=_FIRED, fired_at=db.utcnow())
+        .returning(
+            timers.c.id,
+            timers.c.job_id,
+            timers.c.step,
+            timers.c.kind,
+            timers.c.due_at,
+            timers.c.fired_at,
+        )
+    )
+
+
+def select_waiting_jobs(job_ids: Sequence[UUID]) -> sa.Select[Any]:
+    """What the firing of a job's timer needs of it."""
+    return sa.select(
+        jobs.c.id,
+        jobs.c.pipeline,
+        jobs.c.state,
+        jobs.c.current_step,
+        jobs.c.context,
+        jobs.c.results,
+    ).where(jobs.c.id.in_(list(job_ids)))
+
+
+def mark_sent(timer_ids: Sequence[int]) -> sa.Update:
+    """Note that the next step of fired timers reached the broker (they leave the outbox)."""
+    return (
+        sa.update(timers)
+        .where(timers.c.id.in_(list(timer_ids)), timers.c.dispatched_at.is_(None))
+        .values(dispatched_at=db.utcnow())
+    )
+
+
+def undo_sent(timer_ids: Sequence[int]) -> sa.Update:
+    """Put fired timers back in the outbox: their publish failed after all."""
+    return sa.update(timers).where(timers.c.id.in_(list(timer_ids))).values(dispatched_at=None)
+
+
+def take_unsent(
+    dialect_name: str, older_than: float, limit: int, pipelines: Sequence[str]
+) -> sa.Update:
+    """Take fired timers whose next step's publish is not known to have reached the broker
+    for `older_than` seconds (the loop died between its commit and the publish), marking
+    them sent; returns their jobs, to send again."""
+    unsent = (
+        sa.select(timers.c.id)
+        .join(jobs, jobs.c.id == timers.c.job_id)
+        .where(
+            timers.c.state == _FIRED,
+            timers.c.dispatched_at.is_(None),
+            timers.c.fired_at < db.utcnow_plus(db.seconds(-older_than)),
+            jobs.c.pipeline.in_(list(pipelines)),
+        )
+        .order_by(timers.c.fired_at)
+        .limit(limit)
+    )
+    if dialect_name == "postgresql":
+        unsent = unsent.with_for_update(skip_locked=True, of=timers)
+    return (
+        sa.update(timers)
+        .where(timers.c.id.in_(unsent.scalar_subquery()), timers.c.dispatched_at.is_(None))
+        .values(dispatched_at=db.utcnow())
+        .returning(timers.c.id, timers.c.job_id)
+    )
+
+
+def select_jobs_to_resend(job_ids: Sequence[UUID]) -> sa.Select[Any]:
+    """The active jobs among `job_ids`, with the step each is at."""
+    return sa.select(jobs.c.id, jobs.c.pipeline, jobs.c.current_step, jobs.c.state).where(
+        jobs.c.id.in_(list(job_ids)), jobs.c.state.in_(ACTIVE)
+    )
+
+
+def cancel_timers(job_id: UUID) -> sa.Update:
+    """Cancel a job's pending timers: they never fire."""
+    return (
+        sa.update(timers)
+        .where(timers.c.job_id == job_id, timers.c.state == _PENDING)
+        .values(state=str(TimerState.CANCELLED))
+    )
+
+
+def waiting() -> sa.Exists:
+    """The job has a pending timer: it waits, neither stalled nor lost (the sweeper leaves
+    it to the timer loop)."""
+    return sa.exists().where(timers.c.job_id == jobs.c.id, timers.c.state == _PENDING)
+
+
+def pending_by_due(bounds: Sequence[float]) -> sa.Select[Any]:
+    """Pending timers of active jobs counted by how far their due time is: bucket i holds
+    those due within `bounds[i]` seconds from now (and past the bucket before); bucket
+    `len(bounds)` the rest."""
+    cases = [
+        (timers.c.due_at <= db.utcnow_plus(db.seconds(bound)), index)
+        for index, bound in enumerate(bounds)
+    ]
+    bucket = sa.case(*cases, else_=len(bounds)).label("bucket")
+    pending = (
+        sa.select(bucket)
+        .join(jobs, jobs.c.id == timers.c.job_id)
+        .where(timers.c.state == _PENDING, jobs.c.state.in_(ACTIVE))
+        .subquery()
+    )
+    return sa.select(pending.c.bucket, sa.func.count().label("timers")).group_by(pending.c.bucket)
+
+
+def count_waiting_jobs() -> sa.Select[Any]:
+    """Active jobs with a pending timer."""
+    return sa.select(sa.func.count(sa.distinct(timers.c.job_id))).where(
+        timers.c.state == _PENDING,
+        sa.exists().where(jobs.c.id == timers.c.job_id, jobs.c.state.in_(ACTIVE)),
+    )
+
+
+def recent_lateness(window: float, limit: int) -> sa.Select[Any]:
+    """The lateness (fired − due, in seconds) of the timers fired in the last `window`
+    seconds, the latest `limit` of them."""
+    return (
+        sa.select(db.seconds_between(timers.c.fired_at, timers.c.due_at).label("late"))
+        .where(
+            timers.c.fired_at.is_not(None),
+            timers.c.fired_at >= db.utcnow_plus(db.seconds(-window)),
+        )
+        .order_by(timers.c.fired_at.desc())
+        .limit(limit)
+    )

@@ -1,0 +1,206 @@
+"""`TimerLedger`: durable timers. A timer is set in the transaction that moves its job to
+the waiting step (`StepLedger.record_successes(…, sleep_until=…)`); the timer loop fires the
+due ones, each by one compare-and-set in the transaction that moves its job on, leaving the
+next step's publish in the outbox (`dispatched_at` NULL) until it is sent. Must not import
+celery, kombu, jobs or config."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Final
+from uuid import UUID
+
+from sqlalchemy.engine import Engine
+
+from ledger import db, queries
+from ledger.queries import timers as timer_queries
+from ledger.types import JSON, EventKind, JobState, TimerKind
+
+#: Where `TimerStats.pending` splits the pending timers by due time, in seconds from now
+#: (the first bucket holds the overdue ones).
+DUE_BUCKETS: Final = (0.0, 60.0, 3600.0, 86400.0)
+#: The names of those buckets, and one for the rest.
+DUE_NAMES: Final = ("overdue", "within_1m", "within_1h", "within_1d", "later")
+
+
+@dataclass(frozen=True)
+class DueTimer:
+    """A timer just fired, with what its job's next step depends on."""
+
+    id: int
+    job_id: UUID
+    pipeline: str
+    step: str
+    kind: TimerKind
+    due_at: datetime
+    fired_at: datetime
+    context: Mapping[str, JSON]
+    results: Mapping[str, JSON]
+
+
+@dataclass(frozen=True)
+class FiredTimer:
+    """A fired timer whose job moved on to `next_step`, to publish after the commit."""
+
+    id: int
+    job_id: UUID
+    pipeline: str
+    #: The sleep step it ended, and the step its job moved on to.
+    step: str
+    next_step: str
+    #: Seconds from its due time to its firing.
+    late: float
+
+
+@dataclass(frozen=True)
+class TimerStats:
+    """The timers for people: jobs waiting, pending timers by due time, firing lateness."""
+
+    waiting_jobs: int
+    #: Pending timers by `DUE_NAMES`.
+    pending: dict[str, int]
+    #: Timers fired in the window, and their lateness (fired − due) in seconds.
+    fired: int
+    late_p50: float | None
+    late_p99: float | None
+    late_max: float | None
+
+
+class TimerLedger:
+    """Fires due timers and resends lost firings; usable from plain Python.
+
+    Args:
+        engine: where the ledger lives.
+    """
+
+    def __init__(self, *, engine: Engine) -> None:
+        self.engine = engine
+
+    def fire_due(
+        self,
+        *,
+        limit: int,
+        pipelines: Sequence[str],
+        route: Callable[[DueTimer], str | None],
+    ) -> list[FiredTimer]:
+        """Fire up to `limit` due timers of jobs of `pipelines`, each exactly once: in one
+        transaction, claim each (`pending` → `fired`, SKIP LOCKED on Postgres; on SQLite the
+        transaction holds the one write lock from its start), move its job from the waiting
+        step to `route(timer)` (None: the job ends there) with the wait's times as the step's
+        result, and append `woke` to its history. The moves left to publish are returned and
+        stay in the outbox until `mark_sent`; a crash before that leaves them to
+        `take_unsent`.
+
+        `route` runs inside the transaction; if it raises, nothing is fired."""
+        fired: list[FiredTimer] = []
+        with db.transaction(self.engine) as conn:
+            dialect = conn.dialect.name
+            rows = list(conn.execute(timer_queries.fire_due(dialect, limit, pipelines)))
+            if not rows:
+                return []
+            found = conn.execute(timer_queries.select_waiting_jobs([r.job_id for r in rows]))
+            jobs = {job.id: job for job in found}
+            nothing_to_send: list[int] = []
+            for row in rows:
+                job = jobs[row.job_id]
+                due_at, fired_at = db.as_utc(row.due_at), db.as_utc(row.fired_at)
+                timer = DueTimer(
+                    row.id,
+                    row.job_id,
+                    job.pipeline,
+                    row.step,
+                    TimerKind(row.kind),
+                    due_at,
+                    fired_at,
+                    job.context,
+                    job.results,
+                )
+                next_step = route(timer)
+                late = max(0.0, (fired_at - due_at).total_seconds())
+                woke: JSON = {
+                    "due_at": due_at.isoformat(),
+                    "fired_at": fired_at.isoformat(),
+                    "late_ms": round(late * 1000, 1),
+                }
+                move = queries.move_on_with_result(row.job_id, row.step, woke, next_step)
+                state: str | None = conn.execute(move).scalar_one_or_none()
+                if state is None:
+                    # The job is no longer at this wait (it never should be): fired, moved
+                    # nowhere, nothing to publish.
+                    nothing_to_send.append(row.id)
+                    continue
+                conn.execute(
+                    queries.append_event(row.job_id, row.step, EventKind.WOKE, detail=woke)
+                )
+                if next_step is None or JobState(state) is not JobState.RUNNING:
+                    nothing_to_send.append(row.id)
+                    continue
+                fired.append(
+                    FiredTimer(row.id, row.job_id, job.pipeline, row.step, next_step, late)
+                )
+            if nothing_to_send:
+                conn.execute(timer_queries.mark_sent(nothing_to_send))
+        return fired
+
+    def mark_sent(self, timer_ids: Sequence[int]) -> None:
+        """Note that fired timers' next steps reached the broker."""
+        if timer_ids:
+            with db.single_statement(self.engine) as conn:
+                conn.execute(timer_queries.mark_sent(timer_ids))
+
+    def undo_sent(self, timer_ids: Sequence[int]) -> None:
+        """Put fired timers back in the outbox (their resend failed)."""
+        if timer_ids:
+            with db.single_statement(self.engine) as conn:
+                conn.execute(timer_queries.undo_sent(timer_ids))
+
+    def take_unsent(
+        self, *, older_than: float, limit: int, pipelines: Sequence[str]
+    ) -> list[tuple[int, UUID, str, str]]:
+        """Take fired timers whose publish was not confirmed for `older_than` seconds,
+        marked sent from now on (`undo_sent` if the send fails): (timer id, job id, pipeline,
+        step to send) for each whose job is still active; the others are simply taken."""
+        with db.transaction(self.engine) as conn:
+            dialect = conn.dialect.name
+            taken = {
+                row.job_id: row.id
+                for row in conn.execute(
+                    timer_queries.take_unsent(dialect, older_than, limit, pipelines)
+                )
+            }
+            if not taken:
+                return []
+            found = conn.execute(timer_queries.select_jobs_to_resend(list(taken)))
+            return [
+                (taken[job.id], job.id, job.pipeline, job.current_step)
+                for job in found
+                if job.current_step is not None
+            ]
+
+    def stats(self, *, window: float = 300.0, sample: int = 10_000) -> TimerStats:
+        """Jobs waiting on timers, pending timers by due time, and the lateness of the
+        (latest `sample`) timers fired in the last `window` seconds."""
+        with db.transaction(self.engine) as conn:
+            waiting: int = conn.execute(timer_queries.count_waiting_jobs()).scalar_one()
+            pending = dict.fromkeys(DUE_NAMES, 0)
+            for row in conn.execute(timer_queries.pending_by_due(DUE_BUCKETS)):
+                pending[DUE_NAMES[int(row.bucket)]] = int(row.timers)
+            rows = conn.execute(timer_queries.recent_lateness(window, sample))
+            late = sorted(max(0.0, float(row.late)) for row in rows)
+        return TimerStats(
+            waiting_jobs=waiting,
+            pending=pending,
+            fired=len(late),
+            late_p50=_quantile(late, 0.50),
+            late_p99=_quantile(late, 0.99),
+            late_max=late[-1] if late else None,
+        )
+
+
+def _quantile(ordered: Sequence[float], q: float) -> float | None:
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
