@@ -1,6 +1,6 @@
-"""oncelery's public API: declare pipelines of steps (map steps too), their delivery and retry
-policy, the errors steps raise; start jobs (`enqueue`), wait for them (`wait`); `exactly_once`
-for the Celery tasks of any app; `jobs.app` is the Celery app (`celery -A jobs worker`)."""
+"""oncelery's public API: declare pipelines of steps (map and sleep steps too), their delivery
+and retry policy, the errors steps raise; start jobs (`enqueue`), wait for them (`wait`);
+`exactly_once` for the Celery tasks of any app; `jobs.app` is the Celery app (`celery -A jobs`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from jobs.errors import InvalidEvent, JobError, PermanentError, TransientError, 
 from jobs.maps import Expand, ItemContext, MapPolicy, MapStep
 from jobs.pipelines import Delivery, Pipeline, Step, StepContext
 from jobs.retry import RetryPolicy
+from jobs.waits import Sleep
 from ledger import EventConflict
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ __all__ = [
     "PermanentError",
     "Pipeline",
     "RetryPolicy",
+    "Sleep",
     "Step",
     "StepContext",
     "TransientError",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import itertools
 import json
 import string
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -99,6 +100,8 @@ class Step(Generic[R]):
     retry: RetryPolicy | None = None
     time_limit: float | None = None
     unapplied_statuses: frozenset[int] = frozenset()
+    #: Whether the step is a wait its timer ends (`jobs.waits.Sleep`), never run by a worker.
+    sleeps: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         # Written as "not (… < …)" so that NaN, which compares false with everything, is
@@ -157,6 +160,7 @@ class Pipeline(Generic[R]):
             raise ValueError(f"pipeline {self.name!r} has two steps with the same name")
         if self.input is not None:
             _check_input(self)
+        _check_sleeps(self)
         object.__setattr__(self, "_by_name", by_name)
         if self.registered:
             registry.add(self)
@@ -201,6 +205,27 @@ class Pipeline(Generic[R]):
             step_keys={step.name: step.key_for(context) for step in self.steps},
             first_step=self.steps[0].name,
         )
+
+
+def _check_sleeps(pipeline: Pipeline[R]) -> None:
+    """Refuse a sleep step where nothing would set its timer: first (no step records into
+    it), after a map step (its join moves the job on without one), after another sleep."""
+    name, steps = pipeline.name, pipeline.steps
+    if steps[0].sleeps:
+        raise ValueError(f"pipeline {name!r}: a sleep step cannot be the first step")
+    for before, step in itertools.pairwise(steps):
+        if not step.sleeps:
+            continue
+        if before.sleeps:
+            raise ValueError(
+                f"pipeline {name!r}: sleep step {step.name!r} follows another sleep; make them one"
+            )
+        # `each` marks a map step (`jobs.maps`, which builds on this module).
+        if hasattr(before, "each"):
+            raise ValueError(
+                f"pipeline {name!r}: sleep step {step.name!r} cannot follow map step "
+                f"{before.name!r} yet"
+            )
 
 
 def _check_input(pipeline: Pipeline[R]) -> None:

@@ -8,7 +8,7 @@ import time
 from pydantic import BaseModel, ConfigDict, Field
 
 from config import Settings
-from jobs import Delivery, PermanentError, Pipeline, Step, StepContext
+from jobs import Delivery, PermanentError, Pipeline, Sleep, Step, StepContext
 from jobs.provider import ProviderClient
 from ledger import JSON
 
@@ -110,4 +110,16 @@ toy_typed: Pipeline[None] = Pipeline(
     steps=[Step("count", count, key="toy-typed:{word}:count")],
     resources=lambda _settings: None,
     input=Word,
+)
+
+
+#: A pure step, a one-second sleep (a timer row), then an exactly-once notification.
+toy_sleep: Pipeline[ProviderClient] = Pipeline(
+    name="toy-sleep",
+    steps=[
+        Step("measure", measure, key="toy-sleep:{word}:measure"),
+        Sleep("cool_off", seconds=1.0),
+        Step("announce", announce, key="toy-sleep:{word}:announce", effect="notification"),
+    ],
+    resources=_provider,
 )

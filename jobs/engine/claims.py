@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import logging
 import random
+from datetime import datetime
 from uuid import UUID
 
 from jobs.engine.run_state import Outcome, Run, claim_alone, error_json
 from jobs.engine.step_messages import no_such_job
+from jobs.engine.timers import due_or_error
 from jobs.maps import is_map
 from jobs.pipelines import Step
+from jobs.waits import Sleep
 from ledger import (
     JSON,
     AlreadySucceeded,
@@ -110,9 +113,13 @@ def _absorb_duplicate(run: Run, step: Step[object], outcome: AlreadySucceeded) -
     elif outcome.recorded_for_this_job and outcome.current_step != step.name:
         rt.ledger.note_duplicate(outcome)
         # A redelivery after the record: the next step's publish may have been lost with
-        # the worker, so publish it again; a second copy is absorbed the same way.
-        if following is not None and outcome.current_step == next_name:
+        # the worker, so publish it again; a second copy is absorbed the same way. (A sleep
+        # step's timer was set with the record: nothing to publish.)
+        sleeps = isinstance(following, Sleep)
+        if following is not None and outcome.current_step == next_name and not sleeps:
             dispatch.send(pipeline.name, following.name, job_id)
+    elif isinstance(following, Sleep):
+        _adopt_into_sleep(run, step, outcome, following)
     # Another job's result (the same request sent twice), or this job's own result for a
     # step it never moved past (a replay of a step that had in fact succeeded): adopt it.
     elif rt.ledger.adopt_result(outcome, next_step=next_name) is JobState.RUNNING and following:
@@ -122,3 +129,23 @@ def _absorb_duplicate(run: Run, step: Step[object], outcome: AlreadySucceeded) -
         extra={"action": "duplicate", "job_id": job_id, "step": step.name, "key": outcome.key},
     )
     return Outcome.DUPLICATE
+
+
+def _adopt_into_sleep(
+    run: Run, step: Step[object], outcome: AlreadySucceeded, sleep: Sleep[object]
+) -> None:
+    """Adopt a recorded result into a job whose next step sleeps: its timer is set in the
+    transaction that moves it there (or, its due time untellable, it is dead-lettered)."""
+    ledger = run.rt.ledger
+    job = run.rt.store.get_job(outcome.job_id)
+    due = due_or_error(sleep, job.context, {**job.results, step.name: outcome.result})
+    if isinstance(due, datetime):
+        ledger.adopt_result(outcome, next_step=sleep.name, sleep_until=due)
+        return
+    if ledger.adopt_result(outcome, next_step=sleep.name) is JobState.RUNNING:
+        logger.error(
+            "sleep step cannot tell when to wake: %s",
+            due.get("message"),
+            extra={"action": "dead_letter", "job_id": str(outcome.job_id), "step": sleep.name},
+        )
+        ledger.dead_letter(outcome.job_id, sleep.name, due, reason=DeadLetterReason.PERMANENT)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from datetime import datetime
 
 from config.settings import CrashPoint
 from jobs import retry
@@ -22,9 +23,12 @@ from jobs.engine.run_state import (
     message_of,
     takes_over,
 )
+from jobs.engine.timers import due_or_error
 from jobs.maps import is_map
 from jobs.pipelines import Delivery, Step
+from jobs.waits import Sleep
 from ledger import (
+    JSON,
     Claim,
     ClaimOutcome,
     DeadLetterReason,
@@ -54,8 +58,7 @@ def record(
     `following` (place in the run, job id), to be handed on.
     """
     rt = run.rt
-    next_name = following.name if following else None
-    answers = _recorded(run, acted, next_name)
+    answers = _recorded(run, acted, following)
     going_on: list[tuple[int, str]] = []
     outcomes: dict[int, Outcome] = {}
     for each in acted:
@@ -72,15 +75,18 @@ def record(
 
 
 def _recorded(
-    run: Run, acted: list[Acted], next_step: str | None
+    run: Run, acted: list[Acted], following: Step[object] | None
 ) -> dict[int, Recorded | LedgerError | None]:
-    """Record successes (moving jobs to `next_step`), by place in the run; None for a
+    """Record successes (moving jobs to `following`), by place in the run; None for a
     read-only step's job that had moved on meanwhile."""
     ledger = run.rt.ledger
+    next_step = following.name if following else None
     claimed = [each for each in acted if isinstance(each.done, StepResult)]
     read = [each for each in acted if isinstance(each.done, ReadResult)]
     answers: dict[int, Recorded | LedgerError | None] = {}
-    if claimed:
+    if claimed and isinstance(following, Sleep):
+        answers.update(_recorded_into_sleep(run, claimed, following))
+    elif claimed:
         done = [each.done for each in claimed if isinstance(each.done, StepResult)]
         records = ledger.record_successes(done, next_step=next_step)
         answers.update(zip([each.index for each in claimed], records, strict=True))
@@ -90,6 +96,47 @@ def _recorded(
             read, ledger.record_reads(reads, next_step=next_step, claim_next=False), strict=True
         ):
             answers[each.index] = answer[0] if isinstance(answer, tuple) else answer
+    return answers
+
+
+def _recorded_into_sleep(
+    run: Run, claimed: list[Acted], sleep: Sleep[object]
+) -> dict[int, Recorded | LedgerError]:
+    """Record successes that move their jobs to a sleep step, each with its timer in the
+    same transaction. A job whose due time cannot be told (its `until` field is not a time)
+    is recorded without one and dead-lettered at the sleep step."""
+    ledger = run.rt.ledger
+    timed: list[tuple[Acted, StepResult, datetime]] = []
+    untimed: list[tuple[Acted, StepResult, dict[str, JSON]]] = []
+    for each in claimed:
+        done = each.done
+        assert isinstance(done, StepResult)
+        results = {**done.claim.results, done.claim.step: done.result}
+        due = due_or_error(sleep, done.claim.context, results)
+        if isinstance(due, datetime):
+            timed.append((each, done, due))
+        else:
+            untimed.append((each, done, due))
+    answers: dict[int, Recorded | LedgerError] = {}
+    if timed:
+        records = ledger.record_successes(
+            [done for _, done, _ in timed],
+            next_step=sleep.name,
+            sleep_until=[due for _, _, due in timed],
+        )
+        answers.update(zip([each.index for each, _, _ in timed], records, strict=True))
+    for each, done, error in untimed:
+        [recorded] = ledger.record_successes([done], next_step=sleep.name)
+        answers[each.index] = recorded
+        if isinstance(recorded, Recorded) and recorded.job_state is JobState.RUNNING:
+            logger.error(
+                "sleep step cannot tell when to wake: %s",
+                message_of(error),
+                extra={"action": "dead_letter", "job_id": each.job_id, "step": sleep.name},
+            )
+            ledger.dead_letter(
+                done.claim.job_id, sleep.name, error, reason=DeadLetterReason.PERMANENT
+            )
     return answers
 
 

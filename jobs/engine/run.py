@@ -39,6 +39,7 @@ from jobs.engine.runtime import Runtime
 from jobs.maps import MapStep, is_map
 from jobs.outside import watching
 from jobs.pipelines import Delivery, Pipeline, Step, StepContext
+from jobs.waits import Sleep
 from ledger import (
     JSON,
     Claim,
@@ -146,7 +147,10 @@ def _claim_or_read(run: Run, jobs: list[UUID]) -> list[ClaimOutcome | Reading | 
         return [None] * len(jobs)
     readings: list[Reading | None] = [None] * len(jobs)
     first_tries = [index for index in range(len(jobs)) if index not in run.repeats]
-    unclaimed = step.delivery is Delivery.READ_ONLY and not is_map(step)
+    # A step before a sleep is claimed even when read-only: its record sets the timer, in
+    # the record of a claim.
+    before_sleep = isinstance(run.pipeline.next_step(step.name), Sleep)
+    unclaimed = step.delivery is Delivery.READ_ONLY and not is_map(step) and not before_sleep
     if unclaimed and first_tries and ledger.reads_unclaimed:
         to_read = []
         for index in first_tries:
@@ -240,6 +244,12 @@ def _record(run: Run, step: Step[object], acted: list[Acted]) -> list[Stage]:
         run.outcomes.update(fan_out(run, step, acted))
         return []
     following = run.pipeline.next_step(step.name)
+    if isinstance(following, Sleep):
+        # The record sets the job's timer; nothing is published: the timer loop hands on.
+        outcomes, _ = record(run, step, acted, following)
+        run.outcomes.update(outcomes)
+        _published(run, step, acted)
+        return []
     if following is not None and run.rt.settings.fast_path:
         if not _claims_one_by_one(run, following):
             return _record_and_claim(run, step, acted, following)

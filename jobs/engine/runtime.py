@@ -15,7 +15,7 @@ from jobs.engine.crashpoints import Crasher
 from jobs.engine.leases import LeaseKeeper
 from jobs.pipelines import Pipeline, Step, registry
 from jobs.retry import RetryPolicy, effective_policy
-from ledger import JobStore, MapLedger, StepLedger, create_engine
+from ledger import JobStore, MapLedger, StepLedger, TimerLedger, create_engine
 
 
 @dataclass
@@ -32,6 +32,7 @@ class Runtime:
     _resources: dict[str, object] = field(default_factory=dict)
     _leases: LeaseKeeper | None = None
     _maps: MapLedger | None = None
+    _timers: TimerLedger | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, *, engine: Engine | None = None) -> Runtime:
@@ -78,6 +79,13 @@ class Runtime:
                 unavailable_for=ledger.unavailable_for,
             )
         return self._maps
+
+    @property
+    def timers(self) -> TimerLedger:
+        """This process's ledger of timers (on the same engine)."""
+        if self._timers is None:
+            self._timers = TimerLedger(engine=self.engine)
+        return self._timers
 
     def resources_for(self, pipeline: Pipeline[object]) -> object:
         """The pipeline's resources in this process, built on first use."""

@@ -14,6 +14,7 @@ from typing import Final, Protocol
 from jobs.engine.dispatch import ITEMS_PER_MESSAGE, Dispatch, ItemDispatch
 from jobs.engine.enqueue import relay
 from jobs.engine.runtime import Runtime
+from jobs.engine.timers import resend_unsent
 from jobs.pipelines import registry
 from ledger import JobToSend
 
@@ -82,6 +83,8 @@ class SweepReport:
     lost: int = 0
     #: Items of map steps sent again: left in the outbox, abandoned, or stalled.
     items: int = 0
+    #: Steps after fired timers sent again (their publish was lost with the timer loop).
+    timers: int = 0
 
 
 # What the sweeper re-drives at once, knowing it lost:
@@ -133,6 +136,7 @@ def sweep(
     (every transport we use answers otherwise): only jobs stalled past `MAX_BACKLOG_WAIT` are
     sent, since a re-drive judged without the backlog would resend every waiting job."""
     relayed = relay(rt, dispatch)
+    resent_timers = resend_unsent(rt, dispatch)
     # Only the declared pipelines' jobs: a decorated Celery task's are its own app's to send.
     ours = [pipeline.name for pipeline in registry]
     base = stalled_after if stalled_after is not None else rt.settings.stalled_after
@@ -149,7 +153,7 @@ def sweep(
                 stalled_after=base + MAX_BACKLOG_WAIT, limit=n, pipelines=ours
             ),
         )
-        return SweepReport(len(old), skipped, old, relayed, deferred=True)
+        return SweepReport(len(old), skipped, old, relayed, deferred=True, timers=resent_timers)
     # A re-drive that nobody claimed within a few leases was lost in turn (a killed worker's
     # prefetch, which Redis gives back only after its visibility timeout): sent again.
     again = ABANDONED_AGAIN_AFTER_LEASES * rt.settings.step_lease
@@ -172,6 +176,7 @@ def sweep(
         abandoned=len(abandoned),
         lost=len(lost),
         items=items,
+        timers=resent_timers,
     )
 
 

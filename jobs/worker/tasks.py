@@ -1,5 +1,6 @@
 """The Celery tasks: one per pipeline step (`oncelery.<pipeline>.<step>`), bound as pipelines are
-declared, and the sweep, which beat runs on a thread of its own."""
+declared, and the sweep, which beat runs on a thread of its own (with the outbox relay and
+the timer loop)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from config import SWEEP_TASK, get_settings
 from jobs.engine.outbox import relay_forever
 from jobs.engine.step_messages import item_task_name, task_name
 from jobs.engine.sweeper import SweepReport, sweep
+from jobs.engine.timers import timer_loop
 from jobs.maps import MapStep
 from jobs.pipelines import Pipeline, registry
 from jobs.worker import batching, steps
@@ -90,6 +92,13 @@ def _sweep_from_beat(**_: Any) -> None:
     # And the outbox of callers' transactions (`jobs.enqueue(…, connection=…)`), sent moments
     # after they commit rather than at the next sweep.
     threading.Thread(target=_relay_forever, name="oncelery-relay", daemon=True).start()
+    # And the timer loop: due timers fired within `POLL_INTERVAL` of their time.
+    threading.Thread(target=_fire_timers_forever, name="oncelery-timers", daemon=True).start()
+
+
+def _fire_timers_forever() -> None:
+    """Fire due timers for as long as beat runs (see `jobs.engine.timers`)."""
+    timer_loop(runtime(), CeleryDispatch(), threading.Event())
 
 
 def _relay_forever() -> None:
@@ -108,7 +117,7 @@ def _sweep_forever() -> None:
         except Exception:
             logger.exception("sweep failed", extra={"action": "sweep_failed"})
         else:
-            if report["redriven"] or report["relayed"] or report["items"]:
+            if report["redriven"] or report["relayed"] or report["items"] or report["timers"]:
                 logger.info("swept: %s", report, extra={"action": "swept"})
         time.sleep(max(0.0, interval - (time.monotonic() - began)))
 
@@ -125,5 +134,6 @@ def _sweep_once() -> dict[str, int]:
         "skipped": report.skipped,
         "relayed": report.relayed,
         "items": report.items,
+        "timers": report.timers,
         "backlog_wait": round(report.backlog_wait),
     }

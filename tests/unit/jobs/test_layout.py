@@ -20,6 +20,7 @@ LAYERS: tuple[frozenset[str], ...] = (
             "jobs.retry",
             "jobs.pipelines",
             "jobs.maps",
+            "jobs.waits",
             "jobs.events",
             "jobs.outside",
             "jobs.provider",

@@ -1,0 +1,120 @@
+"""The timer loop: fires due timers (`ledger.timers`), each once, moving its job past its
+sleep step and publishing the next step after the commit; the sweeper resends a firing whose
+publish was lost. Also when a job reaching a sleep step is due."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Final
+
+from config.settings import CrashPoint
+from jobs.engine.dispatch import Dispatch, SendsMany
+from jobs.engine.runtime import Runtime
+from jobs.pipelines import Step, registry
+from jobs.waits import Sleep
+from ledger import JSON, DueTimer, FiredTimer
+
+logger = logging.getLogger(__name__)
+
+#: Timers fired per transaction; a loop goes on at once while rounds come back full.
+FIRE_BATCH: Final = 500
+#: Seconds between looks for due timers while none are: the loop's lateness is at most
+#: about this, plus the time to fire a round.
+POLL_INTERVAL: Final = 0.2
+#: Seconds to wait after a failed round (the database or the broker is likely down).
+_BACKOFF: Final = 2.0
+
+
+def due_or_error(
+    sleep: Sleep[object], context: Mapping[str, JSON], results: Mapping[str, JSON]
+) -> datetime | dict[str, JSON]:
+    """When a job reaching `sleep` now wakes, or why that cannot be said (its `until` field
+    missing or not a time: an error for the job's dead letter)."""
+    try:
+        return sleep.due(context, results, now=datetime.now(UTC))
+    except Exception as exc:  # noqa: BLE001 - a user's `until` may raise anything
+        return {"type": type(exc).__name__, "message": str(exc)[:2000], "retryable": False}
+
+
+def _route(timer: DueTimer) -> str | None:
+    """The step a fired sleep moves its job to (None: the sleep was the last step)."""
+    following: Step[object] | None = registry.get(timer.pipeline).next_step(timer.step)
+    return following.name if following is not None else None
+
+
+def fire_round(rt: Runtime, dispatch: Dispatch, *, limit: int = FIRE_BATCH) -> int:
+    """Fire up to `limit` due timers of the declared pipelines and publish their jobs' next
+    steps; how many fired. A publish that fails stays in the outbox (`resend_unsent`)."""
+    pipelines = [pipeline.name for pipeline in registry]
+    fired = rt.timers.fire_due(limit=limit, pipelines=pipelines, route=_route)
+    for each in fired:
+        rt.crash(CrashPoint.AFTER_FIRE, each.step, str(each.job_id))
+    by_step: dict[tuple[str, str], list[FiredTimer]] = defaultdict(list)
+    for each in fired:
+        by_step[(each.pipeline, each.next_step)].append(each)
+    sent: list[int] = []
+    for (pipeline, step), group in by_step.items():
+        job_ids = [str(each.job_id) for each in group]
+        if isinstance(dispatch, SendsMany):
+            unsent = set(dispatch.send_many(pipeline, step, job_ids))
+        else:
+            unsent = set()
+            for job_id in job_ids:
+                try:
+                    dispatch.send(pipeline, step, job_id)
+                except Exception as exc:  # noqa: BLE001 - left in the outbox
+                    logger.warning("next step of %s not sent: %s", job_id, exc)
+                    unsent.add(job_id)
+        sent.extend(each.id for each in group if str(each.job_id) not in unsent)
+    rt.timers.mark_sent(sent)
+    for each in fired:
+        logger.info(
+            "timer fired %.3fs late",
+            each.late,
+            extra={"action": "timer_fired", "job_id": str(each.job_id), "step": each.next_step},
+        )
+    return len(fired)
+
+
+def resend_unsent(rt: Runtime, dispatch: Dispatch) -> int:
+    """Send again the next step of fired timers whose publish was not confirmed within
+    `relay_after` seconds (their loop died between its commit and the publish); how many
+    were sent. A copy that was not lost after all is absorbed by the ledger."""
+    pipelines = [pipeline.name for pipeline in registry]
+    taken = rt.timers.take_unsent(
+        older_than=rt.settings.relay_after, limit=FIRE_BATCH, pipelines=pipelines
+    )
+    failed: list[int] = []
+    for timer_id, job_id, pipeline, step in taken:
+        try:
+            dispatch.send(pipeline, step, str(job_id), resend=True)
+        except Exception as exc:  # noqa: BLE001 - back in the outbox for the next sweep
+            logger.warning("resend of %s after its timer not sent: %s", job_id, exc)
+            failed.append(timer_id)
+            continue
+        logger.warning(
+            "resent the step after a fired timer",
+            extra={"action": "timer_resent", "job_id": str(job_id), "step": step},
+        )
+    rt.timers.undo_sent(failed)
+    return len(taken) - len(failed)
+
+
+def timer_loop(
+    rt: Runtime, dispatch: Dispatch, stop: threading.Event, *, interval: float = POLL_INTERVAL
+) -> None:
+    """Fire due timers until `stop` is set: round after round while they come back full,
+    else every `interval` seconds. Several loops may run at once (each timer fires once)."""
+    while not stop.is_set():
+        try:
+            fired = fire_round(rt, dispatch)
+        except Exception as exc:  # noqa: BLE001 - the loop must outlive a bad round
+            logger.warning("timer round failed: %s", exc, extra={"action": "timer_error"})
+            stop.wait(_BACKOFF)
+            continue
+        if fired < FIRE_BATCH:
+            stop.wait(interval)
