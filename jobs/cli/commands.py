@@ -132,6 +132,7 @@ def history(
 def _print_history(view: dict[str, JSON]) -> None:
     stdout.print(
         f"job {view['job_id']} ({view['pipeline']}, event {view['event_id']}): {view['state']}"
+        + (f", {view['waiting']}" if view.get("waiting") else "")
     )
     table = Table("step", "state", "attempts", "duration s", "output / error")
     steps = view["steps"] if isinstance(view["steps"], list) else []

@@ -36,6 +36,11 @@ def history_view(history: JobHistory) -> dict[str, JSON]:
         "created_at": _time(job.created_at),
         "updated_at": _time(job.updated_at),
         "finished_at": _time(job.finished_at),
+        # What the job waits for, while it does ("sleeping until <time>"), else None.
+        "waiting": next(
+            (step["waiting"] for step in steps if isinstance(step, dict) and step["waiting"]),
+            None,
+        ),
         # What each step returned, by step name (`jobs.wait`'s callers read it here).
         "results": dict(job.results),
         "steps": steps,
@@ -63,6 +68,11 @@ def _step_view(
     state = "not_started" if entry is None else str(entry.state)
     if adopted:
         state = "succeeded"
+    waiting = _waiting(job, name, events)
+    if waiting is not None:
+        state = "sleeping"
+    elif any(event.kind is EventKind.WOKE for event in events):
+        state = "succeeded"
     errors = [
         event.detail
         for event in events
@@ -87,7 +97,21 @@ def _step_view(
         "started_at": _time(entry.started_at) if entry else None,
         "finished_at": _time(entry.finished_at) if entry else None,
         "events": [_event_view(event) for event in events],
+        # What the step waits for, while it does: "sleeping until <time>".
+        "waiting": waiting,
     }
+
+
+def _waiting(job: Job, name: str, events: list[StepEvent]) -> str | None:
+    """ "sleeping until <time>" while the job sleeps at step `name` (its timer not fired)."""
+    kinds = [event.kind for event in events]
+    if job.current_step != name or EventKind.SLEEPING not in kinds or EventKind.WOKE in kinds:
+        return None
+    if str(job.state) not in ("pending", "running"):
+        return None
+    [sleeping] = [event for event in events if event.kind is EventKind.SLEEPING][-1:]
+    until = sleeping.detail.get("until") if isinstance(sleeping.detail, dict) else None
+    return f"sleeping until {until}"
 
 
 def _event_view(event: StepEvent) -> JSON:

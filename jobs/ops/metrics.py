@@ -14,7 +14,7 @@ from prometheus_client.registry import Collector
 
 from jobs.engine.runtime import Runtime
 from jobs.worker.queues import queue_depths
-from ledger import EventKind, Histogram, ItemState, LedgerStats, MalformedMessages
+from ledger import EventKind, Histogram, ItemState, LedgerStats, MalformedMessages, TimerLedger
 from ledger.map_views import MapViews
 
 #: Histograms cover this many recent seconds.
@@ -32,6 +32,7 @@ class LedgerCollector(Collector):
         self.stats = LedgerStats(engine=rt.engine)
         self.malformed = MalformedMessages(engine=rt.engine)
         self.maps = MapViews(engine=rt.engine)
+        self.timers = TimerLedger(engine=rt.engine)
         self.app = app
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
@@ -61,6 +62,7 @@ class LedgerCollector(Collector):
         yield from _counters(snapshot.events)
         yield self._malformed()
         yield from self._maps()
+        yield from self._timers()
         yield _histogram(
             "oncelery_schedule_to_start_seconds",
             "Seconds from a job's creation to its first claim (jobs started in the last hour).",
@@ -85,6 +87,34 @@ class LedgerCollector(Collector):
         for counted in self.malformed.counts():
             family.add_metric([counted.task, counted.reason], counted.count)
         return family
+
+    def _timers(self) -> Iterator[GaugeMetricFamily]:
+        found = self.timers.stats()
+        yield GaugeMetricFamily(
+            "oncelery_jobs_waiting_on_timers",
+            "Active jobs waiting for a timer (a sleep step).",
+            value=found.waiting_jobs,
+        )
+        pending = GaugeMetricFamily(
+            "oncelery_timers_pending",
+            "Pending timers by due time (`overdue`: due and not fired yet).",
+            labels=["due"],
+        )
+        for due, count in found.pending.items():
+            pending.add_metric([due], count)
+        yield pending
+        lateness = GaugeMetricFamily(
+            "oncelery_timer_lateness_seconds",
+            "Seconds from due to fired of the timers fired in the last five minutes, by "
+            "quantile (absent when none fired).",
+            labels=["quantile"],
+        )
+        for quantile, value in (("0.5", found.late_p50), ("0.99", found.late_p99)):
+            if value is not None:
+                lateness.add_metric([quantile], value)
+        if found.late_max is not None:
+            lateness.add_metric(["1"], found.late_max)
+        yield lateness
 
     def _maps(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         # Labelled by pipeline and step only: never a job or an item (a map may have 100,000).

@@ -1,5 +1,5 @@
 """`oncelery status`: queue depths, jobs by state, the oldest pending job, step durations over a
-recent window, dead letters, map steps in progress — one JSON object, or a table that
+recent window, dead letters, map steps in progress, timers — one JSON object, or a table that
 `--watch` refreshes."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from celery import Celery
 from rich.table import Table
 
 from jobs.worker.queues import queue_depths
-from ledger import JSON, LedgerStats
+from ledger import JSON, LedgerStats, TimerLedger
 from ledger.map_views import MapViews
 
 
@@ -36,6 +36,21 @@ def status_view(stats: LedgerStats, app: Celery, *, window: float) -> dict[str, 
         },
         "events": {str(kind): count for kind, count in snapshot.events.items()},
         "maps": maps_in_progress(MapViews(engine=stats.engine)),
+        "timers": timers_view(TimerLedger(engine=stats.engine)),
+    }
+
+
+def timers_view(timers: TimerLedger) -> dict[str, JSON]:
+    """Jobs waiting on timers, pending timers by due time, and how late the timers fired in
+    the last five minutes were (due → fired, seconds)."""
+    found = timers.stats()
+    return {
+        "waiting_jobs": found.waiting_jobs,
+        "pending_by_due": dict(found.pending),
+        "fired_last_5m": found.fired,
+        "lateness_p50_seconds": _round(found.late_p50),
+        "lateness_p99_seconds": _round(found.late_p99),
+        "lateness_max_seconds": _round(found.late_max),
     }
 
 
@@ -66,6 +81,17 @@ def status_table(view: dict[str, JSON]) -> Table:
     for step, items in maps.items():
         assert isinstance(items, dict)
         table.add_row(f"map {step}", _map_line(items))
+    timers = view["timers"]
+    assert isinstance(timers, dict)
+    pending = timers["pending_by_due"]
+    assert isinstance(pending, dict)
+    table.add_row("jobs waiting on timers", str(timers["waiting_jobs"]))
+    table.add_row("timers pending", " · ".join(f"{n} {due}" for due, n in pending.items()))
+    table.add_row(
+        "timer lateness (5 min)",
+        f"{timers['fired_last_5m']} fired · p50 {timers['lateness_p50_seconds']} s · "
+        f"p99 {timers['lateness_p99_seconds']} s · max {timers['lateness_max_seconds']} s",
+    )
     return table
 
 

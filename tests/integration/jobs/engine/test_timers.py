@@ -10,6 +10,7 @@ import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -18,6 +19,8 @@ from jobs.engine.run import Outcome, run_step, run_steps
 from jobs.engine.runtime import Runtime
 from jobs.engine.sweeper import sweep
 from jobs.engine.timers import fire_round
+from jobs.ops.history import history_view
+from jobs.ops.status import timers_view
 from jobs.pipelines import Pipeline, Step, StepContext
 from jobs.retry import RetryPolicy
 from jobs.waits import Sleep
@@ -108,6 +111,10 @@ def test_a_sleep_step_is_a_timer_row_set_with_the_record_and_fired_once(
         e for e in runtime.store.history(job.id).events if e.kind is EventKind.SLEEPING
     ]
     assert sleeping_event.detail == {"until": due.isoformat()}
+    view = history_view(runtime.store.history(job.id))
+    assert view["waiting"] == f"sleeping until {due.isoformat()}"
+    steps: Any = view["steps"]
+    assert [step["state"] for step in steps] == ["succeeded", "sleeping", "not_started"]
     assert fire_round(runtime, dispatch) == 0  # not due yet
 
     fire_until(runtime, dispatch, 1)
@@ -124,6 +131,13 @@ def test_a_sleep_step_is_a_timer_row_set_with_the_record_and_fired_once(
     woke = job.results["nap"]
     assert isinstance(woke, dict)
     assert datetime.fromisoformat(str(woke["fired_at"])) >= due
+    view = history_view(runtime.store.history(job.id))
+    assert view["waiting"] is None
+    steps = view["steps"]
+    assert steps[1]["state"] == "succeeded"
+    timers_now = timers_view(runtime.timers)
+    assert timers_now["fired_last_5m"] == 1
+    assert isinstance(timers_now["lateness_max_seconds"], float)
 
 
 def test_a_sleep_until_a_time_from_the_context(runtime: Runtime) -> None:
@@ -136,8 +150,20 @@ def test_a_sleep_until_a_time_from_the_context(runtime: Runtime) -> None:
     [row] = timer_rows(runtime.engine, job_id)
     due = row.due_at if row.due_at.tzinfo else row.due_at.replace(tzinfo=UTC)
     assert due == wake_at
-    stats = runtime.timers.stats()
-    assert (stats.waiting_jobs, stats.pending["within_1d"]) == (1, 1)
+    assert timers_view(runtime.timers) == {
+        "waiting_jobs": 1,
+        "pending_by_due": {
+            "overdue": 0,
+            "within_1m": 0,
+            "within_1h": 0,
+            "within_1d": 1,
+            "later": 0,
+        },
+        "fired_last_5m": 0,
+        "lateness_p50_seconds": None,
+        "lateness_p99_seconds": None,
+        "lateness_max_seconds": None,
+    }
 
 
 def test_a_sleep_whose_time_is_not_a_time_dead_letters_the_job(runtime: Runtime) -> None:
@@ -297,6 +323,8 @@ _FIRE_ONCE = """
 from config import get_settings
 from jobs.engine.runtime import Runtime, load_pipelines
 from jobs.engine.timers import fire_round
+from jobs.ops.history import history_view
+from jobs.ops.status import timers_view
 from tests.factories import RecordingDispatch
 
 settings = get_settings()

@@ -151,6 +151,7 @@ def test_the_job_part(history: JobHistory) -> None:
         "created_at": "2026-03-01T12:00:00+00:00",
         "updated_at": "2026-03-01T12:00:10+00:00",
         "finished_at": None,
+        "waiting": None,
         "results": {
             "gather": {"customer": {"id": "c1"}, "total": 700},
             "act": {"charge_id": "ch_1"},
@@ -183,6 +184,7 @@ def test_an_adopted_step_is_succeeded_and_deduplicated(history: JobHistory) -> N
                 "detail": {"customer": {"id": "c1"}, "total": 700},
             }
         ],
+        "waiting": None,
     }
 
 
@@ -241,6 +243,7 @@ def test_a_step_not_started(history: JobHistory) -> None:
         "started_at": None,
         "finished_at": None,
         "events": [],
+        "waiting": None,
     }
 
 
