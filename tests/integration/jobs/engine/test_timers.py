@@ -21,7 +21,7 @@ from jobs.engine.sweeper import sweep
 from jobs.engine.timers import fire_round
 from jobs.ops.history import history_view
 from jobs.ops.status import timers_view
-from jobs.pipelines import Pipeline, Step, StepContext
+from jobs.pipelines import Delivery, Pipeline, Step, StepContext
 from jobs.retry import RetryPolicy
 from jobs.waits import Sleep
 from ledger import (
@@ -331,3 +331,61 @@ settings = get_settings()
 load_pipelines(settings)
 print(fire_round(Runtime.from_settings(settings), RecordingDispatch()))
 """
+
+
+def test_a_job_adopting_another_jobs_result_before_a_sleep_sleeps_too(runtime: Runtime) -> None:
+    """The same request as two events: the second job adopts the first one's result, and
+    its timer is set in the transaction that moves it to the sleep step."""
+    pipeline, dispatch = sleeping(seconds=3600), RecordingDispatch()
+    word = uuid.uuid4().hex
+    first, second = start(runtime, pipeline, word=word), start(runtime, pipeline, word=word)
+    step = pipeline.step("first")
+
+    run_step(runtime, dispatch, pipeline, step, first)  # type: ignore[arg-type]
+    outcome = run_step(runtime, dispatch, pipeline, step, second)  # type: ignore[arg-type]
+
+    assert (outcome, dispatch.sent) == (Outcome.DUPLICATE, [])
+    for job_id in (first, second):
+        [row] = timer_rows(runtime.engine, job_id)
+        assert (row.step, row.state) == ("nap", "pending")
+    assert runtime.timers.stats().waiting_jobs == 2
+
+
+def test_a_read_only_step_before_a_sleep_is_claimed_and_sets_the_timer(runtime: Runtime) -> None:
+    pipeline = Pipeline(
+        name=f"sleeper-{next(_names)}",
+        steps=[
+            Step("first", _first, key="r:{word}:first", delivery=Delivery.READ_ONLY),
+            Sleep("nap", seconds=3600),
+            Step("second", _second, key="r:{word}:second"),
+        ],
+        resources=lambda _settings: None,
+    )
+    dispatch = RecordingDispatch()
+    job_id = start(runtime, pipeline)
+
+    run_step(runtime, dispatch, pipeline, pipeline.step("first"), job_id)  # type: ignore[arg-type]
+
+    assert dispatch.sent == []
+    [row] = timer_rows(runtime.engine, job_id)
+    assert row.state == "pending"
+
+
+def test_a_pipeline_refuses_a_sleep_nothing_would_set() -> None:
+    def steps(*names: str) -> list[Step[None]]:
+        made: list[Step[None]] = []
+        for name in names:
+            if name.startswith("z"):
+                made.append(Sleep(name, seconds=1))
+            else:
+                made.append(Step(name, _first, key=f"{name}:{{word}}"))
+        return made
+
+    for names, error in [
+        (("z1", "a"), "cannot be the first step"),
+        (("a", "z1", "z2", "b"), "follows another sleep"),
+    ]:
+        with pytest.raises(ValueError, match=error):
+            Pipeline(name="refused", steps=steps(*names), resources=lambda _s: None)
+    with pytest.raises(ValueError, match="give seconds or until"):
+        Sleep("z", seconds=1, until="at")
