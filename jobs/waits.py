@@ -3,6 +3,8 @@ from the job, as a timer row in the ledger (never a broker message or a worker's
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -27,8 +29,9 @@ def _never_run(ctx: StepContext[object]) -> JSON:
     raise PermanentError(f"sleep step {ctx.step!r} runs only when its timer fires")
 
 
-def _timer_key(context: Mapping[str, JSON]) -> str:  # noqa: ARG001 - no key is ever claimed
-    return ""
+def _timer_key(context: Mapping[str, JSON]) -> str:
+    digest = hashlib.sha256(json.dumps(context, sort_keys=True).encode()).hexdigest()
+    return digest[:32]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,6 +68,12 @@ class Sleep(Step[R]):
             )
         if isinstance(self.until, str) and not self.until:
             raise ValueError(f"sleep step {self.name!r}: until names no field")
+
+    def key_for(self, context: Mapping[str, JSON]) -> str:
+        """A key of its own per step and context: never claimed on the way (the timer is
+        the wait's identity), but a stray message's claim (see `_never_run`) must not land
+        on a key every sleep shares."""
+        return f"sleep:{self.name}:{_timer_key(context)}"
 
     def due(
         self, context: Mapping[str, JSON], results: Mapping[str, JSON], *, now: datetime
