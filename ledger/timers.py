@@ -13,11 +13,12 @@ from datetime import datetime
 from typing import Final
 from uuid import UUID
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from ledger import db, queries
+from ledger.dead_letters import DeadLetterNote, write_dead_letter
 from ledger.queries import timers as timer_queries
-from ledger.types import JSON, EventKind, JobState, TimerKind
+from ledger.types import JSON, DeadLetterReason, EventKind, JobState, TimerKind
 
 #: Where `TimerStats.pending` splits the pending timers by due time, in seconds from now
 #: (the first bucket holds the overdue ones).
@@ -94,7 +95,9 @@ class TimerLedger:
         stay in the outbox until `mark_sent`; a crash before that leaves them to
         `take_unsent`.
 
-        `route` runs inside the transaction; if it raises, nothing is fired."""
+        `route` runs inside the transaction; a `LookupError` from it (the pipeline has no
+        such step any more) dead-letters the job at its waiting step, any other error
+        fires nothing."""
         fired: list[FiredTimer] = []
         with db.transaction(self.engine) as conn:
             dialect = conn.dialect.name
@@ -118,7 +121,14 @@ class TimerLedger:
                     job.context,
                     job.results,
                 )
-                next_step = route(timer)
+                try:
+                    next_step = route(timer)
+                except LookupError as exc:
+                    # The pipeline has no such step any more: a person must look (a timer
+                    # left pending would be taken again every round).
+                    nothing_to_send.append(row.id)
+                    self._dead_letter(conn, timer, exc)
+                    continue
                 late = max(0.0, (fired_at - due_at).total_seconds())
                 woke: JSON = {
                     "due_at": due_at.isoformat(),
@@ -144,6 +154,12 @@ class TimerLedger:
             if nothing_to_send:
                 conn.execute(timer_queries.mark_sent(nothing_to_send))
         return fired
+
+    @staticmethod
+    def _dead_letter(conn: Connection, timer: DueTimer, exc: LookupError) -> None:
+        error: JSON = {"type": type(exc).__name__, "message": str(exc), "retryable": False}
+        letter = DeadLetterNote(timer.job_id, timer.step, None, error, DeadLetterReason.PERMANENT)
+        write_dead_letter(conn, letter, 0, None)
 
     def mark_sent(self, timer_ids: Sequence[int]) -> None:
         """Note that fired timers' next steps reached the broker."""

@@ -14,6 +14,7 @@ from typing import Final
 from config.settings import CrashPoint
 from jobs.engine.dispatch import Dispatch, SendsMany
 from jobs.engine.runtime import Runtime
+from jobs.errors import UnknownPipeline
 from jobs.pipelines import Step, registry
 from jobs.waits import Sleep
 from ledger import JSON, DueTimer, FiredTimer
@@ -41,8 +42,16 @@ def due_or_error(
 
 
 def _route(timer: DueTimer) -> str | None:
-    """The step a fired sleep moves its job to (None: the sleep was the last step)."""
-    following: Step[object] | None = registry.get(timer.pipeline).next_step(timer.step)
+    """The step a fired sleep moves its job to (None: the sleep was the last step).
+
+    Raises:
+        LookupError: the pipeline (redeclared since) has no such step: the ledger
+            dead-letters the job rather than block the loop on it.
+    """
+    try:
+        following: Step[object] | None = registry.get(timer.pipeline).next_step(timer.step)
+    except (UnknownPipeline, ValueError):
+        raise LookupError(f"pipeline {timer.pipeline!r} has no step {timer.step!r}") from None
     return following.name if following is not None else None
 
 

@@ -389,3 +389,28 @@ def test_a_pipeline_refuses_a_sleep_nothing_would_set() -> None:
             Pipeline(name="refused", steps=steps(*names), resources=lambda _s: None)
     with pytest.raises(ValueError, match="give seconds or until"):
         Sleep("z", seconds=1, until="at")
+
+
+def test_a_timer_whose_step_is_gone_dead_letters_its_job_and_the_others_fire(
+    runtime: Runtime,
+) -> None:
+    """A pipeline redeclared without its sleep step: that job's timer cannot move it, and
+    must not block the loop (left pending, it would be taken again every round)."""
+    dispatch = RecordingDispatch()
+    gone, kept = sleeping(seconds=0), sleeping(seconds=0)
+    lost, fine = start(runtime, gone), start(runtime, kept)
+    run_step(runtime, dispatch, gone, gone.step("first"), lost)  # type: ignore[arg-type]
+    run_step(runtime, dispatch, kept, kept.step("first"), fine)  # type: ignore[arg-type]
+    Pipeline(
+        name=gone.name,
+        steps=[Step("first", _first, key="s:{word}:first"), Step("second", _second, key="x")],
+        resources=lambda _settings: None,
+    )
+
+    fire_until(runtime, dispatch, 1)
+
+    assert dispatch.sent == [(kept.name, "second", fine)]
+    assert runtime.store.get_job(uuid.UUID(lost)).state is JobState.DEAD_LETTERED
+    [letter] = DeadLetterStore(engine=runtime.engine).list()
+    assert (letter.step, letter.message) == ("nap", f"pipeline {gone.name!r} has no step 'nap'")
+    assert {row.state for row in timer_rows(runtime.engine, lost)} == {"fired"}
