@@ -75,17 +75,17 @@ class Sleep(Step[R]):
         on a key every sleep shares."""
         return f"sleep:{self.name}:{_timer_key(context)}"
 
-    def due(
-        self, context: Mapping[str, JSON], results: Mapping[str, JSON], *, now: datetime
-    ) -> datetime:
-        """When the job's timer is due, for a job reaching the step at `now`.
+    def due(self, context: Mapping[str, JSON], results: Mapping[str, JSON]) -> datetime | timedelta:
+        """When the job's timer is due: a time, or (`seconds`) a delay from the moment the
+        job reaches the step, which the ledger adds to the database's clock in the
+        transaction that moves it there (no worker's clock, no time spent before the commit).
 
         Raises:
             ValueError: `until` names a field that is missing or holds no time with an
                 offset, or its function returned no timezone-aware time.
         """
         if self.seconds is not None:
-            return now + timedelta(seconds=self.seconds)
+            return timedelta(seconds=self.seconds)
         if callable(self.until):
             found = self.until(context, results)
             if not isinstance(found, datetime) or found.utcoffset() is None:

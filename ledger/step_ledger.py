@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, ClassVar, TypeVar
 from uuid import UUID, uuid4
 
@@ -155,15 +155,16 @@ class StepLedger:
         done: Sequence[StepResult],
         *,
         next_step: str | None,
-        sleep_until: Sequence[datetime] | None = None,
+        sleep_until: Sequence[datetime | timedelta] | None = None,
     ) -> list[Recorded | LedgerError]:
         """`record_success` for several claims of the same step (in one transaction on
         Postgres); for each, its record or the error `record_success` would have raised
         (`LeaseLost`, `StatementRejected`).
 
         Args:
-            sleep_until: `next_step` is a sleep step: each job's due time, its timer set in
-                the transaction of its record (one transaction per job).
+            sleep_until: `next_step` is a sleep step: each job's due time (a delay: from the
+                database's clock), its timer set in the transaction of its record (one
+                transaction per job).
         """
         state = JobState.RUNNING if next_step is not None else JobState.SUCCEEDED
         records = [
@@ -182,7 +183,9 @@ class StepLedger:
             for record, due in zip(records, sleep_until, strict=True)
         ]
 
-    def _record_and_sleep(self, record: Record, sleep_step: str, due: datetime) -> Recorded:
+    def _record_and_sleep(
+        self, record: Record, sleep_step: str, due: datetime | timedelta
+    ) -> Recorded:
         """Record a success that moves its job to a sleep step, and set the job's timer, in
         one transaction (the record's statements as on SQLite, on either database)."""
         finish, event, advance = queries.record_statements(*record.shape)
@@ -202,11 +205,15 @@ class StepLedger:
         return self._recorded(record, self.retrying(attempt))
 
     @staticmethod
-    def _sleep(conn: Connection, job_id: UUID, step: str, due: datetime) -> None:
+    def _sleep(conn: Connection, job_id: UUID, step: str, due: datetime | timedelta) -> None:
         """Set a job's sleep timer and say so in its history (in the caller's transaction)."""
         dialect = conn.dialect.name
-        conn.execute(queries.insert_timer(dialect, job_id, step, TimerKind.SLEEP, due))
-        until: JSON = {"until": due.isoformat()}
+        due_at: datetime | None = conn.execute(
+            queries.insert_timer(dialect, job_id, step, TimerKind.SLEEP, due)
+        ).scalar_one_or_none()
+        if due_at is None:  # set already, by an earlier commit of this record
+            return
+        until: JSON = {"until": db.as_utc(due_at).isoformat()}
         conn.execute(queries.append_event(job_id, step, EventKind.SLEEPING, detail=until))
 
     def record_and_claim_next_steps(
@@ -358,7 +365,7 @@ class StepLedger:
         outcome: AlreadySucceeded,
         *,
         next_step: str | None,
-        sleep_until: datetime | None = None,
+        sleep_until: datetime | timedelta | None = None,
     ) -> JobState:
         """Give a job the result recorded under its step's key and move it on.
 

@@ -123,3 +123,15 @@ toy_sleep: Pipeline[ProviderClient] = Pipeline(
     ],
     resources=_provider,
 )
+
+
+#: As `toy-sleep`, but sleeping until the job's `wake_at` (an ISO 8601 time).
+toy_wait: Pipeline[ProviderClient] = Pipeline(
+    name="toy-wait",
+    steps=[
+        Step("measure", measure, key="toy-wait:{word}:measure"),
+        Sleep("cool_off", until="wake_at"),
+        Step("announce", announce, key="toy-wait:{word}:announce", effect="notification"),
+    ],
+    resources=_provider,
+)

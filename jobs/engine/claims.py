@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import random
-from datetime import datetime
+from datetime import datetime, timedelta
 from uuid import UUID
 
 from jobs.engine.run_state import Outcome, Run, claim_alone, error_json
@@ -139,7 +139,7 @@ def _adopt_into_sleep(
     ledger = run.rt.ledger
     job = run.rt.store.get_job(outcome.job_id)
     due = due_or_error(sleep, job.context, {**job.results, step.name: outcome.result})
-    if isinstance(due, datetime):
+    if isinstance(due, datetime | timedelta):
         ledger.adopt_result(outcome, next_step=sleep.name, sleep_until=due)
         return
     if ledger.adopt_result(outcome, next_step=sleep.name) is JobState.RUNNING:

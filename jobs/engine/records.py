@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from config.settings import CrashPoint
 from jobs import retry
@@ -106,14 +106,14 @@ def _recorded_into_sleep(
     same transaction. A job whose due time cannot be told (its `until` field is not a time)
     is recorded without one and dead-lettered at the sleep step."""
     ledger = run.rt.ledger
-    timed: list[tuple[Acted, StepResult, datetime]] = []
+    timed: list[tuple[Acted, StepResult, datetime | timedelta]] = []
     untimed: list[tuple[Acted, StepResult, dict[str, JSON]]] = []
     for each in claimed:
         done = each.done
         assert isinstance(done, StepResult)
         results = {**done.claim.results, done.claim.step: done.result}
         due = due_or_error(sleep, done.claim.context, results)
-        if isinstance(due, datetime):
+        if isinstance(due, datetime | timedelta):
             timed.append((each, done, due))
         else:
             untimed.append((each, done, due))

@@ -8,7 +8,7 @@ import logging
 import threading
 from collections import defaultdict
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime, timedelta
 from typing import Final
 
 from config.settings import CrashPoint
@@ -32,11 +32,11 @@ _BACKOFF: Final = 2.0
 
 def due_or_error(
     sleep: Sleep[object], context: Mapping[str, JSON], results: Mapping[str, JSON]
-) -> datetime | dict[str, JSON]:
+) -> datetime | timedelta | dict[str, JSON]:
     """When a job reaching `sleep` now wakes, or why that cannot be said (its `until` field
     missing or not a time: an error for the job's dead letter)."""
     try:
-        return sleep.due(context, results, now=datetime.now(UTC))
+        return sleep.due(context, results)
     except Exception as exc:  # noqa: BLE001 - a user's `until` may raise anything
         return {"type": type(exc).__name__, "message": str(exc)[:2000], "retryable": False}
 

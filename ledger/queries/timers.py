@@ -4,7 +4,7 @@ SKIP LOCKED), resend a lost firing's publish, cancel a job's timers, and count t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -20,10 +20,12 @@ _FIRED = str(TimerState.FIRED)
 
 
 def insert_timer(
-    dialect_name: str, job_id: UUID, step: str, kind: TimerKind, due_at: datetime
+    dialect_name: str, job_id: UUID, step: str, kind: TimerKind, due: datetime | timedelta
 ) -> Any:
-    """Set a job's timer for `step`; nothing if it has one of that kind already (a record
-    repeated after an ambiguous commit)."""
+    """Set a job's timer for `step`, due at a time or after a delay from the database's
+    clock; nothing if it has one of that kind already (a record repeated after an ambiguous
+    commit). Returns its due time when set."""
+    due_at = db.utcnow_plus(db.seconds(due.total_seconds())) if isinstance(due, timedelta) else due
     insert = db.insert_for(dialect_name)(timers).values(
         job_id=job_id,
         step=step,
@@ -32,7 +34,8 @@ def insert_timer(
         due_at=due_at,
         created_at=db.utcnow(),
     )
-    return insert.on_conflict_do_nothing(index_elements=["job_id", "step", "kind"])
+    conflict = insert.on_conflict_do_nothing(index_elements=["job_id", "step", "kind"])
+    return conflict.returning(timers.c.due_at)
 
 
 def fire_due(dialect_name: str, limit: int, pipelines: Sequence[str]) -> sa.Update:
