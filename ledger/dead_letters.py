@@ -289,18 +289,21 @@ def _close(conn: Connection, letter_id: int, state: DeadLetterState, by: str) ->
 
 def _reopen_item(conn: Connection, letter: _Closed) -> str | None:
     """If the dead letter is an item's (of a map step), make the item pending again and count
-    it back as unsettled; its item id then (None: a step's dead letter)."""
-    assert letter.key is not None
-    found = conn.execute(queries.select_item_by_key(letter.job_id, letter.step, letter.key))
-    item = found.mappings().one_or_none()
-    if item is None:
+    it back as unsettled; its item id then (None: a step's dead letter). Decided under the
+    map's row lock, taken first: a record settling the map's last item meanwhile joins it
+    first (the replay is refused) or waits for this one (its count includes the reopened item)."""
+    if letter.key is None:
         return None
+    by_key = queries.select_item_by_key(letter.job_id, letter.step, letter.key)
+    if conn.execute(by_key).one_or_none() is None:
+        return None
+    locked = conn.execute(queries.lock_unjoined_map(letter.job_id, letter.step)).one_or_none()
+    if locked is None:
+        raise _Refusal("its map was joined already (its policy let the join see the failure)")
+    item = conn.execute(by_key).mappings().one()
     state = ItemState(item["state"])
     if state not in (ItemState.FAILED, ItemState.WAITING):
         raise _Refusal(f"its item is {state}, not failed")
-    [counters] = conn.execute(queries.select_map_counters(letter.job_id, letter.step)).all()
-    if counters.joined_at is not None:
-        raise _Refusal("its map was joined already (its policy let the join see the failure)")
     reopened = queries.reopen_item(letter.job_id, letter.step, letter.key, state)
     if conn.execute(reopened).one_or_none() is None:
         raise _Refusal("its item changed meanwhile")

@@ -218,6 +218,18 @@ def count_items(
     )
 
 
+def lock_unjoined_map(job_id: UUID, step: str) -> sa.Update:
+    """Lock a map's row if it is not joined yet (a person's change to one of its items is
+    decided under the lock the counters are moved under); returns its counters then."""
+    counters = maps.c
+    return (
+        sa.update(maps)
+        .where(counters.job_id == job_id, counters.step == step, counters.joined_at.is_(None))
+        .values(updated_at=db.utcnow())
+        .returning(*_counter_columns())
+    )
+
+
 def _counter_columns() -> list[ColumnElement[Any]]:
     c = maps.c
     return [c.policy, c.total, c.done, c.failed, c.waiting, c.expanded, c.remaining, c.joined_at]
