@@ -357,6 +357,12 @@ class MapLedger:
                 found.update(conn.execute(queries.select_item_keys(chunk)).scalars())
         return found
 
+    def key_holder(self, key: str) -> UUID | None:
+        """The job that recorded a key (None: no entry)."""
+        with db.single_statement(self.engine) as conn:
+            entry = conn.execute(queries.select_entry(key)).mappings().one_or_none()
+        return entry["job_id"] if entry is not None else None
+
     def take_lost_items(
         self,
         *,
