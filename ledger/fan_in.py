@@ -6,6 +6,7 @@ kombu, jobs or config."""
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Final
 from uuid import UUID
@@ -14,6 +15,7 @@ from sqlalchemy.engine import Connection, RowMapping
 
 from ledger import queries
 from ledger.dead_letters import DeadLetterNote, write_item_dead_letter
+from ledger.errors import ItemConflict
 from ledger.map_types import ItemClaim, ItemRecorded, MapCounters, NewItem
 from ledger.outcomes import Failure
 from ledger.types import DeadLetterReason, EventKind, ItemState, JobState
@@ -29,7 +31,12 @@ def insert_items(
     items: Sequence[tuple[tuple[str, str] | None, Sequence[NewItem]]],
 ) -> dict[str | None, list[str]]:
     """Write items, each group the children of a parent (an (item id, path)) or the roots
-    (None), one INSERT per `INSERT_BATCH` rows; the ids the map did not have, by parent."""
+    (None), one INSERT per `INSERT_BATCH` rows; the ids the map did not have, by parent. An
+    id the map has (or this call wrote) with the same fingerprint is that item, counted once.
+
+    Raises:
+        ItemConflict: an id the map has with another fingerprint (roll the caller back).
+    """
     rows = [
         {
             "job_id": job_id,
@@ -47,10 +54,31 @@ def insert_items(
     added: dict[str | None, list[str]] = {}
     for start in range(0, len(rows), INSERT_BATCH):
         batch = rows[start : start + INSERT_BATCH]
-        inserted = conn.execute(queries.insert_items(conn.dialect.name, batch))
+        inserted = conn.execute(queries.insert_items(conn.dialect.name, batch)).all()
         for item_id, parent in inserted:
             added.setdefault(str(parent) if parent is not None else None, []).append(str(item_id))
+        if len(inserted) < len(batch):
+            _same_items(conn, job_id, step, batch, {str(item_id) for item_id, _ in inserted})
     return added
+
+
+def _same_items(
+    conn: Connection,
+    job_id: UUID,
+    step: str,
+    batch: Sequence[dict[str, Any]],
+    inserted: set[str],
+) -> None:
+    """Each row of `batch` the INSERT left out (its id taken, before or by an earlier row)
+    must be the item under that id: the same fingerprint; else raise `ItemConflict` (the
+    statement dropped it without a word)."""
+    given = Counter(str(row["item_id"]) for row in batch)
+    taken = [item_id for item_id, n in given.items() if n > 1 or item_id not in inserted]
+    found = conn.execute(queries.select_item_fingerprints(job_id, step, taken))
+    stored = {str(item_id): str(fingerprint) for item_id, fingerprint in found}
+    for row in batch:
+        if stored.get(row["item_id"], row["fingerprint"]) != row["fingerprint"]:
+            raise ItemConflict(str(row["item_id"]), step)
 
 
 def settle(

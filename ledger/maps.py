@@ -12,7 +12,7 @@ from uuid import UUID, uuid4
 from sqlalchemy.engine import Connection, Engine
 
 from ledger import db, fan_in, queries
-from ledger.errors import LeaseLost, LedgerError, StatementRejected
+from ledger.errors import ItemConflict, LeaseLost, LedgerError, StatementRejected
 from ledger.fan_in import INSERT_BATCH
 from ledger.map_types import (
     FanOut,
@@ -210,9 +210,11 @@ class MapLedger:
 
         try:
             return self._retrying(attempt)
-        except StatementRejected:
+        except StatementRejected as exc:
             if len(done) == 1:
-                return [StatementRejected(_rejected(done[0][0]))]
+                # An expansion's clash names the id; any other refusal, the item.
+                refused = exc if isinstance(exc, ItemConflict) else None
+                return [refused or StatementRejected(_rejected(done[0][0]))]
             return [self.record_items([one], next_step=next_step)[0] for one in done]
 
     def record_item_failure(

@@ -65,6 +65,12 @@ def insert_items(dialect_name: str, rows: Sequence[Mapping[str, Any]]) -> Any:
     )
 
 
+def select_item_fingerprints(job_id: UUID, step: str, item_ids: Sequence[str]) -> sa.Select[Any]:
+    """The (item id, fingerprint) of these items of a map."""
+    item = map_items.c
+    return sa.select(item.item_id, item.fingerprint).where(*_the_item(job_id, step, list(item_ids)))
+
+
 def _the_item(job_id: Any, step: Any, item_ids: Any) -> list[ColumnElement[bool]]:
     item = map_items.c
     where = [item.job_id == job_id, item.step == step]

@@ -39,6 +39,7 @@ from ledger import (
     StepLedger,
     create_engine,
 )
+from ledger.errors import ItemConflict
 from ledger.schema import ledger_entries, map_items
 
 _runs = itertools.count()
@@ -89,8 +90,8 @@ class FanInModel(RuleBasedStateMachine):
         [(job_id, _)] = JobStore(engine=self.engine).create_jobs([new])
         return job_id
 
-    def _item(self, item_id: str) -> NewItem:
-        return NewItem(item_id, {"id": item_id}, f"{self.prefix}:map/{item_id}", "i" * 64)
+    def _item(self, item_id: str, fingerprint: str = "i" * 64) -> NewItem:
+        return NewItem(item_id, {"id": item_id}, f"{self.prefix}:map/{item_id}", fingerprint)
 
     @rule(pick=st.integers(0, 50))
     def claim(self, pick: int) -> None:
@@ -111,18 +112,29 @@ class FanInModel(RuleBasedStateMachine):
             )
 
     @precondition(lambda self: self.claims)
-    @rule(pick=st.integers(0, 50), children=st.integers(0, 3), again=st.booleans())
-    def succeed(self, pick: int, children: int, again: bool) -> None:
-        """A claim's item succeeds, expanding into new items (and one the map has)."""
+    @rule(
+        pick=st.integers(0, 50),
+        children=st.integers(0, 3),
+        again=st.sampled_from([None, "i" * 64, "j" * 64]),
+    )
+    def succeed(self, pick: int, children: int, again: str | None) -> None:
+        """A claim's item succeeds, expanding into new items (and one the map has: the same
+        item, or another content under its id, which refuses the record)."""
         claim = self.claims[pick % len(self.claims)]
         kids = [self._item(f"c{next(self.names)}") for _ in range(children)]
-        if again:
-            kids.append(self._item(sorted(self.states)[0]))
+        if again is not None:
+            kids.append(self._item(sorted(self.states)[0], again))
         [answer] = self.maps.record_items([(claim, {"ok": claim.item_id}, kids)], next_step="join")
         if isinstance(answer, LeaseLost):
             return
+        if isinstance(answer, ItemConflict):
+            # Refused whole: nothing counted, the claim's key still started, its item pending.
+            assert again == "j" * 64
+            assert self.states[claim.item_id] == "pending"
+            return
         assert isinstance(answer, ItemRecorded)
         if answer.counted:
+            assert again != "j" * 64, "an expansion's other content under a taken id dropped"
             assert self.states[claim.item_id] == "pending", "counted twice"
             self.states[claim.item_id] = "done"
             assert len(answer.children) == children

@@ -8,7 +8,8 @@ import uuid
 
 from jobs.engine.run import Outcome, run_step
 from jobs.engine.runtime import Runtime
-from jobs.pipelines import Pipeline
+from jobs.maps import Expand, ItemContext, MapPolicy, MapStep
+from jobs.pipelines import Pipeline, Step, StepContext
 from ledger import JSON, DeadLetterReason, DeadLetterStore, JobState
 from tests.integration.jobs.engine.test_map_step import (
     QueueDispatch,
@@ -51,3 +52,65 @@ def test_a_map_step_key_recorded_by_another_job_is_not_adopted(runtime: Runtime)
     job = runtime.store.get_job(uuid.UUID(first))
     assert job.state is JobState.SUCCEEDED
     assert job.results["publish"] == {"items": len(tree_ids(12))}
+
+
+def clashing(world: World) -> Pipeline[World]:
+    """A map of r0..r3 where r0 expands into `r1` with other content than the map's r1, and
+    r2 into `r3` with the same content (the same item)."""
+
+    def plan(ctx: StepContext[World]) -> list[object]:
+        return [{"id": f"r{n}", "depth": 0} for n in range(4)]
+
+    def each(ctx: ItemContext[World]) -> object:
+        ctx.resources.acted[ctx.item_id] += 1
+        if ctx.item_id == "r0":
+            return Expand(items=[{"id": "r1", "depth": 1}, {"id": "r0.0", "depth": 1}])
+        if ctx.item_id == "r2":
+            return Expand(items=[{"id": "r3", "depth": 0}])
+        return {"seen": ctx.item_id}
+
+    def join(ctx: StepContext[World]) -> object:
+        seen = [(each.item_id, str(each.state), each.result) for each in ctx.items("search")]
+        ctx.resources.joins.append(seen)
+        return {"items": len(seen)}
+
+    return Pipeline(
+        name=f"clash-{uuid.uuid4().hex[:8]}",
+        steps=[
+            MapStep(
+                "search",
+                plan,  # type: ignore[arg-type]
+                key="crawl:{crawl}:search",
+                each=each,  # type: ignore[arg-type]
+                item_id=lambda item: str(item["id"]),  # type: ignore[call-overload,index]
+                policy=MapPolicy.ALL_SETTLED,
+            ),
+            Step("publish", join, key="crawl:{crawl}:publish"),  # type: ignore[arg-type]
+        ],
+        resources=lambda _settings: world,
+    )
+
+
+def test_an_expansion_into_an_id_the_map_has_with_other_content_fails_its_parent(
+    runtime: Runtime,
+) -> None:
+    # Given a map whose r0 expands into r1 with other content (and r2 into r3, the same)
+    world, dispatch = World(), QueueDispatch()
+    pipeline = clashing(world)
+    job_id = start_with(runtime, pipeline, uuid.uuid4().hex, roots=0)
+    dispatch.send(pipeline.name, "search", job_id)
+
+    # When every message runs (twice: redelivered after each record)
+    drain(runtime, dispatch, pipeline, twice=True)
+
+    # Then r0 failed, dead-lettered naming the id it clashed on (not done with the clash
+    # dropped), none of its children was added, and r2's expansion into r3 counted r3 once
+    [seen] = world.joins
+    states = {item_id: state for item_id, state, _ in seen}
+    assert states == {"r0": "failed", "r1": "done", "r2": "done", "r3": "done"}
+    [letter] = DeadLetterStore(engine=runtime.engine).list(job_id=uuid.UUID(job_id))
+    assert letter.key is not None
+    assert letter.key.endswith("/r0")
+    assert "'r1'" in letter.message
+    assert "other content" in letter.message
+    assert world.acted["r3"] == 1
