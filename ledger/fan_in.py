@@ -11,14 +11,15 @@ from collections.abc import Sequence
 from typing import Any, Final
 from uuid import UUID
 
-from sqlalchemy.engine import Connection, RowMapping
+from sqlalchemy.engine import Connection
 
 from ledger import queries
 from ledger.dead_letters import DeadLetterNote, write_item_dead_letter
 from ledger.errors import ItemConflict
+from ledger.map_counters import count, join
 from ledger.map_types import ItemClaim, ItemRecorded, MapCounters, NewItem
 from ledger.outcomes import Failure
-from ledger.types import DeadLetterReason, EventKind, ItemState, JobState
+from ledger.types import DeadLetterReason, ItemState
 
 #: Items per INSERT when a map's items are written.
 INSERT_BATCH: Final = 1000
@@ -155,25 +156,6 @@ def _settle_params(job_id: UUID, step: str, item_ids: list[str]) -> dict[str, An
     return {"p_job_id": job_id, "p_step": step, "p_item_ids": item_ids}
 
 
-def count(conn: Connection, job_id: UUID, step: str, **moves: int) -> MapCounters:
-    """Move a map's counters by `moves`; they as they now stand."""
-    row = conn.execute(queries.count_items(job_id, step, **moves)).mappings().one()
-    return counters_of(step, row)
-
-
-def join(conn: Connection, job_id: UUID, step: str, next_step: str | None) -> JobState | None:
-    """Mark the map joined and move its job on, if no other transaction did: the job's
-    state then (None: joined before, or the job is no longer active)."""
-    row = conn.execute(queries.join_map(job_id, step)).mappings().one_or_none()
-    if row is None:
-        return None
-    summary = counters_of(step, row).summary()
-    moved = queries.move_on_with_result(job_id, step, summary, next_step)
-    state = conn.execute(moved).scalar_one_or_none()
-    conn.execute(queries.append_event(job_id, step, EventKind.JOINED, detail=summary))
-    return JobState(state) if state is not None else None
-
-
 def dead_letter(
     conn: Connection, claim: ItemClaim, failure: Failure, attempts: int, first: Any
 ) -> None:
@@ -186,17 +168,3 @@ def dead_letter(
         failure.duration_ms,
     )
     write_item_dead_letter(conn, letter, attempts, first, (claim.item_id, claim.item))
-
-
-def counters_of(step: str, row: RowMapping) -> MapCounters:
-    return MapCounters(
-        step=step,
-        policy=row["policy"],
-        total=row["total"],
-        done=row["done"],
-        failed=row["failed"],
-        waiting=row["waiting"],
-        expanded=row["expanded"],
-        remaining=row["remaining"],
-        joined=row["joined_at"] is not None,
-    )

@@ -11,7 +11,7 @@ from uuid import UUID, uuid4
 
 from sqlalchemy.engine import Connection, Engine
 
-from ledger import db, fan_in, queries
+from ledger import db, fan_in, map_counters, queries
 from ledger.errors import ItemConflict, LeaseLost, LedgerError, StatementRejected
 from ledger.fan_in import INSERT_BATCH
 from ledger.map_types import (
@@ -89,7 +89,7 @@ class MapLedger:
                 roots = fan_in.insert_items(conn, claim.job_id, claim.step, [(None, items)])
                 added = roots.get(None, [])
                 moves = {"total": len(added), "remaining": len(added)}
-                counters = fan_in.count(conn, claim.job_id, claim.step, **moves)
+                counters = map_counters.count(conn, claim.job_id, claim.step, **moves)
                 event = queries.append_event(
                     claim.job_id,
                     claim.step,
@@ -103,7 +103,7 @@ class MapLedger:
                 conn.execute(queries.note_fan_out(claim.job_id, claim.step, done))
                 joined = None
                 if counters.remaining == 0:
-                    joined = fan_in.join(conn, claim.job_id, claim.step, next_step)
+                    joined = map_counters.join(conn, claim.job_id, claim.step, next_step)
                 return FanOut(added, joined)
 
         return self._retrying(attempt)
@@ -325,7 +325,7 @@ class MapLedger:
         """Each map step's counters of a job."""
         with db.single_statement(self.engine) as conn:
             rows = conn.execute(queries.select_map_counters(job_id)).mappings().all()
-        return [fan_in.counters_of(row["step"], row) for row in rows]
+        return [map_counters.counters_of(row["step"], row) for row in rows]
 
     def item_results(
         self, job_id: UUID, step: str, *, page: int = READ_PAGE

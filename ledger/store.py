@@ -13,7 +13,7 @@ from sqlalchemy.engine import Connection, Engine, RowMapping
 
 from ledger import db, queries
 from ledger.errors import JobNotFound
-from ledger.fan_in import counters_of
+from ledger.map_counters import counters_of
 from ledger.new_jobs import create_jobs, create_jobs_in
 from ledger.types import (
     JSON,

@@ -296,14 +296,24 @@ def dlq_purge(
     letters = _select(
         settings, ids, every=every, state=chosen, filters=(step, error_type, older_than)
     )
-    deleted = _letters(settings).purge([letter.id for letter in letters], by=who(by))
+    purged = _letters(settings).purge([letter.id for letter in letters], by=who(by))
+    kept = {each.letter_id for each in purged.refused}
     everything = every and state is StateFilter.ALL and not any((step, error_type, older_than))
-    copies = remove_dead_copies(app, None if everything else letters)
+    everything = everything and not kept
+    gone = [letter for letter in letters if letter.id not in kept]
+    copies = remove_dead_copies(app, None if everything else gone)
     if as_json:
-        print_json({"purged": deleted, "broker_copies": copies})
+        refused = [
+            {"dead_letter": each.letter_id, "reason": each.reason} for each in purged.refused
+        ]
+        print_json({"purged": purged.deleted, "broker_copies": copies, "refused": refused})
     else:
         removed = "unknown (the broker did not answer)" if copies is None else copies
-        stdout.print(f"purged {deleted} dead letter(s); broker copies removed: {removed}")
+        stdout.print(f"purged {purged.deleted} dead letter(s); broker copies removed: {removed}")
+        for each in purged.refused:
+            stdout.print(f"{each.letter_id}: refused: {each.reason}")
+    if purged.refused:
+        raise typer.Exit(1)
 
 
 def cancel(

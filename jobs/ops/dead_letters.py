@@ -170,7 +170,8 @@ class DeadLetterDesk:
 
     def resolve(self, letter: DeadLetter, *, by: str, result: JSON) -> ReplayResult:
         """A person decided the step did take effect (`resolve --as succeeded`): record
-        `result` as its outcome and move the job on."""
+        `result` as its outcome and move the job on. An item's letter settles its item as
+        done (its job goes on; the join is sent if that settled the map's last item)."""
         try:
             following = _next_step(letter)
         except UnknownPipeline as exc:
@@ -184,14 +185,15 @@ class DeadLetterDesk:
             # Its kept message again: the call answers the person's result, and the canvas
             # after it goes on.
             return self._send(outcome, letter)
+        done = f"item {outcome.item_id} done; " if outcome.item_id is not None else ""
         if outcome.next_step is not None and outcome.job_state is JobState.RUNNING:
             self.dispatch.send(
                 outcome.pipeline, outcome.next_step, str(outcome.job_id), resend=True
             )
             return ReplayResult(
-                letter.id, str(letter.job_id), True, f"resumed at {outcome.next_step}"
+                letter.id, str(letter.job_id), True, f"{done}resumed at {outcome.next_step}"
             )
-        return ReplayResult(letter.id, str(letter.job_id), True, f"job {outcome.job_state}")
+        return ReplayResult(letter.id, str(letter.job_id), True, f"{done}job {outcome.job_state}")
 
     def _send(self, outcome: object, letter: DeadLetter) -> ReplayResult:
         if isinstance(outcome, Refused):

@@ -182,6 +182,18 @@ def reopen_item(job_id: UUID, step: str, key: str, state: ItemState) -> sa.Updat
     )
 
 
+def resolve_item(job_id: UUID, step: str, key: str, state: ItemState) -> sa.Update:
+    """An item failed (settled, or waiting) to done, if still in `state` (a person's word
+    that it did take effect); returns it then."""
+    item = map_items.c
+    return (
+        sa.update(map_items)
+        .where(item.job_id == job_id, item.step == step, item.key == key, item.state == str(state))
+        .values(state=str(ItemState.DONE), updated_at=db.utcnow())
+        .returning(item.item_id)
+    )
+
+
 def touch_item(job_id: UUID, step: str, item_id: str) -> sa.Update:
     """Mark an item touched (a failed attempt, retried later: not stalled)."""
     return (

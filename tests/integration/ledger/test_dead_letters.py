@@ -168,7 +168,7 @@ def test_purging_an_open_dead_letter_gives_the_job_up(
     job_id = dead_letter_after_two_failures(store, ledger)
     [letter] = letters.list()
 
-    assert letters.purge([letter.id], by="ops") == 1
+    assert letters.purge([letter.id], by="ops").deleted == 1
 
     assert letters.list(state=None) == []
     history = store.history(job_id)

@@ -6,20 +6,24 @@ from __future__ import annotations
 import threading
 import uuid
 
+import pytest
 import sqlalchemy as sa
 
 from ledger import (
+    JSON,
     DeadLetterReason,
     DeadLetterStore,
     Failure,
     ItemClaim,
     ItemState,
+    JobState,
     JobStore,
     MapLedger,
     NewItem,
     NewJob,
     Refused,
     Reopened,
+    Settled,
     StepLedger,
     StepState,
     fan_in,
@@ -63,6 +67,12 @@ class Map:
         failure = Failure({"message": "no"}, None, reason=DeadLetterReason.PERMANENT)
         claim = self.claim(item_id)
         self.maps.record_item_failure(claim, failure, max_failed=max_failed, next_step="join")
+
+    def succeed(self, item_id: str) -> None:
+        [recorded] = self.maps.record_items(
+            [(self.claim(item_id), {"ok": 1}, [])], next_step="join"
+        )
+        assert not isinstance(recorded, Exception), recorded
 
     def pending_in_joined_map(self) -> list[str]:
         [counters] = self.maps.counters(self.job)
@@ -131,3 +141,89 @@ def test_a_replay_racing_the_last_items_record_is_refused_after_the_join(
         assert world.letters.get(letter.id).state == "open"
     finally:
         engine.dispose()
+
+
+@pytest.fixture
+def waiting_map(engine: sa.Engine) -> Map:
+    """An all_succeed map of r0, r1: r0 failed (waiting for a person, its letter open), r1
+    done; the job waits at `map`."""
+    world = Map(engine, roots=2, policy="all_succeed")
+    world.fail("r0", max_failed=0)
+    world.succeed("r1")
+    return world
+
+
+@pytest.fixture
+def joined_map(engine: sa.Engine) -> Map:
+    """An all_settled map of r0, r1: r0 failed (settled, its letter open), r1 done; joined,
+    and the job since dead-lettered at `join`."""
+    world = Map(engine, roots=2, policy="all_settled")
+    world.fail("r0", max_failed=None)
+    world.succeed("r1")
+    error: JSON = {"type": "PermanentError", "message": "the join failed"}
+    StepLedger(engine=engine, lease_seconds=30).dead_letter(
+        world.job, "join", error, reason=DeadLetterReason.PERMANENT
+    )
+    return world
+
+
+def test_resolving_a_waiting_items_letter_as_succeeded_settles_it_and_joins(
+    waiting_map: Map,
+) -> None:
+    world = waiting_map
+    [letter] = world.letters.list(job_id=world.job)
+
+    outcome = world.letters.settle(letter.id, by="ops", result={"by": "hand"}, next_step="join")
+
+    # The item is done with the person's result, counted once; the map joined, the job
+    # moved on to the join (the caller sends it) with the counters as the map's result
+    assert isinstance(outcome, Settled), outcome
+    assert (outcome.job_state, outcome.next_step) == (JobState.RUNNING, "join")
+    [counters] = world.maps.counters(world.job)
+    assert (counters.done, counters.failed, counters.waiting, counters.remaining) == (2, 0, 0, 0)
+    assert counters.joined
+    items = {each.item_id: each for each in world.maps.item_results(world.job, "map")}
+    assert (items["r0"].state, items["r0"].result) == (ItemState.DONE, {"by": "hand"})
+    job = JobStore(engine=world.engine).get_job(world.job)
+    assert (job.state, job.current_step) == (JobState.RUNNING, "join")
+    assert job.results["map"] == counters.summary()
+    # Once: the letter is closed, a second resolve is refused
+    again = world.letters.settle(letter.id, by="ops", result=None, next_step="join")
+    assert isinstance(again, Refused)
+
+
+def test_an_item_letter_never_rewrites_or_gives_up_a_job_that_moved_on(joined_map: Map) -> None:
+    world = joined_map
+    store = JobStore(engine=world.engine)
+    before = store.get_job(world.job)
+    [item_letter] = [each for each in world.letters.list(job_id=world.job) if each.step == "map"]
+
+    # Resolving the item's letter after the join is refused: the join read it failed
+    outcome = world.letters.settle(item_letter.id, by="ops", result={"x": 1}, next_step="join")
+    assert isinstance(outcome, Refused), outcome
+    assert "joined" in outcome.reason
+    after = store.get_job(world.job)
+    assert (after.state, after.current_step) == (JobState.DEAD_LETTERED, "join")
+    assert after.results == before.results
+
+    # Purging it deletes the letter alone: the job stays dead-lettered at its join
+    purged = world.letters.purge([item_letter.id], by="ops")
+    assert (purged.deleted, purged.refused) == (1, [])
+    assert store.get_job(world.job).state is JobState.DEAD_LETTERED
+    assert [each.step for each in world.letters.list(job_id=world.job)] == ["join"]
+
+
+def test_purging_a_waiting_items_letter_is_refused(waiting_map: Map) -> None:
+    world = waiting_map
+    [letter] = world.letters.list(job_id=world.job)
+
+    purged = world.letters.purge([letter.id], by="ops")
+
+    # The letter stays open (the map cannot join without its item), the job goes on
+    assert [each.id for each in world.letters.list(job_id=world.job)] == [letter.id]
+    assert purged.deleted == 0
+    [refused] = purged.refused
+    assert refused.letter_id == letter.id
+    assert "waits" in refused.reason
+    job = JobStore(engine=world.engine).get_job(world.job)
+    assert (job.state, job.current_step) == (JobState.RUNNING, "map")

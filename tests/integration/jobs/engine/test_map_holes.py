@@ -9,6 +9,7 @@ import uuid
 from jobs.engine.run import Outcome, run_step
 from jobs.engine.runtime import Runtime
 from jobs.maps import Expand, ItemContext, MapPolicy, MapStep
+from jobs.ops.dead_letters import DeadLetterDesk
 from jobs.pipelines import Pipeline, Step, StepContext
 from ledger import JSON, DeadLetterReason, DeadLetterStore, JobState
 from tests.integration.jobs.engine.test_map_step import (
@@ -114,3 +115,27 @@ def test_an_expansion_into_an_id_the_map_has_with_other_content_fails_its_parent
     assert "'r1'" in letter.message
     assert "other content" in letter.message
     assert world.acted["r3"] == 1
+
+
+def test_resolving_an_items_letter_as_succeeded_lets_the_map_join(runtime: Runtime) -> None:
+    # Given an all_succeed map whose r3 failed for good: the map waits for it
+    world, dispatch = World(failing={"r3"}), QueueDispatch()
+    pipeline = build(world)
+    job_id = start_with(runtime, pipeline, uuid.uuid4().hex, roots=6)
+    dispatch.send(pipeline.name, "search", job_id)
+    drain(runtime, dispatch, pipeline, twice=False)
+    letters = DeadLetterStore(engine=runtime.engine)
+    [letter] = letters.list(job_id=uuid.UUID(job_id))
+    desk = DeadLetterDesk(store=runtime.store, letters=letters, dispatch=dispatch)
+
+    # When a person says it did take effect (resolve --as succeeded)
+    resolved = desk.resolve(letter, by="ops", result={"by": "hand"})
+
+    # Then the item is done with that result, and the join (sent by the desk) runs once
+    assert resolved.done, resolved.detail
+    assert "item r3 done" in resolved.detail
+    drain(runtime, dispatch, pipeline, twice=True)
+    [seen] = world.joins
+    assert ("r3", "done", {"by": "hand"}) in seen
+    assert world.acted["r3"] == 1
+    assert runtime.store.get_job(uuid.UUID(job_id)).state is JobState.SUCCEEDED
