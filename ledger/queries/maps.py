@@ -121,6 +121,7 @@ def select_items_for_claim(job_id: UUID, step: str, item_ids: Sequence[str]) -> 
             item.state.label("item_state"),
             item.fingerprint,
             jobs.c.state.label("job_state"),
+            jobs.c.current_step,
             jobs.c.context,
             jobs.c.results,
             *entry_columns(entry),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 
+from jobs.engine.items import run_items
 from jobs.engine.run import Outcome, run_step
 from jobs.engine.runtime import Runtime
 from jobs.maps import Expand, ItemContext, MapPolicy, MapStep
@@ -138,4 +139,56 @@ def test_resolving_an_items_letter_as_succeeded_lets_the_map_join(runtime: Runti
     [seen] = world.joins
     assert ("r3", "done", {"by": "hand"}) in seen
     assert world.acted["r3"] == 1
+    assert runtime.store.get_job(uuid.UUID(job_id)).state is JobState.SUCCEEDED
+
+
+class LosingDispatch(QueueDispatch):
+    """Loses the first publish of the join (the worker died just after the record that
+    joined the map), and remembers which message's run lost it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.running: list[str] | None = None
+        self.lost_in: list[str] | None = None
+
+    def send(
+        self,
+        pipeline: str,
+        step: str,
+        job_id: str,
+        *,
+        resend: bool = False,
+        countdown: float | None = None,
+    ) -> None:
+        if step == "publish" and self.lost_in is None:
+            self.lost_in = self.running
+            raise ConnectionError("the broker went away")
+        super().send(pipeline, step, job_id, resend=resend, countdown=countdown)
+
+
+def test_a_redelivered_last_item_publishes_a_lost_join_again(runtime: Runtime) -> None:
+    # Given a map whose join's publish was lost after the record that joined it
+    world, dispatch = World(), LosingDispatch()
+    pipeline = build(world)
+    map_step = pipeline.step("search")
+    assert isinstance(map_step, MapStep)
+    job_id = start_with(runtime, pipeline, uuid.uuid4().hex, roots=9)
+    run_step(runtime, dispatch, pipeline, map_step, job_id)  # type: ignore[arg-type]
+    while dispatch.queue:
+        _, _, _, items = dispatch.queue.popleft()
+        assert items is not None
+        dispatch.running = items
+        run_items(runtime, dispatch, pipeline, map_step, job_id, items)  # type: ignore[arg-type]
+    assert dispatch.lost_in is not None
+    job = runtime.store.get_job(uuid.UUID(job_id))
+    assert (job.state, job.current_step, world.joins) == (JobState.RUNNING, "publish", [])
+
+    # When that message is redelivered (its items all settled now)
+    outcomes = run_items(runtime, dispatch, pipeline, map_step, job_id, dispatch.lost_in)  # type: ignore[arg-type]
+
+    # Then it publishes the join again (once), and the join runs once
+    assert set(outcomes) == {Outcome.DUPLICATE}
+    assert [step for _, step, _, _ in dispatch.queue] == ["publish"]
+    drain(runtime, dispatch, pipeline, twice=True)
+    assert len(world.joins) == 1
     assert runtime.store.get_job(uuid.UUID(job_id)).state is JobState.SUCCEEDED
