@@ -292,8 +292,13 @@ def select_map_counters(job_id: UUID, step: str | None = None) -> sa.Select[Any]
 
 def select_items_page(job_id: UUID, step: str, after: str | None, limit: int) -> sa.Select[Any]:
     """A page of a map's items in item order, after the path `after`, each with its key's
-    result or error (keyset paging: each page one index range scan)."""
+    result or error (keyset paging: each page one index range scan) — if its key is the
+    item's: one first used for another request (a fingerprint mismatch) gives none."""
     item = map_items.c
+    entry = ledger_entries.c
+    its_entry = sa.and_(
+        entry.key == item.key, entry.step == item.step, entry.fingerprint == item.fingerprint
+    )
     query = (
         sa.select(
             item.item_id,
@@ -304,7 +309,7 @@ def select_items_page(job_id: UUID, step: str, after: str | None, limit: int) ->
             ledger_entries.c.result,
             ledger_entries.c.error,
         )
-        .select_from(map_items.outerjoin(ledger_entries, ledger_entries.c.key == item.key))
+        .select_from(map_items.outerjoin(ledger_entries, its_entry))
         .where(item.job_id == job_id, item.step == step)
         .order_by(item.path)
         .limit(limit)

@@ -12,7 +12,7 @@ from jobs.engine.runtime import Runtime
 from jobs.maps import Expand, ItemContext, MapPolicy, MapStep
 from jobs.ops.dead_letters import DeadLetterDesk
 from jobs.pipelines import Pipeline, Step, StepContext
-from ledger import JSON, DeadLetterReason, DeadLetterStore, JobState
+from ledger import JSON, Claim, DeadLetterReason, DeadLetterStore, JobState, NewJob, StepLedger
 from tests.integration.jobs.engine.test_map_step import (
     QueueDispatch,
     World,
@@ -192,3 +192,35 @@ def test_a_redelivered_last_item_publishes_a_lost_join_again(runtime: Runtime) -
     drain(runtime, dispatch, pipeline, twice=True)
     assert len(world.joins) == 1
     assert runtime.store.get_job(uuid.UUID(job_id)).state is JobState.SUCCEEDED
+
+
+def test_the_join_does_not_read_another_requests_result_for_an_item(runtime: Runtime) -> None:
+    # Given an all_settled map whose item r1's key another request recorded first
+    world, dispatch = World(), QueueDispatch()
+    pipeline = build(world, MapPolicy.ALL_SETTLED)
+    crawl = uuid.uuid4().hex
+    other = NewJob(
+        pipeline="plain",
+        event_id=f"evt-{uuid.uuid4().hex}",
+        context={},
+        fingerprint="0" * 64,
+        step_keys={"first": f"crawl:{crawl}:search/r1"},
+        first_step="first",
+    )
+    [(other_id, _)] = runtime.store.create_jobs([other])
+    ledger = StepLedger(engine=runtime.engine, lease_seconds=30)
+    [claim] = ledger.claim_steps([other_id], "first")
+    assert isinstance(claim, Claim)
+    ledger.record_success(claim, {"secret": "not this map's"}, next_step=None, duration_ms=1.0)
+
+    # When the map runs
+    job_id = start_with(runtime, pipeline, crawl, roots=3)
+    dispatch.send(pipeline.name, "search", job_id)
+    drain(runtime, dispatch, pipeline, twice=False)
+
+    # Then r1 failed (its key is another request's), and the join reads no result for it
+    [seen] = world.joins
+    assert [each for each in seen if each[0] == "r1"] == [("r1", "failed", None)]
+    assert "r1" not in world.acted
+    [letter] = DeadLetterStore(engine=runtime.engine).list(job_id=uuid.UUID(job_id))
+    assert letter.reason is DeadLetterReason.FINGERPRINT_MISMATCH
