@@ -126,12 +126,15 @@ def run_items(
     item_ids: Sequence[str],
     *,
     timer: StepTimer | None = None,
+    repeat: bool = False,
 ) -> list[Outcome]:
     """Run the items of one message (claims in one transaction, records in as few as the
     acts allow); each item's outcome, in order. At most once, each item is claimed just
     before it acts and recorded at once: a key claimed but not acted on looks, once its
     worker is dead, exactly like one that acted (`unknown`), so a message holds at most one
-    such key at a time."""
+    such key at a time. So does a `repeat` (a message redelivered, perhaps because an item
+    killed its worker, or sent again): an item that kills its worker every time then takes
+    no other item's attempts with it, and is dead-lettered alone once its attempts run out."""
     run = ItemRun(rt, dispatch, pipeline, step, job_id, timer)
     if len(set(item_ids)) != len(item_ids):
         # A message names each item once; one that does not runs each once.
@@ -139,12 +142,12 @@ def run_items(
         ran = dict(
             zip(
                 unique,
-                run_items(rt, dispatch, pipeline, step, job_id, unique, timer=timer),
+                run_items(rt, dispatch, pipeline, step, job_id, unique, timer=timer, repeat=repeat),
                 strict=True,
             )
         )
         return [ran[item_id] for item_id in item_ids]
-    if step.delivery is Delivery.AT_MOST_ONCE:
+    if step.delivery is Delivery.AT_MOST_ONCE or repeat:
         return [outcome for item_id in item_ids for outcome in _run_group(run, [item_id])]
     return _run_group(run, item_ids)
 

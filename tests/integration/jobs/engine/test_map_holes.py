@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import uuid
 
+import sqlalchemy as sa
+
 from jobs.engine.items import run_items
 from jobs.engine.run import Outcome, run_step
 from jobs.engine.runtime import Runtime
 from jobs.maps import Expand, ItemContext, MapPolicy, MapStep
 from jobs.ops.dead_letters import DeadLetterDesk
 from jobs.pipelines import Pipeline, Step, StepContext
+from jobs.retry import RetryPolicy
 from ledger import JSON, Claim, DeadLetterReason, DeadLetterStore, JobState, NewJob, StepLedger
+from ledger.schema import ledger_entries
 from tests.integration.jobs.engine.test_map_step import (
     QueueDispatch,
     World,
@@ -224,3 +228,85 @@ def test_the_join_does_not_read_another_requests_result_for_an_item(runtime: Run
     assert "r1" not in world.acted
     [letter] = DeadLetterStore(engine=runtime.engine).list(job_id=uuid.UUID(job_id))
     assert letter.reason is DeadLetterReason.FINGERPRINT_MISMATCH
+
+
+class Crash(BaseException):
+    """What a worker's death looks like to the run: nothing after it happens."""
+
+
+def poisoned(world: World, crawl: str) -> Pipeline[World]:
+    """A map of p, a, b whose item p kills its worker every time it acts."""
+
+    def plan(ctx: StepContext[World]) -> list[object]:
+        return [{"id": "p"}, {"id": "a"}, {"id": "b"}]
+
+    def each(ctx: ItemContext[World]) -> object:
+        ctx.resources.acted[ctx.item_id] += 1
+        if ctx.item_id == "p":
+            raise Crash
+        return {"seen": ctx.item_id}
+
+    def join(ctx: StepContext[World]) -> object:
+        seen = [(each.item_id, str(each.state), each.result) for each in ctx.items("search")]
+        ctx.resources.joins.append(seen)
+        return {"items": len(seen)}
+
+    return Pipeline(
+        name=f"poison-{uuid.uuid4().hex[:8]}",
+        steps=[
+            MapStep(
+                "search",
+                plan,  # type: ignore[arg-type]
+                key="crawl:{crawl}:search",
+                each=each,  # type: ignore[arg-type]
+                item_id=lambda item: str(item["id"]),  # type: ignore[call-overload,index]
+                policy=MapPolicy.ALL_SETTLED,
+                retry=RetryPolicy(max_attempts=3),
+            ),
+            Step("publish", join, key="crawl:{crawl}:publish"),  # type: ignore[arg-type]
+        ],
+        resources=lambda _settings: world,
+    )
+
+
+def test_a_poison_item_does_not_take_its_message_mates_down(runtime: Runtime) -> None:
+    # Given a message of p, a, b whose p kills its worker every time
+    world, dispatch = World(), QueueDispatch()
+    crawl = uuid.uuid4().hex
+    pipeline = poisoned(world, crawl)
+    map_step = pipeline.step("search")
+    assert isinstance(map_step, MapStep)
+    job_id = start_with(runtime, pipeline, crawl, roots=0)
+    run_step(runtime, dispatch, pipeline, map_step, job_id)  # type: ignore[arg-type]
+    [(_, _, _, items)] = list(dispatch.queue)
+    dispatch.queue.clear()
+    assert items == ["p", "a", "b"]
+
+    # When the worker dies on it, and the broker redelivers it (after the leases ran out),
+    # again and again
+    for delivery in range(6):
+        try:
+            run_items(runtime, dispatch, pipeline, map_step, job_id, items, repeat=delivery > 0)  # type: ignore[arg-type]
+        except Crash:
+            with runtime.engine.begin() as conn:
+                conn.execute(
+                    sa.update(ledger_entries)
+                    .where(ledger_entries.c.key.like(f"crawl:{crawl}:search/%"))
+                    .values(locked_until=ledger_entries.c.created_at)
+                )
+        else:
+            break
+    drain(runtime, dispatch, pipeline, twice=False)
+
+    # Then p alone is dead-lettered (its worker lost); a and b are done, each acted once
+    [seen] = world.joins
+    assert sorted(seen) == [
+        ("a", "done", {"seen": "a"}),
+        ("b", "done", {"seen": "b"}),
+        ("p", "failed", None),
+    ]
+    assert (world.acted["a"], world.acted["b"], world.acted["p"]) == (1, 1, 3)
+    [letter] = DeadLetterStore(engine=runtime.engine).list(job_id=uuid.UUID(job_id))
+    assert letter.reason is DeadLetterReason.WORKER_LOST
+    assert letter.key is not None
+    assert letter.key.endswith("/p")
