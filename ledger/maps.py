@@ -132,6 +132,12 @@ class MapLedger:
 
         self._retrying(attempt)
 
+    def touch_outbox(self, job_id: UUID, step: str) -> None:
+        """Mark a map's items in the outbox touched: they are being published, and the
+        sweeper leaves them alone for `relay_after` more."""
+        with db.single_statement(self.engine) as conn:
+            conn.execute(queries.touch_outbox(job_id, step))
+
     # --- claim ----------------------------------------------------------------------------
 
     def claim_items(

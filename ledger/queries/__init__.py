@@ -84,6 +84,7 @@ from ledger.queries.maps import (
     select_map_counters,
     settle_items,
     touch_item,
+    touch_outbox,
     wait_item,
 )
 from ledger.queries.read_only import (
@@ -224,6 +225,7 @@ __all__ = [
     "take_undispatched",
     "take_unfollowed_jobs",
     "touch_item",
+    "touch_outbox",
     "undo_dispatched",
     "wait_item",
 ]

@@ -90,6 +90,21 @@ def mark_items_dispatched(job_id: UUID, step: str, item_ids: Sequence[str]) -> s
     )
 
 
+def touch_outbox(job_id: UUID, step: str) -> sa.Update:
+    """Mark a map's pending items in the outbox touched (being published)."""
+    item = map_items.c
+    return (
+        sa.update(map_items)
+        .where(
+            item.job_id == job_id,
+            item.step == step,
+            item.state == str(ItemState.PENDING),
+            item.dispatched_at.is_(None),
+        )
+        .values(updated_at=db.utcnow())
+    )
+
+
 @functools.cache
 def claim_items(dialect_name: str, takeover_expired: bool) -> Any:
     """Claim the keys of pending items (`p_job_id`, `p_step`, `p_item_ids`) for `p_owner`, as

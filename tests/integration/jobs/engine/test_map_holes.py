@@ -5,18 +5,22 @@ with other content, and what the dead-letter desk does with an item's letter."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
+from datetime import timedelta
 
 import sqlalchemy as sa
 
+from jobs.engine.fan_out import publish_items
 from jobs.engine.items import run_items
 from jobs.engine.run import Outcome, run_step
 from jobs.engine.runtime import Runtime
+from jobs.engine.sweeper import redrive_items
 from jobs.maps import Expand, ItemContext, MapPolicy, MapStep
 from jobs.ops.dead_letters import DeadLetterDesk
 from jobs.pipelines import Pipeline, Step, StepContext
 from jobs.retry import RetryPolicy
 from ledger import JSON, Claim, DeadLetterReason, DeadLetterStore, JobState, NewJob, StepLedger
-from ledger.schema import ledger_entries
+from ledger.schema import ledger_entries, map_items
 from tests.integration.jobs.engine.test_map_step import (
     QueueDispatch,
     World,
@@ -310,3 +314,62 @@ def test_a_poison_item_does_not_take_its_message_mates_down(runtime: Runtime) ->
     assert letter.reason is DeadLetterReason.WORKER_LOST
     assert letter.key is not None
     assert letter.key.endswith("/p")
+
+
+class SweptDispatch(QueueDispatch):
+    """Runs the sweeper while the first slice of items is being published (the publish of a
+    big fan-out is slow), and counts what it re-sent."""
+
+    def __init__(self, runtime: Runtime, pipeline: str) -> None:
+        super().__init__()
+        self.runtime, self.pipeline = runtime, pipeline
+        self.swept: int | None = None
+
+    def send_items(
+        self,
+        pipeline: str,
+        step: str,
+        job_id: str,
+        item_ids: Sequence[str],
+        *,
+        resend: bool = False,
+        countdown: float | None = None,
+    ) -> list[str]:
+        if self.swept is None:
+            sweeper = QueueDispatch()
+            rt, ours = self.runtime, [self.pipeline]
+            self.swept = redrive_items(rt, sweeper, stalled_after=3600, pipelines=ours)
+        return super().send_items(
+            pipeline, step, job_id, item_ids, resend=resend, countdown=countdown
+        )
+
+
+def test_the_sweeper_leaves_a_big_fan_outs_items_alone_while_they_are_published(
+    runtime: Runtime,
+) -> None:
+    # Given a fan-out of 2,500 items written 10 s ago (a long record), not yet published
+    world, dispatch = World(), QueueDispatch()
+    pipeline = build(world)
+    map_step = pipeline.step("search")
+    assert isinstance(map_step, MapStep)
+    job_id = start_with(runtime, pipeline, uuid.uuid4().hex, roots=2500)
+    dispatch.fail_items = True
+    run_step(runtime, dispatch, pipeline, map_step, job_id)  # type: ignore[arg-type]
+    with runtime.engine.begin() as conn:
+        conn.execute(
+            sa.update(map_items)
+            .where(map_items.c.job_id == uuid.UUID(job_id))
+            .values(updated_at=map_items.c.updated_at - timedelta(seconds=10))
+        )
+    ids = [each.item_id for each in runtime.maps.item_results(uuid.UUID(job_id), "search")]
+
+    # When they are published (the fan-out's publish), with the sweeper running meanwhile
+    swept = SweptDispatch(runtime, pipeline.name)
+    publish_items(runtime, swept, pipeline, map_step, job_id, ids)  # type: ignore[arg-type]
+
+    # Then the sweeper sent none of them again, and every one was published once
+    assert swept.swept == 0
+    published = [item for _, _, _, items in swept.queue for item in items or []]
+    assert sorted(published) == sorted(ids)
+    sweeper = QueueDispatch()
+    assert redrive_items(runtime, sweeper, stalled_after=3600, pipelines=[pipeline.name]) == 0
