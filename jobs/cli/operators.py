@@ -303,10 +303,12 @@ def dlq_purge(
     gone = [letter for letter in letters if letter.id not in kept]
     copies = remove_dead_copies(app, None if everything else gone)
     if as_json:
-        refused = [
-            {"dead_letter": each.letter_id, "reason": each.reason} for each in purged.refused
-        ]
-        print_json({"purged": purged.deleted, "broker_copies": copies, "refused": refused})
+        answer: dict[str, JSON] = {"purged": purged.deleted, "broker_copies": copies}
+        if purged.refused:
+            answer["refused"] = [
+                {"dead_letter": each.letter_id, "reason": each.reason} for each in purged.refused
+            ]
+        print_json(answer)
     else:
         removed = "unknown (the broker did not answer)" if copies is None else copies
         stdout.print(f"purged {purged.deleted} dead letter(s); broker copies removed: {removed}")
