@@ -99,7 +99,8 @@ def settle(
         return {}
     job_id, step = claims[0][0].job_id, claims[0][0].step
     by_id = {claim.item_id: (claim, children) for claim, children in claims}
-    moved = conn.execute(queries.settle_items(state), _settle_params(job_id, step, list(by_id)))
+    keys = [claim.key for claim, _ in claims]
+    moved = conn.execute(queries.settle_items(state), _settle_params(job_id, step, keys))
     paths: dict[str, str] = {str(item_id): str(path) for item_id, path in moved}
     recorded = {
         item_id: ItemRecorded(claim.key, counted=False)
@@ -152,8 +153,8 @@ def _count_failed(
     return count(conn, job_id, step, waiting=1)
 
 
-def _settle_params(job_id: UUID, step: str, item_ids: list[str]) -> dict[str, Any]:
-    return {"p_job_id": job_id, "p_step": step, "p_item_ids": item_ids}
+def _settle_params(job_id: UUID, step: str, keys: list[str]) -> dict[str, Any]:
+    return {"p_job_id": job_id, "p_step": step, "p_keys": keys}
 
 
 def dead_letter(

@@ -120,15 +120,13 @@ class MapLedger:
         """Take published items out of the outbox (one UPDATE per `INSERT_BATCH`)."""
         if not item_ids:
             return
-        updates = [
-            queries.mark_items_dispatched(job_id, step, item_ids[start : start + INSERT_BATCH])
-            for start in range(0, len(item_ids), INSERT_BATCH)
-        ]
 
         def attempt() -> None:
             with db.transaction(self.engine) as conn:
-                for update in updates:
-                    conn.execute(update)
+                keys = _keys(conn, job_id, step, item_ids)
+                for start in range(0, len(keys), INSERT_BATCH):
+                    batch = keys[start : start + INSERT_BATCH]
+                    conn.execute(queries.mark_items_dispatched(job_id, step, batch))
 
         self._retrying(attempt)
 
@@ -144,25 +142,26 @@ class MapLedger:
         self, job_id: UUID, step: str, item_ids: Sequence[str], *, takeover_expired: bool = True
     ) -> list[ItemFound | LedgerError]:
         """Claim items' keys as a step's key is claimed, for one owner (the run that acts on
-        them), in one statement, then read what each found, in a second: for each, the
-        claim, or what was found instead (or `FingerprintMismatch`: its key was first used
-        for another request)."""
+        them), in one statement, then read what each found, in a second (after a first that
+        reads the step's key, theirs but for the item id): for each, the claim, or what was
+        found instead (or `FingerprintMismatch`: its key was first used for another
+        request)."""
         owner = uuid4()
         claim = queries.claim_items(self._dialect, takeover_expired)
         values = {
             "p_job_id": job_id,
             "p_step": step,
-            "p_item_ids": list(item_ids),
             "p_owner": owner,
             "p_lease": self.lease_seconds,
         }
-        looked = queries.select_items_for_claim(job_id, step, item_ids)
 
         def attempt() -> list[ItemFound | LedgerError]:
             with db.transaction(self.engine) as conn:
+                keys = _keys(conn, job_id, step, item_ids)
                 claimed: dict[str, int] = {
-                    row.key: row.attempts for row in conn.execute(claim, values)
+                    row.key: row.attempts for row in conn.execute(claim, {**values, "p_keys": keys})
                 }
+                looked = queries.select_items_for_claim(job_id, step, keys)
                 rows = {row["item_id"]: row for row in conn.execute(looked).mappings()}
             found: list[ItemFound | LedgerError] = []
             for item_id in item_ids:
@@ -401,6 +400,13 @@ class MapLedger:
 
     def _retrying(self, call: Callable[[], T]) -> T:
         return db.retry_while_unavailable(call, for_seconds=self.unavailable_for)
+
+
+def _keys(conn: Connection, job_id: UUID, step: str, item_ids: Sequence[str]) -> list[str]:
+    """The keys of a job's map step's items (none if the job is gone): found by key, never by
+    job and step (see `queries.maps.checked`)."""
+    step_key = conn.execute(queries.select_step_key(job_id, step)).scalar_one_or_none()
+    return [] if step_key is None else [f"{step_key}/{item_id}" for item_id in item_ids]
 
 
 def _rejected(claim: ItemClaim) -> str:

@@ -187,17 +187,28 @@ def bench(
     concurrency: Annotated[
         int, typer.Option(min=1, max=1_000, help="--intake: clients posting at once.")
     ] = 50,
+    map_items: Annotated[
+        int,
+        typer.Option(
+            "--map",
+            min=0,
+            max=1_000_000,
+            help="A map step of this many no-op items against a Celery chord of as many.",
+        ),
+    ] = 0,
     as_json: JsonFlag = False,
 ) -> None:
     """Measure bare Celery against oncelery (chained, fast path, fast path + sandbox) in fresh
     workers, in a database of its own (<DATABASE_URL's name>_bench); needs Postgres. With
-    --intake: --orders signed events posted to `oncelery api` at --concurrency, --runs times."""
+    --intake: --orders signed events posted to `oncelery api` at --concurrency, --runs times.
+    With --map N: a map step of N items against `chord(group)` (results in --redis-url)."""
     from jobs.tools.bench.command import (
         BenchOptions,
         brokers_for,
         print_intake,
         run_bench,
         run_intake,
+        run_map_bench,
     )
     from jobs.tools.bench.intake import IntakeOptions
 
@@ -222,6 +233,16 @@ def bench(
             print_json({"intake": [run.as_json() for run in runs_done]})
         else:
             print_intake(runs_done, stdout)
+        return
+    if map_items:
+        map_options = BenchOptions(brokers=brokers, orders=map_items, runs=runs)
+        map_report = run_map_bench(settings, map_options, redis_url, log)
+        if as_json:
+            print_json(map_report.as_json())
+        else:
+            stdout.print(map_report.table())
+            for note in map_report.notes:
+                stdout.print(f"note: {note}", markup=False, highlight=False)
         return
     options = BenchOptions(
         brokers=brokers,

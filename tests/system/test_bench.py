@@ -31,21 +31,12 @@ QUERIES = (
 def test_a_smoke_bench_reports_every_row_and_figure(
     postgres_url: str, redis_url: str, tmp_path: Path
 ) -> None:
-    # Given a Postgres ledger (the bench works in <its name>_bench) and a Redis
-    env = child_environment(
-        {"DATABASE_URL": postgres_url, "ONCELERY_DATA_DIR": str(tmp_path / "data")}
-    )
-    argv = [sys.executable, "-m", "jobs", "bench", "--broker", "redis"]
-    argv += ["--redis-url", redis_url, "--orders", "100", "--runs", "1"]
-    argv += ["--latency-orders", "10", "--seed-jobs", "2000", "--json"]
-
-    # When a small bench runs
-    try:
-        done = subprocess.run(
-            argv, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=240, check=False
-        )
-    finally:
-        drop_bench_database(bench_database_url(postgres_url))
+    # Given a Postgres ledger (the bench works in <its name>_bench) and a Redis,
+    # when a small bench runs
+    done = _bench(
+        postgres_url, tmp_path, ["--redis-url", redis_url, "--orders", "100", "--runs", "1"],
+        ["--latency-orders", "10", "--seed-jobs", "2000"], timeout=240,
+    )  # fmt: skip
 
     # Then it succeeds with one JSON object holding every row, figure, query and target
     assert done.returncode == 0, done.stderr[-3000:]
@@ -77,23 +68,10 @@ def test_a_smoke_intake_bench_reports_its_figures(
     postgres_url: str, redis_url: str, tmp_path: Path
 ) -> None:
     # Given a Postgres ledger and a Redis, when a small intake bench runs
-    env = child_environment(
-        {"DATABASE_URL": postgres_url, "ONCELERY_DATA_DIR": str(tmp_path / "data")}
-    )
-    argv = [sys.executable, "-m", "jobs", "bench", "--intake", "--broker", "redis"]
-    argv += ["--redis-url", redis_url, "--orders", "60", "--concurrency", "5", "--runs", "1"]
-    try:
-        done = subprocess.run(
-            [*argv, "--json"],
-            env=env,
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=180,
-            check=False,
-        )
-    finally:
-        drop_bench_database(bench_database_url(postgres_url))
+    done = _bench(
+        postgres_url, tmp_path, ["--intake", "--redis-url", redis_url, "--orders", "60"],
+        ["--concurrency", "5", "--runs", "1"], timeout=180,
+    )  # fmt: skip
 
     # Then every event was accepted and every figure is there (their values are not asserted)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -103,3 +81,52 @@ def test_a_smoke_intake_bench_reports_its_figures(
     for figure in ("answers_per_s", "p50_ms", "p99_ms", "api_cpu_ms_per_event"):
         assert isinstance(run[figure], float), figure
     assert run["relay_drained_after_s"] is not None
+
+
+def test_a_smoke_map_bench_runs_the_chord_and_the_map(
+    postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    # Given a Postgres ledger and a Redis (its broker and the chord's result backend),
+    # when a small map bench runs
+    done = _bench(
+        postgres_url, tmp_path, ["--map", "300", "--redis-url", redis_url], ["--runs", "1"],
+        timeout=180,
+    )  # fmt: skip
+
+    # Then both rows ran every item once, joined once, and report their figures
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)["map"]
+    rows = {row["row"]: row for row in report["rows"]}
+    assert set(rows) == {"chord", "map"}
+    for row in rows.values():
+        [run] = row["runs"]
+        assert (run["items"], run["stamped"]) == (300, 300), row["row"]
+        for figure in ("items_per_s", "join_lag_ms", "cpu_ms_per_item", "peak_rss_mib"):
+            assert isinstance(row[figure], float), (row["row"], figure)
+    assert rows["chord"]["ratio"] == 1.0
+    assert {target["name"] for target in report["targets"]} == {
+        "map vs chord (redis)",
+        "join lag p99 (redis)",
+    }
+
+
+def _bench(
+    postgres_url: str, tmp_path: Path, *options: list[str], timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """`oncelery bench --broker redis … --json` on the ledger's `_bench` database, dropped after."""
+    env = child_environment(
+        {"DATABASE_URL": postgres_url, "ONCELERY_DATA_DIR": str(tmp_path / "data")}
+    )
+    argv = [sys.executable, "-m", "jobs", "bench", "--broker", "redis", "--json"]
+    try:
+        return subprocess.run(
+            [*argv, *(option for group in options for option in group)],
+            env=env,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    finally:
+        drop_bench_database(bench_database_url(postgres_url))

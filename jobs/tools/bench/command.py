@@ -19,6 +19,7 @@ from rich.rule import Rule
 from config import Settings
 from jobs.tools import databases
 from jobs.tools.bench.intake import IntakeOptions, IntakeRun, run_intake_bench
+from jobs.tools.bench.map_rows import MapReport, MapRowKind, map_notes, run_map_row
 from jobs.tools.bench.report import (
     RowSummary,
     Target,
@@ -149,16 +150,8 @@ def run_bench(settings: Settings, options: BenchOptions, log: Callable[[str], No
         BenchFailed: the bench database could not be prepared, or a row could not be measured.
     """
     signal.signal(signal.SIGTERM, _interrupt)
-    bench_url = databases.bench_database_url(settings.database_url)
-    engine = databases.prepare_bench_database(bench_url)
-    counter = databases.StatementCounter(bench_url)
-    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
-    work_dir = (settings.data_dir / "bench" / run_id).resolve()
-    bench = Bench(
-        bench_url, JobStore(engine=engine), counter, work_dir, run_id, options.orders,
-        options.warmup, options.latency_orders,
-    )  # fmt: skip
-    log(f"bench database {databases.database_name(bench_url)}; logs in {bench.log_dir}")
+    bench = _open_bench(settings, options, log)
+    engine, counter = bench.store.engine, bench.counter
     report = BenchReport(options, [])
     try:
         report.rows = summarize(_rounds(bench, options, log))
@@ -175,9 +168,56 @@ def run_bench(settings: Settings, options: BenchOptions, log: Callable[[str], No
         databases.empty_ledger(engine)
         counter.close()
         engine.dispose()
-    report.environment = _environment(bench, databases.server_version_of(bench_url))
+    report.environment = _environment(bench, databases.server_version_of(bench.bench_url))
     report.notes = notes(options, counter.unavailable)
     return report
+
+
+def _open_bench(settings: Settings, options: BenchOptions, log: Callable[[str], None]) -> Bench:
+    """The bench database prepared, its statement counter, and this run's folder."""
+    bench_url = databases.bench_database_url(settings.database_url)
+    engine = databases.prepare_bench_database(bench_url)
+    counter = databases.StatementCounter(bench_url)
+    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+    work_dir = (settings.data_dir / "bench" / run_id).resolve()
+    bench = Bench(
+        bench_url, JobStore(engine=engine), counter, work_dir, run_id, options.orders,
+        options.warmup, options.latency_orders,
+    )  # fmt: skip
+    log(f"bench database {databases.database_name(bench_url)}; logs in {bench.log_dir}")
+    return bench
+
+
+def run_map_bench(
+    settings: Settings, options: BenchOptions, backend_url: str, log: Callable[[str], None]
+) -> MapReport:
+    """`oncelery bench --map N`: a map of `options.orders` items against a chord of as many,
+    interleaved round by round and broker by broker, in fresh workers.
+
+    Raises:
+        BenchFailed: the bench database could not be prepared, or a row could not be measured.
+    """
+    signal.signal(signal.SIGTERM, _interrupt)
+    bench = _open_bench(settings, options, log)
+    runs = []
+    try:
+        for number in range(1, max(options.runs, 1) + 1):
+            for broker in options.brokers:
+                for kind in MapRowKind:
+                    log(f"round {number}: {broker.kind} {kind} of {options.orders:,} items …")
+                    run = run_map_row(
+                        bench, kind, broker, number, items=options.orders, backend_url=backend_url
+                    )
+                    runs.append(run)
+                    log(
+                        f"round {number}: {broker.kind} {kind}: {run.items_per_s:.0f} items/s, "
+                        f"join lag {run.join_lag_ms:.0f} ms, RSS {run.peak_rss_mib or 0:.0f} MiB"
+                    )
+    finally:
+        databases.empty_ledger(bench.store.engine)
+        bench.counter.close()
+        bench.store.engine.dispose()
+    return MapReport(runs, map_notes(options.orders, max(options.runs, 1)))
 
 
 def _rounds(bench: Bench, options: BenchOptions, log: Callable[[str], None]) -> list[RowRun]:
