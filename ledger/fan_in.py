@@ -74,8 +74,10 @@ def _same_items(
     must be the item under that id: the same fingerprint; else raise `ItemConflict` (the
     statement dropped it without a word)."""
     given = Counter(str(row["item_id"]) for row in batch)
-    taken = [item_id for item_id, n in given.items() if n > 1 or item_id not in inserted]
-    found = conn.execute(queries.select_item_fingerprints(job_id, step, taken))
+    taken = {
+        row["key"] for row in batch if given[row["item_id"]] > 1 or row["item_id"] not in inserted
+    }
+    found = conn.execute(queries.select_item_fingerprints(job_id, step, sorted(taken)))
     stored = {str(item_id): str(fingerprint) for item_id, fingerprint in found}
     for row in batch:
         if stored.get(row["item_id"], row["fingerprint"]) != row["fingerprint"]:

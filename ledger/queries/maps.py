@@ -65,10 +65,10 @@ def insert_items(dialect_name: str, rows: Sequence[Mapping[str, Any]]) -> Any:
     )
 
 
-def select_item_fingerprints(job_id: UUID, step: str, item_ids: Sequence[str]) -> sa.Select[Any]:
-    """The (item id, fingerprint) of these items of a map."""
+def select_item_fingerprints(job_id: UUID, step: str, keys: Sequence[str]) -> sa.Select[Any]:
+    """The (item id, fingerprint) of these items of a map, by key (see `checked`)."""
     item = map_items.c
-    return sa.select(item.item_id, item.fingerprint).where(*_the_item(job_id, step, list(item_ids)))
+    return sa.select(item.item_id, item.fingerprint).where(*_the_keys(job_id, step, list(keys)))
 
 
 def _the_item(job_id: Any, step: Any, item_ids: Any) -> list[ColumnElement[bool]]:
@@ -227,7 +227,7 @@ def resolve_item(job_id: UUID, step: str, key: str, state: ItemState) -> sa.Upda
     item = map_items.c
     return (
         sa.update(map_items)
-        .where(item.job_id == job_id, item.step == step, item.key == key, item.state == str(state))
+        .where(*_the_keys(job_id, step, [key]), checked(item.state == str(state)))
         .values(state=str(ItemState.DONE), updated_at=db.utcnow())
         .returning(item.item_id)
     )
