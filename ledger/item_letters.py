@@ -33,11 +33,15 @@ def _lock_unjoined(conn: Connection, job_id: UUID, step: str) -> None:
 
 
 def _failed_item(conn: Connection, job_id: UUID, step: str, key: str) -> tuple[str, ItemState]:
-    """The item's id and state, read under the map's lock: failed (settled) or waiting."""
+    """The item's id and state, read under the map's lock: failed (settled) or waiting, its
+    key its own (not first used for another request, whose entry must stay as it is)."""
     item = conn.execute(queries.select_item_by_key(job_id, step, key)).mappings().one()
     state = ItemState(item["state"])
     if state not in (ItemState.FAILED, ItemState.WAITING):
         raise Refusal(f"its item is {state}, not failed")
+    entry = conn.execute(queries.select_entry(key)).mappings().one_or_none()
+    if entry is not None and (entry["step"], entry["fingerprint"]) != (step, item["fingerprint"]):
+        raise Refusal("its item's key was first used for another request: fix the key")
     return str(item["item_id"]), state
 
 

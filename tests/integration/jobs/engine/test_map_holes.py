@@ -19,7 +19,18 @@ from jobs.maps import Expand, ItemContext, MapPolicy, MapStep
 from jobs.ops.dead_letters import DeadLetterDesk
 from jobs.pipelines import Pipeline, Step, StepContext
 from jobs.retry import RetryPolicy
-from ledger import JSON, Claim, DeadLetterReason, DeadLetterStore, JobState, NewJob, StepLedger
+from ledger import (
+    JSON,
+    Claim,
+    DeadLetterReason,
+    DeadLetterStore,
+    Failure,
+    JobState,
+    NewJob,
+    Refused,
+    StepLedger,
+    StepState,
+)
 from ledger.schema import ledger_entries, map_items
 from tests.integration.jobs.engine.test_map_step import (
     QueueDispatch,
@@ -373,3 +384,41 @@ def test_the_sweeper_leaves_a_big_fan_outs_items_alone_while_they_are_published(
     assert sorted(published) == sorted(ids)
     sweeper = QueueDispatch()
     assert redrive_items(runtime, sweeper, stalled_after=3600, pipelines=[pipeline.name]) == 0
+
+
+def test_an_items_letter_never_settles_or_resets_another_requests_key(runtime: Runtime) -> None:
+    # Given a map whose item r1's key another request holds, failed (retryable)
+    world, dispatch = World(), QueueDispatch()
+    pipeline = build(world)
+    crawl = uuid.uuid4().hex
+    key = f"crawl:{crawl}:search/r1"
+    other = NewJob(
+        pipeline="plain",
+        event_id=f"evt-{uuid.uuid4().hex}",
+        context={},
+        fingerprint="0" * 64,
+        step_keys={"first": key},
+        first_step="first",
+    )
+    [(other_id, _)] = runtime.store.create_jobs([other])
+    ledger = StepLedger(engine=runtime.engine, lease_seconds=30)
+    [claim] = ledger.claim_steps([other_id], "first")
+    assert isinstance(claim, Claim)
+    ledger.record_failure(claim, Failure({"message": "503"}, retry_in=1.0))
+    job_id = start_with(runtime, pipeline, crawl, roots=3)
+    dispatch.send(pipeline.name, "search", job_id)
+    drain(runtime, dispatch, pipeline, twice=False)
+    letters = DeadLetterStore(engine=runtime.engine)
+    [letter] = letters.list(job_id=uuid.UUID(job_id))
+    assert letter.reason is DeadLetterReason.FINGERPRINT_MISMATCH
+
+    # When a person resolves the item's letter as succeeded, or replays it
+    resolved = letters.settle(letter.id, by="ops", result={"by": "hand"}, next_step="publish")
+    replayed = letters.replay(letter.id, by="ops", allow_unknown=True)
+
+    # Then both are refused, and the other request's key is as it was
+    assert isinstance(resolved, Refused), resolved
+    assert isinstance(replayed, Refused), replayed
+    assert "another request" in resolved.reason
+    [(_, entry)] = runtime.store.entries_of_steps([("plain", "first")], keys=[key])
+    assert (entry.state, entry.attempts) == (StepState.FAILED, 1)
