@@ -230,11 +230,13 @@ class DeadLetterStore:
                     )
                     state: str | None = joined or JobState.RUNNING
                     next_step = next_step if joined is not None else None
-                elif (
-                    letter.key is None
-                    or conn.execute(queries.settle_entry(letter.key, result)).one_or_none() is None
+                elif letter.key is None or (
+                    conn.execute(
+                        queries.settle_entry(letter.key, result, letter.job_id)
+                    ).one_or_none()
+                    is None
                 ):
-                    raise Refusal("its step has no failed or unknown key to settle")
+                    raise Refusal("its step has no failed or unknown key of its job's to settle")
                 else:
                     moved = queries.move_dead_job_on(letter.job_id, letter.step, result, next_step)
                     state = conn.execute(moved).scalar_one_or_none()

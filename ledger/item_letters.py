@@ -70,7 +70,7 @@ def resolve_done(
     if JobState(job["state"]) not in ACTIVE_JOB_STATES:
         raise Refusal(f"its job is {job['state']}")
     item_id, state = _failed_item(conn, job_id, step, key)
-    if conn.execute(queries.settle_entry(key, result)).one_or_none() is None:
+    if conn.execute(queries.settle_entry(key, result, job_id)).one_or_none() is None:
         raise Refusal("its item's key is not failed or unknown")
     if conn.execute(queries.resolve_item(job_id, step, key, state)).one_or_none() is None:
         raise Refusal("its item changed meanwhile")

@@ -104,13 +104,15 @@ def reset_entry(key: str, *, from_states: Sequence[StepState]) -> sa.Update:
     )
 
 
-def settle_entry(key: str, result: JSON) -> sa.Update:
-    """Record a person's word that an unknown or failed key did take effect."""
+def settle_entry(key: str, result: JSON, job_id: UUID) -> sa.Update:
+    """Record a person's word that an unknown or failed key of a job's did take effect (not
+    a key another request holds: a fingerprint mismatch's letter names that key)."""
     entry = ledger_entries.c
     return (
         sa.update(ledger_entries)
         .where(
             entry.key == key,
+            entry.job_id == job_id,
             entry.state.in_([str(StepState.UNKNOWN), str(StepState.FAILED)]),
         )
         .values(
