@@ -373,3 +373,19 @@ def not_an_item_key(job_id: UUID, key: ColumnElement[Any]) -> ColumnElement[bool
     """The key is not one of the job's items' (history lists steps, and sums items up)."""
     item = map_items.c
     return ~sa.exists().where(item.job_id == job_id, item.key == key)
+
+
+def select_items_to_prune(job_ids: Sequence[UUID], limit: int) -> sa.Select[Any]:
+    """Up to `limit` keys of the items of jobs being pruned."""
+    return sa.select(map_items.c.key).where(map_items.c.job_id.in_(list(job_ids))).limit(limit)
+
+
+def delete_items(job_ids: Sequence[UUID], keys: Sequence[str]) -> list[sa.Delete]:
+    """Delete items of jobs being pruned, by key, and their keys' entries held by those
+    jobs."""
+    entry, item = ledger_entries.c, map_items.c
+    owned = list(job_ids)
+    return [
+        sa.delete(ledger_entries).where(entry.key.in_(list(keys)), entry.job_id.in_(owned)),
+        sa.delete(map_items).where(item.key.in_(list(keys)), item.job_id.in_(owned)),
+    ]

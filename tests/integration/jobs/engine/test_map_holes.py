@@ -422,3 +422,38 @@ def test_an_items_letter_never_settles_or_resets_another_requests_key(runtime: R
     assert "another request" in resolved.reason
     [(_, entry)] = runtime.store.entries_of_steps([("plain", "first")], keys=[key])
     assert (entry.state, entry.attempts) == (StepState.FAILED, 1)
+
+
+def test_prune_deletes_a_maps_items_in_chunks_before_its_job(runtime: Runtime) -> None:
+    # Given a finished map of 25 roots (43 items)
+    world, dispatch = World(), QueueDispatch()
+    pipeline = build(world)
+    job_id = start_with(runtime, pipeline, uuid.uuid4().hex, roots=25)
+    dispatch.send(pipeline.name, "search", job_id)
+    drain(runtime, dispatch, pipeline, twice=False)
+    assert runtime.store.get_job(uuid.UUID(job_id)).state is JobState.SUCCEEDED
+    deletes: list[int] = []
+
+    def count(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if statement.lstrip().upper().startswith("DELETE FROM MAP_ITEMS"):
+            deletes.append(len(deletes))
+
+    # When it is pruned, 10 items at a time
+    sa.event.listen(runtime.engine, "before_cursor_execute", count)
+    try:
+        assert runtime.store.prune(older_than=0.0, item_batch=10) == 1
+    finally:
+        sa.event.remove(runtime.engine, "before_cursor_execute", count)
+
+    # Then its items went in five statements (each its own transaction), then the job
+    assert len(tree_ids(25)) == 43
+    assert len(deletes) == 5
+    with runtime.engine.connect() as conn:
+        left = conn.execute(
+            sa.select(sa.func.count()).where(map_items.c.job_id == uuid.UUID(job_id))
+        ).scalar_one()
+        entries = conn.execute(
+            sa.select(sa.func.count()).where(ledger_entries.c.job_id == uuid.UUID(job_id))
+        ).scalar_one()
+    assert (left, entries) == (0, 0)
+    assert runtime.store.list_jobs(pipeline=pipeline.name) == []
