@@ -116,7 +116,7 @@ def _env(name: str) -> AliasChoices:
 
 #: The pipelines shipped with oncelery, by module: every process that runs or reads jobs
 #: imports them, then the user's (`ONCELERY_PIPELINES`).
-SHIPPED_PIPELINES: Final = ("jobs.orders",)
+SHIPPED_PIPELINES: Final = ("jobs.orders", "jobs.places")
 
 
 class Settings(BaseSettings):

@@ -11,10 +11,10 @@ from config import Settings
 from jobs import PermanentError, Pipeline, Step, StepContext
 from jobs.maps import Expand, ItemContext, MapStep
 from jobs.provider import ProviderClient
+from jobs.tools.visits import DEPTH, expected_items
 from ledger import JSON
 
-#: How deep an item may split.
-DEPTH = 2
+__all__ = ["DEPTH", "expected_items", "toy_map"]
 
 
 @dataclass
@@ -99,14 +99,3 @@ toy_map: Pipeline[Tools] = Pipeline(
     ],
     resources=_tools,
 )
-
-
-def expected_items(roots: int) -> list[str]:
-    """The items a map of `roots` roots has, in item order."""
-
-    def below(item_id: str, depth: int) -> list[str]:
-        if depth < DEPTH and item_id.endswith("0"):
-            return [item_id] + [i for n in range(3) for i in below(f"{item_id}.{n}", depth + 1)]
-        return [item_id]
-
-    return [i for n in range(roots) for i in below(str(n), 0)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Protocol, TypeVar
@@ -15,6 +16,7 @@ from jobs.cli.support import BadInput, JsonFlag, print_json, stderr, stdout
 
 if TYPE_CHECKING:
     from jobs.tools.chaos import ChaosOptions
+    from jobs.tools.crawl_demo import CrawlDemoOptions
 
 #: Options the commands share (same meaning, same bounds; defaults stay per command).
 Orders = Annotated[int, typer.Option(min=1, max=1_000_000, help="How many orders.")]
@@ -40,8 +42,22 @@ def register(cli: typer.Typer) -> None:
         cli.command()(command)
 
 
+#: The pipelines `oncelery demo --pipeline` runs.
+DEMO_PIPELINES = ("order-placed", "places-crawl")
+
+
 def demo(
+    pipeline: Annotated[
+        str, typer.Option(help=f"The pipeline to run: {' or '.join(DEMO_PIPELINES)}.")
+    ] = "order-placed",
     orders: Orders = 200,
+    crawls: Annotated[
+        int, typer.Option(min=1, max=10_000, help="How many crawls (places-crawl).")
+    ] = 3,
+    places_rate: Annotated[
+        int | None,
+        typer.Option(min=1, help="places-crawl: the sandbox's searches per second (then 429)."),
+    ] = None,
     fault_rate: FaultRate = 0.0,
     timeout_rate: TimeoutRate = 0.0,
     lost_reply_rate: LostReplyRate = 0.0,
@@ -56,11 +72,34 @@ def demo(
     ] = 600.0,
     as_json: JsonFlag = False,
 ) -> None:
-    """Start the sandbox and workers, run N generated orders, and report what the provider saw."""
+    """Start the sandbox and workers, run N generated orders (or crawls), and report what the
+    provider saw."""
     from jobs.tools.demo import DemoOptions, run_demo
 
+    if pipeline not in DEMO_PIPELINES:
+        raise BadInput(f"--pipeline: {pipeline!r} has no demo; try {', '.join(DEMO_PIPELINES)}")
     if fault_rate + timeout_rate + lost_reply_rate > 1:
         raise BadInput("--fault-rate, --timeout-rate and --lost-reply-rate add up to more than 1")
+    if pipeline != "places-crawl" and places_rate is not None:
+        raise BadInput("--places-rate: for --pipeline places-crawl only")
+    if pipeline == "places-crawl":
+        if declined_rate:
+            raise BadInput("--declined-rate: crawls have no cards to decline")
+        from jobs.tools.crawl_demo import CrawlDemoOptions
+
+        chosen = CrawlDemoOptions(
+            crawls=crawls,
+            fault_rate=fault_rate,
+            timeout_rate=timeout_rate,
+            lost_reply_rate=lost_reply_rate,
+            latency_ms=latency_ms,
+            workers=workers,
+            concurrency=concurrency,
+            timeout=timeout,
+            places_rate=places_rate,
+        )
+        _crawl_demo(chosen, as_json=as_json)
+        return
     options = DemoOptions(
         orders=orders,
         fault_rate=fault_rate,
@@ -75,6 +114,25 @@ def demo(
     settings = get_settings()
     report = _counting_orders(
         orders, quiet=as_json, run=lambda progress: run_demo(settings, options, progress)
+    )
+    if as_json:
+        print_json(report.as_json())
+    else:
+        _print_demo(report.as_json())
+    if report.stuck or not report.audit_clean:
+        raise typer.Exit(1)
+
+
+def _crawl_demo(chosen: CrawlDemoOptions, *, as_json: bool) -> None:
+    """`demo --pipeline places-crawl`: exit 1 if a crawl is left unfinished or the audit drifts."""
+    from jobs.tools.crawl_demo import run_crawl_demo
+
+    settings = get_settings()
+    report = _counting_orders(
+        chosen.crawls,
+        quiet=as_json,
+        run=lambda progress: run_crawl_demo(settings, chosen, progress),
+        what="crawls finished",
     )
     if as_json:
         print_json(report.as_json())
@@ -111,16 +169,28 @@ def chaos(
             help="Chains of a Celery app's decorated tasks (jobs.tools.shop) instead of orders.",
         ),
     ] = False,
+    map_roots: Annotated[
+        int,
+        typer.Option(
+            "--map",
+            min=0,
+            max=1_000_000,
+            help="One map step of this many items (and what they split into) instead of orders.",
+        ),
+    ] = 0,
     as_json: JsonFlag = False,
 ) -> None:
     """Run orders while killing workers and restarting the broker and Postgres; exit 1 if any
-    order was lost, doubled or left stuck. With --tasks: chains of decorated Celery tasks."""
+    order was lost, doubled or left stuck. With --tasks: chains of decorated Celery tasks;
+    with --map N: one map of N items, each notified exactly once, the join once."""
     from jobs.tools.chaos import ChaosOptions, run_chaos
 
     if fault_rate + timeout_rate > 1:
         raise BadInput("--fault-rate and --timeout-rate add up to more than 1")
     if tasks and db_restart:
         raise BadInput("--db-restart: not with --tasks (the orders' chaos restarts Postgres)")
+    if tasks and map_roots:
+        raise BadInput("--map: not with --tasks")
     options = ChaosOptions(
         orders=orders,
         kill_every=kill_every,
@@ -137,8 +207,24 @@ def chaos(
     if tasks:
         _chaos_tasks(options, as_json=as_json)
         return
+    if map_roots:
+        _chaos_map(dataclasses.replace(options, orders=map_roots), as_json=as_json)
+        return
     report = _counting_orders(
         orders, quiet=as_json, run=lambda progress: run_chaos(settings, options, progress)
+    )
+    _verdict(report, as_json=as_json)
+
+
+def _chaos_map(options: ChaosOptions, *, as_json: bool) -> None:
+    """`chaos --map N`: one map's items under the same fire, counted at the provider."""
+    from jobs.tools.chaos_map import run_map_chaos
+
+    settings = get_settings()
+    report = _counting_orders(
+        options.orders,
+        quiet=as_json,
+        run=lambda progress: run_map_chaos(settings, options, progress),
     )
     _verdict(report, as_json=as_json)
 
@@ -259,13 +345,17 @@ def bench(
 
 
 def _counting_orders(
-    total: int, *, quiet: bool, run: Callable[[Callable[[int, int], None]], Report]
+    total: int,
+    *,
+    quiet: bool,
+    run: Callable[[Callable[[int, int], None]], Report],
+    what: str = "orders finished",
 ) -> Report:
     """Run `run` with a progress bar of finished orders on stderr (gone afterwards when
     `quiet`, so stdout carries only the JSON)."""
     columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=stderr, transient=quiet) as bar:
-        task = bar.add_task("orders finished", total=total)
+        task = bar.add_task(what, total=total)
         return run(lambda done, expected: bar.update(task, completed=done, total=expected))
 
 

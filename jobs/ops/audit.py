@@ -4,9 +4,10 @@ ledger success the provider never saw, or a charge whose amount is not what its 
 
 from __future__ import annotations
 
+import json
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -15,59 +16,19 @@ from config import Settings
 from jobs.engine.runtime import declared_pipelines, load_pipelines
 from jobs.errors import ProviderUnavailable
 from jobs.maps import is_map
+from jobs.ops.crawl_audit import Truth, audit_crawls, truth_at
+from jobs.ops.crawl_audit import summary as crawl_summary
+from jobs.ops.effects import Drift, Effect
 from jobs.pipelines import Pipeline
+from jobs.places import PLACES_CRAWL
 from jobs.sandbox import SandboxStore, unit_amount
 from jobs.tasks import PIPELINE_PREFIX, STEP
-from ledger import JSON, JobStore, MapLedger, StepEntry, StepState, create_engine
+from ledger import JSON, Job, JobStore, MapLedger, StepEntry, StepState, create_engine
 
+#: The most places crawls the audit reads (the most recent).
+MAX_CRAWLS = 100_000
 #: Ledger states that may stand behind an applied effect.
 _MAY_HAVE_ACTED = (StepState.SUCCEEDED, StepState.UNKNOWN)
-
-
-@dataclass(frozen=True)
-class Effect:
-    """One effect the provider applied."""
-
-    kind: str
-    idempotency_key: str | None
-    order_id: str | None
-    amount: int | None = None
-
-    @classmethod
-    def from_json(cls, value: Mapping[str, JSON]) -> Effect:
-        """From one item of `GET /sandbox/effects`."""
-        key, order, amount = (
-            value.get("idempotency_key"),
-            value.get("order_id"),
-            value.get("amount"),
-        )
-        return cls(
-            kind=str(value.get("kind")),
-            idempotency_key=key if isinstance(key, str) else None,
-            order_id=order if isinstance(order, str) else None,
-            amount=amount if isinstance(amount, int) else None,
-        )
-
-
-@dataclass(frozen=True)
-class Drift:
-    """One disagreement between the ledger and the provider."""
-
-    problem: str
-    kind: str
-    key: str | None
-    order_id: str | None = None
-    detail: str = ""
-
-    def as_json(self) -> dict[str, JSON]:
-        """For `--json`."""
-        return {
-            "problem": self.problem,
-            "kind": self.kind,
-            "key": self.key,
-            "order_id": self.order_id,
-            "detail": self.detail,
-        }
 
 
 @dataclass(frozen=True)
@@ -95,6 +56,8 @@ class AuditReport:
     ledger_entries: int
     in_flight: int
     drift: Sequence[Drift] = field(default_factory=tuple)
+    #: The places crawls' figures added up (`jobs.ops.crawl_audit.summary`), if any was run.
+    crawls: Mapping[str, JSON] | None = None
 
     @property
     def clean(self) -> bool:
@@ -110,6 +73,7 @@ class AuditReport:
             "ledger_entries": self.ledger_entries,
             "in_flight": self.in_flight,
             "drift": [d.as_json() for d in self.drift],
+            **({"crawls": dict(self.crawls)} if self.crawls is not None else {}),
         }
 
 
@@ -294,7 +258,14 @@ def effects_from_file(path: Path) -> list[Effect]:
     store = SandboxStore(path)
     try:
         return [
-            Effect(str(row.kind), row.idempotency_key, row.order_id, row.amount)
+            Effect(
+                str(row.kind),
+                row.idempotency_key,
+                row.order_id,
+                row.amount,
+                crawl_id=row.crawl_id,
+                body=json.loads(json.dumps(row.body)),
+            )
             for row in store.list_effects()
         ]
     finally:
@@ -311,9 +282,11 @@ def run_audit(settings: Settings, *, sandbox_db: Path | None = None) -> tuple[Au
     Returns:
         The report, and where the effects were read.
     """
+    truth: Truth | None = None
     if sandbox_db is None:
         try:
             effects, source = fetch_effects(settings.provider_url), settings.provider_url
+            truth = truth_at(settings.provider_url)
         except ProviderUnavailable:
             sandbox_db = settings.data_dir / "sandbox.sqlite3"
             if not sandbox_db.exists():
@@ -331,6 +304,18 @@ def run_audit(settings: Settings, *, sandbox_db: Path | None = None) -> tuple[Au
         kinds = {entry.key: steps[(pipeline, entry.step)] for pipeline, entry in entries}
         in_scope = [entry for _, entry in entries]
         amounts = order_amounts(in_scope, kinds, store)
+        crawls = store.list_jobs(pipeline=PLACES_CRAWL, limit=MAX_CRAWLS)
     finally:
         store.engine.dispose()
-    return reconcile(in_scope, kinds, effects, amounts=amounts), source
+    report = reconcile(in_scope, kinds, effects, amounts=amounts)
+    return with_crawls(report, crawls, effects, truth), source
+
+
+def with_crawls(
+    report: AuditReport, jobs: Sequence[Job], effects: Sequence[Effect], truth: Truth | None
+) -> AuditReport:
+    """The report with the places crawls' figures and drift (`jobs.ops.crawl_audit`)."""
+    if not jobs:
+        return report
+    figures, drift = audit_crawls(jobs, effects, truth)
+    return replace(report, drift=(*report.drift, *drift), crawls=crawl_summary(figures))

@@ -14,7 +14,8 @@ from prometheus_client.registry import Collector
 
 from jobs.engine.runtime import Runtime
 from jobs.worker.queues import queue_depths
-from ledger import EventKind, Histogram, LedgerStats, MalformedMessages
+from ledger import EventKind, Histogram, ItemState, LedgerStats, MalformedMessages
+from ledger.map_views import MapViews
 
 #: Histograms cover this many recent seconds.
 WINDOW: Final = 3600.0
@@ -30,6 +31,7 @@ class LedgerCollector(Collector):
     def __init__(self, rt: Runtime, app: Celery) -> None:
         self.stats = LedgerStats(engine=rt.engine)
         self.malformed = MalformedMessages(engine=rt.engine)
+        self.maps = MapViews(engine=rt.engine)
         self.app = app
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
@@ -58,6 +60,7 @@ class LedgerCollector(Collector):
         )
         yield from _counters(snapshot.events)
         yield self._malformed()
+        yield from self._maps()
         yield _histogram(
             "oncelery_schedule_to_start_seconds",
             "Seconds from a job's creation to its first claim (jobs started in the last hour).",
@@ -82,6 +85,38 @@ class LedgerCollector(Collector):
         for counted in self.malformed.counts():
             family.add_metric([counted.task, counted.reason], counted.count)
         return family
+
+    def _maps(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        # Labelled by pipeline and step only: never a job or an item (a map may have 100,000).
+        labels = ["pipeline", "step"]
+        running = GaugeMetricFamily(
+            "oncelery_maps_running", "Map steps fanned out and not joined yet.", labels=labels
+        )
+        items = GaugeMetricFamily(
+            "oncelery_map_items",
+            "Items of the maps not joined yet, by state (`failed`: settled, the join reads "
+            "it; `waiting`: failed, waiting for a person), from the maps' counters.",
+            labels=[*labels, "state"],
+        )
+        for found in self.maps.in_progress():
+            where = [found.pipeline, found.step]
+            running.add_metric(where, found.maps)
+            by_state = {
+                ItemState.PENDING: found.pending,
+                ItemState.DONE: found.done,
+                ItemState.FAILED: found.failed - found.waiting,
+                ItemState.WAITING: found.waiting,
+            }
+            for state, count in by_state.items():
+                items.add_metric([*where, str(state)], count)
+        joined = CounterMetricFamily(
+            "oncelery_maps_joined", "Map steps whose join was handed on.", labels=labels
+        )
+        for (pipeline, step), count in self.maps.joined().items():
+            joined.add_metric([pipeline, step], count)
+        yield running
+        yield items
+        yield joined
 
 
 def _counters(events: dict[EventKind, int]) -> Iterator[CounterMetricFamily]:

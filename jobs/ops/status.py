@@ -1,5 +1,6 @@
 """`oncelery status`: queue depths, jobs by state, the oldest pending job, step durations over a
-recent window, dead letters — one JSON object, or a table that `--watch` refreshes."""
+recent window, dead letters, map steps in progress — one JSON object, or a table that
+`--watch` refreshes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from rich.table import Table
 
 from jobs.worker.queues import queue_depths
 from ledger import JSON, LedgerStats
+from ledger.map_views import MapViews
 
 
 def status_view(stats: LedgerStats, app: Celery, *, window: float) -> dict[str, JSON]:
@@ -33,7 +35,14 @@ def status_view(stats: LedgerStats, app: Celery, *, window: float) -> dict[str, 
             for timing in snapshot.steps
         },
         "events": {str(kind): count for kind, count in snapshot.events.items()},
+        "maps": maps_in_progress(MapViews(engine=stats.engine)),
     }
+
+
+def maps_in_progress(views: MapViews) -> dict[str, JSON]:
+    """Per `pipeline.step`, the maps not joined yet and their items: read from the maps'
+    counters (a row per map), never by counting items."""
+    return {f"{found.pipeline}.{found.step}": found.summary() for found in views.in_progress()}
 
 
 def status_table(view: dict[str, JSON]) -> Table:
@@ -52,7 +61,23 @@ def status_table(view: dict[str, JSON]) -> Table:
         assert isinstance(timing, dict)
         summary = f"p50 {timing['p50_ms']} ms · p99 {timing['p99_ms']} ms"
         table.add_row(f"step {step}", f"{summary} · {timing['attempts']} attempts")
+    maps = view["maps"]
+    assert isinstance(maps, dict)
+    for step, items in maps.items():
+        assert isinstance(items, dict)
+        table.add_row(f"map {step}", _map_line(items))
     return table
+
+
+def _map_line(items: dict[str, JSON]) -> str:
+    running = items["maps"]
+    line = (
+        f"{running} running · {items['total']} items: {items['done']} done · "
+        f"{items['pending']} pending · {items['failed']} failed"
+    )
+    if items["waiting"]:
+        line += f" ({items['waiting']} waiting for a person)"
+    return f"{line} · {items['expanded']} expanded"
 
 
 def _round(value: float | None) -> float | None:

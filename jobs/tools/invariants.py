@@ -7,7 +7,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from jobs.ops.audit import AuditReport, Effect
+from jobs.ops.audit import AuditReport
+from jobs.ops.effects import Effect
 from ledger import DeadLetter, Job, JobState
 
 

@@ -1,5 +1,6 @@
-"""What the HTTP handlers (the API in `intake.py`, the pages in `pages.py`) share: the app's
-state (and its database threads), the bearer-token check, and errors answered as JSON."""
+"""What the HTTP handlers (the API in `intake.py`, the pages in `pages.py` and its siblings)
+share: the app's state (and its database threads), the bearer-token check, and errors
+answered as JSON."""
 
 from __future__ import annotations
 

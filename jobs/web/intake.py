@@ -1,5 +1,6 @@
-"""The HTTP intake (`oncelery api`): the signed webhook of every pipeline, the read API, health and
-Prometheus metrics. Errors are JSON; the webhook answers 4xx to bad input, never 5xx."""
+"""The HTTP intake (`oncelery api`): the signed webhook of every pipeline, the read API (jobs, a
+map step's items, dead letters), health and Prometheus metrics. Errors are JSON; the webhook
+answers 4xx to bad input, never 5xx."""
 
 from __future__ import annotations
 
@@ -27,6 +28,14 @@ from jobs.ops import health
 from jobs.ops.dead_letters import DeadLetterDesk, letter_view
 from jobs.ops.health import Probe
 from jobs.ops.history import history_view
+from jobs.ops.map_items import (
+    MAX_PAGE_SIZE,
+    PAGE_SIZE,
+    BadItemsQuery,
+    NoSuchMap,
+    items_page,
+    page_view,
+)
 from jobs.ops.metrics import render_metrics
 from jobs.ops.signatures import sign
 from jobs.pipelines import Pipeline, registry
@@ -53,6 +62,7 @@ from ledger import (
     PostgresLimits,
     create_engine,
 )
+from ledger.map_views import MapViews
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +165,26 @@ def _routes() -> APIRouter:
             return JSONResponse(history_view(intake.runtime.store.history(job_id)))
         except JobNotFound:
             raise ApiError(404, "not_found", f"no job {job_id}") from None
+
+    @router.get("/jobs/{job_id}/steps/{step}/items", dependencies=authorized)
+    def get_items(
+        job_id: str,
+        step: str,
+        intake: IntakeDep,
+        state: str = "",
+        after: str = "",
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = PAGE_SIZE,
+    ) -> JSONResponse:
+        views = MapViews(engine=intake.runtime.engine)
+        try:
+            page = items_page(
+                intake.runtime.store, views, job_id, step, state=state, after=after, limit=limit
+            )
+        except NoSuchMap as exc:
+            raise ApiError(404, "not_found", str(exc)) from None
+        except BadItemsQuery as exc:
+            raise ApiError(422, "bad_request", str(exc)) from None
+        return JSONResponse(page_view(str(UUID(job_id)), step, page))
 
     @router.get("/jobs", dependencies=authorized)
     def list_jobs(

@@ -82,3 +82,23 @@ def test_an_unknown_pipeline_is_a_404_naming_it_once_signed(client: Client) -> N
     assert answer.json()["error"]["pipeline"] == "nope"
     assert "'nope'" in answer.json()["error"]["message"]
     assert unsigned.status_code == 401
+
+
+def test_the_shipped_places_crawl_takes_signed_events_and_names_a_bad_field(
+    client: Client,
+) -> None:
+    crawl = {
+        "event_id": f"c-{uuid.uuid4()}",
+        "crawl_id": "village-1",
+        "lat": 48.5868,
+        "lng": 2.1891,
+        "radius_m": 3000,
+        "categories": ["hotel", "museum"],
+    }
+
+    first = post(client, "places-crawl", crawl)
+    bad = post(client, "places-crawl", {**crawl, "event_id": "c-bad", "categories": []})
+
+    assert first.status_code == 202
+    assert bad.status_code == 422
+    assert bad.json()["error"]["message"].startswith("categories: List should have at least 1 item")

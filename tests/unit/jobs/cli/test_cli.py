@@ -83,6 +83,16 @@ CASES = {
     "chaos-tasks-db-restart": Case(("chaos", "--tasks", "--db-restart")),
     "chaos-tasks-embedded": Case(("chaos", "--tasks", "--orders", "1")),
     "deep-json": Case(("enqueue", "{file}"), file_text="[" * 100_000),
+    "demo-unknown-pipeline": Case(("demo", "--pipeline", "nope")),
+    "demo-crawl-declined": Case(("demo", "--pipeline", "places-crawl", "--declined-rate", "0.1")),
+    "crawl-bad-radius": Case(
+        ("enqueue", "--pipeline", "places-crawl", "{file}"),
+        file_text='{"event_id": "c1", "crawl_id": "c1", "lat": 48.5, "lng": 2.1, '
+        '"radius_m": 1000, "categories": ["museum"]}\n'
+        '{"event_id": "c2", "crawl_id": "c2", "lat": 48.5, "lng": 2.1, '
+        '"radius_m": -5, "categories": ["museum"]}\n',
+        migrated=True,
+    ),
     "unknown-pipeline": Case(("enqueue", "--pipeline", "nope", "-"), stdin=_GOOD),
     "typed-bad-field": Case(
         ("enqueue", "--pipeline", "toy-typed", "{file}"),
@@ -247,6 +257,23 @@ def test_usage_errors_are_one_line(runs: Runs, name: str) -> None:
 
 def test_demo_of_zero_orders_is_refused(runs: Runs) -> None:
     assert_bad_input(runs["demo-zero-orders"], "--orders")
+
+
+def test_demo_names_a_pipeline_it_cannot_run_and_a_crawl_option_that_makes_no_sense(
+    runs: Runs,
+) -> None:
+    assert_bad_input(runs["demo-unknown-pipeline"], "--pipeline", "'nope'", "places-crawl")
+    assert_bad_input(runs["demo-crawl-declined"], "--declined-rate")
+
+
+def test_enqueue_of_a_bad_crawl_names_the_line_and_field_and_enqueues_nothing(
+    runs: Runs,
+) -> None:
+    ran = runs["crawl-bad-radius"]
+
+    line = assert_bad_input(ran)
+    assert line == "error: line 2: radius_m: Input should be greater than 0"
+    assert _jobs_in(ran.data_dir / "ledger.sqlite3") == 0
 
 
 def test_chaos_of_tasks_refuses_what_it_cannot_do(runs: Runs) -> None:

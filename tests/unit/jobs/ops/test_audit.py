@@ -14,15 +14,8 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from jobs.ops.audit import (
-    AuditReport,
-    Drift,
-    Effect,
-    Scope,
-    effect_steps,
-    order_amounts,
-    reconcile,
-)
+from jobs.ops.audit import AuditReport, Scope, effect_steps, order_amounts, reconcile
+from jobs.ops.effects import Drift, Effect
 from jobs.orders import order_job, order_placed
 from jobs.sandbox import unit_amount
 from ledger import JobStore, StepEntry, StepState, create_engine, upgrade

@@ -17,7 +17,7 @@ import pytest
 from fastapi import FastAPI
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 
-from jobs.web import pages
+from jobs.web import sessions
 from jobs.web.intake import create_app
 from ledger import JobStore
 from tests.conftest import settings_for
@@ -44,7 +44,7 @@ class Client:
     def with_cookie(self, value: str) -> httpx.Response:
         """`GET /` with this session cookie and no other."""
         self.client.cookies.clear()
-        return self.get("/", headers={"Cookie": f"{pages.COOKIE}={value}"})
+        return self.get("/", headers={"Cookie": f"{sessions.COOKIE}={value}"})
 
     def close(self) -> None:
         self.runner.run(self.client.aclose())
@@ -111,10 +111,10 @@ def test_the_right_token_sets_a_signed_http_only_cookie_and_goes_back(client: Cl
     assert answer.status_code == 303
     assert answer.headers["location"] == "/ui/dead-letters"
     cookie = answer.headers["set-cookie"]
-    assert cookie.startswith(f"{pages.COOKIE}=")
+    assert cookie.startswith(f"{sessions.COOKIE}=")
     assert "HttpOnly" in cookie
     assert "SameSite=lax" in cookie
-    assert f"Max-Age={pages.SESSION_MAX_AGE}" in cookie
+    assert f"Max-Age={sessions.SESSION_MAX_AGE}" in cookie
     assert TOKEN not in cookie
     assert client.get("/ui/dead-letters").status_code == 200
 
@@ -171,19 +171,19 @@ def test_login_only_goes_on_to_a_path_of_this_site(client: Client, after: str) -
 
 def test_a_tampered_or_foreign_cookie_is_no_session(client: Client) -> None:
     log_in(client)
-    genuine = client.client.cookies[pages.COOKIE]
+    genuine = client.client.cookies[sessions.COOKIE]
     assert client.with_cookie(genuine).status_code == 200
 
     assert client.with_cookie(genuine[:-2] + "xx").status_code == 303
     assert client.with_cookie("eyJzaWQiOiJ4In0.AAAAAA.forged").status_code == 303
-    foreign = URLSafeTimedSerializer(b"another key", pages.SALT).dumps({"sid": "x"})
+    foreign = URLSafeTimedSerializer(b"another key", sessions.SALT).dumps({"sid": "x"})
     assert client.with_cookie(foreign).status_code == 303
 
 
 def test_rotating_the_token_ends_sessions(client_factory: ClientFactory) -> None:
     old = client_factory(token="old-token-0123456789")
     log_in(old, "old-token-0123456789")
-    cookie = old.client.cookies[pages.COOKIE]
+    cookie = old.client.cookies[sessions.COOKIE]
 
     rotated = client_factory(token="new-token-0123456789")
     assert rotated.with_cookie(cookie).status_code == 303
@@ -193,13 +193,13 @@ class SignedLongAgo(TimestampSigner):
     """Signs as if it were just past a session's lifetime ago."""
 
     def get_timestamp(self) -> int:
-        return int(time.time()) - pages.SESSION_MAX_AGE - 5
+        return int(time.time()) - sessions.SESSION_MAX_AGE - 5
 
 
 def test_a_session_expires(client: Client) -> None:
-    key = pages._session_key(TOKEN.encode())
-    fresh = URLSafeTimedSerializer(key, pages.SALT).dumps({"sid": "s"})
-    stale = URLSafeTimedSerializer(key, pages.SALT, signer=SignedLongAgo).dumps({"sid": "s"})
+    key = sessions.session_key(TOKEN.encode())
+    fresh = URLSafeTimedSerializer(key, sessions.SALT).dumps({"sid": "s"})
+    stale = URLSafeTimedSerializer(key, sessions.SALT, signer=SignedLongAgo).dumps({"sid": "s"})
 
     assert client.with_cookie(fresh).status_code == 200
     assert client.with_cookie(stale).status_code == 303
