@@ -199,7 +199,7 @@ class DeadLetterStore:
                     and conn.execute(queries.reopen_job(letter.job_id, letter.step)).one_or_none()
                     is None
                 ):
-                    raise Refusal("its job is no longer dead-lettered")
+                    raise Refusal(f"its job is not dead-lettered at {letter.step}")
                 detail: dict[str, JSON] = {"by": by, "dead_letter": letter_id}
                 if event is EventKind.RESOLVED:
                     detail["as"] = "retry"
@@ -225,11 +225,11 @@ class DeadLetterStore:
                 letter = _close(conn, letter_id, DeadLetterState.RESOLVED, by)
                 item = item_letters.item_of(conn, letter.job_id, letter.step, letter.key)
                 if item is not None and letter.key is not None:
-                    item_id, joined = item_letters.resolve_done(
+                    item_id, now, joined = item_letters.resolve_done(
                         conn, letter.job_id, letter.step, letter.key, result, next_step
                     )
-                    state: str | None = joined or JobState.RUNNING
-                    next_step = next_step if joined is not None else None
+                    state: str | None = now
+                    next_step = next_step if joined else None
                 elif letter.key is None or (
                     conn.execute(
                         queries.settle_entry(letter.key, result, letter.job_id)
@@ -241,7 +241,7 @@ class DeadLetterStore:
                     moved = queries.move_dead_job_on(letter.job_id, letter.step, result, next_step)
                     state = conn.execute(moved).scalar_one_or_none()
                     if state is None:
-                        raise Refusal(f"its job is no longer dead-lettered at {letter.step}")
+                        raise Refusal(f"its job is not dead-lettered at {letter.step}")
                 detail: dict[str, JSON] = {
                     "by": by,
                     "as": "succeeded",

@@ -61,10 +61,11 @@ def reopen(conn: Connection, job_id: UUID, step: str, key: str) -> str:
 
 def resolve_done(
     conn: Connection, job_id: UUID, step: str, key: str, result: JSON, next_step: str | None
-) -> tuple[str, JobState | None]:
+) -> tuple[str, JobState, bool]:
     """A person's word that the item did take effect: its key succeeded with `result`, the
     item done (`done+1`, `failed-1`; a waiting one also `waiting-1`, `remaining-1`), the map
-    joined if that settled it. Its item id, and the job's state if this joined the map."""
+    joined if that settled it. Its item id, the job's state, and whether this joined the
+    map (the job moved on: the join is the caller's to send)."""
     _lock_unjoined(conn, job_id, step)
     job = conn.execute(queries.select_job(job_id)).mappings().one()
     if JobState(job["state"]) not in ACTIVE_JOB_STATES:
@@ -81,7 +82,9 @@ def resolve_done(
     joined = None
     if counters.remaining == 0:
         joined = map_counters.join(conn, job_id, step, next_step)
-    return item_id, joined
+    if joined is not None:
+        return item_id, joined, True
+    return item_id, JobState(job["state"]), False
 
 
 def purge_refusal(conn: Connection, job_id: UUID, item: RowMapping) -> str | None:

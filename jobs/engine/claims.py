@@ -129,7 +129,7 @@ def _absorb_duplicate(run: Run, step: Step[object], outcome: AlreadySucceeded) -
 def _map_key_taken(run: Run, step: Step[object], outcome: AlreadySucceeded) -> Outcome:
     """A map step key another job recorded: its items are that job's, and this job adopting
     its result would join on none (taking the join's key, shared too, from that job's join).
-    Dead-lettered, naming that job; a replay once that job is pruned runs its own map."""
+    Dead-lettered, naming that job: its request is that job's (a person purges it)."""
     holder = run.rt.maps.key_holder(outcome.key)
     message = f"map step key {outcome.key!r} was recorded by job {holder}"
     error: JSON = {"type": "MapKeyTaken", "message": message, "retryable": False}
