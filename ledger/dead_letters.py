@@ -199,7 +199,7 @@ class DeadLetterStore:
                     and conn.execute(queries.reopen_job(letter.job_id, letter.step)).one_or_none()
                     is None
                 ):
-                    raise Refusal(f"its job is not dead-lettered at {letter.step}")
+                    raise Refusal("its job is no longer dead-lettered")
                 detail: dict[str, JSON] = {"by": by, "dead_letter": letter_id}
                 if event is EventKind.RESOLVED:
                     detail["as"] = "retry"

@@ -129,10 +129,11 @@ def settle_entry(key: str, result: JSON, job_id: UUID) -> sa.Update:
 
 
 def reopen_job(job_id: UUID, step: str) -> sa.Update:
-    """Put a job dead-lettered at `step` back to running there; returns it if it was."""
+    """Put a dead-lettered job back to running at `step` (the steps after it that succeeded
+    are absorbed as duplicates when it gets there); returns it if it was dead-lettered."""
     return (
         sa.update(jobs)
-        .where(_dead_at(job_id, step))
+        .where(jobs.c.id == job_id, jobs.c.state == str(JobState.DEAD_LETTERED))
         .values(
             state=str(JobState.RUNNING),
             current_step=step,
