@@ -55,7 +55,7 @@ def insert_items(
     added: dict[str | None, list[str]] = {}
     for start in range(0, len(rows), INSERT_BATCH):
         batch = rows[start : start + INSERT_BATCH]
-        inserted = conn.execute(queries.insert_items(conn.dialect.name, batch)).all()
+        inserted = conn.execute(queries.insert_items(conn.dialect.name), batch).all()
         for item_id, parent in inserted:
             added.setdefault(str(parent) if parent is not None else None, []).append(str(item_id))
         if len(inserted) < len(batch):

@@ -1,4 +1,5 @@
-"""The commands that run oncelery's processes for you: `demo`, `chaos`, `bench`, `sandbox`."""
+"""The commands that run oncelery's processes for you: `demo`, `chaos`, `sandbox` (and `bench`,
+from `jobs.cli.bench`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 from rich.table import Table
 
 from config import get_settings
+from jobs.cli.bench import bench
 from jobs.cli.support import BadInput, JsonFlag, print_json, stderr, stdout
 
 if TYPE_CHECKING:
@@ -242,106 +244,6 @@ def _chaos_tasks(options: ChaosOptions, *, as_json: bool) -> None:
         run=lambda progress: run_task_chaos(settings, options, progress),
     )
     _verdict(report, as_json=as_json)
-
-
-def bench(
-    broker: Annotated[str, typer.Option(help="amqp, redis or all.")] = "all",
-    orders: Annotated[
-        int, typer.Option(min=1, max=1_000_000, help="Orders measured per row and run.")
-    ] = 2000,
-    runs: Annotated[
-        int, typer.Option(min=0, max=100, help="Rounds; 0 only seeds and times the queries.")
-    ] = 3,
-    latency_orders: Annotated[
-        int, typer.Option(min=1, max=100_000, help="Sequential orders for idle latency.")
-    ] = 100,
-    seed_jobs: Annotated[
-        int,
-        typer.Option(
-            min=0, max=100_000_000, help="Seed this many finished jobs, then time the queries."
-        ),
-    ] = 0,
-    amqp_url: Annotated[
-        str, typer.Option(help="RabbitMQ for the bench.")
-    ] = "amqp://guest:guest@127.0.0.1:5672//",
-    redis_url: Annotated[str, typer.Option(help="Redis for the bench.")] = (
-        "redis://127.0.0.1:6379/3"
-    ),
-    intake: Annotated[
-        bool, typer.Option("--intake", help="Load the webhook of a real `oncelery api` instead.")
-    ] = False,
-    concurrency: Annotated[
-        int, typer.Option(min=1, max=1_000, help="--intake: clients posting at once.")
-    ] = 50,
-    map_items: Annotated[
-        int,
-        typer.Option(
-            "--map",
-            min=0,
-            max=1_000_000,
-            help="A map step of this many no-op items against a Celery chord of as many.",
-        ),
-    ] = 0,
-    as_json: JsonFlag = False,
-) -> None:
-    """Measure bare Celery against oncelery (chained, fast path, fast path + sandbox) in fresh
-    workers, in a database of its own (<DATABASE_URL's name>_bench); needs Postgres. With
-    --intake: --orders signed events posted to `oncelery api` at --concurrency, --runs times.
-    With --map N: a map step of N items against `chord(group)` (results in --redis-url)."""
-    from jobs.tools.bench.command import (
-        BenchOptions,
-        brokers_for,
-        print_intake,
-        run_bench,
-        run_intake,
-        run_map_bench,
-    )
-    from jobs.tools.bench.intake import IntakeOptions
-
-    settings = get_settings()
-    if settings.embedded_database:
-        raise BadInput("DATABASE_URL: the bench needs Postgres (postgresql+psycopg://…)")
-    try:
-        brokers = brokers_for(broker, amqp_url=amqp_url, redis_url=redis_url)
-    except ValueError as exc:
-        raise BadInput(str(exc)) from None
-
-    def log(line: str) -> None:
-        stderr.print(line, highlight=False, markup=False)
-
-    if intake:
-        runs_done = run_intake(
-            settings,
-            IntakeOptions(brokers, events=orders, concurrency=concurrency, runs=max(runs, 1)),
-            log,
-        )
-        if as_json:
-            print_json({"intake": [run.as_json() for run in runs_done]})
-        else:
-            print_intake(runs_done, stdout)
-        return
-    if map_items:
-        map_options = BenchOptions(brokers=brokers, orders=map_items, runs=runs)
-        map_report = run_map_bench(settings, map_options, redis_url, log)
-        if as_json:
-            print_json(map_report.as_json())
-        else:
-            stdout.print(map_report.table())
-            for note in map_report.notes:
-                stdout.print(f"note: {note}", markup=False, highlight=False)
-        return
-    options = BenchOptions(
-        brokers=brokers,
-        orders=orders,
-        runs=runs,
-        latency_orders=latency_orders,
-        seed_jobs=seed_jobs,
-    )
-    report = run_bench(settings, options, log)
-    if as_json:
-        print_json(report.as_json())
-    else:
-        report.print(stdout)
 
 
 def _counting_orders(

@@ -67,7 +67,7 @@ def run_map_chaos(settings: Settings, options: ChaosOptions, progress: Progress)
     harness = Harness.prepare(settings, "map", env)
     mayhem = Mayhem(harness, options, random.Random(options.seed))
     expected = expected_items(options.orders)
-    timeout = options.timeout or 180.0 + len(expected) * 0.05
+    timeout = options.timeout or 180.0 + len(expected) * 0.1
     maps = MapLedger(engine=harness.store.engine, lease_seconds=settings.step_lease)
     try:
         harness.start_sandbox(

