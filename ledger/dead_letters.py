@@ -212,6 +212,12 @@ class DeadLetterStore:
             return Refused(letter_id, str(refusal))
         return Reopened(letter_id, letter.job_id, letter.pipeline, letter.step, item_id)
 
+    def item_sent(self, job_id: UUID, step: str, key: str) -> None:
+        """A replayed item's message is with the broker: take it out of the outbox (a replay
+        leaves it there, so that the sweeper sends it if its send fails)."""
+        with db.single_statement(self.engine) as conn:
+            conn.execute(queries.mark_items_dispatched(job_id, step, [key]))
+
     def settle(
         self, letter_id: int, *, by: str, result: JSON, next_step: str | None
     ) -> Settled | Refused:

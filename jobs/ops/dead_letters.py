@@ -27,6 +27,7 @@ from ledger import (
     JobNotFound,
     JobState,
     JobStore,
+    LedgerError,
     Refused,
     Reopened,
     StepState,
@@ -216,8 +217,8 @@ class DeadLetterDesk:
         return ReplayResult(letter.id, str(letter.job_id), True, f"resumed at {letter.step}")
 
     def _send_item(self, letter: DeadLetter, item_id: str) -> ReplayResult:
-        """Send a replayed item alone (pending again in Postgres: if this send fails, the
-        sweeper sends it)."""
+        """Send a replayed item alone (pending again in Postgres, in the outbox: if this send
+        fails, the sweeper sends it), then take it out of the outbox."""
         job_id = str(letter.job_id)
         unsent: list[str] = [item_id]
         if isinstance(self.dispatch, ItemDispatch):
@@ -227,9 +228,13 @@ class DeadLetterDesk:
                 )
             except Exception:
                 logger.warning("replayed item %s not sent", item_id, exc_info=True)
-        if unsent:
+        if unsent or letter.key is None:
             detail = f"item {item_id} reopened, but not sent; the sweeper will send it"
             return ReplayResult(letter.id, job_id, True, detail)
+        try:
+            self.letters.item_sent(letter.job_id, letter.step, letter.key)
+        except LedgerError as exc:  # sent: the sweeper's copy is absorbed by its claim
+            logger.warning("replayed item %s sent, but left in the outbox: %s", item_id, exc)
         return ReplayResult(letter.id, job_id, True, f"item {item_id} resumed at {letter.step}")
 
     def _resend_call(self, letter: DeadLetter) -> None:

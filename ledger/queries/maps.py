@@ -214,7 +214,8 @@ def reopen_item(job_id: UUID, step: str, key: str, state: ItemState) -> sa.Updat
     return (
         sa.update(map_items)
         .where(*_the_keys(job_id, step, [key]), checked(item.state == str(state)))
-        .values(state=str(ItemState.PENDING), updated_at=db.utcnow(), dispatched_at=db.utcnow())
+        # Back in the outbox: its sender marks it dispatched, or the sweeper sends it.
+        .values(state=str(ItemState.PENDING), updated_at=db.utcnow(), dispatched_at=None)
         .returning(item.item_id)
     )
 

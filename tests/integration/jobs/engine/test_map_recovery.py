@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
+from pathlib import Path
 
 import sqlalchemy as sa
 
@@ -16,10 +17,12 @@ from jobs.engine.run import Outcome, run_step
 from jobs.engine.runtime import Runtime
 from jobs.engine.sweeper import redrive_items
 from jobs.maps import ItemContext, MapPolicy, MapStep
+from jobs.ops.dead_letters import DeadLetterDesk
 from jobs.pipelines import Pipeline, Step, StepContext
 from jobs.retry import RetryPolicy
 from ledger import DeadLetterReason, DeadLetterStore, JobState
 from ledger.schema import ledger_entries, map_items
+from tests.conftest import settings_for
 from tests.integration.jobs.engine.test_map_holes import start_with
 from tests.integration.jobs.engine.test_map_step import (
     QueueDispatch,
@@ -256,3 +259,33 @@ def test_prune_deletes_a_maps_items_in_chunks_before_its_job(runtime: Runtime) -
         ).scalar_one()
     assert (left, entries) == (0, 0)
     assert runtime.store.list_jobs(pipeline=pipeline.name) == []
+
+
+def test_a_replayed_item_whose_send_failed_is_sent_by_the_sweeper(
+    runtime: Runtime, database_url: str, tmp_path: Path
+) -> None:
+    # Given an all_succeed map whose r3 failed for good, fixed since
+    world, dispatch = World(failing={"r3"}), QueueDispatch()
+    pipeline = build(world)
+    job_id = start_with(runtime, pipeline, uuid.uuid4().hex, roots=6)
+    dispatch.send(pipeline.name, "search", job_id)
+    drain(runtime, dispatch, pipeline, twice=False)
+    world.failing.clear()
+    letters = DeadLetterStore(engine=runtime.engine)
+    [letter] = letters.list(job_id=uuid.UUID(job_id))
+    runtime.settings = settings_for(
+        database_url=database_url, broker_url=None, data_dir=tmp_path, relay_after=0.001
+    )
+    ours = [pipeline.name]
+
+    # When its replay is not sent (the broker is down), the sweeper sends it from the outbox
+    dispatch.fail_items = True
+    desk = DeadLetterDesk(store=runtime.store, letters=letters, dispatch=dispatch)
+    replayed = desk.replay(letter, by="ops", force=False)
+    assert replayed.done, replayed.detail
+    assert "not sent" in replayed.detail
+    dispatch.fail_items = False
+    assert redrive_items(runtime, dispatch, stalled_after=3600, pipelines=ours) == 1
+    drain(runtime, dispatch, pipeline, twice=False)
+    assert len(world.joins) == 1
+    assert runtime.store.get_job(uuid.UUID(job_id)).state is JobState.SUCCEEDED
