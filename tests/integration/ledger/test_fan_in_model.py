@@ -36,6 +36,7 @@ from ledger import (
     NewItem,
     NewJob,
     Reopened,
+    Settled,
     StepLedger,
     create_engine,
 )
@@ -60,6 +61,8 @@ class FanInModel(RuleBasedStateMachine):
         self.states: dict[str, str] = {}
         self.claims: list[ItemClaim] = []
         self.joins = 0
+        #: Open dead letters of the map's items (the person's rules need one).
+        self.open_letters = 0
         self.max_failed: int | None = 0
         self.names = itertools.count()
 
@@ -158,6 +161,7 @@ class FanInModel(RuleBasedStateMachine):
             settled = list(self.states.values()).count("failed")
             limit = self.max_failed
             self.states[claim.item_id] = "failed" if limit is None or settled < limit else "waiting"
+            self.open_letters += 1
         self._joined(answer)
 
     @rule(pick=st.integers(0, 50))
@@ -173,6 +177,43 @@ class FanInModel(RuleBasedStateMachine):
             assert self.states[reopened.item_id] in ("failed", "waiting")
             assert self.joins == 0, "replayed after the join"
             self.states[reopened.item_id] = "pending"
+            self.open_letters -= 1
+
+    @precondition(lambda self: self.open_letters)
+    @rule(pick=st.integers(0, 50))
+    def resolve(self, pick: int) -> None:
+        """A person says an open dead letter's item did take effect (`resolve --as
+        succeeded`): it is done, under the map's lock, and may join the map."""
+        letters = self.letters.list(job_id=self.job)
+        if not letters:
+            return
+        letter = letters[pick % len(letters)]
+        settled = self.letters.settle(
+            letter.id, by="model", result={"by": "hand"}, next_step="join"
+        )
+        if not isinstance(settled, Settled):
+            return
+        assert settled.item_id is not None
+        assert self.states[settled.item_id] in ("failed", "waiting")
+        assert self.joins == 0, "resolved after the join"
+        self.states[settled.item_id] = "done"
+        self.open_letters -= 1
+        if settled.next_step is not None:
+            self.joins += 1
+
+    @precondition(lambda self: self.open_letters)
+    @rule(pick=st.integers(0, 50))
+    def purge(self, pick: int) -> None:
+        """A person purges a dead letter of the map's items: refused while its item waits."""
+        letters = self.letters.list(job_id=self.job)
+        if not letters:
+            return
+        letter = letters[pick % len(letters)]
+        item_id = letter.input["item_id"]  # type: ignore[index,call-overload]
+        purged = self.letters.purge([letter.id], by="model")
+        waiting = self.states[str(item_id)] == "waiting"
+        assert (purged.deleted, len(purged.refused)) == ((0, 1) if waiting else (1, 0))
+        self.open_letters -= purged.deleted
 
     def _joined(self, answer: ItemRecorded) -> None:
         if answer.joined is not None:
