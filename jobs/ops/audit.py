@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from uuid import UUID
 
 import httpx
 
@@ -314,9 +315,10 @@ def run_audit(settings: Settings, *, sandbox_db: Path | None = None) -> tuple[Au
     return with_crawls(report, crawls, effects, truth), source
 
 
-def map_drift(views: MapViews) -> list[Drift]:
-    """The maps whose counters disagree with their items, or whose join with its job (an
-    item counted twice or not at all, a join run early or lost): one drift each."""
+def map_drift(views: MapViews, *, of_jobs: Collection[UUID] | None = None) -> list[Drift]:
+    """The maps (of `of_jobs` only, if given) whose counters disagree with their items, or
+    whose join with its job (an item counted twice or not at all, a join run early or
+    lost): one drift each."""
     return [
         Drift(
             problem="map_mismatch",
@@ -326,6 +328,7 @@ def map_drift(views: MapViews) -> list[Drift]:
             + "; ".join(found.problems),
         )
         for found in views.mismatched()
+        if of_jobs is None or found.job_id in of_jobs
     ]
 
 

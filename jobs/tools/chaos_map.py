@@ -137,12 +137,8 @@ def _report(
     violations += [f"item {item}: no notification" for item in missing[:50]]
     violations += [f"item {item}: {n} notifications" for item, n in list(doubled.items())[:50]]
     violations += [f"item {item}: not an item of the map" for item in set(notified) - wanted]
-    ours = {str(job.id) for job in jobs}
-    violations += [
-        drift.detail
-        for drift in map_drift(MapViews(engine=harness.store.engine))
-        if any(job_id in drift.detail for job_id in ours)
-    ]
+    views = MapViews(engine=harness.store.engine)
+    violations += [drift.detail for drift in map_drift(views, of_jobs={job.id for job in jobs})]
     return MapChaosReport(
         broker=harness.settings.broker_kind,
         items=len(expected),
