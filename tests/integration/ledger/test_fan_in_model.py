@@ -41,6 +41,7 @@ from ledger import (
     create_engine,
 )
 from ledger.errors import ItemConflict
+from ledger.map_views import MapViews
 from ledger.schema import ledger_entries, map_items
 
 _runs = itertools.count()
@@ -245,6 +246,9 @@ class FanInModel(RuleBasedStateMachine):
         # The join is handed on once, by the record that settled the last item.
         assert self.joins == (1 if unsettled == 0 else 0)
         assert counters.joined == (unsettled == 0)
+        # And the audit's check of maps agrees
+        mismatched = MapViews(engine=self.engine).mismatched()
+        assert [found for found in mismatched if found.job_id == self.job] == []
 
 
 def test_the_fan_in_counts_each_item_once_and_joins_once(database_url: str, tmp_path: Path) -> None:
