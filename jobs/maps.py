@@ -35,7 +35,8 @@ class MapPolicy(enum.StrEnum):
 class Expand:
     """What an item's act returns to split into more items: its own `result`, and the
     `items` to add to the map (each claimed, acted on and recorded like any item; an item
-    id the map has already is not added again)."""
+    the map has already, the same id and content, is not added again; an id it has with
+    other content fails the item that returned it)."""
 
     items: Sequence[JSON]
     result: JSON = None

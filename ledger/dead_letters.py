@@ -11,25 +11,22 @@ from uuid import UUID
 
 from sqlalchemy.engine import Connection, Engine, Row, RowMapping
 
-from ledger import db, queries
+from ledger import db, item_letters, queries
 from ledger.errors import DeadLetterNotFound
+from ledger.item_letters import Refusal
 from ledger.types import (
     JSON,
     DeadLetter,
     DeadLetterReason,
     DeadLetterState,
     EventKind,
-    ItemState,
     JobState,
+    Purged,
     Refused,
     Reopened,
     Settled,
     StepState,
 )
-
-
-class _Refusal(Exception):
-    """Rolls a dead letter's transaction back, leaving it open."""
 
 
 @dataclass(frozen=True)
@@ -193,13 +190,16 @@ class DeadLetterStore:
                     reset = conn.execute(queries.reset_entry(letter.key, from_states=allowed))
                     if reset.one_or_none() is None:
                         _refuse_unless_claimable(conn, letter.key)
-                item_id = _reopen_item(conn, letter) if letter.key is not None else None
+                item = item_letters.item_of(conn, letter.job_id, letter.step, letter.key)
+                item_id = None
+                if item is not None and letter.key is not None:
+                    item_id = item_letters.reopen(conn, letter.job_id, letter.step, letter.key)
                 if (
                     item_id is None
                     and conn.execute(queries.reopen_job(letter.job_id, letter.step)).one_or_none()
                     is None
                 ):
-                    raise _Refusal("its job is no longer dead-lettered")
+                    raise Refusal("its job is no longer dead-lettered")
                 detail: dict[str, JSON] = {"by": by, "dead_letter": letter_id}
                 if event is EventKind.RESOLVED:
                     detail["as"] = "retry"
@@ -208,33 +208,54 @@ class DeadLetterStore:
                         letter.job_id, letter.step, event, key=letter.key, detail=detail
                     )
                 )
-        except _Refusal as refusal:
+        except Refusal as refusal:
             return Refused(letter_id, str(refusal))
         return Reopened(letter_id, letter.job_id, letter.pipeline, letter.step, item_id)
+
+    def item_sent(self, job_id: UUID, step: str, key: str) -> None:
+        """A replayed item's message is with the broker: take it out of the outbox (a replay
+        leaves it there, so that the sweeper sends it if its send fails)."""
+        with db.single_statement(self.engine) as conn:
+            conn.execute(queries.mark_items_dispatched(job_id, step, [key]))
 
     def settle(
         self, letter_id: int, *, by: str, result: JSON, next_step: str | None
     ) -> Settled | Refused:
         """A person says the dead letter's step did take effect: record `result` as its outcome
-        and move the job on to `next_step` (the caller sends it)."""
+        and move the job on to `next_step` (the caller sends it). An item's letter settles the
+        item as done instead (its job goes on; moved on to `next_step` if that joined the
+        map), refused once the map joined."""
+        item_id: str | None = None
         try:
             with db.transaction(self.engine) as conn:
                 letter = _close(conn, letter_id, DeadLetterState.RESOLVED, by)
-                if (
-                    letter.key is None
-                    or conn.execute(queries.settle_entry(letter.key, result)).one_or_none() is None
+                item = item_letters.item_of(conn, letter.job_id, letter.step, letter.key)
+                if item is not None and letter.key is not None:
+                    item_id, now, joined = item_letters.resolve_done(
+                        conn, letter.job_id, letter.step, letter.key, result, next_step
+                    )
+                    state: str | None = now
+                    next_step = next_step if joined else None
+                elif letter.key is None or (
+                    conn.execute(
+                        queries.settle_entry(letter.key, result, letter.job_id)
+                    ).one_or_none()
+                    is None
                 ):
-                    raise _Refusal("its step has no failed or unknown key to settle")
-                moved = queries.move_dead_job_on(letter.job_id, letter.step, result, next_step)
-                state: str | None = conn.execute(moved).scalar_one_or_none()
-                if state is None:
-                    raise _Refusal("its job is no longer dead-lettered")
-                detail: JSON = {
+                    raise Refusal("its step has no failed or unknown key of its job's to settle")
+                else:
+                    moved = queries.move_dead_job_on(letter.job_id, letter.step, result, next_step)
+                    state = conn.execute(moved).scalar_one_or_none()
+                    if state is None:
+                        raise Refusal(f"its job is not dead-lettered at {letter.step}")
+                detail: dict[str, JSON] = {
                     "by": by,
                     "as": "succeeded",
                     "dead_letter": letter_id,
                     "result": result,
                 }
+                if item_id is not None:
+                    detail["item_id"] = item_id
                 conn.execute(
                     queries.append_event(
                         letter.job_id,
@@ -244,25 +265,50 @@ class DeadLetterStore:
                         detail=detail,
                     )
                 )
-        except _Refusal as refusal:
+        except Refusal as refusal:
             return Refused(letter_id, str(refusal))
-        return Settled(letter_id, letter.job_id, letter.pipeline, JobState(state), next_step)
+        settled = JobState(str(state))
+        return Settled(letter_id, letter.job_id, letter.pipeline, settled, next_step, item_id)
 
-    def purge(self, letter_ids: Sequence[int], *, by: str) -> int:
-        """Delete dead letters; the job of an open one is given up (cancelled), so retention may
-        remove it later. Returns how many were deleted."""
+    def purge(self, letter_ids: Sequence[int], *, by: str) -> Purged:
+        """Delete dead letters; the job of an open one is given up (cancelled) if it is still
+        dead-lettered at that letter's step, so retention may remove it later. An item's open
+        letter leaves its job as it is, and is refused while the map waits for its item."""
+        refused: list[Refused] = []
         with db.transaction(self.engine) as conn:
-            deleted = conn.execute(queries.delete_dead_letters(letter_ids)).mappings().all()
+            found = conn.execute(queries.select_dead_letters(state=None, ids=letter_ids))
+            items: dict[int, RowMapping | None] = {}
+            for row in found.mappings().all():
+                item = item_letters.item_of(conn, row["job_id"], row["step"], row["key"])
+                items[row["id"]] = item
+                refusal = (
+                    item_letters.purge_refusal(conn, row["job_id"], item)
+                    if item is not None and row["state"] == DeadLetterState.OPEN
+                    else None
+                )
+                if refusal is not None:
+                    refused.append(Refused(row["id"], refusal))
+            kept = {each.letter_id for each in refused}
+            chosen = [letter_id for letter_id in items if letter_id not in kept]
+            deleted = conn.execute(queries.delete_dead_letters(chosen)).mappings().all()
             for row in deleted:
                 job_id: UUID = row["job_id"]
                 if row["state"] != DeadLetterState.OPEN:
                     continue
-                if conn.execute(queries.give_up_dead_job(job_id)).one_or_none() is not None:
-                    purged = queries.append_event(
-                        job_id, str(row["step"]), EventKind.PURGED, detail={"by": by}
-                    )
-                    conn.execute(purged)
-        return len(deleted)
+                item = items[row["id"]]
+                detail: JSON = (
+                    {"by": by} if item is None else {"by": by, "item_id": item["item_id"]}
+                )
+                if item is None and (
+                    conn.execute(queries.give_up_dead_job(job_id, row["step"])).one_or_none()
+                    is None
+                ):
+                    continue
+                purged = queries.append_event(
+                    job_id, str(row["step"]), EventKind.PURGED, detail=detail
+                )
+                conn.execute(purged)
+        return Purged(len(deleted), refused)
 
 
 class _Closed:
@@ -283,34 +329,8 @@ def _close(conn: Connection, letter_id: int, state: DeadLetterState, by: str) ->
         )
         if found is None:
             raise DeadLetterNotFound(letter_id)
-        raise _Refusal(f"it is {found['state']}, not open")
+        raise Refusal(f"it is {found['state']}, not open")
     return _Closed(row)
-
-
-def _reopen_item(conn: Connection, letter: _Closed) -> str | None:
-    """If the dead letter is an item's (of a map step), make the item pending again and count
-    it back as unsettled; its item id then (None: a step's dead letter)."""
-    assert letter.key is not None
-    found = conn.execute(queries.select_item_by_key(letter.job_id, letter.step, letter.key))
-    item = found.mappings().one_or_none()
-    if item is None:
-        return None
-    state = ItemState(item["state"])
-    if state not in (ItemState.FAILED, ItemState.WAITING):
-        raise _Refusal(f"its item is {state}, not failed")
-    [counters] = conn.execute(queries.select_map_counters(letter.job_id, letter.step)).all()
-    if counters.joined_at is not None:
-        raise _Refusal("its map was joined already (its policy let the join see the failure)")
-    reopened = queries.reopen_item(letter.job_id, letter.step, letter.key, state)
-    if conn.execute(reopened).one_or_none() is None:
-        raise _Refusal("its item changed meanwhile")
-    waited = state is ItemState.WAITING
-    moved = queries.count_items(
-        letter.job_id, letter.step, failed=-1, waiting=-int(waited), remaining=int(not waited)
-    )
-    conn.execute(moved)
-    item_id: str = item["item_id"]
-    return item_id
 
 
 def _refuse_unless_claimable(conn: Connection, key: str) -> None:
@@ -318,8 +338,8 @@ def _refuse_unless_claimable(conn: Connection, key: str) -> None:
     if entry is None or entry["state"] == StepState.SUCCEEDED:
         return  # never claimed, or done since: the step's claim will sort it out
     if entry["state"] == StepState.UNKNOWN:
-        raise _Refusal("its step's outcome is unknown: check the provider, then --force or resolve")
-    raise _Refusal(f"its step's key is {entry['state']}")
+        raise Refusal("its step's outcome is unknown: check the provider, then --force or resolve")
+    raise Refusal(f"its step's key is {entry['state']}")
 
 
 def dead_letter_from_row(row: RowMapping) -> DeadLetter:

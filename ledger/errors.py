@@ -79,6 +79,16 @@ class StatementRejected(LedgerError):
         super().__init__(f"the database refused a statement: {detail}")
 
 
+class ItemConflict(StatementRejected):
+    """Raised when an item expands into an id its map has with other content: its record is
+    refused (the item fails), since that id already names the other item."""
+
+    def __init__(self, item_id: str, step: str) -> None:
+        self.item_id = item_id
+        self.detail = f"item id {item_id!r} is in map step {step!r} already, with other content"
+        LedgerError.__init__(self, self.detail)
+
+
 class StepNotInJob(LedgerError):
     """Raised when a job's plan has no key for the step being claimed (a step added to the
     pipeline after the job was created)."""

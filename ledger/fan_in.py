@@ -6,17 +6,20 @@ kombu, jobs or config."""
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Final
 from uuid import UUID
 
-from sqlalchemy.engine import Connection, RowMapping
+from sqlalchemy.engine import Connection
 
 from ledger import queries
 from ledger.dead_letters import DeadLetterNote, write_item_dead_letter
+from ledger.errors import ItemConflict
+from ledger.map_counters import count, join
 from ledger.map_types import ItemClaim, ItemRecorded, MapCounters, NewItem
 from ledger.outcomes import Failure
-from ledger.types import DeadLetterReason, EventKind, ItemState, JobState
+from ledger.types import DeadLetterReason, ItemState
 
 #: Items per INSERT when a map's items are written.
 INSERT_BATCH: Final = 1000
@@ -29,7 +32,12 @@ def insert_items(
     items: Sequence[tuple[tuple[str, str] | None, Sequence[NewItem]]],
 ) -> dict[str | None, list[str]]:
     """Write items, each group the children of a parent (an (item id, path)) or the roots
-    (None), one INSERT per `INSERT_BATCH` rows; the ids the map did not have, by parent."""
+    (None), one INSERT per `INSERT_BATCH` rows; the ids the map did not have, by parent. An
+    id the map has (or this call wrote) with the same fingerprint is that item, counted once.
+
+    Raises:
+        ItemConflict: an id the map has with another fingerprint (roll the caller back).
+    """
     rows = [
         {
             "job_id": job_id,
@@ -47,10 +55,33 @@ def insert_items(
     added: dict[str | None, list[str]] = {}
     for start in range(0, len(rows), INSERT_BATCH):
         batch = rows[start : start + INSERT_BATCH]
-        inserted = conn.execute(queries.insert_items(conn.dialect.name), batch)
+        inserted = conn.execute(queries.insert_items(conn.dialect.name), batch).all()
         for item_id, parent in inserted:
             added.setdefault(str(parent) if parent is not None else None, []).append(str(item_id))
+        if len(inserted) < len(batch):
+            _same_items(conn, job_id, step, batch, {str(item_id) for item_id, _ in inserted})
     return added
+
+
+def _same_items(
+    conn: Connection,
+    job_id: UUID,
+    step: str,
+    batch: Sequence[dict[str, Any]],
+    inserted: set[str],
+) -> None:
+    """Each row of `batch` the INSERT left out (its id taken, before or by an earlier row)
+    must be the item under that id: the same fingerprint; else raise `ItemConflict` (the
+    statement dropped it without a word)."""
+    given = Counter(str(row["item_id"]) for row in batch)
+    taken = {
+        row["key"] for row in batch if given[row["item_id"]] > 1 or row["item_id"] not in inserted
+    }
+    found = conn.execute(queries.select_item_fingerprints(job_id, step, sorted(taken)))
+    stored = {str(item_id): str(fingerprint) for item_id, fingerprint in found}
+    for row in batch:
+        if stored.get(row["item_id"], row["fingerprint"]) != row["fingerprint"]:
+            raise ItemConflict(str(row["item_id"]), step)
 
 
 def settle(
@@ -128,25 +159,6 @@ def _settle_params(job_id: UUID, step: str, keys: list[str]) -> dict[str, Any]:
     return {"p_job_id": job_id, "p_step": step, "p_keys": keys}
 
 
-def count(conn: Connection, job_id: UUID, step: str, **moves: int) -> MapCounters:
-    """Move a map's counters by `moves`; they as they now stand."""
-    row = conn.execute(queries.count_items(job_id, step, **moves)).mappings().one()
-    return counters_of(step, row)
-
-
-def join(conn: Connection, job_id: UUID, step: str, next_step: str | None) -> JobState | None:
-    """Mark the map joined and move its job on, if no other transaction did: the job's
-    state then (None: joined before, or the job is no longer active)."""
-    row = conn.execute(queries.join_map(job_id, step)).mappings().one_or_none()
-    if row is None:
-        return None
-    summary = counters_of(step, row).summary()
-    moved = queries.move_on_with_result(job_id, step, summary, next_step)
-    state = conn.execute(moved).scalar_one_or_none()
-    conn.execute(queries.append_event(job_id, step, EventKind.JOINED, detail=summary))
-    return JobState(state) if state is not None else None
-
-
 def dead_letter(
     conn: Connection, claim: ItemClaim, failure: Failure, attempts: int, first: Any
 ) -> None:
@@ -159,17 +171,3 @@ def dead_letter(
         failure.duration_ms,
     )
     write_item_dead_letter(conn, letter, attempts, first, (claim.item_id, claim.item))
-
-
-def counters_of(step: str, row: RowMapping) -> MapCounters:
-    return MapCounters(
-        step=step,
-        policy=row["policy"],
-        total=row["total"],
-        done=row["done"],
-        failed=row["failed"],
-        waiting=row["waiting"],
-        expanded=row["expanded"],
-        remaining=row["remaining"],
-        joined=row["joined_at"] is not None,
-    )

@@ -40,12 +40,14 @@ class ItemClaim(Claim):
 
 @dataclass(frozen=True)
 class ItemSettled:
-    """The item is done or failed already (None: the map has no such item): nothing to do."""
+    """The item is done or failed already (None: the map has no such item): nothing to do
+    but hand on a join whose publish may have been lost (the job is at `current_step`)."""
 
     job_id: UUID
     step: str
     item_id: str
     state: ItemState | None
+    current_step: str | None = None
 
 
 #: Everything a claim of an item can answer.

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, RowMapping
 
 from ledger import db
-from ledger.fan_in import counters_of
+from ledger.map_counters import counters_of
 from ledger.map_types import MapCounters
 from ledger.queries import map_views as statements
-from ledger.types import JSON, DeadLetterState, ItemState, StepState
+from ledger.types import ACTIVE_JOB_STATES, JSON, DeadLetterState, ItemState, StepState
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,43 @@ class ItemsPage:
     next_after: str | None
 
 
+@dataclass(frozen=True)
+class MapMismatch:
+    """A map whose ledger rows disagree: what the audit reports as drift."""
+
+    job_id: UUID
+    pipeline: str
+    step: str
+    problems: list[str]
+
+
+#: Each counter of `maps`, and what its items say it should be.
+_COUNTERS = (
+    ("total", "items"),
+    ("done", "items_done"),
+    ("failed", "items_failed"),
+    ("waiting", "items_waiting"),
+    ("remaining", "items_open"),
+    ("expanded", "items_expanded"),
+)
+
+
+def _mismatch(row: RowMapping) -> MapMismatch:
+    problems = [
+        f"counter {counter}={row[counter]} but its items say {row[said]}"
+        for counter, said in _COUNTERS
+        if row[counter] != row[said]
+    ]
+    waits_at_map = row["job_state"] in ACTIVE_JOB_STATES and row["current_step"] == row["step"]
+    if row["joined_at"] is not None and row["remaining"] != 0:
+        problems.append(f"joined with {row['remaining']} items not settled")
+    if row["joined_at"] is not None and waits_at_map:
+        problems.append("joined, but its job still waits at the map")
+    if row["joined_at"] is None and row["remaining"] == 0 and waits_at_map:
+        problems.append("every item settled, but not joined")
+    return MapMismatch(row["job_id"], str(row["pipeline"]), str(row["step"]), problems)
+
+
 #: The item states a dead letter goes with.
 _FAILED = (ItemState.FAILED.value, ItemState.WAITING.value)
 
@@ -103,6 +140,13 @@ class MapViews:
             )
             for row in rows
         ]
+
+    def mismatched(self) -> list[MapMismatch]:
+        """Maps whose counters disagree with their items, joined with items still open,
+        joined while their job still waits at them, or settled and not joined."""
+        with db.transaction(self.engine) as conn:
+            rows = conn.execute(statements.select_mismatched_maps()).mappings().all()
+        return [_mismatch(row) for row in rows]
 
     def joined(self) -> dict[tuple[str, str], int]:
         """Per (pipeline, map step), how many maps have joined."""

@@ -11,8 +11,8 @@ from uuid import UUID, uuid4
 
 from sqlalchemy.engine import Connection, Engine
 
-from ledger import db, fan_in, queries
-from ledger.errors import LeaseLost, LedgerError, StatementRejected
+from ledger import db, fan_in, map_counters, queries
+from ledger.errors import ItemConflict, LeaseLost, LedgerError, StatementRejected
 from ledger.fan_in import INSERT_BATCH
 from ledger.map_types import (
     FanOut,
@@ -89,7 +89,7 @@ class MapLedger:
                 roots = fan_in.insert_items(conn, claim.job_id, claim.step, [(None, items)])
                 added = roots.get(None, [])
                 moves = {"total": len(added), "remaining": len(added)}
-                counters = fan_in.count(conn, claim.job_id, claim.step, **moves)
+                counters = map_counters.count(conn, claim.job_id, claim.step, **moves)
                 event = queries.append_event(
                     claim.job_id,
                     claim.step,
@@ -103,7 +103,7 @@ class MapLedger:
                 conn.execute(queries.note_fan_out(claim.job_id, claim.step, done))
                 joined = None
                 if counters.remaining == 0:
-                    joined = fan_in.join(conn, claim.job_id, claim.step, next_step)
+                    joined = map_counters.join(conn, claim.job_id, claim.step, next_step)
                 return FanOut(added, joined)
 
         return self._retrying(attempt)
@@ -129,6 +129,12 @@ class MapLedger:
                     conn.execute(queries.mark_items_dispatched(job_id, step, batch))
 
         self._retrying(attempt)
+
+    def touch_outbox(self, job_id: UUID, step: str) -> None:
+        """Mark a map's items in the outbox touched: they are being published, and the
+        sweeper leaves them alone for `relay_after` more."""
+        with db.single_statement(self.engine) as conn:
+            conn.execute(queries.touch_outbox(job_id, step))
 
     # --- claim ----------------------------------------------------------------------------
 
@@ -209,9 +215,11 @@ class MapLedger:
 
         try:
             return self._retrying(attempt)
-        except StatementRejected:
+        except StatementRejected as exc:
             if len(done) == 1:
-                return [StatementRejected(_rejected(done[0][0]))]
+                # An expansion's clash names the id; any other refusal, the item.
+                refused = exc if isinstance(exc, ItemConflict) else None
+                return [refused or StatementRejected(_rejected(done[0][0]))]
             return [self.record_items([one], next_step=next_step)[0] for one in done]
 
     def record_item_failure(
@@ -322,7 +330,7 @@ class MapLedger:
         """Each map step's counters of a job."""
         with db.single_statement(self.engine) as conn:
             rows = conn.execute(queries.select_map_counters(job_id)).mappings().all()
-        return [fan_in.counters_of(row["step"], row) for row in rows]
+        return [map_counters.counters_of(row["step"], row) for row in rows]
 
     def item_results(
         self, job_id: UUID, step: str, *, page: int = READ_PAGE
@@ -355,6 +363,12 @@ class MapLedger:
             with db.single_statement(self.engine) as conn:
                 found.update(conn.execute(queries.select_item_keys(chunk)).scalars())
         return found
+
+    def key_holder(self, key: str) -> UUID | None:
+        """The job that recorded a key (None: no entry)."""
+        with db.single_statement(self.engine) as conn:
+            entry = conn.execute(queries.select_entry(key)).mappings().one_or_none()
+        return entry["job_id"] if entry is not None else None
 
     def take_lost_items(
         self,

@@ -118,7 +118,8 @@ def decode_item_claim(  # noqa: PLR0911 - one answer per thing a claim can find
             job_id, step, key, owner, attempts, context, results, item_id=item_id, item=row["item"]
         )
     if row["item_state"] != ItemState.PENDING:
-        return ItemSettled(job_id, step, item_id, ItemState(row["item_state"]))
+        settled = ItemState(row["item_state"])
+        return ItemSettled(job_id, step, item_id, settled, row["current_step"])
     if row["entry_state"] is None:
         return InFlight(job_id, step, key, retry_in=MIN_IN_FLIGHT_WAIT)
     if row["entry_step"] != step or row["entry_fingerprint"] != row["fingerprint"]:

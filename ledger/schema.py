@@ -102,6 +102,14 @@ ledger_entries = sa.Table(
     sa.CheckConstraint(_one_of("state", StepState), name="state"),
 )
 sa.Index("ix_ledger_entries_job_id", ledger_entries.c.job_id)
+# The sweeper finds keys started under a lease that ran out among the started ones alone.
+_STARTED = sa.text("state = 'started'")
+sa.Index(
+    "ix_ledger_entries_started",
+    ledger_entries.c.locked_until,
+    postgresql_where=_STARTED,
+    sqlite_where=_STARTED,
+)
 
 step_events = sa.Table(
     "step_events",
@@ -224,6 +232,14 @@ sa.Index("ix_map_items_job_id_step_path", map_items.c.job_id, map_items.c.step, 
 sa.Index("ix_map_items_key", map_items.c.key)
 # The sweeper looks for pending items by age.
 sa.Index("ix_map_items_state_updated_at", map_items.c.state, map_items.c.updated_at)
+# ... and for those left in the outbox by age, reading no other (migration 0008).
+_OUTBOX = sa.text("state = 'pending' AND dispatched_at IS NULL")
+sa.Index(
+    "ix_map_items_outbox",
+    map_items.c.updated_at,
+    postgresql_where=_OUTBOX,
+    sqlite_where=_OUTBOX,
+)
 
 #: Durable timers (`ledger.timers`): a job's wait is a row with a due time, never a broker
 #: message. Written in the transaction that moves the job to its waiting step; fired once by

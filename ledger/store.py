@@ -13,7 +13,7 @@ from sqlalchemy.engine import Connection, Engine, RowMapping
 
 from ledger import db, queries
 from ledger.errors import JobNotFound
-from ledger.fan_in import counters_of
+from ledger.map_counters import counters_of
 from ledger.new_jobs import create_jobs, create_jobs_in
 from ledger.types import (
     JSON,
@@ -401,10 +401,12 @@ class JobStore:
             with db.single_statement(self.engine) as conn:
                 conn.execute(queries.undo_dispatched(job_ids))
 
-    def prune(self, *, older_than: float, batch: int = 1000) -> int:
+    def prune(self, *, older_than: float, batch: int = 1000, item_batch: int = 5000) -> int:
         """Delete succeeded and cancelled jobs untouched for `older_than` seconds, with their
         ledger entries and history, in batches of `batch`; never an unfinished or
-        dead-lettered job. Returns how many jobs were deleted.
+        dead-lettered job. Returns how many jobs were deleted. Their maps' items (and the
+        items' entries) go first, `item_batch` to a transaction: a map of 100,000 items is
+        not deleted in one.
 
         Their keys leave the ledger with them (the same request arriving again afterwards
         would act again, as with any provider's key retention) — except a key that another
@@ -414,6 +416,11 @@ class JobStore:
         """
         deleted = 0
         while True:
+            with db.transaction(self.engine) as conn:
+                taken = queries.select_prunable_jobs(conn.dialect.name, older_than, batch)
+                found: list[UUID] = list(conn.execute(taken).scalars())
+            # A finished job stays finished: its items can go before it, each chunk alone.
+            self._prune_items(found, item_batch)
             with db.transaction(self.engine) as conn:
                 dialect = conn.dialect.name
                 taken = queries.select_prunable_jobs(dialect, older_than, batch)
@@ -426,6 +433,18 @@ class JobStore:
             deleted += len(job_ids)
             if len(job_ids) < batch:
                 return deleted
+
+    def _prune_items(self, job_ids: Sequence[UUID], batch: int) -> None:
+        """Delete finished jobs' map items and their keys' entries, `batch` a transaction."""
+        while job_ids:
+            with db.transaction(self.engine) as conn:
+                keys: list[str] = list(
+                    conn.execute(queries.select_items_to_prune(job_ids, batch)).scalars()
+                )
+                if not keys:
+                    return
+                for delete in queries.delete_items(job_ids, keys):
+                    conn.execute(delete)
 
     def ping(self) -> None:
         """One round trip to the database (raises `LedgerError` if it does not answer)."""

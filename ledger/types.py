@@ -345,6 +345,17 @@ class Settled:
     pipeline: str
     job_state: JobState
     next_step: str | None
+    #: The item of a map step the dead letter was (settled as done; `next_step` is set when
+    #: that joined the map).
+    item_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Purged:
+    """What a purge did: how many dead letters it deleted, and those it left, and why."""
+
+    deleted: int
+    refused: list[Refused]
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import enum
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
+from uuid import UUID
 
 import typer
 from rich.table import Table
@@ -46,6 +47,10 @@ ErrorFilter = Annotated[
 ]
 OlderFilter = Annotated[
     str | None, typer.Option("--older-than", help="Only those failed longer ago than this (30d).")
+]
+JobFilter = Annotated[
+    str | None,
+    typer.Option("--job", help="Only dead letters of this job (its id): a map's failed items."),
 ]
 Ids = Annotated[list[int] | None, typer.Argument(help="Dead letter ids.", show_default=False)]
 
@@ -98,11 +103,13 @@ def _select(
     *,
     every: bool,
     state: DeadLetterState | None,
-    filters: tuple[str | None, str | None, str | None],
+    filters: tuple[str | None, str | None, str | None, str | None],
 ) -> list[DeadLetter]:
-    step, error_type, older_than = filters
+    step, error_type, older_than, job = filters
     if not ids and not every:
-        raise BadInput("name dead letter IDS, or --all (with --step, --error-type, --older-than)")
+        raise BadInput(
+            "name dead letter IDS, or --all (with --step, --error-type, --older-than, --job)"
+        )
     if ids and every:
         raise BadInput("give dead letter IDS or --all, not both")
     letters = _letters(settings)
@@ -117,7 +124,17 @@ def _select(
         step=step,
         error_type=error_type,
         failed_before=_ago(older_than, "--older-than"),
+        job_id=_job_id(job),
     )
+
+
+def _job_id(value: str | None) -> UUID | None:
+    if value is None:
+        return None
+    try:
+        return UUID(value)
+    except ValueError:
+        raise BadInput(f"--job: {value!r} is not a job id") from None
 
 
 @dlq.command("list")
@@ -129,6 +146,7 @@ def dlq_list(
         str | None, typer.Option("--newer-than", help="Only those failed within this (2h).")
     ] = None,
     state: Annotated[StateFilter, typer.Option(help="Which dead letters.")] = StateFilter.OPEN,
+    job: JobFilter = None,
     limit: Annotated[int, typer.Option(min=1, max=100_000)] = 100,
     as_json: JsonFlag = False,
 ) -> None:
@@ -139,6 +157,7 @@ def dlq_list(
         error_type=error_type,
         failed_before=_ago(older_than, "--older-than"),
         failed_after=_ago(newer_than, "--newer-than"),
+        job_id=_job_id(job),
         limit=limit,
     )
     if as_json:
@@ -185,6 +204,7 @@ def dlq_replay(
     step: StepFilter = None,
     error_type: ErrorFilter = None,
     older_than: OlderFilter = None,
+    job: JobFilter = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan; change nothing.")
     ] = False,
@@ -205,7 +225,7 @@ def dlq_replay(
         ids,
         every=every,
         state=DeadLetterState.OPEN,
-        filters=(step, error_type, older_than),
+        filters=(step, error_type, older_than, job),
     )
     desk = _desk(settings)
     if dry_run:
@@ -286,6 +306,7 @@ def dlq_purge(
     step: StepFilter = None,
     error_type: ErrorFilter = None,
     older_than: OlderFilter = None,
+    job: JobFilter = None,
     by: ByOption = None,
     as_json: JsonFlag = False,
 ) -> None:
@@ -294,16 +315,29 @@ def dlq_purge(
     settings = get_settings()
     chosen = None if state is StateFilter.ALL else DeadLetterState(state)
     letters = _select(
-        settings, ids, every=every, state=chosen, filters=(step, error_type, older_than)
+        settings, ids, every=every, state=chosen, filters=(step, error_type, older_than, job)
     )
-    deleted = _letters(settings).purge([letter.id for letter in letters], by=who(by))
-    everything = every and state is StateFilter.ALL and not any((step, error_type, older_than))
-    copies = remove_dead_copies(app, None if everything else letters)
+    purged = _letters(settings).purge([letter.id for letter in letters], by=who(by))
+    kept = {each.letter_id for each in purged.refused}
+    filtered = any((step, error_type, older_than, job))
+    everything = every and state is StateFilter.ALL and not filtered
+    everything = everything and not kept
+    gone = [letter for letter in letters if letter.id not in kept]
+    copies = remove_dead_copies(app, None if everything else gone)
     if as_json:
-        print_json({"purged": deleted, "broker_copies": copies})
+        answer: dict[str, JSON] = {"purged": purged.deleted, "broker_copies": copies}
+        if purged.refused:
+            answer["refused"] = [
+                {"dead_letter": each.letter_id, "reason": each.reason} for each in purged.refused
+            ]
+        print_json(answer)
     else:
         removed = "unknown (the broker did not answer)" if copies is None else copies
-        stdout.print(f"purged {deleted} dead letter(s); broker copies removed: {removed}")
+        stdout.print(f"purged {purged.deleted} dead letter(s); broker copies removed: {removed}")
+        for each in purged.refused:
+            stdout.print(f"{each.letter_id}: refused: {each.reason}")
+    if purged.refused:
+        raise typer.Exit(1)
 
 
 def cancel(

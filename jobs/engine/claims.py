@@ -106,7 +106,9 @@ def _absorb_duplicate(run: Run, step: Step[object], outcome: AlreadySucceeded) -
     dispatch = run.dispatch_for(step, job_id)
     following = pipeline.next_step(step.name)
     next_name = following.name if following else None
-    if is_map(step) and outcome.recorded_for_this_job and outcome.current_step == step.name:
+    if is_map(step) and not outcome.recorded_for_this_job:
+        return _map_key_taken(run, step, outcome)
+    if is_map(step) and outcome.current_step == step.name:
         # Its items were written with its record and run on their own (the sweeper sends
         # those lost); the fan-in moves the job on, never this message.
         rt.ledger.note_duplicate(outcome)
@@ -129,6 +131,20 @@ def _absorb_duplicate(run: Run, step: Step[object], outcome: AlreadySucceeded) -
         extra={"action": "duplicate", "job_id": job_id, "step": step.name, "key": outcome.key},
     )
     return Outcome.DUPLICATE
+
+
+def _map_key_taken(run: Run, step: Step[object], outcome: AlreadySucceeded) -> Outcome:
+    """A map step key another job recorded: its items are that job's, and this job adopting
+    its result would join on none (taking the join's key, shared too, from that job's join).
+    Dead-lettered, naming that job: its request is that job's (a person purges it)."""
+    holder = run.rt.maps.key_holder(outcome.key)
+    message = f"map step key {outcome.key!r} was recorded by job {holder}"
+    error: JSON = {"type": "MapKeyTaken", "message": message, "retryable": False}
+    log = {"job_id": str(outcome.job_id), "step": step.name, "key": outcome.key}
+    logger.error("%s", message, extra={"action": "dead_letter", **log})
+    reason = DeadLetterReason.PERMANENT
+    run.rt.ledger.dead_letter(outcome.job_id, step.name, error, reason=reason, key=outcome.key)
+    return Outcome.DEAD_LETTERED
 
 
 def _adopt_into_sleep(

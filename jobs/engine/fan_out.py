@@ -5,7 +5,10 @@ the one transaction that settled a map's last item."""
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Sequence
+from typing import Final
 from uuid import UUID
 
 from config.settings import CrashPoint
@@ -18,6 +21,9 @@ from jobs.pipelines import Pipeline
 from ledger import DeadLetterReason, Failure, JobState, LeaseLost, StepResult
 
 logger = logging.getLogger(__name__)
+
+#: Items published, and taken out of the outbox, at a time.
+PUBLISH_SLICE: Final = 1000
 
 
 def fan_out(run: Run, step: MapStep[object], acted: list[Acted]) -> dict[int, Outcome]:
@@ -82,23 +88,41 @@ def publish_items(
     job_id: str,
     item_ids: Sequence[str],
 ) -> None:
-    """Publish items just written (several to a message) and take those the broker took out
-    of the outbox, in one statement; the rest wait there for the sweeper."""
+    """Publish items just written (several to a message), `PUBLISH_SLICE` at a time, each
+    slice taken out of the outbox once the broker took it; the rest wait there for the
+    sweeper. A publish of several slices first marks the outbox's items touched, and again
+    whenever half of `relay_after` passed: the sweeper, which sends items left there for
+    `relay_after`, leaves them to it (a long record or publish would otherwise send them
+    twice)."""
     if not item_ids:
         return
+    log = {"job_id": job_id, "step": step.name}
     if not isinstance(dispatch, ItemDispatch):
         logger.warning(
             "cannot publish items here; the sweeper will send them",
-            extra={"action": "items_unsent", "job_id": job_id, "step": step.name},
+            extra={"action": "items_unsent", **log},
         )
         return
-    try:
-        unsent = set(dispatch.send_items(pipeline.name, step.name, job_id, item_ids))
-    except Exception as exc:  # noqa: BLE001 - they are in the outbox: the sweeper sends them
-        logger.warning("items not published (%s); the sweeper will send them", exc)
-        return
-    sent = [item_id for item_id in item_ids if item_id not in unsent]
-    rt.maps.mark_dispatched(UUID(job_id), step.name, sent)
+    touched = -math.inf
+    for start in range(0, len(item_ids), PUBLISH_SLICE):
+        chunk = item_ids[start : start + PUBLISH_SLICE]
+        if (
+            len(item_ids) > PUBLISH_SLICE
+            and time.monotonic() - touched > rt.settings.relay_after / 2
+        ):
+            touched = time.monotonic()
+            rt.maps.touch_outbox(UUID(job_id), step.name)
+        try:
+            unsent = set(dispatch.send_items(pipeline.name, step.name, job_id, chunk))
+        except Exception as exc:  # noqa: BLE001 - they are in the outbox: the sweeper sends them
+            logger.warning(
+                "items not published (%s); the sweeper will send them",
+                exc,
+                extra={"action": "items_unsent", **log},
+            )
+            return
+        sent = [item_id for item_id in chunk if item_id not in unsent]
+        rt.maps.mark_dispatched(UUID(job_id), step.name, sent)
 
 
 def hand_on_join(

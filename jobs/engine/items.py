@@ -64,6 +64,8 @@ class ItemRun:
         following = pipeline.next_step(step.name)
         self.next_step = following.name if following else None
         self.max_failed = step.settled_failures()
+        #: Whether this run sent the join again (once a message is enough).
+        self.rejoined = False
 
     def label(self, item_id: str) -> str:
         """What crash points match an item by: its job id, then its item id between slashes
@@ -83,11 +85,36 @@ class ItemRun:
             )
 
     def after_record(self, recorded: ItemRecorded) -> None:
-        """Publish what a record expanded into, and the join if it settled the map."""
-        publish_items(
-            self.rt, self.dispatch, self.pipeline, self.step, self.job_id, recorded.children
-        )
-        hand_on_join(self.dispatch, self.pipeline, self.step, self.job_id, recorded.joined)
+        """Publish what a record expanded into, and the join if it settled the map (even if
+        the items' publish failed: they are in the outbox, the join is not)."""
+        try:
+            publish_items(
+                self.rt, self.dispatch, self.pipeline, self.step, self.job_id, recorded.children
+            )
+        finally:
+            hand_on_join(self.dispatch, self.pipeline, self.step, self.job_id, recorded.joined)
+
+    def settled(self, found: ItemSettled) -> Outcome:
+        """An item found settled (redelivered, re-driven), or not in the map. If its job
+        waits at the join, the run that joined the map may have died before publishing it:
+        publish it again (as a step's redelivery after its record does; a second copy is
+        absorbed by the join's claim), once per message."""
+        if found.state is None:
+            return Outcome.INACTIVE
+        if self.rejoined or self.next_step is None or found.current_step != self.next_step:
+            return Outcome.DUPLICATE
+        self.rejoined = True
+        log = {"job_id": self.job_id, "step": self.step.name}
+        logger.info("map joined; sending its join again", extra={"action": "rejoin", **log})
+        try:
+            self.dispatch.send(self.pipeline.name, self.next_step, self.job_id)
+        except Exception as exc:  # noqa: BLE001 - recorded in Postgres: the sweeper sends it
+            logger.warning(
+                "join not published (%s); the sweeper will send it",
+                exc,
+                extra={"action": "join_unsent", **log},
+            )
+        return Outcome.DUPLICATE
 
 
 def run_items(
@@ -99,12 +126,15 @@ def run_items(
     item_ids: Sequence[str],
     *,
     timer: StepTimer | None = None,
+    repeat: bool = False,
 ) -> list[Outcome]:
     """Run the items of one message (claims in one transaction, records in as few as the
     acts allow); each item's outcome, in order. At most once, each item is claimed just
     before it acts and recorded at once: a key claimed but not acted on looks, once its
     worker is dead, exactly like one that acted (`unknown`), so a message holds at most one
-    such key at a time."""
+    such key at a time. So does a `repeat` (a message redelivered, perhaps because an item
+    killed its worker, or sent again): an item that kills its worker every time then takes
+    no other item's attempts with it, and is dead-lettered alone once its attempts run out."""
     run = ItemRun(rt, dispatch, pipeline, step, job_id, timer)
     if len(set(item_ids)) != len(item_ids):
         # A message names each item once; one that does not runs each once.
@@ -112,12 +142,12 @@ def run_items(
         ran = dict(
             zip(
                 unique,
-                run_items(rt, dispatch, pipeline, step, job_id, unique, timer=timer),
+                run_items(rt, dispatch, pipeline, step, job_id, unique, timer=timer, repeat=repeat),
                 strict=True,
             )
         )
         return [ran[item_id] for item_id in item_ids]
-    if step.delivery is Delivery.AT_MOST_ONCE:
+    if step.delivery is Delivery.AT_MOST_ONCE or repeat:
         return [outcome for item_id in item_ids for outcome in _run_group(run, [item_id])]
     return _run_group(run, item_ids)
 
@@ -198,7 +228,7 @@ def _verdict(run: ItemRun, item_id: str, found: ItemFound | LedgerError) -> Item
     if isinstance(found, ItemClaim):
         return found
     if isinstance(found, ItemSettled):
-        return Outcome.DUPLICATE if found.state is not None else Outcome.INACTIVE
+        return run.settled(found)
     if isinstance(found, JobInactive):
         logger.info("job is %s; item not run", found.state, extra={"action": "skip", **log})
         return Outcome.INACTIVE

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from uuid import UUID
 
 import httpx
 
@@ -24,6 +25,7 @@ from jobs.places import PLACES_CRAWL
 from jobs.sandbox import SandboxStore, unit_amount
 from jobs.tasks import PIPELINE_PREFIX, STEP
 from ledger import JSON, Job, JobStore, MapLedger, StepEntry, StepState, create_engine
+from ledger.map_views import MapViews
 
 #: The most places crawls the audit reads (the most recent).
 MAX_CRAWLS = 100_000
@@ -305,10 +307,29 @@ def run_audit(settings: Settings, *, sandbox_db: Path | None = None) -> tuple[Au
         in_scope = [entry for _, entry in entries]
         amounts = order_amounts(in_scope, kinds, store)
         crawls = store.list_jobs(pipeline=PLACES_CRAWL, limit=MAX_CRAWLS)
+        maps = map_drift(MapViews(engine=store.engine))
     finally:
         store.engine.dispose()
     report = reconcile(in_scope, kinds, effects, amounts=amounts)
+    report = replace(report, drift=(*report.drift, *maps))
     return with_crawls(report, crawls, effects, truth), source
+
+
+def map_drift(views: MapViews, *, of_jobs: Collection[UUID] | None = None) -> list[Drift]:
+    """The maps (of `of_jobs` only, if given) whose counters disagree with their items, or
+    whose join with its job (an item counted twice or not at all, a join run early or
+    lost): one drift each."""
+    return [
+        Drift(
+            problem="map_mismatch",
+            kind="map",
+            key=None,
+            detail=f"{found.pipeline}.{found.step} of job {found.job_id}: "
+            + "; ".join(found.problems),
+        )
+        for found in views.mismatched()
+        if of_jobs is None or found.job_id in of_jobs
+    ]
 
 
 def with_crawls(

@@ -27,6 +27,7 @@ from ledger import (
     JobNotFound,
     JobState,
     JobStore,
+    LedgerError,
     Refused,
     Reopened,
     StepState,
@@ -170,7 +171,8 @@ class DeadLetterDesk:
 
     def resolve(self, letter: DeadLetter, *, by: str, result: JSON) -> ReplayResult:
         """A person decided the step did take effect (`resolve --as succeeded`): record
-        `result` as its outcome and move the job on."""
+        `result` as its outcome and move the job on. An item's letter settles its item as
+        done (its job goes on; the join is sent if that settled the map's last item)."""
         try:
             following = _next_step(letter)
         except UnknownPipeline as exc:
@@ -184,14 +186,15 @@ class DeadLetterDesk:
             # Its kept message again: the call answers the person's result, and the canvas
             # after it goes on.
             return self._send(outcome, letter)
+        done = f"item {outcome.item_id} done; " if outcome.item_id is not None else ""
         if outcome.next_step is not None and outcome.job_state is JobState.RUNNING:
             self.dispatch.send(
                 outcome.pipeline, outcome.next_step, str(outcome.job_id), resend=True
             )
             return ReplayResult(
-                letter.id, str(letter.job_id), True, f"resumed at {outcome.next_step}"
+                letter.id, str(letter.job_id), True, f"{done}resumed at {outcome.next_step}"
             )
-        return ReplayResult(letter.id, str(letter.job_id), True, f"job {outcome.job_state}")
+        return ReplayResult(letter.id, str(letter.job_id), True, f"{done}job {outcome.job_state}")
 
     def _send(self, outcome: object, letter: DeadLetter) -> ReplayResult:
         if isinstance(outcome, Refused):
@@ -214,8 +217,8 @@ class DeadLetterDesk:
         return ReplayResult(letter.id, str(letter.job_id), True, f"resumed at {letter.step}")
 
     def _send_item(self, letter: DeadLetter, item_id: str) -> ReplayResult:
-        """Send a replayed item alone (pending again in Postgres: if this send fails, the
-        sweeper sends it)."""
+        """Send a replayed item alone (pending again in Postgres, in the outbox: if this send
+        fails, the sweeper sends it), then take it out of the outbox."""
         job_id = str(letter.job_id)
         unsent: list[str] = [item_id]
         if isinstance(self.dispatch, ItemDispatch):
@@ -225,9 +228,13 @@ class DeadLetterDesk:
                 )
             except Exception:
                 logger.warning("replayed item %s not sent", item_id, exc_info=True)
-        if unsent:
+        if unsent or letter.key is None:
             detail = f"item {item_id} reopened, but not sent; the sweeper will send it"
             return ReplayResult(letter.id, job_id, True, detail)
+        try:
+            self.letters.item_sent(letter.job_id, letter.step, letter.key)
+        except LedgerError as exc:  # sent: the sweeper's copy is absorbed by its claim
+            logger.warning("replayed item %s sent, but left in the outbox: %s", item_id, exc)
         return ReplayResult(letter.id, job_id, True, f"item {item_id} resumed at {letter.step}")
 
     def _resend_call(self, letter: DeadLetter) -> None:

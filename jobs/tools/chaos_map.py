@@ -1,6 +1,7 @@
 """`oncelery chaos --map N`: one map of N items (and what they split into) under fire —
 provider faults, workers SIGKILLed every few seconds, the broker and Postgres restarted —
-then every item's notification counted at the provider: each exactly once, the join once."""
+then every item's notification counted at the provider (each exactly once, the join once) and
+the map's counters checked against its items."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from uuid import UUID
 
 from config import Settings
 from jobs.engine.enqueue import start_jobs
-from jobs.ops.audit import fetch_effects
+from jobs.ops.audit import fetch_effects, map_drift
 from jobs.tools.chaos import CHAOS_ENVIRONMENT, ChaosOptions, Mayhem
 from jobs.tools.harness import Harness, Progress
 from jobs.tools.visits import JOINED, expected_items, order_of, visits
 from jobs.worker import CeleryDispatch
 from ledger import JobState, LedgerError, MapLedger
+from ledger.map_views import MapViews
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,8 @@ def _report(
     violations += [f"item {item}: no notification" for item in missing[:50]]
     violations += [f"item {item}: {n} notifications" for item, n in list(doubled.items())[:50]]
     violations += [f"item {item}: not an item of the map" for item in set(notified) - wanted]
+    views = MapViews(engine=harness.store.engine)
+    violations += [drift.detail for drift in map_drift(views, of_jobs={job.id for job in jobs})]
     return MapChaosReport(
         broker=harness.settings.broker_kind,
         items=len(expected),

@@ -88,8 +88,11 @@ def run_items_message(
     # In a prefork child each item gets its own time limit from an alarm; the message's
     # limit bounds them all.
     timer = step_timer if threading.current_thread() is threading.main_thread() else None
+    repeat = is_repeat(task.request.delivery_info or {})
     try:
-        outcomes = run_items(rt, dispatch, pipeline, map_step, job_id, item_ids, timer=timer)
+        outcomes = run_items(
+            rt, dispatch, pipeline, map_step, job_id, item_ids, timer=timer, repeat=repeat
+        )
     except DatabaseUnavailable as exc:
         logger.warning("database unavailable: %s", exc.detail, extra={"action": "db_down"})
         dispatch.retry_later(_DATABASE_DOWN_DELAY)

@@ -72,7 +72,9 @@ def delete_dead_letters(letter_ids: Sequence[int]) -> ReturningDelete[Any]:
     return (
         sa.delete(dead_letters)
         .where(dead_letters.c.id.in_(list(letter_ids)))
-        .returning(dead_letters.c.job_id, dead_letters.c.step, dead_letters.c.state)
+        .returning(
+            dead_letters.c.id, dead_letters.c.job_id, dead_letters.c.step, dead_letters.c.state
+        )
     )
 
 
@@ -102,13 +104,15 @@ def reset_entry(key: str, *, from_states: Sequence[StepState]) -> sa.Update:
     )
 
 
-def settle_entry(key: str, result: JSON) -> sa.Update:
-    """Record a person's word that an unknown or failed key did take effect."""
+def settle_entry(key: str, result: JSON, job_id: UUID) -> sa.Update:
+    """Record a person's word that an unknown or failed key of a job's did take effect (not
+    a key another request holds: a fingerprint mismatch's letter names that key)."""
     entry = ledger_entries.c
     return (
         sa.update(ledger_entries)
         .where(
             entry.key == key,
+            entry.job_id == job_id,
             entry.state.in_([str(StepState.UNKNOWN), str(StepState.FAILED)]),
         )
         .values(
@@ -125,7 +129,8 @@ def settle_entry(key: str, result: JSON) -> sa.Update:
 
 
 def reopen_job(job_id: UUID, step: str) -> sa.Update:
-    """Put a dead-lettered job back to running at `step`; returns it if it was dead-lettered."""
+    """Put a dead-lettered job back to running at `step` (the steps after it that succeeded
+    are absorbed as duplicates when it gets there); returns it if it was dead-lettered."""
     return (
         sa.update(jobs)
         .where(jobs.c.id == job_id, jobs.c.state == str(JobState.DEAD_LETTERED))
@@ -140,12 +145,12 @@ def reopen_job(job_id: UUID, step: str) -> sa.Update:
 
 
 def move_dead_job_on(job_id: UUID, step: str, result: JSON, next_step: str | None) -> sa.Update:
-    """A dead-lettered job whose failed step a person settled: give it the result and move it
-    to `next_step` (or finish it); returns its new state."""
+    """A job dead-lettered at `step`, which a person settled: give it the result and move it
+    to `next_step` (or finish it); returns its new state (none: it is not dead at `step`)."""
     state = JobState.RUNNING if next_step is not None else JobState.SUCCEEDED
     return (
         sa.update(jobs)
-        .where(jobs.c.id == job_id, jobs.c.state == str(JobState.DEAD_LETTERED))
+        .where(_dead_at(job_id, step))
         .values(
             results=db.json_set_key(jobs.c.results, sa.literal(step), json_value(result)),
             current_step=next_step,
@@ -157,11 +162,22 @@ def move_dead_job_on(job_id: UUID, step: str, result: JSON, next_step: str | Non
     )
 
 
-def give_up_dead_job(job_id: UUID) -> sa.Update:
-    """A dead-lettered job whose dead letter was purged becomes cancelled; returns it."""
+def give_up_dead_job(job_id: UUID, step: str) -> sa.Update:
+    """A job dead-lettered at `step` whose dead letter was purged becomes cancelled; returns
+    it."""
     return (
         sa.update(jobs)
-        .where(jobs.c.id == job_id, jobs.c.state == str(JobState.DEAD_LETTERED))
+        .where(_dead_at(job_id, step))
         .values(state=str(JobState.CANCELLED), updated_at=db.utcnow())
         .returning(jobs.c.id)
+    )
+
+
+def _dead_at(job_id: UUID, step: str) -> sa.ColumnElement[bool]:
+    """The job is dead-lettered at `step` (not one that moved on since, and died elsewhere:
+    an old letter must not rewind it)."""
+    return sa.and_(
+        jobs.c.id == job_id,
+        jobs.c.state == str(JobState.DEAD_LETTERED),
+        jobs.c.current_step == step,
     )

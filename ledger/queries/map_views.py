@@ -110,3 +110,74 @@ def select_letters_of_keys(job_id: UUID, keys: Sequence[str]) -> sa.Select[Any]:
         .where(letter.job_id == job_id, letter.key.in_(list(keys)))
         .order_by(letter.id)
     )
+
+
+def select_mismatched_maps() -> sa.Select[Any]:
+    """Maps whose counters disagree with their items, or whose join disagrees with their
+    counters and job (the audit's: one aggregate over every map's items, not a page's).
+
+    Each row: the map's counters, its job's pipeline, state and step, and what its items
+    say (`items`, `items_done`, `items_failed` (failed or waiting), `items_waiting`,
+    `items_open` (pending or waiting), `items_expanded` (with children))."""
+    item, c = map_items.c, maps.c
+    state = item.state
+    per_map = (
+        sa.select(
+            item.job_id,
+            item.step,
+            sa.func.count().label("items"),
+            _count_where(state == ItemState.DONE.value, "items_done"),
+            _count_where(state.in_(_FAILED_STATES), "items_failed"),
+            _count_where(state == ItemState.WAITING.value, "items_waiting"),
+            _count_where(state.in_(_OPEN_STATES), "items_open"),
+            _count_where(item.children > 0, "items_expanded"),
+        )
+        .group_by(item.job_id, item.step)
+        .subquery("per_map")
+    )
+    said = {name: sa.func.coalesce(per_map.c[name], 0) for name in _SAID}
+    at_map = sa.and_(jobs.c.state.in_(ACTIVE), jobs.c.current_step == c.step)
+    disagree = sa.or_(
+        c.total != said["items"],
+        c.done != said["items_done"],
+        c.failed != said["items_failed"],
+        c.waiting != said["items_waiting"],
+        c.remaining != said["items_open"],
+        c.expanded != said["items_expanded"],
+        sa.and_(c.joined_at.is_not(None), sa.or_(c.remaining != 0, at_map)),
+        sa.and_(c.joined_at.is_(None), c.remaining == 0, at_map),
+    )
+    return (
+        sa.select(
+            c.job_id,
+            c.step,
+            c.total,
+            c.done,
+            c.failed,
+            c.waiting,
+            c.remaining,
+            c.expanded,
+            c.joined_at,
+            jobs.c.pipeline,
+            jobs.c.state.label("job_state"),
+            jobs.c.current_step,
+            *(value.label(name) for name, value in said.items()),
+        )
+        .select_from(
+            maps.join(jobs, jobs.c.id == c.job_id).outerjoin(
+                per_map, sa.and_(per_map.c.job_id == c.job_id, per_map.c.step == c.step)
+            )
+        )
+        .where(disagree)
+        .order_by(c.job_id, c.step)
+    )
+
+
+_FAILED_STATES = (ItemState.FAILED.value, ItemState.WAITING.value)
+_OPEN_STATES = (ItemState.PENDING.value, ItemState.WAITING.value)
+_SAID = ("items", "items_done", "items_failed", "items_waiting", "items_open", "items_expanded")
+
+
+def _count_where(condition: sa.ColumnElement[bool], name: str) -> sa.Label[Any]:
+    # SUM of a CASE rather than COUNT(*) FILTER: the same on Postgres and SQLite.
+    return sa.func.coalesce(sa.func.sum(sa.case((condition, 1), else_=0)), 0).label(name)

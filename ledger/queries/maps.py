@@ -63,6 +63,12 @@ def insert_items(dialect_name: str) -> Any:
     )
 
 
+def select_item_fingerprints(job_id: UUID, step: str, keys: Sequence[str]) -> sa.Select[Any]:
+    """The (item id, fingerprint) of these items of a map, by key (see `checked`)."""
+    item = map_items.c
+    return sa.select(item.item_id, item.fingerprint).where(*_the_keys(job_id, step, list(keys)))
+
+
 def _the_item(job_id: Any, step: Any, item_ids: Any) -> list[ColumnElement[bool]]:
     item = map_items.c
     where = [item.job_id == job_id, item.step == step]
@@ -105,6 +111,21 @@ def mark_items_dispatched(job_id: UUID, step: str, keys: Sequence[str]) -> sa.Up
     )
 
 
+def touch_outbox(job_id: UUID, step: str) -> sa.Update:
+    """Mark a map's pending items in the outbox touched (being published)."""
+    item = map_items.c
+    return (
+        sa.update(map_items)
+        .where(
+            item.job_id == job_id,
+            item.step == step,
+            item.state == str(ItemState.PENDING),
+            item.dispatched_at.is_(None),
+        )
+        .values(updated_at=db.utcnow())
+    )
+
+
 @functools.cache
 def claim_items(dialect_name: str, takeover_expired: bool) -> Any:
     """Claim the keys of pending items (`p_job_id`, `p_step`, `p_keys`) for `p_owner`, as
@@ -137,6 +158,7 @@ def select_items_for_claim(job_id: UUID, step: str, keys: Sequence[str]) -> sa.S
             item.state.label("item_state"),
             item.fingerprint,
             jobs.c.state.label("job_state"),
+            jobs.c.current_step,
             jobs.c.context,
             jobs.c.results,
             *entry_columns(entry),
@@ -192,7 +214,20 @@ def reopen_item(job_id: UUID, step: str, key: str, state: ItemState) -> sa.Updat
     return (
         sa.update(map_items)
         .where(*_the_keys(job_id, step, [key]), checked(item.state == str(state)))
-        .values(state=str(ItemState.PENDING), updated_at=db.utcnow(), dispatched_at=db.utcnow())
+        # Back in the outbox: its sender marks it dispatched, or the sweeper sends it.
+        .values(state=str(ItemState.PENDING), updated_at=db.utcnow(), dispatched_at=None)
+        .returning(item.item_id)
+    )
+
+
+def resolve_item(job_id: UUID, step: str, key: str, state: ItemState) -> sa.Update:
+    """An item failed (settled, or waiting) to done, if still in `state` (a person's word
+    that it did take effect); returns it then."""
+    item = map_items.c
+    return (
+        sa.update(map_items)
+        .where(*_the_keys(job_id, step, [key]), checked(item.state == str(state)))
+        .values(state=str(ItemState.DONE), updated_at=db.utcnow())
         .returning(item.item_id)
     )
 
@@ -234,6 +269,18 @@ def count_items(
             remaining=counters.remaining + remaining,
             updated_at=db.utcnow(),
         )
+        .returning(*_counter_columns())
+    )
+
+
+def lock_unjoined_map(job_id: UUID, step: str) -> sa.Update:
+    """Lock a map's row if it is not joined yet (a person's change to one of its items is
+    decided under the lock the counters are moved under); returns its counters then."""
+    counters = maps.c
+    return (
+        sa.update(maps)
+        .where(counters.job_id == job_id, counters.step == step, counters.joined_at.is_(None))
+        .values(updated_at=db.utcnow())
         .returning(*_counter_columns())
     )
 
@@ -281,8 +328,13 @@ def select_map_counters(job_id: UUID, step: str | None = None) -> sa.Select[Any]
 
 def select_items_page(job_id: UUID, step: str, after: str | None, limit: int) -> sa.Select[Any]:
     """A page of a map's items in item order, after the path `after`, each with its key's
-    result or error (keyset paging: each page one index range scan)."""
+    result or error (keyset paging: each page one index range scan) — if its key is the
+    item's: one first used for another request (a fingerprint mismatch) gives none."""
     item = map_items.c
+    entry = ledger_entries.c
+    its_entry = sa.and_(
+        entry.key == item.key, entry.step == item.step, entry.fingerprint == item.fingerprint
+    )
     query = (
         sa.select(
             item.item_id,
@@ -293,7 +345,7 @@ def select_items_page(job_id: UUID, step: str, after: str | None, limit: int) ->
             ledger_entries.c.result,
             ledger_entries.c.error,
         )
-        .select_from(map_items.outerjoin(ledger_entries, ledger_entries.c.key == item.key))
+        .select_from(map_items.outerjoin(ledger_entries, its_entry))
         .where(item.job_id == job_id, item.step == step)
         .order_by(item.path)
         .limit(limit)
@@ -320,3 +372,19 @@ def not_an_item_key(job_id: UUID, key: ColumnElement[Any]) -> ColumnElement[bool
     """The key is not one of the job's items' (history lists steps, and sums items up)."""
     item = map_items.c
     return ~sa.exists().where(item.job_id == job_id, item.key == key)
+
+
+def select_items_to_prune(job_ids: Sequence[UUID], limit: int) -> sa.Select[Any]:
+    """Up to `limit` keys of the items of jobs being pruned."""
+    return sa.select(map_items.c.key).where(map_items.c.job_id.in_(list(job_ids))).limit(limit)
+
+
+def delete_items(job_ids: Sequence[UUID], keys: Sequence[str]) -> list[sa.Delete]:
+    """Delete items of jobs being pruned, by key, and their keys' entries held by those
+    jobs."""
+    entry, item = ledger_entries.c, map_items.c
+    owned = list(job_ids)
+    return [
+        sa.delete(ledger_entries).where(entry.key.in_(list(keys)), entry.job_id.in_(owned)),
+        sa.delete(map_items).where(item.key.in_(list(keys)), item.job_id.in_(owned)),
+    ]

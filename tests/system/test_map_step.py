@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections import Counter
+from collections.abc import Callable
 
 import pytest
 
@@ -62,6 +63,7 @@ def test_a_map_under_crashes_counts_each_item_once_and_joins_once(
     system = system_factory(database_url=postgres_url, broker_url=amqp_url, extra_env=MAP_SETTINGS)
     system.start_beat()
     failing(system.data_dir, "beta", "7").touch()
+    failing(system.data_dir, "beta", "13").touch()
 
     # When a map of 100 roots (160 items with its splits) and one of 20 run
     alpha = enqueue(system, "alpha", 100)
@@ -86,27 +88,36 @@ def test_a_map_under_crashes_counts_each_item_once_and_joins_once(
     # The crash markers show the workers did die there, once each
     assert len(list((system.data_dir / "crash-markers").iterdir())) == 2
 
-    # And beta waits for a person at its failed item, its other items done
-    def beta_waits() -> bool:
-        history = system.history(beta)
-        return bool(history["steps"][0].get("items", {}).get("failed") == 1) and (
-            history["steps"][0]["items"]["done"] == len(expected_items(20)) - 1
-        )
+    # And beta waits for a person at its two failed items, its other items done
+    def beta_waits(failed: int) -> Callable[[], bool]:
+        def waits() -> bool:
+            items = system.history(beta)["steps"][0].get("items", {})
+            done = len(expected_items(20)) - failed
+            return bool(items.get("failed") == failed and items.get("done") == done)
 
-    system.wait_for(beta_waits, "beta's item 7 to be dead-lettered, the rest done")
+        return waits
+
+    system.wait_for(beta_waits(2), "beta's items 7 and 13 dead-lettered, the rest done")
     assert system.history(beta)["state"] == "running"
-    letters = system.cli_json("dlq", "list")["dead_letters"]
-    [letter] = [each for each in letters if each["job_id"] == beta]
-    assert letter["item_id"] == "7"
+    letters = system.cli_json("dlq", "list", "--job", beta)["dead_letters"]
+    assert sorted(each["item_id"] for each in letters) == ["13", "7"]
+    assert {each["job_id"] for each in letters} == {beta}
     assert notifications(system, "beta")[1] == 0
 
-    # When a person fixes it and replays that item alone
+    # When a person fixes them, replays item 7 alone, then every failed item of the job
     failing(system.data_dir, "beta", "7").unlink()
-    replayed = system.cli_json("dlq", "replay", str(letter["id"]))
+    failing(system.data_dir, "beta", "13").unlink()
+    [seven] = [each for each in letters if each["item_id"] == "7"]
+    replayed = system.cli_json("dlq", "replay", str(seven["id"]))
     assert replayed["results"][0]["done"], replayed
+    system.wait_for(beta_waits(1), "beta's item 7 done after its replay, 13 still waiting")
+    assert system.history(beta)["state"] == "running"
+    assert notifications(system, "beta")[1] == 0
+    rest = system.cli_json("dlq", "replay", "--all", "--job", beta)["results"]
+    assert [each["done"] for each in rest] == [True], rest
     system.wait_for(
         lambda: system.store.get_job(uuid.UUID(beta)).state is JobState.SUCCEEDED,
-        "beta to finish after its item's replay",
+        "beta to finish after its items' replays",
     )
     # Then its join ran once, with every item
     visited, joined = notifications(system, "beta")

@@ -17,6 +17,7 @@ from ledger import (
     DeadLetterStore,
     EventKind,
     Failure,
+    FingerprintMismatch,
     JobState,
     JobStore,
     Refused,
@@ -168,9 +169,34 @@ def test_purging_an_open_dead_letter_gives_the_job_up(
     job_id = dead_letter_after_two_failures(store, ledger)
     [letter] = letters.list()
 
-    assert letters.purge([letter.id], by="ops") == 1
+    assert letters.purge([letter.id], by="ops").deleted == 1
 
     assert letters.list(state=None) == []
     history = store.history(job_id)
     assert history.job.state is JobState.CANCELLED
     assert history.events[-1].kind is EventKind.PURGED
+
+
+def test_resolving_a_fingerprint_mismatch_leaves_the_other_requests_key_alone(
+    store: JobStore, ledger: StepLedger, letters: DeadLetterStore
+) -> None:
+    # Given a job whose step's key another request holds, failed (it will retry)
+    first = create_job(store, key_base="shared", context={"n": 1})
+    claim = ledger.claim_step(first, "first")
+    assert isinstance(claim, Claim)
+    ledger.record_failure(claim, Failure(error=ERROR, retry_in=1.0))
+    second = create_job(store, key_base="shared", context={"n": 2})
+    with pytest.raises(FingerprintMismatch) as found:
+        ledger.claim_step(second, "first")
+    key = found.value.key
+    reason = DeadLetterReason.FINGERPRINT_MISMATCH
+    ledger.dead_letter(second, "first", {"message": "reused"}, reason=reason, key=key)
+    [letter] = letters.list(job_id=second)
+
+    # When a person resolves the second's letter as succeeded, it is refused: the key is
+    # the first request's, still failed, its retry to come
+    settled = letters.settle(letter.id, by="ops", result={"x": 1}, next_step="second")
+    assert isinstance(settled, Refused), settled
+    [entry] = [e for e in store.history(first).entries if e.key == key]
+    assert (entry.state, entry.result) == (StepState.FAILED, None)
+    assert store.get_job(second).state is JobState.DEAD_LETTERED

@@ -36,9 +36,12 @@ from ledger import (
     NewItem,
     NewJob,
     Reopened,
+    Settled,
     StepLedger,
     create_engine,
 )
+from ledger.errors import ItemConflict
+from ledger.map_views import MapViews
 from ledger.schema import ledger_entries, map_items
 
 _runs = itertools.count()
@@ -59,6 +62,8 @@ class FanInModel(RuleBasedStateMachine):
         self.states: dict[str, str] = {}
         self.claims: list[ItemClaim] = []
         self.joins = 0
+        #: Open dead letters of the map's items (the person's rules need one).
+        self.open_letters = 0
         self.max_failed: int | None = 0
         self.names = itertools.count()
 
@@ -89,8 +94,8 @@ class FanInModel(RuleBasedStateMachine):
         [(job_id, _)] = JobStore(engine=self.engine).create_jobs([new])
         return job_id
 
-    def _item(self, item_id: str) -> NewItem:
-        return NewItem(item_id, {"id": item_id}, f"{self.prefix}:map/{item_id}", "i" * 64)
+    def _item(self, item_id: str, fingerprint: str = "i" * 64) -> NewItem:
+        return NewItem(item_id, {"id": item_id}, f"{self.prefix}:map/{item_id}", fingerprint)
 
     @rule(pick=st.integers(0, 50))
     def claim(self, pick: int) -> None:
@@ -111,18 +116,29 @@ class FanInModel(RuleBasedStateMachine):
             )
 
     @precondition(lambda self: self.claims)
-    @rule(pick=st.integers(0, 50), children=st.integers(0, 3), again=st.booleans())
-    def succeed(self, pick: int, children: int, again: bool) -> None:
-        """A claim's item succeeds, expanding into new items (and one the map has)."""
+    @rule(
+        pick=st.integers(0, 50),
+        children=st.integers(0, 3),
+        again=st.sampled_from([None, "i" * 64, "j" * 64]),
+    )
+    def succeed(self, pick: int, children: int, again: str | None) -> None:
+        """A claim's item succeeds, expanding into new items (and one the map has: the same
+        item, or another content under its id, which refuses the record)."""
         claim = self.claims[pick % len(self.claims)]
         kids = [self._item(f"c{next(self.names)}") for _ in range(children)]
-        if again:
-            kids.append(self._item(sorted(self.states)[0]))
+        if again is not None:
+            kids.append(self._item(sorted(self.states)[0], again))
         [answer] = self.maps.record_items([(claim, {"ok": claim.item_id}, kids)], next_step="join")
         if isinstance(answer, LeaseLost):
             return
+        if isinstance(answer, ItemConflict):
+            # Refused whole: nothing counted, the claim's key still started, its item pending.
+            assert again == "j" * 64
+            assert self.states[claim.item_id] == "pending"
+            return
         assert isinstance(answer, ItemRecorded)
         if answer.counted:
+            assert again != "j" * 64, "an expansion's other content under a taken id dropped"
             assert self.states[claim.item_id] == "pending", "counted twice"
             self.states[claim.item_id] = "done"
             assert len(answer.children) == children
@@ -146,6 +162,7 @@ class FanInModel(RuleBasedStateMachine):
             settled = list(self.states.values()).count("failed")
             limit = self.max_failed
             self.states[claim.item_id] = "failed" if limit is None or settled < limit else "waiting"
+            self.open_letters += 1
         self._joined(answer)
 
     @rule(pick=st.integers(0, 50))
@@ -161,6 +178,43 @@ class FanInModel(RuleBasedStateMachine):
             assert self.states[reopened.item_id] in ("failed", "waiting")
             assert self.joins == 0, "replayed after the join"
             self.states[reopened.item_id] = "pending"
+            self.open_letters -= 1
+
+    @precondition(lambda self: self.open_letters)
+    @rule(pick=st.integers(0, 50))
+    def resolve(self, pick: int) -> None:
+        """A person says an open dead letter's item did take effect (`resolve --as
+        succeeded`): it is done, under the map's lock, and may join the map."""
+        letters = self.letters.list(job_id=self.job)
+        if not letters:
+            return
+        letter = letters[pick % len(letters)]
+        settled = self.letters.settle(
+            letter.id, by="model", result={"by": "hand"}, next_step="join"
+        )
+        if not isinstance(settled, Settled):
+            return
+        assert settled.item_id is not None
+        assert self.states[settled.item_id] in ("failed", "waiting")
+        assert self.joins == 0, "resolved after the join"
+        self.states[settled.item_id] = "done"
+        self.open_letters -= 1
+        if settled.next_step is not None:
+            self.joins += 1
+
+    @precondition(lambda self: self.open_letters)
+    @rule(pick=st.integers(0, 50))
+    def purge(self, pick: int) -> None:
+        """A person purges a dead letter of the map's items: refused while its item waits."""
+        letters = self.letters.list(job_id=self.job)
+        if not letters:
+            return
+        letter = letters[pick % len(letters)]
+        item_id = letter.input["item_id"]  # type: ignore[index,call-overload]
+        purged = self.letters.purge([letter.id], by="model")
+        waiting = self.states[str(item_id)] == "waiting"
+        assert (purged.deleted, len(purged.refused)) == ((0, 1) if waiting else (1, 0))
+        self.open_letters -= purged.deleted
 
     def _joined(self, answer: ItemRecorded) -> None:
         if answer.joined is not None:
@@ -192,6 +246,9 @@ class FanInModel(RuleBasedStateMachine):
         # The join is handed on once, by the record that settled the last item.
         assert self.joins == (1 if unsettled == 0 else 0)
         assert counters.joined == (unsettled == 0)
+        # And the audit's check of maps agrees
+        mismatched = MapViews(engine=self.engine).mismatched()
+        assert [found for found in mismatched if found.job_id == self.job] == []
 
 
 def test_the_fan_in_counts_each_item_once_and_joins_once(database_url: str, tmp_path: Path) -> None:

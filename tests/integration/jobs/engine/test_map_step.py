@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import pytest
+import sqlalchemy as sa
 
 from jobs.engine.items import run_items
 from jobs.engine.run import Outcome, run_step
@@ -20,10 +21,13 @@ from jobs.engine.runtime import Runtime
 from jobs.engine.sweeper import QueueLoss, redrive_items
 from jobs.errors import PermanentError
 from jobs.maps import Expand, ItemContext, MapPolicy, MapStep
+from jobs.ops.audit import map_drift
 from jobs.ops.dead_letters import DeadLetterDesk
 from jobs.ops.history import history_view
 from jobs.pipelines import Delivery, Pipeline, Step, StepContext
 from ledger import JSON, DeadLetterStore, ItemState, JobState, MapLedger, Reopened
+from ledger.map_views import MapViews
+from ledger.schema import jobs, maps
 from tests.conftest import settings_for
 from tests.factories import RetryRequested
 
@@ -198,6 +202,8 @@ def test_a_map_fans_out_expands_and_joins_once(runtime: Runtime, twice: bool) ->
     search = steps[0]
     assert isinstance(search, dict)
     assert search["items"] == job.results["search"]
+    # And the audit finds the map's counters, items and join in agreement
+    assert map_drift(MapViews(engine=runtime.engine)) == []
 
 
 def test_a_failed_item_waits_for_its_replay_then_the_join_runs_once(runtime: Runtime) -> None:
@@ -212,6 +218,7 @@ def test_a_failed_item_waits_for_its_replay_then_the_join_runs_once(runtime: Run
     assert (job.state, job.current_step, world.joins) == (JobState.RUNNING, "search", [])
     [counters] = runtime.maps.counters(uuid.UUID(job_id))
     assert (counters.failed, counters.remaining, counters.pending) == (1, 1, 0)
+    assert map_drift(MapViews(engine=runtime.engine)) == []
     letters = DeadLetterStore(engine=runtime.engine)
     [letter] = letters.list(job_id=uuid.UUID(job_id))
     assert letter.key is not None
@@ -232,6 +239,7 @@ def test_a_failed_item_waits_for_its_replay_then_the_join_runs_once(runtime: Run
     assert runtime.store.get_job(uuid.UUID(job_id)).state is JobState.SUCCEEDED
     again = letters.replay(letter.id, by="test", allow_unknown=False)
     assert not isinstance(again, Reopened)
+    assert map_drift(MapViews(engine=runtime.engine)) == []
 
 
 def test_all_settled_lets_the_join_see_the_failures(runtime: Runtime) -> None:
@@ -377,3 +385,31 @@ def test_an_at_most_once_item_whose_owner_vanished_is_unknown_and_dead_lettered(
     forced = desk.replay(letter, by="test", force=True)
     assert forced.done, forced.detail
     assert dispatch.queue[-1][3] == ["r1"]
+
+
+def test_the_audit_finds_a_map_whose_counters_or_join_disagree(runtime: Runtime) -> None:
+    # Given a map that ran to its join, and one whose items all settled, waiting at its join
+    world, dispatch = World(), QueueDispatch()
+    pipeline = build(world)
+    joined = start(runtime, pipeline, roots=12)
+    dispatch.send(pipeline.name, "search", joined)
+    drain(runtime, dispatch, pipeline, twice=False)
+    assert map_drift(MapViews(engine=runtime.engine)) == []
+
+    # When one counter is off by one (an item counted twice), and the join is undone
+    with runtime.engine.begin() as conn:
+        conn.execute(
+            sa.update(maps).where(maps.c.job_id == uuid.UUID(joined)).values(done=maps.c.done + 1)
+        )
+        conn.execute(
+            sa.update(jobs)
+            .where(jobs.c.id == uuid.UUID(joined))
+            .values(state="running", current_step="search")
+        )
+
+    # Then the audit names both, for that map alone
+    [drift] = map_drift(MapViews(engine=runtime.engine))
+    assert (drift.problem, drift.kind) == ("map_mismatch", "map")
+    assert f"{pipeline.name}.search of job {joined}" in drift.detail
+    assert "counter done=" in drift.detail
+    assert "joined, but its job still waits at the map" in drift.detail

@@ -1,8 +1,8 @@
 """timers: durable waits as rows (a sleep step's due time now; signal timeouts and long
 retries later), fired once by the timer loop
 
-Revision ID: 0008_timers
-Revises: 0007_map_steps
+Revision ID: 0009_timers
+Revises: 0008_sweep_indexes
 Create Date: 2026-12-07
 """
 
@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0008_timers"
-down_revision: str | None = "0007_map_steps"
+revision: str = "0009_timers"
+down_revision: str | None = "0008_sweep_indexes"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
