@@ -65,7 +65,7 @@ class CookieSecurity(enum.StrEnum):
 
 
 class CrashPoint(enum.StrEnum):
-    """Where in the step runner a test may have a worker kill itself."""
+    """Where in the step runner (or the timer loop) a test may have a worker kill itself."""
 
     BEFORE_CLAIM = "before_claim"
     AFTER_CLAIM = "after_claim"

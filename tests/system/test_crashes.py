@@ -92,7 +92,9 @@ def test_every_crash_point_of_every_step(
     system = system_factory(
         database_url=postgres_url, broker_url=broker_url, workers=0, extra_env=env
     )
-    cells = [(step, point) for step in STEPS for point in CrashPoint]
+    # The step runner's points; the timer loop's own (after_fire) is test_timers'.
+    points = [point for point in CrashPoint if point is not CrashPoint.AFTER_FIRE]
+    cells = [(step, point) for step in STEPS for point in points]
     prefix = f"matrix-{uuid.uuid4().hex[:6]}-"
     job_ids = system.enqueue(events(prefix, len(cells) + 2))  # two orders no rule touches
     rules = ",".join(
