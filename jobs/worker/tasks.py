@@ -92,7 +92,8 @@ def _sweep_from_beat(**_: Any) -> None:
     # And the outbox of callers' transactions (`jobs.enqueue(…, connection=…)`), sent moments
     # after they commit rather than at the next sweep.
     threading.Thread(target=_relay_forever, name="oncelery-relay", daemon=True).start()
-    # And the timer loop: due timers fired within `POLL_INTERVAL` of their time.
+    # And the timer loop: due timers fired within `POLL_INTERVAL` of their time (a second on
+    # the embedded SQLite ledger).
     threading.Thread(target=_fire_timers_forever, name="oncelery-timers", daemon=True).start()
 
 
