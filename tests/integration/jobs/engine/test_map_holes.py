@@ -8,9 +8,9 @@ import uuid
 
 from jobs.engine.run import Outcome, run_step
 from jobs.engine.runtime import Runtime
-from jobs.maps import Expand, ItemContext, MapPolicy, MapStep
+from jobs.maps import Expand, ItemContext, MapPolicy
 from jobs.ops.dead_letters import DeadLetterDesk
-from jobs.pipelines import Pipeline, Step, StepContext
+from jobs.pipelines import Pipeline, StepContext
 from ledger import (
     JSON,
     Claim,
@@ -28,6 +28,7 @@ from tests.integration.jobs.engine.test_map_step import (
     World,
     build,
     drain,
+    toy_map,
     tree_ids,
 )
 
@@ -81,26 +82,7 @@ def clashing(world: World) -> Pipeline[World]:
             return Expand(items=[{"id": "r3", "depth": 0}])
         return {"seen": ctx.item_id}
 
-    def join(ctx: StepContext[World]) -> object:
-        seen = [(each.item_id, str(each.state), each.result) for each in ctx.items("search")]
-        ctx.resources.joins.append(seen)
-        return {"items": len(seen)}
-
-    return Pipeline(
-        name=f"clash-{uuid.uuid4().hex[:8]}",
-        steps=[
-            MapStep(
-                "search",
-                plan,  # type: ignore[arg-type]
-                key="crawl:{crawl}:search",
-                each=each,  # type: ignore[arg-type]
-                item_id=lambda item: str(item["id"]),  # type: ignore[call-overload,index]
-                policy=MapPolicy.ALL_SETTLED,
-            ),
-            Step("publish", join, key="crawl:{crawl}:publish"),  # type: ignore[arg-type]
-        ],
-        resources=lambda _settings: world,
-    )
+    return toy_map(world, "clash", plan, each, policy=MapPolicy.ALL_SETTLED)
 
 
 def test_an_expansion_into_an_id_the_map_has_with_other_content_fails_its_parent(

@@ -18,7 +18,7 @@ from jobs.engine.runtime import Runtime
 from jobs.engine.sweeper import redrive_items
 from jobs.maps import ItemContext, MapPolicy, MapStep
 from jobs.ops.dead_letters import DeadLetterDesk
-from jobs.pipelines import Pipeline, Step, StepContext
+from jobs.pipelines import Pipeline, StepContext
 from jobs.retry import RetryPolicy
 from ledger import DeadLetterReason, DeadLetterStore, JobState
 from ledger.schema import ledger_entries, map_items
@@ -29,6 +29,7 @@ from tests.integration.jobs.engine.test_map_step import (
     World,
     build,
     drain,
+    toy_map,
     tree_ids,
 )
 
@@ -101,26 +102,8 @@ def poisoned(world: World, crawl: str) -> Pipeline[World]:
             raise Crash
         return {"seen": ctx.item_id}
 
-    def join(ctx: StepContext[World]) -> object:
-        seen = [(each.item_id, str(each.state), each.result) for each in ctx.items("search")]
-        ctx.resources.joins.append(seen)
-        return {"items": len(seen)}
-
-    return Pipeline(
-        name=f"poison-{uuid.uuid4().hex[:8]}",
-        steps=[
-            MapStep(
-                "search",
-                plan,  # type: ignore[arg-type]
-                key="crawl:{crawl}:search",
-                each=each,  # type: ignore[arg-type]
-                item_id=lambda item: str(item["id"]),  # type: ignore[call-overload,index]
-                policy=MapPolicy.ALL_SETTLED,
-                retry=RetryPolicy(max_attempts=3),
-            ),
-            Step("publish", join, key="crawl:{crawl}:publish"),  # type: ignore[arg-type]
-        ],
-        resources=lambda _settings: world,
+    return toy_map(
+        world, "poison", plan, each, policy=MapPolicy.ALL_SETTLED, retry=RetryPolicy(max_attempts=3)
     )
 
 

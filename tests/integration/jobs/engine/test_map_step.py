@@ -7,10 +7,10 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 import sqlalchemy as sa
@@ -108,13 +108,35 @@ def build(
             return Expand(items=children, result={"split": ctx.item_id})
         return {"seen": ctx.item_id}
 
+    return toy_map(
+        world,
+        "map",
+        plan,
+        each,
+        policy=policy,
+        max_failed=max_failed,
+        delivery=delivery,
+        effect="visit",
+    )
+
+
+def toy_map(
+    world: World,
+    name: str,
+    plan: Callable[[StepContext[World]], object],
+    each: Callable[[ItemContext[World]], object],
+    **options: Any,
+) -> Pipeline[World]:
+    """A pipeline of a map step `search` (`plan`, `each`, and the MapStep's other `options`)
+    and a join `publish` that records every item's (id, state, result) in the world."""
+
     def join(ctx: StepContext[World]) -> object:
         seen = [(each.item_id, str(each.state), each.result) for each in ctx.items("search")]
         ctx.resources.joins.append(seen)
         return {"items": len(seen)}
 
     return Pipeline(
-        name=f"map-{next(_names)}",
+        name=f"{name}-{next(_names)}-{uuid.uuid4().hex[:6]}",
         steps=[
             MapStep(
                 "search",
@@ -122,10 +144,7 @@ def build(
                 key="crawl:{crawl}:search",
                 each=each,  # type: ignore[arg-type]
                 item_id=lambda item: str(item["id"]),  # type: ignore[call-overload,index]
-                policy=policy,
-                max_failed=max_failed,
-                delivery=delivery,
-                effect="visit",
+                **options,
             ),
             Step("publish", join, key="crawl:{crawl}:publish"),  # type: ignore[arg-type]
         ],
