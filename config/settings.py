@@ -52,6 +52,36 @@ class StepPolicy(BaseModel):
     time_limit: float | None = Field(default=None, gt=0, le=3_600)
 
 
+class RateSetting(BaseModel):
+    """A rate limit in `ONCELERY_LIMITS`: its key template, runs a second, burst."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key: str = Field(min_length=1, max_length=200)
+    per_second: float = Field(gt=0, le=1_000_000, allow_inf_nan=False)
+    burst: int = Field(default=1, ge=1, le=1_000_000)
+
+
+class ConcurrencySetting(BaseModel):
+    """A concurrency limit in `ONCELERY_LIMITS`: its key template, runs at a time."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key: str = Field(min_length=1, max_length=200)
+    limit: int = Field(ge=1, le=1_000_000)
+
+
+class StepLimitsSetting(BaseModel):
+    """One step's limits in `ONCELERY_LIMITS` (each replaces the step's own of its kind).
+    Whether the step exists and its key's fields are the pipeline's is checked once the
+    pipelines are loaded (`jobs.engine.runtime.load_pipelines`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rate: RateSetting | None = None
+    concurrency: ConcurrencySetting | None = None
+
+
 class CookieSecurity(enum.StrEnum):
     """When the pages' session cookie is marked `Secure`."""
 
@@ -174,6 +204,10 @@ class Settings(BaseSettings):
     batch_size: int = Field(default=16, ge=1, le=1_000)
     #: Per-step overrides, JSON: {"<pipeline>.<step>": {"max_attempts": 3, "time_limit": 10}}.
     step_policies: Annotated[dict[str, StepPolicy], NoDecode] = Field(default_factory=dict)
+    #: Limits every worker obeys, JSON: {"<pipeline>.<step>": {"rate": {"key":
+    #: "provider:places", "per_second": 50}, "concurrency": {"key": "customer:{customer_id}",
+    #: "limit": 1}}}.
+    limits: Annotated[dict[str, StepLimitsSetting], NoDecode] = Field(default_factory=dict)
     #: Seconds between two sweeps run by beat.
     sweep_interval: float = Field(default=30.0, gt=0, le=86_400)
     #: Seconds an unfinished job may go without progress before the sweeper sends its step
@@ -286,7 +320,7 @@ class Settings(BaseSettings):
     def _lower_cookie_security(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("step_policies", mode="before")
+    @field_validator("step_policies", "limits", mode="before")
     @classmethod
     def _parse_step_policies(cls, value: object) -> object:
         if isinstance(value, str):

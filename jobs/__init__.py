@@ -1,5 +1,5 @@
-"""oncelery's public API: declare pipelines of steps (map and sleep steps too), their delivery
-and retry policy, the errors steps raise; start jobs (`enqueue`), wait for them (`wait`);
+"""oncelery's public API: declare pipelines of steps (map and sleep steps too), their delivery,
+retry policy and limits, the errors steps raise; start jobs (`enqueue`), wait for them (`wait`);
 `exactly_once` for the Celery tasks of any app; `jobs.app` is the Celery app (`celery -A jobs`)."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from jobs.errors import InvalidEvent, JobError, PermanentError, TransientError, UnknownPipeline
+from jobs.limits import ConcurrencyLimit, RateLimit
 from jobs.maps import Expand, ItemContext, MapPolicy, MapStep
 from jobs.pipelines import Delivery, Pipeline, Step, StepContext
 from jobs.retry import RetryPolicy
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     app: Celery
 
 __all__ = [
+    "ConcurrencyLimit",
     "Delivery",
     "EventConflict",
     "Expand",
@@ -32,6 +34,7 @@ __all__ = [
     "MapStep",
     "PermanentError",
     "Pipeline",
+    "RateLimit",
     "RetryPolicy",
     "Sleep",
     "Step",

@@ -69,11 +69,12 @@ class MapStep(Step[R]):
     memory), and `each` acts on one item. Every item is a unit of work with its own
     idempotency key (the step's key, "/", the item's id), run on any worker in parallel,
     claimed, acted on and recorded by the step protocol (retries, `unknown`, leases,
-    fencing), counted once by the fan-in. `delivery`, `effect`, `retry` and `time_limit` are
-    those of each item's act; the step's own run only computes the items (it is claimed and
-    recorded, never read-only). A generator runs while its items are written, in the step's
-    record: outside the time limit, and what it raises fails the step's attempt as its
-    run's own errors do.
+    fencing), counted once by the fan-in. `delivery`, `effect`, `retry`, `time_limit` and
+    `limits` are those of each item's act (a limit's key may name the item's fields:
+    `"{item[category]}"`, when the item is an object); the step's own run only computes the
+    items (it is claimed and recorded, never read-only). A generator runs while its items
+    are written, in the step's record: outside the time limit, and what it raises fails the
+    step's attempt as its run's own errors do.
 
     Args:
         each: acts on one item (`ItemContext`); returns its JSON result, or `Expand` to add

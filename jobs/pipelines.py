@@ -17,6 +17,7 @@ from pydantic_core import PydanticSerializationError, to_json
 
 from config import Settings
 from jobs.errors import InvalidEvent, UnknownPipeline
+from jobs.limits import Limit, check_limits, missing_fields
 from jobs.retry import RetryPolicy
 from ledger import JSON, ItemResult, NewJob
 
@@ -90,6 +91,8 @@ class Step(Generic[R]):
             mean nothing was applied (a provider that refuses with 429 before doing anything,
             say): such an answer is retried. Any other failure after a request went out may
             have acted, and leaves the step `unknown` for a person.
+        limits: a `RateLimit` and a `ConcurrencyLimit` at most, obeyed by every worker (a
+            map step's are its items'); `ONCELERY_LIMITS` replaces them by kind.
     """
 
     name: str
@@ -100,6 +103,7 @@ class Step(Generic[R]):
     retry: RetryPolicy | None = None
     time_limit: float | None = None
     unapplied_statuses: frozenset[int] = frozenset()
+    limits: Sequence[Limit] = ()
     #: Whether the step is a wait its timer ends (`jobs.waits.Sleep`), never run by a worker.
     sleeps: ClassVar[bool] = False
 
@@ -111,6 +115,10 @@ class Step(Generic[R]):
                 f"step {self.name!r}: time_limit must be above 0 and at most "
                 f"{MAX_TIME_LIMIT:g} s, got {self.time_limit!r}"
             )
+        # `each` marks a map step (`jobs.maps`, which builds on this module): its limits
+        # are its items', whose keys may name their fields.
+        check_limits(self.name, self.limits, items=hasattr(self, "each"))
+        object.__setattr__(self, "limits", tuple(self.limits))
 
     def key_for(self, context: Mapping[str, JSON]) -> str:
         """This step's idempotency key for a job context."""
@@ -248,6 +256,12 @@ def _check_input(pipeline: Pipeline[R]) -> None:
         if missing:
             raise ValueError(
                 f"pipeline {name!r}: step {step.name!r}'s key names fields {missing} that "
+                f"input model {model.__name__} does not have"
+            )
+        missing = missing_fields(step.limits, model.model_fields)
+        if missing:
+            raise ValueError(
+                f"pipeline {name!r}: step {step.name!r}'s limits name fields {missing} that "
                 f"input model {model.__name__} does not have"
             )
 

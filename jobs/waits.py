@@ -60,6 +60,8 @@ class Sleep(Step[R]):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.limits:
+            raise ValueError(f"sleep step {self.name!r}: a sleep takes no limits")
         if (self.seconds is None) == (self.until is None):
             raise ValueError(f"sleep step {self.name!r}: give seconds or until, not both")
         if self.seconds is not None and not (0 <= self.seconds < math.inf):

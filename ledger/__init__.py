@@ -19,6 +19,15 @@ from ledger.errors import (
     StepNotInJob,
 )
 from ledger.job_ends import wait_for_end
+from ledger.limit_types import (
+    KeySource,
+    KeyTemplate,
+    LimitBusy,
+    LimitKind,
+    LimitRules,
+    RateRule,
+    SlotRule,
+)
 from ledger.malformed import MalformedCount, MalformedMessages
 from ledger.map_types import (
     FanOut,
@@ -113,9 +122,14 @@ __all__ = [
     "JobState",
     "JobStore",
     "JobToSend",
+    "KeySource",
+    "KeyTemplate",
     "LeaseLost",
     "LedgerError",
     "LedgerStats",
+    "LimitBusy",
+    "LimitKind",
+    "LimitRules",
     "Listener",
     "LostItem",
     "MalformedCount",
@@ -128,6 +142,7 @@ __all__ = [
     "PostgresLimits",
     "PostgresStepLedger",
     "Purged",
+    "RateRule",
     "ReadResult",
     "Reading",
     "Recorded",
@@ -135,6 +150,7 @@ __all__ = [
     "Reopened",
     "SchemaMissing",
     "Settled",
+    "SlotRule",
     "Snapshot",
     "SqliteStepLedger",
     "StatementRejected",

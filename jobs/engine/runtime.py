@@ -10,12 +10,14 @@ from pathlib import Path
 
 from sqlalchemy.engine import Engine
 
-from config import SHIPPED_PIPELINES, Settings
+from config import SHIPPED_PIPELINES, ConfigError, Settings
 from jobs.engine.crashpoints import Crasher
 from jobs.engine.leases import LeaseKeeper
+from jobs.errors import UnknownPipeline
+from jobs.limits import check_limits, effective_limits, missing_fields, rules_of
 from jobs.pipelines import Pipeline, Step, registry
 from jobs.retry import RetryPolicy, effective_policy
-from ledger import JobStore, MapLedger, StepLedger, TimerLedger, create_engine
+from ledger import JobStore, LimitRules, MapLedger, StepLedger, TimerLedger, create_engine
 
 
 @dataclass
@@ -33,6 +35,7 @@ class Runtime:
     _leases: LeaseKeeper | None = None
     _maps: MapLedger | None = None
     _timers: TimerLedger | None = None
+    _limits: dict[tuple[str, str], LimitRules | None] = field(default_factory=dict)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, engine: Engine | None = None) -> Runtime:
@@ -55,6 +58,15 @@ class Runtime:
         """The step's retry policy: settings override, then the step's own, then the default."""
         configured = self.settings.step_policies.get(f"{pipeline}.{step.name}")
         return effective_policy(self.retry_policy, step.retry, configured)
+
+    def limits_for(self, pipeline: str, step: Step[object]) -> LimitRules | None:
+        """The limits a step's claims take (None: none): the settings' by kind, else the
+        step's own."""
+        if (pipeline, step.name) not in self._limits:
+            configured = self.settings.limits.get(f"{pipeline}.{step.name}")
+            limits = effective_limits(step.limits, configured)
+            self._limits[(pipeline, step.name)] = rules_of(limits, items=hasattr(step, "each"))
+        return self._limits[(pipeline, step.name)]
 
     def time_limit_for(self, pipeline: Pipeline[object], step: Step[object]) -> float:
         """Seconds one attempt of the step may take (soft limit)."""
@@ -120,6 +132,38 @@ def load_pipelines(settings: Settings) -> None:
     `ONCELERY_PIPELINES` (the engine knows pipelines only through the registry)."""
     for module in (*SHIPPED_PIPELINES, *settings.pipelines):
         importlib.import_module(module)
+    check_configured_limits(settings)
+
+
+def check_configured_limits(settings: Settings) -> None:
+    """Refuse `ONCELERY_LIMITS` naming a step no loaded pipeline has, or a key the step
+    cannot render (a field its pipeline's input lacks, an item field on a step that is not
+    a map step).
+
+    Raises:
+        ConfigError: naming the variable and what is wrong.
+    """
+    for name, configured in settings.limits.items():
+        pipeline_name, _, step_name = name.rpartition(".")
+        try:
+            pipeline = registry.get(pipeline_name)
+            step = pipeline.step(step_name)
+        except (UnknownPipeline, KeyError):
+            raise ConfigError(
+                "ONCELERY_LIMITS", f"{name}: no such step (expected <pipeline>.<step>)"
+            ) from None
+        try:
+            limits = effective_limits(step.limits, configured)
+            check_limits(step.name, limits, items=hasattr(step, "each"))
+        except ValueError as exc:
+            raise ConfigError("ONCELERY_LIMITS", f"{name}: {exc}") from None
+        model = pipeline.input
+        missing = missing_fields(limits, model.model_fields) if model is not None else []
+        if missing:
+            raise ConfigError(
+                "ONCELERY_LIMITS",
+                f"{name}: a key names fields {missing} that the pipeline's input lacks",
+            )
 
 
 def declared_pipelines() -> list[Pipeline[object]]:

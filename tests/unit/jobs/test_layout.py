@@ -18,6 +18,7 @@ LAYERS: tuple[frozenset[str], ...] = (
         {
             "jobs.errors",
             "jobs.retry",
+            "jobs.limits",
             "jobs.pipelines",
             "jobs.maps",
             "jobs.waits",
