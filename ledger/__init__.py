@@ -19,15 +19,7 @@ from ledger.errors import (
     StepNotInJob,
 )
 from ledger.job_ends import wait_for_end
-from ledger.limit_types import (
-    KeySource,
-    KeyTemplate,
-    LimitBusy,
-    LimitKind,
-    LimitRules,
-    RateRule,
-    SlotRule,
-)
+from ledger.limit_types import KeySource, KeyTemplate, LimitRules, RateRule, SlotRule
 from ledger.malformed import MalformedCount, MalformedMessages
 from ledger.map_types import (
     FanOut,
@@ -67,6 +59,8 @@ from ledger.types import (
     JobHistory,
     JobInactive,
     JobState,
+    LimitBusy,
+    LimitKind,
     NewJob,
     OutcomeUnknown,
     Purged,

@@ -330,3 +330,38 @@ def _seconds_between_pg(element: seconds_between, compiler: SQLCompiler, **kw: A
 def _seconds_between_sqlite(element: seconds_between, compiler: SQLCompiler, **kw: Any) -> str:
     later, earlier = (compiler.process(clause, **kw) for clause in element.clauses)
     return f"((julianday({later}) - julianday({earlier})) * 86400.0)"
+
+
+class epoch_now(FunctionElement[float]):  # noqa: N801
+    """The database's clock in seconds since the epoch (a float), for a rate limit's
+    arithmetic, which both databases do alike on numbers."""
+
+    type = sa.Float()
+    inherit_cache = True
+
+
+class greatest(FunctionElement[Any]):  # noqa: N801
+    """The largest of its (numeric) arguments: Postgres' `greatest`, SQLite's `max`."""
+
+    type = sa.Float()
+    inherit_cache = True
+
+
+@compiles(epoch_now, "postgresql")
+def _epoch_now_pg(_element: epoch_now, _compiler: SQLCompiler, **_kw: Any) -> str:
+    return "CAST(extract(epoch from statement_timestamp()) AS double precision)"
+
+
+@compiles(epoch_now, "sqlite")
+def _epoch_now_sqlite(_element: epoch_now, _compiler: SQLCompiler, **_kw: Any) -> str:
+    return "((julianday('now') - 2440587.5) * 86400.0)"
+
+
+@compiles(greatest, "postgresql")
+def _greatest_pg(element: greatest, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"greatest({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(greatest, "sqlite")
+def _greatest_sqlite(element: greatest, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"max({compiler.process(element.clauses, **kw)})"

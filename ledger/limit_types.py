@@ -1,6 +1,5 @@
-"""Limits as the ledger holds them: the rules a claim takes a token or a slot under (their
-keys as parsed templates), and what a claim answers when it must wait. Must not import
-celery, kombu, jobs or config."""
+"""Limits as the ledger holds them: the rules a claim takes a token or a slot under, their
+keys as parsed templates. Must not import celery, kombu, jobs or config."""
 
 from __future__ import annotations
 
@@ -9,9 +8,8 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
-from uuid import UUID
 
-from ledger.types import JSON
+from ledger.types import JSON, LimitKind
 
 
 class KeySource(enum.StrEnum):
@@ -27,13 +25,6 @@ class KeySource(enum.StrEnum):
 
 #: A limit's key template, parsed: (source, text or field name) parts, in order.
 KeyTemplate: TypeAlias = tuple[tuple[KeySource, str], ...]
-
-
-class LimitKind(enum.StrEnum):
-    """What a limit bounds."""
-
-    RATE = "rate"
-    CONCURRENCY = "concurrency"
 
 
 @dataclass(frozen=True)
@@ -123,18 +114,3 @@ def render_key(key: KeyTemplate, context: Mapping[str, JSON], item: JSON) -> str
         value = (context if source is KeySource.CONTEXT else fields).get(text)
         out.append("" if value is None else value if isinstance(value, str) else json.dumps(value))
     return "".join(out)
-
-
-@dataclass(frozen=True)
-class LimitBusy:
-    """The step's limit has no token or slot free now: it waits as a timer (nothing was
-    claimed, no attempt used). `retry_in` is a first guess; the wait itself decides."""
-
-    job_id: UUID
-    step: str
-    #: The step's (or item's) idempotency key.
-    key: str
-    kind: LimitKind
-    #: The limit's key, rendered (`customer:42`).
-    limit: str
-    retry_in: float

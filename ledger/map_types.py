@@ -15,6 +15,7 @@ from ledger.types import (
     ItemState,
     JobInactive,
     JobState,
+    LimitBusy,
     OutcomeUnknown,
 )
 
@@ -51,7 +52,9 @@ class ItemSettled:
 
 
 #: Everything a claim of an item can answer.
-ItemFound = ItemClaim | ItemSettled | AlreadySucceeded | InFlight | OutcomeUnknown | JobInactive
+ItemFound = (
+    ItemClaim | ItemSettled | AlreadySucceeded | InFlight | OutcomeUnknown | JobInactive | LimitBusy
+)
 
 
 @dataclass(frozen=True)

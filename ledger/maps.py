@@ -14,6 +14,8 @@ from sqlalchemy.engine import Connection, Engine
 from ledger import db, fan_in, map_counters, queries
 from ledger.errors import ItemConflict, LeaseLost, LedgerError, StatementRejected
 from ledger.fan_in import INSERT_BATCH
+from ledger.limit_types import LimitRules
+from ledger.limits import claim_items_limited
 from ledger.map_types import (
     FanOut,
     ItemClaim,
@@ -161,13 +163,20 @@ class MapLedger:
     # --- claim ----------------------------------------------------------------------------
 
     def claim_items(
-        self, job_id: UUID, step: str, item_ids: Sequence[str], *, takeover_expired: bool = True
+        self,
+        job_id: UUID,
+        step: str,
+        item_ids: Sequence[str],
+        *,
+        takeover_expired: bool = True,
+        limits: LimitRules | None = None,
     ) -> list[ItemFound | LedgerError]:
         """Claim items' keys as a step's key is claimed, for one owner (the run that acts on
         them), in one statement, then read what each found, in a second (after a first that
         reads the step's key, theirs but for the item id): for each, the claim, or what was
         found instead (or `FingerprintMismatch`: its key was first used for another
-        request)."""
+        request). With `limits`, each item's are taken before its claim, in the same
+        transaction (`ledger.limits.claim_items_limited`)."""
         owner = uuid4()
         claim = queries.claim_items(self._dialect, takeover_expired)
         values = {
@@ -180,6 +189,10 @@ class MapLedger:
         def attempt() -> list[ItemFound | LedgerError]:
             with db.transaction(self.engine) as conn:
                 keys = _keys(conn, job_id, step, item_ids)
+                if limits is not None:
+                    found_items = (job_id, step, item_ids, keys)
+                    taking = (claim, values, limits, takeover_expired)
+                    return claim_items_limited(conn, found_items, taking)
                 claimed: dict[str, int] = {
                     row.key: row.attempts for row in conn.execute(claim, {**values, "p_keys": keys})
                 }

@@ -4,6 +4,7 @@ import celery, kombu, jobs or config."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,6 +34,8 @@ from ledger.types import (
     ItemState,
     JobInactive,
     JobState,
+    LimitBusy,
+    LimitKind,
     OutcomeUnknown,
     Reading,
     StepState,
@@ -43,6 +46,10 @@ P = ParamSpec("P")
 
 #: Shortest wait suggested to a claimant that found a live lease, in seconds.
 MIN_IN_FLIGHT_WAIT = 0.5
+#: Shortest and longest wait for a concurrency limit's slot, in seconds: its holder's lease
+#: may run much longer than its step, so a waiter looks again within the longest.
+MIN_SLOT_WAIT = 0.2
+MAX_SLOT_WAIT = 1.0
 #: What a call about one job of a batch may raise that concerns that job alone.
 _ONE_JOBS_ERRORS = (FingerprintMismatch, StepNotInJob, StatementRejected, LeaseLost)
 
@@ -63,7 +70,11 @@ def decode_claim(
     current_step = row["current_step"]
     if row["claimed_attempts"] is not None:
         attempts = row["claimed_attempts"]
-        return Claim(job_id, step, key, owner, attempts, context, results, current_step)
+        not_before = hold_until(row.get("limit_hold"))
+        return Claim(job_id, step, key, owner, attempts, context, results, current_step, not_before)
+    busy = limit_busy(job_id, step, key, row)
+    if busy is not None:
+        return busy
     if row.get("entry_state") is None:
         # Inserted by a concurrent claimant after this statement's snapshot was taken.
         return InFlight(job_id, step, key, retry_in=MIN_IN_FLIGHT_WAIT)
@@ -73,6 +84,26 @@ def decode_claim(
         result, ours = row["entry_result"], step in results
         return AlreadySucceeded(job_id, step, key, result, ours, context, results, current_step)
     return not_claimed(job_id, step, key, row, takeover_expired)
+
+
+def hold_until(hold: float | None) -> float | None:
+    """When a claim whose rate limit's token is `hold` seconds ahead may act."""
+    return time.monotonic() + hold if hold else None
+
+
+def limit_busy(job_id: UUID, step: str, key: str, row: Mapping[str, Any]) -> LimitBusy | None:
+    """The limit a claim's row says refused it: its limits were tried (the key was free to
+    claim) and a token or a slot was not there."""
+    if not row.get("limit_checked") or row["claimed_attempts"] is not None:
+        return None
+    if "limit_hold" in row and row["limit_hold"] is None:
+        retry = max(float(row["rate_retry"] or 0.0), 0.0)
+        return LimitBusy(job_id, step, key, LimitKind.RATE, row["rate_key"], retry)
+    if "limit_slot" in row and row["limit_slot"] is None:
+        lease_left = float(row["slot_retry"]) if row["slot_retry"] is not None else MAX_SLOT_WAIT
+        retry = min(max(lease_left, MIN_SLOT_WAIT), MAX_SLOT_WAIT)
+        return LimitBusy(job_id, step, key, LimitKind.CONCURRENCY, row["slot_key"], retry)
+    return None
 
 
 def not_claimed(
@@ -98,6 +129,7 @@ def decode_item_claim(  # noqa: PLR0911 - one answer per thing a claim can find
     attempts: int | None,
     row: RowMapping | None,
     takeover_expired: bool,
+    not_before: float | None = None,
 ) -> ItemFound:
     """What an item's claim found (`queries.select_items_for_claim`, and the `attempts` its
     claim returned if the key is now `owner`'s): the claim, or why not, as `decode_claim`
@@ -115,7 +147,16 @@ def decode_item_claim(  # noqa: PLR0911 - one answer per thing a claim can find
     context, results = row["context"], row["results"]
     if attempts is not None:
         return ItemClaim(
-            job_id, step, key, owner, attempts, context, results, item_id=item_id, item=row["item"]
+            job_id,
+            step,
+            key,
+            owner,
+            attempts,
+            context,
+            results,
+            not_before=not_before,
+            item_id=item_id,
+            item=row["item"],
         )
     if row["item_state"] != ItemState.PENDING:
         settled = ItemState(row["item_state"])

@@ -253,14 +253,18 @@ timers = sa.Table(
     #: The step that waits.
     sa.Column("step", sa.String(100), nullable=False),
     sa.Column("kind", sa.String(20), nullable=False),
+    #: The map item that waits ("" for the step itself): a limit's wait is an item's.
+    sa.Column("item_id", sa.String(300), nullable=False, server_default=""),
+    #: The limit's key a `limit` timer waits for (`customer:42`).
+    sa.Column("limit_key", sa.String(300), nullable=True),
     sa.Column("state", sa.String(20), nullable=False),
     sa.Column("due_at", Timestamp, nullable=False),
     sa.Column("created_at", Timestamp, nullable=False),
     sa.Column("fired_at", Timestamp, nullable=True),
     sa.Column("dispatched_at", Timestamp, nullable=True),
-    #: One wait of a kind per job and step: a record repeated after an ambiguous commit
-    #: cannot set a second timer.
-    sa.UniqueConstraint("job_id", "step", "kind"),
+    #: One wait of a kind per job and step (and item): a record repeated after an ambiguous
+    #: commit cannot set a second timer.
+    sa.UniqueConstraint("job_id", "step", "kind", "item_id"),
     sa.CheckConstraint(_one_of("kind", TimerKind), name="kind"),
     sa.CheckConstraint(_one_of("state", TimerState), name="state"),
 )
@@ -288,3 +292,34 @@ sa.Index(
     ),
     sqlite_where=sa.and_(timers.c.state == str(TimerState.FIRED), timers.c.dispatched_at.is_(None)),
 )
+
+#: A limit's key (`ledger.limits`): a rate limit's theoretical arrival time (GCRA, in seconds
+#: since the epoch on the database's clock) and the time its last waiter wakes; how many
+#: tokens it granted and how many runs waited, for people.
+limit_keys = sa.Table(
+    "limit_keys",
+    metadata,
+    sa.Column("key", sa.String(300), primary_key=True),
+    sa.Column("tat", sa.Float(), nullable=True),
+    sa.Column("wake_at", sa.Float(), nullable=True),
+    sa.Column("granted", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("throttled", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("updated_at", Timestamp, nullable=False),
+)
+
+#: A concurrency limit's slots, `limit` per key: each held by a claim's owner (`holder`)
+#: while that owner holds `entry_key` started under a live lease — so the record frees it,
+#: and the lease (renewed with the key's) bounds it — or until `locked_until`, the lease the
+#: claim began with.
+limit_slots = sa.Table(
+    "limit_slots",
+    metadata,
+    sa.Column("key", sa.String(300), primary_key=True),
+    sa.Column("slot", sa.Integer(), primary_key=True),
+    sa.Column("holder", sa.Uuid(), nullable=False),
+    sa.Column("entry_key", sa.String(300), nullable=False),
+    sa.Column("locked_until", Timestamp, nullable=False),
+    sa.Column("taken_at", Timestamp, nullable=False),
+)
+# The sweeper clears the slots whose lease ran out long ago.
+sa.Index("ix_limit_slots_locked_until", limit_slots.c.locked_until)

@@ -15,6 +15,8 @@ from sqlalchemy.engine import Connection, Engine
 from ledger import db, queries
 from ledger.dead_letters import DeadLetterNote, write_dead_letter
 from ledger.errors import LeaseLost, LedgerError
+from ledger.limit_types import LimitRules
+from ledger.limits import release_if_lost
 from ledger.outcomes import Failure, Record, answer, decode_claim, raised
 from ledger.types import (
     JSON,
@@ -88,7 +90,13 @@ class StepLedger:
     # --- claim ----------------------------------------------------------------------------
 
     def claim_step(
-        self, job_id: UUID, step: str, *, takeover_expired: bool = True, owner: UUID | None = None
+        self,
+        job_id: UUID,
+        step: str,
+        *,
+        takeover_expired: bool = True,
+        owner: UUID | None = None,
+        limits: LimitRules | None = None,
     ) -> ClaimOutcome:
         """Claim a job's step: the key becomes ours, or we learn why not.
 
@@ -98,19 +106,30 @@ class StepLedger:
             takeover_expired: whether a key whose owner's lease ran out may be taken over
                 (True for exactly-once steps; an at-most-once step's expired key is unknown).
             owner: the owner token; a fresh one unless retrying an ambiguous claim.
+            limits: the step's limits: the claim takes their token and slot first, in the
+                same statement (Postgres) or transaction (SQLite), and is not made without
+                them (`LimitBusy`).
 
         Raises:
             FingerprintMismatch: the key was first used for a different request.
         """
         token = owner or uuid4()
         values = queries.claim_params(job_id, step, token, self.lease_seconds)
-        row = self.retrying(lambda: self._claim_row(values, takeover_expired))
+        if limits is not None:
+            values |= limits.params()
+        row = self.retrying(lambda: self._claim_row(values, takeover_expired, limits))
         if row is None:
             return JobInactive(job_id=job_id, step=step, state=self._job_state(job_id))
+        self._release_if_lost(row, token)
         return decode_claim(job_id, step, token, row, takeover_expired)
 
     def claim_steps(
-        self, job_ids: Sequence[UUID], step: str, *, takeover_expired: bool = True
+        self,
+        job_ids: Sequence[UUID],
+        step: str,
+        *,
+        takeover_expired: bool = True,
+        limits: LimitRules | None = None,
     ) -> list[ClaimOutcome | LedgerError]:
         """`claim_step` for several jobs at the same step (in one transaction on Postgres).
 
@@ -121,15 +140,23 @@ class StepLedger:
             DatabaseUnavailable: the database stayed unreachable; nothing was claimed.
         """
         return [
-            answer(self.claim_step, job, step, takeover_expired=takeover_expired) for job in job_ids
+            answer(self.claim_step, job, step, takeover_expired=takeover_expired, limits=limits)
+            for job in job_ids
         ]
 
     def _claim_row(
-        self, values: Mapping[str, Any], takeover_expired: bool
+        self, values: Mapping[str, Any], takeover_expired: bool, limits: LimitRules | None
     ) -> Mapping[str, Any] | None:
-        """Run a claim (`queries.claim_params`): the columns of `queries.claim_template`, or
-        None when the job is not active."""
+        """Run a claim (`queries.claim_params`, with `limits.params()`): the columns of
+        `queries.claim_template`, or None when the job is not active."""
         raise NotImplementedError
+
+    def _release_if_lost(self, row: Mapping[str, Any], owner: UUID) -> None:
+        """Give back a slot the claim took for a key it did not get (rare: another claimant
+        was first after this statement's snapshot)."""
+        if row.get("limit_slot") is not None and row.get("claimed_attempts") is None:
+            with db.transaction(self.engine) as conn:
+                release_if_lost(conn, row, owner)
 
     def _job_state(self, job_id: UUID) -> JobState | None:
         with db.single_statement(self.engine) as conn:
@@ -217,7 +244,12 @@ class StepLedger:
         conn.execute(queries.append_event(job_id, step, EventKind.SLEEPING, detail=until))
 
     def record_and_claim_next_steps(
-        self, done: Sequence[StepResult], *, next_step: str, takeover_expired: bool = True
+        self,
+        done: Sequence[StepResult],
+        *,
+        next_step: str,
+        takeover_expired: bool = True,
+        limits: LimitRules | None = None,
     ) -> list[tuple[Recorded, ClaimOutcome | None] | LedgerError]:
         """The fast path: record each step and claim `next_step` for a fresh owner at once, so
         the worker goes straight on to the next step (one statement per job on Postgres).
@@ -226,18 +258,28 @@ class StepLedger:
         was claimed (the job is no longer active, or the record was an earlier ambiguous
         commit's) — or the error about this job alone (`LeaseLost`: do not continue the chain;
         `FingerprintMismatch`, `StepNotInJob`: recorded, but the next step cannot be claimed).
+        `limits`: the next step's, taken by its claim.
         """
-        return [answer(self._record_then_claim, each, next_step, takeover_expired) for each in done]
+        return [
+            answer(self._record_then_claim, each, next_step, takeover_expired, limits)
+            for each in done
+        ]
 
     def _record_then_claim(
-        self, done: StepResult, next_step: str, takeover_expired: bool
+        self,
+        done: StepResult,
+        next_step: str,
+        takeover_expired: bool,
+        limits: LimitRules | None,
     ) -> tuple[Recorded, ClaimOutcome | None]:
         recorded = self.record_success(
             done.claim, done.result, next_step=next_step, duration_ms=done.duration_ms
         )
         if recorded.job_state is not JobState.RUNNING:
             return recorded, None
-        claimed = self.claim_step(done.claim.job_id, next_step, takeover_expired=takeover_expired)
+        claimed = self.claim_step(
+            done.claim.job_id, next_step, takeover_expired=takeover_expired, limits=limits
+        )
         return recorded, claimed
 
     def renew_leases(self, claims: Sequence[Claim]) -> list[bool]:
@@ -353,9 +395,11 @@ class StepLedger:
         next_step: str | None,
         claim_next: bool,
         takeover_expired: bool = True,
+        limits: LimitRules | None = None,
     ) -> list[tuple[Recorded, ClaimOutcome | None] | LedgerError | None]:
         """Record read-only steps' results, fenced by their jobs' current step, and move the
-        jobs on. Only where `reads_unclaimed` (see `PostgresStepLedger`)."""
+        jobs on (`limits`: the next step's, taken by its claim). Only where
+        `reads_unclaimed` (see `PostgresStepLedger`)."""
         raise NotImplementedError("read-only steps run unclaimed on Postgres only")
 
     # --- the non-happy paths --------------------------------------------------------------

@@ -15,6 +15,7 @@ from sqlalchemy.engine import Engine
 from ledger import db, queries
 from ledger.direct import for_engine
 from ledger.errors import LedgerError, StatementRejected
+from ledger.limit_types import LimitRules
 from ledger.outcomes import Record, answer, decode_claim, reading_of
 from ledger.step_ledger import StepLedger
 from ledger.types import (
@@ -54,20 +55,31 @@ class PostgresStepLedger(StepLedger):
     # --- claim ----------------------------------------------------------------------------
 
     def _claim_row(
-        self, values: Mapping[str, Any], takeover_expired: bool
+        self, values: Mapping[str, Any], takeover_expired: bool, limits: LimitRules | None
     ) -> Mapping[str, Any] | None:
-        return self.direct.one(queries.claim_template(takeover_expired), values)
+        return self.direct.one(queries.claim_template(takeover_expired, _shape(limits)), values)
 
     def claim_steps(
-        self, job_ids: Sequence[UUID], step: str, *, takeover_expired: bool = True
+        self,
+        job_ids: Sequence[UUID],
+        step: str,
+        *,
+        takeover_expired: bool = True,
+        limits: LimitRules | None = None,
     ) -> list[ClaimOutcome | LedgerError]:
         if len(job_ids) <= 1:
-            return super().claim_steps(job_ids, step, takeover_expired=takeover_expired)
+            return super().claim_steps(
+                job_ids, step, takeover_expired=takeover_expired, limits=limits
+            )
         owners = [uuid4() for _ in job_ids]
         lease = self.lease_seconds
+        taken = limits.params() if limits is not None else {}
         rows = self._many(
-            queries.claim_template(takeover_expired),
-            [queries.claim_params(j, step, o, lease) for j, o in zip(job_ids, owners, strict=True)],
+            queries.claim_template(takeover_expired, _shape(limits)),
+            [
+                queries.claim_params(j, step, o, lease) | taken
+                for j, o in zip(job_ids, owners, strict=True)
+            ],
         )
         return [
             answer(self._claim_answer, job, step, owner, row, takeover_expired)
@@ -81,6 +93,7 @@ class PostgresStepLedger(StepLedger):
             raise row
         if row is None:
             return JobInactive(job_id=job_id, step=step, state=self._job_state(job_id))
+        self._release_if_lost(row, owner)
         return decode_claim(job_id, step, owner, row, takeover_expired)
 
     # --- record ---------------------------------------------------------------------------
@@ -98,9 +111,15 @@ class PostgresStepLedger(StepLedger):
         return self.direct.one(queries.record_template(*record.shape), record.values())
 
     def record_and_claim_next_steps(
-        self, done: Sequence[StepResult], *, next_step: str, takeover_expired: bool = True
+        self,
+        done: Sequence[StepResult],
+        *,
+        next_step: str,
+        takeover_expired: bool = True,
+        limits: LimitRules | None = None,
     ) -> list[tuple[Recorded, ClaimOutcome | None] | LedgerError]:
         owners = [uuid4() for _ in done]
+        taken = limits.params() if limits is not None else {}
         values = [
             {
                 **queries.record_params(
@@ -112,17 +131,27 @@ class PostgresStepLedger(StepLedger):
                     result=(each.claim.step, each.result),
                 ),
                 **queries.claim_params(each.claim.job_id, next_step, owner, self.lease_seconds),
+                **taken,
             }
             for each, owner in zip(done, owners, strict=True)
         ]
-        rows = self._many(queries.record_and_claim_template(takeover_expired), values)
+        template = queries.record_and_claim_template(takeover_expired, _shape(limits))
+        rows = self._many(template, values)
         return [
-            answer(self._next_claim_answer, each.claim, next_step, owner, row, takeover_expired)
+            answer(
+                self._next_claim_answer, each.claim, next_step, owner, row, takeover_expired, limits
+            )
             for each, owner, row in zip(done, owners, rows, strict=True)
         ]
 
     def _next_claim_answer(
-        self, claim: Claim, next_step: str, owner: UUID, row: _Row, takeover_expired: bool
+        self,
+        claim: Claim,
+        next_step: str,
+        owner: UUID,
+        row: _Row,
+        takeover_expired: bool,
+        limits: LimitRules | None,
     ) -> tuple[Recorded, ClaimOutcome | None]:
         if isinstance(row, LedgerError):
             raise row
@@ -135,12 +164,17 @@ class PostgresStepLedger(StepLedger):
             # Claiming again under that owner finds the claim it holds, rather than leaving
             # the key held, for a lease, by an owner no worker has.
             claimed = self.claim_step(
-                claim.job_id, next_step, takeover_expired=takeover_expired, owner=owner
+                claim.job_id,
+                next_step,
+                takeover_expired=takeover_expired,
+                owner=owner,
+                limits=limits,
             )
             return Recorded(claim.key, job_state), claimed
         job_state = JobState(row["job_state"])
         if job_state is not JobState.RUNNING:
             return Recorded(claim.key, job_state), None
+        self._release_if_lost(row, owner)
         outcome = decode_claim(claim.job_id, next_step, owner, row, takeover_expired)
         return Recorded(claim.key, JobState.RUNNING), outcome
 
@@ -166,9 +200,11 @@ class PostgresStepLedger(StepLedger):
         next_step: str | None,
         claim_next: bool,
         takeover_expired: bool = True,
+        limits: LimitRules | None = None,
     ) -> list[tuple[Recorded, ClaimOutcome | None] | LedgerError | None]:
         """Record read-only steps' results, fenced by their jobs' current step, and move the
-        jobs on to `next_step` (claiming it, with `claim_next`), in one transaction.
+        jobs on to `next_step` (claiming it, with `claim_next`, and taking its `limits`), in
+        one transaction.
 
         Returns, for each: the record and the next step's claim outcome (None without
         `claim_next`); None when the job had moved on (another delivery recorded the step, or
@@ -176,14 +212,18 @@ class PostgresStepLedger(StepLedger):
         """
         owners = [uuid4() for _ in done]
         claiming = next_step if claim_next else None
+        taken = limits.params() if limits is not None and claim_next else {}
         values = [
-            self._read_values(each, owner, next_step, claiming)
+            self._read_values(each, owner, next_step, claiming) | taken
             for each, owner in zip(done, owners, strict=True)
         ]
-        template = queries.record_read_template(next_step is not None, claim_next, takeover_expired)
+        shape = _shape(limits) if claim_next else None
+        template = queries.record_read_template(
+            next_step is not None, claim_next, takeover_expired, shape
+        )
         rows = self._many(template, values)
         return [
-            answer(self._read_answer, each.reading, owner, row, claiming, takeover_expired)
+            answer(self._read_answer, each.reading, owner, row, claiming, takeover_expired, limits)
             for each, owner, row in zip(done, owners, rows, strict=True)
         ]
 
@@ -213,19 +253,26 @@ class PostgresStepLedger(StepLedger):
         row: _Row,
         next_step: str | None,
         takeover_expired: bool,
+        limits: LimitRules | None = None,
     ) -> tuple[Recorded, ClaimOutcome | None] | None:
         if isinstance(row, LedgerError):
             raise row
         if row is None:
-            return self._read_recorded_before(reading, owner, next_step, takeover_expired)
+            return self._read_recorded_before(reading, owner, next_step, takeover_expired, limits)
         recorded = Recorded(reading.key, JobState(row["job_state"]))
         if next_step is None or row["key"] is None:
             # Nothing claimed: the chained mode, the last step, or a job that stopped.
             return recorded, None
+        self._release_if_lost(row, owner)
         return recorded, decode_claim(reading.job_id, next_step, owner, row, takeover_expired)
 
     def _read_recorded_before(
-        self, reading: Reading, owner: UUID, next_step: str | None, takeover_expired: bool
+        self,
+        reading: Reading,
+        owner: UUID,
+        next_step: str | None,
+        takeover_expired: bool,
+        limits: LimitRules | None,
     ) -> tuple[Recorded, ClaimOutcome | None] | None:
         """After a read-only record that moved nothing: our own earlier commit (an ambiguous
         one, retried), or another delivery's record (None)."""
@@ -239,7 +286,7 @@ class PostgresStepLedger(StepLedger):
             return recorded, None
         # Our commit claimed the next step for this same owner: claiming again returns it.
         claim = self.claim_step(
-            reading.job_id, next_step, takeover_expired=takeover_expired, owner=owner
+            reading.job_id, next_step, takeover_expired=takeover_expired, owner=owner, limits=limits
         )
         return recorded, claim
 
@@ -258,3 +305,7 @@ class PostgresStepLedger(StepLedger):
             # so only the job they belong to hears of it.
             alone = [functools.partial(direct.one, template, each) for each in values]
             return [answer(self.retrying, run) for run in alone]
+
+
+def _shape(limits: LimitRules | None) -> queries.LimitsShape | None:
+    return limits.shape if limits is not None else None

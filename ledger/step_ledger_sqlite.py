@@ -9,6 +9,8 @@ from typing import Any
 
 from ledger import db, queries
 from ledger.errors import StepNotInJob
+from ledger.limit_types import LimitRules
+from ledger.limits import claimable, refused, take_limits
 from ledger.outcomes import Record
 from ledger.step_ledger import StepLedger
 
@@ -17,7 +19,7 @@ class SqliteStepLedger(StepLedger):
     """`StepLedger` on SQLite: build it as `StepLedger(engine=...)`."""
 
     def _claim_row(
-        self, values: Mapping[str, Any], takeover_expired: bool
+        self, values: Mapping[str, Any], takeover_expired: bool, limits: LimitRules | None
     ) -> Mapping[str, Any] | None:
         with db.transaction(self.engine) as conn:
             job = conn.execute(queries.start_job(), values).mappings().one_or_none()
@@ -26,13 +28,26 @@ class SqliteStepLedger(StepLedger):
             if job["key"] is None:
                 raise StepNotInJob(values["p_job_id"], values["p_step"])
             claim = queries.claim_key_template(takeover_expired)
-            found = {"p_key": job["key"], "p_fingerprint": job["fingerprint"]}
-            attempts = conn.execute(claim, {**values, **found}).scalar_one_or_none()
+            found = {**values, "p_key": job["key"], "p_fingerprint": job["fingerprint"]}
             entry: dict[str, Any] = {}
-            if attempts is None:
-                lost_to = conn.execute(queries.select_entry_for_claim(job["key"])).mappings()
-                entry = dict(lost_to.one_or_none() or {})
-            return {**job, "claimed_attempts": attempts, **entry}
+            taken: dict[str, Any] = {}
+            if limits is not None:
+                # As on Postgres: the limits are taken first, only for a key free to claim.
+                entry = self._entry(conn, job["key"])
+                if claimable(entry, found, takeover_expired):
+                    taken = take_limits(conn, limits, found, context=job["context"])
+                    if refused(taken):
+                        return {**job, "claimed_attempts": None, **entry, **taken}
+            attempts = conn.execute(claim, found).scalar_one_or_none()
+            if attempts is None and not entry:
+                entry = self._entry(conn, job["key"])
+            return {**job, "claimed_attempts": attempts, **entry, **taken}
+
+    @staticmethod
+    def _entry(conn: Any, key: str) -> dict[str, Any]:
+        """The entry a claim finds (none: an empty mapping)."""
+        lost_to = conn.execute(queries.select_entry_for_claim(key)).mappings()
+        return dict(lost_to.one_or_none() or {})
 
     def _record_row(self, record: Record) -> Mapping[str, Any] | None:
         finish, event, advance = queries.record_statements(*record.shape)

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection, Engine
 from ledger import db, queries
 from ledger.dead_letters import DeadLetterNote, write_dead_letter
 from ledger.queries import timers as timer_queries
-from ledger.types import JSON, DeadLetterReason, EventKind, JobState, TimerKind
+from ledger.types import ACTIVE_JOB_STATES, JSON, DeadLetterReason, EventKind, JobState, TimerKind
 
 #: Where `TimerStats.pending` splits the pending timers by due time, in seconds from now
 #: (the first bucket holds the overdue ones).
@@ -54,6 +54,8 @@ class FiredTimer:
     next_step: str
     #: Seconds from its due time to its firing.
     late: float
+    #: A map item's limit wait: the item to send again ("" for a step).
+    item_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,17 @@ class TimerLedger:
                     job.context,
                     job.results,
                 )
+                if timer.kind is TimerKind.LIMIT:
+                    # The step (or item) waited for its limit: sent again, the job unmoved.
+                    late = max(0.0, (fired_at - due_at).total_seconds())
+                    again = FiredTimer(
+                        row.id, row.job_id, job.pipeline, row.step, row.step, late, row.item_id
+                    )
+                    if job.state in ACTIVE_JOB_STATES and job.current_step == row.step:
+                        fired.append(again)
+                    else:
+                        nothing_to_send.append(row.id)
+                    continue
                 try:
                     next_step = route(timer)
                 except LookupError as exc:
@@ -175,25 +188,27 @@ class TimerLedger:
 
     def take_unsent(
         self, *, older_than: float, limit: int, pipelines: Sequence[str]
-    ) -> list[tuple[int, UUID, str, str]]:
+    ) -> list[tuple[int, UUID, str, str, str]]:
         """Take fired timers whose publish was not confirmed for `older_than` seconds,
         marked sent from now on (`undo_sent` if the send fails): (timer id, job id, pipeline,
-        step to send) for each whose job is still active; the others are simply taken."""
+        step to send, map item to send or "") for each whose job is still active; the others
+        are simply taken."""
         with db.transaction(self.engine) as conn:
             dialect = conn.dialect.name
             taken = {
-                row.job_id: row.id
+                (row.job_id, row.item_id): row.id
                 for row in conn.execute(
                     timer_queries.take_unsent(dialect, older_than, limit, pipelines)
                 )
             }
             if not taken:
                 return []
-            found = conn.execute(timer_queries.select_jobs_to_resend(list(taken)))
+            jobs = list({job_id for job_id, _ in taken})
+            found = {job.id: job for job in conn.execute(timer_queries.select_jobs_to_resend(jobs))}
             return [
-                (taken[job.id], job.id, job.pipeline, job.current_step)
-                for job in found
-                if job.current_step is not None
+                (timer_id, job_id, found[job_id].pipeline, found[job_id].current_step, item_id)
+                for (job_id, item_id), timer_id in taken.items()
+                if job_id in found and found[job_id].current_step is not None
             ]
 
     def stats(self, *, window: float = 300.0, sample: int = 10_000) -> TimerStats:

@@ -59,6 +59,8 @@ class TimerKind(enum.StrEnum):
     SIGNAL_TIMEOUT = "signal_timeout"
     #: A retry whose delay is too long for a broker message (not built yet).
     RETRY = "retry"
+    #: A step (or map item) waiting for its limit's token or slot: the step is sent again.
+    LIMIT = "limit"
 
 
 class TimerState(enum.StrEnum):
@@ -117,6 +119,9 @@ class EventKind(enum.StrEnum):
     SLEEPING = "sleeping"
     #: The sleep step's timer fired and moved the job on (detail: `due_at`, `fired_at`).
     WOKE = "woke"
+    #: The step waits for its limit (detail: `limit`, `kind`, `until`): a timer sends it
+    #: again; no attempt was used.
+    LIMITED = "limited"
 
 
 class DeadLetterState(enum.StrEnum):
@@ -241,6 +246,9 @@ class Claim:
     results: Mapping[str, JSON]
     #: The job's next step before this claim, to tell a duplicate delivery from a fresh one.
     current_step: str | None = None
+    #: When the rate limit's token the claim took ahead is due (`time.monotonic()`): act
+    #: no earlier. None: at once.
+    not_before: float | None = None
 
 
 @dataclass(frozen=True)
@@ -280,6 +288,28 @@ class OutcomeUnknown:
     owner: UUID | None = None
 
 
+class LimitKind(enum.StrEnum):
+    """What a limit bounds."""
+
+    RATE = "rate"
+    CONCURRENCY = "concurrency"
+
+
+@dataclass(frozen=True)
+class LimitBusy:
+    """The step's limit has no token or slot free now: it waits as a timer (nothing was
+    claimed, no attempt used). `retry_in` is a first guess; the wait itself decides."""
+
+    job_id: UUID
+    step: str
+    #: The step's (or item's) idempotency key.
+    key: str
+    kind: LimitKind
+    #: The limit's key, rendered (`customer:42`).
+    limit: str
+    retry_in: float
+
+
 @dataclass(frozen=True)
 class JobInactive:
     """The job may not claim steps (finished, dead-lettered, cancelled or missing)."""
@@ -290,7 +320,9 @@ class JobInactive:
 
 
 #: Everything `StepLedger.claim_step` can answer.
-ClaimOutcome: TypeAlias = Claim | AlreadySucceeded | InFlight | OutcomeUnknown | JobInactive
+ClaimOutcome: TypeAlias = (
+    Claim | AlreadySucceeded | InFlight | OutcomeUnknown | JobInactive | LimitBusy
+)
 
 
 @dataclass(frozen=True)

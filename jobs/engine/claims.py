@@ -1,6 +1,6 @@
 """The verdict on what a claim (or a read) found: the claim to act on, or how this run of the
-job ends — a key in flight elsewhere, an outcome unknown, a duplicate absorbed, a dead letter
-for a key reused or a step the job cannot run."""
+job ends — a key in flight elsewhere, a limit to wait for, an outcome unknown, a duplicate
+absorbed, a dead letter for a key reused or a step the job cannot run."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import random
 from datetime import datetime, timedelta
 from uuid import UUID
 
-from jobs.engine.run_state import Outcome, Run, claim_alone, error_json
+from jobs.engine.run_state import Outcome, Run, claim_alone, error_json, step_limits
 from jobs.engine.step_messages import no_such_job
 from jobs.engine.timers import due_or_error
 from jobs.maps import is_map
@@ -26,6 +26,7 @@ from ledger import (
     JobInactive,
     JobState,
     LedgerError,
+    LimitBusy,
     OutcomeUnknown,
     Reading,
     StatementRejected,
@@ -51,7 +52,7 @@ def verdict_on_found(
     return verdict_on_claim(run, step, job_id, found)
 
 
-def verdict_on_claim(
+def verdict_on_claim(  # noqa: PLR0911 - one answer per thing a claim can find
     run: Run, step: Step[object], job_id: str, found: ClaimOutcome | LedgerError
 ) -> Claim | Outcome:
     """What a claim found: the claim itself, or how this run of the job ends."""
@@ -79,6 +80,8 @@ def verdict_on_claim(
         else:
             logger.info("job is %s; step not run", found.state, extra={"action": "skip", **log})
         return Outcome.INACTIVE
+    if isinstance(found, LimitBusy):
+        return wait_for_limit(run, step, found)
     if isinstance(found, InFlight):
         in_flight = {"action": "in_flight", **log, "key": found.key}
         logger.info("key in flight elsewhere", extra=in_flight)
@@ -98,6 +101,22 @@ def verdict_on_claim(
     if isinstance(found, AlreadySucceeded):
         return _absorb_duplicate(run, step, found)
     return found
+
+
+def wait_for_limit(run: Run, step: Step[object], busy: LimitBusy) -> Outcome:
+    """A claim its limit refused (nothing claimed, no attempt used): the step waits as a
+    timer, which the timer loop fires when a token or a slot is likely free."""
+    rules = step_limits(run, step)
+    if rules is None:  # (its limits were taken with the claim: they are there)
+        raise TypeError(f"step {step.name!r} has no limits to wait for")
+    wait = run.rt.limits.wait(busy, rules)
+    logger.info(
+        "waiting for limit %s until %s",
+        busy.limit,
+        wait.due_at.isoformat(),
+        extra={"action": "limit_wait", "job_id": str(busy.job_id), "step": step.name},
+    )
+    return Outcome.WAITING
 
 
 def _absorb_duplicate(run: Run, step: Step[object], outcome: AlreadySucceeded) -> Outcome:

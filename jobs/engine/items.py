@@ -35,6 +35,7 @@ from ledger import (
     JobInactive,
     LeaseLost,
     LedgerError,
+    LimitBusy,
     NewItem,
     OutcomeUnknown,
 )
@@ -147,7 +148,10 @@ def run_items(
             )
         )
         return [ran[item_id] for item_id in item_ids]
-    if step.delivery is Delivery.AT_MOST_ONCE or repeat:
+    limits = rt.limits_for(pipeline.name, step)
+    # A rate limit's token is taken in the claim: each item is claimed just before it acts.
+    paced = limits is not None and limits.rate is not None
+    if step.delivery is Delivery.AT_MOST_ONCE or repeat or paced:
         return [outcome for item_id in item_ids for outcome in _run_group(run, [item_id])]
     return _run_group(run, item_ids)
 
@@ -158,7 +162,11 @@ def _run_group(run: ItemRun, item_ids: Sequence[str]) -> list[Outcome]:
     for item_id in item_ids:
         rt.crash(CrashPoint.BEFORE_CLAIM, step.name, run.label(item_id))
     found = rt.maps.claim_items(
-        UUID(job_id), step.name, item_ids, takeover_expired=takes_over_items(step)
+        UUID(job_id),
+        step.name,
+        item_ids,
+        takeover_expired=takes_over_items(step),
+        limits=rt.limits_for(run.pipeline.name, step),
     )
     outcomes: dict[int, Outcome] = {}
     claims: list[tuple[int, ItemClaim]] = []
@@ -221,7 +229,9 @@ def _records_now(step: MapStep[object], duration_ms: float, oldest: float) -> bo
     return duration_ms / 1000 >= RECORD_WITHIN or time.monotonic() - oldest >= RECORD_WITHIN
 
 
-def _verdict(run: ItemRun, item_id: str, found: ItemFound | LedgerError) -> ItemClaim | Outcome:
+def _verdict(  # noqa: PLR0911 - one answer per thing a claim can find
+    run: ItemRun, item_id: str, found: ItemFound | LedgerError
+) -> ItemClaim | Outcome:
     """What an item's claim found: the claim to act on, or how this run of the item ends."""
     rt, step = run.rt, run.step
     log = {"job_id": run.job_id, "step": step.name, "item_id": item_id}
@@ -232,6 +242,8 @@ def _verdict(run: ItemRun, item_id: str, found: ItemFound | LedgerError) -> Item
     if isinstance(found, JobInactive):
         logger.info("job is %s; item not run", found.state, extra={"action": "skip", **log})
         return Outcome.INACTIVE
+    if isinstance(found, LimitBusy):
+        return _wait_for_limit(run, item_id, found)
     if isinstance(found, InFlight):
         run.send_later([item_id], min(found.retry_in, _IN_FLIGHT_POLL + random.random() / 2))
         return Outcome.RETRYING
@@ -243,6 +255,15 @@ def _verdict(run: ItemRun, item_id: str, found: ItemFound | LedgerError) -> Item
     if isinstance(found, OutcomeUnknown | FingerprintMismatch):
         return _dead_letter_unclaimed(run, item_id, found)
     raise found
+
+
+def _wait_for_limit(run: ItemRun, item_id: str, busy: LimitBusy) -> Outcome:
+    """An item its limit refused (nothing claimed): it waits as a timer of its own."""
+    rules = run.rt.limits_for(run.pipeline.name, run.step)
+    if rules is None:  # (its limits were taken with the claim: they are there)
+        raise TypeError(f"map step {run.step.name!r} has no limits to wait for")
+    run.rt.limits.wait(busy, rules, item_id=item_id)
+    return Outcome.WAITING
 
 
 def _dead_letter_unclaimed(
@@ -310,6 +331,9 @@ def _act(run: ItemRun, claim: ItemClaim) -> tuple[JSON, Sequence[NewItem], float
         resources=rt.resources_for(run.pipeline),
     )
     rt.crash(CrashPoint.AFTER_CLAIM, step.name, run.label(claim.item_id))
+    if claim.not_before is not None:
+        # The claim took its rate limit's token ahead: the request goes out at its time.
+        time.sleep(max(0.0, claim.not_before - time.monotonic()))
     limit = run.timer(rt.time_limit_for(run.pipeline, step)) if run.timer else nullcontext()
     started = time.monotonic()
     try:

@@ -21,6 +21,7 @@ from jobs.engine.run_state import (
     guarded,
     log_fields,
     message_of,
+    step_limits,
     takes_over,
 )
 from jobs.engine.timers import due_or_error
@@ -210,19 +211,24 @@ def _recorded_and_claimed(
     """Record successes and claim `following` for their jobs, by place in the run: one
     transaction for the claimed steps, one for the read-only steps' readings."""
     ledger, takeover = run.rt.ledger, takes_over(following)
+    limits = step_limits(run, following)
     answers: dict[int, _Answer] = {}
     claimed = [each for each in acted if isinstance(each.done, StepResult)]
     if claimed:
         done = [each.done for each in claimed if isinstance(each.done, StepResult)]
         records = ledger.record_and_claim_next_steps(
-            done, next_step=following.name, takeover_expired=takeover
+            done, next_step=following.name, takeover_expired=takeover, limits=limits
         )
         answers.update(zip([each.index for each in claimed], records, strict=True))
     read = [each for each in acted if isinstance(each.done, ReadResult)]
     if read:
         reads = [each.done for each in read if isinstance(each.done, ReadResult)]
         read_records = ledger.record_reads(
-            reads, next_step=following.name, claim_next=True, takeover_expired=takeover
+            reads,
+            next_step=following.name,
+            claim_next=True,
+            takeover_expired=takeover,
+            limits=limits,
         )
         answers.update(zip([each.index for each in read], read_records, strict=True))
     return answers

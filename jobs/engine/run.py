@@ -33,6 +33,7 @@ from jobs.engine.run_state import (
     claim_alone,
     guarded,
     log_fields,
+    step_limits,
     takes_over,
 )
 from jobs.engine.runtime import Runtime
@@ -148,9 +149,15 @@ def _claim_or_read(run: Run, jobs: list[UUID]) -> list[ClaimOutcome | Reading | 
     readings: list[Reading | None] = [None] * len(jobs)
     first_tries = [index for index in range(len(jobs)) if index not in run.repeats]
     # A step before a sleep is claimed even when read-only: its record sets the timer, in
-    # the record of a claim.
+    # the record of a claim. So is a step with limits: its claim takes them.
     before_sleep = isinstance(run.pipeline.next_step(step.name), Sleep)
-    unclaimed = step.delivery is Delivery.READ_ONLY and not is_map(step) and not before_sleep
+    limits = step_limits(run, step)
+    unclaimed = (
+        step.delivery is Delivery.READ_ONLY
+        and not is_map(step)
+        and not before_sleep
+        and limits is None
+    )
     if unclaimed and first_tries and ledger.reads_unclaimed:
         to_read = []
         for index in first_tries:
@@ -164,7 +171,9 @@ def _claim_or_read(run: Run, jobs: list[UUID]) -> list[ClaimOutcome | Reading | 
             for index, reading in zip(to_read, read, strict=True):
                 readings[index] = reading
     to_claim = [job for job, reading in zip(jobs, readings, strict=True) if reading is None]
-    claimed = iter(ledger.claim_steps(to_claim, step.name, takeover_expired=takes_over(step)))
+    claimed = iter(
+        ledger.claim_steps(to_claim, step.name, takeover_expired=takes_over(step), limits=limits)
+    )
     return [reading if reading is not None else next(claimed) for reading in readings]
 
 
@@ -288,10 +297,16 @@ def _published(run: Run, step: Step[object], acted: list[Acted]) -> None:
 
 def _claims_one_by_one(run: Run, step: Step[object]) -> bool:
     """Whether a run claims `step` for each job just before it acts, rather than for all
-    its jobs at once: an at-most-once step in a batch. A key claimed but not yet acted on
+    its jobs at once: an at-most-once step in a batch (a key claimed but not yet acted on
     looks, once its worker is killed, exactly like one that acted — `unknown` — so a batch
-    holds at most one such key at a time."""
-    return not run.own_message and step.delivery is Delivery.AT_MOST_ONCE and not is_map(step)
+    holds at most one such key at a time), or a rate-limited one (a token is taken in the
+    claim: the provider must see the request then, not after the batch's jobs before it)."""
+    if run.own_message or is_map(step):
+        return False
+    limits = step_limits(run, step)
+    return step.delivery is Delivery.AT_MOST_ONCE or (
+        limits is not None and limits.rate is not None
+    )
 
 
 def _claim_now(run: Run, step: Step[object], job_id: str) -> Claim | Outcome:
@@ -340,6 +355,9 @@ def _act(run: Run, step: Step[object], claim: Claim | Reading) -> StepResult | R
         items=functools.partial(rt.maps.item_results, claim.job_id),
     )
     rt.crash(CrashPoint.AFTER_CLAIM, step.name, ctx.job_id)
+    if isinstance(claim, Claim) and claim.not_before is not None:
+        # The claim took its rate limit's token ahead: the request goes out at its time.
+        time.sleep(max(0.0, claim.not_before - time.monotonic()))
     limit = run.timer(rt.time_limit_for(run.pipeline, step)) if run.timer else nullcontext()
     started = time.monotonic()
     try:

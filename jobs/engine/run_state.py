@@ -21,6 +21,7 @@ from ledger import (
     Claim,
     ClaimOutcome,
     LedgerError,
+    LimitRules,
     Reading,
     ReadResult,
     StepResult,
@@ -51,6 +52,8 @@ class Outcome(enum.StrEnum):
     #: A batch could not finish with this job (an unexpected error, the database gone): its
     #: message goes back to the broker, to be redelivered alone.
     INTERRUPTED = "interrupted"
+    #: Its limit had no token or slot free: a timer sends it again (no attempt used).
+    WAITING = "waiting"
 
 
 @dataclass
@@ -134,8 +137,15 @@ def guarded(run: Run, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -
 
 
 def claim_alone(run: Run, step: Step[object], job: UUID) -> ClaimOutcome | LedgerError:
-    [found] = run.rt.ledger.claim_steps([job], step.name, takeover_expired=takes_over(step))
+    [found] = run.rt.ledger.claim_steps(
+        [job], step.name, takeover_expired=takes_over(step), limits=step_limits(run, step)
+    )
     return found
+
+
+def step_limits(run: Run, step: Step[object]) -> LimitRules | None:
+    """The limits a claim of `step` itself takes (a map step's are its items')."""
+    return None if is_map(step) else run.rt.limits_for(run.pipeline.name, step)
 
 
 def takes_over(step: Step[object]) -> bool:

@@ -18,6 +18,7 @@ from jobs.limits import check_limits, effective_limits, missing_fields, rules_of
 from jobs.pipelines import Pipeline, Step, registry
 from jobs.retry import RetryPolicy, effective_policy
 from ledger import JobStore, LimitRules, MapLedger, StepLedger, TimerLedger, create_engine
+from ledger.limits import LimitLedger
 
 
 @dataclass
@@ -35,7 +36,8 @@ class Runtime:
     _leases: LeaseKeeper | None = None
     _maps: MapLedger | None = None
     _timers: TimerLedger | None = None
-    _limits: dict[tuple[str, str], LimitRules | None] = field(default_factory=dict)
+    _limits: LimitLedger | None = None
+    _limit_rules: dict[tuple[str, str], LimitRules | None] = field(default_factory=dict)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, engine: Engine | None = None) -> Runtime:
@@ -60,13 +62,14 @@ class Runtime:
         return effective_policy(self.retry_policy, step.retry, configured)
 
     def limits_for(self, pipeline: str, step: Step[object]) -> LimitRules | None:
-        """The limits a step's claims take (None: none): the settings' by kind, else the
-        step's own."""
-        if (pipeline, step.name) not in self._limits:
+        """The limits a step's claims take (a map step's: its items'; None: none): the
+        settings' by kind, else the step's own."""
+        found = self._limit_rules
+        if (pipeline, step.name) not in found:
             configured = self.settings.limits.get(f"{pipeline}.{step.name}")
             limits = effective_limits(step.limits, configured)
-            self._limits[(pipeline, step.name)] = rules_of(limits, items=hasattr(step, "each"))
-        return self._limits[(pipeline, step.name)]
+            found[(pipeline, step.name)] = rules_of(limits, items=hasattr(step, "each"))
+        return found[(pipeline, step.name)]
 
     def time_limit_for(self, pipeline: Pipeline[object], step: Step[object]) -> float:
         """Seconds one attempt of the step may take (soft limit)."""
@@ -98,6 +101,15 @@ class Runtime:
         if self._timers is None:
             self._timers = TimerLedger(engine=self.engine)
         return self._timers
+
+    @property
+    def limits(self) -> LimitLedger:
+        """This process's ledger of limit waits (on the same engine)."""
+        if self._limits is None:
+            self._limits = LimitLedger(
+                engine=self.engine, unavailable_for=self.ledger.unavailable_for
+            )
+        return self._limits
 
     def resources_for(self, pipeline: Pipeline[object]) -> object:
         """The pipeline's resources in this process, built on first use."""

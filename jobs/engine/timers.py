@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import Final
 
 from config.settings import CrashPoint
-from jobs.engine.dispatch import Dispatch, SendsMany
+from jobs.engine.dispatch import Dispatch, ItemDispatch, SendsMany
 from jobs.engine.runtime import Runtime
 from jobs.errors import UnknownPipeline
 from jobs.pipelines import Step, registry
@@ -67,9 +67,11 @@ def fire_round(rt: Runtime, dispatch: Dispatch, *, limit: int = FIRE_BATCH) -> i
     for each in fired:
         rt.crash(CrashPoint.AFTER_FIRE, each.step, str(each.job_id))
     by_step: dict[tuple[str, str], list[FiredTimer]] = defaultdict(list)
+    waited = [each for each in fired if each.step == each.next_step]
     for each in fired:
-        by_step[(each.pipeline, each.next_step)].append(each)
-    sent: list[int] = []
+        if each.step != each.next_step:
+            by_step[(each.pipeline, each.next_step)].append(each)
+    sent: list[int] = send_again(dispatch, waited)
     for (pipeline, step), group in by_step.items():
         job_ids = [str(each.job_id) for each in group]
         if isinstance(dispatch, SendsMany):
@@ -93,6 +95,30 @@ def fire_round(rt: Runtime, dispatch: Dispatch, *, limit: int = FIRE_BATCH) -> i
     return len(fired)
 
 
+def send_again(dispatch: Dispatch, waited: list[FiredTimer]) -> list[int]:
+    """Send again the steps (and map items) whose limit timers fired, on the retry queue;
+    the ids of the timers sent (the others stay in the outbox)."""
+    sent: list[int] = []
+    items: dict[tuple[str, str, str], list[FiredTimer]] = defaultdict(list)
+    for each in waited:
+        if each.item_id:
+            items[(each.pipeline, each.step, str(each.job_id))].append(each)
+            continue
+        try:
+            dispatch.send(each.pipeline, each.step, str(each.job_id), resend=True)
+        except Exception as exc:  # noqa: BLE001 - left in the outbox
+            logger.warning("step of %s not sent again: %s", each.job_id, exc)
+            continue
+        sent.append(each.id)
+    for (pipeline, step, job_id), group in items.items():
+        if not isinstance(dispatch, ItemDispatch):
+            continue
+        item_ids = [each.item_id for each in group]
+        unsent = set(dispatch.send_items(pipeline, step, job_id, item_ids, resend=True))
+        sent.extend(each.id for each in group if each.item_id not in unsent)
+    return sent
+
+
 def resend_unsent(rt: Runtime, dispatch: Dispatch) -> int:
     """Send again the next step of fired timers whose publish was not confirmed within
     `relay_after` seconds (their loop died between its commit and the publish); how many
@@ -102,9 +128,13 @@ def resend_unsent(rt: Runtime, dispatch: Dispatch) -> int:
         older_than=rt.settings.relay_after, limit=FIRE_BATCH, pipelines=pipelines
     )
     failed: list[int] = []
-    for timer_id, job_id, pipeline, step in taken:
+    for timer_id, job_id, pipeline, step, item_id in taken:
         try:
-            dispatch.send(pipeline, step, str(job_id), resend=True)
+            if item_id and isinstance(dispatch, ItemDispatch):
+                if dispatch.send_items(pipeline, step, str(job_id), [item_id], resend=True):
+                    raise RuntimeError(f"item {item_id!r} not sent")
+            else:
+                dispatch.send(pipeline, step, str(job_id), resend=True)
         except Exception as exc:  # noqa: BLE001 - back in the outbox for the next sweep
             logger.warning("resend of %s after its timer not sent: %s", job_id, exc)
             failed.append(timer_id)

@@ -73,6 +73,8 @@ def _step_view(
         state = "sleeping"
     elif any(event.kind is EventKind.WOKE for event in events):
         state = "succeeded"
+    else:
+        waiting = _limited(job, name, entry, events)
     errors = [
         event.detail
         for event in events
@@ -97,7 +99,8 @@ def _step_view(
         "started_at": _time(entry.started_at) if entry else None,
         "finished_at": _time(entry.finished_at) if entry else None,
         "events": [_event_view(event) for event in events],
-        # What the step waits for, while it does: "sleeping until <time>".
+        # What the step waits for, while it does: "sleeping until <time>", "waiting for
+        # limit `customer:42`".
         "waiting": waiting,
     }
 
@@ -112,6 +115,20 @@ def _waiting(job: Job, name: str, events: list[StepEvent]) -> str | None:
     [sleeping] = [event for event in events if event.kind is EventKind.SLEEPING][-1:]
     until = sleeping.detail.get("until") if isinstance(sleeping.detail, dict) else None
     return f"sleeping until {until}"
+
+
+def _limited(job: Job, name: str, entry: StepEntry | None, events: list[StepEvent]) -> str | None:
+    """ "waiting for limit `<key>`" while the job waits at step `name` for its limit: its
+    last event says so, and no claim was made since."""
+    if job.current_step != name or str(job.state) not in ("pending", "running"):
+        return None
+    if not events or events[-1].kind is not EventKind.LIMITED:
+        return None
+    last = events[-1]
+    if entry is not None and entry.started_at is not None and entry.started_at > last.at:
+        return None
+    limit = last.detail.get("limit") if isinstance(last.detail, dict) else None
+    return f"waiting for limit `{limit}`"
 
 
 def _event_view(event: StepEvent) -> JSON:

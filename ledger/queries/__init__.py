@@ -61,6 +61,7 @@ from ledger.queries.job_rows import (
     select_jobs_by_event_prefix,
     start_job,
 )
+from ledger.queries.limits import LimitsShape
 from ledger.queries.map_sweeps import take_items_sent_between, take_lost_items
 from ledger.queries.maps import (
     claim_items,
@@ -133,6 +134,7 @@ from ledger.queries.timers import cancel_timers, insert_timer
 __all__ = [
     "ACTIVE",
     "ANY_ID",
+    "LimitsShape",
     "advance_job",
     "announce",
     "append_event",

@@ -14,6 +14,7 @@ from sqlalchemy.sql.expression import CTE, ColumnElement, FromClause
 from ledger import db
 from ledger.queries.common import ANY_ID, param
 from ledger.queries.job_rows import start_job
+from ledger.queries.limits import LimitsShape, in_claim
 from ledger.schema import ledger_entries
 from ledger.types import StepState
 
@@ -30,10 +31,11 @@ def claim_params(job_id: UUID, step: str, owner: UUID, lease_seconds: float) -> 
 
 
 @functools.cache
-def claim_template(takeover_expired: bool) -> sa.Select[Any]:
-    """Postgres: start the job, claim its step and read the existing entry in one statement."""
+def claim_template(takeover_expired: bool, limits: LimitsShape | None = None) -> sa.Select[Any]:
+    """Postgres: start the job, claim its step and read the existing entry in one statement
+    (taking the step's limits' token and slot first, with `limits`)."""
     job = start_job().cte("job")
-    claimed, existing, columns = claim_from(job, takeover_expired)
+    claimed, existing, columns = claim_from(job, takeover_expired, limits)
     return sa.select(*columns).select_from(
         job.outerjoin(claimed, sa.true()).outerjoin(existing, existing.c.key == job.c.key)
     )
@@ -54,15 +56,18 @@ def claim_key_template(takeover_expired: bool) -> Any:
 
 
 def claim_from(
-    job: CTE, takeover_expired: bool
+    job: CTE, takeover_expired: bool, limits: LimitsShape | None = None
 ) -> tuple[CTE, FromClause, list[ColumnElement[Any]]]:
     """Postgres: claim the key of `job` (a CTE returning the started job's row): the claim,
     the entry as it stood when the statement began (what the claim found if it lost), and the
-    columns `claim_template` answers with."""
+    columns `claim_template` answers with. With `limits`, the claim is made only if the
+    step's limits grant a token and a slot (`queries.limits.in_claim`), in the same
+    statement."""
+    granted, limit_columns = in_claim(job, limits, takeover_expired) if limits else ([], [])
     claimed = _claim_key(
         postgresql.insert,
         # A job whose plan lacks the step claims nothing (the caller raises StepNotInJob).
-        sa.select(job.c.key, job.c.id, job.c.fingerprint).where(job.c.key.is_not(None)),
+        sa.select(job.c.key, job.c.id, job.c.fingerprint).where(job.c.key.is_not(None), *granted),
         takeover_expired,
     ).cte("claimed")
     existing = ledger_entries.alias("existing")
@@ -74,6 +79,7 @@ def claim_from(
         job.c.current_step,
         claimed.c.attempts.label("claimed_attempts"),
         *_entry_columns(existing),
+        *limit_columns,
     ]
     return claimed, existing, columns
 

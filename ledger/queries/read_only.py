@@ -16,6 +16,7 @@ from sqlalchemy.sql.expression import CTE, ColumnElement
 from ledger import db
 from ledger.queries.claims import claim_from
 from ledger.queries.common import ACTIVE, param
+from ledger.queries.limits import LimitsShape
 from ledger.schema import JSONDocument, jobs, ledger_entries, step_events
 from ledger.types import JSON, EventKind, JobState, StepState
 
@@ -50,7 +51,9 @@ def read_jobs_template() -> sa.Select[Any]:
 
 
 @functools.cache
-def record_read_template(next_step: bool, claim_next: bool, takeover_expired: bool) -> Any:
+def record_read_template(
+    next_step: bool, claim_next: bool, takeover_expired: bool, limits: LimitsShape | None = None
+) -> Any:
     """Record a read-only step's result, if its job is still at that step: upsert its key as
     `succeeded` (fencing out a claim another delivery may hold), append its event, move an
     active job on (`next_step`, else finish it) and, with `claim_next`, claim the next step.
@@ -66,7 +69,7 @@ def record_read_template(next_step: bool, claim_next: bool, takeover_expired: bo
         return sa.select(
             job.c.read_key.label("recorded_key"), job.c.state.label("job_state")
         ).add_cte(entry, event)
-    claimed, existing, columns = claim_from(job, takeover_expired)
+    claimed, existing, columns = claim_from(job, takeover_expired, limits)
     return (
         sa.select(job.c.read_key.label("recorded_key"), job.c.state.label("job_state"), *columns)
         .select_from(

@@ -15,6 +15,7 @@ from ledger.queries.claims import claim_from
 from ledger.queries.common import ACTIVE, ANY_ID, param
 from ledger.queries.history import append_event_after
 from ledger.queries.job_rows import advance_job
+from ledger.queries.limits import LimitsShape
 from ledger.schema import JSONDocument, jobs, ledger_entries
 from ledger.types import JSON, EventKind, JobState, StepState
 
@@ -151,7 +152,9 @@ def record_template(kind: EventKind, finishes: bool) -> sa.Select[Any]:
 
 
 @functools.cache
-def record_and_claim_template(takeover_expired: bool) -> sa.Select[Any]:
+def record_and_claim_template(
+    takeover_expired: bool, limits: LimitsShape | None = None
+) -> sa.Select[Any]:
     """Postgres, the fast path: record a success, append its event, move the job to the next
     step (`p_step`) and claim that step's key for `p_owner`, in one statement; run it with
     `record_params` and `claim_params` merged.
@@ -159,12 +162,12 @@ def record_and_claim_template(takeover_expired: bool) -> sa.Select[Any]:
     Returns no row when the fence rejected the record; a `job_state` other than running
     when the job was no longer active (the result is recorded on it, as in the chained mode,
     but it does not move and nothing is claimed); otherwise the same columns as
-    `claim_template`, for the next step.
+    `claim_template`, for the next step (whose `limits` its claim takes).
     """
     finished = finish_entry(StepState.SUCCEEDED).cte("finished")
     event = append_event_after(finished, EventKind.SUCCEEDED).cte("event")
     job = _move_on_to_claim(finished).cte("job")
-    claimed, existing, columns = claim_from(job, takeover_expired)
+    claimed, existing, columns = claim_from(job, takeover_expired, limits)
     return (
         sa.select(finished.c.key.label("recorded_key"), job.c.state.label("job_state"), *columns)
         .select_from(

@@ -34,7 +34,7 @@ def insert_timer(
         due_at=due_at,
         created_at=db.utcnow(),
     )
-    conflict = insert.on_conflict_do_nothing(index_elements=["job_id", "step", "kind"])
+    conflict = insert.on_conflict_do_nothing(index_elements=["job_id", "step", "kind", "item_id"])
     return conflict.returning(timers.c.due_at)
 
 
@@ -67,6 +67,7 @@ def fire_due(dialect_name: str, limit: int, pipelines: Sequence[str]) -> sa.Upda
             timers.c.kind,
             timers.c.due_at,
             timers.c.fired_at,
+            timers.c.item_id,
         )
     )
 
@@ -121,7 +122,7 @@ def take_unsent(
         sa.update(timers)
         .where(timers.c.id.in_(unsent.scalar_subquery()), timers.c.dispatched_at.is_(None))
         .values(dispatched_at=db.utcnow())
-        .returning(timers.c.id, timers.c.job_id)
+        .returning(timers.c.id, timers.c.job_id, timers.c.item_id)
     )
 
 

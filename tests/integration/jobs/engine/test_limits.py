@@ -1,0 +1,152 @@
+"""Limits on the real ledger (Postgres and SQLite), driven without Celery: a step refused its
+slot waits as a timer (no attempt used, its history says for what) and runs once the timer
+loop sends it again; a map's items paced by a rate limit, each claimed just before it acts."""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from typing import Any
+
+from jobs.engine.items import run_items
+from jobs.engine.run import Outcome, run_step
+from jobs.engine.runtime import Runtime
+from jobs.engine.timers import fire_round
+from jobs.limits import ConcurrencyLimit, RateLimit
+from jobs.maps import ItemContext, MapStep
+from jobs.ops.history import history_view
+from jobs.pipelines import Pipeline, Step, StepContext
+from ledger import JSON, Claim, EventKind, JobState
+from ledger.schema import ledger_entries
+from tests.factories import RecordingDispatch
+from tests.integration.jobs.engine.test_map_step import QueueDispatch, World, drain, toy_map
+from tests.waiting import wait_for
+
+_names = itertools.count()
+
+
+def _charge(ctx: StepContext[None]) -> JSON:
+    return {"charged": ctx.context["order"]}
+
+
+def charging() -> Pipeline[None]:
+    return Pipeline(
+        name=f"limited-{next(_names)}-{uuid.uuid4().hex[:6]}",
+        steps=[
+            Step(
+                "charge",
+                _charge,
+                key="o:{order}:charge",
+                limits=[ConcurrencyLimit("customer:{customer}", 1)],
+            ),
+            Step("notify", _charge, key="o:{order}:notify"),
+        ],
+        resources=lambda _settings: None,
+    )
+
+
+def start(rt: Runtime, pipeline: Pipeline[Any], **context: JSON) -> str:
+    new = pipeline.new_job(f"evt-{uuid.uuid4().hex}", context)
+    [(job_id, _)] = rt.store.create_jobs([new])
+    return str(job_id)
+
+
+def test_a_step_refused_its_slot_waits_as_a_timer_then_runs_once(runtime: Runtime) -> None:
+    # Given two orders of one customer, one at a time, the first's charge held elsewhere
+    pipeline, dispatch = charging(), RecordingDispatch()
+    charge = pipeline.step("charge")
+    holder = start(runtime, pipeline, order="o1", customer="c1")
+    waiter = start(runtime, pipeline, order="o2", customer="c1")
+    rules = runtime.limits_for(pipeline.name, charge)  # type: ignore[arg-type]
+    held = runtime.ledger.claim_step(uuid.UUID(holder), "charge", limits=rules)
+    assert isinstance(held, Claim)
+
+    # When the second's message runs
+    outcome = run_step(runtime, dispatch, pipeline, charge, waiter)  # type: ignore[arg-type]
+
+    # Then it waits: nothing claimed (no attempt used), nothing published, a timer set, and
+    # its history says what it waits for
+    assert outcome is Outcome.WAITING
+    assert dispatch.sent == []
+    history = runtime.store.history(uuid.UUID(waiter))
+    assert history.entries == ()
+    assert [event.kind for event in history.events] == [EventKind.LIMITED]
+    view = history_view(history)
+    assert view["waiting"] == "waiting for limit `customer:c1`"
+
+    # When the holder records, and the timer loop fires the wait
+    runtime.ledger.record_success(held, {"ok": True}, next_step="notify", duration_ms=1.0)
+    wait_for(lambda: fire_round(runtime, dispatch) == 1, "the limit timer to fire", timeout=10)
+
+    # Then the step is sent again, on the retry queue, and runs once, its first attempt
+    assert (dispatch.sent, dispatch.resent) == ([(pipeline.name, "charge", waiter)], [waiter])
+    assert fire_round(runtime, dispatch) == 0
+    outcome = run_step(runtime, dispatch, pipeline, charge, waiter)  # type: ignore[arg-type]
+    assert outcome is Outcome.SUCCEEDED
+    view = history_view(runtime.store.history(uuid.UUID(waiter)))
+    steps: Any = view["steps"]
+    assert view["waiting"] is None
+    assert (steps[0]["state"], steps[0]["attempts"]) == ("succeeded", 1)
+
+
+def test_a_maps_items_are_paced_by_their_rate_limit(runtime: Runtime) -> None:
+    # Given a map of 12 items under a rate limit of 10 a second (a token at most 0.5 s ahead)
+    acted: list[float] = []
+
+    def each(ctx: ItemContext[World]) -> JSON:
+        acted.append(time.monotonic())
+        return {"seen": ctx.item_id}
+
+    world, dispatch = World(), QueueDispatch()
+    pipeline = toy_map(
+        world,
+        "paced",
+        lambda ctx: [{"id": f"r{n}", "kind": "places"} for n in range(12)],
+        each,
+        limits=[RateLimit("provider:{item[kind]}", 10)],
+    )
+    context: dict[str, JSON] = {"crawl": uuid.uuid4().hex}
+    [(job, _)] = runtime.store.create_jobs([pipeline.new_job(f"evt-{job_id()}", context)])
+    dispatch.send(pipeline.name, "search", str(job))
+
+    # When its messages run, and the timer loop sends again what waited
+    def done() -> bool:
+        drain(runtime, dispatch, pipeline, twice=False)
+        fired = fire_round(runtime, dispatch)
+        return fired == 0 and runtime.store.get_job(job).state is JobState.SUCCEEDED
+
+    wait_for(done, "the map to be done", timeout=30)
+
+    # Then every item acted once, never two within a token's interval
+    assert len(acted) == 12
+    gaps = [later - earlier for earlier, later in itertools.pairwise(sorted(acted))]
+    assert min(gaps) >= 0.1 * 0.95
+    # and the items that waited used no attempt for it
+    with runtime.engine.connect() as conn:
+        attempts = conn.execute(ledger_entries.select().where(ledger_entries.c.job_id == job)).all()
+    assert {row.attempts for row in attempts} == {1}
+
+
+def job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def test_items_run_alone_under_a_rate_limit(runtime: Runtime) -> None:
+    # A message of several items runs them one by one, each claimed just before it acts.
+    world, dispatch = World(), QueueDispatch()
+    pipeline = toy_map(
+        world,
+        "alone",
+        lambda ctx: [{"id": f"r{n}"} for n in range(3)],
+        lambda ctx: {"ok": True},
+        limits=[RateLimit("p", 1000)],
+    )
+    [(job, _)] = runtime.store.create_jobs([pipeline.new_job(f"evt-{job_id()}", {"crawl": "x"})])
+    run_step(runtime, dispatch, pipeline, pipeline.step("search"), str(job))  # type: ignore[arg-type]
+    _, step, _, items = dispatch.queue.popleft()
+    assert items is not None
+    map_step = pipeline.step(step)
+    assert isinstance(map_step, MapStep)
+    outcomes = run_items(runtime, dispatch, pipeline, map_step, str(job), items)  # type: ignore[arg-type]
+    assert outcomes == [Outcome.SUCCEEDED] * 3
