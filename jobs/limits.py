@@ -29,11 +29,12 @@ __all__ = [
 #: apart; a token further ahead than this releases the claim and waits as a timer instead.
 HOLD_AT_MOST: Final = 0.5
 #: A rate limit spaces its tokens this much wider than `1 / per_second`: a token is taken in
-#: the claim, and a request reaches the provider some milliseconds later, by a way whose
-#: length varies; a provider that counts any sliding second strictly (the sandbox's
-#: `--places-rate`) must not see `per_second + 1` of them because two ways differed. 5 %
-#: absorbs 50 ms of such difference across a second's requests.
-RATE_SLACK: Final = 0.05
+#: the claim, and its request reaches the provider some milliseconds later (a commit, a
+#: wake-up, a hop), by a way whose length varies; a provider counting any sliding second
+#: strictly (the sandbox's `--places-rate`) must not see `per_second + 1` because two ways
+#: differed. 10 % absorbs 100 ms of such difference across a second's requests: with 5 %,
+#: 4 of 6 runs of tests/system/test_limits.py on the 2-core box saw a 429; with 10 %, 0 of 5.
+RATE_SLACK: Final = 0.1
 
 
 def parse_key(template: str, *, items: bool) -> KeyTemplate:

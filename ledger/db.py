@@ -334,7 +334,9 @@ def _seconds_between_sqlite(element: seconds_between, compiler: SQLCompiler, **k
 
 class epoch_now(FunctionElement[float]):  # noqa: N801
     """The database's clock in seconds since the epoch (a float), for a rate limit's
-    arithmetic, which both databases do alike on numbers."""
+    arithmetic, which both databases do alike on numbers. On Postgres the clock as the
+    expression is evaluated, not as the statement began: a token is timed when its row is
+    updated, after any wait for the row's lock."""
 
     type = sa.Float()
     inherit_cache = True
@@ -349,7 +351,7 @@ class greatest(FunctionElement[Any]):  # noqa: N801
 
 @compiles(epoch_now, "postgresql")
 def _epoch_now_pg(_element: epoch_now, _compiler: SQLCompiler, **_kw: Any) -> str:
-    return "CAST(extract(epoch from statement_timestamp()) AS double precision)"
+    return "CAST(extract(epoch from clock_timestamp()) AS double precision)"
 
 
 @compiles(epoch_now, "sqlite")

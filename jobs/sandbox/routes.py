@@ -20,7 +20,7 @@ from . import places, services
 from .faults import Outcome, decide
 from .places import DatasetRequest, PlacesSearch
 from .services import ChargeRequest, NotificationRequest, QuoteRequest, Reply, Service
-from .state import SandboxState, get_state
+from .state import SandboxState, arrived, get_state
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ async def _serve(
     state: SandboxState, service: Service, request: Request, work: Callable[[], Reply]
 ) -> JSONResponse:
     """Answer one request to a service: wait the latency, inject the fault, else do `work`."""
+    arrived(request)
     outcome = await _roll(state, service, request)
     if outcome is Outcome.ERROR:
         state.record(request, service, status=503, outcome=outcome)
@@ -211,6 +212,7 @@ async def post_places_search(
     with 429 and `Retry-After` before anything else happens: no fault, no key, no bill.
     """
     service = Service.PLACES
+    arrived(request)
     wait = state.places_rate.admit()
     if wait is not None:
         state.record(request, service, status=429)

@@ -11,7 +11,7 @@ from fastapi import Request
 from .faults import FaultPlan, Outcome
 from .places import RateCap
 from .services import SERVICES, Service
-from .store import SandboxStore
+from .store import SandboxStore, utc_now
 from .world import World
 
 
@@ -37,6 +37,7 @@ class SandboxState:
     ) -> None:
         """Record a request to a service with the status answered and the fault injected."""
         self.store.record_request(
+            started_at=getattr(request.state, "started_at", None),
             method=request.method,
             path=request.url.path,
             service=str(service),
@@ -44,6 +45,13 @@ class SandboxState:
             status=status,
             fault=None if outcome is Outcome.OK else str(outcome),
         )
+
+
+def arrived(request: Request) -> None:
+    """Note when a request reached its service (kept with its record: with the time it was
+    answered, it says what was in flight at once)."""
+    if getattr(request.state, "started_at", None) is None:
+        request.state.started_at = utc_now()
 
 
 def get_state(request: Request) -> SandboxState:

@@ -21,6 +21,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
     id INTEGER PRIMARY KEY,
     at TEXT NOT NULL,
+    started_at TEXT,
     method TEXT NOT NULL,
     path TEXT NOT NULL,
     service TEXT NOT NULL,
@@ -114,7 +115,8 @@ class EffectRow:
 
 @dataclass(frozen=True)
 class RequestRow:
-    """One request a service received, in the shape `GET /sandbox/requests` answers."""
+    """One request a service received, in the shape `GET /sandbox/requests` answers: `at`
+    when it was answered (or, for a timeout, gave up on), `started_at` when it arrived."""
 
     at: str
     method: str
@@ -123,6 +125,7 @@ class RequestRow:
     idempotency_key: str | None
     status: int
     fault: str | None
+    started_at: str | None = None
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,9 @@ class SandboxStore:
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._upgrade()
         self._conn.executescript(_SCHEMA + _EFFECTS_SCHEMA)
+        columns = {row["name"] for row in self._conn.execute("PRAGMA table_info(requests)")}
+        if "started_at" not in columns:  # a file from before requests kept their arrival
+            self._conn.execute("ALTER TABLE requests ADD COLUMN started_at TEXT")
         self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self.path = path
 
@@ -204,6 +210,7 @@ class SandboxStore:
     def record_request(
         self,
         *,
+        started_at: str | None = None,
         method: str,
         path: str,
         service: str,
@@ -220,11 +227,13 @@ class SandboxStore:
             idempotency_key: The `Idempotency-Key` header, if any.
             status: The HTTP status answered (504 for timeouts and lost replies).
             fault: The injected fault (`error`, `timeout`, `lost_reply`), or `None`.
+            started_at: When it arrived, if known.
         """
         self._conn.execute(
-            "INSERT INTO requests (at, method, path, service, idempotency_key, status, fault)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (utc_now(), method, path, service, idempotency_key, status, fault),
+            "INSERT INTO requests"
+            " (at, started_at, method, path, service, idempotency_key, status, fault)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (utc_now(), started_at, method, path, service, idempotency_key, status, fault),
         )
 
     def find_response(self, service: str, key: str) -> StoredResponse | None:
@@ -338,7 +347,8 @@ class SandboxStore:
         # The inner query picks the newest rows; the outer one puts them back in arrival order.
         # LIMIT -1 is SQLite for "no limit".
         rows = self._conn.execute(
-            "SELECT * FROM (SELECT id, at, method, path, service, idempotency_key, status, fault"
+            "SELECT * FROM (SELECT id, at, started_at, method, path, service, idempotency_key,"
+            " status, fault"
             " FROM requests WHERE (:service IS NULL OR service = :service)"
             " ORDER BY id DESC LIMIT :limit) ORDER BY id",
             {"service": service, "limit": -1 if limit is None else limit},
@@ -352,6 +362,7 @@ class SandboxStore:
                 idempotency_key=row["idempotency_key"],
                 status=row["status"],
                 fault=row["fault"],
+                started_at=row["started_at"],
             )
             for row in rows
         ]
