@@ -20,6 +20,7 @@ from ledger.errors import (
 )
 from ledger.job_ends import wait_for_end
 from ledger.limit_types import KeySource, KeyTemplate, LimitRules, RateRule, SlotRule
+from ledger.limits import LimitLedger, LimitStat
 from ledger.malformed import MalformedCount, MalformedMessages
 from ledger.map_types import (
     FanOut,
@@ -123,7 +124,9 @@ __all__ = [
     "LedgerStats",
     "LimitBusy",
     "LimitKind",
+    "LimitLedger",
     "LimitRules",
+    "LimitStat",
     "Listener",
     "LostItem",
     "MalformedCount",

@@ -174,6 +174,27 @@ class Wait:
     limit: str
 
 
+@dataclass(frozen=True)
+class LimitStat:
+    """One limit key as people see it."""
+
+    key: str
+    #: `rate` (the key has an arrival time) or `concurrency`.
+    kind: LimitKind
+    #: Slots held now (concurrency), or tokens granted in the last second (rate).
+    in_use: int
+    #: Runs waiting for it now (pending `limit` timers).
+    waiting: int
+    #: Waits set (or set again) per second over the window.
+    throttled_per_second: float
+    granted_total: int
+    throttled_total: int
+
+
+#: Seconds `LimitLedger.stats` looks back by default: waits set and keys used.
+STATS_WINDOW: Final = 60.0
+
+
 class LimitLedger:
     """Sets limit waits, releases slots and reads the limits' state; usable from plain
     Python.
@@ -220,6 +241,31 @@ class LimitLedger:
 
         return self._retrying(attempt)
 
+    def stats(self, *, window: float = STATS_WINDOW, limit: int = 50) -> list[LimitStat]:
+        """The limit keys in use or waited for lately, busiest first (at most `limit`):
+        slots held or tokens granted in the last second, runs waiting, waits set per second
+        over the last `window` seconds, and their totals."""
+        with db.transaction(self.engine) as conn:
+            keys = list(conn.execute(limit_queries.select_recent_keys(window, limit)))
+            in_use = conn.execute(limit_queries.count_slots_in_use(3600.0))
+            held: dict[str, int] = {str(row.key): int(row.in_use) for row in in_use}
+            waits = {
+                row.limit_key: row for row in conn.execute(limit_queries.count_waiting(window))
+            }
+        found: dict[str, LimitStat] = {}
+        for row in keys:
+            rate = row.tat is not None
+            recent = row.window_at is not None and row.now - row.window_at < 2.0
+            used = (row.window_granted if recent else 0) if rate else held.get(row.key, 0)
+            found[row.key] = _stat(row.key, rate, used, waits.get(row.key), window, row)
+        for key, count in held.items():
+            found.setdefault(key, _stat(key, False, count, waits.get(key), window, None))
+        for key, wait in waits.items():
+            if key is not None:
+                found.setdefault(key, _stat(key, False, held.get(key, 0), wait, window, None))
+        busiest = sorted(found.values(), key=lambda each: (-(each.in_use + each.waiting), each.key))
+        return busiest[:limit]
+
     @staticmethod
     def _due(conn: Connection, busy: LimitBusy, rules: LimitRules) -> datetime:
         rate = rules.rate
@@ -236,3 +282,17 @@ class LimitLedger:
 
     def _retrying(self, call: Callable[[], T]) -> T:
         return db.retry_while_unavailable(call, for_seconds=self.unavailable_for)
+
+
+def _stat(key: str, rate: bool, in_use: int, wait: Any, window: float, counters: Any) -> LimitStat:
+    return LimitStat(
+        key=key,
+        kind=LimitKind.RATE if rate else LimitKind.CONCURRENCY,
+        in_use=int(in_use),
+        waiting=int(wait.waiting or 0) if wait is not None else 0,
+        throttled_per_second=round(float(wait.recent or 0) / window, 3)
+        if wait is not None
+        else 0.0,
+        granted_total=int(counters.granted) if counters is not None else 0,
+        throttled_total=int(counters.throttled) if counters is not None else 0,
+    )

@@ -295,7 +295,7 @@ sa.Index(
 
 #: A limit's key (`ledger.limits`): a rate limit's theoretical arrival time (GCRA, in seconds
 #: since the epoch on the database's clock) and the time its last waiter wakes; how many
-#: tokens it granted and how many runs waited, for people.
+#: tokens it granted (in all, and in the last second) and how many runs waited, for people.
 limit_keys = sa.Table(
     "limit_keys",
     metadata,
@@ -304,6 +304,9 @@ limit_keys = sa.Table(
     sa.Column("wake_at", sa.Float(), nullable=True),
     sa.Column("granted", sa.BigInteger(), nullable=False, server_default="0"),
     sa.Column("throttled", sa.BigInteger(), nullable=False, server_default="0"),
+    #: Tokens granted in the second from `window_at` (epoch seconds): in use, for people.
+    sa.Column("window_at", sa.Float(), nullable=True),
+    sa.Column("window_granted", sa.Integer(), nullable=False, server_default="0"),
     sa.Column("updated_at", Timestamp, nullable=False),
 )
 
@@ -321,5 +324,5 @@ limit_slots = sa.Table(
     sa.Column("locked_until", Timestamp, nullable=False),
     sa.Column("taken_at", Timestamp, nullable=False),
 )
-# The sweeper clears the slots whose lease ran out long ago.
+# `status` reads the slots leased lately (the rest are long free).
 sa.Index("ix_limit_slots_locked_until", limit_slots.c.locked_until)

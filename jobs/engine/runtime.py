@@ -17,8 +17,15 @@ from jobs.errors import UnknownPipeline
 from jobs.limits import check_limits, effective_limits, missing_fields, rules_of
 from jobs.pipelines import Pipeline, Step, registry
 from jobs.retry import RetryPolicy, effective_policy
-from ledger import JobStore, LimitRules, MapLedger, StepLedger, TimerLedger, create_engine
-from ledger.limits import LimitLedger
+from ledger import (
+    JobStore,
+    LimitLedger,
+    LimitRules,
+    MapLedger,
+    StepLedger,
+    TimerLedger,
+    create_engine,
+)
 
 
 @dataclass

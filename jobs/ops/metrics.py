@@ -14,7 +14,15 @@ from prometheus_client.registry import Collector
 
 from jobs.engine.runtime import Runtime
 from jobs.worker.queues import queue_depths
-from ledger import EventKind, Histogram, ItemState, LedgerStats, MalformedMessages, TimerLedger
+from ledger import (
+    EventKind,
+    Histogram,
+    ItemState,
+    LedgerStats,
+    LimitLedger,
+    MalformedMessages,
+    TimerLedger,
+)
 from ledger.map_views import MapViews
 
 #: Histograms cover this many recent seconds.
@@ -33,6 +41,7 @@ class LedgerCollector(Collector):
         self.malformed = MalformedMessages(engine=rt.engine)
         self.maps = MapViews(engine=rt.engine)
         self.timers = TimerLedger(engine=rt.engine)
+        self.limits = LimitLedger(engine=rt.engine)
         self.app = app
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
@@ -63,6 +72,7 @@ class LedgerCollector(Collector):
         yield self._malformed()
         yield from self._maps()
         yield from self._timers()
+        yield from self._limits()
         yield _histogram(
             "oncelery_schedule_to_start_seconds",
             "Seconds from a job's creation to its first claim (jobs started in the last hour).",
@@ -115,6 +125,41 @@ class LedgerCollector(Collector):
         if found.late_max is not None:
             lateness.add_metric(["1"], found.late_max)
         yield lateness
+
+    def _limits(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """Per limit key used or waited for lately (the busiest 50: a key per customer would
+        be too many labels)."""
+        found = self.limits.stats()
+        families = {
+            "in_use": GaugeMetricFamily(
+                "oncelery_limit_in_use",
+                "Slots held now (concurrency limits), tokens granted in the last second (rate).",
+                labels=["key", "kind"],
+            ),
+            "waiting": GaugeMetricFamily(
+                "oncelery_limit_waiting",
+                "Runs waiting for a limit's token or slot (pending limit timers).",
+                labels=["key", "kind"],
+            ),
+        }
+        throttled = CounterMetricFamily(
+            "oncelery_limit_throttled",
+            "Runs a limit made wait, in all.",
+            labels=["key", "kind"],
+        )
+        granted = CounterMetricFamily(
+            "oncelery_limit_granted", "Tokens a rate limit granted, in all.", labels=["key"]
+        )
+        for each in found:
+            labels = [each.key, str(each.kind)]
+            families["in_use"].add_metric(labels, each.in_use)
+            families["waiting"].add_metric(labels, each.waiting)
+            throttled.add_metric(labels, each.throttled_total)
+            if each.kind == "rate":
+                granted.add_metric([each.key], each.granted_total)
+        yield from families.values()
+        yield throttled
+        yield granted
 
     def _maps(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         # Labelled by pipeline and step only: never a job or an item (a map may have 100,000).

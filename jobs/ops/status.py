@@ -8,7 +8,7 @@ from celery import Celery
 from rich.table import Table
 
 from jobs.worker.queues import queue_depths
-from ledger import JSON, LedgerStats, TimerLedger
+from ledger import JSON, LedgerStats, LimitLedger, TimerLedger
 from ledger.map_views import MapViews
 
 
@@ -37,6 +37,24 @@ def status_view(stats: LedgerStats, app: Celery, *, window: float) -> dict[str, 
         "events": {str(kind): count for kind, count in snapshot.events.items()},
         "maps": maps_in_progress(MapViews(engine=stats.engine)),
         "timers": timers_view(TimerLedger(engine=stats.engine)),
+        "limits": limits_view(LimitLedger(engine=stats.engine)),
+    }
+
+
+def limits_view(limits: LimitLedger) -> dict[str, JSON]:
+    """Per limit key used or waited for lately (the busiest 50): its kind, slots held or
+    tokens granted in the last second (`in_use`), runs waiting, waits set per second over
+    the last minute, and the totals."""
+    return {
+        found.key: {
+            "kind": str(found.kind),
+            "in_use": found.in_use,
+            "waiting": found.waiting,
+            "throttled_per_second": found.throttled_per_second,
+            "granted_total": found.granted_total,
+            "throttled_total": found.throttled_total,
+        }
+        for found in limits.stats()
     }
 
 
@@ -87,6 +105,15 @@ def status_table(view: dict[str, JSON]) -> Table:
     assert isinstance(pending, dict)
     table.add_row("jobs waiting on timers", str(timers["waiting_jobs"]))
     table.add_row("timers pending", " · ".join(f"{n} {due}" for due, n in pending.items()))
+    limits = view["limits"]
+    assert isinstance(limits, dict)
+    for key, limit in limits.items():
+        assert isinstance(limit, dict)
+        table.add_row(
+            f"limit {key}",
+            f"{limit['in_use']} in use · {limit['waiting']} waiting · "
+            f"{limit['throttled_per_second']}/s throttled ({limit['kind']})",
+        )
     table.add_row(
         "timer lateness (5 min)",
         f"{timers['fired_last_5m']} fired · p50 {timers['lateness_p50_seconds']} s · "

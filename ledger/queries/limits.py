@@ -55,20 +55,27 @@ def take_token(insert: Any, source: sa.Select[Any]) -> Any:
     now = db.epoch_now()
     key = limit_keys.c
     statement = insert(limit_keys).from_select(
-        ["key", "tat", "granted", "throttled", "updated_at"],
+        ["key", "tat", "granted", "throttled", "window_at", "window_granted", "updated_at"],
         source.add_columns(
             now + param("rate_interval", 1.0, sa.Float()),
             sa.literal(1),
             sa.literal(0),
+            now,
+            sa.literal(1),
             db.utcnow(),
         ),
     )
     interval = param("rate_interval", 1.0, sa.Float())
+    # The tokens of the current second, counted for people (in the same row, no statement
+    # more): a new second starts at the first token after the last one ended.
+    same_second = key.window_at > now - 1.0
     return statement.on_conflict_do_update(
         index_elements=[key.key],
         set_={
             "tat": db.greatest(sa.func.coalesce(key.tat, now), now) + interval,
             "granted": key.granted + 1,
+            "window_granted": sa.case((same_second, key.window_granted + 1), else_=1),
+            "window_at": sa.case((same_second, key.window_at), else_=now),
             "updated_at": db.utcnow(),
         },
         where=sa.func.coalesce(key.tat, 0.0) <= now + param("rate_ahead", 0.0, sa.Float()),
@@ -337,4 +344,60 @@ def touch_item_until(job_id: UUID, step: str, item_id: str, due_at: datetime) ->
         sa.update(map_items)
         .where(item.job_id == job_id, item.step == step, item.item_id == item_id)
         .values(updated_at=due_at)
+    )
+
+
+# --- for people ---------------------------------------------------------------------------
+
+
+def select_recent_keys(window: float, limit: int) -> sa.Select[Any]:
+    """Limit keys used (a token granted, a run throttled) in the last `window` seconds, with
+    their counters and the database's clock (epoch seconds)."""
+    row = limit_keys.c
+    return (
+        sa.select(
+            row.key,
+            row.tat,
+            row.granted,
+            row.throttled,
+            row.window_at,
+            row.window_granted,
+            db.epoch_now().label("now"),
+        )
+        .where(row.updated_at >= db.utcnow_plus(db.seconds(-window)))
+        .order_by(row.updated_at.desc())
+        .limit(limit)
+    )
+
+
+def count_slots_in_use(leased_within: float) -> sa.Select[Any]:
+    """Concurrency slots held now, by key (among those leased in the last `leased_within`
+    seconds: a slot is held past its first lease only while its key's lease is renewed)."""
+    slot = limit_slots.c
+    return (
+        sa.select(slot.key, sa.func.count().label("in_use"))
+        .where(slot.locked_until >= db.utcnow_plus(db.seconds(-leased_within)), ~free(limit_slots))
+        .group_by(slot.key)
+    )
+
+
+def count_waiting(window: float) -> sa.Select[Any]:
+    """Limit waits by key: pending now, and set (or set again) in the last `window` seconds."""
+    timer = timers.c
+    recent = sa.case((timer.created_at >= db.utcnow_plus(db.seconds(-window)), 1), else_=0)
+    pending = sa.case((timer.state == str(TimerState.PENDING), 1), else_=0)
+    return (
+        sa.select(
+            timer.limit_key,
+            sa.func.sum(pending).label("waiting"),
+            sa.func.sum(recent).label("recent"),
+        )
+        .where(
+            timer.kind == str(TimerKind.LIMIT),
+            sa.or_(
+                timer.state == str(TimerState.PENDING),
+                timer.created_at >= db.utcnow_plus(db.seconds(-window)),
+            ),
+        )
+        .group_by(timer.limit_key)
     )

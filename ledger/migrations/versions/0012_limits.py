@@ -33,6 +33,8 @@ def upgrade() -> None:
         sa.Column("wake_at", sa.Float(), nullable=True),
         sa.Column("granted", sa.BigInteger(), nullable=False, server_default="0"),
         sa.Column("throttled", sa.BigInteger(), nullable=False, server_default="0"),
+        sa.Column("window_at", sa.Float(), nullable=True),
+        sa.Column("window_granted", sa.Integer(), nullable=False, server_default="0"),
         sa.Column("updated_at", _TIME, nullable=False),
         sa.PrimaryKeyConstraint("key", name="pk_limit_keys"),
     )

@@ -341,3 +341,30 @@ def test_a_refused_step_waits_as_a_timer_and_says_so(engine: sa.Engine, store: J
     [(detail,)] = events
     assert isinstance(detail, dict)
     assert detail == {"limit": rules.rate.template, "kind": "rate", "until": detail["until"]}
+
+
+def test_the_limits_in_use_and_waiting_are_counted_for_people(
+    engine: sa.Engine, store: JobStore
+) -> None:
+    # Given a customer's slot held, two of its jobs waiting, and a rate limit's two tokens
+    led, limits = ledger(engine), LimitLedger(engine=engine)
+    one = slots(1)
+    held, *waiting = jobs_of(store, "jill", 3)
+    claimed(claim(led, held, one))
+    for job in waiting:
+        limits.wait(busy(claim(led, job, one)), one)
+    paced = rate(0.01, burst=5, key="provider:stats")
+    for job in jobs_of(store, "kim", 2):
+        claimed(claim(led, job, paced))
+
+    # When people look
+    found = {each.key: each for each in limits.stats()}
+
+    # Then the slot is in use with two waiting, the rate limit granted two this second
+    customer = found["customer:jill"]
+    assert (customer.kind, customer.in_use, customer.waiting) == (LimitKind.CONCURRENCY, 1, 2)
+    assert customer.throttled_total == 2
+    assert customer.throttled_per_second == round(2 / 60, 3)
+    provider = found["provider:stats"]
+    assert (provider.kind, provider.in_use, provider.waiting) == (LimitKind.RATE, 2, 0)
+    assert provider.granted_total == 2

@@ -16,8 +16,11 @@ from jobs.engine.timers import fire_round
 from jobs.limits import ConcurrencyLimit, RateLimit
 from jobs.maps import ItemContext, MapStep
 from jobs.ops.history import history_view
+from jobs.ops.metrics import render_metrics
+from jobs.ops.status import status_view
 from jobs.pipelines import Pipeline, Step, StepContext
-from ledger import JSON, Claim, EventKind, JobState
+from jobs.worker import CeleryDispatch
+from ledger import JSON, Claim, EventKind, JobState, LedgerStats
 from ledger.schema import ledger_entries
 from tests.factories import RecordingDispatch
 from tests.integration.jobs.engine.test_map_step import QueueDispatch, World, drain, toy_map
@@ -74,6 +77,16 @@ def test_a_step_refused_its_slot_waits_as_a_timer_then_runs_once(runtime: Runtim
     assert [event.kind for event in history.events] == [EventKind.LIMITED]
     view = history_view(history)
     assert view["waiting"] == "waiting for limit `customer:c1`"
+    # and status and the metrics count the customer's slot in use, one run waiting
+    sender = CeleryDispatch(settings=runtime.settings).sender
+    status = status_view(LedgerStats(engine=runtime.engine), sender, window=60)
+    limits: Any = status["limits"]
+    assert {key: (v["in_use"], v["waiting"]) for key, v in limits.items()} == {
+        "customer:c1": (1, 1)
+    }
+    metrics = render_metrics(runtime, sender)[0].decode()
+    assert 'oncelery_limit_waiting{key="customer:c1",kind="concurrency"} 1.0' in metrics
+    assert 'oncelery_limit_in_use{key="customer:c1",kind="concurrency"} 1.0' in metrics
 
     # When the holder records, and the timer loop fires the wait
     runtime.ledger.record_success(held, {"ok": True}, next_step="notify", duration_ms=1.0)
