@@ -180,11 +180,25 @@ def chaos(
             help="One map step of this many items (and what they split into) instead of orders.",
         ),
     ] = 0,
+    limits: Annotated[
+        int,
+        typer.Option(
+            "--limits",
+            min=0,
+            max=10_000,
+            help="Crawls against a provider admitting this many searches a second, under a rate "
+            "limit of as many, and the orders ten a customer, one charge at a time.",
+        ),
+    ] = 0,
+    crawls: Annotated[
+        int, typer.Option(min=1, max=1_000, help="With --limits: crawls to run.")
+    ] = 3,
     as_json: JsonFlag = False,
 ) -> None:
     """Run orders while killing workers and restarting the broker and Postgres; exit 1 if any
     order was lost, doubled or left stuck. With --tasks: chains of decorated Celery tasks;
-    with --map N: one map of N items, each notified exactly once, the join once."""
+    with --map N: one map of N items, each notified exactly once, the join once; with
+    --limits N: crawls and orders under limits, none exceeded at the provider."""
     from jobs.tools.chaos import ChaosOptions, run_chaos
 
     if fault_rate + timeout_rate > 1:
@@ -193,6 +207,8 @@ def chaos(
         raise BadInput("--db-restart: not with --tasks (the orders' chaos restarts Postgres)")
     if tasks and map_roots:
         raise BadInput("--map: not with --tasks")
+    if limits and (tasks or map_roots or broker_restart or db_restart):
+        raise BadInput("--limits: not with --tasks, --map or restarts")
     options = ChaosOptions(
         orders=orders,
         kill_every=kill_every,
@@ -212,6 +228,9 @@ def chaos(
     if map_roots:
         _chaos_map(dataclasses.replace(options, orders=map_roots), as_json=as_json)
         return
+    if limits:
+        _chaos_limits(options, limits, crawls, as_json=as_json)
+        return
     report = _counting_orders(
         orders, quiet=as_json, run=lambda progress: run_chaos(settings, options, progress)
     )
@@ -227,6 +246,20 @@ def _chaos_map(options: ChaosOptions, *, as_json: bool) -> None:
         options.orders,
         quiet=as_json,
         run=lambda progress: run_map_chaos(settings, options, progress),
+    )
+    _verdict(report, as_json=as_json)
+
+
+def _chaos_limits(options: ChaosOptions, rate: int, crawls: int, *, as_json: bool) -> None:
+    """`chaos --limits N`: crawls and orders under limits, counted at the provider."""
+    from jobs.tools.chaos_limits import run_limit_chaos
+
+    settings = get_settings()
+    report = _counting_orders(
+        options.orders + crawls + 1,
+        quiet=as_json,
+        run=lambda progress: run_limit_chaos(settings, options, rate, crawls, progress),
+        what="jobs finished",
     )
     _verdict(report, as_json=as_json)
 
