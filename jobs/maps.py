@@ -72,8 +72,8 @@ class MapStep(Step[R]):
     fencing), counted once by the fan-in. `delivery`, `effect`, `retry` and `time_limit` are
     those of each item's act; the step's own run only computes the items (it is claimed and
     recorded, never read-only). A generator runs while its items are written, in the step's
-    record: outside the time limit, and what it raises fails the step's attempt as its
-    run's own errors do.
+    record (bounded by its message's allowance for the fan-out, not by the step's time
+    limit), and what it raises fails the step's attempt as its run's own errors do.
 
     Args:
         each: acts on one item (`ItemContext`); returns its JSON result, or `Expand` to add

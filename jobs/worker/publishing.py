@@ -25,9 +25,11 @@ from jobs.engine.dispatch import ITEMS_PER_MESSAGE, READING_HEADER, reading_head
 from jobs.engine.runtime import step_time_limit
 from jobs.engine.step_messages import item_task_name, task_name
 from jobs.errors import UnknownPipeline
+from jobs.maps import is_map
 from jobs.pipelines import MAX_TIME_LIMIT, registry
 from jobs.worker.app import app
 from jobs.worker.redis_broker import lend_one_client
+from jobs.worker.time_limits import FAN_OUT_ALLOWANCE
 from ledger import Reading
 
 logger = logging.getLogger(__name__)
@@ -261,7 +263,7 @@ class CeleryDispatch:
         """Publish a step of a job (`resend`: again, on the retry queue; `countdown`: not
         before that many seconds)."""
         # Whole seconds: Celery's message format and its stubs take integers.
-        soft = math.ceil(self._time_limit(pipeline, step))
+        soft = math.ceil(self._message_limit(pipeline, step))
         self.sender.send_task(
             task_name(pipeline, step),
             args=[job_id],
@@ -287,7 +289,7 @@ class CeleryDispatch:
         cannot be reached): they may or may not be queued, so they go back to the outbox
         (or wait for the sweeper) and a second copy, if any, is absorbed by the ledger.
         """
-        soft = math.ceil(self._time_limit(pipeline, step))
+        soft = math.ceil(self._message_limit(pipeline, step))
         name = task_name(pipeline, step)
         readings = readings or {}
 
@@ -373,6 +375,16 @@ class CeleryDispatch:
         """Publish the running task again on the retry queue after `delay` seconds."""
         assert self.task is not None
         raise self.task.retry(countdown=delay, queue=RETRY_QUEUE)
+
+    def _message_limit(self, pipeline: str, step: str) -> float:
+        """Seconds a step's own message may take: its steps' limits, and a map step's
+        fan-out (its record and publish grow with its items; its run has its own alarm)."""
+        limit = self._time_limit(pipeline, step)
+        try:
+            declared = registry.get(pipeline).step(step)
+        except (UnknownPipeline, ValueError):
+            return limit
+        return limit + FAN_OUT_ALLOWANCE if is_map(declared) else limit
 
     def _time_limit(self, pipeline: str, step: str) -> float:
         settings = self.settings or get_settings()
