@@ -26,7 +26,7 @@ from jobs.engine.runtime import step_time_limit
 from jobs.engine.step_messages import item_task_name, task_name
 from jobs.errors import UnknownPipeline
 from jobs.maps import is_map
-from jobs.pipelines import MAX_TIME_LIMIT, registry
+from jobs.pipelines import MAX_TIME_LIMIT, Pipeline, Step, registry
 from jobs.worker.app import app
 from jobs.worker.redis_broker import lend_one_client
 from jobs.worker.time_limits import FAN_OUT_ALLOWANCE
@@ -378,23 +378,33 @@ class CeleryDispatch:
 
     def _message_limit(self, pipeline: str, step: str) -> float:
         """Seconds a step's own message may take: its steps' limits, and a map step's
-        fan-out (its record and publish grow with its items; its run has its own alarm)."""
-        limit = self._time_limit(pipeline, step)
-        try:
-            declared = registry.get(pipeline).step(step)
-        except (UnknownPipeline, ValueError):
-            return limit
-        return limit + FAN_OUT_ALLOWANCE if is_map(declared) else limit
+        fan-out among them (its record and publish grow with its items; its run has its
+        own alarm)."""
+        running = self._running(pipeline, step)
+        fans_out = running is not None and any(is_map(each) for each in running[1])
+        return self._time_limit(pipeline, step) + (FAN_OUT_ALLOWANCE if fans_out else 0.0)
 
     def _time_limit(self, pipeline: str, step: str) -> float:
+        settings = self.settings or get_settings()
+        running = self._running(pipeline, step)
+        if running is None:
+            return settings.step_time_limit
+        declared, steps = running
+        return sum(step_time_limit(settings, declared, each.name) for each in steps)
+
+    def _running(
+        self, pipeline: str, step: str
+    ) -> tuple[Pipeline[object], list[Step[object]]] | None:
+        """The steps one message of `step` runs (None: a pipeline or step not declared)."""
         settings = self.settings or get_settings()
         try:
             declared = registry.get(pipeline)
         except UnknownPipeline:
-            return settings.step_time_limit
-        names = [s.name for s in declared.steps]
+            return None
+        names = [each.name for each in declared.steps]
         if step not in names:
-            return settings.step_time_limit
+            return None
         # On the fast path one task runs this step and every step after it.
-        running = names[names.index(step) :] if settings.fast_path else [step]
-        return sum(step_time_limit(settings, declared, name) for name in running)
+        start = names.index(step)
+        end = len(names) if settings.fast_path else start + 1
+        return declared, list(declared.steps[start:end])

@@ -149,5 +149,17 @@ def test_a_map_steps_own_message_allows_for_its_fan_out_and_its_items_messages_d
 
         assert own >= FAN_OUT_ALLOWANCE > plain
         assert items < FAN_OUT_ALLOWANCE
+
+        # On the fast path, a message of the step before runs the map step too
+        settings = settings_for(
+            database_url="sqlite://",
+            broker_url=broker_url,
+            data_dir=tmp_path,
+            fast_path=True,
+        )
+        fast = CeleryDispatch(sender=client_app(settings), settings=settings)
+        fast.send("places-crawl", "plan", job_id)
+        _, before_the_map = _first_message(broker_url).headers["timelimit"]
+        assert before_the_map >= FAN_OUT_ALLOWANCE
     finally:
         purge_queues(broker_url)
