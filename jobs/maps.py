@@ -73,8 +73,9 @@ class MapStep(Step[R]):
     `limits` are those of each item's act (a limit's key may name the item's fields:
     `"{item[category]}"`, when the item is an object); the step's own run only computes the
     items (it is claimed and recorded, never read-only). A generator runs while its items
-    are written, in the step's record: outside the time limit, and what it raises fails the
-    step's attempt as its run's own errors do.
+    are written, in the step's record (bounded by its message's allowance for the fan-out,
+    not by the step's time limit), and what it raises fails the step's attempt as its run's
+    own errors do.
 
     Args:
         each: acts on one item (`ItemContext`); returns its JSON result, or `Expand` to add
