@@ -309,7 +309,9 @@ def set_limit_timer(
     dialect_name: str, job_id: UUID, step: str, item_id: str, limit: str, due_at: datetime
 ) -> Any:
     """Set (or set again) a job's step's (or item's) limit timer, due at `due_at`; a timer
-    pending already keeps its time (another message of the same job waits: one will do).
+    pending already keeps its time (another message of the same job waits: one will do), and
+    so does one fired whose step is still in the outbox (its publish brings the step again;
+    set again, the publish's `mark_sent` would mark the new wait sent before it fired).
     Returns its due time when set."""
     insert = db.insert_for(dialect_name)(timers).values(
         job_id=job_id,
@@ -332,7 +334,10 @@ def set_limit_timer(
             "fired_at": None,
             "dispatched_at": None,
         },
-        where=timer.state != str(TimerState.PENDING),
+        where=sa.or_(
+            timer.state == str(TimerState.CANCELLED),
+            sa.and_(timer.state == str(TimerState.FIRED), timer.dispatched_at.is_not(None)),
+        ),
     ).returning(timer.due_at)
 
 
