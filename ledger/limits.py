@@ -28,6 +28,10 @@ T = TypeVar("T")
 #: A rate limit's waiter wakes this much before its token is likely free (within the hold,
 #: which it then waits out in the worker): the timer loop and the broker take some time.
 WAKE_LEAD: Final = 0.1
+#: Seconds between two waiters of a concurrency limit of 1 waking (of a limit of n, a n-th
+#: of it): a contended key's waiters are let through at most 5 x limit a second, and a
+#: backlog of them costs that many looks a second, not one a second each.
+SLOT_SPACING: Final = 0.2
 
 
 def claimable(entry: Mapping[str, Any] | None, values: Mapping[str, Any], takeover: bool) -> bool:
@@ -276,9 +280,14 @@ class LimitLedger:
             due: float | None = conn.execute(queued).scalar_one_or_none()
             if due is not None:
                 return datetime.fromtimestamp(float(due), UTC)
-        counted = limit_queries.count_throttled(conn.dialect.name, busy.limit)
-        now = float(conn.execute(counted).scalar_one())
-        return datetime.fromtimestamp(now + busy.retry_in, UTC)
+        # A slot's waiters are lined up too: however many wait, a key is looked at a few
+        # times a second, never once a second by each of them.
+        spacing = SLOT_SPACING / (rules.slots.limit if rules.slots is not None else 1)
+        queued = limit_queries.queue_slot_waiter(
+            conn.dialect.name, busy.limit, busy.retry_in, spacing
+        )
+        due = float(conn.execute(queued).scalar_one())
+        return datetime.fromtimestamp(due, UTC)
 
     def _retrying(self, call: Callable[[], T]) -> T:
         return db.retry_while_unavailable(call, for_seconds=self.unavailable_for)

@@ -49,7 +49,7 @@ MIN_IN_FLIGHT_WAIT = 0.5
 #: Shortest and longest wait for a concurrency limit's slot, in seconds: its holder's lease
 #: may run much longer than its step, so a waiter looks again within the longest.
 MIN_SLOT_WAIT = 0.2
-MAX_SLOT_WAIT = 1.0
+MAX_SLOT_WAIT = 0.5
 #: What a call about one job of a batch may raise that concerns that job alone.
 _ONE_JOBS_ERRORS = (FingerprintMismatch, StepNotInJob, StatementRejected, LeaseLost)
 

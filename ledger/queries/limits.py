@@ -293,16 +293,20 @@ def queue_waiter(key: str, interval: float, tolerance: float, lead: float) -> sa
     )
 
 
-def count_throttled(dialect_name: str, key: str) -> Any:
-    """Count a concurrency limit's waiter; returns the database's clock (seconds since the
-    epoch)."""
+def queue_slot_waiter(dialect_name: str, key: str, first: float, spacing: float) -> Any:
+    """Give a concurrency limit's waiter its wake time: `first` seconds from now, or the next
+    place in line after the last waiter's (`spacing` on); count it throttled. Returns `due`
+    (seconds since the epoch)."""
+    now = db.epoch_now()
     insert = db.insert_for(dialect_name)(limit_keys).values(
-        key=key, granted=0, throttled=1, updated_at=db.utcnow()
+        key=key, wake_at=now + first + spacing, granted=0, throttled=1, updated_at=db.utcnow()
     )
+    row = limit_keys.c
+    wake = db.greatest(sa.func.coalesce(row.wake_at, 0.0), now + first)
     return insert.on_conflict_do_update(
-        index_elements=[limit_keys.c.key],
-        set_={"throttled": limit_keys.c.throttled + 1, "updated_at": db.utcnow()},
-    ).returning(db.epoch_now().label("now"))
+        index_elements=[row.key],
+        set_={"wake_at": wake + spacing, "throttled": row.throttled + 1, "updated_at": db.utcnow()},
+    ).returning((row.wake_at - spacing).label("due"))
 
 
 def set_limit_timer(

@@ -368,3 +368,20 @@ def test_the_limits_in_use_and_waiting_are_counted_for_people(
     provider = found["provider:stats"]
     assert (provider.kind, provider.in_use, provider.waiting) == (LimitKind.RATE, 2, 0)
     assert provider.granted_total == 2
+
+
+def test_a_slots_waiters_are_lined_up_not_polling_together(
+    engine: sa.Engine, store: JobStore
+) -> None:
+    # Given a customer's one slot held and four more of its jobs refused
+    rules = slots(1)
+    led, limits = ledger(engine), LimitLedger(engine=engine)
+    held, *waiting = jobs_of(store, "lena", 5)
+    claimed(claim(led, held, rules))
+
+    # When they wait
+    waits = [limits.wait(busy(claim(led, job, rules)), rules) for job in waiting]
+
+    # Then they wake one after another, a fifth of a second apart, the first within a second
+    gaps = [(b.due_at - a.due_at).total_seconds() for a, b in itertools.pairwise(waits)]
+    assert gaps == [pytest.approx(0.2, abs=0.01)] * 3
