@@ -171,6 +171,8 @@ def check_configured_limits(settings: Settings) -> None:
             raise ConfigError(
                 "ONCELERY_LIMITS", f"{name}: no such step (expected <pipeline>.<step>)"
             ) from None
+        if step.sleeps:
+            raise ConfigError("ONCELERY_LIMITS", f"{name}: a sleep step takes no limits")
         try:
             limits = effective_limits(step.limits, configured)
             check_limits(step.name, limits, items=hasattr(step, "each"))

@@ -243,3 +243,13 @@ def test_the_cli_exits_2_with_one_line_naming_the_variable() -> None:
     assert done.stderr.strip().splitlines() == [
         "error: ONCELERY_LIMITS: order-placed.shipping: no such step (expected <pipeline>.<step>)"
     ]
+
+
+def test_limits_for_a_sleep_step_are_refused_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    nap: Sleep[None] = Sleep("nap", seconds=1)
+    Pipeline(name="limits-test-nap", steps=[_step(), nap], resources=lambda _: None)
+    monkeypatch.setenv(
+        "ONCELERY_LIMITS", '{"limits-test-nap.nap": {"rate": {"key": "p", "per_second": 1}}}'
+    )
+    with pytest.raises(ConfigError, match="a sleep step takes no limits"):
+        check_configured_limits(load_settings())
