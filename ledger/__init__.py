@@ -35,6 +35,14 @@ from ledger.maps import MapLedger
 from ledger.migrations import current_revision, head_revision, upgrade
 from ledger.notices import OUTBOX_CHANNEL, Listener
 from ledger.outcomes import Failure
+from ledger.signals import (
+    NewSignal,
+    SignalConflict,
+    SignalLedger,
+    SignalOutcome,
+    SignalSent,
+    WokenJob,
+)
 from ledger.stats import Histogram, LedgerStats, Snapshot, StepTiming
 from ledger.step_ledger import StepLedger
 from ledger.step_ledger_postgres import PostgresStepLedger
@@ -67,6 +75,7 @@ from ledger.types import (
     Refused,
     Reopened,
     Settled,
+    SignalWait,
     StepEntry,
     StepEvent,
     StepResult,
@@ -124,6 +133,7 @@ __all__ = [
     "MapLedger",
     "NewItem",
     "NewJob",
+    "NewSignal",
     "OutcomeUnknown",
     "PostgresLimits",
     "PostgresStepLedger",
@@ -135,6 +145,11 @@ __all__ = [
     "Reopened",
     "SchemaMissing",
     "Settled",
+    "SignalConflict",
+    "SignalLedger",
+    "SignalOutcome",
+    "SignalSent",
+    "SignalWait",
     "Snapshot",
     "SqliteStepLedger",
     "StatementRejected",
@@ -150,6 +165,7 @@ __all__ = [
     "TimerState",
     "TimerStats",
     "UnfinishedStep",
+    "WokenJob",
     "create_engine",
     "current_revision",
     "first_reading",

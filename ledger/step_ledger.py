@@ -16,6 +16,7 @@ from ledger import db, queries
 from ledger.dead_letters import DeadLetterNote, write_dead_letter
 from ledger.errors import LeaseLost, LedgerError
 from ledger.outcomes import Failure, Record, answer, decode_claim, raised
+from ledger.signals import take_kept
 from ledger.types import (
     JSON,
     AlreadySucceeded,
@@ -29,6 +30,7 @@ from ledger.types import (
     Reading,
     ReadResult,
     Recorded,
+    SignalWait,
     StepResult,
     StepState,
     TimerKind,
@@ -156,15 +158,19 @@ class StepLedger:
         *,
         next_step: str | None,
         sleep_until: Sequence[datetime | timedelta] | None = None,
+        waits: Sequence[SignalWait | None] | None = None,
     ) -> list[Recorded | LedgerError]:
         """`record_success` for several claims of the same step (in one transaction on
         Postgres); for each, its record or the error `record_success` would have raised
         (`LeaseLost`, `StatementRejected`).
 
         Args:
-            sleep_until: `next_step` is a sleep step: each job's due time (a delay: from the
+            sleep_until: `next_step` is a wait step: each job's due time (a delay: from the
                 database's clock), its timer set in the transaction of its record (one
                 transaction per job).
+            waits: with `sleep_until`, for a wait for a signal: what each job waits for. A
+                signal kept for it already is taken in that transaction instead of setting
+                the timer (`ledger.signals.take_kept`; the record says `signalled`).
         """
         state = JobState.RUNNING if next_step is not None else JobState.SUCCEEDED
         records = [
@@ -179,15 +185,18 @@ class StepLedger:
         if sleep_until is None or next_step is None:
             return self._record_many(records)
         return [
-            answer(self._record_and_sleep, record, next_step, due)
-            for record, due in zip(records, sleep_until, strict=True)
+            answer(self._record_and_wait, record, next_step, due, wait)
+            for record, due, wait in zip(
+                records, sleep_until, waits or [None] * len(records), strict=True
+            )
         ]
 
-    def _record_and_sleep(
-        self, record: Record, sleep_step: str, due: datetime | timedelta
+    def _record_and_wait(
+        self, record: Record, wait_step: str, due: datetime | timedelta, wait: SignalWait | None
     ) -> Recorded:
-        """Record a success that moves its job to a sleep step, and set the job's timer, in
-        one transaction (the record's statements as on SQLite, on either database)."""
+        """Record a success that moves its job to a wait step, and set the job's timer (or
+        take the signal kept for it), in one transaction (the record's statements as on
+        SQLite, on either database)."""
         finish, event, advance = queries.record_statements(*record.shape)
         values = record.values()
         job_id = record.claim.job_id
@@ -198,23 +207,50 @@ class StepLedger:
                     return None
                 conn.execute(event, values)
                 state: str = conn.execute(advance, values).scalar_one()
-                if state == JobState.RUNNING:
-                    self._sleep(conn, job_id, sleep_step, due)
+                if state != JobState.RUNNING:
+                    return {"state": state}
+                taken = self._wait(conn, job_id, wait_step, due, wait)
+                if taken is not None:
+                    return {"state": taken, "signalled": True}
                 return {"state": state}
 
-        return self._recorded(record, self.retrying(attempt))
+        found = self.retrying(attempt)
+        recorded = self._recorded(record, found)
+        if found is not None and found.get("signalled"):
+            return Recorded(key=recorded.key, job_state=recorded.job_state, signalled=True)
+        return recorded
 
     @staticmethod
-    def _sleep(conn: Connection, job_id: UUID, step: str, due: datetime | timedelta) -> None:
-        """Set a job's sleep timer and say so in its history (in the caller's transaction)."""
+    def _wait(
+        conn: Connection,
+        job_id: UUID,
+        step: str,
+        due: datetime | timedelta,
+        wait: SignalWait | None = None,
+    ) -> JobState | None:
+        """In the caller's transaction, for a job that just reached wait `step`: take the
+        signal kept for it, if it waits for one and one is (the job's state after moving on
+        past the wait is returned); else set its timer and say so in its history (None)."""
+        if wait is not None:
+            taken = take_kept(conn, job_id, step, wait)
+            if taken is not None:
+                return taken[0]
         dialect = conn.dialect.name
+        kind = TimerKind.SLEEP if wait is None else TimerKind.SIGNAL_TIMEOUT
+        signal = (wait.signal, wait.key) if wait is not None else None
         due_at: datetime | None = conn.execute(
-            queries.insert_timer(dialect, job_id, step, TimerKind.SLEEP, due)
+            queries.insert_timer(dialect, job_id, step, kind, due, signal)
         ).scalar_one_or_none()
         if due_at is None:  # set already, by an earlier commit of this record
-            return
-        until: JSON = {"until": db.as_utc(due_at).isoformat()}
-        conn.execute(queries.append_event(job_id, step, EventKind.SLEEPING, detail=until))
+            return None
+        until = db.as_utc(due_at).isoformat()
+        if wait is None:
+            detail: JSON = {"until": until}
+            conn.execute(queries.append_event(job_id, step, EventKind.SLEEPING, detail=detail))
+        else:
+            detail = {"signal": wait.signal, "key": wait.key, "until": until}
+            conn.execute(queries.append_event(job_id, step, EventKind.WAITING, detail=detail))
+        return None
 
     def record_and_claim_next_steps(
         self, done: Sequence[StepResult], *, next_step: str, takeover_expired: bool = True
@@ -366,14 +402,17 @@ class StepLedger:
         *,
         next_step: str | None,
         sleep_until: datetime | timedelta | None = None,
+        wait: SignalWait | None = None,
     ) -> JobState:
         """Give a job the result recorded under its step's key and move it on.
 
         Usually the same business request arrived twice (two events for one order): the second
         job reuses the first one's result instead of acting again. It is also how a job whose
         key succeeded but which never moved on (a replay of a step that had in fact succeeded)
-        catches up. `sleep_until`: `next_step` is a sleep step, its timer due then (set in
-        the same transaction).
+        catches up. `sleep_until`: `next_step` is a wait step, its timer due then (set in
+        the same transaction; `wait`: what it waits for, see `record_successes`; a signal
+        kept for it moves it on at once, its next step then published by the signals'
+        outbox, `SignalLedger.take_unsent`).
         """
         adopt = queries.move_on_with_result(outcome.job_id, outcome.step, outcome.result, next_step)
         kind = EventKind.DUPLICATE if outcome.recorded_for_this_job else EventKind.DEDUPLICATED
@@ -388,7 +427,8 @@ class StepLedger:
                     return None
                 conn.execute(event)
                 if sleep_until is not None and next_step is not None and adopted == "running":
-                    self._sleep(conn, outcome.job_id, next_step, sleep_until)
+                    taken = self._wait(conn, outcome.job_id, next_step, sleep_until, wait)
+                    return taken or JobState(adopted)
                 return JobState(adopted)
 
         state = self.retrying(attempt)

@@ -1,8 +1,9 @@
 """`TimerLedger`: durable timers. A timer is set in the transaction that moves its job to
 the waiting step (`StepLedger.record_successes(…, sleep_until=…)`); the timer loop fires the
 due ones, each by one compare-and-set in the transaction that moves its job on, leaving the
-next step's publish in the outbox (`dispatched_at` NULL) until it is sent. Must not import
-celery, kombu, jobs or config."""
+next step's publish in the outbox (`dispatched_at` NULL) until it is sent. A wait for a
+signal has a timer too: its firing is the timeout's side of the race (`ledger.signals`). Must
+not import celery, kombu, jobs or config."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from sqlalchemy.engine import Connection, Engine
 from ledger import db, queries
 from ledger.dead_letters import DeadLetterNote, write_dead_letter
 from ledger.queries import timers as timer_queries
+from ledger.signals import timeout_result
 from ledger.types import JSON, DeadLetterReason, EventKind, JobState, TimerKind
 
 #: Where `TimerStats.pending` splits the pending timers by due time, in seconds from now
@@ -130,11 +132,11 @@ class TimerLedger:
                     self._dead_letter(conn, timer, exc)
                     continue
                 late = max(0.0, (fired_at - due_at).total_seconds())
-                woke: JSON = {
-                    "due_at": due_at.isoformat(),
-                    "fired_at": fired_at.isoformat(),
-                    "late_ms": round(late * 1000, 1),
-                }
+                woke: JSON
+                if timer.kind is TimerKind.SIGNAL_TIMEOUT:
+                    woke, kind = timeout_result(due_at, fired_at), EventKind.TIMED_OUT
+                else:
+                    woke, kind = _woke(due_at, fired_at, late), EventKind.WOKE
                 move = queries.move_on_with_result(row.job_id, row.step, woke, next_step)
                 state: str | None = conn.execute(move).scalar_one_or_none()
                 if state is None:
@@ -142,9 +144,7 @@ class TimerLedger:
                     # nowhere, nothing to publish.
                     nothing_to_send.append(row.id)
                     continue
-                conn.execute(
-                    queries.append_event(row.job_id, row.step, EventKind.WOKE, detail=woke)
-                )
+                conn.execute(queries.append_event(row.job_id, row.step, kind, detail=woke))
                 if next_step is None or JobState(state) is not JobState.RUNNING:
                     nothing_to_send.append(row.id)
                     continue
@@ -214,6 +214,15 @@ class TimerLedger:
             late_p99=_quantile(late, 0.99),
             late_max=late[-1] if late else None,
         )
+
+
+def _woke(due_at: datetime, fired_at: datetime, late: float) -> JSON:
+    """A sleep's result: when it was due, when it fired, how late."""
+    return {
+        "due_at": due_at.isoformat(),
+        "fired_at": fired_at.isoformat(),
+        "late_ms": round(late * 1000, 1),
+    }
 
 
 def _quantile(ordered: Sequence[float], q: float) -> float | None:

@@ -15,7 +15,7 @@ from jobs.engine.crashpoints import Crasher
 from jobs.engine.leases import LeaseKeeper
 from jobs.pipelines import Pipeline, Step, registry
 from jobs.retry import RetryPolicy, effective_policy
-from ledger import JobStore, MapLedger, StepLedger, TimerLedger, create_engine
+from ledger import JobStore, MapLedger, SignalLedger, StepLedger, TimerLedger, create_engine
 
 
 @dataclass
@@ -33,6 +33,7 @@ class Runtime:
     _leases: LeaseKeeper | None = None
     _maps: MapLedger | None = None
     _timers: TimerLedger | None = None
+    _signals: SignalLedger | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, *, engine: Engine | None = None) -> Runtime:
@@ -86,6 +87,15 @@ class Runtime:
         if self._timers is None:
             self._timers = TimerLedger(engine=self.engine)
         return self._timers
+
+    @property
+    def signals(self) -> SignalLedger:
+        """This process's ledger of signals (on the same engine)."""
+        if self._signals is None:
+            self._signals = SignalLedger(
+                engine=self.engine, unavailable_for=self.ledger.unavailable_for
+            )
+        return self._signals
 
     def resources_for(self, pipeline: Pipeline[object]) -> object:
         """The pipeline's resources in this process, built on first use."""

@@ -45,18 +45,24 @@ def due_or_error(
         return {"type": type(exc).__name__, "message": str(exc)[:2000], "retryable": False}
 
 
-def _route(timer: DueTimer) -> str | None:
-    """The step a fired sleep moves its job to (None: the sleep was the last step).
+def step_after(pipeline: str, step: str) -> str | None:
+    """The step a job of `pipeline` moves on to when its wait at `step` ends (None: the wait
+    was the last step).
 
     Raises:
-        LookupError: the pipeline (redeclared since) has no such step: the ledger
-            dead-letters the job rather than block the loop on it.
+        LookupError: the pipeline (redeclared since) has no such step.
     """
     try:
-        following: Step[object] | None = registry.get(timer.pipeline).next_step(timer.step)
+        following: Step[object] | None = registry.get(pipeline).next_step(step)
     except (UnknownPipeline, ValueError):
-        raise LookupError(f"pipeline {timer.pipeline!r} has no step {timer.step!r}") from None
+        raise LookupError(f"pipeline {pipeline!r} has no step {step!r}") from None
     return following.name if following is not None else None
+
+
+def _route(timer: DueTimer) -> str | None:
+    """The step a fired timer moves its job to: a `LookupError` (see `step_after`)
+    dead-letters the job rather than block the loop on it."""
+    return step_after(timer.pipeline, timer.step)
 
 
 def fire_round(rt: Runtime, dispatch: Dispatch, *, limit: int = FIRE_BATCH) -> int:

@@ -20,11 +20,17 @@ _FIRED = str(TimerState.FIRED)
 
 
 def insert_timer(
-    dialect_name: str, job_id: UUID, step: str, kind: TimerKind, due: datetime | timedelta
+    dialect_name: str,
+    job_id: UUID,
+    step: str,
+    kind: TimerKind,
+    due: datetime | timedelta,
+    signal: tuple[str, str] | None = None,
 ) -> Any:
     """Set a job's timer for `step`, due at a time or after a delay from the database's
-    clock; nothing if it has one of that kind already (a record repeated after an ambiguous
-    commit). Returns its due time when set."""
+    clock (a wait for a signal: with the signal's name and key); nothing if it has one of
+    that kind already (a record repeated after an ambiguous commit). Returns its due time
+    when set."""
     due_at = db.utcnow_plus(db.seconds(due.total_seconds())) if isinstance(due, timedelta) else due
     insert = db.insert_for(dialect_name)(timers).values(
         job_id=job_id,
@@ -33,6 +39,8 @@ def insert_timer(
         state=_PENDING,
         due_at=due_at,
         created_at=db.utcnow(),
+        signal=signal[0] if signal else None,
+        signal_key=signal[1] if signal else None,
     )
     conflict = insert.on_conflict_do_nothing(index_elements=["job_id", "step", "kind"])
     return conflict.returning(timers.c.due_at)
