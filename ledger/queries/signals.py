@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from ledger import db
 from ledger.queries.common import ACTIVE, json_value
+from ledger.queries.timers import taken
 from ledger.schema import jobs, signals, timers
 from ledger.types import JSON, TimerKind, TimerState
 
@@ -153,11 +154,12 @@ def take_unsent(dialect_name: str, older_than: float, limit: int) -> sa.Update:
         .order_by(signals.c.consumed_at)
         .limit(limit)
     )
-    if dialect_name == "postgresql":
-        unsent = unsent.with_for_update(skip_locked=True)
     return (
         sa.update(signals)
-        .where(signals.c.id.in_(unsent.scalar_subquery()), signals.c.dispatched_at.is_(None))
+        .where(
+            signals.c.id.in_(taken(dialect_name, unsent, signals)),
+            signals.c.dispatched_at.is_(None),
+        )
         .values(dispatched_at=db.utcnow())
         .returning(signals.c.id, signals.c.job_id)
     )

@@ -62,11 +62,9 @@ def fire_due(dialect_name: str, limit: int, pipelines: Sequence[str]) -> sa.Upda
         .order_by(timers.c.due_at)
         .limit(limit)
     )
-    if dialect_name == "postgresql":
-        due = due.with_for_update(skip_locked=True, of=timers)
     return (
         sa.update(timers)
-        .where(timers.c.id.in_(due.scalar_subquery()), timers.c.state == _PENDING)
+        .where(timers.c.id.in_(taken(dialect_name, due, timers)), timers.c.state == _PENDING)
         .values(state=_FIRED, fired_at=db.utcnow())
         .returning(
             timers.c.id,
@@ -77,6 +75,17 @@ def fire_due(dialect_name: str, limit: int, pipelines: Sequence[str]) -> sa.Upda
             timers.c.fired_at,
         )
     )
+
+
+def taken(dialect_name: str, chosen: sa.Select[Any], table: sa.Table) -> sa.Select[Any]:
+    """The ids `chosen` selects, for an UPDATE to take: on Postgres its rows locked, SKIP
+    LOCKED, in a materialized CTE read once. As a plain `IN (subquery)` the planner may run
+    the subquery again for each row the UPDATE scans (a semi join), each run locking the next
+    `LIMIT` rows: one round of the timer loop took every due timer, whatever its limit."""
+    if dialect_name != "postgresql":
+        return chosen
+    locked = chosen.with_for_update(skip_locked=True, of=table).cte("taken")
+    return sa.select(locked.prefix_with("MATERIALIZED").c.id)
 
 
 def select_waiting_jobs(job_ids: Sequence[UUID]) -> sa.Select[Any]:
@@ -123,11 +132,12 @@ def take_unsent(
         .order_by(timers.c.fired_at)
         .limit(limit)
     )
-    if dialect_name == "postgresql":
-        unsent = unsent.with_for_update(skip_locked=True, of=timers)
     return (
         sa.update(timers)
-        .where(timers.c.id.in_(unsent.scalar_subquery()), timers.c.dispatched_at.is_(None))
+        .where(
+            timers.c.id.in_(taken(dialect_name, unsent, timers)),
+            timers.c.dispatched_at.is_(None),
+        )
         .values(dispatched_at=db.utcnow())
         .returning(timers.c.id, timers.c.job_id)
     )

@@ -263,6 +263,20 @@ def test_two_loops_racing_fire_each_timer_once(
         assert dict(states.all()) == {"fired": count}
 
 
+def test_a_round_fires_at_most_its_limit(runtime: Runtime) -> None:
+    """On Postgres, an `IN (… LIMIT n FOR UPDATE SKIP LOCKED)` the planner ran once per row
+    scanned fired every due timer in one round, whatever the limit."""
+    pipeline, dispatch = sleeping(seconds=0.0), RecordingDispatch()
+    job_ids = [start(runtime, pipeline) for _ in range(12)]
+    run_steps(runtime, dispatch, pipeline, pipeline.step("first"), job_ids)  # type: ignore[arg-type]
+
+    assert fire_round(runtime, dispatch, limit=5) == 5
+    assert len(dispatch.sent) == 5
+    with runtime.engine.connect() as conn:
+        states = conn.execute(sa.select(timers.c.state, sa.func.count()).group_by(timers.c.state))
+        assert dict(states.all()) == {"fired": 5, "pending": 7}
+
+
 def _own_runtime(database_url: str, tmp_path: Path) -> Runtime:
     settings = settings_for(database_url=database_url, broker_url=None, data_dir=tmp_path)
     engine = create_engine(database_url)
