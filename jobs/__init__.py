@@ -12,7 +12,7 @@ from jobs.maps import Expand, ItemContext, MapPolicy, MapStep
 from jobs.pipelines import Delivery, Pipeline, Step, StepContext
 from jobs.retry import RetryPolicy
 from jobs.signals import InvalidSignal
-from jobs.waits import Sleep
+from jobs.waits import Sleep, WaitForSignal
 from ledger import EventConflict, SignalConflict, SignalOutcome
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ __all__ = [
     "StepContext",
     "TransientError",
     "UnknownPipeline",
+    "WaitForSignal",
     "app",
     "enqueue",
     "exactly_once",

@@ -222,6 +222,11 @@ class SignalLedger:
                 if job.current_step is not None
             ]
 
+    def kept(self, name: str, keys: Sequence[str]) -> int:
+        """How many signals of `name` for `keys` no wait has taken."""
+        with db.transaction(self.engine) as conn:
+            return int(conn.execute(signal_queries.count_kept(name, keys)).scalar_one())
+
     def counts(self) -> tuple[int, int]:
         """(signals kept for a wait to come, active jobs waiting for a signal)."""
         with db.transaction(self.engine) as conn:

@@ -23,10 +23,10 @@ from jobs.engine.run_state import (
     message_of,
     takes_over,
 )
-from jobs.engine.timers import due_or_error
+from jobs.engine.timers import wait_or_error
 from jobs.maps import is_map
 from jobs.pipelines import Delivery, Step
-from jobs.waits import Sleep
+from jobs.waits import Wait
 from ledger import (
     JSON,
     Claim,
@@ -39,6 +39,7 @@ from ledger import (
     Reading,
     ReadResult,
     Recorded,
+    SignalWait,
     StatementRejected,
     StepResult,
 )
@@ -55,7 +56,8 @@ def record(
     """Record the stage's successes, moving their jobs to `following`.
 
     Returns each job's outcome (by place in the run), and the jobs that go on to
-    `following` (place in the run, job id), to be handed on.
+    `following` (place in the run, job id), to be handed on — or, when `following` is a
+    wait, the jobs a kept signal moved past it at once, to hand on to the step after it.
     """
     rt = run.rt
     answers = _recorded(run, acted, following)
@@ -68,7 +70,8 @@ def record(
             continue
         logger.info("step succeeded", extra={"action": "succeeded", **log_fields(each.held)})
         rt.crash(CrashPoint.AFTER_RECORD, step.name, each.job_id)
-        if following is not None and answer.job_state is JobState.RUNNING:
+        waits = isinstance(following, Wait) and not answer.signalled
+        if following is not None and answer.job_state is JobState.RUNNING and not waits:
             going_on.append((each.index, each.job_id))
         outcomes[each.index] = Outcome.SUCCEEDED
     return outcomes, going_on
@@ -84,8 +87,8 @@ def _recorded(
     claimed = [each for each in acted if isinstance(each.done, StepResult)]
     read = [each for each in acted if isinstance(each.done, ReadResult)]
     answers: dict[int, Recorded | LedgerError | None] = {}
-    if claimed and isinstance(following, Sleep):
-        answers.update(_recorded_into_sleep(run, claimed, following))
+    if claimed and isinstance(following, Wait):
+        answers.update(_recorded_into_wait(run, claimed, following))
     elif claimed:
         done = [each.done for each in claimed if isinstance(each.done, StepResult)]
         records = ledger.record_successes(done, next_step=next_step)
@@ -99,44 +102,47 @@ def _recorded(
     return answers
 
 
-def _recorded_into_sleep(
-    run: Run, claimed: list[Acted], sleep: Sleep[object]
+def _recorded_into_wait(
+    run: Run, claimed: list[Acted], wait: Wait[object]
 ) -> dict[int, Recorded | LedgerError]:
-    """Record successes that move their jobs to a sleep step, each with its timer in the
-    same transaction. A job whose due time cannot be told (its `until` field is not a time)
-    is recorded without one and dead-lettered at the sleep step."""
+    """Record successes that move their jobs to a wait step, each with its timer (or the
+    signal kept for it) in the same transaction. A job whose due time or signal key cannot
+    be told (its `until` field is not a time, say) is recorded without and dead-lettered at
+    the wait step."""
     ledger = run.rt.ledger
-    timed: list[tuple[Acted, StepResult, datetime | timedelta]] = []
+    after = run.pipeline.next_step(wait.name)
+    then = after.name if after is not None else None
+    timed: list[tuple[Acted, StepResult, datetime | timedelta, SignalWait | None]] = []
     untimed: list[tuple[Acted, StepResult, dict[str, JSON]]] = []
     for each in claimed:
         done = each.done
         assert isinstance(done, StepResult)
         results = {**done.claim.results, done.claim.step: done.result}
-        due = due_or_error(sleep, done.claim.context, results)
-        if isinstance(due, datetime | timedelta):
-            timed.append((each, done, due))
+        found = wait_or_error(wait, done.claim.context, results, then)
+        if isinstance(found, tuple):
+            timed.append((each, done, *found))
         else:
-            untimed.append((each, done, due))
+            untimed.append((each, done, found))
     answers: dict[int, Recorded | LedgerError] = {}
     if timed:
         records = ledger.record_successes(
-            [done for _, done, _ in timed],
-            next_step=sleep.name,
-            sleep_until=[due for _, _, due in timed],
+            [done for _, done, _, _ in timed],
+            next_step=wait.name,
+            sleep_until=[due for _, _, due, _ in timed],
+            waits=[signal for _, _, _, signal in timed],
         )
-        answers.update(zip([each.index for each, _, _ in timed], records, strict=True))
+        answers.update(zip([each.index for each, _, _, _ in timed], records, strict=True))
     for each, done, error in untimed:
-        [recorded] = ledger.record_successes([done], next_step=sleep.name)
+        [recorded] = ledger.record_successes([done], next_step=wait.name)
         answers[each.index] = recorded
         if isinstance(recorded, Recorded) and recorded.job_state is JobState.RUNNING:
             logger.error(
-                "sleep step cannot tell when to wake: %s",
+                "wait step cannot tell when or what for: %s",
                 message_of(error),
-                extra={"action": "dead_letter", "job_id": each.job_id, "step": sleep.name},
+                extra={"action": "dead_letter", "job_id": each.job_id, "step": wait.name},
             )
-            ledger.dead_letter(
-                done.claim.job_id, sleep.name, error, reason=DeadLetterReason.PERMANENT
-            )
+            reason = DeadLetterReason.PERMANENT
+            ledger.dead_letter(done.claim.job_id, wait.name, error, reason=reason)
     return answers
 
 

@@ -1,6 +1,6 @@
 """The timer loop: fires due timers (`ledger.timers`), each once, moving its job past its
-sleep step and publishing the next step after the commit; the sweeper resends a firing whose
-publish was lost. Also when a job reaching a sleep step is due."""
+wait step and publishing the next step after the commit; the sweeper resends a firing whose
+publish was lost. Also when a job reaching a wait step is due, and what it waits for."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from jobs.engine.dispatch import Dispatch, SendsMany
 from jobs.engine.runtime import Runtime
 from jobs.errors import UnknownPipeline
 from jobs.pipelines import Step, registry
-from jobs.waits import Sleep
-from ledger import JSON, DueTimer, FiredTimer
+from jobs.waits import Wait
+from ledger import JSON, DueTimer, FiredTimer, SignalWait
 
 logger = logging.getLogger(__name__)
 
@@ -34,14 +34,15 @@ EMBEDDED_POLL_INTERVAL: Final = 1.0
 _BACKOFF: Final = 2.0
 
 
-def due_or_error(
-    sleep: Sleep[object], context: Mapping[str, JSON], results: Mapping[str, JSON]
-) -> datetime | timedelta | dict[str, JSON]:
-    """When a job reaching `sleep` now wakes, or why that cannot be said (its `until` field
-    missing or not a time: an error for the job's dead letter)."""
+def wait_or_error(
+    wait: Wait[object], context: Mapping[str, JSON], results: Mapping[str, JSON], then: str | None
+) -> tuple[datetime | timedelta, SignalWait | None] | dict[str, JSON]:
+    """When a job reaching `wait` now times out and what signal it waits for (`then`: the
+    step after the wait), or why that cannot be said (a field missing or not a time, a
+    function that raised: an error for the job's dead letter)."""
     try:
-        return sleep.due(context, results)
-    except Exception as exc:  # noqa: BLE001 - a user's `until` may raise anything
+        return wait.due(context, results), wait.signal_wait(context, then)
+    except Exception as exc:  # noqa: BLE001 - a user's `until`, `timeout` or key may raise anything
         return {"type": type(exc).__name__, "message": str(exc)[:2000], "retryable": False}
 
 

@@ -14,7 +14,15 @@ from prometheus_client.registry import Collector
 
 from jobs.engine.runtime import Runtime
 from jobs.worker.queues import queue_depths
-from ledger import EventKind, Histogram, ItemState, LedgerStats, MalformedMessages, TimerLedger
+from ledger import (
+    EventKind,
+    Histogram,
+    ItemState,
+    LedgerStats,
+    MalformedMessages,
+    SignalLedger,
+    TimerLedger,
+)
 from ledger.map_views import MapViews
 
 #: Histograms cover this many recent seconds.
@@ -33,6 +41,7 @@ class LedgerCollector(Collector):
         self.malformed = MalformedMessages(engine=rt.engine)
         self.maps = MapViews(engine=rt.engine)
         self.timers = TimerLedger(engine=rt.engine)
+        self.signals = SignalLedger(engine=rt.engine)
         self.app = app
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
@@ -63,6 +72,7 @@ class LedgerCollector(Collector):
         yield self._malformed()
         yield from self._maps()
         yield from self._timers()
+        yield from self._signals()
         yield _histogram(
             "oncelery_schedule_to_start_seconds",
             "Seconds from a job's creation to its first claim (jobs started in the last hour).",
@@ -115,6 +125,19 @@ class LedgerCollector(Collector):
         if found.late_max is not None:
             lateness.add_metric(["1"], found.late_max)
         yield lateness
+
+    def _signals(self) -> Iterator[GaugeMetricFamily]:
+        kept, waiting = self.signals.counts()
+        yield GaugeMetricFamily(
+            "oncelery_jobs_waiting_for_signals",
+            "Active jobs waiting for a signal (a wait step; its timeout is a timer too).",
+            value=waiting,
+        )
+        yield GaugeMetricFamily(
+            "oncelery_signals_kept",
+            "Signals no wait has taken yet (sent before any job waited for them).",
+            value=kept,
+        )
 
     def _maps(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         # Labelled by pipeline and step only: never a job or an item (a map may have 100,000).

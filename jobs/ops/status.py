@@ -8,7 +8,7 @@ from celery import Celery
 from rich.table import Table
 
 from jobs.worker.queues import queue_depths
-from ledger import JSON, LedgerStats, TimerLedger
+from ledger import JSON, LedgerStats, SignalLedger, TimerLedger
 from ledger.map_views import MapViews
 
 
@@ -37,7 +37,15 @@ def status_view(stats: LedgerStats, app: Celery, *, window: float) -> dict[str, 
         "events": {str(kind): count for kind, count in snapshot.events.items()},
         "maps": maps_in_progress(MapViews(engine=stats.engine)),
         "timers": timers_view(TimerLedger(engine=stats.engine)),
+        "signals": signals_view(SignalLedger(engine=stats.engine)),
     }
+
+
+def signals_view(signals: SignalLedger) -> dict[str, JSON]:
+    """Jobs waiting for a signal (each also counts among the jobs waiting on timers: its
+    timeout), and signals kept for a wait that has not come yet."""
+    kept, waiting = signals.counts()
+    return {"waiting_jobs": waiting, "kept": kept}
 
 
 def timers_view(timers: TimerLedger) -> dict[str, JSON]:
@@ -87,6 +95,10 @@ def status_table(view: dict[str, JSON]) -> Table:
     assert isinstance(pending, dict)
     table.add_row("jobs waiting on timers", str(timers["waiting_jobs"]))
     table.add_row("timers pending", " · ".join(f"{n} {due}" for due, n in pending.items()))
+    signals = view["signals"]
+    assert isinstance(signals, dict)
+    table.add_row("jobs waiting for signals", str(signals["waiting_jobs"]))
+    table.add_row("signals kept (no wait yet)", str(signals["kept"]))
     table.add_row(
         "timer lateness (5 min)",
         f"{timers['fired_last_5m']} fired · p50 {timers['lateness_p50_seconds']} s · "

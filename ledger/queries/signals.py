@@ -165,9 +165,14 @@ def take_unsent(dialect_name: str, older_than: float, limit: int) -> sa.Update:
     )
 
 
-def count_kept() -> sa.Select[Any]:
-    """Signals no wait has taken (yet)."""
-    return sa.select(sa.func.count()).where(signals.c.consumed_at.is_(None))
+def count_kept(name: str | None = None, keys: Sequence[str] | None = None) -> sa.Select[Any]:
+    """Signals no wait has taken (yet): all, or those of `name` for `keys`."""
+    query = sa.select(sa.func.count()).where(signals.c.consumed_at.is_(None))
+    if name is not None:
+        query = query.where(signals.c.name == name)
+    if keys is not None:
+        query = query.where(signals.c.key.in_(list(keys)))
+    return query
 
 
 def count_waiting_for_signals() -> sa.Select[Any]:
