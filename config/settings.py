@@ -186,6 +186,9 @@ class Settings(BaseSettings):
     #: Seconds after which a job whose first step never reached the broker is sent by the
     #: relay (the API process and every sweep run it).
     relay_after: float = Field(default=5.0, gt=0, le=86_400)
+    #: `order-fulfilment`: seconds an order waits for its `shipped` signal before the
+    #: customer is sent a reminder instead (read when the order reaches its wait).
+    ship_reminder_after: float = Field(default=3 * 86_400.0, gt=0, le=365 * 86_400)
     #: The HTTP intake's Postgres connections: seconds to connect, seconds a statement may
     #: run, seconds of silence before TCP keepalive probes (a hung or vanished server then
     #: fails requests with 503 instead of holding them).

@@ -104,8 +104,12 @@ def test_effects_report_has_the_contract_shape(sandbox: SandboxClient) -> None:
         "service",
         "crawl_id",
         "body",
+        "template",
     }
     assert effect["idempotency_key"] == "order:o-1:charge"
+    assert effect["template"] is None
+    _notify(sandbox, "o-1", "order:o-1:notify")
+    assert sandbox.effects(kind="notification")[0]["template"] is not None
 
 
 def test_effects_filter_by_kind_and_order(sandbox: SandboxClient) -> None:

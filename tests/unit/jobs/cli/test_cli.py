@@ -85,6 +85,7 @@ CASES = {
     "deep-json": Case(("enqueue", "{file}"), file_text="[" * 100_000),
     "demo-unknown-pipeline": Case(("demo", "--pipeline", "nope")),
     "demo-crawl-declined": Case(("demo", "--pipeline", "places-crawl", "--declined-rate", "0.1")),
+    "demo-reminder-elsewhere": Case(("demo", "--reminder-after", "5")),
     "crawl-bad-radius": Case(
         ("enqueue", "--pipeline", "places-crawl", "{file}"),
         file_text='{"event_id": "c1", "crawl_id": "c1", "lat": 48.5, "lng": 2.1, '
@@ -266,6 +267,7 @@ def test_demo_names_a_pipeline_it_cannot_run_and_a_crawl_option_that_makes_no_se
 ) -> None:
     assert_bad_input(runs["demo-unknown-pipeline"], "--pipeline", "'nope'", "places-crawl")
     assert_bad_input(runs["demo-crawl-declined"], "--declined-rate")
+    assert_bad_input(runs["demo-reminder-elsewhere"], "--reminder-after", "order-fulfilment")
 
 
 def test_enqueue_of_a_bad_crawl_names_the_line_and_field_and_enqueues_nothing(
