@@ -201,17 +201,19 @@ class SignalLedger:
             with db.single_statement(self.engine) as conn:
                 conn.execute(signal_queries.undo_sent(signal_rows))
 
-    def take_unsent(self, *, older_than: float, limit: int) -> list[tuple[int, UUID, str, str]]:
-        """Take signals whose job's next step was not confirmed sent for `older_than` seconds,
-        marked sent from now on (`undo_sent` if the send fails): (signal row, job id,
-        pipeline, step to send) for each whose job is still active."""
+    def take_unsent(
+        self, *, older_than: float, limit: int, pipelines: Sequence[str]
+    ) -> list[tuple[int, UUID, str, str]]:
+        """Take signals whose job (of `pipelines`) had its next step not confirmed sent for
+        `older_than` seconds, marked sent from now on (`undo_sent` if the send fails): (signal
+        row, job id, pipeline, step to send) for each whose job is still active."""
         with db.transaction(self.engine) as conn:
+            dialect = conn.dialect.name
             taken = {
                 row.job_id: row.id
                 for row in conn.execute(
-                    signal_queries.take_unsent(conn.dialect.name, older_than, limit)
+                    signal_queries.take_unsent(dialect, older_than, limit, pipelines)
                 )
-                if row.job_id is not None
             }
             if not taken:
                 return []

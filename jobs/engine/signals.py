@@ -60,11 +60,12 @@ def resend_unsent_signals(rt: Runtime, dispatch: Dispatch) -> int:
     """Send again the next step of jobs a signal moved on whose publish was not confirmed
     within `relay_after` seconds (their sender died between its commit and the publish); how
     many were sent. A copy that was not lost after all is absorbed by the ledger."""
-    taken = rt.signals.take_unsent(older_than=rt.settings.relay_after, limit=FIRE_BATCH)
+    pipelines = [pipeline.name for pipeline in registry]
+    taken = rt.signals.take_unsent(
+        older_than=rt.settings.relay_after, limit=FIRE_BATCH, pipelines=pipelines
+    )
     failed: list[int] = []
     for signal_row, job_id, pipeline, step in taken:
-        if pipeline not in registry:
-            continue  # not ours to send: no declaration of its steps here
         try:
             dispatch.send(pipeline, step, str(job_id), resend=True)
         except Exception as exc:  # noqa: BLE001 - back in the outbox for the next sweep

@@ -102,7 +102,7 @@ class LedgerCollector(Collector):
         found = self.timers.stats()
         yield GaugeMetricFamily(
             "oncelery_jobs_waiting_on_timers",
-            "Active jobs waiting for a timer (a sleep step).",
+            "Active jobs waiting for a timer (a sleep step, or a wait for a signal's timeout).",
             value=found.waiting_jobs,
         )
         pending = GaugeMetricFamily(

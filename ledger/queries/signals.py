@@ -140,16 +140,20 @@ def undo_sent(signal_rows: Sequence[int]) -> sa.Update:
     return sa.update(signals).where(signals.c.id.in_(list(signal_rows))).values(dispatched_at=None)
 
 
-def take_unsent(dialect_name: str, older_than: float, limit: int) -> sa.Update:
-    """Take signals whose job's next step was not known to reach the broker for `older_than`
-    seconds after they moved it on (the sender died between its commit and the publish),
-    marking them sent; returns their jobs, to send again."""
+def take_unsent(
+    dialect_name: str, older_than: float, limit: int, pipelines: Sequence[str]
+) -> sa.Update:
+    """Take signals whose job (of `pipelines`) had its next step not known to reach the broker
+    for `older_than` seconds after they moved it on (the sender died between its commit and
+    the publish), marking them sent; returns their jobs, to send again."""
     unsent = (
         sa.select(signals.c.id)
+        .join(jobs, jobs.c.id == signals.c.job_id)
         .where(
             signals.c.consumed_at.is_not(None),
             signals.c.dispatched_at.is_(None),
             signals.c.consumed_at < db.utcnow_plus(db.seconds(-older_than)),
+            jobs.c.pipeline.in_(list(pipelines)),
         )
         .order_by(signals.c.consumed_at)
         .limit(limit)
