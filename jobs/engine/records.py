@@ -146,20 +146,21 @@ def _recorded_into_wait(
     return answers
 
 
-def hand_on(run: Run, step: Step[object], following: Step[object], job_ids: list[str]) -> None:
+def hand_on(run: Run, step: Step[object], following: Step[object], job_ids: list[str]) -> list[str]:
     """Publish the next step of recorded jobs: together when there are several (one wait for
     the broker's confirms); a job whose message the broker did not take waits for the
-    sweeper, its step recorded."""
+    sweeper, its step recorded. Returns those jobs."""
     if len(job_ids) == 1 or not isinstance(run.dispatch, SendsMany):
         for job_id in job_ids:
             run.dispatch_for(step, job_id).send(run.pipeline.name, following.name, job_id)
-        return
+        return []
     unsent = run.dispatch.send_many(run.pipeline.name, following.name, job_ids)
     for job_id in unsent:
         logger.warning(
             "next step not published; the sweeper will send it",
             extra={"action": "send_failed", "job_id": job_id, "step": following.name},
         )
+    return unsent
 
 
 def record_and_claim(

@@ -253,8 +253,10 @@ def _record(run: Run, step: Step[object], acted: list[Acted]) -> list[Stage]:
         after = run.pipeline.next_step(following.name)
         if after is not None and signalled:
             job_ids = [job_id for _, job_id in signalled]
-            hand_on(run, step, after, job_ids)
-            run.rt.signals.mark_sent([UUID(job_id) for job_id in job_ids], following.name)
+            unsent = set(hand_on(run, step, after, job_ids))
+            # Those not sent stay in the signals' outbox, for the sweeper.
+            sent = [UUID(job_id) for job_id in job_ids if job_id not in unsent]
+            run.rt.signals.mark_sent(sent, following.name)
         _published(run, step, acted)
         return []
     if following is not None and run.rt.settings.fast_path:

@@ -26,6 +26,7 @@ pytestmark = [
     pytest.mark.skipif(
         not os.environ.get("TEST_FULFILMENT_CHAOS"), reason="opt-in: TEST_FULFILMENT_CHAOS=1"
     ),
+    pytest.mark.timeout(3600),
 ]
 
 ORDERS = int(os.environ.get("TEST_FULFILMENT_CHAOS_ORDERS", "1000"))
