@@ -10,9 +10,9 @@ from datetime import datetime, timedelta
 from typing import Any, ClassVar, TypeVar
 from uuid import UUID, uuid4
 
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
-from ledger import db, queries
+from ledger import db, queries, timed_records
 from ledger.dead_letters import DeadLetterNote, write_dead_letter
 from ledger.errors import LeaseLost, LedgerError
 from ledger.outcomes import Failure, Record, answer, decode_claim, raised
@@ -31,7 +31,6 @@ from ledger.types import (
     Recorded,
     StepResult,
     StepState,
-    TimerKind,
 )
 
 logger = logging.getLogger(__name__)
@@ -179,42 +178,9 @@ class StepLedger:
         if sleep_until is None or next_step is None:
             return self._record_many(records)
         return [
-            answer(self._record_and_sleep, record, next_step, due)
+            answer(timed_records.record_and_sleep, self, record, next_step, due)
             for record, due in zip(records, sleep_until, strict=True)
         ]
-
-    def _record_and_sleep(
-        self, record: Record, sleep_step: str, due: datetime | timedelta
-    ) -> Recorded:
-        """Record a success that moves its job to a sleep step, and set the job's timer, in
-        one transaction (the record's statements as on SQLite, on either database)."""
-        finish, event, advance = queries.record_statements(*record.shape)
-        values = record.values()
-        job_id = record.claim.job_id
-
-        def attempt() -> Mapping[str, Any] | None:
-            with db.transaction(self.engine) as conn:
-                if conn.execute(finish, record.finish_values()).one_or_none() is None:
-                    return None
-                conn.execute(event, values)
-                state: str = conn.execute(advance, values).scalar_one()
-                if state == JobState.RUNNING:
-                    self._sleep(conn, job_id, sleep_step, due)
-                return {"state": state}
-
-        return self._recorded(record, self.retrying(attempt))
-
-    @staticmethod
-    def _sleep(conn: Connection, job_id: UUID, step: str, due: datetime | timedelta) -> None:
-        """Set a job's sleep timer and say so in its history (in the caller's transaction)."""
-        dialect = conn.dialect.name
-        due_at: datetime | None = conn.execute(
-            queries.insert_timer(dialect, job_id, step, TimerKind.SLEEP, due)
-        ).scalar_one_or_none()
-        if due_at is None:  # set already, by an earlier commit of this record
-            return
-        until: JSON = {"until": db.as_utc(due_at).isoformat()}
-        conn.execute(queries.append_event(job_id, step, EventKind.SLEEPING, detail=until))
 
     def record_and_claim_next_steps(
         self, done: Sequence[StepResult], *, next_step: str, takeover_expired: bool = True
@@ -259,6 +225,8 @@ class StepLedger:
         """
         if failure.retry_in is None:
             return self._record_dead_letter(claim, failure)
+        if failure.retry_timer:
+            return timed_records.record_and_arm_retry(self, claim, failure, failure.retry_in)
         detail: JSON = {"error": failure.error, "retry_in": round(failure.retry_in, 3)}
         record = Record(
             claim,
@@ -388,7 +356,7 @@ class StepLedger:
                     return None
                 conn.execute(event)
                 if sleep_until is not None and next_step is not None and adopted == "running":
-                    self._sleep(conn, outcome.job_id, next_step, sleep_until)
+                    timed_records.set_sleep(conn, outcome.job_id, next_step, sleep_until)
                 return JobState(adopted)
 
         state = self.retrying(attempt)

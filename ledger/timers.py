@@ -54,6 +54,8 @@ class FiredTimer:
     next_step: str
     #: Seconds from its due time to its firing.
     late: float
+    #: A retry timer: `next_step` is `step`, sent again (on the retry queue: a repeat).
+    resend: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,9 +93,10 @@ class TimerLedger:
         transaction, claim each (`pending` → `fired`, SKIP LOCKED on Postgres; on SQLite the
         transaction holds the one write lock from its start), move its job from the waiting
         step to `route(timer)` (None: the job ends there) with the wait's times as the step's
-        result, and append `woke` to its history. The moves left to publish are returned and
-        stay in the outbox until `mark_sent`; a crash before that leaves them to
-        `take_unsent`.
+        result, and append `woke` to its history — or, for a retry timer, leave the job at
+        its step, to send again, and append `retry_due`. The moves left to publish are
+        returned and stay in the outbox until `mark_sent`; a crash before that leaves them
+        to `take_unsent`.
 
         `route` runs inside the transaction; a `LookupError` from it (the pipeline has no
         such step any more) dead-letters the job at its waiting step, any other error
@@ -109,51 +112,62 @@ class TimerLedger:
             nothing_to_send: list[int] = []
             for row in rows:
                 job = jobs[row.job_id]
-                due_at, fired_at = db.as_utc(row.due_at), db.as_utc(row.fired_at)
                 timer = DueTimer(
                     row.id,
                     row.job_id,
                     job.pipeline,
                     row.step,
                     TimerKind(row.kind),
-                    due_at,
-                    fired_at,
+                    db.as_utc(row.due_at),
+                    db.as_utc(row.fired_at),
                     job.context,
                     job.results,
                 )
-                try:
-                    next_step = route(timer)
-                except LookupError as exc:
-                    # The pipeline has no such step any more: a person must look (a timer
-                    # left pending would be taken again every round).
+                firing = self._fire(conn, timer, route)
+                if firing is None:
                     nothing_to_send.append(row.id)
-                    self._dead_letter(conn, timer, exc)
-                    continue
-                late = max(0.0, (fired_at - due_at).total_seconds())
-                woke: JSON = {
-                    "due_at": due_at.isoformat(),
-                    "fired_at": fired_at.isoformat(),
-                    "late_ms": round(late * 1000, 1),
-                }
-                move = queries.move_on_with_result(row.job_id, row.step, woke, next_step)
-                state: str | None = conn.execute(move).scalar_one_or_none()
-                if state is None:
-                    # The job is no longer at this wait (it never should be): fired, moved
-                    # nowhere, nothing to publish.
-                    nothing_to_send.append(row.id)
-                    continue
-                conn.execute(
-                    queries.append_event(row.job_id, row.step, EventKind.WOKE, detail=woke)
-                )
-                if next_step is None or JobState(state) is not JobState.RUNNING:
-                    nothing_to_send.append(row.id)
-                    continue
-                fired.append(
-                    FiredTimer(row.id, row.job_id, job.pipeline, row.step, next_step, late)
-                )
+                else:
+                    fired.append(firing)
             if nothing_to_send:
                 conn.execute(timer_queries.mark_sent(nothing_to_send))
         return fired
+
+    def _fire(
+        self, conn: Connection, timer: DueTimer, route: Callable[[DueTimer], str | None]
+    ) -> FiredTimer | None:
+        """Move one fired timer's job on (in the caller's transaction); what to publish,
+        or None when nothing is."""
+        late = max(0.0, (timer.fired_at - timer.due_at).total_seconds())
+        woke: JSON = {
+            "due_at": timer.due_at.isoformat(),
+            "fired_at": timer.fired_at.isoformat(),
+            "late_ms": round(late * 1000, 1),
+        }
+        job_id, step = timer.job_id, timer.step
+        if timer.kind is TimerKind.RETRY:
+            touched = conn.execute(timer_queries.touch_retrying(job_id, step)).one_or_none()
+            if touched is None:
+                # The job moved on (a redelivery ran the step early after all) or stopped.
+                return None
+            conn.execute(queries.append_event(job_id, step, EventKind.RETRY_DUE, detail=woke))
+            return FiredTimer(timer.id, job_id, timer.pipeline, step, step, late, resend=True)
+        try:
+            next_step = route(timer)
+        except LookupError as exc:
+            # The pipeline has no such step any more: a person must look (a timer left
+            # pending would be taken again every round).
+            self._dead_letter(conn, timer, exc)
+            return None
+        move = queries.move_on_with_result(job_id, step, woke, next_step)
+        state: str | None = conn.execute(move).scalar_one_or_none()
+        if state is None:
+            # The job is no longer at this wait (it never should be): fired, moved nowhere,
+            # nothing to publish.
+            return None
+        conn.execute(queries.append_event(job_id, step, EventKind.WOKE, detail=woke))
+        if next_step is None or JobState(state) is not JobState.RUNNING:
+            return None
+        return FiredTimer(timer.id, job_id, timer.pipeline, step, next_step, late)
 
     @staticmethod
     def _dead_letter(conn: Connection, timer: DueTimer, exc: LookupError) -> None:

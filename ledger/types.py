@@ -57,7 +57,7 @@ class TimerKind(enum.StrEnum):
     SLEEP = "sleep"
     #: A wait for a signal that did not come in time (not built yet).
     SIGNAL_TIMEOUT = "signal_timeout"
-    #: A retry whose delay is too long for a broker message (not built yet).
+    #: A retry whose delay is too long for a broker message: the step is sent again.
     RETRY = "retry"
 
 
@@ -117,6 +117,9 @@ class EventKind(enum.StrEnum):
     SLEEPING = "sleeping"
     #: The sleep step's timer fired and moved the job on (detail: `due_at`, `fired_at`).
     WOKE = "woke"
+    #: A failed attempt's retry timer fired: the step is sent again (detail: `due_at`,
+    #: `fired_at`). The failure's event says when it was due (`retry_at`).
+    RETRY_DUE = "retry_due"
 
 
 class DeadLetterState(enum.StrEnum):

@@ -36,7 +36,8 @@ def history_view(history: JobHistory) -> dict[str, JSON]:
         "created_at": _time(job.created_at),
         "updated_at": _time(job.updated_at),
         "finished_at": _time(job.finished_at),
-        # What the job waits for, while it does ("sleeping until <time>"), else None.
+        # What the job waits for, while it does ("sleeping until <time>", "retrying at
+        # <time>"), else None.
         "waiting": next(
             (step["waiting"] for step in steps if isinstance(step, dict) and step["waiting"]),
             None,
@@ -70,7 +71,7 @@ def _step_view(
         state = "succeeded"
     waiting = _waiting(job, name, events)
     if waiting is not None:
-        state = "sleeping"
+        state = "retrying" if waiting.startswith("retrying") else "sleeping"
     elif any(event.kind is EventKind.WOKE for event in events):
         state = "succeeded"
     errors = [
@@ -97,17 +98,23 @@ def _step_view(
         "started_at": _time(entry.started_at) if entry else None,
         "finished_at": _time(entry.finished_at) if entry else None,
         "events": [_event_view(event) for event in events],
-        # What the step waits for, while it does: "sleeping until <time>".
+        # What the step waits for, while it does: "sleeping until <time>", "retrying at
+        # <time>".
         "waiting": waiting,
     }
 
 
 def _waiting(job: Job, name: str, events: list[StepEvent]) -> str | None:
-    """ "sleeping until <time>" while the job sleeps at step `name` (its timer not fired)."""
-    kinds = [event.kind for event in events]
-    if job.current_step != name or EventKind.SLEEPING not in kinds or EventKind.WOKE in kinds:
+    """ "sleeping until <time>" while the job sleeps at step `name`, "retrying at <time>"
+    while a failed attempt of it waits for its retry timer (neither timer fired yet)."""
+    if job.current_step != name or str(job.state) not in ("pending", "running") or not events:
         return None
-    if str(job.state) not in ("pending", "running"):
+    last = events[-1]
+    detail = last.detail if isinstance(last.detail, dict) else {}
+    if last.kind is EventKind.FAILED and "retry_at" in detail:
+        return f"retrying at {detail['retry_at']}"
+    kinds = [event.kind for event in events]
+    if EventKind.SLEEPING not in kinds or EventKind.WOKE in kinds:
         return None
     [sleeping] = [event for event in events if event.kind is EventKind.SLEEPING][-1:]
     until = sleeping.detail.get("until") if isinstance(sleeping.detail, dict) else None

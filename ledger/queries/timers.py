@@ -38,6 +38,37 @@ def insert_timer(
     return conflict.returning(timers.c.due_at)
 
 
+def lock_timers(job_id: UUID, step: str, kind: TimerKind) -> sa.Select[Any]:
+    """Lock a job's timer of `kind` for `step`, if it has one (before its job's row, as the
+    timer loop locks them: a record that re-arms a retry timer while the loop fires it
+    waits for the loop, rather than deadlock with it)."""
+    return (
+        sa.select(timers.c.id)
+        .where(timers.c.job_id == job_id, timers.c.step == step, timers.c.kind == str(kind))
+        .with_for_update()
+    )
+
+
+def drop_timers(job_id: UUID, step: str, kind: TimerKind) -> sa.Delete:
+    """Delete a job's timer of `kind` for `step` (fired, or pending: re-armed): a firing
+    still in the outbox then marks no row sent by mistake."""
+    return sa.delete(timers).where(
+        timers.c.job_id == job_id, timers.c.step == step, timers.c.kind == str(kind)
+    )
+
+
+def touch_retrying(job_id: UUID, step: str) -> sa.Update:
+    """A retry timer fires: its job, if still active at `step`, counts as making progress
+    (the sweeper would take a job untouched since its failure for stalled); returns its
+    state."""
+    return (
+        sa.update(jobs)
+        .where(jobs.c.id == job_id, jobs.c.state.in_(ACTIVE), jobs.c.current_step == step)
+        .values(updated_at=db.utcnow())
+        .returning(jobs.c.state)
+    )
+
+
 def fire_due(dialect_name: str, limit: int, pipelines: Sequence[str]) -> sa.Update:
     """Fire up to `limit` pending timers due by now, earliest first, of jobs of `pipelines`:
     each row taken is locked (SKIP LOCKED: loops running at once take disjoint rows) and
@@ -84,10 +115,16 @@ def select_waiting_jobs(job_ids: Sequence[UUID]) -> sa.Select[Any]:
 
 
 def mark_sent(timer_ids: Sequence[int]) -> sa.Update:
-    """Note that the next step of fired timers reached the broker (they leave the outbox)."""
+    """Note that the next step of fired timers reached the broker (they leave the outbox).
+    Fired ones only: a retry timer re-armed meanwhile (its step ran and failed again before
+    this firing's publish was noted) is pending, and stays out of the outbox."""
     return (
         sa.update(timers)
-        .where(timers.c.id.in_(list(timer_ids)), timers.c.dispatched_at.is_(None))
+        .where(
+            timers.c.id.in_(list(timer_ids)),
+            timers.c.state == _FIRED,
+            timers.c.dispatched_at.is_(None),
+        )
         .values(dispatched_at=db.utcnow())
     )
 
@@ -142,9 +179,14 @@ def cancel_timers(job_id: UUID) -> sa.Update:
 
 
 def waiting() -> sa.Exists:
-    """The job has a pending timer: it waits, neither stalled nor lost (the sweeper leaves
-    it to the timer loop)."""
-    return sa.exists().where(timers.c.job_id == jobs.c.id, timers.c.state == _PENDING)
+    """The job has a pending timer at its current step: it waits, neither stalled nor lost
+    (the sweeper leaves it to the timer loop). A retry timer left behind by a step that
+    ran early after all (a redelivery) does not hide the job at its later steps."""
+    return sa.exists().where(
+        timers.c.job_id == jobs.c.id,
+        timers.c.state == _PENDING,
+        timers.c.step == jobs.c.current_step,
+    )
 
 
 def pending_by_due(bounds: Sequence[float]) -> sa.Select[Any]:
@@ -166,10 +208,14 @@ def pending_by_due(bounds: Sequence[float]) -> sa.Select[Any]:
 
 
 def count_waiting_jobs() -> sa.Select[Any]:
-    """Active jobs with a pending timer."""
+    """Active jobs with a pending timer at their current step (as `waiting`)."""
     return sa.select(sa.func.count(sa.distinct(timers.c.job_id))).where(
         timers.c.state == _PENDING,
-        sa.exists().where(jobs.c.id == timers.c.job_id, jobs.c.state.in_(ACTIVE)),
+        sa.exists().where(
+            jobs.c.id == timers.c.job_id,
+            jobs.c.state.in_(ACTIVE),
+            jobs.c.current_step == timers.c.step,
+        ),
     )
 
 
