@@ -14,7 +14,16 @@ from prometheus_client.registry import Collector
 
 from jobs.engine.runtime import Runtime
 from jobs.worker.queues import queue_depths
-from ledger import EventKind, Histogram, ItemState, LedgerStats, MalformedMessages, TimerLedger
+from ledger import (
+    COUNT_CAP,
+    WAITING_CAP,
+    EventKind,
+    Histogram,
+    ItemState,
+    LedgerStats,
+    MalformedMessages,
+    TimerLedger,
+)
 from ledger.map_views import MapViews
 
 #: Histograms cover this many recent seconds.
@@ -92,12 +101,14 @@ class LedgerCollector(Collector):
         found = self.timers.stats()
         yield GaugeMetricFamily(
             "oncelery_jobs_waiting_on_timers",
-            "Active jobs waiting for a timer (a sleep step).",
+            f"Active jobs waiting for a timer (a sleep, a long retry); counted up to "
+            f"{WAITING_CAP:,}.",
             value=found.waiting_jobs,
         )
         pending = GaugeMetricFamily(
             "oncelery_timers_pending",
-            "Pending timers by due time (`overdue`: due and not fired yet).",
+            f"Pending timers by due time (`overdue`: due and not fired yet); each counted up "
+            f"to {COUNT_CAP:,}.",
             labels=["due"],
         )
         for due, count in found.pending.items():

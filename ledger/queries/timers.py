@@ -3,12 +3,14 @@ SKIP LOCKED), resend a lost firing's publish, cancel a job's timers, and count t
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 import sqlalchemy as sa
+from sqlalchemy.sql.expression import ColumnElement
 
 from ledger import db
 from ledger.queries.common import ACTIVE
@@ -189,34 +191,66 @@ def waiting() -> sa.Exists:
     )
 
 
-def pending_by_due(bounds: Sequence[float]) -> sa.Select[Any]:
-    """Pending timers of active jobs counted by how far their due time is: bucket i holds
-    those due within `bounds[i]` seconds from now (and past the bucket before); bucket
-    `len(bounds)` the rest."""
-    cases = [
-        (timers.c.due_at <= db.utcnow_plus(db.seconds(bound)), index)
-        for index, bound in enumerate(bounds)
+#: `state = 'pending'` written out, not bound: the planner then matches the partial index
+#: on pending timers whatever plan it caches for the statement.
+_IS_PENDING = timers.c.state == sa.literal_column(f"'{_PENDING}'")
+
+
+def pending_by_due(bounds: Sequence[float], cap: int) -> sa.Select[Any]:
+    """Pending timers counted by how far their due time is, each bucket at most `cap + 1`
+    (more means "over `cap`"): bucket i (column `b<i>`) holds those due within `bounds[i]`
+    seconds from now and past the bucket before; the last, the rest. Each a range of the
+    partial index on pending timers, read no further than `cap + 1` entries, however many
+    are pending."""
+    edges: list[ColumnElement[Any] | None] = [
+        None,
+        *(db.utcnow_plus(db.seconds(bound)) for bound in bounds),
+        None,
     ]
-    bucket = sa.case(*cases, else_=len(bounds)).label("bucket")
-    pending = (
-        sa.select(bucket)
-        .join(jobs, jobs.c.id == timers.c.job_id)
-        .where(timers.c.state == _PENDING, jobs.c.state.in_(ACTIVE))
-        .subquery()
-    )
-    return sa.select(pending.c.bucket, sa.func.count().label("timers")).group_by(pending.c.bucket)
+    counts = []
+    for index, (low, high) in enumerate(itertools.pairwise(edges)):
+        where = [_IS_PENDING]
+        if low is not None:
+            where.append(timers.c.due_at > low)
+        if high is not None:
+            where.append(timers.c.due_at <= high)
+        some = sa.select(sa.literal(1)).select_from(timers).where(*where).limit(cap + 1)
+        counted = sa.select(sa.func.count()).select_from(some.subquery())
+        counts.append(counted.scalar_subquery().label(f"b{index}"))
+    return sa.select(*counts)
 
 
-def count_waiting_jobs() -> sa.Select[Any]:
-    """Active jobs with a pending timer at their current step (as `waiting`)."""
-    return sa.select(sa.func.count(sa.distinct(timers.c.job_id))).where(
-        timers.c.state == _PENDING,
-        sa.exists().where(
-            jobs.c.id == timers.c.job_id,
-            jobs.c.state.in_(ACTIVE),
-            jobs.c.current_step == timers.c.step,
-        ),
+def count_waiting_jobs(cap: int) -> sa.Select[Any]:
+    """Active jobs waiting on a pending timer at their current step (as `waiting`), at most
+    `cap + 1`: read in due order from the partial index on pending timers, each timer's job
+    looked up by its key, until `cap + 1` are found."""
+    waiting_job = sa.exists().where(
+        jobs.c.id == timers.c.job_id,
+        jobs.c.state.in_(ACTIVE),
+        jobs.c.current_step == timers.c.step,
     )
+    some = (
+        sa.select(sa.literal(1))
+        .select_from(timers)
+        .where(_IS_PENDING, waiting_job)
+        .order_by(timers.c.due_at)
+        .limit(cap + 1)
+    )
+    return sa.select(sa.func.count()).select_from(some.subquery())
+
+
+def count_fired_since(window: float, cap: int) -> sa.Select[Any]:
+    """Timers fired in the last `window` seconds, at most `cap + 1`."""
+    some = (
+        sa.select(sa.literal(1))
+        .select_from(timers)
+        .where(
+            timers.c.fired_at.is_not(None),
+            timers.c.fired_at >= db.utcnow_plus(db.seconds(-window)),
+        )
+        .limit(cap + 1)
+    )
+    return sa.select(sa.func.count()).select_from(some.subquery())
 
 
 def recent_lateness(window: float, limit: int) -> sa.Select[Any]:
