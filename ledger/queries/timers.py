@@ -4,6 +4,7 @@ SKIP LOCKED), resend a lost firing's publish, cancel a job's timers, and count t
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -15,7 +16,7 @@ from sqlalchemy.sql.expression import ColumnElement
 from ledger import db
 from ledger.queries.common import ACTIVE
 from ledger.schema import jobs, timers
-from ledger.types import TimerKind, TimerState
+from ledger.types import JSON, EventKind, TimerKind, TimerState
 
 _PENDING = str(TimerState.PENDING)
 _FIRED = str(TimerState.FIRED)
@@ -69,6 +70,82 @@ def touch_retrying(job_id: UUID, step: str) -> sa.Update:
         .values(updated_at=db.utcnow())
         .returning(jobs.c.state)
     )
+
+
+# The three statements of a round of firings on Postgres, each of fixed text whatever the
+# round's size (its rows come as one JSON array): compiled once. Built with the rows in
+# VALUES lists instead, their compilation took half the loop's time.
+_ACTIVE_STATES = ", ".join(f"'{state}'" for state in ACTIVE)
+_MOVE_MANY_ON = sa.text(
+    """
+    UPDATE jobs SET
+        results = jobs.results || jsonb_build_object(moves.step, moves.woke),
+        current_step = moves.next_step,
+        state = CASE WHEN moves.next_step IS NULL THEN 'succeeded' ELSE 'running' END,
+        updated_at = statement_timestamp(),
+        finished_at = CASE WHEN moves.next_step IS NULL THEN statement_timestamp()
+                           ELSE jobs.finished_at END
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+         AS moves(job_id uuid, step text, next_step text, woke jsonb)
+    WHERE jobs.id = moves.job_id AND jobs.state IN (ACTIVE_STATES)
+      AND jobs.current_step = moves.step
+    RETURNING jobs.id, jobs.state
+    """.replace("ACTIVE_STATES", _ACTIVE_STATES)
+)
+_TOUCH_MANY_RETRYING = sa.text(
+    """
+    UPDATE jobs SET updated_at = statement_timestamp()
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS due(job_id uuid, step text)
+    WHERE jobs.id = due.job_id AND jobs.state IN (ACTIVE_STATES)
+      AND jobs.current_step = due.step
+    RETURNING jobs.id
+    """.replace("ACTIVE_STATES", _ACTIVE_STATES)
+)
+_APPEND_FIRINGS = sa.text(
+    """
+    INSERT INTO step_events (job_id, step, key, attempt, kind, at, duration_ms, detail)
+    SELECT fired.job_id, fired.step, NULL, NULL, fired.kind, statement_timestamp(), NULL,
+           fired.detail
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+         AS fired(job_id uuid, step text, kind text, detail jsonb)
+    """
+)
+
+
+def move_many_on(
+    moves: Sequence[tuple[UUID, str, str | None, JSON]],
+) -> tuple[sa.TextClause, dict[str, Any]]:
+    """Postgres: the jobs of fired sleep timers, each (job id, sleep step, next step, the
+    wait's result), given the result and moved on to their next step (None: finished), if
+    still active at the sleep step, in one statement (and its parameters); it returns the
+    moved jobs (`id`) and their `state`. (One `move_on_with_result` a timer took a round
+    trip and a compilation each: the loop fired 330 a second.)"""
+    rows = [
+        {"job_id": str(job_id), "step": step, "next_step": next_step, "woke": woke}
+        for job_id, step, next_step, woke in moves
+    ]
+    return _MOVE_MANY_ON, {"rows": json.dumps(rows)}
+
+
+def touch_many_retrying(
+    retries: Sequence[tuple[UUID, str]],
+) -> tuple[sa.TextClause, dict[str, Any]]:
+    """Postgres: `touch_retrying` for the jobs of several fired retry timers, each (job id,
+    step), in one statement (and its parameters); it returns the jobs touched (`id`)."""
+    rows = [{"job_id": str(job_id), "step": step} for job_id, step in retries]
+    return _TOUCH_MANY_RETRYING, {"rows": json.dumps(rows)}
+
+
+def append_firings(
+    events: Sequence[tuple[UUID, str, EventKind, JSON]],
+) -> tuple[sa.TextClause, dict[str, Any]]:
+    """Postgres: the history events of a round of firings (`woke`, `retry_due`), each (job
+    id, step, kind, detail), in one statement (and its parameters)."""
+    rows = [
+        {"job_id": str(job_id), "step": step, "kind": str(kind), "detail": detail}
+        for job_id, step, kind, detail in events
+    ]
+    return _APPEND_FIRINGS, {"rows": json.dumps(rows)}
 
 
 def fire_due(dialect_name: str, limit: int, pipelines: Sequence[str]) -> sa.Update:
