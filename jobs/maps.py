@@ -7,11 +7,11 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Generic
 
-from jobs.pipelines import R, Step
+from jobs.pipelines import R, Step, StepContext
 from ledger import JSON, ItemResult, NewItem
 
 __all__ = ["Expand", "ItemContext", "ItemResult", "MapPolicy", "MapStep"]
@@ -64,12 +64,16 @@ class ItemContext(Generic[R]):
 
 @dataclass(frozen=True, kw_only=True)
 class MapStep(Step[R]):
-    """A step that fans out: its `run` returns the items (a list of JSON values), and `each`
-    acts on one item. Every item is a unit of work with its own idempotency key (the step's
-    key, "/", the item's id), run on any worker in parallel, claimed, acted on and recorded
-    by the step protocol (retries, `unknown`, leases, fencing), counted once by the fan-in.
-    `delivery`, `effect`, `retry` and `time_limit` are those of each item's act; the step's
-    own run only computes the items (it is claimed and recorded, never read-only).
+    """A step that fans out: its `run` returns the items (a list of JSON values, or an
+    iterator of them: a generator's items are written as it yields them, never all held in
+    memory), and `each` acts on one item. Every item is a unit of work with its own
+    idempotency key (the step's key, "/", the item's id), run on any worker in parallel,
+    claimed, acted on and recorded by the step protocol (retries, `unknown`, leases,
+    fencing), counted once by the fan-in. `delivery`, `effect`, `retry` and `time_limit` are
+    those of each item's act; the step's own run only computes the items (it is claimed and
+    recorded, never read-only). A generator runs while its items are written, in the step's
+    record (bounded by its message's allowance for the fan-out, not by the step's time
+    limit), and what it raises fails the step's attempt as its run's own errors do.
 
     Args:
         each: acts on one item (`ItemContext`); returns its JSON result, or `Expand` to add
@@ -79,6 +83,8 @@ class MapStep(Step[R]):
         max_failed: how many failed items may settle, for `MapPolicy.THRESHOLD` only.
     """
 
+    #: (A step's `run`, which may also return an iterator of items.)
+    run: Callable[[StepContext[R]], JSON | Iterator[JSON]] = field(kw_only=False)  # type: ignore[assignment]
     each: Callable[[ItemContext[R]], JSON | Expand]
     item_id: Callable[[JSON], str]
     policy: MapPolicy = MapPolicy.ALL_SUCCEED
@@ -107,9 +113,28 @@ class MapStep(Step[R]):
 
         Raises:
             ValueError: an item id that is not a non-empty string, a key too long for the
-                ledger, or one id given with two contents (its identity would hide the second).
+                ledger, an item that is not JSON, or one id given with two contents (its
+                identity would hide the second).
         """
         added: dict[str, NewItem] = {}
+        for new in self.stream_items(pipeline, step_key, items):
+            seen = added.setdefault(new.item_id, new)
+            if seen.fingerprint != new.fingerprint:
+                raise ValueError(
+                    f"map step {self.name!r}: item id {new.item_id!r} given twice with other "
+                    "content"
+                )
+        return list(added.values())
+
+    def stream_items(
+        self, pipeline: str, step_key: str, items: Iterable[JSON]
+    ) -> Iterator[NewItem]:
+        """`new_items` as they come, none kept: a repeat is left to the ledger, which writes
+        an item once and refuses an id given with two contents (`ItemConflict`).
+
+        Raises:
+            ValueError: as `new_items`, for the item that has it.
+        """
         for item in items:
             item_id = self.item_id(item)
             if not isinstance(item_id, str) or not item_id:
@@ -117,13 +142,13 @@ class MapStep(Step[R]):
             key = f"{step_key}/{item_id}"
             if len(key) > MAX_KEY:
                 raise ValueError(f"map step {self.name!r}: item key {key[:80]!r}… is too long")
-            new = NewItem(item_id, item, key, item_fingerprint(pipeline, self.name, item))
-            seen = added.setdefault(item_id, new)
-            if seen.fingerprint != new.fingerprint:
+            try:
+                fingerprint = item_fingerprint(pipeline, self.name, item)
+            except (TypeError, ValueError) as exc:
                 raise ValueError(
-                    f"map step {self.name!r}: item id {item_id!r} given twice with other content"
-                )
-        return list(added.values())
+                    f"map step {self.name!r}: item {item_id!r} is not JSON: {exc}"
+                ) from None
+            yield NewItem(item_id, item, key, fingerprint)
 
 
 #: The longest idempotency key the ledger stores.

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Final
 from uuid import UUID
 
@@ -30,7 +30,7 @@ def insert_items(
     conn: Connection,
     job_id: UUID,
     step: str,
-    items: Sequence[tuple[tuple[str, str] | None, Sequence[NewItem]]],
+    items: Sequence[tuple[tuple[str, str] | None, Iterable[NewItem]]],
 ) -> dict[str | None, list[str]]:
     """Write items, each group the children of a parent (an (item id, path)) or the roots
     (None), one INSERT per `INSERT_BATCH` rows; the ids the map did not have, by parent. An
@@ -39,6 +39,24 @@ def insert_items(
     Raises:
         ItemConflict: an id the map has with another fingerprint (roll the caller back).
     """
+    added: dict[str | None, list[str]] = {}
+    for item_id, parent in _inserted(conn, job_id, step, items):
+        added.setdefault(parent, []).append(item_id)
+    return added
+
+
+def insert_roots(conn: Connection, job_id: UUID, step: str, items: Iterable[NewItem]) -> int:
+    """`insert_items` for a map's first items, read as they come (a stream of 100,000 is
+    never in memory at once): how many the map did not have."""
+    return sum(1 for _ in _inserted(conn, job_id, step, [(None, items)]))
+
+
+def _inserted(
+    conn: Connection,
+    job_id: UUID,
+    step: str,
+    items: Sequence[tuple[tuple[str, str] | None, Iterable[NewItem]]],
+) -> Iterator[tuple[str, str | None]]:
     # Rows built a batch at a time: for 100,000 items, all of them at once were 34 MB more.
     rows = (
         {
@@ -54,14 +72,12 @@ def insert_items(
         for parent, group in items
         for index, each in enumerate(group)
     )
-    added: dict[str | None, list[str]] = {}
     while batch := list(itertools.islice(rows, INSERT_BATCH)):
         inserted = conn.execute(queries.insert_items(conn.dialect.name), batch).all()
         for item_id, parent in inserted:
-            added.setdefault(str(parent) if parent is not None else None, []).append(str(item_id))
+            yield str(item_id), str(parent) if parent is not None else None
         if len(inserted) < len(batch):
             _same_items(conn, job_id, step, batch, {str(item_id) for item_id, _ in inserted})
-    return added
 
 
 def _same_items(

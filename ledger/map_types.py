@@ -106,8 +106,8 @@ class ItemRecorded:
 class FanOut:
     """What recording a map step's items did."""
 
-    #: The items added, to publish.
-    item_ids: list[str]
+    #: How many items were added (0: none, or they were added before).
+    added: int
     #: Set when the map had no items at all and the job moved on at once.
     joined: JobState | None = None
 

@@ -5,7 +5,7 @@ config."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Final, TypeVar
 from uuid import UUID, uuid4
 
@@ -64,32 +64,41 @@ class MapLedger:
     def fan_out(
         self,
         claim: Claim,
-        items: Sequence[NewItem],
+        items: Iterable[NewItem],
         *,
         policy: str,
         next_step: str | None,
         duration_ms: float | None,
+        replayable: bool = True,
     ) -> FanOut:
-        """Record a map step: its key succeeded, its items written (one INSERT per
-        `INSERT_BATCH`, left in the outbox), its counters — all in one transaction. A map
-        with no items moves its job on at once.
+        """Record a map step: its key succeeded, its items written as they come (one INSERT
+        per `INSERT_BATCH`, never all of them in memory at once, left in the outbox), its
+        counters — all in one transaction. A map with no items moves its job on at once.
+        An item given twice (the same id and content) is one item.
+
+        Args:
+            items: read once per try; a stream that cannot be read again
+                (`replayable=False`) is tried once: a lost connection is raised, not retried.
 
         Raises:
             LeaseLost: another owner took the step's key over.
+            ItemConflict: one item id given with two contents (nothing is written).
+            Exception: whatever reading `items` raised (nothing is written).
         """
-        done: JSON = {"items": len(items)}
-        values = queries.finish_params(claim.key, claim.owner, result=done)
+        placeholder = queries.finish_params(claim.key, claim.owner, result={"items": 0})
 
         def attempt() -> FanOut:
             with db.transaction(self.engine) as conn:
-                finished = conn.execute(queries.finish_entry(StepState.SUCCEEDED), values)
+                finished = conn.execute(queries.finish_entry(StepState.SUCCEEDED), placeholder)
                 if finished.one_or_none() is None:
                     return self._fanned_out_before(conn, claim)
                 conn.execute(queries.insert_map(self._dialect, claim.job_id, claim.step, policy))
-                roots = fan_in.insert_items(conn, claim.job_id, claim.step, [(None, items)])
-                added = roots.get(None, [])
-                moves = {"total": len(added), "remaining": len(added)}
-                counters = map_counters.count(conn, claim.job_id, claim.step, **moves)
+                total = fan_in.insert_roots(conn, claim.job_id, claim.step, items)
+                done: JSON = {"items": total}
+                conn.execute(queries.set_entry_result(claim.key, done))
+                counters = map_counters.count(
+                    conn, claim.job_id, claim.step, total=total, remaining=total
+                )
                 event = queries.append_event(
                     claim.job_id,
                     claim.step,
@@ -104,16 +113,16 @@ class MapLedger:
                 joined = None
                 if counters.remaining == 0:
                     joined = map_counters.join(conn, claim.job_id, claim.step, next_step)
-                return FanOut(added, joined)
+                return FanOut(total, joined)
 
-        return self._retrying(attempt)
+        return self._retrying(attempt) if replayable else attempt()
 
     def _fanned_out_before(self, conn: Connection, claim: Claim) -> FanOut:
         """After a fenced-out fan-out: our own earlier commit (retried after an ambiguous
         one: its items are in the outbox, the sweeper sends them) or a takeover."""
         entry = conn.execute(queries.select_entry(claim.key)).mappings().one_or_none()
         if entry is not None and entry["owner"] == claim.owner:
-            return FanOut([])
+            return FanOut(0)
         raise LeaseLost(claim.key, claim.job_id, claim.step)
 
     def mark_dispatched(self, job_id: UUID, step: str, item_ids: Sequence[str]) -> None:
@@ -129,6 +138,19 @@ class MapLedger:
                     conn.execute(queries.mark_items_dispatched(job_id, step, batch))
 
         self._retrying(attempt)
+
+    def outbox_page(
+        self, job_id: UUID, step: str, *, after: str, limit: int
+    ) -> list[tuple[str, str]]:
+        """Up to `limit` (item id, path) of a map's items in the outbox, in item order after
+        the path `after` ("" for the first page)."""
+        page = queries.select_outbox_page(job_id, step, after, limit)
+
+        def attempt() -> list[tuple[str, str]]:
+            with db.single_statement(self.engine) as conn:
+                return [(str(item_id), str(path)) for item_id, path in conn.execute(page)]
+
+        return self._retrying(attempt)
 
     def touch_outbox(self, job_id: UUID, step: str) -> None:
         """Mark a map's items in the outbox touched: they are being published, and the

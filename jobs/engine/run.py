@@ -8,7 +8,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from typing import Final
 from uuid import UUID
@@ -345,7 +345,8 @@ def _act(run: Run, step: Step[object], claim: Claim | Reading) -> StepResult | R
     try:
         with watching() as watch, limit:
             result = step.run(ctx)
-            json.dumps(result)
+            if not (isinstance(step, MapStep) and isinstance(result, Iterator)):
+                json.dumps(result)  # (a map step's stream is checked item by item)
     except Exception as exc:  # noqa: BLE001 - every failure is classified and recorded
         duration_ms = (time.monotonic() - started) * 1000
         if isinstance(claim, Reading):

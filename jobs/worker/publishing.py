@@ -25,9 +25,11 @@ from jobs.engine.dispatch import ITEMS_PER_MESSAGE, READING_HEADER, reading_head
 from jobs.engine.runtime import step_time_limit
 from jobs.engine.step_messages import item_task_name, task_name
 from jobs.errors import UnknownPipeline
-from jobs.pipelines import MAX_TIME_LIMIT, registry
+from jobs.maps import is_map
+from jobs.pipelines import MAX_TIME_LIMIT, Pipeline, Step, registry
 from jobs.worker.app import app
 from jobs.worker.redis_broker import lend_one_client
+from jobs.worker.time_limits import FAN_OUT_ALLOWANCE
 from ledger import Reading
 
 logger = logging.getLogger(__name__)
@@ -261,7 +263,7 @@ class CeleryDispatch:
         """Publish a step of a job (`resend`: again, on the retry queue; `countdown`: not
         before that many seconds)."""
         # Whole seconds: Celery's message format and its stubs take integers.
-        soft = math.ceil(self._time_limit(pipeline, step))
+        soft = math.ceil(self._message_limit(pipeline, step))
         self.sender.send_task(
             task_name(pipeline, step),
             args=[job_id],
@@ -287,7 +289,7 @@ class CeleryDispatch:
         cannot be reached): they may or may not be queued, so they go back to the outbox
         (or wait for the sweeper) and a second copy, if any, is absorbed by the ledger.
         """
-        soft = math.ceil(self._time_limit(pipeline, step))
+        soft = math.ceil(self._message_limit(pipeline, step))
         name = task_name(pipeline, step)
         readings = readings or {}
 
@@ -374,15 +376,35 @@ class CeleryDispatch:
         assert self.task is not None
         raise self.task.retry(countdown=delay, queue=RETRY_QUEUE)
 
+    def _message_limit(self, pipeline: str, step: str) -> float:
+        """Seconds a step's own message may take: its steps' limits, and a map step's
+        fan-out among them (its record and publish grow with its items; its run has its
+        own alarm)."""
+        running = self._running(pipeline, step)
+        fans_out = running is not None and any(is_map(each) for each in running[1])
+        return self._time_limit(pipeline, step) + (FAN_OUT_ALLOWANCE if fans_out else 0.0)
+
     def _time_limit(self, pipeline: str, step: str) -> float:
+        settings = self.settings or get_settings()
+        running = self._running(pipeline, step)
+        if running is None:
+            return settings.step_time_limit
+        declared, steps = running
+        return sum(step_time_limit(settings, declared, each.name) for each in steps)
+
+    def _running(
+        self, pipeline: str, step: str
+    ) -> tuple[Pipeline[object], list[Step[object]]] | None:
+        """The steps one message of `step` runs (None: a pipeline or step not declared)."""
         settings = self.settings or get_settings()
         try:
             declared = registry.get(pipeline)
         except UnknownPipeline:
-            return settings.step_time_limit
-        names = [s.name for s in declared.steps]
+            return None
+        names = [each.name for each in declared.steps]
         if step not in names:
-            return settings.step_time_limit
+            return None
         # On the fast path one task runs this step and every step after it.
-        running = names[names.index(step) :] if settings.fast_path else [step]
-        return sum(step_time_limit(settings, declared, name) for name in running)
+        start = names.index(step)
+        end = len(names) if settings.fast_path else start + 1
+        return declared, list(declared.steps[start:end])

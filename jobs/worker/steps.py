@@ -123,17 +123,17 @@ def run_message(task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, A
     repeat = is_repeat(task.request.delivery_info or {})
     # Celery keeps a message's own headers on its request.
     header = getattr(task.request, READING_HEADER, None)
-    rt = runtime()
+    rt, declared = runtime(), pipeline.step(step)
     try:
         outcome = run_step(
             rt,
             dispatch,
             pipeline,
-            pipeline.step(step),
+            declared,
             job_id,
             repeat=repeat,
             reading=message_reading(header, job_id, step),
-            timer=step_timer_for(rt.settings),
+            timer=step_timer_for(rt.settings, declared),
         )
     except DatabaseUnavailable as exc:
         # Acking now would drop the step; send it again and let the ledger sort it out.

@@ -84,6 +84,7 @@ from ledger.queries.maps import (
     select_items_page,
     select_items_to_prune,
     select_map_counters,
+    select_outbox_page,
     select_step_key,
     settle_items,
     touch_item,
@@ -106,6 +107,7 @@ from ledger.queries.records import (
     record_template,
     renew_lease,
     renew_params,
+    set_entry_result,
 )
 from ledger.queries.sweeps import (
     count_recent_deliveries,
@@ -220,10 +222,12 @@ __all__ = [
     "select_jobs_by_event_prefix",
     "select_keys_kept_for_others",
     "select_map_counters",
+    "select_outbox_page",
     "select_prunable_jobs",
     "select_step_key",
     "select_unclaimed_calls",
     "select_unfinished_steps",
+    "set_entry_result",
     "settle_entry",
     "settle_items",
     "start_job",

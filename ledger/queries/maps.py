@@ -111,6 +111,25 @@ def mark_items_dispatched(job_id: UUID, step: str, keys: Sequence[str]) -> sa.Up
     )
 
 
+def select_outbox_page(job_id: UUID, step: str, after: str, limit: int) -> sa.Select[Any]:
+    """Up to `limit` (item id, path) of a map's items in the outbox, in item order after the
+    path `after`: read on the map's (job, step, path) index. The outbox's conditions are
+    `checked`, never index conditions: the outbox's index holds every map's unsent items."""
+    item = map_items.c
+    return (
+        sa.select(item.item_id, item.path)
+        .where(
+            item.job_id == job_id,
+            item.step == step,
+            item.path > after,
+            checked(item.state == str(ItemState.PENDING)),
+            checked(item.dispatched_at.is_(None)),
+        )
+        .order_by(item.path)
+        .limit(limit)
+    )
+
+
 def touch_outbox(job_id: UUID, step: str) -> sa.Update:
     """Mark a map's pending items in the outbox touched (being published)."""
     item = map_items.c

@@ -96,6 +96,15 @@ def finish_entry(state: StepState) -> sa.Update:
     )
 
 
+def set_entry_result(key: str, result: JSON) -> sa.Update:
+    """Give a recorded key its result (known only once its record wrote everything else)."""
+    return (
+        sa.update(ledger_entries)
+        .where(ledger_entries.c.key == key)
+        .values(result=sa.literal(result, JSONDocument))
+    )
+
+
 def _entry_after_record() -> FromClause:
     """The recorded entry's (key, step, attempts), for the statements that follow a record."""
     entry = ledger_entries.c

@@ -80,7 +80,8 @@ class FanInModel(RuleBasedStateMachine):
         items = [self._item(f"r{n}") for n in range(roots)]
         done = self.maps.fan_out(claim, items, policy=policy, next_step="join", duration_ms=1)  # type: ignore[arg-type]
         self.job = job
-        self.states = dict.fromkeys(done.item_ids, "pending")
+        assert done.added == roots
+        self.states = dict.fromkeys((item.item_id for item in items), "pending")
 
     def _job(self) -> uuid.UUID:
         new = NewJob(

@@ -138,3 +138,30 @@ def test_a_message_reads_its_items_alone_from_a_big_new_map(engine: sa.Engine) -
     for statement, parameters in sent:
         read = _rows_read(engine, statement, parameters)
         assert read <= 2 * MESSAGE, (read, statement[:200])
+
+
+def test_a_page_of_the_outbox_reads_its_page_alone_from_a_big_new_map(engine: sa.Engine) -> None:
+    # Given a big new map among many small analysed ones, its items all in the outbox
+    job_id = _seed(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE map_items SET dispatched_at = NULL WHERE job_id = :id"), {"id": job_id}
+        )
+    maps = MapLedger(engine=engine, lease_seconds=30.0)
+    sent: list[tuple[str, Any]] = []
+
+    def capture(_conn: object, _cursor: object, statement: str, parameters: Any, *_: Any) -> None:
+        sent.append((statement, parameters))
+
+    # When the publish of its fan-out reads a page of it from the middle
+    sa.event.listen(engine, "before_cursor_execute", capture)
+    try:
+        page = maps.outbox_page(job_id, "items", after="00002000", limit=MESSAGE)
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", capture)
+
+    # Then it has the next items in item order, and read about that many rows
+    assert [item_id for item_id, _ in page] == [str(n) for n in range(2_001, 2_001 + MESSAGE)]
+    [(statement, parameters)] = sent
+    read = _rows_read(engine, statement, parameters)
+    assert read <= 2 * MESSAGE, (read, statement[:200])

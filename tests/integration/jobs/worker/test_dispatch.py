@@ -13,10 +13,12 @@ from kombu import Connection
 
 from config import MAIN_QUEUE
 from jobs.engine.dispatch import READING_HEADER, message_reading
+from jobs.engine.runtime import load_pipelines
 from jobs.worker import CeleryDispatch, client_app
 from jobs.worker.publishing import Confirms
+from jobs.worker.time_limits import FAN_OUT_ALLOWANCE
 from ledger import first_reading
-from tests.conftest import purge_queues, queue_length, settings_for
+from tests.conftest import declare_queues, purge_queues, queue_length, settings_for
 
 
 @pytest.fixture(params=["amqp", "redis"])
@@ -123,3 +125,41 @@ def test_confirms_count_single_and_multiple_answers() -> None:
     assert confirms.nacked == {5}
     # d was refused, f has no answer yet
     assert confirms.unconfirmed() == {"d", "f"}
+
+
+def test_a_map_steps_own_message_allows_for_its_fan_out_and_its_items_messages_do_not(
+    broker_url: str, tmp_path: Path
+) -> None:
+    """A map step's message records and publishes its items after its run: a limit of the
+    step's own seconds struck there (100,000 items on a loaded box), leaving the rest to the
+    sweeper. Its run keeps its own limit from an alarm; its items keep theirs."""
+    purge_queues(broker_url)
+    job_id = str(uuid.uuid4())
+    try:
+        dispatch = _dispatch(broker_url, tmp_path)
+        assert dispatch.settings is not None
+        load_pipelines(dispatch.settings)
+        declare_queues(dispatch.settings)
+        dispatch.send("places-crawl", "search", job_id)
+        _, own = _first_message(broker_url).headers["timelimit"]
+        dispatch.send("places-crawl", "plan", job_id)
+        _, plain = _first_message(broker_url).headers["timelimit"]
+        assert dispatch.send_items("places-crawl", "search", job_id, ["c1", "c2"]) == []
+        _, items = _first_message(broker_url).headers["timelimit"]
+
+        assert own >= FAN_OUT_ALLOWANCE > plain
+        assert items < FAN_OUT_ALLOWANCE
+
+        # On the fast path, a message of the step before runs the map step too
+        settings = settings_for(
+            database_url="sqlite://",
+            broker_url=broker_url,
+            data_dir=tmp_path,
+            fast_path=True,
+        )
+        fast = CeleryDispatch(sender=client_app(settings), settings=settings)
+        fast.send("places-crawl", "plan", job_id)
+        _, before_the_map = _first_message(broker_url).headers["timelimit"]
+        assert before_the_map >= FAN_OUT_ALLOWANCE
+    finally:
+        purge_queues(broker_url)
