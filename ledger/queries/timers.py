@@ -20,6 +20,9 @@ from ledger.types import JSON, EventKind, TimerKind, TimerState
 
 _PENDING = str(TimerState.PENDING)
 _FIRED = str(TimerState.FIRED)
+#: `state = 'pending'` written out, not bound: the planner then matches the partial index
+#: on pending timers whatever plan it caches for the statement.
+_IS_PENDING = timers.c.state == sa.literal_column(f"'{_PENDING}'")
 
 
 def insert_timer(
@@ -148,6 +151,18 @@ def append_firings(
     return _APPEND_FIRINGS, {"rows": json.dumps(rows)}
 
 
+def _taken(dialect_name: str, chosen: sa.Select[Any]) -> ColumnElement[bool]:
+    """The timers `chosen` (ids, with a LIMIT), for an UPDATE to take: on Postgres locked
+    with SKIP LOCKED, in a CTE run once (`MATERIALIZED`). Written as `id IN (subquery)`,
+    the planner may run the subquery again for each row it updates (a plain SubPlan, when
+    its estimates are off, as after a big delete), and each run then skips the rows this
+    UPDATE changed and takes the next: one round fired 5,000 due timers, not 500, in 19 s."""
+    if dialect_name != "postgresql":
+        return timers.c.id.in_(chosen.scalar_subquery())
+    taken = chosen.with_for_update(skip_locked=True, of=timers).cte("taken")
+    return timers.c.id.in_(sa.select(taken.prefix_with("MATERIALIZED").c.id))
+
+
 def fire_due(dialect_name: str, limit: int, pipelines: Sequence[str]) -> sa.Update:
     """Fire up to `limit` pending timers due by now, earliest first, of jobs of `pipelines`:
     each row taken is locked (SKIP LOCKED: loops running at once take disjoint rows) and
@@ -157,18 +172,16 @@ def fire_due(dialect_name: str, limit: int, pipelines: Sequence[str]) -> sa.Upda
         sa.select(timers.c.id)
         .join(jobs, jobs.c.id == timers.c.job_id)
         .where(
-            timers.c.state == _PENDING,
+            _IS_PENDING,
             timers.c.due_at <= db.utcnow(),
             jobs.c.pipeline.in_(list(pipelines)),
         )
         .order_by(timers.c.due_at)
         .limit(limit)
     )
-    if dialect_name == "postgresql":
-        due = due.with_for_update(skip_locked=True, of=timers)
     return (
         sa.update(timers)
-        .where(timers.c.id.in_(due.scalar_subquery()), timers.c.state == _PENDING)
+        .where(_taken(dialect_name, due), timers.c.state == _PENDING)
         .values(state=_FIRED, fired_at=db.utcnow())
         .returning(
             timers.c.id,
@@ -231,11 +244,9 @@ def take_unsent(
         .order_by(timers.c.fired_at)
         .limit(limit)
     )
-    if dialect_name == "postgresql":
-        unsent = unsent.with_for_update(skip_locked=True, of=timers)
     return (
         sa.update(timers)
-        .where(timers.c.id.in_(unsent.scalar_subquery()), timers.c.dispatched_at.is_(None))
+        .where(_taken(dialect_name, unsent), timers.c.dispatched_at.is_(None))
         .values(dispatched_at=db.utcnow())
         .returning(timers.c.id, timers.c.job_id)
     )
@@ -266,11 +277,6 @@ def waiting() -> sa.Exists:
         timers.c.state == _PENDING,
         timers.c.step == jobs.c.current_step,
     )
-
-
-#: `state = 'pending'` written out, not bound: the planner then matches the partial index
-#: on pending timers whatever plan it caches for the statement.
-_IS_PENDING = timers.c.state == sa.literal_column(f"'{_PENDING}'")
 
 
 def pending_by_due(bounds: Sequence[float], cap: int) -> sa.Select[Any]:

@@ -34,6 +34,7 @@ from ledger import (
     JobState,
     JobStore,
     StepLedger,
+    TimerLedger,
     TimerState,
     create_engine,
 )
@@ -298,6 +299,36 @@ def test_two_loops_racing_fire_each_timer_once(
     with runtime.engine.connect() as conn:
         states = conn.execute(sa.select(timers.c.state, sa.func.count()).group_by(timers.c.state))
         assert dict(states.all()) == {"fired": count}
+
+
+def test_a_round_fires_no_more_than_its_limit_whatever_the_plan(
+    runtime: Runtime, database_url: str
+) -> None:
+    """With hash and merge joins off (a plan as bad estimates make one), the due timers'
+    subquery could run again for each row updated, each run taking the next few: a round
+    must still fire at most its limit."""
+    if runtime.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite fires in one locked transaction; no plan to choose")
+    pipeline, dispatch = sleeping(seconds=0.0), RecordingDispatch()
+    job_ids = [start(runtime, pipeline) for _ in range(30)]
+    run_steps(runtime, dispatch, pipeline, pipeline.step("first"), job_ids)  # type: ignore[arg-type]
+    engine = create_engine(database_url)
+
+    @sa.event.listens_for(engine, "connect")
+    def _nested_loops_only(dbapi_connection: Any, _record: object) -> None:
+        with dbapi_connection.cursor() as cursor:
+            for kind in ("hashjoin", "hashagg", "mergejoin", "material"):
+                cursor.execute(f"SET enable_{kind} = off")
+        dbapi_connection.commit()
+
+    try:
+        fired = TimerLedger(engine=engine).fire_due(
+            limit=5, pipelines=[pipeline.name], route=lambda _timer: "second"
+        )
+    finally:
+        engine.dispose()
+
+    assert len(fired) == 5
 
 
 def _own_runtime(database_url: str, tmp_path: Path) -> Runtime:
