@@ -48,7 +48,15 @@ from ledger.step_ledger import StepLedger
 from ledger.step_ledger_postgres import PostgresStepLedger
 from ledger.step_ledger_sqlite import SqliteStepLedger
 from ledger.store import JobStore, JobToSend, UnfinishedStep
-from ledger.timers import DUE_NAMES, DueTimer, FiredTimer, TimerLedger, TimerStats
+from ledger.timers import (
+    COUNT_CAP,
+    DUE_NAMES,
+    WAITING_CAP,
+    DueTimer,
+    FiredTimer,
+    TimerLedger,
+    TimerStats,
+)
 from ledger.types import (
     ACTIVE_JOB_STATES,
     FINISHED_JOB_STATES,
@@ -87,10 +95,12 @@ from ledger.types import (
 
 __all__ = [
     "ACTIVE_JOB_STATES",
+    "COUNT_CAP",
     "DUE_NAMES",
     "FINISHED_JOB_STATES",
     "JSON",
     "OUTBOX_CHANNEL",
+    "WAITING_CAP",
     "AlreadySucceeded",
     "Claim",
     "ClaimOutcome",

@@ -10,13 +10,12 @@ from datetime import datetime, timedelta
 from typing import Any, ClassVar, TypeVar
 from uuid import UUID, uuid4
 
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
-from ledger import db, queries
+from ledger import db, queries, timed_records
 from ledger.dead_letters import DeadLetterNote, write_dead_letter
 from ledger.errors import LeaseLost, LedgerError
 from ledger.outcomes import Failure, Record, answer, decode_claim, raised
-from ledger.signals import take_kept
 from ledger.types import (
     JSON,
     AlreadySucceeded,
@@ -33,7 +32,6 @@ from ledger.types import (
     SignalWait,
     StepResult,
     StepState,
-    TimerKind,
 )
 
 logger = logging.getLogger(__name__)
@@ -185,72 +183,11 @@ class StepLedger:
         if sleep_until is None or next_step is None:
             return self._record_many(records)
         return [
-            answer(self._record_and_wait, record, next_step, due, wait)
+            answer(timed_records.record_and_wait, self, record, next_step, due, wait)
             for record, due, wait in zip(
                 records, sleep_until, waits or [None] * len(records), strict=True
             )
         ]
-
-    def _record_and_wait(
-        self, record: Record, wait_step: str, due: datetime | timedelta, wait: SignalWait | None
-    ) -> Recorded:
-        """Record a success that moves its job to a wait step, and set the job's timer (or
-        take the signal kept for it), in one transaction (the record's statements as on
-        SQLite, on either database)."""
-        finish, event, advance = queries.record_statements(*record.shape)
-        values = record.values()
-        job_id = record.claim.job_id
-
-        def attempt() -> Mapping[str, Any] | None:
-            with db.transaction(self.engine) as conn:
-                if conn.execute(finish, record.finish_values()).one_or_none() is None:
-                    return None
-                conn.execute(event, values)
-                state: str = conn.execute(advance, values).scalar_one()
-                if state != JobState.RUNNING:
-                    return {"state": state}
-                taken = self._wait(conn, job_id, wait_step, due, wait)
-                if taken is not None:
-                    return {"state": taken, "signalled": True}
-                return {"state": state}
-
-        found = self.retrying(attempt)
-        recorded = self._recorded(record, found)
-        if found is not None and found.get("signalled"):
-            return Recorded(key=recorded.key, job_state=recorded.job_state, signalled=True)
-        return recorded
-
-    @staticmethod
-    def _wait(
-        conn: Connection,
-        job_id: UUID,
-        step: str,
-        due: datetime | timedelta,
-        wait: SignalWait | None = None,
-    ) -> JobState | None:
-        """In the caller's transaction, for a job that just reached wait `step`: take the
-        signal kept for it, if it waits for one and one is (the job's state after moving on
-        past the wait is returned); else set its timer and say so in its history (None)."""
-        if wait is not None:
-            taken = take_kept(conn, job_id, step, wait)
-            if taken is not None:
-                return taken[0]
-        dialect = conn.dialect.name
-        kind = TimerKind.SLEEP if wait is None else TimerKind.SIGNAL_TIMEOUT
-        signal = (wait.signal, wait.key) if wait is not None else None
-        due_at: datetime | None = conn.execute(
-            queries.insert_timer(dialect, job_id, step, kind, due, signal)
-        ).scalar_one_or_none()
-        if due_at is None:  # set already, by an earlier commit of this record
-            return None
-        until = db.as_utc(due_at).isoformat()
-        if wait is None:
-            detail: JSON = {"until": until}
-            conn.execute(queries.append_event(job_id, step, EventKind.SLEEPING, detail=detail))
-        else:
-            detail = {"signal": wait.signal, "key": wait.key, "until": until}
-            conn.execute(queries.append_event(job_id, step, EventKind.WAITING, detail=detail))
-        return None
 
     def record_and_claim_next_steps(
         self, done: Sequence[StepResult], *, next_step: str, takeover_expired: bool = True
@@ -295,6 +232,8 @@ class StepLedger:
         """
         if failure.retry_in is None:
             return self._record_dead_letter(claim, failure)
+        if failure.retry_timer:
+            return timed_records.record_and_arm_retry(self, claim, failure, failure.retry_in)
         detail: JSON = {"error": failure.error, "retry_in": round(failure.retry_in, 3)}
         record = Record(
             claim,
@@ -427,7 +366,9 @@ class StepLedger:
                     return None
                 conn.execute(event)
                 if sleep_until is not None and next_step is not None and adopted == "running":
-                    taken = self._wait(conn, outcome.job_id, next_step, sleep_until, wait)
+                    taken = timed_records.set_wait(
+                        conn, outcome.job_id, next_step, sleep_until, wait
+                    )
                     return taken or JobState(adopted)
                 return JobState(adopted)
 

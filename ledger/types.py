@@ -58,7 +58,7 @@ class TimerKind(enum.StrEnum):
     #: A wait for a signal (`jobs.WaitForSignal`): it fires if the signal does not come in
     #: time; a signal that comes first ends it `cancelled` instead (`ledger.signals`).
     SIGNAL_TIMEOUT = "signal_timeout"
-    #: A retry whose delay is too long for a broker message (not built yet).
+    #: A retry whose delay is too long for a broker message: the step is sent again.
     RETRY = "retry"
 
 
@@ -125,6 +125,9 @@ class EventKind(enum.StrEnum):
     SIGNALLED = "signalled"
     #: The wait's timeout came first and moved the job on (detail: its result, `by` timeout).
     TIMED_OUT = "timed_out"
+    #: A failed attempt's retry timer fired: the step is sent again (detail: `due_at`,
+    #: `fired_at`). The failure's event says when it was due (`retry_at`).
+    RETRY_DUE = "retry_due"
 
 
 class DeadLetterState(enum.StrEnum):

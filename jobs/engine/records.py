@@ -23,7 +23,7 @@ from jobs.engine.run_state import (
     message_of,
     takes_over,
 )
-from jobs.engine.timers import wait_or_error
+from jobs.engine.timers import wait_or_error, waits_as_timer
 from jobs.maps import is_map
 from jobs.pipelines import Delivery, Step
 from jobs.waits import Wait
@@ -297,9 +297,18 @@ def handle_failure(
     if is_map(step):
         # A map step's own run only computes its items: its delivery and effect are theirs.
         judged = dataclasses.replace(step, delivery=Delivery.EXACTLY_ONCE, effect=None)
+    settings = run.rt.settings
     failure = failure_of(
-        judged, claim.attempt, exc, duration_ms=duration_ms, policy=policy, sent=sent
+        judged,
+        claim.attempt,
+        exc,
+        duration_ms=duration_ms,
+        policy=policy,
+        sent=sent,
+        retry_after_max=settings.retry_after_max,
     )
+    if waits_as_timer(failure.retry_in, policy, settings.retry_timer_after):
+        failure = dataclasses.replace(failure, retry_timer=True)
     return record_failure(run, step, claim, failure)
 
 
@@ -311,10 +320,13 @@ def failure_of(
     duration_ms: float,
     policy: retry.RetryPolicy,
     sent: bool,
+    retry_after_max: float | None = None,
 ) -> Failure:
     """How a failed attempt of `step` (or of one of its items) is recorded: retried after a
-    delay, or given up — its key `unknown` when an effect may exist."""
-    verdict = retry.decide(exc, attempt, policy)
+    delay, or given up — its key `unknown` when an effect may exist. `retry_after_max`: the
+    longest `Retry-After` honoured (None: the policy's `backoff_max`, for a retry that can
+    only be a countdown)."""
+    verdict = retry.decide(exc, attempt, policy, retry_after_max=retry_after_max)
     error = error_json(exc, retryable=verdict.delay is not None)
     if verdict.reason == "attempts_exhausted":
         error["reason"] = verdict.reason
@@ -362,11 +374,15 @@ def record_failure(run: Run, step: Step[object], claim: Claim, failure: Failure)
         )
         return Outcome.DEAD_LETTERED
     logger.warning(
-        "step failed, retrying in %.2fs: %s",
+        "step failed, retrying in %.2fs%s: %s",
         failure.retry_in,
+        " (a timer)" if failure.retry_timer else "",
         message_of(failure.error),
         extra={"action": "retry", **log_fields(claim)},
     )
     if recorded.job_state is not JobState.RUNNING:
         return Outcome.INACTIVE
+    if failure.retry_timer:
+        # Its timer, set with the record, sends the step again when due: no message waits.
+        return Outcome.RETRYING
     run.dispatch_for(step, str(claim.job_id)).retry_later(failure.retry_in)

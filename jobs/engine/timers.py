@@ -1,6 +1,7 @@
 """The timer loop: fires due timers (`ledger.timers`), each once, moving its job past its
-wait step and publishing the next step after the commit; the sweeper resends a firing whose
-publish was lost. Also when a job reaching a wait step is due, and what it waits for."""
+wait step (or, a retry timer, sending its step again) and publishing after the commit; the
+sweeper resends a firing whose publish was lost. Also when a job reaching a wait step is due,
+what it waits for, and which retries wait as timers."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from jobs.engine.dispatch import Dispatch, SendsMany
 from jobs.engine.runtime import Runtime
 from jobs.errors import UnknownPipeline
 from jobs.pipelines import Step, registry
+from jobs.retry import RetryPolicy
 from jobs.waits import Wait
 from ledger import JSON, DueTimer, FiredTimer, SignalWait
 
@@ -32,6 +34,16 @@ POLL_INTERVAL: Final = 0.2
 EMBEDDED_POLL_INTERVAL: Final = 1.0
 #: Seconds to wait after a failed round (the database or the broker is likely down).
 _BACKOFF: Final = 2.0
+
+
+def waits_as_timer(delay: float | None, policy: RetryPolicy, timer_after: float) -> bool:
+    """Whether a retry `delay` seconds away waits as a timer row rather than as a message
+    with a countdown, which a worker holds unacknowledged until it is due (Redis gives it to
+    another worker after its visibility timeout, RabbitMQ closes the channel after its
+    `consumer_timeout`): when longer than `timer_after` (`ONCELERY_RETRY_TIMER_AFTER`), or
+    than the step's `backoff_max` (only a provider's `Retry-After` asks for more), so that
+    a countdown never outlasts what the sweeper's stall time allows for."""
+    return delay is not None and delay > min(timer_after, policy.backoff_max)
 
 
 def wait_or_error(
@@ -73,21 +85,22 @@ def fire_round(rt: Runtime, dispatch: Dispatch, *, limit: int = FIRE_BATCH) -> i
     fired = rt.timers.fire_due(limit=limit, pipelines=pipelines, route=_route)
     for each in fired:
         rt.crash(CrashPoint.AFTER_FIRE, each.step, str(each.job_id))
-    by_step: dict[tuple[str, str], list[FiredTimer]] = defaultdict(list)
+    by_step: dict[tuple[str, str, bool], list[FiredTimer]] = defaultdict(list)
     for each in fired:
-        by_step[(each.pipeline, each.next_step)].append(each)
+        by_step[(each.pipeline, each.next_step, each.resend)].append(each)
     sent: list[int] = []
-    for (pipeline, step), group in by_step.items():
+    for (pipeline, step, resend), group in by_step.items():
         job_ids = [str(each.job_id) for each in group]
-        if isinstance(dispatch, SendsMany):
+        if isinstance(dispatch, SendsMany) and not resend:
             unsent = set(dispatch.send_many(pipeline, step, job_ids))
         else:
+            # A retry goes on the retry queue, as a repeat (claimed even when read-only).
             unsent = set()
             for job_id in job_ids:
                 try:
-                    dispatch.send(pipeline, step, job_id)
+                    dispatch.send(pipeline, step, job_id, resend=resend)
                 except Exception as exc:  # noqa: BLE001 - left in the outbox
-                    logger.warning("next step of %s not sent: %s", job_id, exc)
+                    logger.warning("step of %s after its timer not sent: %s", job_id, exc)
                     unsent.add(job_id)
         sent.extend(each.id for each in group if str(each.job_id) not in unsent)
     rt.timers.mark_sent(sent)

@@ -37,7 +37,7 @@ def history_view(history: JobHistory) -> dict[str, JSON]:
         "updated_at": _time(job.updated_at),
         "finished_at": _time(job.finished_at),
         # What the job waits for, while it does ("sleeping until <time>", "waiting for
-        # signal <name> (key <key>) until <time>"), else None.
+        # signal <name> (key <key>) until <time>", "retrying at <time>"), else None.
         "waiting": next(
             (step["waiting"] for step in steps if isinstance(step, dict) and step["waiting"]),
             None,
@@ -71,7 +71,13 @@ def _step_view(
         state = "succeeded"
     waiting = _waiting(job, name, events)
     if waiting is not None:
-        state = "sleeping" if waiting.startswith("sleeping") else "waiting"
+        state = (
+            "sleeping"
+            if waiting.startswith("sleeping")
+            else "retrying"
+            if waiting.startswith("retrying")
+            else "waiting"
+        )
     elif any(event.kind in _WAIT_ENDS for event in events):
         state = "succeeded"
     errors = [
@@ -98,8 +104,8 @@ def _step_view(
         "started_at": _time(entry.started_at) if entry else None,
         "finished_at": _time(entry.finished_at) if entry else None,
         "events": [_event_view(event) for event in events],
-        # What the step waits for, while it does: "sleeping until <time>", or "waiting for
-        # signal <name> (key <key>) until <time>".
+        # What the step waits for, while it does: "sleeping until <time>", "waiting for
+        # signal <name> (key <key>) until <time>", or "retrying at <time>".
         "waiting": waiting,
     }
 
@@ -109,12 +115,16 @@ _WAIT_ENDS = (EventKind.WOKE, EventKind.SIGNALLED, EventKind.TIMED_OUT)
 
 
 def _waiting(job: Job, name: str, events: list[StepEvent]) -> str | None:
-    """What the job waits for at step `name` while it does (its wait not ended): "sleeping
-    until <time>", or "waiting for signal <name> (key <key>) until <time>"."""
-    kinds = {event.kind for event in events}
-    if job.current_step != name or kinds.intersection(_WAIT_ENDS):
+    """What the job waits for at step `name` while it does: "sleeping until <time>" or
+    "waiting for signal <name> (key <key>) until <time>" (its wait not ended), "retrying
+    at <time>" while a failed attempt of it waits for its retry timer."""
+    if job.current_step != name or str(job.state) not in ("pending", "running") or not events:
         return None
-    if str(job.state) not in ("pending", "running"):
+    last = events[-1]
+    detail = last.detail if isinstance(last.detail, dict) else {}
+    if last.kind is EventKind.FAILED and "retry_at" in detail:
+        return f"retrying at {detail['retry_at']}"
+    if {event.kind for event in events}.intersection(_WAIT_ENDS):
         return None
     began = [event for event in events if event.kind in (EventKind.SLEEPING, EventKind.WAITING)]
     if not began:

@@ -15,6 +15,8 @@ from prometheus_client.registry import Collector
 from jobs.engine.runtime import Runtime
 from jobs.worker.queues import queue_depths
 from ledger import (
+    COUNT_CAP,
+    WAITING_CAP,
     EventKind,
     Histogram,
     ItemState,
@@ -102,12 +104,14 @@ class LedgerCollector(Collector):
         found = self.timers.stats()
         yield GaugeMetricFamily(
             "oncelery_jobs_waiting_on_timers",
-            "Active jobs waiting for a timer (a sleep step, or a wait for a signal's timeout).",
+            "Active jobs waiting for a timer (a sleep step, a wait for a signal's timeout, a "
+            f"long retry); counted up to {WAITING_CAP:,}.",
             value=found.waiting_jobs,
         )
         pending = GaugeMetricFamily(
             "oncelery_timers_pending",
-            "Pending timers by due time (`overdue`: due and not fired yet).",
+            f"Pending timers by due time (`overdue`: due and not fired yet); each counted up "
+            f"to {COUNT_CAP:,}.",
             labels=["due"],
         )
         for due, count in found.pending.items():

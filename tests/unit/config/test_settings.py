@@ -400,9 +400,13 @@ def test_a_lease_shorter_than_a_second_is_refused(monkeypatch: pytest.MonkeyPatc
     assert raised.value.variable == "ONCELERY_STEP_LEASE"
 
 
-def test_the_sweeper_waits_out_the_longest_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_sweeper_waits_out_the_longest_countdown(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ONCELERY_STEP_POLICIES", '{"order-placed.act": {"backoff_max": 600}}')
+    monkeypatch.setenv("ONCELERY_RETRY_TIMER_AFTER", "600")
     assert load_settings().stalled_after == 600 + 30
+    # A delay past the timer threshold is a timer, which the sweeper leaves alone.
+    monkeypatch.setenv("ONCELERY_RETRY_TIMER_AFTER", "45")
+    assert load_settings().stalled_after == 45 + 30
 
 
 def test_the_sweeper_does_not_wait_out_the_lease(monkeypatch: pytest.MonkeyPatch) -> None:

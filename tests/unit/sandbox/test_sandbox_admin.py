@@ -9,7 +9,14 @@ import pytest
 from jobs.sandbox import Faults
 from tests.sandbox_client import SandboxClient
 
-NO_FAULTS = {"fault_rate": 0.0, "timeout_rate": 0.0, "lost_reply_rate": 0.0, "latency_ms": 0}
+NO_FAULTS = {
+    "fault_rate": 0.0,
+    "timeout_rate": 0.0,
+    "lost_reply_rate": 0.0,
+    "rate_limited_rate": 0.0,
+    "retry_after_seconds": 1,
+    "latency_ms": 0,
+}
 
 
 def _charge(sandbox: SandboxClient, order_id: str, key: str) -> None:
