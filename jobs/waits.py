@@ -28,8 +28,9 @@ Until = Callable[[Mapping[str, JSON], Mapping[str, JSON]], datetime] | str
 
 
 def _never_run(ctx: StepContext[object]) -> JSON:
-    # A wait step is never run by a worker: its timer (or signal) moves the job past it. A
-    # message for it (a replay of its dead letter, say) fails for good rather than skip it.
+    # A wait step is never run by a worker: its timer (or signal) moves the job past it, and
+    # a message for it arms or absorbs the wait (`jobs.engine.wait_messages`) before any
+    # claim. Should one get here anyway, it fails for good rather than skip the wait.
     raise PermanentError(f"wait step {ctx.step!r} runs only when its wait ends")
 
 

@@ -434,6 +434,12 @@ class StepLedger:
 
         self.retrying(attempt)
 
+    def arm_wait(
+        self, job_id: UUID, step: str, due: datetime | timedelta, wait: SignalWait | None
+    ) -> JobState | bool:
+        """Arm a job's wait from a message of the wait step (`timed_records.arm_wait`)."""
+        return timed_records.arm_wait(self, job_id, step, due, wait)
+
     def retrying(self, call: Callable[[], T]) -> T:
         """Run `call`, retrying while the database is unavailable (every write here is
         idempotent per owner token, so a retry after an ambiguous commit is safe)."""

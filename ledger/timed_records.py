@@ -10,12 +10,15 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ledger import db, queries
 from ledger.outcomes import Failure, Record
+from ledger.schema import jobs, timers
 from ledger.signals import take_kept
 from ledger.types import (
+    ACTIVE_JOB_STATES,
     JSON,
     Claim,
     EventKind,
@@ -140,3 +143,43 @@ def arm_retry(conn: Connection, job_id: UUID, step: str, retry_in: float) -> dat
     due = timedelta(seconds=retry_in)
     insert = queries.insert_timer(conn.dialect.name, job_id, step, TimerKind.RETRY, due)
     return db.as_utc(conn.execute(insert).scalar_one())
+
+
+def arm_wait(
+    ledger: StepLedger,
+    job_id: UUID,
+    step: str,
+    due: datetime | timedelta,
+    wait: SignalWait | None,
+) -> JobState | bool:
+    """For a message of wait `step` (which no worker runs): if the job is at that wait with
+    no pending timer — moved there without one (a person's `dlq resolve` of the step before,
+    a replay of the wait's own dead letter) — arm it now, as the record that moves a job
+    there would. True: the job waits (its timer was pending, or is set now); False: it is
+    not at this wait (a stale copy, absorbed); a state: a kept signal moved it past the wait
+    (its next step is the caller's to publish)."""
+    timer = timers.c
+
+    def attempt() -> JobState | bool:
+        with db.transaction(ledger.engine) as conn:
+            at = (
+                sa.select(jobs.c.id)
+                .where(
+                    jobs.c.id == job_id,
+                    jobs.c.current_step == step,
+                    jobs.c.state.in_([str(state) for state in ACTIVE_JOB_STATES]),
+                )
+                .with_for_update()
+            )
+            if conn.execute(at).one_or_none() is None:
+                return False
+            of_the_wait = (timer.job_id == job_id, timer.step == step)
+            pending = sa.select(timer.id).where(*of_the_wait, timer.state == "pending")
+            if conn.execute(pending.limit(1)).one_or_none() is not None:
+                return True
+            # A timer of an earlier pass (fired or cancelled while the job was elsewhere).
+            conn.execute(sa.delete(timers).where(*of_the_wait, timer.state != "pending"))
+            moved = set_wait(conn, job_id, step, due, wait)
+            return moved if moved is not None else True
+
+    return ledger.retrying(attempt)

@@ -36,6 +36,7 @@ from jobs.engine.run_state import (
     takes_over,
 )
 from jobs.engine.runtime import Runtime
+from jobs.engine.wait_messages import arm_from_message
 from jobs.maps import MapStep, is_map
 from jobs.outside import watching
 from jobs.pipelines import Delivery, Pipeline, Step, StepContext
@@ -118,6 +119,9 @@ def run_steps(
 
 def _run(run: Run, job_ids: Sequence[str]) -> list[Outcome]:
     step = run.first
+    if isinstance(step, Wait):
+        # No worker runs a wait: its message is a stale copy, or its job has no timer yet.
+        return [arm_from_message(run.rt, run.dispatch, run.pipeline, step, j) for j in job_ids]
     try:
         for job_id in job_ids:
             run.rt.crash(CrashPoint.BEFORE_CLAIM, step.name, job_id)

@@ -282,3 +282,25 @@ def test_a_wait_whose_key_cannot_be_told_dead_letters_the_job(runtime: Runtime) 
 
     job = runtime.store.get_job(uuid.UUID(job_id))
     assert (job.state, job.current_step) == (JobState.DEAD_LETTERED, "wait")
+
+
+def test_a_job_put_at_its_wait_without_a_timer_takes_a_kept_signal_from_the_waits_message(
+    runtime: Runtime,
+) -> None:
+    """A person's `dlq resolve` of the step before moves the job to the wait with no timer
+    and sends the wait's message: it arms the wait, here by taking the signal kept for it."""
+    pipeline, dispatch = waiting(), RecordingDispatch()
+    job_id = start(runtime, pipeline)
+    reach_wait(runtime, dispatch, pipeline, job_id)
+    with runtime.engine.begin() as conn:
+        conn.execute(sa.delete(timers).where(timers.c.job_id == uuid.UUID(job_id)))
+    signal(runtime, dispatch, word_of(runtime, job_id), "late", None)  # no pending wait: kept
+    dispatch.sent.clear()
+
+    outcome = run_step(runtime, dispatch, pipeline, pipeline.step("wait"), job_id)  # type: ignore[arg-type]
+
+    assert outcome is Outcome.SUCCEEDED
+    assert dispatch.sent == [(pipeline.name, "second", job_id)]
+    job = runtime.store.get_job(uuid.UUID(job_id))
+    assert (job.state, job.current_step) == (JobState.RUNNING, "second")
+    assert job.results["wait"]["signal_id"] == "late"  # type: ignore[index,call-overload]

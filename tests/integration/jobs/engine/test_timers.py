@@ -504,3 +504,37 @@ def test_a_timer_whose_step_is_gone_dead_letters_its_job_and_the_others_fire(
     [letter] = DeadLetterStore(engine=runtime.engine).list()
     assert (letter.step, letter.message) == ("nap", f"pipeline {gone.name!r} has no step 'nap'")
     assert {row.state for row in timer_rows(runtime.engine, lost)} == {"fired"}
+
+
+def test_a_stray_message_of_a_sleep_step_is_absorbed_and_a_missing_timer_armed(
+    runtime: Runtime,
+) -> None:
+    """An outbox resends the step its job was at when it published, by then perhaps a wait;
+    a person's `dlq resolve` of the step before moves the job to the wait with no timer and
+    sends it. Neither message may dead-letter the job (no worker runs a wait)."""
+    pipeline, dispatch = sleeping(seconds=0.2), RecordingDispatch()
+    job_id = start(runtime, pipeline)
+    run_step(runtime, dispatch, pipeline, pipeline.step("first"), job_id)  # type: ignore[arg-type]
+    nap = pipeline.step("nap")
+
+    # A stray copy while the job sleeps: absorbed, the timer left as it is
+    assert run_step(runtime, dispatch, pipeline, nap, job_id) is Outcome.DUPLICATE  # type: ignore[arg-type]
+    [row] = timer_rows(runtime.engine, job_id)
+    assert row.state == "pending"
+    job = runtime.store.get_job(uuid.UUID(job_id))
+    assert (job.state, job.current_step) == (JobState.RUNNING, "nap")
+
+    # The job at its sleep with no timer (as a resolve leaves it): the message arms one
+    with runtime.engine.begin() as conn:
+        conn.execute(sa.delete(timers).where(timers.c.job_id == uuid.UUID(job_id)))
+    assert run_step(runtime, dispatch, pipeline, nap, job_id) is Outcome.DUPLICATE  # type: ignore[arg-type]
+    [row] = timer_rows(runtime.engine, job_id)
+    assert row.state == "pending"
+    fire_until(runtime, dispatch, 1)
+    assert dispatch.sent == [(pipeline.name, "second", job_id)]
+
+    # Once the job moved on, a late copy changes nothing
+    assert run_step(runtime, dispatch, pipeline, nap, job_id) is Outcome.INACTIVE  # type: ignore[arg-type]
+    assert [row.state for row in timer_rows(runtime.engine, job_id)] == ["fired"]
+    assert runtime.store.get_job(uuid.UUID(job_id)).state is JobState.RUNNING
+    assert DeadLetterStore(engine=runtime.engine).list(job_id=uuid.UUID(job_id)) == []
