@@ -51,4 +51,6 @@ def arm_from_message(
             dispatch.send(pipeline.name, then, job_id)
         except Exception as exc:  # noqa: BLE001 - the signal's row is its outbox: resent
             logger.warning("step after a kept signal not sent: %s", exc, extra=log)
+        else:
+            rt.signals.mark_sent([job.id], wait.name)
     return Outcome.SUCCEEDED

@@ -304,3 +304,5 @@ def test_a_job_put_at_its_wait_without_a_timer_takes_a_kept_signal_from_the_wait
     job = runtime.store.get_job(uuid.UUID(job_id))
     assert (job.state, job.current_step) == (JobState.RUNNING, "second")
     assert job.results["wait"]["signal_id"] == "late"  # type: ignore[index,call-overload]
+    [row] = signal_rows(runtime.engine)
+    assert (str(row.job_id), row.dispatched_at is not None) == (job_id, True)  # sent: no resend
