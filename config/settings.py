@@ -189,6 +189,15 @@ class Settings(BaseSettings):
     retry_backoff_base: float = Field(default=0.5, gt=0, le=3_600)
     #: The longest delay between two attempts, in seconds.
     retry_backoff_max: float = Field(default=30.0, gt=0, le=86_400)
+    #: A retry whose delay is longer than this (or than its step's `backoff_max`: only a
+    #: provider's `Retry-After` asks for more) waits as a timer row, not as a Celery
+    #: countdown, which a worker holds unacknowledged until due (see
+    #: `jobs.engine.records.waits_as_timer`). Well below Redis's visibility timeout and
+    #: RabbitMQ's `consumer_timeout`.
+    retry_timer_after: float = Field(default=30.0, ge=1, le=600)
+    #: The longest wait a provider's `Retry-After` may ask for, in seconds: honoured in full
+    #: up to this (a longer one waits this long).
+    retry_after_max: float = Field(default=86_400.0, gt=0, le=30 * 86_400)
     #: Modules declaring extra pipelines, imported by workers and the CLI (comma-separated),
     #: after the shipped ones (`SHIPPED_PIPELINES`).
     pipelines: Annotated[tuple[str, ...], NoDecode] = ()
@@ -220,6 +229,9 @@ class Settings(BaseSettings):
     #: Seconds after which a job whose first step never reached the broker is sent by the
     #: relay (the API process and every sweep run it).
     relay_after: float = Field(default=5.0, gt=0, le=86_400)
+    #: `order-fulfilment`: seconds an order waits for its `shipped` signal before the
+    #: customer is sent a reminder instead (read when the order reaches its wait).
+    ship_reminder_after: float = Field(default=3 * 86_400.0, gt=0, le=365 * 86_400)
     #: The HTTP intake's Postgres connections: seconds to connect, seconds a statement may
     #: run, seconds of silence before TCP keepalive probes (a hung or vanished server then
     #: fails requests with 503 instead of holding them).
@@ -361,13 +373,16 @@ class Settings(BaseSettings):
         once when the lease has expired (its owner is dead), so a claimed step needs no
         wait. What remains are the gaps no lease covers, and a job is in one at a time: a
         read-only step runs unclaimed (up to its time limit), a failed attempt waits for
-        its retry (up to the longest backoff), and a message travels and waits in a
-        worker's prefetch (the 30 s; queued messages add their drain time in the sweeper)."""
+        its retry's countdown (up to the longest backoff, at most `retry_timer_after`: a
+        longer wait is a timer), and a message travels and waits in a worker's prefetch
+        (the 30 s; queued messages add their drain time in the sweeper)."""
         if self.sweep_stalled_after is not None:
             return self.sweep_stalled_after
         policies = self.step_policies.values()
-        longest_backoff = max(
-            [self.retry_backoff_max] + [p.backoff_max for p in policies if p.backoff_max]
+        # Delays longer than `retry_timer_after` are timers, which the sweeper leaves alone.
+        longest_backoff = min(
+            self.retry_timer_after,
+            max([self.retry_backoff_max] + [p.backoff_max for p in policies if p.backoff_max]),
         )
         longest_limit = max(
             [self.step_time_limit] + [p.time_limit for p in policies if p.time_limit]

@@ -1,6 +1,7 @@
-"""oncelery's public API: declare pipelines of steps (map and sleep steps too), their delivery,
-retry policy and limits, the errors steps raise; start jobs (`enqueue`), wait for them (`wait`);
-`exactly_once` for the Celery tasks of any app; `jobs.app` is the Celery app (`celery -A jobs`)."""
+"""oncelery's public API: declare pipelines of steps (map, sleep and signal-wait steps too),
+their delivery, retry policy and limits, the errors steps raise; start jobs (`enqueue`), wait
+for them (`wait`), signal the jobs that wait (`signal`); `exactly_once` for the Celery tasks of
+any app; `jobs.app` is the Celery app (`celery -A jobs`)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from jobs.limits import ConcurrencyLimit, RateLimit
 from jobs.maps import Expand, ItemContext, MapPolicy, MapStep
 from jobs.pipelines import Delivery, Pipeline, Step, StepContext
 from jobs.retry import RetryPolicy
-from jobs.waits import Sleep
-from ledger import EventConflict
+from jobs.signals import InvalidSignal
+from jobs.waits import Sleep, WaitForSignal
+from ledger import EventConflict, SignalConflict, SignalOutcome
 
 if TYPE_CHECKING:
     from celery import Celery
 
-    from jobs.client import enqueue, wait
+    from jobs.client import enqueue, signal, wait
     from jobs.tasks import exactly_once, idempotency_key
 
     app: Celery
@@ -28,6 +30,7 @@ __all__ = [
     "EventConflict",
     "Expand",
     "InvalidEvent",
+    "InvalidSignal",
     "ItemContext",
     "JobError",
     "MapPolicy",
@@ -36,15 +39,19 @@ __all__ = [
     "Pipeline",
     "RateLimit",
     "RetryPolicy",
+    "SignalConflict",
+    "SignalOutcome",
     "Sleep",
     "Step",
     "StepContext",
     "TransientError",
     "UnknownPipeline",
+    "WaitForSignal",
     "app",
     "enqueue",
     "exactly_once",
     "idempotency_key",
+    "signal",
     "wait",
 ]
 
@@ -57,7 +64,7 @@ def __getattr__(name: str) -> object:
         from jobs.worker import app  # noqa: PLC0415
 
         return app
-    if name in ("enqueue", "wait"):
+    if name in ("enqueue", "signal", "wait"):
         from jobs import client  # noqa: PLC0415
 
         return getattr(client, name)

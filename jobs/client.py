@@ -1,6 +1,7 @@
-"""`enqueue` and `wait`: start a job of any declared pipeline from any Python process (a web
-view, a script, a step), alone or inside the caller's own database transaction, and wait for
-its end. What they need is built from the settings on first use, once per process."""
+"""`enqueue`, `wait` and `signal`: start a job of any declared pipeline from any Python process
+(a web view, a script, a step), alone or inside the caller's own database transaction, wait
+for its end, and signal the jobs that wait. What they need is built from the settings on
+first use, once per process."""
 
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ from config import Settings, get_settings
 from jobs.engine.dispatch import Dispatch
 from jobs.engine.enqueue import start_jobs
 from jobs.engine.runtime import Runtime, load_pipelines
+from jobs.engine.signals import send_signal
 from jobs.events import payload_event
 from jobs.ops.history import history_view
 from jobs.pipelines import Pipeline, registry
-from ledger import JSON, wait_for_end
+from jobs.signals import new_signal
+from ledger import JSON, SignalOutcome, wait_for_end
 
 R = TypeVar("R")
 
@@ -92,6 +95,31 @@ def wait(job_id: str | UUID, timeout: float) -> dict[str, JSON]:
     if wait_for_end(store, job, timeout) is None:
         raise TimeoutError(f"job {job} did not end within {timeout:g} s")
     return history_view(store.history(job))
+
+
+def signal(name: str, key: str, *, signal_id: str, data: JSON = None) -> SignalOutcome:
+    """Send a signal: to the oldest job waiting for `name` with `key` (a `WaitForSignal`
+    step), which moves on at once with the signal's id and data as the wait's result — or,
+    if none waits, kept for the first wait of that name and key to come.
+
+    Idempotent by `signal_id`: the same id again (same key and data) changes nothing. Whether
+    the wait's timeout fired first or the signal came first, one compare-and-set decides,
+    and the loser changes nothing (a signal that came too late stays kept).
+
+    Returns:
+        `SignalOutcome.RECORDED` (`"recorded"`) or `SignalOutcome.DUPLICATE`.
+
+    Raises:
+        InvalidSignal: the name, key, id or data is not valid (the message names which).
+        SignalConflict: the id was sent before with another key or other data (nothing is
+            written).
+        UnknownPipeline: the job waiting for it is of a pipeline this process does not
+            declare (add its module to `ONCELERY_PIPELINES`).
+    """
+    found = new_signal(name, key, signal_id, data)
+    state = _state()
+    load_pipelines(state.settings)
+    return send_signal(state.runtime, state.dispatch(), found).outcome
 
 
 def _pipeline(pipeline: Pipeline[R] | str) -> Pipeline[object]:

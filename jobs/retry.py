@@ -112,9 +112,20 @@ def backoff(attempt: int, policy: RetryPolicy, draw: float) -> float:
 
 
 def decide(
-    exc: BaseException, attempt: int, policy: RetryPolicy, rng: random.Random | None = None
+    exc: BaseException,
+    attempt: int,
+    policy: RetryPolicy,
+    rng: random.Random | None = None,
+    *,
+    retry_after_max: float | None = None,
 ) -> Verdict:
-    """Whether, and when, to try again after `exc` ended attempt number `attempt`."""
+    """Whether, and when, to try again after `exc` ended attempt number `attempt`.
+
+    Args:
+        retry_after_max: the longest wait a `Retry-After` may ask for (None: the policy's
+            `backoff_max`, for a retry that can only wait as a countdown). Our own backoff
+            is capped at `backoff_max`; the other side's wish is honoured up to this.
+    """
     if isinstance(exc, PermanentError) or not is_transient(exc):
         return Verdict(None, "permanent")
     if attempt >= policy.max_attempts:
@@ -122,6 +133,7 @@ def decide(
     delay = backoff(attempt, policy, (rng or random).random())
     retry_after = exc.retry_after if isinstance(exc, TransientError) else None
     if retry_after is not None:
-        # The other side said when it can take us again: never sooner, but within our cap.
-        delay = max(delay, min(retry_after, policy.backoff_max))
+        # The other side said when it can take us again: never sooner, within the cap.
+        cap = policy.backoff_max if retry_after_max is None else retry_after_max
+        delay = max(delay, min(retry_after, cap))
     return Verdict(delay, "transient")

@@ -37,12 +37,28 @@ from ledger.maps import MapLedger
 from ledger.migrations import current_revision, head_revision, upgrade
 from ledger.notices import OUTBOX_CHANNEL, Listener
 from ledger.outcomes import Failure
+from ledger.signals import (
+    NewSignal,
+    SignalConflict,
+    SignalLedger,
+    SignalOutcome,
+    SignalSent,
+    WokenJob,
+)
 from ledger.stats import Histogram, LedgerStats, Snapshot, StepTiming
 from ledger.step_ledger import StepLedger
 from ledger.step_ledger_postgres import PostgresStepLedger
 from ledger.step_ledger_sqlite import SqliteStepLedger
 from ledger.store import JobStore, JobToSend, UnfinishedStep
-from ledger.timers import DUE_NAMES, DueTimer, FiredTimer, TimerLedger, TimerStats
+from ledger.timers import (
+    COUNT_CAP,
+    DUE_NAMES,
+    WAITING_CAP,
+    DueTimer,
+    FiredTimer,
+    TimerLedger,
+    TimerStats,
+)
 from ledger.types import (
     ACTIVE_JOB_STATES,
     FINISHED_JOB_STATES,
@@ -71,6 +87,7 @@ from ledger.types import (
     Refused,
     Reopened,
     Settled,
+    SignalWait,
     StepEntry,
     StepEvent,
     StepResult,
@@ -82,10 +99,12 @@ from ledger.types import (
 
 __all__ = [
     "ACTIVE_JOB_STATES",
+    "COUNT_CAP",
     "DUE_NAMES",
     "FINISHED_JOB_STATES",
     "JSON",
     "OUTBOX_CHANNEL",
+    "WAITING_CAP",
     "AlreadySucceeded",
     "Claim",
     "ClaimOutcome",
@@ -135,6 +154,7 @@ __all__ = [
     "MapLedger",
     "NewItem",
     "NewJob",
+    "NewSignal",
     "OutcomeUnknown",
     "PostgresLimits",
     "PostgresStepLedger",
@@ -147,6 +167,11 @@ __all__ = [
     "Reopened",
     "SchemaMissing",
     "Settled",
+    "SignalConflict",
+    "SignalLedger",
+    "SignalOutcome",
+    "SignalSent",
+    "SignalWait",
     "SlotRule",
     "Snapshot",
     "SqliteStepLedger",
@@ -163,6 +188,7 @@ __all__ = [
     "TimerState",
     "TimerStats",
     "UnfinishedStep",
+    "WokenJob",
     "create_engine",
     "current_revision",
     "first_reading",

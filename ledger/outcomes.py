@@ -209,10 +209,15 @@ class Failure:
     outcome_unknown: bool = False
     #: Why the job is dead-lettered, when `retry_in` is None.
     reason: DeadLetterReason | None = None
+    #: The retry waits as a timer row (`TimerKind.RETRY`, due `retry_in` seconds from the
+    #: database's clock), set in the record's transaction, instead of a broker message.
+    retry_timer: bool = False
 
     def __post_init__(self) -> None:
         if self.outcome_unknown and self.retry_in is not None:
             raise ValueError("an attempt whose outcome is unknown is not retried")
+        if self.retry_timer and self.retry_in is None:
+            raise ValueError("only a retry waits as a timer")
 
 
 @dataclass(frozen=True)

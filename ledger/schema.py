@@ -262,8 +262,12 @@ timers = sa.Table(
     sa.Column("created_at", Timestamp, nullable=False),
     sa.Column("fired_at", Timestamp, nullable=True),
     sa.Column("dispatched_at", Timestamp, nullable=True),
-    #: One wait of a kind per job and step (and item): a record repeated after an ambiguous
-    #: commit cannot set a second timer.
+    #: A wait for a signal (`signal_timeout`): the signal's name and key it takes
+    #: (`ledger.signals`); NULL for other kinds.
+    sa.Column("signal", sa.String(100), nullable=True),
+    sa.Column("signal_key", sa.String(300), nullable=True),
+    #: One wait of a kind per job and step (and map item): a record repeated after an
+    #: ambiguous commit cannot set a second timer.
     sa.UniqueConstraint("job_id", "step", "kind", "item_id"),
     sa.CheckConstraint(_one_of("kind", TimerKind), name="kind"),
     sa.CheckConstraint(_one_of("state", TimerState), name="state"),
@@ -291,6 +295,58 @@ sa.Index(
         timers.c.state == str(TimerState.FIRED), timers.c.dispatched_at.is_(None)
     ),
     sqlite_where=sa.and_(timers.c.state == str(TimerState.FIRED), timers.c.dispatched_at.is_(None)),
+)
+# A signal finds the jobs waiting for its name and key, oldest wait first (migration 0010).
+_WAITING = sa.and_(timers.c.state == str(TimerState.PENDING), timers.c.signal.is_not(None))
+sa.Index(
+    "ix_timers_signal_wait",
+    timers.c.signal,
+    timers.c.signal_key,
+    timers.c.id,
+    postgresql_where=_WAITING,
+    sqlite_where=_WAITING,
+)
+
+#: Signals (`ledger.signals`): named messages for the jobs that wait for them by key, one row
+#: per signal id (a duplicate id changes nothing). A signal no wait has taken yet is kept
+#: (`consumed_at` NULL) for the first wait of its name and key; the one that took it names its
+#: job and step, and until the job's next step is published the row is that publish's outbox
+#: (`dispatched_at` NULL).
+signals = sa.Table(
+    "signals",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(100), nullable=False),
+    sa.Column("key", sa.String(300), nullable=False),
+    sa.Column("signal_id", sa.String(200), nullable=False),
+    sa.Column("data", JSONDocument, nullable=True),
+    #: Of the key and data: the same id with other content is a conflict, not a duplicate.
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("received_at", Timestamp, nullable=False),
+    #: The wait that took it (a pruned job leaves the signal taken, its job NULL).
+    sa.Column("job_id", sa.Uuid(), sa.ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True),
+    sa.Column("step", sa.String(100), nullable=True),
+    sa.Column("consumed_at", Timestamp, nullable=True),
+    sa.Column("dispatched_at", Timestamp, nullable=True),
+    sa.UniqueConstraint("name", "signal_id"),
+)
+# A wait takes the oldest kept signal of its name and key.
+sa.Index(
+    "ix_signals_kept",
+    signals.c.name,
+    signals.c.key,
+    signals.c.id,
+    postgresql_where=signals.c.consumed_at.is_(None),
+    sqlite_where=signals.c.consumed_at.is_(None),
+)
+sa.Index("ix_signals_job_id", signals.c.job_id)
+# The sweeper resends the few next steps whose publish after a signal was lost.
+_UNSENT_SIGNALS = sa.and_(signals.c.consumed_at.is_not(None), signals.c.dispatched_at.is_(None))
+sa.Index(
+    "ix_signals_unsent",
+    signals.c.consumed_at,
+    postgresql_where=_UNSENT_SIGNALS,
+    sqlite_where=_UNSENT_SIGNALS,
 )
 
 #: A limit's key (`ledger.limits`): a rate limit's theoretical arrival time (GCRA, in seconds

@@ -10,9 +10,9 @@ from datetime import datetime, timedelta
 from typing import Any, ClassVar, TypeVar
 from uuid import UUID, uuid4
 
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
-from ledger import db, queries
+from ledger import db, queries, timed_records
 from ledger.dead_letters import DeadLetterNote, write_dead_letter
 from ledger.errors import LeaseLost, LedgerError
 from ledger.limit_types import LimitRules
@@ -31,9 +31,9 @@ from ledger.types import (
     Reading,
     ReadResult,
     Recorded,
+    SignalWait,
     StepResult,
     StepState,
-    TimerKind,
 )
 
 logger = logging.getLogger(__name__)
@@ -183,15 +183,19 @@ class StepLedger:
         *,
         next_step: str | None,
         sleep_until: Sequence[datetime | timedelta] | None = None,
+        waits: Sequence[SignalWait | None] | None = None,
     ) -> list[Recorded | LedgerError]:
         """`record_success` for several claims of the same step (in one transaction on
         Postgres); for each, its record or the error `record_success` would have raised
         (`LeaseLost`, `StatementRejected`).
 
         Args:
-            sleep_until: `next_step` is a sleep step: each job's due time (a delay: from the
+            sleep_until: `next_step` is a wait step: each job's due time (a delay: from the
                 database's clock), its timer set in the transaction of its record (one
                 transaction per job).
+            waits: with `sleep_until`, for a wait for a signal: what each job waits for. A
+                signal kept for it already is taken in that transaction instead of setting
+                the timer (`ledger.signals.take_kept`; the record says `signalled`).
         """
         state = JobState.RUNNING if next_step is not None else JobState.SUCCEEDED
         records = [
@@ -206,42 +210,11 @@ class StepLedger:
         if sleep_until is None or next_step is None:
             return self._record_many(records)
         return [
-            answer(self._record_and_sleep, record, next_step, due)
-            for record, due in zip(records, sleep_until, strict=True)
+            answer(timed_records.record_and_wait, self, record, next_step, due, wait)
+            for record, due, wait in zip(
+                records, sleep_until, waits or [None] * len(records), strict=True
+            )
         ]
-
-    def _record_and_sleep(
-        self, record: Record, sleep_step: str, due: datetime | timedelta
-    ) -> Recorded:
-        """Record a success that moves its job to a sleep step, and set the job's timer, in
-        one transaction (the record's statements as on SQLite, on either database)."""
-        finish, event, advance = queries.record_statements(*record.shape)
-        values = record.values()
-        job_id = record.claim.job_id
-
-        def attempt() -> Mapping[str, Any] | None:
-            with db.transaction(self.engine) as conn:
-                if conn.execute(finish, record.finish_values()).one_or_none() is None:
-                    return None
-                conn.execute(event, values)
-                state: str = conn.execute(advance, values).scalar_one()
-                if state == JobState.RUNNING:
-                    self._sleep(conn, job_id, sleep_step, due)
-                return {"state": state}
-
-        return self._recorded(record, self.retrying(attempt))
-
-    @staticmethod
-    def _sleep(conn: Connection, job_id: UUID, step: str, due: datetime | timedelta) -> None:
-        """Set a job's sleep timer and say so in its history (in the caller's transaction)."""
-        dialect = conn.dialect.name
-        due_at: datetime | None = conn.execute(
-            queries.insert_timer(dialect, job_id, step, TimerKind.SLEEP, due)
-        ).scalar_one_or_none()
-        if due_at is None:  # set already, by an earlier commit of this record
-            return
-        until: JSON = {"until": db.as_utc(due_at).isoformat()}
-        conn.execute(queries.append_event(job_id, step, EventKind.SLEEPING, detail=until))
 
     def record_and_claim_next_steps(
         self,
@@ -301,6 +274,8 @@ class StepLedger:
         """
         if failure.retry_in is None:
             return self._record_dead_letter(claim, failure)
+        if failure.retry_timer:
+            return timed_records.record_and_arm_retry(self, claim, failure, failure.retry_in)
         detail: JSON = {"error": failure.error, "retry_in": round(failure.retry_in, 3)}
         record = Record(
             claim,
@@ -410,14 +385,17 @@ class StepLedger:
         *,
         next_step: str | None,
         sleep_until: datetime | timedelta | None = None,
+        wait: SignalWait | None = None,
     ) -> JobState:
         """Give a job the result recorded under its step's key and move it on.
 
         Usually the same business request arrived twice (two events for one order): the second
         job reuses the first one's result instead of acting again. It is also how a job whose
         key succeeded but which never moved on (a replay of a step that had in fact succeeded)
-        catches up. `sleep_until`: `next_step` is a sleep step, its timer due then (set in
-        the same transaction).
+        catches up. `sleep_until`: `next_step` is a wait step, its timer due then (set in
+        the same transaction; `wait`: what it waits for, see `record_successes`; a signal
+        kept for it moves it on at once, its next step then published by the signals'
+        outbox, `SignalLedger.take_unsent`).
         """
         adopt = queries.move_on_with_result(outcome.job_id, outcome.step, outcome.result, next_step)
         kind = EventKind.DUPLICATE if outcome.recorded_for_this_job else EventKind.DEDUPLICATED
@@ -432,7 +410,10 @@ class StepLedger:
                     return None
                 conn.execute(event)
                 if sleep_until is not None and next_step is not None and adopted == "running":
-                    self._sleep(conn, outcome.job_id, next_step, sleep_until)
+                    taken = timed_records.set_wait(
+                        conn, outcome.job_id, next_step, sleep_until, wait
+                    )
+                    return taken or JobState(adopted)
                 return JobState(adopted)
 
         state = self.retrying(attempt)
@@ -496,6 +477,12 @@ class StepLedger:
                     conn.execute(queries.end_started(key, started_as))
 
         self.retrying(attempt)
+
+    def arm_wait(
+        self, job_id: UUID, step: str, due: datetime | timedelta, wait: SignalWait | None
+    ) -> JobState | bool:
+        """Arm a job's wait from a message of the wait step (`timed_records.arm_wait`)."""
+        return timed_records.arm_wait(self, job_id, step, due, wait)
 
     def retrying(self, call: Callable[[], T]) -> T:
         """Run `call`, retrying while the database is unavailable (every write here is

@@ -55,9 +55,10 @@ class TimerKind(enum.StrEnum):
 
     #: A sleep step: the job moves on to the step after it.
     SLEEP = "sleep"
-    #: A wait for a signal that did not come in time (not built yet).
+    #: A wait for a signal (`jobs.WaitForSignal`): it fires if the signal does not come in
+    #: time; a signal that comes first ends it `cancelled` instead (`ledger.signals`).
     SIGNAL_TIMEOUT = "signal_timeout"
-    #: A retry whose delay is too long for a broker message (not built yet).
+    #: A retry whose delay is too long for a broker message: the step is sent again.
     RETRY = "retry"
     #: A step (or map item) waiting for its limit's token or slot: the step is sent again.
     LIMIT = "limit"
@@ -68,7 +69,8 @@ class TimerState(enum.StrEnum):
 
     PENDING = "pending"
     FIRED = "fired"
-    #: Its job was cancelled before it fired: it never will.
+    #: Its job was cancelled before it fired, or (a `signal_timeout`) the signal it waited
+    #: for came first: it never will.
     CANCELLED = "cancelled"
 
 
@@ -122,6 +124,15 @@ class EventKind(enum.StrEnum):
     #: The step waits for its limit (detail: `limit`, `kind`, `until`): a timer sends it
     #: again; no attempt was used.
     LIMITED = "limited"
+    #: The job reached a wait for a signal (detail: `signal`, `key`, `until`).
+    WAITING = "waiting"
+    #: The signal came first and moved the job on (detail: the wait's result, `by` signal).
+    SIGNALLED = "signalled"
+    #: The wait's timeout came first and moved the job on (detail: its result, `by` timeout).
+    TIMED_OUT = "timed_out"
+    #: A failed attempt's retry timer fired: the step is sent again (detail: `due_at`,
+    #: `fired_at`). The failure's event says when it was due (`retry_at`).
+    RETRY_DUE = "retry_due"
 
 
 class DeadLetterState(enum.StrEnum):
@@ -331,6 +342,20 @@ class Recorded:
 
     key: str
     job_state: JobState
+    #: The record moved the job to a wait for a signal that was kept already: the wait took
+    #: it at once and the job is past the wait (publish its next step, then
+    #: `SignalLedger.mark_sent`).
+    signalled: bool = False
+
+
+@dataclass(frozen=True)
+class SignalWait:
+    """What a job reaching a wait step waits for: a signal's name and key (`ledger.signals`),
+    and the step the signal moves it on to (None: the wait is the last step)."""
+
+    signal: str
+    key: str
+    then: str | None
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,12 @@ order-specific. Workers load them through `ONCELERY_PIPELINES=tests.toy_pipeline
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from config import Settings
-from jobs import Delivery, PermanentError, Pipeline, Sleep, Step, StepContext
+from jobs import Delivery, PermanentError, Pipeline, Sleep, Step, StepContext, WaitForSignal
 from jobs.provider import ProviderClient
 from ledger import JSON
 
@@ -132,6 +133,44 @@ toy_wait: Pipeline[ProviderClient] = Pipeline(
         Step("measure", measure, key="toy-wait:{word}:measure"),
         Sleep("cool_off", until="wake_at"),
         Step("announce", announce, key="toy-wait:{word}:announce", effect="notification"),
+    ],
+    resources=_provider,
+)
+
+
+def answer(ctx: StepContext[ProviderClient]) -> JSON:
+    """An effectful step after a wait for a signal: one notification whose template says
+    which won (the wait's result), under one key whichever it was."""
+    waited = ctx.results["await_go"]
+    assert isinstance(waited, dict)
+    template = "word_signalled" if waited["by"] == "signal" else "word_timed_out"
+    sent = ctx.resources.post(
+        "/notifications",
+        {
+            "order_id": f"toy-{ctx.context['word']}",
+            "customer_id": "toy",
+            "template": template,
+            "data": {"signal_id": waited["signal_id"]},
+        },
+        idempotency_key=ctx.key,
+    )
+    return {"notification_id": sent["id"], "template": template}
+
+
+def _timeout(context: Mapping[str, JSON], _results: Mapping[str, JSON]) -> float:
+    seconds = context.get("timeout", 60)
+    assert isinstance(seconds, int | float)
+    return float(seconds)
+
+
+#: A pure step, a wait for signal `go` keyed by the word (up to the job's `timeout`
+#: seconds, 60 by default), then an exactly-once notification saying which came first.
+toy_signal: Pipeline[ProviderClient] = Pipeline(
+    name="toy-signal",
+    steps=[
+        Step("measure", measure, key="toy-signal:{word}:measure"),
+        WaitForSignal("await_go", signal="go", key="{word}", timeout=_timeout),
+        Step("answer", answer, key="toy-signal:{word}:answer", effect="notification"),
     ],
     resources=_provider,
 )

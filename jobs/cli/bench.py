@@ -3,6 +3,7 @@ under load; `--map N`: a map step against a chord)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
@@ -49,12 +50,29 @@ def bench(
             help="A map step of this many no-op items against a Celery chord of as many.",
         ),
     ] = 0,
+    timers: Annotated[
+        int,
+        typer.Option(
+            "--timers",
+            min=0,
+            max=10_000_000,
+            help="The timer loop with this many timers pending, against none.",
+        ),
+    ] = 0,
+    timer_rate: Annotated[
+        float, typer.Option(min=1.0, max=10_000.0, help="--timers: timers due per second.")
+    ] = 1000.0,
+    timer_seconds: Annotated[
+        float, typer.Option(min=1.0, max=600.0, help="--timers: seconds of the due stream.")
+    ] = 30.0,
     as_json: JsonFlag = False,
 ) -> None:
     """Measure bare Celery against oncelery (chained, fast path, fast path + sandbox) in fresh
     workers, in a database of its own (<DATABASE_URL's name>_bench); needs Postgres. With
     --intake: --orders signed events posted to `oncelery api` at --concurrency, --runs times.
-    With --map N: a map step of N items against `chord(group)` (results in --redis-url)."""
+    With --map N: a map step of N items against `chord(group)` (results in --redis-url).
+    With --timers N: the timer loop and a worker firing a stream due at --timer-rate for
+    --timer-seconds, with N timers pending far ahead against none."""
     from jobs.tools.bench.command import (
         BenchOptions,
         brokers_for,
@@ -87,6 +105,14 @@ def bench(
         else:
             print_intake(runs_done, stdout)
         return
+    if timers:
+        from jobs.tools.bench.command import run_timers
+        from jobs.tools.bench.timers import TimerOptions
+
+        timer_options = TimerOptions(pending=timers, rate=timer_rate, seconds=timer_seconds)
+        timer_report = run_timers(settings, brokers, timer_options, log)
+        _show(as_json, timer_report.as_json, lambda: timer_report.print(stdout))
+        return
     if map_items:
         map_options = BenchOptions(brokers=brokers, orders=map_items, runs=runs)
         map_report = run_map_bench(settings, map_options, redis_url, log)
@@ -105,7 +131,13 @@ def bench(
         seed_jobs=seed_jobs,
     )
     report = run_bench(settings, options, log)
+    _show(as_json, report.as_json, lambda: report.print(stdout))
+
+
+def _show(
+    as_json: bool, as_object: Callable[[], dict[str, object]], for_people: Callable[[], None]
+) -> None:
     if as_json:
-        print_json(report.as_json())
+        print_json(as_object())
     else:
-        report.print(stdout)
+        for_people()

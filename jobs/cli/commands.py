@@ -85,6 +85,54 @@ def enqueue(
             )
 
 
+#: The command line's names of a signal's fields, for its errors.
+_SIGNAL_OPTIONS = {"name": "NAME", "key": "--key", "signal_id": "--id", "data": "--data"}
+
+
+@cli.command()
+def signal(
+    name: Annotated[str, typer.Argument(help="The signal's name (what a wait step waits for).")],
+    key: Annotated[str, typer.Option("--key", help="Which waits it is for (an order id).")],
+    signal_id: Annotated[
+        str, typer.Option("--id", help="The signal's id: sent again, it changes nothing.")
+    ],
+    data: Annotated[
+        str | None, typer.Option("--data", help="JSON the waiting step reads (any value).")
+    ] = None,
+) -> None:
+    """Send a signal: the oldest job waiting for NAME with KEY moves on at once; if none
+    waits, the signal is kept for the first wait to come. Prints `recorded`, or `duplicate`
+    when the id was sent before (the same id with another key or data is exit 2)."""
+    from jobs.engine.runtime import Runtime, load_pipelines
+    from jobs.engine.signals import send_signal
+    from jobs.signals import InvalidSignal, new_signal
+    from jobs.worker import CeleryDispatch
+    from ledger import SignalConflict
+
+    value: JSON = None
+    if data is not None:
+        try:
+            value = json.loads(data)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            problem = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+            raise BadInput(f"--data: not JSON ({problem})") from None
+    try:
+        found = new_signal(name, key, signal_id, value)
+    except InvalidSignal as exc:
+        field, _, problem = exc.problem.partition(": ")
+        raise BadInput(f"{_SIGNAL_OPTIONS.get(field, field)}: {problem}") from None
+    settings = get_settings()
+    load_pipelines(settings)
+    rt = Runtime.from_settings(settings)
+    try:
+        sent = send_signal(rt, CeleryDispatch(), found)
+    except SignalConflict as exc:
+        raise BadInput(f"--id: {exc}") from None
+    finally:
+        rt.close()
+    stdout.print(str(sent.outcome), highlight=False)
+
+
 def _read_source(source: str) -> str:
     if source == "-":
         return sys.stdin.read()

@@ -4,17 +4,15 @@ from `jobs.cli.bench`)."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Protocol, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-from rich.table import Table
 
 from config import get_settings
 from jobs.cli.bench import bench
-from jobs.cli.support import BadInput, JsonFlag, print_json, stderr, stdout
+from jobs.cli.reports import counting_orders, print_figures, verdict
+from jobs.cli.support import BadInput, JsonFlag, print_json, stderr
 
 if TYPE_CHECKING:
     from jobs.tools.chaos import ChaosOptions
@@ -45,7 +43,14 @@ def register(cli: typer.Typer) -> None:
 
 
 #: The pipelines `oncelery demo --pipeline` runs.
-DEMO_PIPELINES = ("order-placed", "places-crawl")
+DEMO_PIPELINES = ("order-placed", "places-crawl", "order-fulfilment")
+#: Seconds an order-fulfilment order waits for its `shipped` signal in a demo or chaos run.
+ReminderAfter = Annotated[
+    float | None,
+    typer.Option(
+        min=0.1, help="order-fulfilment: seconds an order waits to be shipped (then a reminder)."
+    ),
+]
 
 
 def demo(
@@ -72,10 +77,12 @@ def demo(
     timeout: Annotated[
         float, typer.Option(min=1.0, help="Give up waiting after this many seconds.")
     ] = 600.0,
+    reminder_after: ReminderAfter = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Start the sandbox and workers, run N generated orders (or crawls), and report what the
-    provider saw."""
+    provider saw. order-fulfilment: half the orders are signalled shipped (some before their
+    job waits, some twice), the others get a reminder after --reminder-after seconds."""
     from jobs.tools.demo import DemoOptions, run_demo
 
     if pipeline not in DEMO_PIPELINES:
@@ -84,6 +91,24 @@ def demo(
         raise BadInput("--fault-rate, --timeout-rate and --lost-reply-rate add up to more than 1")
     if pipeline != "places-crawl" and places_rate is not None:
         raise BadInput("--places-rate: for --pipeline places-crawl only")
+    if pipeline != "order-fulfilment" and reminder_after is not None:
+        raise BadInput("--reminder-after: for --pipeline order-fulfilment only")
+    if pipeline == "order-fulfilment":
+        if declined_rate:
+            raise BadInput("--declined-rate: not with --pipeline order-fulfilment")
+        from jobs.cli.fulfilment import fulfilment_demo
+        from jobs.tools.fulfilment_demo import FulfilmentDemoOptions
+
+        chosen_orders = FulfilmentDemoOptions(
+            orders=orders,
+            reminder_after=reminder_after or FulfilmentDemoOptions.reminder_after,
+            sandbox=_faults(fault_rate, timeout_rate, lost_reply_rate, latency_ms),
+            workers=workers,
+            concurrency=concurrency,
+            timeout=timeout,
+        )
+        fulfilment_demo(chosen_orders, as_json=as_json)
+        return
     if pipeline == "places-crawl":
         if declined_rate:
             raise BadInput("--declined-rate: crawls have no cards to decline")
@@ -114,15 +139,23 @@ def demo(
         timeout=timeout,
     )
     settings = get_settings()
-    report = _counting_orders(
+    report = counting_orders(
         orders, quiet=as_json, run=lambda progress: run_demo(settings, options, progress)
     )
     if as_json:
         print_json(report.as_json())
     else:
-        _print_demo(report.as_json())
+        print_figures(report.as_json())
     if report.stuck or not report.audit_clean:
         raise typer.Exit(1)
+
+
+def _faults(fault_rate: float, timeout_rate: float, lost: float, latency_ms: int) -> list[str]:
+    """The sandbox's options for these faults."""
+    return [
+        *("--fault-rate", str(fault_rate), "--timeout-rate", str(timeout_rate)),
+        *("--lost-reply-rate", str(lost), "--latency-ms", str(latency_ms)),
+    ]
 
 
 def _crawl_demo(chosen: CrawlDemoOptions, *, as_json: bool) -> None:
@@ -130,7 +163,7 @@ def _crawl_demo(chosen: CrawlDemoOptions, *, as_json: bool) -> None:
     from jobs.tools.crawl_demo import run_crawl_demo
 
     settings = get_settings()
-    report = _counting_orders(
+    report = counting_orders(
         chosen.crawls,
         quiet=as_json,
         run=lambda progress: run_crawl_demo(settings, chosen, progress),
@@ -139,7 +172,7 @@ def _crawl_demo(chosen: CrawlDemoOptions, *, as_json: bool) -> None:
     if as_json:
         print_json(report.as_json())
     else:
-        _print_demo(report.as_json())
+        print_figures(report.as_json())
     if report.stuck or not report.audit_clean:
         raise typer.Exit(1)
 
@@ -193,12 +226,17 @@ def chaos(
     crawls: Annotated[
         int, typer.Option(min=1, max=1_000, help="With --limits: crawls to run.")
     ] = 3,
+    pipeline: Annotated[
+        str, typer.Option(help="The orders' pipeline: order-placed or order-fulfilment.")
+    ] = "order-placed",
+    reminder_after: ReminderAfter = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Run orders while killing workers and restarting the broker and Postgres; exit 1 if any
     order was lost, doubled or left stuck. With --tasks: chains of decorated Celery tasks;
     with --map N: one map of N items, each notified exactly once, the join once; with
-    --limits N: crawls and orders under limits, none exceeded at the provider."""
+    --limits N: crawls and orders under limits, none exceeded at the provider; with
+    --pipeline order-fulfilment: half the orders signalled shipped, each notified once."""
     from jobs.tools.chaos import ChaosOptions, run_chaos
 
     if fault_rate + timeout_rate > 1:
@@ -207,8 +245,16 @@ def chaos(
         raise BadInput("--db-restart: not with --tasks (the orders' chaos restarts Postgres)")
     if tasks and map_roots:
         raise BadInput("--map: not with --tasks")
+    if pipeline not in ("order-placed", "order-fulfilment"):
+        raise BadInput(f"--pipeline: {pipeline!r}; chaos runs order-placed or order-fulfilment")
+    if reminder_after is not None and pipeline != "order-fulfilment":
+        raise BadInput("--reminder-after: for --pipeline order-fulfilment only")
+    if pipeline == "order-fulfilment" and (tasks or map_roots):
+        raise BadInput("--pipeline order-fulfilment: not with --tasks or --map")
     if limits and (tasks or map_roots or broker_restart or db_restart):
         raise BadInput("--limits: not with --tasks, --map or restarts")
+    if limits and pipeline != "order-placed":
+        raise BadInput("--limits: runs its own crawls and orders, not with --pipeline")
     options = ChaosOptions(
         orders=orders,
         kill_every=kill_every,
@@ -231,10 +277,15 @@ def chaos(
     if limits:
         _chaos_limits(options, limits, crawls, as_json=as_json)
         return
-    report = _counting_orders(
+    if pipeline == "order-fulfilment":
+        from jobs.cli.fulfilment import fulfilment_chaos
+
+        fulfilment_chaos(options, reminder_after or 30.0, as_json=as_json)
+        return
+    report = counting_orders(
         orders, quiet=as_json, run=lambda progress: run_chaos(settings, options, progress)
     )
-    _verdict(report, as_json=as_json)
+    verdict(report, as_json=as_json)
 
 
 def _chaos_map(options: ChaosOptions, *, as_json: bool) -> None:
@@ -242,12 +293,12 @@ def _chaos_map(options: ChaosOptions, *, as_json: bool) -> None:
     from jobs.tools.chaos_map import run_map_chaos
 
     settings = get_settings()
-    report = _counting_orders(
+    report = counting_orders(
         options.orders,
         quiet=as_json,
         run=lambda progress: run_map_chaos(settings, options, progress),
     )
-    _verdict(report, as_json=as_json)
+    verdict(report, as_json=as_json)
 
 
 def _chaos_limits(options: ChaosOptions, rate: int, crawls: int, *, as_json: bool) -> None:
@@ -255,13 +306,13 @@ def _chaos_limits(options: ChaosOptions, rate: int, crawls: int, *, as_json: boo
     from jobs.tools.chaos_limits import run_limit_chaos
 
     settings = get_settings()
-    report = _counting_orders(
+    report = counting_orders(
         options.orders + crawls + 1,
         quiet=as_json,
         run=lambda progress: run_limit_chaos(settings, options, rate, crawls, progress),
         what="jobs finished",
     )
-    _verdict(report, as_json=as_json)
+    verdict(report, as_json=as_json)
 
 
 def _chaos_tasks(options: ChaosOptions, *, as_json: bool) -> None:
@@ -271,62 +322,12 @@ def _chaos_tasks(options: ChaosOptions, *, as_json: bool) -> None:
     settings = get_settings()
     if settings.embedded_database or settings.broker_kind not in ("amqp", "redis"):
         raise BadInput("--tasks: needs DATABASE_URL (Postgres) and BROKER_URL (amqp or redis)")
-    report = _counting_orders(
+    report = counting_orders(
         options.orders,
         quiet=as_json,
         run=lambda progress: run_task_chaos(settings, options, progress),
     )
-    _verdict(report, as_json=as_json)
-
-
-def _counting_orders(
-    total: int,
-    *,
-    quiet: bool,
-    run: Callable[[Callable[[int, int], None]], Report],
-    what: str = "orders finished",
-) -> Report:
-    """Run `run` with a progress bar of finished orders on stderr (gone afterwards when
-    `quiet`, so stdout carries only the JSON)."""
-    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=stderr, transient=quiet) as bar:
-        task = bar.add_task(what, total=total)
-        return run(lambda done, expected: bar.update(task, completed=done, total=expected))
-
-
-class _Verdict(Protocol):
-    """What a chaos run reports (`ChaosReport`, `TaskChaosReport`)."""
-
-    @property
-    def violations(self) -> list[str]: ...
-
-    @property
-    def ok(self) -> bool: ...
-
-    def summary(self) -> str: ...
-
-    def as_json(self) -> dict[str, object]: ...
-
-
-def _verdict(report: _Verdict, *, as_json: bool) -> None:
-    """Print a chaos run's summary and first violations, then its figures; exit 1 unless ok."""
-    stderr.print(report.summary(), highlight=False)
-    for violation in report.violations[:20]:
-        stderr.print(f"  {violation}", highlight=False)
-    if as_json:
-        print_json(report.as_json())
-    else:
-        _print_demo(report.as_json())
-    if not report.ok:
-        raise typer.Exit(1)
-
-
-def _print_demo(figures: dict[str, object]) -> None:
-    table = Table("figure", "value", title="oncelery demo (counted at the provider)")
-    for name, value in figures.items():
-        if name not in ("drift", "violations"):
-            table.add_row(name, str(value))
-    stdout.print(table)
+    verdict(report, as_json=as_json)
 
 
 def sandbox(

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import logging
 import random
-from datetime import datetime, timedelta
 from uuid import UUID
 
 from jobs.engine.run_state import Outcome, Run, claim_alone, error_json, step_limits
 from jobs.engine.step_messages import no_such_job
-from jobs.engine.timers import due_or_error
+from jobs.engine.timers import wait_or_error
 from jobs.maps import is_map
 from jobs.pipelines import Step
-from jobs.waits import Sleep
+from jobs.waits import Wait
 from ledger import (
     JSON,
     AlreadySucceeded,
@@ -134,13 +133,14 @@ def _absorb_duplicate(run: Run, step: Step[object], outcome: AlreadySucceeded) -
     elif outcome.recorded_for_this_job and outcome.current_step != step.name:
         rt.ledger.note_duplicate(outcome)
         # A redelivery after the record: the next step's publish may have been lost with
-        # the worker, so publish it again; a second copy is absorbed the same way. (A sleep
-        # step's timer was set with the record: nothing to publish.)
-        sleeps = isinstance(following, Sleep)
-        if following is not None and outcome.current_step == next_name and not sleeps:
+        # the worker, so publish it again; a second copy is absorbed the same way. (A wait
+        # step's timer was set with the record: nothing to publish. Had a kept signal moved
+        # the job past it, the signals' outbox sends what follows.)
+        waits = isinstance(following, Wait)
+        if following is not None and outcome.current_step == next_name and not waits:
             dispatch.send(pipeline.name, following.name, job_id)
-    elif isinstance(following, Sleep):
-        _adopt_into_sleep(run, step, outcome, following)
+    elif isinstance(following, Wait):
+        _adopt_into_wait(run, step, outcome, following)
     # Another job's result (the same request sent twice), or this job's own result for a
     # step it never moved past (a replay of a step that had in fact succeeded): adopt it.
     elif rt.ledger.adopt_result(outcome, next_step=next_name) is JobState.RUNNING and following:
@@ -166,21 +166,27 @@ def _map_key_taken(run: Run, step: Step[object], outcome: AlreadySucceeded) -> O
     return Outcome.DEAD_LETTERED
 
 
-def _adopt_into_sleep(
-    run: Run, step: Step[object], outcome: AlreadySucceeded, sleep: Sleep[object]
+def _adopt_into_wait(
+    run: Run, step: Step[object], outcome: AlreadySucceeded, wait: Wait[object]
 ) -> None:
-    """Adopt a recorded result into a job whose next step sleeps: its timer is set in the
-    transaction that moves it there (or, its due time untellable, it is dead-lettered)."""
+    """Adopt a recorded result into a job whose next step waits: its timer is set (or the
+    signal kept for it taken: the signals' outbox then sends the step after the wait) in the
+    transaction that moves it there — or, its due time or signal untellable, it is
+    dead-lettered."""
     ledger = run.rt.ledger
     job = run.rt.store.get_job(outcome.job_id)
-    due = due_or_error(sleep, job.context, {**job.results, step.name: outcome.result})
-    if isinstance(due, datetime | timedelta):
-        ledger.adopt_result(outcome, next_step=sleep.name, sleep_until=due)
+    after = run.pipeline.next_step(wait.name)
+    then = after.name if after is not None else None
+    results = {**job.results, step.name: outcome.result}
+    found = wait_or_error(wait, job.context, results, then)
+    if isinstance(found, tuple):
+        due, signal = found
+        ledger.adopt_result(outcome, next_step=wait.name, sleep_until=due, wait=signal)
         return
-    if ledger.adopt_result(outcome, next_step=sleep.name) is JobState.RUNNING:
+    if ledger.adopt_result(outcome, next_step=wait.name) is JobState.RUNNING:
         logger.error(
-            "sleep step cannot tell when to wake: %s",
-            due.get("message"),
-            extra={"action": "dead_letter", "job_id": str(outcome.job_id), "step": sleep.name},
+            "wait step cannot tell when or what for: %s",
+            found.get("message"),
+            extra={"action": "dead_letter", "job_id": str(outcome.job_id), "step": wait.name},
         )
-        ledger.dead_letter(outcome.job_id, sleep.name, due, reason=DeadLetterReason.PERMANENT)
+        ledger.dead_letter(outcome.job_id, wait.name, found, reason=DeadLetterReason.PERMANENT)

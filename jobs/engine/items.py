@@ -4,6 +4,7 @@ their item; the join handed on by the record that settles the map's last item.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -347,6 +348,11 @@ def _act(run: ItemRun, claim: ItemClaim) -> tuple[JSON, Sequence[NewItem], float
         failure = failure_of(
             step, claim.attempt, exc, duration_ms=duration_ms, policy=policy, sent=watch.sent > 0
         )
+        longest = rt.settings.retry_timer_after
+        if failure.retry_in is not None and failure.retry_in > longest:
+            # An item's retry is a countdown (no timer of its own): never longer than the
+            # sweeper's stall time allows for (`Settings.stalled_after`).
+            failure = dataclasses.replace(failure, retry_in=longest)
         return _record_failure(run, claim, failure)
     rt.crash(CrashPoint.AFTER_ACT, step.name, run.label(claim.item_id))
     return result, children, (time.monotonic() - started) * 1000

@@ -24,10 +24,10 @@ from jobs.engine.run_state import (
     step_limits,
     takes_over,
 )
-from jobs.engine.timers import due_or_error
+from jobs.engine.timers import wait_or_error, waits_as_timer
 from jobs.maps import is_map
 from jobs.pipelines import Delivery, Step
-from jobs.waits import Sleep
+from jobs.waits import Wait
 from ledger import (
     JSON,
     Claim,
@@ -40,6 +40,7 @@ from ledger import (
     Reading,
     ReadResult,
     Recorded,
+    SignalWait,
     StatementRejected,
     StepResult,
 )
@@ -56,7 +57,8 @@ def record(
     """Record the stage's successes, moving their jobs to `following`.
 
     Returns each job's outcome (by place in the run), and the jobs that go on to
-    `following` (place in the run, job id), to be handed on.
+    `following` (place in the run, job id), to be handed on — or, when `following` is a
+    wait, the jobs a kept signal moved past it at once, to hand on to the step after it.
     """
     rt = run.rt
     answers = _recorded(run, acted, following)
@@ -69,7 +71,8 @@ def record(
             continue
         logger.info("step succeeded", extra={"action": "succeeded", **log_fields(each.held)})
         rt.crash(CrashPoint.AFTER_RECORD, step.name, each.job_id)
-        if following is not None and answer.job_state is JobState.RUNNING:
+        waits = isinstance(following, Wait) and not answer.signalled
+        if following is not None and answer.job_state is JobState.RUNNING and not waits:
             going_on.append((each.index, each.job_id))
         outcomes[each.index] = Outcome.SUCCEEDED
     return outcomes, going_on
@@ -85,8 +88,8 @@ def _recorded(
     claimed = [each for each in acted if isinstance(each.done, StepResult)]
     read = [each for each in acted if isinstance(each.done, ReadResult)]
     answers: dict[int, Recorded | LedgerError | None] = {}
-    if claimed and isinstance(following, Sleep):
-        answers.update(_recorded_into_sleep(run, claimed, following))
+    if claimed and isinstance(following, Wait):
+        answers.update(_recorded_into_wait(run, claimed, following))
     elif claimed:
         done = [each.done for each in claimed if isinstance(each.done, StepResult)]
         records = ledger.record_successes(done, next_step=next_step)
@@ -100,61 +103,65 @@ def _recorded(
     return answers
 
 
-def _recorded_into_sleep(
-    run: Run, claimed: list[Acted], sleep: Sleep[object]
+def _recorded_into_wait(
+    run: Run, claimed: list[Acted], wait: Wait[object]
 ) -> dict[int, Recorded | LedgerError]:
-    """Record successes that move their jobs to a sleep step, each with its timer in the
-    same transaction. A job whose due time cannot be told (its `until` field is not a time)
-    is recorded without one and dead-lettered at the sleep step."""
+    """Record successes that move their jobs to a wait step, each with its timer (or the
+    signal kept for it) in the same transaction. A job whose due time or signal key cannot
+    be told (its `until` field is not a time, say) is recorded without and dead-lettered at
+    the wait step."""
     ledger = run.rt.ledger
-    timed: list[tuple[Acted, StepResult, datetime | timedelta]] = []
+    after = run.pipeline.next_step(wait.name)
+    then = after.name if after is not None else None
+    timed: list[tuple[Acted, StepResult, datetime | timedelta, SignalWait | None]] = []
     untimed: list[tuple[Acted, StepResult, dict[str, JSON]]] = []
     for each in claimed:
         done = each.done
         assert isinstance(done, StepResult)
         results = {**done.claim.results, done.claim.step: done.result}
-        due = due_or_error(sleep, done.claim.context, results)
-        if isinstance(due, datetime | timedelta):
-            timed.append((each, done, due))
+        found = wait_or_error(wait, done.claim.context, results, then)
+        if isinstance(found, tuple):
+            timed.append((each, done, *found))
         else:
-            untimed.append((each, done, due))
+            untimed.append((each, done, found))
     answers: dict[int, Recorded | LedgerError] = {}
     if timed:
         records = ledger.record_successes(
-            [done for _, done, _ in timed],
-            next_step=sleep.name,
-            sleep_until=[due for _, _, due in timed],
+            [done for _, done, _, _ in timed],
+            next_step=wait.name,
+            sleep_until=[due for _, _, due, _ in timed],
+            waits=[signal for _, _, _, signal in timed],
         )
-        answers.update(zip([each.index for each, _, _ in timed], records, strict=True))
+        answers.update(zip([each.index for each, _, _, _ in timed], records, strict=True))
     for each, done, error in untimed:
-        [recorded] = ledger.record_successes([done], next_step=sleep.name)
+        [recorded] = ledger.record_successes([done], next_step=wait.name)
         answers[each.index] = recorded
         if isinstance(recorded, Recorded) and recorded.job_state is JobState.RUNNING:
             logger.error(
-                "sleep step cannot tell when to wake: %s",
+                "wait step cannot tell when or what for: %s",
                 message_of(error),
-                extra={"action": "dead_letter", "job_id": each.job_id, "step": sleep.name},
+                extra={"action": "dead_letter", "job_id": each.job_id, "step": wait.name},
             )
-            ledger.dead_letter(
-                done.claim.job_id, sleep.name, error, reason=DeadLetterReason.PERMANENT
-            )
+            reason = DeadLetterReason.PERMANENT
+            ledger.dead_letter(done.claim.job_id, wait.name, error, reason=reason)
     return answers
 
 
-def hand_on(run: Run, step: Step[object], following: Step[object], job_ids: list[str]) -> None:
+def hand_on(run: Run, step: Step[object], following: Step[object], job_ids: list[str]) -> list[str]:
     """Publish the next step of recorded jobs: together when there are several (one wait for
     the broker's confirms); a job whose message the broker did not take waits for the
-    sweeper, its step recorded."""
+    sweeper, its step recorded. Returns those jobs."""
     if len(job_ids) == 1 or not isinstance(run.dispatch, SendsMany):
         for job_id in job_ids:
             run.dispatch_for(step, job_id).send(run.pipeline.name, following.name, job_id)
-        return
+        return []
     unsent = run.dispatch.send_many(run.pipeline.name, following.name, job_ids)
     for job_id in unsent:
         logger.warning(
             "next step not published; the sweeper will send it",
             extra={"action": "send_failed", "job_id": job_id, "step": following.name},
         )
+    return unsent
 
 
 def record_and_claim(
@@ -296,9 +303,18 @@ def handle_failure(
     if is_map(step):
         # A map step's own run only computes its items: its delivery and effect are theirs.
         judged = dataclasses.replace(step, delivery=Delivery.EXACTLY_ONCE, effect=None)
+    settings = run.rt.settings
     failure = failure_of(
-        judged, claim.attempt, exc, duration_ms=duration_ms, policy=policy, sent=sent
+        judged,
+        claim.attempt,
+        exc,
+        duration_ms=duration_ms,
+        policy=policy,
+        sent=sent,
+        retry_after_max=settings.retry_after_max,
     )
+    if waits_as_timer(failure.retry_in, policy, settings.retry_timer_after):
+        failure = dataclasses.replace(failure, retry_timer=True)
     return record_failure(run, step, claim, failure)
 
 
@@ -310,10 +326,13 @@ def failure_of(
     duration_ms: float,
     policy: retry.RetryPolicy,
     sent: bool,
+    retry_after_max: float | None = None,
 ) -> Failure:
     """How a failed attempt of `step` (or of one of its items) is recorded: retried after a
-    delay, or given up — its key `unknown` when an effect may exist."""
-    verdict = retry.decide(exc, attempt, policy)
+    delay, or given up — its key `unknown` when an effect may exist. `retry_after_max`: the
+    longest `Retry-After` honoured (None: the policy's `backoff_max`, for a retry that can
+    only be a countdown)."""
+    verdict = retry.decide(exc, attempt, policy, retry_after_max=retry_after_max)
     error = error_json(exc, retryable=verdict.delay is not None)
     if verdict.reason == "attempts_exhausted":
         error["reason"] = verdict.reason
@@ -361,11 +380,15 @@ def record_failure(run: Run, step: Step[object], claim: Claim, failure: Failure)
         )
         return Outcome.DEAD_LETTERED
     logger.warning(
-        "step failed, retrying in %.2fs: %s",
+        "step failed, retrying in %.2fs%s: %s",
         failure.retry_in,
+        " (a timer)" if failure.retry_timer else "",
         message_of(failure.error),
         extra={"action": "retry", **log_fields(claim)},
     )
     if recorded.job_state is not JobState.RUNNING:
         return Outcome.INACTIVE
+    if failure.retry_timer:
+        # Its timer, set with the record, sends the step again when due: no message waits.
+        return Outcome.RETRYING
     run.dispatch_for(step, str(claim.job_id)).retry_later(failure.retry_in)

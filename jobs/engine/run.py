@@ -37,10 +37,11 @@ from jobs.engine.run_state import (
     takes_over,
 )
 from jobs.engine.runtime import Runtime
+from jobs.engine.wait_messages import arm_from_message
 from jobs.maps import MapStep, is_map
 from jobs.outside import watching
 from jobs.pipelines import Delivery, Pipeline, Step, StepContext
-from jobs.waits import Sleep
+from jobs.waits import Wait
 from ledger import (
     JSON,
     Claim,
@@ -119,6 +120,9 @@ def run_steps(
 
 def _run(run: Run, job_ids: Sequence[str]) -> list[Outcome]:
     step = run.first
+    if isinstance(step, Wait):
+        # No worker runs a wait: its message is a stale copy, or its job has no timer yet.
+        return [arm_from_message(run.rt, run.dispatch, run.pipeline, step, j) for j in job_ids]
     try:
         for job_id in job_ids:
             run.rt.crash(CrashPoint.BEFORE_CLAIM, step.name, job_id)
@@ -148,14 +152,14 @@ def _claim_or_read(run: Run, jobs: list[UUID]) -> list[ClaimOutcome | Reading | 
         return [None] * len(jobs)
     readings: list[Reading | None] = [None] * len(jobs)
     first_tries = [index for index in range(len(jobs)) if index not in run.repeats]
-    # A step before a sleep is claimed even when read-only: its record sets the timer, in
+    # A step before a wait is claimed even when read-only: its record sets the timer, in
     # the record of a claim. So is a step with limits: its claim takes them.
-    before_sleep = isinstance(run.pipeline.next_step(step.name), Sleep)
+    before_wait = isinstance(run.pipeline.next_step(step.name), Wait)
     limits = step_limits(run, step)
     unclaimed = (
         step.delivery is Delivery.READ_ONLY
         and not is_map(step)
-        and not before_sleep
+        and not before_wait
         and limits is None
     )
     if unclaimed and first_tries and ledger.reads_unclaimed:
@@ -253,10 +257,19 @@ def _record(run: Run, step: Step[object], acted: list[Acted]) -> list[Stage]:
         run.outcomes.update(fan_out(run, step, acted))
         return []
     following = run.pipeline.next_step(step.name)
-    if isinstance(following, Sleep):
-        # The record sets the job's timer; nothing is published: the timer loop hands on.
-        outcomes, _ = record(run, step, acted, following)
+    if isinstance(following, Wait):
+        # The record sets the job's timer; nothing is published: the timer loop (or a
+        # signal) hands on — but for jobs that found their signal kept and moved past the
+        # wait at once: the step after it is published here.
+        outcomes, signalled = record(run, step, acted, following)
         run.outcomes.update(outcomes)
+        after = run.pipeline.next_step(following.name)
+        if after is not None and signalled:
+            job_ids = [job_id for _, job_id in signalled]
+            unsent = set(hand_on(run, step, after, job_ids))
+            # Those not sent stay in the signals' outbox, for the sweeper.
+            sent = [UUID(job_id) for job_id in job_ids if job_id not in unsent]
+            run.rt.signals.mark_sent(sent, following.name)
         _published(run, step, acted)
         return []
     if following is not None and run.rt.settings.fast_path:

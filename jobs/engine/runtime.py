@@ -22,6 +22,7 @@ from ledger import (
     LimitLedger,
     LimitRules,
     MapLedger,
+    SignalLedger,
     StepLedger,
     TimerLedger,
     create_engine,
@@ -45,6 +46,7 @@ class Runtime:
     _timers: TimerLedger | None = None
     _limits: LimitLedger | None = None
     _limit_rules: dict[tuple[str, str], LimitRules | None] = field(default_factory=dict)
+    _signals: SignalLedger | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, *, engine: Engine | None = None) -> Runtime:
@@ -118,6 +120,15 @@ class Runtime:
             )
         return self._limits
 
+    @property
+    def signals(self) -> SignalLedger:
+        """This process's ledger of signals (on the same engine)."""
+        if self._signals is None:
+            self._signals = SignalLedger(
+                engine=self.engine, unavailable_for=self.ledger.unavailable_for
+            )
+        return self._signals
+
     def resources_for(self, pipeline: Pipeline[object]) -> object:
         """The pipeline's resources in this process, built on first use."""
         if pipeline.name not in self._resources:
@@ -172,7 +183,7 @@ def check_configured_limits(settings: Settings) -> None:
                 "ONCELERY_LIMITS", f"{name}: no such step (expected <pipeline>.<step>)"
             ) from None
         if step.sleeps:
-            raise ConfigError("ONCELERY_LIMITS", f"{name}: a sleep step takes no limits")
+            raise ConfigError("ONCELERY_LIMITS", f"{name}: a wait step takes no limits")
         try:
             limits = effective_limits(step.limits, configured)
             check_limits(step.name, limits, items=hasattr(step, "each"))

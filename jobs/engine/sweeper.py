@@ -14,6 +14,7 @@ from typing import Final, Protocol
 from jobs.engine.dispatch import ITEMS_PER_MESSAGE, Dispatch, ItemDispatch
 from jobs.engine.enqueue import relay
 from jobs.engine.runtime import Runtime
+from jobs.engine.signals import resend_unsent_signals
 from jobs.engine.timers import resend_unsent
 from jobs.pipelines import registry
 from ledger import JobToSend
@@ -85,6 +86,8 @@ class SweepReport:
     items: int = 0
     #: Steps after fired timers sent again (their publish was lost with the timer loop).
     timers: int = 0
+    #: Steps after signals sent again (their publish was lost with their sender).
+    signals: int = 0
 
 
 # What the sweeper re-drives at once, knowing it lost:
@@ -137,6 +140,7 @@ def sweep(
     sent, since a re-drive judged without the backlog would resend every waiting job."""
     relayed = relay(rt, dispatch)
     resent_timers = resend_unsent(rt, dispatch)
+    resent_signals = resend_unsent_signals(rt, dispatch)
     # Only the declared pipelines' jobs: a decorated Celery task's are its own app's to send.
     ours = [pipeline.name for pipeline in registry]
     base = stalled_after if stalled_after is not None else rt.settings.stalled_after
@@ -153,7 +157,15 @@ def sweep(
                 stalled_after=base + MAX_BACKLOG_WAIT, limit=n, pipelines=ours
             ),
         )
-        return SweepReport(len(old), skipped, old, relayed, deferred=True, timers=resent_timers)
+        return SweepReport(
+            len(old),
+            skipped,
+            old,
+            relayed,
+            deferred=True,
+            timers=resent_timers,
+            signals=resent_signals,
+        )
     # A re-drive that nobody claimed within a few leases was lost in turn (a killed worker's
     # prefetch, which Redis gives back only after its visibility timeout): sent again.
     again = ABANDONED_AGAIN_AFTER_LEASES * rt.settings.step_lease
@@ -177,6 +189,7 @@ def sweep(
         lost=len(lost),
         items=items,
         timers=resent_timers,
+        signals=resent_signals,
     )
 
 

@@ -1,6 +1,7 @@
 """The timer loop: fires due timers (`ledger.timers`), each once, moving its job past its
-sleep step and publishing the next step after the commit; the sweeper resends a firing whose
-publish was lost. Also when a job reaching a sleep step is due."""
+wait step (a retry's or a limit's timer: sending its step again) and publishing after the
+commit; the sweeper resends a firing whose publish was lost. Also when a job reaching a wait
+step is due, what it waits for, and which retries wait as timers."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from jobs.engine.dispatch import Dispatch, ItemDispatch, SendsMany
 from jobs.engine.runtime import Runtime
 from jobs.errors import UnknownPipeline
 from jobs.pipelines import Step, registry
-from jobs.waits import Sleep
-from ledger import JSON, DueTimer, FiredTimer
+from jobs.retry import RetryPolicy
+from jobs.waits import Wait
+from ledger import JSON, DueTimer, FiredTimer, SignalWait
 
 logger = logging.getLogger(__name__)
 
@@ -34,29 +36,46 @@ EMBEDDED_POLL_INTERVAL: Final = 1.0
 _BACKOFF: Final = 2.0
 
 
-def due_or_error(
-    sleep: Sleep[object], context: Mapping[str, JSON], results: Mapping[str, JSON]
-) -> datetime | timedelta | dict[str, JSON]:
-    """When a job reaching `sleep` now wakes, or why that cannot be said (its `until` field
-    missing or not a time: an error for the job's dead letter)."""
+def waits_as_timer(delay: float | None, policy: RetryPolicy, timer_after: float) -> bool:
+    """Whether a retry `delay` seconds away waits as a timer row rather than as a message
+    with a countdown, which a worker holds unacknowledged until it is due (Redis gives it to
+    another worker after its visibility timeout, RabbitMQ closes the channel after its
+    `consumer_timeout`): when longer than `timer_after` (`ONCELERY_RETRY_TIMER_AFTER`), or
+    than the step's `backoff_max` (only a provider's `Retry-After` asks for more), so that
+    a countdown never outlasts what the sweeper's stall time allows for."""
+    return delay is not None and delay > min(timer_after, policy.backoff_max)
+
+
+def wait_or_error(
+    wait: Wait[object], context: Mapping[str, JSON], results: Mapping[str, JSON], then: str | None
+) -> tuple[datetime | timedelta, SignalWait | None] | dict[str, JSON]:
+    """When a job reaching `wait` now times out and what signal it waits for (`then`: the
+    step after the wait), or why that cannot be said (a field missing or not a time, a
+    function that raised: an error for the job's dead letter)."""
     try:
-        return sleep.due(context, results)
-    except Exception as exc:  # noqa: BLE001 - a user's `until` may raise anything
+        return wait.due(context, results), wait.signal_wait(context, then)
+    except Exception as exc:  # noqa: BLE001 - a user's `until`, `timeout` or key may raise anything
         return {"type": type(exc).__name__, "message": str(exc)[:2000], "retryable": False}
 
 
-def _route(timer: DueTimer) -> str | None:
-    """The step a fired sleep moves its job to (None: the sleep was the last step).
+def step_after(pipeline: str, step: str) -> str | None:
+    """The step a job of `pipeline` moves on to when its wait at `step` ends (None: the wait
+    was the last step).
 
     Raises:
-        LookupError: the pipeline (redeclared since) has no such step: the ledger
-            dead-letters the job rather than block the loop on it.
+        LookupError: the pipeline (redeclared since) has no such step.
     """
     try:
-        following: Step[object] | None = registry.get(timer.pipeline).next_step(timer.step)
+        following: Step[object] | None = registry.get(pipeline).next_step(step)
     except (UnknownPipeline, ValueError):
-        raise LookupError(f"pipeline {timer.pipeline!r} has no step {timer.step!r}") from None
+        raise LookupError(f"pipeline {pipeline!r} has no step {step!r}") from None
     return following.name if following is not None else None
+
+
+def _route(timer: DueTimer) -> str | None:
+    """The step a fired timer moves its job to: a `LookupError` (see `step_after`)
+    dead-letters the job rather than block the loop on it."""
+    return step_after(timer.pipeline, timer.step)
 
 
 def fire_round(rt: Runtime, dispatch: Dispatch, *, limit: int = FIRE_BATCH) -> int:
@@ -66,23 +85,24 @@ def fire_round(rt: Runtime, dispatch: Dispatch, *, limit: int = FIRE_BATCH) -> i
     fired = rt.timers.fire_due(limit=limit, pipelines=pipelines, route=_route)
     for each in fired:
         rt.crash(CrashPoint.AFTER_FIRE, each.step, str(each.job_id))
-    by_step: dict[tuple[str, str], list[FiredTimer]] = defaultdict(list)
-    waited = [each for each in fired if each.step == each.next_step]
+    by_step: dict[tuple[str, str, bool], list[FiredTimer]] = defaultdict(list)
     for each in fired:
-        if each.step != each.next_step:
-            by_step[(each.pipeline, each.next_step)].append(each)
-    sent: list[int] = send_again(dispatch, waited)
-    for (pipeline, step), group in by_step.items():
+        if not each.item_id:
+            by_step[(each.pipeline, each.next_step, each.resend)].append(each)
+    sent: list[int] = send_items_again(dispatch, [each for each in fired if each.item_id])
+    for (pipeline, step, resend), group in by_step.items():
         job_ids = [str(each.job_id) for each in group]
-        if isinstance(dispatch, SendsMany):
+        if isinstance(dispatch, SendsMany) and not resend:
             unsent = set(dispatch.send_many(pipeline, step, job_ids))
         else:
+            # A retry (or a limit's wait) goes on the retry queue, as a repeat (claimed even
+            # when read-only).
             unsent = set()
             for job_id in job_ids:
                 try:
-                    dispatch.send(pipeline, step, job_id)
+                    dispatch.send(pipeline, step, job_id, resend=resend)
                 except Exception as exc:  # noqa: BLE001 - left in the outbox
-                    logger.warning("next step of %s not sent: %s", job_id, exc)
+                    logger.warning("step of %s after its timer not sent: %s", job_id, exc)
                     unsent.add(job_id)
         sent.extend(each.id for each in group if str(each.job_id) not in unsent)
     rt.timers.mark_sent(sent)
@@ -95,21 +115,13 @@ def fire_round(rt: Runtime, dispatch: Dispatch, *, limit: int = FIRE_BATCH) -> i
     return len(fired)
 
 
-def send_again(dispatch: Dispatch, waited: list[FiredTimer]) -> list[int]:
-    """Send again the steps (and map items) whose limit timers fired, on the retry queue;
-    the ids of the timers sent (the others stay in the outbox)."""
+def send_items_again(dispatch: Dispatch, waited: list[FiredTimer]) -> list[int]:
+    """Send again the map items whose limit timers fired, on the retry queue; the ids of the
+    timers sent (the others stay in the outbox)."""
     sent: list[int] = []
     items: dict[tuple[str, str, str], list[FiredTimer]] = defaultdict(list)
     for each in waited:
-        if each.item_id:
-            items[(each.pipeline, each.step, str(each.job_id))].append(each)
-            continue
-        try:
-            dispatch.send(each.pipeline, each.step, str(each.job_id), resend=True)
-        except Exception as exc:  # noqa: BLE001 - left in the outbox
-            logger.warning("step of %s not sent again: %s", each.job_id, exc)
-            continue
-        sent.append(each.id)
+        items[(each.pipeline, each.step, str(each.job_id))].append(each)
     for (pipeline, step, job_id), group in items.items():
         if not isinstance(dispatch, ItemDispatch):
             continue

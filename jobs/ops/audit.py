@@ -20,6 +20,8 @@ from jobs.maps import is_map
 from jobs.ops.crawl_audit import Truth, audit_crawls, truth_at
 from jobs.ops.crawl_audit import summary as crawl_summary
 from jobs.ops.effects import Drift, Effect
+from jobs.ops.fulfilment_audit import audit_fulfilment
+from jobs.orders import ORDER_FULFILMENT
 from jobs.pipelines import Pipeline
 from jobs.places import PLACES_CRAWL
 from jobs.sandbox import SandboxStore, unit_amount
@@ -29,6 +31,8 @@ from ledger.map_views import MapViews
 
 #: The most places crawls the audit reads (the most recent).
 MAX_CRAWLS = 100_000
+#: The most order-fulfilment jobs the audit reads (the most recent).
+MAX_FULFILMENTS = 100_000
 #: Ledger states that may stand behind an applied effect.
 _MAY_HAVE_ACTED = (StepState.SUCCEEDED, StepState.UNKNOWN)
 
@@ -60,6 +64,8 @@ class AuditReport:
     drift: Sequence[Drift] = field(default_factory=tuple)
     #: The places crawls' figures added up (`jobs.ops.crawl_audit.summary`), if any was run.
     crawls: Mapping[str, JSON] | None = None
+    #: The fulfilment orders' figures (`jobs.ops.fulfilment_audit`), if any was run.
+    fulfilment: Mapping[str, JSON] | None = None
 
     @property
     def clean(self) -> bool:
@@ -76,6 +82,7 @@ class AuditReport:
             "in_flight": self.in_flight,
             "drift": [d.as_json() for d in self.drift],
             **({"crawls": dict(self.crawls)} if self.crawls is not None else {}),
+            **({"fulfilment": dict(self.fulfilment)} if self.fulfilment is not None else {}),
         }
 
 
@@ -224,18 +231,24 @@ def _priced(context: Mapping[str, JSON] | None) -> int | None:
 
 
 def _duplicates_per_order(effects: Sequence[Effect], drift: list[Drift]) -> dict[str, int]:
-    per_order = Counter((effect.kind, effect.order_id) for effect in effects if effect.order_id)
+    # Per template too: an order may be told several things (confirmed, then shipped), each once.
+    per_order = Counter(
+        (effect.kind, effect.order_id, effect.template) for effect in effects if effect.order_id
+    )
     duplicates: Counter[str] = Counter({effect.kind: 0 for effect in effects})
-    for (kind, order_id), count in sorted(per_order.items(), key=lambda item: str(item[0])):
+    for (kind, order_id, template), count in sorted(
+        per_order.items(), key=lambda item: str(item[0])
+    ):
         if count > 1:
             duplicates[kind] += count - 1
+            what = f"{kind} ({template})" if template else kind
             drift.append(
                 Drift(
                     "duplicate_effect_for_order",
                     kind,
                     None,
                     order_id,
-                    f"{count} {kind} effects for one order",
+                    f"{count} {what} effects for one order",
                 )
             )
     return dict(duplicates)
@@ -267,6 +280,7 @@ def effects_from_file(path: Path) -> list[Effect]:
                 row.amount,
                 crawl_id=row.crawl_id,
                 body=json.loads(json.dumps(row.body)),
+                template=row.template,
             )
             for row in store.list_effects()
         ]
@@ -307,11 +321,13 @@ def run_audit(settings: Settings, *, sandbox_db: Path | None = None) -> tuple[Au
         in_scope = [entry for _, entry in entries]
         amounts = order_amounts(in_scope, kinds, store)
         crawls = store.list_jobs(pipeline=PLACES_CRAWL, limit=MAX_CRAWLS)
+        orders = store.list_jobs(pipeline=ORDER_FULFILMENT, limit=MAX_FULFILMENTS)
         maps = map_drift(MapViews(engine=store.engine))
     finally:
         store.engine.dispose()
     report = reconcile(in_scope, kinds, effects, amounts=amounts)
     report = replace(report, drift=(*report.drift, *maps))
+    report = with_fulfilment(report, orders, effects)
     return with_crawls(report, crawls, effects, truth), source
 
 
@@ -330,6 +346,16 @@ def map_drift(views: MapViews, *, of_jobs: Collection[UUID] | None = None) -> li
         for found in views.mismatched()
         if of_jobs is None or found.job_id in of_jobs
     ]
+
+
+def with_fulfilment(
+    report: AuditReport, jobs: Sequence[Job], effects: Sequence[Effect]
+) -> AuditReport:
+    """The report with the fulfilment orders' figures and drift (`jobs.ops.fulfilment_audit`)."""
+    if not any(job.pipeline == ORDER_FULFILMENT for job in jobs):
+        return report
+    figures, drift = audit_fulfilment(jobs, effects)
+    return replace(report, drift=(*report.drift, *drift), fulfilment=figures.as_json())
 
 
 def with_crawls(

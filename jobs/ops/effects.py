@@ -21,15 +21,18 @@ class Effect:
     crawl_id: str | None = None
     #: What the effect was billed or published for (a query's search, a dataset's places).
     body: JSON = field(default=None, compare=False, repr=False)
+    #: A notification's template.
+    template: str | None = None
 
     @classmethod
     def from_json(cls, value: Mapping[str, JSON]) -> Effect:
         """From one item of `GET /sandbox/effects`."""
-        key, order, amount, crawl = (
+        key, order, amount, crawl, template = (
             value.get("idempotency_key"),
             value.get("order_id"),
             value.get("amount"),
             value.get("crawl_id"),
+            value.get("template"),
         )
         return cls(
             kind=str(value.get("kind")),
@@ -38,6 +41,7 @@ class Effect:
             amount=amount if isinstance(amount, int) else None,
             crawl_id=crawl if isinstance(crawl, str) else None,
             body=value.get("body"),
+            template=template if isinstance(template, str) else None,
         )
 
 

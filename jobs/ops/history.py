@@ -36,7 +36,8 @@ def history_view(history: JobHistory) -> dict[str, JSON]:
         "created_at": _time(job.created_at),
         "updated_at": _time(job.updated_at),
         "finished_at": _time(job.finished_at),
-        # What the job waits for, while it does ("sleeping until <time>"), else None.
+        # What the job waits for, while it does ("sleeping until <time>", "waiting for
+        # signal <name> (key <key>) until <time>", "retrying at <time>"), else None.
         "waiting": next(
             (step["waiting"] for step in steps if isinstance(step, dict) and step["waiting"]),
             None,
@@ -70,8 +71,14 @@ def _step_view(
         state = "succeeded"
     waiting = _waiting(job, name, events)
     if waiting is not None:
-        state = "sleeping"
-    elif any(event.kind is EventKind.WOKE for event in events):
+        state = (
+            "sleeping"
+            if waiting.startswith("sleeping")
+            else "retrying"
+            if waiting.startswith("retrying")
+            else "waiting"
+        )
+    elif any(event.kind in _WAIT_ENDS for event in events):
         state = "succeeded"
     else:
         waiting = _limited(job, name, entry, events)
@@ -100,21 +107,38 @@ def _step_view(
         "finished_at": _time(entry.finished_at) if entry else None,
         "events": [_event_view(event) for event in events],
         # What the step waits for, while it does: "sleeping until <time>", "waiting for
+        # signal <name> (key <key>) until <time>", "retrying at <time>", or "waiting for
         # limit `customer:42`".
         "waiting": waiting,
     }
 
 
+#: Events that end a wait step's wait.
+_WAIT_ENDS = (EventKind.WOKE, EventKind.SIGNALLED, EventKind.TIMED_OUT)
+
+
 def _waiting(job: Job, name: str, events: list[StepEvent]) -> str | None:
-    """ "sleeping until <time>" while the job sleeps at step `name` (its timer not fired)."""
-    kinds = [event.kind for event in events]
-    if job.current_step != name or EventKind.SLEEPING not in kinds or EventKind.WOKE in kinds:
+    """What the job waits for at step `name` while it does: "sleeping until <time>" or
+    "waiting for signal <name> (key <key>) until <time>" (its wait not ended), "retrying
+    at <time>" while a failed attempt of it waits for its retry timer."""
+    if job.current_step != name or str(job.state) not in ("pending", "running") or not events:
         return None
-    if str(job.state) not in ("pending", "running"):
+    last = events[-1]
+    detail = last.detail if isinstance(last.detail, dict) else {}
+    if last.kind is EventKind.FAILED and "retry_at" in detail:
+        return f"retrying at {detail['retry_at']}"
+    if {event.kind for event in events}.intersection(_WAIT_ENDS):
         return None
-    [sleeping] = [event for event in events if event.kind is EventKind.SLEEPING][-1:]
-    until = sleeping.detail.get("until") if isinstance(sleeping.detail, dict) else None
-    return f"sleeping until {until}"
+    began = [event for event in events if event.kind in (EventKind.SLEEPING, EventKind.WAITING)]
+    if not began:
+        return None
+    detail = began[-1].detail if isinstance(began[-1].detail, dict) else {}
+    if began[-1].kind is EventKind.SLEEPING:
+        return f"sleeping until {detail.get('until')}"
+    return (
+        f"waiting for signal {detail.get('signal')} (key {detail.get('key')}) "
+        f"until {detail.get('until')}"
+    )
 
 
 def _limited(job: Job, name: str, entry: StepEntry | None, events: list[StepEvent]) -> str | None:

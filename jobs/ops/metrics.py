@@ -15,12 +15,15 @@ from prometheus_client.registry import Collector
 from jobs.engine.runtime import Runtime
 from jobs.worker.queues import queue_depths
 from ledger import (
+    COUNT_CAP,
+    WAITING_CAP,
     EventKind,
     Histogram,
     ItemState,
     LedgerStats,
     LimitLedger,
     MalformedMessages,
+    SignalLedger,
     TimerLedger,
 )
 from ledger.map_views import MapViews
@@ -42,6 +45,7 @@ class LedgerCollector(Collector):
         self.maps = MapViews(engine=rt.engine)
         self.timers = TimerLedger(engine=rt.engine)
         self.limits = LimitLedger(engine=rt.engine)
+        self.signals = SignalLedger(engine=rt.engine)
         self.app = app
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
@@ -73,6 +77,7 @@ class LedgerCollector(Collector):
         yield from self._maps()
         yield from self._timers()
         yield from self._limits()
+        yield from self._signals()
         yield _histogram(
             "oncelery_schedule_to_start_seconds",
             "Seconds from a job's creation to its first claim (jobs started in the last hour).",
@@ -102,12 +107,14 @@ class LedgerCollector(Collector):
         found = self.timers.stats()
         yield GaugeMetricFamily(
             "oncelery_jobs_waiting_on_timers",
-            "Active jobs waiting for a timer (a sleep step).",
+            "Active jobs waiting for a timer (a sleep step, a wait for a signal's timeout, a "
+            f"long retry); counted up to {WAITING_CAP:,}.",
             value=found.waiting_jobs,
         )
         pending = GaugeMetricFamily(
             "oncelery_timers_pending",
-            "Pending timers by due time (`overdue`: due and not fired yet).",
+            f"Pending timers by due time (`overdue`: due and not fired yet); each counted up "
+            f"to {COUNT_CAP:,}.",
             labels=["due"],
         )
         for due, count in found.pending.items():
@@ -160,6 +167,19 @@ class LedgerCollector(Collector):
         yield from families.values()
         yield throttled
         yield granted
+
+    def _signals(self) -> Iterator[GaugeMetricFamily]:
+        kept, waiting = self.signals.counts()
+        yield GaugeMetricFamily(
+            "oncelery_jobs_waiting_for_signals",
+            "Active jobs waiting for a signal (a wait step; its timeout is a timer too).",
+            value=waiting,
+        )
+        yield GaugeMetricFamily(
+            "oncelery_signals_kept",
+            "Signals no wait has taken yet (sent before any job waited for them).",
+            value=kept,
+        )
 
     def _maps(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         # Labelled by pipeline and step only: never a job or an item (a map may have 100,000).

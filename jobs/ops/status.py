@@ -8,7 +8,15 @@ from celery import Celery
 from rich.table import Table
 
 from jobs.worker.queues import queue_depths
-from ledger import JSON, LedgerStats, LimitLedger, TimerLedger
+from ledger import (
+    COUNT_CAP,
+    JSON,
+    WAITING_CAP,
+    LedgerStats,
+    LimitLedger,
+    SignalLedger,
+    TimerLedger,
+)
 from ledger.map_views import MapViews
 
 
@@ -37,6 +45,7 @@ def status_view(stats: LedgerStats, app: Celery, *, window: float) -> dict[str, 
         "events": {str(kind): count for kind, count in snapshot.events.items()},
         "maps": maps_in_progress(MapViews(engine=stats.engine)),
         "timers": timers_view(TimerLedger(engine=stats.engine)),
+        "signals": signals_view(SignalLedger(engine=stats.engine)),
         "limits": limits_view(LimitLedger(engine=stats.engine)),
     }
 
@@ -58,10 +67,22 @@ def limits_view(limits: LimitLedger) -> dict[str, JSON]:
     }
 
 
-def timers_view(timers: TimerLedger) -> dict[str, JSON]:
+def signals_view(signals: SignalLedger) -> dict[str, JSON]:
+    """Jobs waiting for a signal (each also counts among the jobs waiting on timers: its
+    timeout), and signals kept for a wait that has not come yet."""
+    kept, waiting = signals.counts()
+    return {"waiting_jobs": waiting, "kept": kept}
+
+
+def timers_view(
+    timers: TimerLedger, *, cap: int = COUNT_CAP, waiting_cap: int = WAITING_CAP
+) -> dict[str, JSON]:
     """Jobs waiting on timers, pending timers by due time, and how late the timers fired in
-    the last five minutes were (due → fired, seconds)."""
-    found = timers.stats()
+    the last five minutes were (due → fired, seconds). A count stops at its cap
+    (`TimerLedger.stats`): `over_cap` names those that did (there are more)."""
+    found = timers.stats(cap=cap, waiting_cap=waiting_cap)
+    names = {"waiting_jobs": "waiting_jobs", "fired": "fired_last_5m"}
+    over: list[JSON] = [*sorted(names.get(n, f"pending_by_due.{n}") for n in found.over_cap)]
     return {
         "waiting_jobs": found.waiting_jobs,
         "pending_by_due": dict(found.pending),
@@ -69,6 +90,7 @@ def timers_view(timers: TimerLedger) -> dict[str, JSON]:
         "lateness_p50_seconds": _round(found.late_p50),
         "lateness_p99_seconds": _round(found.late_p99),
         "lateness_max_seconds": _round(found.late_max),
+        "over_cap": over,
     }
 
 
@@ -101,10 +123,22 @@ def status_table(view: dict[str, JSON]) -> Table:
         table.add_row(f"map {step}", _map_line(items))
     timers = view["timers"]
     assert isinstance(timers, dict)
-    pending = timers["pending_by_due"]
+    pending, over = timers["pending_by_due"], timers["over_cap"]
     assert isinstance(pending, dict)
-    table.add_row("jobs waiting on timers", str(timers["waiting_jobs"]))
-    table.add_row("timers pending", " · ".join(f"{n} {due}" for due, n in pending.items()))
+    assert isinstance(over, list)
+
+    def shown(name: str, value: JSON) -> str:
+        return f"{value}+" if name in over else str(value)
+
+    table.add_row("jobs waiting on timers", shown("waiting_jobs", timers["waiting_jobs"]))
+    table.add_row(
+        "timers pending",
+        " · ".join(f"{shown(f'pending_by_due.{due}', n)} {due}" for due, n in pending.items()),
+    )
+    signals = view["signals"]
+    assert isinstance(signals, dict)
+    table.add_row("jobs waiting for signals", str(signals["waiting_jobs"]))
+    table.add_row("signals kept (no wait yet)", str(signals["kept"]))
     limits = view["limits"]
     assert isinstance(limits, dict)
     for key, limit in limits.items():
@@ -116,8 +150,9 @@ def status_table(view: dict[str, JSON]) -> Table:
         )
     table.add_row(
         "timer lateness (5 min)",
-        f"{timers['fired_last_5m']} fired · p50 {timers['lateness_p50_seconds']} s · "
-        f"p99 {timers['lateness_p99_seconds']} s · max {timers['lateness_max_seconds']} s",
+        f"{shown('fired_last_5m', timers['fired_last_5m'])} fired · "
+        f"p50 {timers['lateness_p50_seconds']} s · p99 {timers['lateness_p99_seconds']} s · "
+        f"max {timers['lateness_max_seconds']} s",
     )
     return table
 

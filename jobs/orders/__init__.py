@@ -1,5 +1,6 @@
-"""The order-placed pipeline shipped with oncelery: gather → act → publish, run for each
-order-placed event."""
+"""The order pipelines shipped with oncelery: order-placed (gather → act → publish, run for
+each order-placed event) and order-fulfilment (the same, then a wait for the order's `shipped`
+signal and a notification that it shipped, or a reminder)."""
 
 from __future__ import annotations
 
@@ -17,17 +18,21 @@ from jobs.orders.event import (
     parse_event_lines,
     parse_events,
 )
+from jobs.orders.fulfilment import ORDER_FULFILMENT, SHIPPED, order_fulfilment
 from jobs.orders.steps import charge, gather, notify
 from jobs.pipelines import Delivery, Pipeline, Step
 from jobs.provider import ProviderClient
 from ledger import JobStore, NewJob
 
 __all__ = [
+    "ORDER_FULFILMENT",
+    "SHIPPED",
     "Order",
     "OrderItem",
     "OrderPlaced",
     "describe_validation_error",
     "enqueue_orders",
+    "order_fulfilment",
     "order_job",
     "order_placed",
     "parse_event_lines",

@@ -16,7 +16,16 @@ from .services import Service
 RATE_SUM_TOLERANCE = 1e-9
 
 #: The fields of `Faults`: those a `POST /sandbox/faults` body replaces (0 when left out).
-FAULT_FIELDS = frozenset({"fault_rate", "timeout_rate", "lost_reply_rate", "latency_ms"})
+FAULT_FIELDS = frozenset(
+    {
+        "fault_rate",
+        "timeout_rate",
+        "lost_reply_rate",
+        "rate_limited_rate",
+        "retry_after_seconds",
+        "latency_ms",
+    }
+)
 
 
 class Outcome(enum.StrEnum):
@@ -30,12 +39,15 @@ class Outcome(enum.StrEnum):
     TIMEOUT = "timeout"
     #: Apply the effect and keep the answer under the key, then hang and answer 504.
     LOST_REPLY = "lost_reply"
+    #: Answer 429 at once with `Retry-After` and apply nothing (a provider's rate limit).
+    RATE_LIMITED = "rate_limited"
 
 
 class Faults(BaseModel):
     """Fault rates for the sandbox, globally or for one service.
 
-    The three rates are shares of requests, disjoint, so together they may not exceed 1.
+    The four rates are shares of requests, disjoint, so together they may not exceed 1.
+    A rate-limited request is answered 429 with `Retry-After: retry_after_seconds`.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -43,14 +55,17 @@ class Faults(BaseModel):
     fault_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     timeout_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     lost_reply_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    rate_limited_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    retry_after_seconds: int = Field(default=1, ge=0, le=86_400)
     latency_ms: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _rates_fit_in_one(self) -> Faults:
-        total = self.fault_rate + self.timeout_rate + self.lost_reply_rate
+        total = self.fault_rate + self.timeout_rate + self.lost_reply_rate + self.rate_limited_rate
         if total > 1.0 + RATE_SUM_TOLERANCE:
             raise ValueError(
-                f"fault_rate + timeout_rate + lost_reply_rate must be <= 1, got {total:g}"
+                "fault_rate + timeout_rate + lost_reply_rate + rate_limited_rate must be <= 1, "
+                f"got {total:g}"
             )
         return self
 
@@ -84,7 +99,8 @@ class FaultUpdate(Faults):
 def decide(faults: Faults, roll: float) -> Outcome:
     """Decide what happens to one request.
 
-    The unit interval is cut into consecutive bands — error, timeout, lost reply, then ok — so
+    The unit interval is cut into consecutive bands — error, timeout, lost reply, rate limited,
+    then ok — so
     each outcome's share equals its rate, and a rate of 1 gives that outcome every time.
 
     Args:
@@ -103,6 +119,9 @@ def decide(faults: Faults, roll: float) -> Outcome:
     bound += faults.lost_reply_rate
     if roll < bound:
         return Outcome.LOST_REPLY
+    bound += faults.rate_limited_rate
+    if roll < bound:
+        return Outcome.RATE_LIMITED
     return Outcome.OK
 
 

@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 #: The body of a 503 for an injected fault.
 INJECTED_FAULT: dict[str, object] = {"error": {"type": "injected_fault"}}
+#: The body of a 429 for an injected rate limit (`rate_limited_rate`).
+INJECTED_RATE_LIMIT: dict[str, object] = {"error": {"type": "rate_limited", "injected": True}}
 #: The body of a 504 after a timeout or a lost reply; the same for both, as a client cannot tell.
 GATEWAY_TIMEOUT: dict[str, object] = {"error": {"type": "gateway_timeout"}}
 #: The body of a 429 for a places search above `--places-rate`.
@@ -57,6 +59,12 @@ async def _serve(
     """Answer one request to a service: wait the latency, inject the fault, else do `work`."""
     arrived(request)
     outcome = await _roll(state, service, request)
+    if outcome is Outcome.RATE_LIMITED:
+        state.record(request, service, status=429, outcome=outcome)
+        wait = state.plan.for_service(service).retry_after_seconds
+        return JSONResponse(
+            INJECTED_RATE_LIMIT, status_code=429, headers={"Retry-After": str(wait)}
+        )
     if outcome is Outcome.ERROR:
         state.record(request, service, status=503, outcome=outcome)
         return JSONResponse(INJECTED_FAULT, status_code=503)

@@ -171,5 +171,7 @@ def notify(request: NotificationRequest) -> Reply:
         "template": request.template,
         "status": "sent",
     }
-    effect = NewEffect(kind=EffectKind.NOTIFICATION, order_id=request.order_id)
+    effect = NewEffect(
+        kind=EffectKind.NOTIFICATION, order_id=request.order_id, template=request.template
+    )
     return Reply(status=201, body=body, effect=effect)

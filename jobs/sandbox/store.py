@@ -52,7 +52,8 @@ CREATE TABLE IF NOT EXISTS effects (
     at TEXT NOT NULL,
     service TEXT NOT NULL,
     crawl_id TEXT,
-    body TEXT
+    body TEXT,
+    template TEXT
 );
 CREATE INDEX IF NOT EXISTS effects_order_id ON effects (order_id);
 """
@@ -61,8 +62,9 @@ _RESET = ("DELETE FROM requests", "DELETE FROM effects", "DELETE FROM idempotenc
 
 #: `PRAGMA user_version` of a file with the schema above. Version 0 files (before the places
 #: API) have an `effects` table that allows only charges and notifications; opening one
-#: rebuilds that table, its rows kept.
-SCHEMA_VERSION = 1
+#: rebuilds that table, its rows kept. Version 1 files lack notifications' `template`:
+#: opening one adds the column (NULL for the notifications already there).
+SCHEMA_VERSION = 2
 _COPY_VERSION_0_EFFECTS = (
     "INSERT INTO effects (id, kind, idempotency_key, order_id, amount, currency, at, service)"
     " SELECT id, kind, idempotency_key, order_id, amount, currency, at, service FROM effects_v0"
@@ -96,6 +98,8 @@ class NewEffect:
     currency: str | None = None
     crawl_id: str | None = None
     body: dict[str, object] | None = None
+    #: A notification's template (`order_confirmed`, `order_shipped`, …).
+    template: str | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,7 @@ class EffectRow:
     service: str
     crawl_id: str | None
     body: dict[str, object] | None
+    template: str | None
 
 
 @dataclass(frozen=True)
@@ -175,12 +180,17 @@ class SandboxStore:
         self.path = path
 
     def _upgrade(self) -> None:
-        """Rebuild a version 0 file's `effects` table with the current schema, rows kept."""
+        """Rebuild a version 0 file's `effects` table with the current schema, rows kept; add
+        a version 1 file's `template` column."""
         (version,) = self._conn.execute("PRAGMA user_version").fetchone()
         old = self._conn.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'effects'"
         ).fetchone()
         if version >= SCHEMA_VERSION or old is None:
+            return
+        if version == 1:
+            self._conn.execute("ALTER TABLE effects ADD COLUMN template TEXT")
+            logger.info("sandbox store upgraded", extra={"action": "sandbox.store_upgraded"})
             return
         # SQLite cannot alter a CHECK constraint: copy the rows into a table of the new shape.
         with self.transaction():
@@ -281,7 +291,7 @@ class SandboxStore:
         body = None if effect.body is None else json.dumps(effect.body, separators=(",", ":"))
         self._conn.execute(
             "INSERT INTO effects (kind, idempotency_key, order_id, amount, currency, at, service,"
-            " crawl_id, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " crawl_id, body, template) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 str(effect.kind),
                 idempotency_key,
@@ -292,6 +302,7 @@ class SandboxStore:
                 service,
                 effect.crawl_id,
                 body,
+                effect.template,
             ),
         )
 
@@ -311,7 +322,7 @@ class SandboxStore:
         """
         rows = self._conn.execute(
             "SELECT kind, idempotency_key, order_id, amount, currency, at, service, crawl_id,"
-            " body FROM effects WHERE (:kind IS NULL OR kind = :kind)"
+            " body, template FROM effects WHERE (:kind IS NULL OR kind = :kind)"
             " AND (:order_id IS NULL OR order_id = :order_id)"
             " AND (:crawl_id IS NULL OR crawl_id = :crawl_id) ORDER BY id",
             {
@@ -331,6 +342,7 @@ class SandboxStore:
                 service=row["service"],
                 crawl_id=row["crawl_id"],
                 body=None if row["body"] is None else json.loads(row["body"]),
+                template=row["template"],
             )
             for row in rows
         ]

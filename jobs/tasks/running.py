@@ -215,6 +215,10 @@ def _run_call(
     if outcome is Outcome.FENCED:
         # Its lease was taken over while it acted: the other run records and goes on.
         raise Ignore()
+    if outcome is Outcome.RETRYING:
+        # Its retry waits as a timer (set with the failure's record): this message is done
+        # with, and the calls' sweeper re-sends the kept one when the timer fires.
+        raise Retry("the call's retry waits for its timer")
     return _ended(rt, call, rt.store.get_job(job_id))
 
 

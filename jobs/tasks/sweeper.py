@@ -1,15 +1,18 @@
 """The calls' sweeper: in each worker of an app with decorated tasks, a thread re-sends, through
 that app, the message kept with a call whose owner died (its lease expired unrecorded) or
 that made no progress (a message lost), waiting out the app's backlog first, as the engine's
-sweeper does; the ledger absorbs whatever the broker also redelivers."""
+sweeper does; the ledger absorbs whatever the broker also redelivers. The same thread fires
+the calls' retry timers."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Final
+from uuid import UUID
 
 from celery import Celery, Task
 from kombu import Queue
@@ -20,7 +23,7 @@ from jobs.tasks.calls import PIPELINE_PREFIX, SPEC_ATTRIBUTE, STEP, CallSpec
 from jobs.tasks.messages import resend
 from jobs.tasks.revoked import cancel_call, is_revoked
 from jobs.tasks.unclaimed import consumed_queues, dead_letter_strays, dead_letter_unclaimed
-from ledger import JobToSend
+from ledger import DueTimer, JobToSend
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +36,9 @@ _BATCH: Final = 200
 UNFOLLOWED_WITHIN: Final = 3600.0
 #: Seconds to wait for the broker before calling the queues' depth unknown.
 _TIMEOUT: Final = 3
+#: Seconds between two looks for the calls' due retry timers: their lateness is at most
+#: about this (a retry waits as a timer only past `ONCELERY_RETRY_TIMER_AFTER`).
+TIMER_POLL: Final = 1.0
 
 
 def decorated_tasks(app: Celery) -> dict[str, CallSpec]:
@@ -148,10 +154,57 @@ def _resend_all(rt: Runtime, app: Celery, taken: Sequence[JobToSend]) -> list[st
     return sent
 
 
+def fire_call_timers(rt: Runtime, app: Celery) -> int:
+    """Fire the due retry timers of the app's calls (a long retry waits as one, see
+    `jobs.engine.timers.waits_as_timer`), re-sending each call's kept message, and re-send
+    those whose firing's publish was lost; how many fired. Safe in several workers at once
+    (each timer fires once, SKIP LOCKED)."""
+    pipelines = [PIPELINE_PREFIX + name for name in decorated_tasks(app)]
+    if not pipelines:
+        return 0
+    fired = rt.timers.fire_due(limit=_BATCH, pipelines=pipelines, route=_no_route)
+    unsent = _resend_kept(rt, app, [each.job_id for each in fired])
+    rt.timers.mark_sent([each.id for each in fired if each.job_id not in unsent])
+    taken = rt.timers.take_unsent(
+        older_than=rt.settings.relay_after, limit=_BATCH, pipelines=pipelines
+    )
+    unsent = _resend_kept(rt, app, [each[1] for each in taken])
+    rt.timers.undo_sent([each[0] for each in taken if each[1] in unsent])
+    return len(fired)
+
+
+def _no_route(timer: DueTimer) -> str | None:
+    # A call's only timers are retries, which stay at their step: nothing to route.
+    raise LookupError(f"a call has no {timer.kind} timers")
+
+
+def _resend_kept(rt: Runtime, app: Celery, job_ids: Sequence[UUID]) -> set[UUID]:
+    """Re-send the kept messages of calls whose retry is due; those not sent (a revoked
+    call is cancelled instead, and counts as sent)."""
+    contexts = rt.store.contexts(job_ids) if job_ids else {}
+    unsent: set[UUID] = set()
+    for job_id in job_ids:
+        context = contexts.get(job_id, {})
+        task_id = context.get("task_id")
+        log = {"job_id": str(job_id), "step": STEP, "key": context.get("key")}
+        if is_revoked(task_id):
+            cancel_call(rt.store, job_id, str(task_id))
+            continue
+        try:
+            resend(app, context.get("message"))
+        except Exception as exc:  # noqa: BLE001 - left in the outbox for the next round
+            logger.warning("call not re-sent after its retry timer: %s", exc, extra=log)
+            unsent.add(job_id)
+            continue
+        logger.info("re-sent a call after its retry timer", extra={"action": "retry_due", **log})
+    return unsent
+
+
 class CallSweeper:
-    """Sweeps an app's calls every `interval` seconds from a thread of the worker's main
-    process (none of its pool's children, busy with the messages it may re-send), on a
-    runtime of its own, built by `build` in that thread."""
+    """Sweeps an app's calls every `interval` seconds, and fires their retry timers every
+    `TIMER_POLL` seconds, from a thread of the worker's main process (none of its pool's
+    children, busy with the messages it may re-send), on a runtime of its own, built by
+    `build` in that thread."""
 
     def __init__(self, app: Celery, build: Callable[[], Runtime], *, interval: float) -> None:
         self.app, self.build, self.interval = app, build, interval
@@ -166,9 +219,14 @@ class CallSweeper:
 
     def _run(self) -> None:
         rt: Runtime | None = None
-        while not self._stop.wait(self.interval):
+        swept = time.monotonic()
+        while not self._stop.wait(min(self.interval, TIMER_POLL)):
             try:
                 rt = rt or self.build()
+                fire_call_timers(rt, self.app)
+                if time.monotonic() - swept < self.interval:
+                    continue
+                swept = time.monotonic()
                 sent = sweep_calls(rt, self.app, queued=lambda: queued_calls(self.app))
             except Exception:
                 logger.exception("sweep of calls failed", extra={"action": "sweep_failed"})

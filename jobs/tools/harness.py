@@ -21,6 +21,7 @@ from jobs.ops.audit import (
     fetch_effects,
     order_amounts,
     reconcile,
+    with_fulfilment,
 )
 from jobs.orders import OrderItem, OrderPlaced, order_placed
 from jobs.pipelines import Pipeline
@@ -135,10 +136,11 @@ class Harness:
             tick()
             time.sleep(0.25)
 
-    def audit(self) -> AuditReport:
-        """Reconcile this run's ledger entries with the provider's effects for its orders."""
-        pipeline: Pipeline[object] = order_placed  # type: ignore[assignment]
-        steps = effect_steps([pipeline])
+    def audit(self, pipeline: Pipeline[object] | None = None) -> AuditReport:
+        """Reconcile this run's ledger entries with the provider's effects for its orders (of
+        order-placed, or of `pipeline`; fulfilment orders' shipping notices checked too)."""
+        chosen: Pipeline[object] = pipeline or order_placed  # type: ignore[assignment]
+        steps = effect_steps([chosen])
         jobs = self.store.jobs_with_event_prefix(self.prefix)
         keys = frozenset(job.step_keys[step] for job in jobs for (_, step) in steps)
         entries = self.store.entries_of_steps(list(steps), keys=sorted(keys))
@@ -147,7 +149,8 @@ class Harness:
         kinds = {entry.key: steps[(pipeline_name, entry.step)] for pipeline_name, entry in entries}
         in_scope = [entry for _, entry in entries]
         amounts = order_amounts(in_scope, kinds, self.store)
-        return reconcile(in_scope, kinds, effects, amounts=amounts)
+        report = reconcile(in_scope, kinds, effects, amounts=amounts)
+        return with_fulfilment(report, jobs, effects)
 
 
 def generate_orders(

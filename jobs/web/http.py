@@ -8,10 +8,11 @@ import asyncio
 import hmac
 import ipaddress
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, Final, TypeVar
 
 from fastapi import Depends, Header, HTTPException, Request
 from fastapi.responses import JSONResponse
@@ -20,6 +21,7 @@ from config import CookieSecurity, Settings
 from jobs.engine.enqueue import OutboxRelay
 from jobs.engine.runtime import Runtime
 from jobs.ops.health import Probe
+from jobs.ops.signatures import sign
 from jobs.web.job_writer import JobWriter
 from jobs.worker import CeleryDispatch
 from ledger import DatabaseUnavailable, DeadLetterStore
@@ -27,6 +29,14 @@ from ledger import DatabaseUnavailable, DeadLetterStore
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: The largest signed body accepted (an event's 100 items fit in a few kilobytes).
+MAX_BODY_BYTES: Final = 64 * 1024
+#: How far a signed request's timestamp may be from our clock, in seconds (replays of old
+#: requests).
+SIGNATURE_TOLERANCE: Final = 300
+#: The most digits a number in a header may have (unix seconds have 10; a body size fewer).
+_MAX_DIGITS: Final = 12
 
 
 class ApiError(Exception):
@@ -146,3 +156,55 @@ def cookie_secure(request: Request, settings: Settings) -> bool:
         return not ipaddress.ip_address(host).is_loopback
     except ValueError:
         return True
+
+
+async def read_body(request: Request) -> bytes:
+    """A signed request's body, refused (413) past `MAX_BODY_BYTES` before it is all read."""
+    declared = request.headers.get("content-length")
+    if declared is not None and _digits(declared, "Content-Length") > MAX_BODY_BYTES:
+        raise ApiError(413, "too_large", f"the body is over {MAX_BODY_BYTES} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > MAX_BODY_BYTES:
+            raise ApiError(413, "too_large", f"the body is over {MAX_BODY_BYTES} bytes")
+    return bytes(body)
+
+
+def _digits(value: str, header: str) -> int:
+    """A header holding a whole number of ASCII digits, as an int; `int()` alone would take
+    "²" or " 1_0 ", and raise on 4,300 digits. Longer than `_MAX_DIGITS` reads as too big.
+
+    Raises:
+        ApiError: 400 naming the header when it is not digits.
+    """
+    if not value.isascii() or not value.isdigit():
+        raise ApiError(400, "bad_request", f"{header} must be a whole number")
+    digits = value.lstrip("0") or "0"
+    return int(digits) if len(digits) <= _MAX_DIGITS else 10**_MAX_DIGITS
+
+
+def verify_signature(
+    settings: Settings, headers: Any, body: bytes, *, now: float | None = None
+) -> None:
+    """Check `X-Oncelery-Timestamp` and `X-Oncelery-Signature` (constant-time).
+
+    Raises:
+        ApiError: 401, naming what is wrong; 503 when WEBHOOK_SECRET is unset.
+    """
+    if settings.webhook_secret is None or not settings.webhook_secret.get_secret_value():
+        raise not_configured("WEBHOOK_SECRET")
+    timestamp = headers.get("x-oncelery-timestamp")
+    signature = headers.get("x-oncelery-signature")
+    if not timestamp or not signature:
+        raise ApiError(
+            401, "unauthorized", "X-Oncelery-Timestamp and X-Oncelery-Signature are required"
+        )
+    # Unix seconds have 10 digits until 2286; more (or padding) is no clock we can check.
+    if len(timestamp) > _MAX_DIGITS or not timestamp.isascii() or not timestamp.isdigit():
+        raise ApiError(401, "unauthorized", "X-Oncelery-Timestamp must be unix seconds")
+    if abs((now if now is not None else time.time()) - int(timestamp)) > SIGNATURE_TOLERANCE:
+        raise ApiError(401, "unauthorized", "X-Oncelery-Timestamp is too old or in the future")
+    expected = sign(settings.webhook_secret.get_secret_value(), timestamp, body)
+    if not hmac.compare_digest(signature.encode("utf-8", "replace"), expected.encode()):
+        raise ApiError(401, "unauthorized", "X-Oncelery-Signature does not match the body")

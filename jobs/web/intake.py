@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
-import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Final
@@ -37,17 +35,17 @@ from jobs.ops.map_items import (
     page_view,
 )
 from jobs.ops.metrics import render_metrics
-from jobs.ops.signatures import sign
 from jobs.pipelines import Pipeline, registry
-from jobs.web import pages
+from jobs.web import pages, signal_route
 from jobs.web.http import (
     ApiError,
     Intake,
     IntakeDep,
     api_error,
     http_error,
-    not_configured,
+    read_body,
     require_token,
+    verify_signature,
 )
 from jobs.web.job_writer import JobWriter
 from jobs.worker import CeleryDispatch
@@ -66,14 +64,8 @@ from ledger.map_views import MapViews
 
 logger = logging.getLogger(__name__)
 
-#: The largest webhook body accepted (100 items fit in a few kilobytes).
-MAX_BODY_BYTES: Final = 64 * 1024
-#: How far a webhook's timestamp may be from our clock, in seconds (replays of old requests).
-SIGNATURE_TOLERANCE: Final = 300
 #: Seconds `/healthz` waits for each dependency (Docker's health check gives up after 3).
 HEALTH_DEADLINE: Final = 2.5
-#: The most digits a number in a header may have (unix seconds have 10; a body size fewer).
-_MAX_DIGITS: Final = 12
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -120,6 +112,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(ApiError, api_error)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, http_error)  # type: ignore[arg-type]
     app.include_router(_routes())
+    app.include_router(signal_route.router)
     app.include_router(pages.router)
     return app
 
@@ -130,7 +123,7 @@ def _routes() -> APIRouter:
 
     @router.post("/webhooks/{pipeline}")
     async def webhook(pipeline: str, request: Request, intake: IntakeDep) -> JSONResponse:
-        body = await _read_body(request)
+        body = await read_body(request)
         # Signed first: who cannot sign learns nothing, not even which pipelines exist.
         verify_signature(intake.settings, request.headers, body)
         found = declared_pipeline(pipeline)
@@ -237,59 +230,8 @@ def _routes() -> APIRouter:
     return router
 
 
-async def _read_body(request: Request) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and _digits(declared, "Content-Length") > MAX_BODY_BYTES:
-        raise ApiError(413, "too_large", f"the body is over {MAX_BODY_BYTES} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body.extend(chunk)
-        if len(body) > MAX_BODY_BYTES:
-            raise ApiError(413, "too_large", f"the body is over {MAX_BODY_BYTES} bytes")
-    return bytes(body)
-
-
-def _digits(value: str, header: str) -> int:
-    """A header holding a whole number of ASCII digits, as an int; `int()` alone would take
-    "²" or " 1_0 ", and raise on 4,300 digits. Longer than `_MAX_DIGITS` reads as too big.
-
-    Raises:
-        ApiError: 400 naming the header when it is not digits.
-    """
-    if not value.isascii() or not value.isdigit():
-        raise ApiError(400, "bad_request", f"{header} must be a whole number")
-    digits = value.lstrip("0") or "0"
-    return int(digits) if len(digits) <= _MAX_DIGITS else 10**_MAX_DIGITS
-
-
 def _first_step(pipeline: str) -> str:
     return registry.get(pipeline).steps[0].name
-
-
-def verify_signature(
-    settings: Settings, headers: Any, body: bytes, *, now: float | None = None
-) -> None:
-    """Check `X-Oncelery-Timestamp` and `X-Oncelery-Signature` (constant-time).
-
-    Raises:
-        ApiError: 401, naming what is wrong; 503 when WEBHOOK_SECRET is unset.
-    """
-    if settings.webhook_secret is None or not settings.webhook_secret.get_secret_value():
-        raise not_configured("WEBHOOK_SECRET")
-    timestamp = headers.get("x-oncelery-timestamp")
-    signature = headers.get("x-oncelery-signature")
-    if not timestamp or not signature:
-        raise ApiError(
-            401, "unauthorized", "X-Oncelery-Timestamp and X-Oncelery-Signature are required"
-        )
-    # Unix seconds have 10 digits until 2286; more (or padding) is no clock we can check.
-    if len(timestamp) > _MAX_DIGITS or not timestamp.isascii() or not timestamp.isdigit():
-        raise ApiError(401, "unauthorized", "X-Oncelery-Timestamp must be unix seconds")
-    if abs((now if now is not None else time.time()) - int(timestamp)) > SIGNATURE_TOLERANCE:
-        raise ApiError(401, "unauthorized", "X-Oncelery-Timestamp is too old or in the future")
-    expected = sign(settings.webhook_secret.get_secret_value(), timestamp, body)
-    if not hmac.compare_digest(signature.encode("utf-8", "replace"), expected.encode()):
-        raise ApiError(401, "unauthorized", "X-Oncelery-Signature does not match the body")
 
 
 def declared_pipeline(name: str) -> Pipeline[object]:

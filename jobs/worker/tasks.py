@@ -118,7 +118,8 @@ def _sweep_forever() -> None:
         except Exception:
             logger.exception("sweep failed", extra={"action": "sweep_failed"})
         else:
-            if report["redriven"] or report["relayed"] or report["items"] or report["timers"]:
+            keys = ("redriven", "relayed", "items", "timers", "signals")
+            if any(report[key] for key in keys):
                 logger.info("swept: %s", report, extra={"action": "swept"})
         time.sleep(max(0.0, interval - (time.monotonic() - began)))
 
@@ -136,5 +137,6 @@ def _sweep_once() -> dict[str, int]:
         "relayed": report.relayed,
         "items": report.items,
         "timers": report.timers,
+        "signals": report.signals,
         "backlog_wait": round(report.backlog_wait),
     }

@@ -129,7 +129,7 @@ from ledger.queries.sweeps import (
     take_unfollowed_jobs,
     undo_dispatched,
 )
-from ledger.queries.timers import cancel_timers, insert_timer
+from ledger.queries.timers import cancel_timers, drop_timers, insert_timer, lock_timers
 
 __all__ = [
     "ACTIVE",
@@ -162,6 +162,7 @@ __all__ = [
     "delete_dead_letters",
     "delete_items",
     "delete_jobs",
+    "drop_timers",
     "end_started",
     "entry_columns",
     "finish_entry",
@@ -176,6 +177,7 @@ __all__ = [
     "insert_timer",
     "join_map",
     "json_value",
+    "lock_timers",
     "lock_unjoined_map",
     "mark_awaited",
     "mark_dispatched",

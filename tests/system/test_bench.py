@@ -110,6 +110,27 @@ def test_a_smoke_map_bench_runs_the_chord_and_the_map(
     }
 
 
+def test_a_smoke_timer_bench_fires_the_stream_with_and_without_pending_timers(
+    postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    # Given a Postgres ledger and a Redis, when a small timer bench runs
+    options = ["--timers", "300", "--timer-rate", "100", "--timer-seconds", "1"]
+    done = _bench(postgres_url, tmp_path, [*options, "--redis-url", redis_url], timeout=180)
+
+    # Then the stream fired and its steps ran, with none and with 300 pending, each phase
+    # with its figures; and the firing statement's plan is on the pending timers' index
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert [(p["pending"], p["fired"], p["done"]) for p in report["phases"]] == [
+        (0, 100, 100),
+        (300, 100, 100),
+    ]
+    for phase in report["phases"]:
+        for figure in ("late_p50_ms", "late_p99_ms", "loop_rss_mib", "worker_rss_mib"):
+            assert isinstance(phase[figure], float), figure
+    assert any("ix_timers_due_at_pending" in line for line in report["firing_plan"])
+
+
 def _bench(
     postgres_url: str, tmp_path: Path, *options: list[str], timeout: float
 ) -> subprocess.CompletedProcess[str]:

@@ -31,6 +31,7 @@ from jobs.tools.bench.report import (
 )
 from jobs.tools.bench.rows import CONCURRENCY, Bench, Broker, RowKind, RowRun, run_row
 from jobs.tools.bench.seed import QueryTiming, seed_history, time_queries
+from jobs.tools.bench.timers import TimerOptions, TimerReport, run_timer_bench
 from ledger import JobStore
 
 #: Which broker URL schemes each `--broker` accepts.
@@ -218,6 +219,27 @@ def run_map_bench(
         bench.counter.close()
         bench.store.engine.dispose()
     return MapReport(runs, map_notes(options.orders, max(options.runs, 1)))
+
+
+def run_timers(
+    settings: Settings,
+    brokers: tuple[Broker, ...],
+    options: TimerOptions,
+    log: Callable[[str], None],
+) -> TimerReport:
+    """`oncelery bench --timers N` (see `jobs.tools.bench.timers`).
+
+    Raises:
+        BenchFailed: the bench database could not be prepared, or a phase could not be
+            measured.
+    """
+    signal.signal(signal.SIGTERM, _interrupt)
+    bench = _open_bench(settings, BenchOptions(brokers=brokers), log)
+    try:
+        return run_timer_bench(bench, brokers, options, log)
+    finally:
+        bench.counter.close()
+        bench.store.engine.dispose()
 
 
 def _rounds(bench: Bench, options: BenchOptions, log: Callable[[str], None]) -> list[RowRun]:

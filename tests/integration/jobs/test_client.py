@@ -268,3 +268,20 @@ def test_wait_polls_on_sqlite(
     assert jobs.wait(job_id, timeout=10)["state"] == str(JobState.CANCELLED)
     ender.join()
     engine.dispose()
+
+
+def test_signal_is_kept_once_by_id_and_refuses_a_conflict(
+    settings: Settings, store: JobStore
+) -> None:
+    """`jobs.signal` with no job waiting: kept (a wait to come takes it), the same id again a
+    duplicate, the same id with other data a conflict, a bad key named."""
+    key = f"word-{time.time_ns()}"
+
+    assert jobs.signal("go", key, signal_id=f"{key}-1", data={"n": 1}) == "recorded"
+    again = jobs.signal("go", key, signal_id=f"{key}-1", data={"n": 1})
+    assert again is jobs.SignalOutcome.DUPLICATE
+    with pytest.raises(jobs.SignalConflict, match="another key or other data"):
+        jobs.signal("go", key, signal_id=f"{key}-1", data={"n": 2})
+    with pytest.raises(jobs.InvalidSignal, match="key"):
+        jobs.signal("go", "", signal_id=f"{key}-2")
+    assert store.engine.dialect.name == "postgresql"

@@ -198,9 +198,12 @@ def test_tuning_variables_are_read_with_the_oncelery_prefix(
     monkeypatch.setenv("ONCELERY_RETRY_MAX_ATTEMPTS", "3")
     monkeypatch.setenv("ONCELERY_TASK_EVENTS", "false")
     monkeypatch.setenv("FLOWER_BASIC_AUTH", f"admin:{SECRET}")
+    assert load_settings().ship_reminder_after == 3 * 86_400
+    monkeypatch.setenv("ONCELERY_SHIP_REMINDER_AFTER", "90")
 
     settings = load_settings()
 
+    assert settings.ship_reminder_after == 90.0
     assert settings.provider_timeout == 2.5
     assert settings.retry_max_attempts == 3
     assert settings.task_events is False
@@ -234,6 +237,8 @@ def test_tuning_variables_are_read_with_the_oncelery_prefix(
         ("ONCELERY_TASK_EVENTS", "maybe", "valid boolean"),
         ("ONCELERY_BATCH_SIZE", "0", "greater than or equal to 1"),
         ("ONCELERY_BATCH_SIZE", "many", "valid integer"),
+        ("ONCELERY_SHIP_REMINDER_AFTER", "3 days", "valid number"),
+        ("ONCELERY_SHIP_REMINDER_AFTER", "0", "greater than 0"),
     ],
 )
 def test_unusable_value_names_its_variable_and_hides_the_password(
@@ -395,9 +400,13 @@ def test_a_lease_shorter_than_a_second_is_refused(monkeypatch: pytest.MonkeyPatc
     assert raised.value.variable == "ONCELERY_STEP_LEASE"
 
 
-def test_the_sweeper_waits_out_the_longest_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_sweeper_waits_out_the_longest_countdown(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ONCELERY_STEP_POLICIES", '{"order-placed.act": {"backoff_max": 600}}')
+    monkeypatch.setenv("ONCELERY_RETRY_TIMER_AFTER", "600")
     assert load_settings().stalled_after == 600 + 30
+    # A delay past the timer threshold is a timer, which the sweeper leaves alone.
+    monkeypatch.setenv("ONCELERY_RETRY_TIMER_AFTER", "45")
+    assert load_settings().stalled_after == 45 + 30
 
 
 def test_the_sweeper_does_not_wait_out_the_lease(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,6 +22,7 @@ LAYERS: tuple[frozenset[str], ...] = (
             "jobs.pipelines",
             "jobs.maps",
             "jobs.waits",
+            "jobs.signals",
             "jobs.events",
             "jobs.outside",
             "jobs.provider",

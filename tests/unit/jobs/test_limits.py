@@ -11,7 +11,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict
 
 from config import ConfigError, Settings, child_environment, load_settings
-from jobs import ConcurrencyLimit, MapStep, Pipeline, RateLimit, Sleep, Step
+from jobs import ConcurrencyLimit, MapStep, Pipeline, RateLimit, Sleep, Step, WaitForSignal
 from jobs.engine.runtime import Runtime, check_configured_limits, load_pipelines
 from jobs.limits import RATE_SLACK, parse_key, rules_of
 from ledger import KeySource, LimitRules, create_engine
@@ -100,12 +100,16 @@ def test_a_step_takes_one_limit_of_each_kind() -> None:
         _step(limits=["p"])
 
 
-def test_an_item_field_is_for_a_map_steps_items_and_a_sleep_takes_none() -> None:
+def test_an_item_field_is_for_a_map_steps_items_and_a_wait_takes_none() -> None:
     with pytest.raises(ValueError, match=r"step 'charge': key template .* is for a map step's"):
         _step(limits=[RateLimit("p:{item[category]}", 5)])
     assert _map(limits=[RateLimit("p:{item[category]}", 5)]).limits
     with pytest.raises(ValueError, match="takes no limits"):
         Sleep("cool_off", seconds=1, limits=[RateLimit("p", 1)])
+    with pytest.raises(ValueError, match="wait step 'shipped': a wait takes no limits"):
+        WaitForSignal(
+            "shipped", signal="shipped", key="{id}", timeout=1, limits=[RateLimit("p", 1)]
+        )
 
 
 def test_a_pipeline_refuses_limits_naming_fields_its_input_lacks() -> None:
@@ -245,11 +249,11 @@ def test_the_cli_exits_2_with_one_line_naming_the_variable() -> None:
     ]
 
 
-def test_limits_for_a_sleep_step_are_refused_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_limits_for_a_wait_step_are_refused_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
     nap: Sleep[None] = Sleep("nap", seconds=1)
     Pipeline(name="limits-test-nap", steps=[_step(), nap], resources=lambda _: None)
     monkeypatch.setenv(
         "ONCELERY_LIMITS", '{"limits-test-nap.nap": {"rate": {"key": "p", "per_second": 1}}}'
     )
-    with pytest.raises(ConfigError, match="a sleep step takes no limits"):
+    with pytest.raises(ConfigError, match="a wait step takes no limits"):
         check_configured_limits(load_settings())

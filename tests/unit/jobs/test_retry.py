@@ -12,6 +12,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 import jobs.worker.time_limits  # noqa: F401 - registers Celery's soft time limit as transient
+from jobs.engine.timers import waits_as_timer
 from jobs.errors import InvalidEvent, PermanentError, TransientError
 from jobs.retry import RetryPolicy, Verdict, backoff, decide, is_transient, may_have_acted
 
@@ -162,6 +163,37 @@ def test_retry_after_is_honoured_within_the_cap(
     error = TransientError("429", retry_after=retry_after)
 
     assert decide(error, 2, POLICY, FixedDraw(draw)) == Verdict(delay, "transient")
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "delay"),
+    [
+        (3600.0, 3600.0),  # honoured in full: it waits as a timer
+        (10.0, 10.0),
+        (10 * 86_400.0, 86_400.0),  # up to the longest wait allowed
+    ],
+)
+def test_a_retry_after_that_may_wait_as_a_timer_is_honoured_in_full(
+    retry_after: float, delay: float
+) -> None:
+    error = TransientError("429", retry_after=retry_after)
+
+    verdict = decide(error, 2, POLICY, FixedDraw(0.0), retry_after_max=86_400.0)
+
+    assert verdict == Verdict(delay, "transient")
+
+
+@pytest.mark.parametrize(
+    ("delay", "timer"),
+    [(None, False), (0.5, False), (30.0, False), (30.5, True), (3600.0, True)],
+)
+def test_a_delay_past_the_countdown_limit_waits_as_a_timer(
+    delay: float | None, timer: bool
+) -> None:
+    assert waits_as_timer(delay, POLICY, 30.0) is timer
+    # The step's own backoff_max bounds its countdowns too (only a Retry-After passes it).
+    short = RetryPolicy(max_attempts=4, backoff_base=0.5, backoff_max=1.0)
+    assert waits_as_timer(delay, short, 30.0) is (delay is not None and delay > 1.0)
 
 
 def test_retry_after_does_not_outlast_the_attempts() -> None:

@@ -1,5 +1,5 @@
-"""`Sleep`: when a sleeping job wakes, from a duration, a field of its context or of a
-result, or a function; and the declarations refused."""
+"""`Sleep` and `WaitForSignal`: when a waiting job wakes, from a duration, a field of its
+context or of a result, or a function; the signal key a wait takes; the declarations refused."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from jobs import Sleep
+from jobs import Sleep, WaitForSignal
+from ledger import SignalWait
 
 NOON = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -61,3 +62,60 @@ def test_a_naive_time_from_a_function_is_refused() -> None:
 def test_a_sleep_without_one_clear_wait_is_refused(options: dict[str, object], error: str) -> None:
     with pytest.raises(ValueError, match=error):
         Sleep("nap", **options)  # type: ignore[arg-type]
+
+
+def test_a_wait_for_a_signal_times_out_after_seconds_or_when_a_function_says() -> None:
+    wait: WaitForSignal[None] = WaitForSignal("w", signal="shipped", key="{order}", timeout=90)
+    assert wait.due({}, {}) == timedelta(seconds=90)
+    later: WaitForSignal[None] = WaitForSignal(
+        "w", signal="shipped", key="{order}", timeout=lambda c, r: NOON
+    )
+    assert later.due({}, {}) == NOON
+    counted: WaitForSignal[None] = WaitForSignal(
+        "w", signal="shipped", key="{order}", timeout=lambda c, r: 5
+    )
+    assert counted.due({}, {}) == timedelta(seconds=5)
+
+
+def test_a_wait_for_a_signal_takes_its_key_from_the_context() -> None:
+    wait: WaitForSignal[None] = WaitForSignal("w", signal="shipped", key="{order}", timeout=1)
+    assert wait.signal_wait({"order": "o-1"}, "next") == SignalWait("shipped", "o-1", "next")
+    by_function: WaitForSignal[None] = WaitForSignal(
+        "w", signal="s", key=lambda c: f"x-{c['n']}", timeout=1
+    )
+    assert by_function.signal_wait({"n": 3}, None) == SignalWait("s", "x-3", None)
+    # Its own key in the plan is not the signal's key: a wait claims none.
+    assert wait.key_for({"order": "o-1"}).startswith("signal:w:")
+    with pytest.raises(ValueError, match="needs context fields"):
+        wait.signal_wait({}, None)
+    with pytest.raises(ValueError, match="not 1 to 300 characters"):
+        WaitForSignal("w", signal="s", key=lambda c: "", timeout=1).signal_wait({}, None)
+
+
+@pytest.mark.parametrize(
+    ("timeout", "error"),
+    [
+        (lambda c, r: "soon", "not seconds"),
+        (lambda c, r: -1, "-1 seconds"),
+        (lambda c, r: datetime(2026, 3, 1), "no UTC offset"),
+    ],
+)
+def test_a_timeout_function_that_gives_no_time_is_refused(timeout: object, error: str) -> None:
+    wait: WaitForSignal[None] = WaitForSignal("w", signal="s", key="k", timeout=timeout)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=error):
+        wait.due({}, {})
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"signal": "a b", "key": "k", "timeout": 1}, "signal name"),
+        ({"signal": "s", "key": "k", "timeout": -1}, "0 or more"),
+        ({"signal": "s", "key": "k", "timeout": float("inf")}, "0 or more"),
+    ],
+)
+def test_a_wait_for_a_signal_declared_wrong_is_refused(
+    options: dict[str, object], error: str
+) -> None:
+    with pytest.raises(ValueError, match=error):
+        WaitForSignal("w", **options)  # type: ignore[arg-type]

@@ -9,7 +9,14 @@ import pytest
 from jobs.sandbox import Faults
 from tests.sandbox_client import SandboxClient
 
-NO_FAULTS = {"fault_rate": 0.0, "timeout_rate": 0.0, "lost_reply_rate": 0.0, "latency_ms": 0}
+NO_FAULTS = {
+    "fault_rate": 0.0,
+    "timeout_rate": 0.0,
+    "lost_reply_rate": 0.0,
+    "rate_limited_rate": 0.0,
+    "retry_after_seconds": 1,
+    "latency_ms": 0,
+}
 
 
 def _charge(sandbox: SandboxClient, order_id: str, key: str) -> None:
@@ -104,8 +111,12 @@ def test_effects_report_has_the_contract_shape(sandbox: SandboxClient) -> None:
         "service",
         "crawl_id",
         "body",
+        "template",
     }
     assert effect["idempotency_key"] == "order:o-1:charge"
+    assert effect["template"] is None
+    _notify(sandbox, "o-1", "order:o-1:notify")
+    assert sandbox.effects(kind="notification")[0]["template"] is not None
 
 
 def test_effects_filter_by_kind_and_order(sandbox: SandboxClient) -> None:

@@ -81,6 +81,20 @@ def test_lost_reply_applies_then_answers_504_and_a_retry_gets_the_kept_201(
     assert len(sandbox.effects()) == 1
 
 
+def test_a_rate_limited_request_is_a_429_with_retry_after_and_applies_nothing(
+    make_sandbox: Callable[..., SandboxClient],
+) -> None:
+    sandbox = make_sandbox(Faults(rate_limited_rate=1.0, retry_after_seconds=3600))
+
+    limited = _charge(sandbox)
+
+    assert (limited.status_code, limited.headers["Retry-After"]) == (429, "3600")
+    assert sandbox.effects() == []
+    sandbox.post("/sandbox/faults", json={})
+    assert _charge(sandbox).status_code == 201
+    assert len(sandbox.effects()) == 1
+
+
 def test_lost_reply_without_key_doubles_on_retry(
     make_sandbox: Callable[..., SandboxClient],
 ) -> None:

@@ -56,6 +56,8 @@ def test_a_single_rate_fires_exactly_below_it(rate: float, roll: float) -> None:
     assert (decide(Faults(fault_rate=rate), roll) is Outcome.ERROR) == (roll < rate)
     assert (decide(Faults(timeout_rate=rate), roll) is Outcome.TIMEOUT) == (roll < rate)
     assert (decide(Faults(lost_reply_rate=rate), roll) is Outcome.LOST_REPLY) == (roll < rate)
+    limited = decide(Faults(rate_limited_rate=rate), roll) is Outcome.RATE_LIMITED
+    assert limited == (roll < rate)
 
 
 def test_rate_one_always_fires_and_zero_never() -> None:
@@ -108,14 +110,13 @@ def test_plan_json_shape() -> None:
     plan = FaultPlan(global_faults=Faults(latency_ms=5))
     plan.apply(FaultUpdate(service=Service.NOTIFICATIONS, fault_rate=0.5))
 
+    none = {
+        "timeout_rate": 0.0,
+        "lost_reply_rate": 0.0,
+        "rate_limited_rate": 0.0,
+        "retry_after_seconds": 1,
+    }
     assert plan.to_json() == {
-        "global": {"fault_rate": 0.0, "timeout_rate": 0.0, "lost_reply_rate": 0.0, "latency_ms": 5},
-        "services": {
-            "notifications": {
-                "fault_rate": 0.5,
-                "timeout_rate": 0.0,
-                "lost_reply_rate": 0.0,
-                "latency_ms": 0,
-            }
-        },
+        "global": {"fault_rate": 0.0, **none, "latency_ms": 5},
+        "services": {"notifications": {"fault_rate": 0.5, **none, "latency_ms": 0}},
     }

@@ -181,6 +181,36 @@ def test_a_file_from_before_the_places_api_is_upgraded_with_its_effects_kept(
         (EffectKind.PLACES_QUERY, None, {"radius_m": 10.0}),
     ]
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (1,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
         indexes = conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall()
     assert ("effects_order_id",) in indexes
+
+
+def test_a_file_from_before_templates_gains_the_column_with_its_effects_kept(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "sandbox.sqlite3"
+    SandboxStore(path).close()
+    with sqlite3.connect(path) as conn:
+        # As version 1 had it: no template column.
+        conn.execute("ALTER TABLE effects DROP COLUMN template")
+        conn.execute(
+            "INSERT INTO effects (kind, idempotency_key, order_id, at, service)"
+            " VALUES ('notification', 'k-1', 'o-1', '2026-01-01T00:00:00+00:00', 'notifications')"
+        )
+        conn.execute("PRAGMA user_version = 1")
+
+    store = SandboxStore(path)
+    try:
+        store.apply_effect(
+            NewEffect(kind=EffectKind.NOTIFICATION, order_id="o-2", template="order_shipped"),
+            service="notifications",
+            idempotency_key="k-2",
+        )
+        effects = store.list_effects()
+    finally:
+        store.close()
+
+    assert [(e.order_id, e.template) for e in effects] == [("o-1", None), ("o-2", "order_shipped")]
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (2,)

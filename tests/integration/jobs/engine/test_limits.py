@@ -1,6 +1,7 @@
 """Limits on the real ledger (Postgres and SQLite), driven without Celery: a step refused its
 slot waits as a timer (no attempt used, its history says for what) and runs once the timer
-loop sends it again; a map's items paced by a rate limit, each claimed just before it acts."""
+loop sends it again (in a round with other kinds of timers); a map's items paced by a rate
+limit, each claimed just before it acts."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from jobs.engine.items import run_items
 from jobs.engine.run import Outcome, run_step
 from jobs.engine.runtime import Runtime
 from jobs.engine.timers import fire_round
+from jobs.errors import TransientError
 from jobs.limits import ConcurrencyLimit, RateLimit
 from jobs.maps import ItemContext, MapStep
 from jobs.ops.history import history_view
@@ -24,6 +26,10 @@ from ledger import JSON, Claim, EventKind, JobState, LedgerStats
 from ledger.schema import ledger_entries
 from tests.factories import RecordingDispatch
 from tests.integration.jobs.engine.test_map_step import QueueDispatch, World, drain, toy_map
+from tests.integration.jobs.engine.test_retry_timers import HOUR, make_due, pipeline_failing
+from tests.integration.jobs.engine.test_retry_timers import start as start_retrying
+from tests.integration.jobs.engine.test_timers import sleeping
+from tests.integration.jobs.engine.test_timers import start as start_sleeping
 from tests.waiting import wait_for
 
 _names = itertools.count()
@@ -163,3 +169,45 @@ def test_items_run_alone_under_a_rate_limit(runtime: Runtime) -> None:
     assert isinstance(map_step, MapStep)
     outcomes = run_items(runtime, dispatch, pipeline, map_step, str(job), items)  # type: ignore[arg-type]
     assert outcomes == [Outcome.SUCCEEDED] * 3
+
+
+def test_a_limit_wait_fires_in_one_round_with_a_sleep_and_a_long_retry(runtime: Runtime) -> None:
+    # Given a step waiting for its slot, a job asleep and a step whose retry waits as a
+    # timer, all three due at once
+    dispatch = RecordingDispatch()
+    limited = charging()
+    holder = start(runtime, limited, order="o1", customer="c1")
+    waiter = start(runtime, limited, order="o2", customer="c1")
+    rules = runtime.limits_for(limited.name, limited.step("charge"))  # type: ignore[arg-type]
+    held = runtime.ledger.claim_step(uuid.UUID(holder), "charge", limits=rules)
+    assert isinstance(held, Claim)
+    charge = limited.step("charge")
+    assert run_step(runtime, dispatch, limited, charge, waiter) is Outcome.WAITING  # type: ignore[arg-type]
+    runtime.ledger.record_success(held, {"ok": True}, next_step="notify", duration_ms=1.0)
+    asleep = sleeping(seconds=3600)
+    sleeper = start_sleeping(runtime, asleep)
+    assert run_step(runtime, dispatch, asleep, asleep.step("first"), sleeper) is Outcome.SUCCEEDED  # type: ignore[arg-type]
+    failing = pipeline_failing([TransientError("429", retry_after=HOUR)])
+    retrying = start_retrying(runtime, failing)
+    for step, expected in (("first", Outcome.SUCCEEDED), ("second", Outcome.RETRYING)):
+        assert run_step(runtime, dispatch, failing, failing.step(step), retrying) is expected  # type: ignore[arg-type]
+    for job in (waiter, sleeper, retrying):
+        make_due(runtime, job)
+    dispatch.sent.clear()
+
+    # When one round fires them (set-based on Postgres)
+    assert fire_round(runtime, dispatch) == 3
+
+    # Then the waiting step and the retry are sent again on the retry queue, the job
+    # asleep moves on to the step after its sleep, and nothing is left to fire or resend
+    assert sorted(dispatch.sent) == sorted(
+        [
+            (limited.name, "charge", waiter),
+            (asleep.name, "second", sleeper),
+            (failing.name, "second", retrying),
+        ]
+    )
+    assert sorted(dispatch.resent) == sorted([waiter, retrying])
+    assert fire_round(runtime, dispatch) == 0
+    assert runtime.timers.take_unsent(older_than=0.0, limit=10, pipelines=[limited.name]) == []
+    assert run_step(runtime, dispatch, limited, charge, waiter) is Outcome.SUCCEEDED  # type: ignore[arg-type]

@@ -4,6 +4,8 @@ loops racing, and a loop killed between its commit and its publish."""
 
 from __future__ import annotations
 
+import io
+import re
 import subprocess
 import sys
 import threading
@@ -15,13 +17,14 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from rich.console import Console
 
 from jobs.engine.run import Outcome, run_step, run_steps
 from jobs.engine.runtime import Runtime
 from jobs.engine.sweeper import sweep
 from jobs.engine.timers import fire_round
 from jobs.ops.history import history_view
-from jobs.ops.status import timers_view
+from jobs.ops.status import status_table, timers_view
 from jobs.pipelines import Delivery, Pipeline, Step, StepContext
 from jobs.retry import RetryPolicy
 from jobs.waits import Sleep
@@ -32,6 +35,7 @@ from ledger import (
     JobState,
     JobStore,
     StepLedger,
+    TimerLedger,
     TimerState,
     create_engine,
 )
@@ -164,7 +168,44 @@ def test_a_sleep_until_a_time_from_the_context(runtime: Runtime) -> None:
         "lateness_p50_seconds": None,
         "lateness_p99_seconds": None,
         "lateness_max_seconds": None,
+        "over_cap": [],
     }
+
+
+def test_the_counts_stop_at_their_cap_and_say_so(runtime: Runtime) -> None:
+    """`status` reads no more than a cap of each count, however many timers are pending."""
+    pipeline, dispatch = sleeping(seconds=1800), RecordingDispatch()
+    job_ids = [start(runtime, pipeline) for _ in range(3)]
+    run_steps(runtime, dispatch, pipeline, pipeline.step("first"), job_ids)  # type: ignore[arg-type]
+
+    view = timers_view(runtime.timers, cap=2, waiting_cap=1)
+
+    assert (view["waiting_jobs"], view["pending_by_due"]) == (
+        1,
+        {"overdue": 0, "within_1m": 0, "within_1h": 2, "within_1d": 0, "later": 0},
+    )
+    assert view["over_cap"] == ["pending_by_due.within_1h", "waiting_jobs"]
+    console = Console(width=240, record=True, file=io.StringIO())
+    console.print(status_table({**_EMPTY_STATUS, "timers": view}))
+    text = console.export_text()
+    assert re.search(r"jobs waiting on timers +│ 1\+", text), text
+    assert "2+ within_1h" in text
+    # Under the caps, exact
+    assert timers_view(runtime.timers)["over_cap"] == []
+    assert runtime.timers.stats().pending["within_1h"] == 3
+
+
+_EMPTY_STATUS: dict[str, JSON] = {
+    "queues": {},
+    "jobs": {},
+    "events": {},
+    "oldest_pending_age_seconds": None,
+    "dead_letters_open": 0,
+    "steps": {},
+    "maps": {},
+    "signals": {"waiting_jobs": 0, "kept": 0},
+    "limits": {},
+}
 
 
 def test_a_sleep_whose_time_is_not_a_time_dead_letters_the_job(runtime: Runtime) -> None:
@@ -263,6 +304,50 @@ def test_two_loops_racing_fire_each_timer_once(
         assert dict(states.all()) == {"fired": count}
 
 
+def test_a_round_fires_at_most_its_limit(runtime: Runtime) -> None:
+    """On Postgres, an `IN (… LIMIT n FOR UPDATE SKIP LOCKED)` the planner ran once per row
+    scanned fired every due timer in one round, whatever the limit."""
+    pipeline, dispatch = sleeping(seconds=0.0), RecordingDispatch()
+    job_ids = [start(runtime, pipeline) for _ in range(12)]
+    run_steps(runtime, dispatch, pipeline, pipeline.step("first"), job_ids)  # type: ignore[arg-type]
+
+    assert fire_round(runtime, dispatch, limit=5) == 5
+    assert len(dispatch.sent) == 5
+    with runtime.engine.connect() as conn:
+        states = conn.execute(sa.select(timers.c.state, sa.func.count()).group_by(timers.c.state))
+        assert dict(states.all()) == {"fired": 5, "pending": 7}
+
+
+def test_a_round_fires_no_more_than_its_limit_whatever_the_plan(
+    runtime: Runtime, database_url: str
+) -> None:
+    """With hash and merge joins off (a plan as bad estimates make one), the due timers'
+    subquery could run again for each row updated, each run taking the next few: a round
+    must still fire at most its limit."""
+    if runtime.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite fires in one locked transaction; no plan to choose")
+    pipeline, dispatch = sleeping(seconds=0.0), RecordingDispatch()
+    job_ids = [start(runtime, pipeline) for _ in range(30)]
+    run_steps(runtime, dispatch, pipeline, pipeline.step("first"), job_ids)  # type: ignore[arg-type]
+    engine = create_engine(database_url)
+
+    @sa.event.listens_for(engine, "connect")
+    def _nested_loops_only(dbapi_connection: Any, _record: object) -> None:
+        with dbapi_connection.cursor() as cursor:
+            for kind in ("hashjoin", "hashagg", "mergejoin", "material"):
+                cursor.execute(f"SET enable_{kind} = off")
+        dbapi_connection.commit()
+
+    try:
+        fired = TimerLedger(engine=engine).fire_due(
+            limit=5, pipelines=[pipeline.name], route=lambda _timer: "second"
+        )
+    finally:
+        engine.dispose()
+
+    assert len(fired) == 5
+
+
 def _own_runtime(database_url: str, tmp_path: Path) -> Runtime:
     settings = settings_for(database_url=database_url, broker_url=None, data_dir=tmp_path)
     engine = create_engine(database_url)
@@ -330,7 +415,7 @@ from config import get_settings
 from jobs.engine.runtime import Runtime, load_pipelines
 from jobs.engine.timers import fire_round
 from jobs.ops.history import history_view
-from jobs.ops.status import timers_view
+from jobs.ops.status import status_table, timers_view
 from tests.factories import RecordingDispatch
 
 settings = get_settings()
@@ -420,3 +505,37 @@ def test_a_timer_whose_step_is_gone_dead_letters_its_job_and_the_others_fire(
     [letter] = DeadLetterStore(engine=runtime.engine).list()
     assert (letter.step, letter.message) == ("nap", f"pipeline {gone.name!r} has no step 'nap'")
     assert {row.state for row in timer_rows(runtime.engine, lost)} == {"fired"}
+
+
+def test_a_stray_message_of_a_sleep_step_is_absorbed_and_a_missing_timer_armed(
+    runtime: Runtime,
+) -> None:
+    """An outbox resends the step its job was at when it published, by then perhaps a wait;
+    a person's `dlq resolve` of the step before moves the job to the wait with no timer and
+    sends it. Neither message may dead-letter the job (no worker runs a wait)."""
+    pipeline, dispatch = sleeping(seconds=0.2), RecordingDispatch()
+    job_id = start(runtime, pipeline)
+    run_step(runtime, dispatch, pipeline, pipeline.step("first"), job_id)  # type: ignore[arg-type]
+    nap = pipeline.step("nap")
+
+    # A stray copy while the job sleeps: absorbed, the timer left as it is
+    assert run_step(runtime, dispatch, pipeline, nap, job_id) is Outcome.DUPLICATE  # type: ignore[arg-type]
+    [row] = timer_rows(runtime.engine, job_id)
+    assert row.state == "pending"
+    job = runtime.store.get_job(uuid.UUID(job_id))
+    assert (job.state, job.current_step) == (JobState.RUNNING, "nap")
+
+    # The job at its sleep with no timer (as a resolve leaves it): the message arms one
+    with runtime.engine.begin() as conn:
+        conn.execute(sa.delete(timers).where(timers.c.job_id == uuid.UUID(job_id)))
+    assert run_step(runtime, dispatch, pipeline, nap, job_id) is Outcome.DUPLICATE  # type: ignore[arg-type]
+    [row] = timer_rows(runtime.engine, job_id)
+    assert row.state == "pending"
+    fire_until(runtime, dispatch, 1)
+    assert dispatch.sent == [(pipeline.name, "second", job_id)]
+
+    # Once the job moved on, a late copy changes nothing
+    assert run_step(runtime, dispatch, pipeline, nap, job_id) is Outcome.INACTIVE  # type: ignore[arg-type]
+    assert [row.state for row in timer_rows(runtime.engine, job_id)] == ["fired"]
+    assert runtime.store.get_job(uuid.UUID(job_id)).state is JobState.RUNNING
+    assert DeadLetterStore(engine=runtime.engine).list(job_id=uuid.UUID(job_id)) == []

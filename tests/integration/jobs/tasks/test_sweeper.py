@@ -5,19 +5,21 @@ its job — same task id, arguments and canvas — and a recorded one is not; th
 from __future__ import annotations
 
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import pytest
+import sqlalchemy as sa
 from celery import Celery, chain, group
 from kombu import Connection
 from kombu.exceptions import OperationalError
 
 from jobs import exactly_once
 from jobs.engine.runtime import Runtime
+from jobs.errors import TransientError
 from jobs.ops.dead_letters import DeadLetterDesk
 from jobs.tasks import check_settings, dead_letter_timed_out, keep_call
 from jobs.tasks.calls import SPEC_ATTRIBUTE
-from jobs.tasks.sweeper import queued_calls, sweep_calls
+from jobs.tasks.sweeper import fire_call_timers, queued_calls, sweep_calls
 from jobs.tools import shop
 from ledger import (
     Claim,
@@ -28,6 +30,7 @@ from ledger import (
     StepLedger,
     StepState,
 )
+from ledger.schema import timers
 from tests.conftest import queue_length
 from tests.factories import RecordingDispatch
 from tests.shop_app import broker_down
@@ -289,6 +292,45 @@ def test_a_recorded_call_is_not_re_sent(calls_ledger: Runtime, shop_app: Celery)
     calls_ledger.ledger.record_success(claim, {"ok": True}, next_step=None, duration_ms=1.0)
 
     assert sweep_calls(calls_ledger, shop_app, stalled_after=0) == []
+
+
+_limited: list[str] = []
+
+
+@shop.app.task(name="tests.rate_limited")
+@exactly_once(key="limited:{order_id}")
+def rate_limited(order_id: str) -> str:
+    """A call the provider turns away once for an hour (a 429 with `Retry-After: 3600`)."""
+    _limited.append(order_id)
+    if _limited.count(order_id) == 1:
+        raise TransientError("429", retry_after=3600)
+    return f"done {order_id}"
+
+
+def test_a_long_retry_of_a_call_is_a_timer_whose_firing_re_sends_its_message(
+    calls_ledger: Runtime, shop_app: Celery, redis_url: str
+) -> None:
+    # A call turned away for an hour: no countdown message, a timer row
+    order, task_id = f"o-{uuid4().hex[:8]}", f"t-{uuid4().hex[:8]}"
+    assert rate_limited.apply(args=(order,), task_id=task_id).state == "RETRY"
+    [job] = calls_ledger.store.list_jobs(pipeline="task:tests.rate_limited")
+    with calls_ledger.engine.connect() as conn:
+        [row] = conn.execute(sa.select(timers).where(timers.c.job_id == job.id)).all()
+    assert (row.step, row.kind, row.state) == ("call", "retry", "pending")
+    assert queued_calls(shop_app) == 0
+    assert sweep_calls(calls_ledger, shop_app, stalled_after=0) == []  # waiting, not stalled
+    assert fire_call_timers(calls_ledger, shop_app) == 0  # not due
+
+    # When it is due (moved to now: the honest way not to wait an hour), it fires once and
+    # the call's kept message is sent again through its app: same task id and arguments
+    with calls_ledger.engine.begin() as conn:
+        conn.execute(sa.update(timers).values(due_at=sa.func.now()))
+    assert fire_call_timers(calls_ledger, shop_app) == 1
+    assert fire_call_timers(calls_ledger, shop_app) == 0
+    headers, (args, _, _) = _taken(redis_url)
+    assert (headers["id"], headers["task"], args) == (task_id, "tests.rate_limited", [order])
+    assert rate_limited.apply(args=(order,), task_id=task_id).get() == f"done {order}"
+    assert _limited.count(order) == 2
 
 
 def _claimed(runtime: Runtime, *, lease: float) -> Claim:

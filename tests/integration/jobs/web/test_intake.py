@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jobs.ops.signatures import sign
-from jobs.web.intake import MAX_BODY_BYTES, create_app
+from jobs.web.http import MAX_BODY_BYTES
+from jobs.web.intake import create_app
 from ledger import JobState
 from tests.conftest import settings_for
 from tests.factories import order_event

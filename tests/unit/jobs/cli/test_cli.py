@@ -85,6 +85,7 @@ CASES = {
     "deep-json": Case(("enqueue", "{file}"), file_text="[" * 100_000),
     "demo-unknown-pipeline": Case(("demo", "--pipeline", "nope")),
     "demo-crawl-declined": Case(("demo", "--pipeline", "places-crawl", "--declined-rate", "0.1")),
+    "demo-reminder-elsewhere": Case(("demo", "--reminder-after", "5")),
     "crawl-bad-radius": Case(
         ("enqueue", "--pipeline", "places-crawl", "{file}"),
         file_text='{"event_id": "c1", "crawl_id": "c1", "lat": 48.5, "lng": 2.1, '
@@ -101,6 +102,8 @@ CASES = {
         env=_TOYS,
         migrated=True,
     ),
+    "signal-bad-data": Case(("signal", "shipped", "--key", "o-1", "--id", "s-1", "--data", "{{")),
+    "signal-bad-name": Case(("signal", "ship ped", "--key", "o-1", "--id", "s-1")),
     "typed-conflict": Case(
         ("enqueue", "--pipeline", "toy-typed", "-"),
         stdin='{"event_id": "w1", "word": "hi"}\n{"event_id": "w1", "word": "ho"}\n',
@@ -264,6 +267,7 @@ def test_demo_names_a_pipeline_it_cannot_run_and_a_crawl_option_that_makes_no_se
 ) -> None:
     assert_bad_input(runs["demo-unknown-pipeline"], "--pipeline", "'nope'", "places-crawl")
     assert_bad_input(runs["demo-crawl-declined"], "--declined-rate")
+    assert_bad_input(runs["demo-reminder-elsewhere"], "--reminder-after", "order-fulfilment")
 
 
 def test_enqueue_of_a_bad_crawl_names_the_line_and_field_and_enqueues_nothing(
@@ -304,3 +308,31 @@ def test_enqueue_refuses_a_conflict_in_any_pipeline(runs: Runs) -> None:
 
     assert_bad_input(ran, "line 2", "event_id", "'w1'", "other content", "nothing")
     assert _jobs_in(ran.data_dir / "ledger.sqlite3") == 0
+
+
+def test_signal_names_the_option_that_is_wrong_and_writes_nothing(runs: Runs) -> None:
+    assert_bad_input(runs["signal-bad-data"], "--data", "not JSON")
+    assert_bad_input(runs["signal-bad-name"], "NAME", "'ship ped'")
+    for name in ("signal-bad-data", "signal-bad-name"):
+        assert not runs[name].data_dir.exists()
+
+
+def test_signal_prints_recorded_then_duplicate_and_refuses_the_id_with_other_data(
+    tmp_path: Path,
+) -> None:
+    """On the embedded ledger (no job waits, so no broker is needed)."""
+    case = Case(("signal", "shipped", "--key", "o-1", "--id", "s-1", "--data", '{{"n": 1}}'))
+    prepare(Case(("db", "upgrade"), migrated=True), tmp_path / "run")
+
+    first, again = oncelery(case, tmp_path / "run"), oncelery(case, tmp_path / "run")
+    changed = Case(("signal", "shipped", "--key", "o-1", "--id", "s-1", "--data", '{{"n": 2}}'))
+    conflict = oncelery(changed, tmp_path / "run")
+
+    assert (first.code, first.stdout, first.stderr) == (0, "recorded\n", "")
+    assert (again.code, again.stdout) == (0, "duplicate\n")
+    line = assert_bad_input(conflict, "--id", "'s-1'", "nothing was written")
+    assert "other data" in line
+    with sqlite3.connect(conflict.data_dir / "ledger.sqlite3") as conn:
+        assert conn.execute("SELECT signal_id, data FROM signals").fetchall() == [
+            ("s-1", '{"n": 1}')
+        ]

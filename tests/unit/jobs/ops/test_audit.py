@@ -151,6 +151,21 @@ def test_a_charge_and_a_notification_for_one_order_are_not_duplicates() -> None:
     assert report.clean is True
 
 
+def test_notifications_of_two_templates_for_one_order_are_not_duplicates_of_one_are() -> None:
+    """A fulfilment order is told it was confirmed, then that it shipped: each once."""
+    kinds = {"k1": "notification", "k2": "notification", "k3": "notification"}
+    entries = [entry(key, step="publish") for key in kinds]
+    confirmed = Effect("notification", "k1", "o1", template="order_confirmed")
+    shipped = Effect("notification", "k2", "o1", template="order_shipped")
+
+    assert reconcile(entries[:2], kinds, [confirmed, shipped]).clean is True
+    again = Effect("notification", "k3", "o1", template="order_shipped")
+    report = reconcile(entries, kinds, [confirmed, shipped, again])
+    assert [(d.problem, d.detail) for d in report.drift] == [
+        ("duplicate_effect_for_order", "2 notification (order_shipped) effects for one order")
+    ]
+
+
 def test_a_charge_of_the_wrong_amount_is_drift() -> None:
     """One charge per order, each under its key, yet one of them is not what its order
     says: counting effects alone would call this clean."""

@@ -1,8 +1,8 @@
 """limits: a row per limit key (a rate limit's arrival time, counters) and a row per leased
 concurrency slot; limit waits as timers of kind 'limit', one per job, step and map item
 
-Revision ID: 0012_limits
-Revises: 0009_timers
+Revision ID: 0011_limits
+Revises: 0010_signals
 Create Date: 2026-12-08
 """
 
@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0012_limits"
-down_revision: str | None = "0009_timers"
+revision: str = "0011_limits"
+down_revision: str | None = "0010_signals"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -50,9 +50,9 @@ def upgrade() -> None:
     )
     op.create_index("ix_limit_slots_locked_until", "limit_slots", ["locked_until"])
     # SQLite cannot alter a constraint in place: batch mode copies the table (env.py), from
-    # its definition as 0009 made it (reflecting it would reflect `jobs`, whose expression
-    # index SQLAlchemy cannot).
-    with op.batch_alter_table("timers", copy_from=_timers_0009()) as timers:
+    # its definition as 0010 left it (reflecting it would reflect `jobs`, whose expression
+    # index SQLAlchemy cannot). Postgres alters it in place, the check by its name on disk.
+    with op.batch_alter_table("timers", copy_from=_timers_0010()) as timers:
         timers.add_column(sa.Column("item_id", sa.String(300), nullable=False, server_default=""))
         timers.add_column(sa.Column("limit_key", sa.String(300), nullable=True))
         timers.drop_constraint(op.f("uq_timers_job_id_step_kind"), type_="unique")
@@ -65,7 +65,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.execute("DELETE FROM timers WHERE kind = 'limit' OR item_id <> ''")
-    with op.batch_alter_table("timers", copy_from=_timers_0012()) as timers:
+    with op.batch_alter_table("timers", copy_from=_timers_0011()) as timers:
         timers.drop_constraint(op.f(_KIND_CHECK), type_="check")
         timers.create_check_constraint(op.f(_KIND_CHECK), _OLD_KINDS)
         timers.drop_constraint(op.f("uq_timers_job_id_step_kind_item_id"), type_="unique")
@@ -93,6 +93,8 @@ def _timers(kinds: str, unique: tuple[str, ...], *extra: sa.Column[object]) -> s
         sa.Column("created_at", _TIME, nullable=False),
         sa.Column("fired_at", _TIME, nullable=True),
         sa.Column("dispatched_at", _TIME, nullable=True),
+        sa.Column("signal", sa.String(100), nullable=True),
+        sa.Column("signal_key", sa.String(300), nullable=True),
         *extra,
         sa.CheckConstraint(kinds, name=_KIND_CHECK),
         sa.CheckConstraint(
@@ -115,14 +117,17 @@ def _timers(kinds: str, unique: tuple[str, ...], *extra: sa.Column[object]) -> s
         ("ix_timers_fired_at_unsent", "fired_at", unsent),
     ):
         sa.Index(name, table.c[column], postgresql_where=where, sqlite_where=where)
+    waiting = sa.text("state = 'pending' AND signal IS NOT NULL")
+    columns = (table.c.signal, table.c.signal_key, table.c.id)
+    sa.Index("ix_timers_signal_wait", *columns, postgresql_where=waiting, sqlite_where=waiting)
     return table
 
 
-def _timers_0009() -> sa.Table:
+def _timers_0010() -> sa.Table:
     return _timers(_OLD_KINDS, ("job_id", "step", "kind"))
 
 
-def _timers_0012() -> sa.Table:
+def _timers_0011() -> sa.Table:
     return _timers(
         _KINDS,
         ("job_id", "step", "kind", "item_id"),
