@@ -11,10 +11,20 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from uuid import UUID
 
+from jobs.engine.admission import admitted, rules_for
 from jobs.engine.dispatch import Dispatch, SendsMany
 from jobs.engine.runtime import Runtime
 from jobs.pipelines import Delivery, Pipeline, registry
-from ledger import JSON, DeadLetterReason, JobStore, JobToSend, NewJob, Reading, first_reading
+from ledger import (
+    JSON,
+    DeadLetterReason,
+    JobStore,
+    JobToSend,
+    LimitRules,
+    NewJob,
+    Reading,
+    first_reading,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +35,8 @@ _SLICE = 200
 @dataclass(frozen=True)
 class Enqueued:
     """One event's job: its id, whether this call created it (False: seen before), and whether
-    its first step was published (when not, the job waits in the outbox for the relay)."""
+    its first step was published or, limited, waits in line for its key (when not, the job
+    waits in the outbox for the relay)."""
 
     job_id: str
     created: bool
@@ -45,13 +56,14 @@ def start_jobs(
     # a message lost after it was sent, or a crash between commit and send, is the sweeper's.
     # One transaction for the lot: a conflict anywhere in the input creates nothing.
     created = store.create_jobs(new_jobs, dispatched=True)
+    rules = rules_for(pipeline, pipeline.steps[0])
     answer: list[Enqueued] = []
     # Sent in slices, so a send that failed goes back to the outbox moments later, not after
     # the whole input.
     for start in range(0, len(new_jobs), _SLICE):
         end = start + _SLICE
         answer.extend(
-            _send_slice(store, dispatch, pipeline, new_jobs[start:end], created[start:end])
+            _send_slice(store, dispatch, (pipeline, rules), new_jobs[start:end], created[start:end])
         )
     return answer
 
@@ -59,12 +71,22 @@ def start_jobs(
 def _send_slice(
     store: JobStore,
     dispatch: Dispatch,
-    pipeline: Pipeline[object],
+    limited: tuple[Pipeline[object], LimitRules | None],
     new_jobs: Sequence[NewJob],
     created: Sequence[tuple[UUID, bool]],
 ) -> list[Enqueued]:
+    pipeline, rules = limited
     first = pipeline.steps[0]
     fresh = [str(job_id) for job_id, is_new in created if is_new]
+    if rules is not None:
+        # A limited first step: a key's backlog waits in line in the ledger (its timers send
+        # it, counted as sent), not in the queue ahead of other keys' jobs.
+        runs = [
+            (str(job_id), job.context)
+            for job, (job_id, is_new) in zip(new_jobs, created, strict=True)
+            if is_new
+        ]
+        fresh = admitted(store.engine, first, rules, runs)
     readings = {}
     if first.delivery is Delivery.READ_ONLY:
         # The job was just written: its first message can bring what reading it would find.
@@ -187,8 +209,22 @@ class OutboxRelay:
     def _send(self, pipeline: str, job_ids: list[UUID]) -> list[UUID]:
         """Send the first step of jobs of one pipeline; those sent. Under load many arrive
         between two rounds: on a dispatch that can, they go out together, their publisher
-        confirms awaited once rather than once each."""
+        confirms awaited once rather than once each. A limited first step's backlog of a key
+        waits in line in the ledger instead (counted as sent: its timers send it)."""
         step = self.first_step(pipeline)
+        waiting: list[UUID] = []
+        if pipeline in registry:
+            found = registry.get(pipeline)
+            rules = self.rt.limits_for(pipeline, found.step(step))
+            if rules is not None:
+                contexts = self.rt.store.contexts(job_ids)
+                runs = [(str(job_id), contexts.get(job_id, {})) for job_id in job_ids]
+                now = set(admitted(self.rt.engine, found.step(step), rules, runs))
+                waiting = [job_id for job_id in job_ids if str(job_id) not in now]
+                job_ids = [job_id for job_id in job_ids if str(job_id) in now]
+        return waiting + self._publish(pipeline, step, job_ids)
+
+    def _publish(self, pipeline: str, step: str, job_ids: list[UUID]) -> list[UUID]:
         if isinstance(self.dispatch, SendsMany):
             unsent = set(self.dispatch.send_many(pipeline, step, [str(j) for j in job_ids]))
             if unsent:

@@ -14,6 +14,7 @@ from typing import Final
 from uuid import UUID
 
 from config.settings import CrashPoint
+from jobs.engine.admission import admitted
 from jobs.engine.claims import verdict_on_claim, verdict_on_found
 from jobs.engine.dispatch import Dispatch
 from jobs.engine.fan_out import fan_out
@@ -283,9 +284,21 @@ def _record(run: Run, step: Step[object], acted: list[Acted]) -> list[Stage]:
     outcomes, going_on = record(run, step, acted, following)
     run.outcomes.update(outcomes)
     if following is not None and going_on:
-        hand_on(run, step, following, [job_id for _, job_id in going_on])
+        hand_on(run, step, following, _admitted(run, following, going_on))
     _published(run, step, acted)
     return []
+
+
+def _admitted(run: Run, following: Step[object], going_on: list[tuple[int, str]]) -> list[str]:
+    """The recorded jobs to send on to `following` now: all, unless it has limits, whose
+    keys' backlogs wait in line in the ledger instead (`jobs.engine.admission`)."""
+    job_ids = [job_id for _, job_id in going_on]
+    rules = step_limits(run, following)
+    if rules is None:
+        return job_ids
+    contexts = run.rt.store.contexts([UUID(job_id) for job_id in job_ids])
+    runs = [(job_id, contexts.get(UUID(job_id), {})) for job_id in job_ids]
+    return admitted(run.rt.engine, following, rules, runs)
 
 
 def _record_and_claim(

@@ -5,6 +5,7 @@ or inside a step's claim (Postgres); wait for a limit as a timer; release a slot
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -317,16 +318,29 @@ def set_limit_timer(
     so does one fired whose step is still in the outbox (its publish brings the step again;
     set again, the publish's `mark_sent` would mark the new wait sent before it fired).
     Returns its due time when set."""
-    insert = db.insert_for(dialect_name)(timers).values(
-        job_id=job_id,
-        step=step,
-        kind=str(TimerKind.LIMIT),
-        item_id=item_id,
-        limit_key=limit,
-        state=str(TimerState.PENDING),
-        due_at=due_at,
-        created_at=db.utcnow(),
-    )
+    return set_limit_timers(dialect_name, step, limit, [(job_id, item_id, due_at)])
+
+
+def set_limit_timers(
+    dialect_name: str, step: str, limit: str, waits: Sequence[tuple[UUID, str, datetime]]
+) -> Any:
+    """`set_limit_timer` for several jobs' (or items') waits for one limit, each (job id,
+    item id, due time), in one statement."""
+    now = db.utcnow()
+    rows = [
+        {
+            "job_id": job_id,
+            "step": step,
+            "kind": str(TimerKind.LIMIT),
+            "item_id": item_id,
+            "limit_key": limit,
+            "state": str(TimerState.PENDING),
+            "due_at": due_at,
+            "created_at": now,
+        }
+        for job_id, item_id, due_at in waits
+    ]
+    insert = db.insert_for(dialect_name)(timers).values(rows)
     timer, excluded = timers.c, insert.excluded
     return insert.on_conflict_do_update(
         index_elements=[timer.job_id, timer.step, timer.kind, timer.item_id],
@@ -386,6 +400,16 @@ def count_slots_in_use(leased_within: float) -> sa.Select[Any]:
     return (
         sa.select(slot.key, sa.func.count().label("in_use"))
         .where(slot.locked_until >= db.utcnow_plus(db.seconds(-leased_within)), ~free(limit_slots))
+        .group_by(slot.key)
+    )
+
+
+def count_slots_held(keys: Sequence[str]) -> sa.Select[Any]:
+    """Concurrency slots held now among `keys`, by key."""
+    slot = limit_slots.c
+    return (
+        sa.select(slot.key, sa.func.count().label("held"))
+        .where(slot.key.in_(list(keys)), ~free(limit_slots))
         .group_by(slot.key)
     )
 
