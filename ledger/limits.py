@@ -187,7 +187,8 @@ class LimitStat:
     kind: LimitKind
     #: Slots held now (concurrency), or tokens granted in the last second (rate).
     in_use: int
-    #: Runs waiting for it now (pending `limit` timers).
+    #: Runs waiting for it now (pending `limit` timers), counted up to the cap + 1 (that
+    #: many: more).
     waiting: int
     #: Waits set (or set again) per second over the window.
     throttled_per_second: float
@@ -197,6 +198,9 @@ class LimitStat:
 
 #: Seconds `LimitLedger.stats` looks back by default: waits set and keys used.
 STATS_WINDOW: Final = 60.0
+#: The most waits `LimitLedger.stats` counts of a key (index entries only): past it the
+#: count is this (100,000 runs parked for one key would otherwise be read at every look).
+LIMIT_WAITING_CAP: Final = 10_000
 
 
 class LimitLedger:
@@ -245,16 +249,23 @@ class LimitLedger:
 
         return self._retrying(attempt)
 
-    def stats(self, *, window: float = STATS_WINDOW, limit: int = 50) -> list[LimitStat]:
+    def stats(
+        self, *, window: float = STATS_WINDOW, limit: int = 50, waiting_cap: int = LIMIT_WAITING_CAP
+    ) -> list[LimitStat]:
         """The limit keys in use or waited for lately, busiest first (at most `limit`):
-        slots held or tokens granted in the last second, runs waiting, waits set per second
-        over the last `window` seconds, and their totals."""
+        slots held or tokens granted in the last second, runs waiting and waits set per
+        second over the last `window` seconds (each counted up to `waiting_cap` + 1), and
+        their totals."""
         with db.transaction(self.engine) as conn:
             keys = list(conn.execute(limit_queries.select_recent_keys(window, limit)))
             in_use = conn.execute(limit_queries.count_slots_in_use(3600.0))
             held: dict[str, int] = {str(row.key): int(row.in_use) for row in in_use}
+            # The keys to show: used lately, or holding the most slots (a count each, capped).
+            busiest_held = sorted(held, key=lambda key: -held[key])[:limit]
+            shown = dict.fromkeys([*(str(row.key) for row in keys), *busiest_held])
             waits = {
-                row.limit_key: row for row in conn.execute(limit_queries.count_waiting(window))
+                key: conn.execute(limit_queries.count_waiting(key, window, waiting_cap)).one()
+                for key in shown
             }
         found: dict[str, LimitStat] = {}
         for row in keys:
@@ -264,9 +275,6 @@ class LimitLedger:
             found[row.key] = _stat(row.key, rate, used, waits.get(row.key), window, row)
         for key, count in held.items():
             found.setdefault(key, _stat(key, False, count, waits.get(key), window, None))
-        for key, wait in waits.items():
-            if key is not None:
-                found.setdefault(key, _stat(key, False, held.get(key, 0), wait, window, None))
         busiest = sorted(found.values(), key=lambda each: (-(each.in_use + each.waiting), each.key))
         return busiest[:limit]
 

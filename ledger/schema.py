@@ -296,6 +296,23 @@ sa.Index(
     ),
     sqlite_where=sa.and_(timers.c.state == str(TimerState.FIRED), timers.c.dispatched_at.is_(None)),
 )
+# `status` counts a limit key's waits, pending and set lately, each read no further than a
+# cap (migration 0011).
+_LIMIT = timers.c.kind == str(TimerKind.LIMIT)
+_LIMIT_PENDING = sa.and_(_LIMIT, timers.c.state == str(TimerState.PENDING))
+sa.Index(
+    "ix_timers_limit_key_pending",
+    timers.c.limit_key,
+    postgresql_where=_LIMIT_PENDING,
+    sqlite_where=_LIMIT_PENDING,
+)
+sa.Index(
+    "ix_timers_limit_key_created_at",
+    timers.c.limit_key,
+    timers.c.created_at,
+    postgresql_where=_LIMIT,
+    sqlite_where=_LIMIT,
+)
 # A signal finds the jobs waiting for its name and key, oldest wait first (migration 0010).
 _WAITING = sa.and_(timers.c.state == str(TimerState.PENDING), timers.c.signal.is_not(None))
 sa.Index(

@@ -145,7 +145,8 @@ class LedgerCollector(Collector):
             ),
             "waiting": GaugeMetricFamily(
                 "oncelery_limit_waiting",
-                "Runs waiting for a limit's token or slot (pending limit timers).",
+                "Runs waiting for a limit's token or slot (pending limit timers; counted up "
+                "to 10,001 a key: that many means more).",
                 labels=["key", "kind"],
             ),
         }

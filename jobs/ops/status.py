@@ -17,6 +17,7 @@ from ledger import (
     SignalLedger,
     TimerLedger,
 )
+from ledger.limits import LIMIT_WAITING_CAP
 from ledger.map_views import MapViews
 
 
@@ -58,7 +59,8 @@ def limits_view(limits: LimitLedger) -> dict[str, JSON]:
         found.key: {
             "kind": str(found.kind),
             "in_use": found.in_use,
-            "waiting": found.waiting,
+            "waiting": min(found.waiting, LIMIT_WAITING_CAP),
+            "waiting_over_cap": found.waiting > LIMIT_WAITING_CAP,
             "throttled_per_second": found.throttled_per_second,
             "granted_total": found.granted_total,
             "throttled_total": found.throttled_total,
@@ -145,7 +147,8 @@ def status_table(view: dict[str, JSON]) -> Table:
         assert isinstance(limit, dict)
         table.add_row(
             f"limit {key}",
-            f"{limit['in_use']} in use · {limit['waiting']} waiting · "
+            f"{limit['in_use']} in use · {limit['waiting']}"
+            f"{'+' if limit.get('waiting_over_cap') else ''} waiting · "
             f"{limit['throttled_per_second']}/s throttled ({limit['kind']})",
         )
     table.add_row(

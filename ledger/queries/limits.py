@@ -414,23 +414,19 @@ def count_slots_held(keys: Sequence[str]) -> sa.Select[Any]:
     )
 
 
-def count_waiting(window: float) -> sa.Select[Any]:
-    """Limit waits by key: pending now, and set (or set again) in the last `window` seconds."""
+def count_waiting(key: str, window: float, cap: int) -> sa.Select[Any]:
+    """A limit key's waits: pending now (`waiting`), and set (or set again) in the last
+    `window` seconds (`recent`), each read from the partial index on limit timers no further
+    than `cap + 1` entries, however many wait."""
     timer = timers.c
-    recent = sa.case((timer.created_at >= db.utcnow_plus(db.seconds(-window)), 1), else_=0)
-    pending = sa.case((timer.state == str(TimerState.PENDING), 1), else_=0)
-    return (
-        sa.select(
-            timer.limit_key,
-            sa.func.sum(pending).label("waiting"),
-            sa.func.sum(recent).label("recent"),
-        )
-        .where(
-            timer.kind == str(TimerKind.LIMIT),
-            sa.or_(
-                timer.state == str(TimerState.PENDING),
-                timer.created_at >= db.utcnow_plus(db.seconds(-window)),
-            ),
-        )
-        .group_by(timer.limit_key)
-    )
+    of_key = (timer.kind == str(TimerKind.LIMIT), timer.limit_key == key)
+    since = db.utcnow_plus(db.seconds(-window))
+    counts = []
+    for name, where in (
+        ("waiting", timer.state == str(TimerState.PENDING)),
+        ("recent", timer.created_at >= since),
+    ):
+        some = sa.select(sa.literal(1)).select_from(timers).where(*of_key, where).limit(cap + 1)
+        counted = sa.select(sa.func.count()).select_from(some.subquery())
+        counts.append(counted.scalar_subquery().label(name))
+    return sa.select(*counts)

@@ -21,6 +21,15 @@ depends_on: str | Sequence[str] | None = None
 _TIME = sa.DateTime(timezone=True)
 _KINDS = "kind IN ('sleep', 'signal_timeout', 'retry', 'limit')"
 _OLD_KINDS = "kind IN ('sleep', 'signal_timeout', 'retry')"
+#: A limit key's waits, pending and set lately, for `status` to count up to a cap.
+_LIMIT_INDEXES = (
+    (
+        "ix_timers_limit_key_pending",
+        ["limit_key"],
+        sa.text("kind = 'limit' AND state = 'pending'"),
+    ),
+    ("ix_timers_limit_key_created_at", ["limit_key", "created_at"], sa.text("kind = 'limit'")),
+)
 #: The check's name as 0009 made it (its `ck_` name went through the naming convention).
 _KIND_CHECK = "ck_timers_ck_timers_kind"
 
@@ -61,9 +70,13 @@ def upgrade() -> None:
         )
         timers.drop_constraint(op.f(_KIND_CHECK), type_="check")
         timers.create_check_constraint(op.f(_KIND_CHECK), _KINDS)
+    for name, columns, where in _LIMIT_INDEXES:
+        op.create_index(name, "timers", columns, postgresql_where=where, sqlite_where=where)
 
 
 def downgrade() -> None:
+    for name, _, _ in _LIMIT_INDEXES:
+        op.drop_index(name, table_name="timers")
     op.execute("DELETE FROM timers WHERE kind = 'limit' OR item_id <> ''")
     with op.batch_alter_table("timers", copy_from=_timers_0011()) as timers:
         timers.drop_constraint(op.f(_KIND_CHECK), type_="check")

@@ -368,6 +368,11 @@ def test_the_limits_in_use_and_waiting_are_counted_for_people(
     provider = found["provider:stats"]
     assert (provider.kind, provider.in_use, provider.waiting) == (LimitKind.RATE, 2, 0)
     assert provider.granted_total == 2
+    # and a count stops past its cap (one more than the cap: more), however many wait
+    capped = {each.key: each for each in limits.stats(waiting_cap=1)}["customer:jill"]
+    assert (capped.waiting, capped.throttled_per_second) == (2, round(2 / 60, 3))
+    capped = {each.key: each for each in limits.stats(waiting_cap=0)}["customer:jill"]
+    assert (capped.waiting, capped.throttled_per_second) == (1, round(1 / 60, 3))
 
 
 def test_a_slots_waiters_are_lined_up_not_polling_together(
