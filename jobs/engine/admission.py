@@ -4,6 +4,7 @@ timer loop sends key by key as they come due, so another key's run is not queued
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from uuid import UUID
 
@@ -13,8 +14,10 @@ from config import get_settings
 from jobs.limits import effective_limits, rules_of
 from jobs.maps import is_map
 from jobs.pipelines import Pipeline, Step
-from ledger import JSON, LimitRules
+from ledger import JSON, LedgerError, LimitRules
 from ledger.limit_admission import admit
+
+logger = logging.getLogger(__name__)
 
 
 def rules_for(pipeline: Pipeline[object], step: Step[object]) -> LimitRules | None:
@@ -35,7 +38,15 @@ def admitted(
 ) -> list[str]:
     """Of `runs` (job id, context) to send to `step`, those to send now (all of them when it
     has no limits); the rest wait in line for their keys (`ledger.limit_admission.admit`)."""
+    everyone = [job_id for job_id, _ in runs]
     if rules is None or not runs:
-        return [job_id for job_id, _ in runs]
-    sent = admit(engine, step.name, rules, [(UUID(job_id), context) for job_id, context in runs])
+        return everyone
+    keyed = [(UUID(job_id), context) for job_id, context in runs]
+    try:
+        sent = admit(engine, step.name, rules, keyed)
+    except LedgerError as exc:
+        # Sent all the same: each claim still takes its limit (or waits for it); only the
+        # queue's fairness is lost, not a limit.
+        logger.warning("limited runs sent without admission: %s", exc, extra={"step": step.name})
+        return everyone
     return [str(job_id) for job_id in sent]
