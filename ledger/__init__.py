@@ -19,6 +19,7 @@ from ledger.errors import (
     StepNotInJob,
 )
 from ledger.job_ends import wait_for_end
+from ledger.job_search import find_jobs
 from ledger.malformed import MalformedCount, MalformedMessages
 from ledger.map_types import (
     FanOut,
@@ -178,6 +179,7 @@ __all__ = [
     "WokenJob",
     "create_engine",
     "current_revision",
+    "find_jobs",
     "first_reading",
     "head_revision",
     "upgrade",
