@@ -39,7 +39,7 @@ from jobs.ops.map_items import (
 )
 from jobs.ops.metrics import render_metrics
 from jobs.pipelines import Pipeline, registry
-from jobs.web import pages, signal_route
+from jobs.web import docs_page, pages, signal_route
 from jobs.web.api_models import Accepted, DryRun, Health, JobList, LetterList
 from jobs.web.api_schema import api_schema, errors, package_version, signed_headers
 from jobs.web.http import (
@@ -121,6 +121,8 @@ def create_app(settings: Settings) -> FastAPI:
         description="The HTTP intake: signed webhooks and signals, the read API (bearer "
         "token), health and metrics. The pages for people (HTML) are not part of the API.",
         lifespan=lifespan,
+        # Our own /docs (`docs_page`): FastAPI's loads unpinned scripts from a CDN.
+        docs_url=None,
         redoc_url=None,
     )
     app.state.intake = intake
@@ -131,6 +133,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(_routes())
     app.include_router(signal_route.router)
     app.include_router(pages.router, include_in_schema=False)
+    app.include_router(docs_page.router)
     app.openapi = lambda: api_schema(app)  # type: ignore[method-assign]
     return app
 
