@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 from uuid import UUID
 
 from sqlalchemy.engine import Connection, Engine
@@ -22,6 +22,9 @@ from ledger.errors import LedgerError
 from ledger.queries import signals as signal_queries
 from ledger.queries import timers as timer_queries
 from ledger.types import JSON, EventKind, JobState, SignalWait
+
+#: Seconds a signal no wait has taken stays takeable, unless told (`ONCELERY_SIGNAL_KEEP_FOR`).
+KEEP_FOR: Final = 7 * 86_400.0
 
 
 class SignalOutcome(enum.StrEnum):
@@ -104,11 +107,15 @@ class SignalLedger:
     Args:
         engine: where the ledger lives.
         unavailable_for: how long a call keeps retrying while the database is unreachable.
+        keep_for: seconds a signal no wait has taken stays takeable (then it is expired).
     """
 
-    def __init__(self, *, engine: Engine, unavailable_for: float = 15.0) -> None:
+    def __init__(
+        self, *, engine: Engine, unavailable_for: float = 15.0, keep_for: float = KEEP_FOR
+    ) -> None:
         self.engine = engine
         self.unavailable_for = unavailable_for
+        self.keep_for = keep_for
 
     def send(self, signal: NewSignal, *, route: Route) -> SignalSent:
         """Record a signal, and end the oldest wait for its name and key, if there is one,
@@ -225,28 +232,51 @@ class SignalLedger:
             ]
 
     def kept(self, name: str, keys: Sequence[str]) -> int:
-        """How many signals of `name` for `keys` no wait has taken."""
+        """How many signals of `name` for `keys` a wait may still take."""
         with db.transaction(self.engine) as conn:
-            return int(conn.execute(signal_queries.count_kept(name, keys)).scalar_one())
+            count = signal_queries.count_kept(self.keep_for, name, keys)
+            return int(conn.execute(count).scalar_one())
 
     def counts(self) -> tuple[int, int]:
-        """(signals kept for a wait to come, active jobs waiting for a signal)."""
+        """(signals kept for a wait to come, not expired; active jobs waiting for a signal)."""
         with db.transaction(self.engine) as conn:
-            kept = int(conn.execute(signal_queries.count_kept()).scalar_one())
+            kept = int(conn.execute(signal_queries.count_kept(self.keep_for)).scalar_one())
             waiting = int(conn.execute(signal_queries.count_waiting_for_signals()).scalar_one())
         return kept, waiting
 
+    def expired(self) -> int:
+        """Signals kept past `keep_for`: no wait takes them; `prune` deletes them."""
+        with db.transaction(self.engine) as conn:
+            return int(conn.execute(signal_queries.count_expired(self.keep_for)).scalar_one())
+
+    def prune(self, *, older_than: float, batch: int = 1000) -> int:
+        """Delete, `batch` a transaction, the signals kept past `keep_for` and those a wait
+        took more than `older_than` seconds ago (once its next step's publish is settled);
+        how many. A pruned signal's id is forgotten: sent again, it is a new signal."""
+        deleted = 0
+        while True:
+            with db.transaction(self.engine) as conn:
+                dialect = conn.dialect.name
+                chosen = signal_queries.select_prunable(dialect, self.keep_for, older_than, batch)
+                rows: list[int] = list(conn.execute(chosen).scalars())
+                if rows:
+                    delete = signal_queries.delete_signals(rows, self.keep_for, older_than)
+                    deleted += conn.execute(delete).rowcount
+            if len(rows) < batch:
+                return deleted
+
 
 def take_kept(
-    conn: Connection, job_id: UUID, step: str, wait: SignalWait
+    conn: Connection, job_id: UUID, step: str, wait: SignalWait, keep_for: float
 ) -> tuple[JobState, JSON] | None:
     """Inside the transaction that moves a job to wait `step`: take the oldest signal kept
-    for the wait's name and key, if any, and move the job on past the wait with the wait's
-    result (`by`: signal). Returns the job's state then and the result; None when no signal
-    was kept (the caller sets the wait's timer)."""
+    for the wait's name and key, received within `keep_for` seconds, if any, and move the
+    job on past the wait with the wait's result (`by`: signal). Returns the job's state then
+    and the result; None when no signal was kept (the caller sets the wait's timer)."""
     if conn.dialect.name == "postgresql":
         conn.execute(signal_queries.lock_name_and_key(wait.signal, wait.key))
-    kept = conn.execute(signal_queries.oldest_kept(wait.signal, wait.key)).one_or_none()
+    oldest = signal_queries.oldest_kept(wait.signal, wait.key, keep_for)
+    kept = conn.execute(oldest).one_or_none()
     if kept is None:
         return None
     consumed_at: datetime | None = conn.execute(

@@ -52,11 +52,20 @@ def lock_name_and_key(name: str, key: str) -> sa.Select[Any]:
     return sa.select(sa.func.pg_advisory_xact_lock(lock_id))
 
 
-def oldest_kept(name: str, key: str) -> sa.Select[Any]:
-    """The oldest signal of a name and key no wait has taken."""
+def _kept_since(keep_for: float) -> sa.ColumnElement[bool]:
+    """A signal no wait has taken, received within its lifetime (`keep_for` seconds)."""
+    return sa.and_(
+        signals.c.consumed_at.is_(None),
+        signals.c.received_at > db.utcnow_plus(db.seconds(-keep_for)),
+    )
+
+
+def oldest_kept(name: str, key: str, keep_for: float) -> sa.Select[Any]:
+    """The oldest signal of a name and key no wait has taken, received within `keep_for`
+    seconds (an older one is expired: no wait takes it)."""
     return (
         sa.select(signals.c.id, signals.c.signal_id, signals.c.data, signals.c.received_at)
-        .where(signals.c.name == name, signals.c.key == key, signals.c.consumed_at.is_(None))
+        .where(signals.c.name == name, signals.c.key == key, _kept_since(keep_for))
         .order_by(signals.c.id)
         .limit(1)
     )
@@ -169,14 +178,61 @@ def take_unsent(
     )
 
 
-def count_kept(name: str | None = None, keys: Sequence[str] | None = None) -> sa.Select[Any]:
-    """Signals no wait has taken (yet): all, or those of `name` for `keys`."""
-    query = sa.select(sa.func.count()).where(signals.c.consumed_at.is_(None))
+def count_kept(
+    keep_for: float, name: str | None = None, keys: Sequence[str] | None = None
+) -> sa.Select[Any]:
+    """Signals a wait may still take (kept, not expired): all, or those of `name` for `keys`."""
+    query = sa.select(sa.func.count()).where(_kept_since(keep_for))
     if name is not None:
         query = query.where(signals.c.name == name)
     if keys is not None:
         query = query.where(signals.c.key.in_(list(keys)))
     return query
+
+
+def count_expired(keep_for: float) -> sa.Select[Any]:
+    """Signals kept longer than `keep_for` seconds: no wait takes them, `prune` deletes them."""
+    return sa.select(sa.func.count()).where(
+        signals.c.consumed_at.is_(None),
+        signals.c.received_at <= db.utcnow_plus(db.seconds(-keep_for)),
+    )
+
+
+def _prunable(keep_for: float, older_than: float) -> sa.ColumnElement[bool]:
+    """Kept past its lifetime (`keep_for`), or taken more than `older_than` seconds ago by a
+    wait whose next step's publish is settled (sent, or its job no longer active)."""
+    active = sa.exists().where(jobs.c.id == signals.c.job_id, jobs.c.state.in_(ACTIVE))
+    expired = sa.and_(
+        signals.c.consumed_at.is_(None),
+        signals.c.received_at <= db.utcnow_plus(db.seconds(-keep_for)),
+    )
+    consumed = sa.and_(
+        signals.c.consumed_at.is_not(None),
+        signals.c.consumed_at < db.utcnow_plus(db.seconds(-older_than)),
+        sa.or_(signals.c.dispatched_at.is_not(None), ~active),
+    )
+    return sa.or_(expired, consumed)
+
+
+def select_prunable(
+    dialect_name: str, keep_for: float, older_than: float, limit: int
+) -> sa.Select[Any]:
+    """A batch of signals to delete (see `_prunable`), oldest first, locked: rows another
+    pruner holds are skipped."""
+    batch = (
+        sa.select(signals.c.id)
+        .where(_prunable(keep_for, older_than))
+        .order_by(signals.c.id)
+        .limit(limit)
+    )
+    return db.for_update_skip_locked(batch, dialect_name)
+
+
+def delete_signals(signal_rows: Sequence[int], keep_for: float, older_than: float) -> sa.Delete:
+    """Delete those of these signals still prunable."""
+    return sa.delete(signals).where(
+        signals.c.id.in_(list(signal_rows)), _prunable(keep_for, older_than)
+    )
 
 
 def count_waiting_for_signals() -> sa.Select[Any]:
