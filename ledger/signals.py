@@ -17,11 +17,12 @@ from uuid import UUID
 
 from sqlalchemy.engine import Connection, Engine
 
-from ledger import db, queries
+from ledger import db, queries, wait_outbox
 from ledger.errors import LedgerError
 from ledger.queries import signals as signal_queries
-from ledger.queries import timers as timer_queries
+from ledger.schema import signals
 from ledger.types import JSON, EventKind, JobState, SignalWait
+from ledger.wait_outbox import ResendRoute
 
 #: Seconds a signal no wait has taken stays takeable, unless told (`ONCELERY_SIGNAL_KEEP_FOR`).
 KEEP_FOR: Final = 7 * 86_400.0
@@ -204,32 +205,18 @@ class SignalLedger:
 
     def undo_sent(self, signal_rows: Sequence[int]) -> None:
         """Put signals back in the outbox (the resend of their job's next step failed)."""
-        if signal_rows:
-            with db.single_statement(self.engine) as conn:
-                conn.execute(signal_queries.undo_sent(signal_rows))
+        wait_outbox.undo_sent(self.engine, signals, signal_rows)
 
     def take_unsent(
-        self, *, older_than: float, limit: int, pipelines: Sequence[str]
+        self, *, older_than: float, limit: int, pipelines: Sequence[str], route: ResendRoute
     ) -> list[tuple[int, UUID, str, str]]:
         """Take signals whose job (of `pipelines`) had its next step not confirmed sent for
         `older_than` seconds, marked sent from now on (`undo_sent` if the send fails): (signal
-        row, job id, pipeline, step to send) for each whose job is still active."""
-        with db.transaction(self.engine) as conn:
-            dialect = conn.dialect.name
-            taken = {
-                row.job_id: row.id
-                for row in conn.execute(
-                    signal_queries.take_unsent(dialect, older_than, limit, pipelines)
-                )
-            }
-            if not taken:
-                return []
-            found = conn.execute(timer_queries.select_jobs_to_resend(list(taken)))
-            return [
-                (taken[job.id], job.id, job.pipeline, job.current_step)
-                for job in found
-                if job.current_step is not None
-            ]
+        row, job id, pipeline, step to send) for each whose job is still active at the step
+        the signal moved it on to (`route`, see `wait_outbox.take_unsent`)."""
+        dialect = self.engine.dialect.name
+        take = signal_queries.take_unsent(dialect, older_than, limit, pipelines)
+        return wait_outbox.take_unsent(self.engine, take, route)
 
     def kept(self, name: str, keys: Sequence[str]) -> int:
         """How many signals of `name` for `keys` a wait may still take."""

@@ -12,8 +12,8 @@ from uuid import UUID
 import sqlalchemy as sa
 
 from ledger import db
+from ledger.queries import wait_outbox
 from ledger.queries.common import ACTIVE, json_value
-from ledger.queries.timers import taken
 from ledger.schema import jobs, signals, timers
 from ledger.types import JSON, TimerKind, TimerState
 
@@ -144,37 +144,21 @@ def mark_rows_sent(signal_rows: Sequence[int]) -> sa.Update:
     )
 
 
-def undo_sent(signal_rows: Sequence[int]) -> sa.Update:
-    """Put signals back in the outbox: the publish after them failed after all."""
-    return sa.update(signals).where(signals.c.id.in_(list(signal_rows))).values(dispatched_at=None)
-
-
 def take_unsent(
     dialect_name: str, older_than: float, limit: int, pipelines: Sequence[str]
 ) -> sa.Update:
     """Take signals whose job (of `pipelines`) had its next step not known to reach the broker
     for `older_than` seconds after they moved it on (the sender died between its commit and
-    the publish), marking them sent; returns their jobs, to send again."""
-    unsent = (
-        sa.select(signals.c.id)
-        .join(jobs, jobs.c.id == signals.c.job_id)
-        .where(
-            signals.c.consumed_at.is_not(None),
-            signals.c.dispatched_at.is_(None),
-            signals.c.consumed_at < db.utcnow_plus(db.seconds(-older_than)),
-            jobs.c.pipeline.in_(list(pipelines)),
-        )
-        .order_by(signals.c.consumed_at)
-        .limit(limit)
-    )
-    return (
-        sa.update(signals)
-        .where(
-            signals.c.id.in_(taken(dialect_name, unsent, signals)),
-            signals.c.dispatched_at.is_(None),
-        )
-        .values(dispatched_at=db.utcnow())
-        .returning(signals.c.id, signals.c.job_id)
+    the publish), marking them sent (see `wait_outbox.take_unsent`)."""
+    return wait_outbox.take_unsent(
+        dialect_name,
+        signals,
+        moved_at=signals.c.consumed_at,
+        unsent=sa.and_(signals.c.consumed_at.is_not(None), signals.c.dispatched_at.is_(None)),
+        again=sa.false(),
+        older_than=older_than,
+        limit=limit,
+        pipelines=pipelines,
     )
 
 
