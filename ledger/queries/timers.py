@@ -254,6 +254,19 @@ def cancel_timers(job_id: UUID) -> sa.Update:
     )
 
 
+def cancel_unlocked_timers(dialect_name: str, job_id: UUID) -> sa.Update:
+    """Cancel a job's pending timers that no other transaction holds (SKIP LOCKED), for a
+    transaction that holds the job's row already: a timer the loop holds is being fired, and
+    its firing moves a job no longer active nowhere. (Waiting for it instead could deadlock:
+    the loop locks the timer, then the job.)"""
+    pending = sa.select(timers.c.id).where(timers.c.job_id == job_id, _IS_PENDING)
+    return (
+        sa.update(timers)
+        .where(timers.c.id.in_(taken(dialect_name, pending, timers)), timers.c.state == _PENDING)
+        .values(state=str(TimerState.CANCELLED))
+    )
+
+
 def waiting() -> sa.Exists:
     """The job has a pending timer at its current step: it waits, neither stalled nor lost
     (the sweeper leaves it to the timer loop). A retry timer left behind by a step that
