@@ -154,7 +154,7 @@ class SignalLedger:
             row = conn.execute(insert).one_or_none()
             if row is None:
                 found = conn.execute(signal_queries.select_signal(signal.name, signal.signal_id))
-                if found.one().fingerprint != signal.fingerprint:
+                if not _same_signal(found.one(), signal):
                     raise SignalConflict(signal.name, signal.signal_id)
                 return SignalSent(SignalOutcome.DUPLICATE)
             woke = self._end_a_wait(conn, signal, row, route, passed)
@@ -281,6 +281,30 @@ def take_kept(
     if wait.then is None or state is not JobState.RUNNING:
         conn.execute(signal_queries.mark_rows_sent([kept.id]))
     return state, result
+
+
+def _same_signal(recorded: Any, signal: NewSignal) -> bool:
+    """Whether a recorded signal has `signal`'s key and data: by fingerprint, or else by
+    value, a number equal to another whatever its spelling (`1` and `1.0` are one JSON
+    number; the fingerprint, of the text, tells them apart)."""
+    if recorded.fingerprint == signal.fingerprint:
+        return True
+    return bool(recorded.key == signal.key and same_json(recorded.data, signal.data))
+
+
+def same_json(left: JSON, right: JSON) -> bool:
+    """Whether two JSON values are equal as JSON: numbers by value (`1` is `1.0`), `true`
+    and `false` never numbers (as Python's `True == 1` would have it), objects whatever the
+    order of their keys."""
+    if isinstance(left, bool) or isinstance(right, bool):
+        return type(left) is type(right) and left == right
+    if isinstance(left, int | float) and isinstance(right, int | float):
+        return left == right
+    if isinstance(left, dict) and isinstance(right, dict):
+        return left.keys() == right.keys() and all(same_json(left[k], right[k]) for k in left)
+    if isinstance(left, list) and isinstance(right, list):
+        return len(left) == len(right) and all(map(same_json, left, right))
+    return type(left) is type(right) and left == right
 
 
 def _move_on(
