@@ -165,14 +165,18 @@ def sweep(
             timers=resent_timers,
             signals=resent_signals,
         )
+    waiting = backlog_wait(rt, depth, base)
     # A re-drive that nobody claimed within a few leases was lost in turn (a killed worker's
-    # prefetch, which Redis gives back only after its visibility timeout): sent again.
-    again = ABANDONED_AGAIN_AFTER_LEASES * rt.settings.step_lease
+    # prefetch, which Redis gives back only after its visibility timeout): sent again — after
+    # the backlog's wait too, since behind a backlog it is most likely still queued. Sent
+    # again every few leases whatever the backlog, the abandoned jobs of a Postgres restart
+    # grew the queue faster than workers drained it (a Redis chaos run stalled behind 67,205
+    # re-drives).
+    again = ABANDONED_AGAIN_AFTER_LEASES * rt.settings.step_lease + waiting
     abandoned, skipped = _redrive(
         dispatch, lambda n: rt.store.take_abandoned(again_after=again, limit=n, pipelines=ours)
     )
     lost, skipped_lost = _redrive_lost(rt, dispatch, watch or BlindWatch(), ours)
-    waiting = backlog_wait(rt, depth, base)
     stalled, skipped_stalled = _redrive(
         dispatch,
         lambda n: rt.store.take_stalled(stalled_after=base + waiting, limit=n, pipelines=ours),
