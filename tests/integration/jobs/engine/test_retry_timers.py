@@ -79,6 +79,16 @@ def make_due(rt: Runtime, job_id: str) -> None:
         )
 
 
+def waiting_to_retry(rt: Runtime) -> tuple[Pipeline[list[Exception]], RecordingDispatch, str]:
+    """A job whose `second` a 429 turned away for an hour: its retry waits as a timer."""
+    failures: list[Exception] = [TransientError("429", retry_after=HOUR)]
+    pipeline, dispatch = pipeline_failing(failures), RecordingDispatch()
+    job_id = start(rt, pipeline)
+    run(rt, dispatch, pipeline, "first", job_id)
+    assert run(rt, dispatch, pipeline, "second", job_id) is Outcome.RETRYING
+    return pipeline, dispatch, job_id
+
+
 def as_utc(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
@@ -181,11 +191,7 @@ def test_on_the_fast_path_a_long_retry_is_a_timer_too(fast: Runtime) -> None:
 
 
 def test_cancelling_a_job_waiting_to_retry_cancels_its_timer(runtime: Runtime) -> None:
-    failures: list[Exception] = [TransientError("429", retry_after=HOUR)]
-    pipeline, dispatch = pipeline_failing(failures), RecordingDispatch()
-    job_id = start(runtime, pipeline)
-    run(runtime, dispatch, pipeline, "first", job_id)
-    run(runtime, dispatch, pipeline, "second", job_id)
+    _, dispatch, job_id = waiting_to_retry(runtime)
 
     assert runtime.store.cancel(uuid.UUID(job_id), by="test").state is JobState.CANCELLED
 
@@ -202,11 +208,7 @@ def test_a_stray_copy_of_the_step_is_absorbed_while_its_retry_timer_is_pending(
     """A redelivery (a worker killed between the failure's commit and its ack, a duplicate
     publish) before the timer is due: the step is not run before its `Retry-After`, its
     attempt not counted; the timer's firing sends it."""
-    failures: list[Exception] = [TransientError("429", retry_after=HOUR)]
-    pipeline, dispatch = pipeline_failing(failures), RecordingDispatch()
-    job_id = start(runtime, pipeline)
-    run(runtime, dispatch, pipeline, "first", job_id)
-    run(runtime, dispatch, pipeline, "second", job_id)
+    pipeline, dispatch, job_id = waiting_to_retry(runtime)
     dispatch.sent.clear()
 
     assert run(runtime, dispatch, pipeline, "second", job_id) is Outcome.INACTIVE

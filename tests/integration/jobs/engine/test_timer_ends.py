@@ -12,27 +12,20 @@ import pytest
 import sqlalchemy as sa
 
 from jobs.engine.runtime import Runtime
-from jobs.errors import TransientError
 from ledger import JSON, DeadLetterReason, JobState, TimerState, queries
 from ledger.signals import KEEP_FOR
 from ledger.timed_records import set_wait
-from tests.factories import RecordingDispatch
 from tests.integration.jobs.engine.test_retry_timers import (
-    HOUR,
     pipeline_failing,
     rows,
-    run,
     start,
+    waiting_to_retry,
 )
 from tests.waiting import wait_for
 
 
 def test_dead_lettering_a_job_cancels_its_pending_timer(runtime: Runtime) -> None:
-    failures: list[Exception] = [TransientError("429", retry_after=HOUR)]
-    pipeline, dispatch = pipeline_failing(failures), RecordingDispatch()
-    job_id = start(runtime, pipeline)
-    run(runtime, dispatch, pipeline, "first", job_id)
-    run(runtime, dispatch, pipeline, "second", job_id)
+    _, _, job_id = waiting_to_retry(runtime)
     [row] = rows(runtime, job_id)
     assert row.state == TimerState.PENDING
 
