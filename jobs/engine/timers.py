@@ -1,16 +1,17 @@
 """The timer loop: fires due timers (`ledger.timers`), each once, moving its job past its
 wait step (or, a retry timer, sending its step again) and publishing after the commit; the
-sweeper resends a firing whose publish was lost. Also when a job reaching a wait step is due,
-what it waits for, and which retries wait as timers."""
+sweeper resends a firing (or a signal) whose publish was lost. Also when a job reaching a
+wait step is due, what it waits for, and which retries wait as timers."""
 
 from __future__ import annotations
 
 import logging
 import threading
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Final
+from typing import Final, Protocol
+from uuid import UUID
 
 from config.settings import CrashPoint
 from jobs.engine.dispatch import Dispatch, SendsMany
@@ -20,6 +21,7 @@ from jobs.pipelines import Step, registry
 from jobs.retry import RetryPolicy
 from jobs.waits import Wait
 from ledger import JSON, DueTimer, FiredTimer, SignalWait
+from ledger.wait_outbox import ResendRoute
 
 logger = logging.getLogger(__name__)
 
@@ -113,28 +115,51 @@ def fire_round(rt: Runtime, dispatch: Dispatch, *, limit: int = FIRE_BATCH) -> i
     return len(fired)
 
 
-def resend_unsent(rt: Runtime, dispatch: Dispatch) -> int:
-    """Send again the next step of fired timers whose publish was not confirmed within
-    `relay_after` seconds (their loop died between its commit and the publish); how many
-    were sent. A copy that was not lost after all is absorbed by the ledger."""
+class _WaitOutbox(Protocol):
+    """A ledger whose rows are the outbox of moves past a wait (`TimerLedger`,
+    `SignalLedger`)."""
+
+    def take_unsent(
+        self, *, older_than: float, limit: int, pipelines: Sequence[str], route: ResendRoute
+    ) -> list[tuple[int, UUID, str, str]]: ...
+
+    def undo_sent(self, rows: Sequence[int], /) -> None: ...
+
+
+def resend_unsent(rt: Runtime, dispatch: Dispatch, outbox: _WaitOutbox, *, after: str) -> int:
+    """Send again the step that moves past a wait sent (the step after it, or a retried step
+    itself) when its publish was not confirmed within `relay_after` seconds (the mover died
+    between its commit and the publish) and its job is still there: `outbox` is
+    `rt.timers` or `rt.signals` (`after`: `timer` or `signal`, for the logs). How many were
+    sent. A copy that was not lost after all is absorbed by the ledger."""
     pipelines = [pipeline.name for pipeline in registry]
-    taken = rt.timers.take_unsent(
-        older_than=rt.settings.relay_after, limit=FIRE_BATCH, pipelines=pipelines
+    taken = outbox.take_unsent(
+        older_than=rt.settings.relay_after,
+        limit=FIRE_BATCH,
+        pipelines=pipelines,
+        route=resent_step,
     )
     failed: list[int] = []
-    for timer_id, job_id, pipeline, step in taken:
+    for row, job_id, pipeline, step in taken:
         try:
             dispatch.send(pipeline, step, str(job_id), resend=True)
         except Exception as exc:  # noqa: BLE001 - back in the outbox for the next sweep
-            logger.warning("resend of %s after its timer not sent: %s", job_id, exc)
-            failed.append(timer_id)
+            logger.warning("resend of %s after its %s not sent: %s", job_id, after, exc)
+            failed.append(row)
             continue
         logger.warning(
-            "resent the step after a fired timer",
-            extra={"action": "timer_resent", "job_id": str(job_id), "step": step},
+            "resent the step after a %s",
+            after,
+            extra={"action": f"{after}_resent", "job_id": str(job_id), "step": step},
         )
-    rt.timers.undo_sent(failed)
+    outbox.undo_sent(failed)
     return len(taken) - len(failed)
+
+
+def resent_step(pipeline: str, step: str, again: bool) -> str | None:
+    """The step a move past `step` sent: `step` itself for a retry (`again`), else the step
+    after it (`LookupError`: the pipeline has no such step any more)."""
+    return step if again else step_after(pipeline, step)
 
 
 def timer_loop(
