@@ -16,6 +16,7 @@ from ledger import db, queries, timed_records
 from ledger.dead_letters import DeadLetterNote, write_dead_letter
 from ledger.errors import LeaseLost, LedgerError
 from ledger.outcomes import Failure, Record, answer, decode_claim, raised
+from ledger.signals import KEEP_FOR
 from ledger.types import (
     JSON,
     AlreadySucceeded,
@@ -55,6 +56,9 @@ class StepLedger:
 
     #: Whether read-only steps run unclaimed here (`read_steps`, `record_reads`).
     reads_unclaimed: ClassVar[bool] = False
+    #: Seconds a kept signal stays takeable by the waits this ledger moves jobs to (the
+    #: runtime sets `ONCELERY_SIGNAL_KEEP_FOR`'s).
+    signal_keep_for: float = KEEP_FOR
 
     def __new__(
         cls,
@@ -367,7 +371,7 @@ class StepLedger:
                 conn.execute(event)
                 if sleep_until is not None and next_step is not None and adopted == "running":
                     taken = timed_records.set_wait(
-                        conn, outcome.job_id, next_step, sleep_until, wait
+                        conn, outcome.job_id, next_step, sleep_until, wait, self.signal_keep_for
                     )
                     return taken or JobState(adopted)
                 return JobState(adopted)

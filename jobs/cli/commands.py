@@ -265,16 +265,19 @@ def status(
     from jobs.worker import app as celery_app
     from ledger import LedgerStats
 
-    stats = LedgerStats(engine=job_store(get_settings()).engine)
+    settings = get_settings()
+    stats = LedgerStats(engine=job_store(settings).engine)
+    keep_for = settings.signal_keep_for
     if as_json and not watch:
-        print_json(status_view(stats, celery_app, window=window))
+        print_json(status_view(stats, celery_app, window=window, signal_keep_for=keep_for))
         return
     if not watch:
-        print_table(status_table(status_view(stats, celery_app, window=window)))
+        view = status_view(stats, celery_app, window=window, signal_keep_for=keep_for)
+        print_table(status_table(view))
         return
     with Live(console=stdout, auto_refresh=False) as live:
         while True:
-            view = status_view(stats, celery_app, window=window)
+            view = status_view(stats, celery_app, window=window, signal_keep_for=keep_for)
             if as_json:
                 print_json(view)
             else:

@@ -27,6 +27,7 @@ from ledger import (
     LedgerError,
     OutcomeUnknown,
     Reading,
+    RetryPending,
     StatementRejected,
     StepNotInJob,
 )
@@ -72,11 +73,16 @@ def verdict_on_claim(
         return Outcome.DEAD_LETTERED
     if isinstance(found, LedgerError):
         raise found
-    if isinstance(found, JobInactive):
+    if isinstance(found, RetryPending):
+        # A stray copy (a redelivery, a duplicate publish): the timer sends the retry.
+        absorbed = {"action": "absorbed", **log, "key": found.key}
+        logger.info("a copy of a step waiting for its retry timer absorbed", extra=absorbed)
+    elif isinstance(found, JobInactive):
         if found.state is None:  # no such job: said and counted (`jobs.engine.step_messages`)
             no_such_job(rt, run.pipeline.name, step.name, job_id)
         else:
             logger.info("job is %s; step not run", found.state, extra={"action": "skip", **log})
+    if isinstance(found, RetryPending | JobInactive):
         return Outcome.INACTIVE
     if isinstance(found, InFlight):
         in_flight = {"action": "in_flight", **log, "key": found.key}

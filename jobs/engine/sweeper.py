@@ -14,7 +14,6 @@ from typing import Final, Protocol
 from jobs.engine.dispatch import ITEMS_PER_MESSAGE, Dispatch, ItemDispatch
 from jobs.engine.enqueue import relay
 from jobs.engine.runtime import Runtime
-from jobs.engine.signals import resend_unsent_signals
 from jobs.engine.timers import resend_unsent
 from jobs.pipelines import registry
 from ledger import JobToSend
@@ -139,8 +138,8 @@ def sweep(
     (every transport we use answers otherwise): only jobs stalled past `MAX_BACKLOG_WAIT` are
     sent, since a re-drive judged without the backlog would resend every waiting job."""
     relayed = relay(rt, dispatch)
-    resent_timers = resend_unsent(rt, dispatch)
-    resent_signals = resend_unsent_signals(rt, dispatch)
+    resent_timers = resend_unsent(rt, dispatch, rt.timers, after="timer")
+    resent_signals = resend_unsent(rt, dispatch, rt.signals, after="signal")
     # Only the declared pipelines' jobs: a decorated Celery task's are its own app's to send.
     ours = [pipeline.name for pipeline in registry]
     base = stalled_after if stalled_after is not None else rt.settings.stalled_after
