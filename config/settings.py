@@ -232,6 +232,10 @@ class Settings(BaseSettings):
     #: `order-fulfilment`: seconds an order waits for its `shipped` signal before the
     #: customer is sent a reminder instead (read when the order reaches its wait).
     ship_reminder_after: float = Field(default=3 * 86_400.0, gt=0, le=365 * 86_400)
+    #: Seconds a signal no wait has taken stays takeable (`ledger.signals`): a later wait of
+    #: its name and key no longer takes it, and `oncelery prune` deletes it. A signal sent
+    #: late, after its wait timed out, would otherwise end the next such wait, however late.
+    signal_keep_for: float = Field(default=7 * 86_400.0, gt=0, le=365 * 86_400)
     #: The HTTP intake's Postgres connections: seconds to connect, seconds a statement may
     #: run, seconds of silence before TCP keepalive probes (a hung or vanished server then
     #: fails requests with 503 instead of holding them).

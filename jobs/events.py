@@ -68,9 +68,29 @@ def read_event(pipeline: Pipeline[object], value: object, *, line: int | None = 
         errors.extend(exc.errors())
     except InvalidEvent as exc:
         raise InvalidEvent(exc.problem, line=line) from None
+    if not errors:
+        errors.extend(_key_errors(pipeline, context))
     if errors:
         raise InvalidEvent(describe_errors(errors), line=line, fields=error_fields(errors))
     return Event(event_id, context, line)
+
+
+def _key_errors(pipeline: Pipeline[object], context: dict[str, JSON]) -> list[ErrorDetails]:
+    """A missing-field error for each context field a step's key template names and the
+    event lacks (a pipeline without an input model takes any object)."""
+    needs: dict[str, str] = {}
+    for step in pipeline.steps:
+        for name in sorted(step.key_fields() - set(context)):
+            needs.setdefault(name, step.name)
+    return [
+        {
+            "type": "missing",
+            "loc": (name,),
+            "msg": f"Field required (step {step!r}'s key names it)",
+            "input": context,
+        }
+        for name, step in needs.items()
+    ]
 
 
 def payload_event(pipeline: Pipeline[object], payload: object, *, event_id: str) -> Event:

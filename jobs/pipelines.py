@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Generic, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError, to_json
 
 from config import Settings
@@ -176,7 +176,8 @@ class Pipeline(Generic[R]):
     def validate_input(self, payload: object) -> dict[str, JSON]:
         """The job context of a payload (a mapping, or an instance of the input model): turned
         into JSON values, validated by the input model in strict mode (a field whose JSON is
-        text, a date say, declares `Field(strict=False)`), dumped back as JSON.
+        text, a date say, declares `Field(strict=False)`), dumped back as JSON. An integral
+        number written `2.0` is taken for an int field (`json_number`).
 
         Raises:
             pydantic.ValidationError: the payload does not fit the input model.
@@ -188,7 +189,14 @@ class Pipeline(Generic[R]):
             raise InvalidEvent(f"payload: cannot be sent as JSON ({exc})") from None
         value = json.loads(text)
         if self.input is not None:
-            return self.input.model_validate(value, strict=True).model_dump(mode="json")
+            try:
+                valid = self.input.model_validate(value, strict=True)
+            except ValidationError:
+                # Again with integral numbers as ints (`2.0` for an int field): only input
+                # refused so far reads differently, so no context accepted before changes.
+                whole = json.loads(text, parse_float=json_number)
+                valid = self.input.model_validate(whole, strict=True)
+            return valid.model_dump(mode="json")
         if not isinstance(value, dict):
             raise InvalidEvent(f"payload: expected a JSON object, got {type(payload).__name__}")
         return value
@@ -311,3 +319,17 @@ class PipelineRegistry:
 
 #: The process-wide registry every `Pipeline` adds itself to.
 registry = PipelineRegistry()
+
+
+#: The largest magnitude up to which every integer is exactly a float.
+_EXACT_FLOATS = 2**53
+
+
+def json_number(literal: str) -> int | float:
+    """A JSON number written with a fraction or an exponent: an int when it is integral (`2.0`,
+    `1e3`). JSON and JSON Schema do not tell `2.0` from `2`, so an integer field takes either
+    (a float field still gets a float from the model; strings are never numbers)."""
+    number = float(literal)
+    if number.is_integer() and abs(number) <= _EXACT_FLOATS:
+        return int(number)
+    return number

@@ -26,8 +26,9 @@ MAX_DATA_BYTES: Final = 16 * 1024
 
 #: A signal's name: what a wait step waits for (`shipped`). Letters, digits and `_.:-`, so
 #: that it fits a URL path as it is.
+SIGNAL_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
 SignalName = Annotated[
-    str, StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+    str, StringConstraints(min_length=1, max_length=100, pattern=SIGNAL_NAME_PATTERN)
 ]
 #: Which waits of that name it is for (an order id, say).
 SignalKey = Annotated[str, StringConstraints(min_length=1, max_length=300), AfterValidator(no_nul)]

@@ -19,6 +19,7 @@ from ledger.errors import (
     StepNotInJob,
 )
 from ledger.job_ends import wait_for_end
+from ledger.job_search import find_jobs
 from ledger.limit_types import KeySource, KeyTemplate, LimitRules, RateRule, SlotRule
 from ledger.limits import LimitLedger, LimitStat
 from ledger.malformed import MalformedCount, MalformedMessages
@@ -86,6 +87,7 @@ from ledger.types import (
     Recorded,
     Refused,
     Reopened,
+    RetryPending,
     Settled,
     SignalWait,
     StepEntry,
@@ -165,6 +167,7 @@ __all__ = [
     "Recorded",
     "Refused",
     "Reopened",
+    "RetryPending",
     "SchemaMissing",
     "Settled",
     "SignalConflict",
@@ -191,6 +194,7 @@ __all__ = [
     "WokenJob",
     "create_engine",
     "current_revision",
+    "find_jobs",
     "first_reading",
     "head_revision",
     "upgrade",

@@ -50,6 +50,9 @@ def write_dead_letter(
     if job is None:
         state = conn.execute(queries.select_job(letter.job_id)).mappings().one_or_none()
         return JobState(state["state"]) if state is not None else JobState.CANCELLED
+    # Its timers never fire now: a pending one (a retry's, a wait's) would otherwise outlive
+    # the job, and send its step again if a person replays the letter.
+    conn.execute(queries.cancel_unlocked_timers(conn.dialect.name, letter.job_id))
     detail: JSON = {"error": letter.error, "reason": str(letter.reason)}
     conn.execute(
         queries.append_event(

@@ -34,10 +34,17 @@ WAKE_LEAD: Final = 0.1
 SLOT_SPACING: Final = 0.2
 
 
-def claimable(entry: Mapping[str, Any] | None, values: Mapping[str, Any], takeover: bool) -> bool:
+def claimable(
+    entry: Mapping[str, Any] | None,
+    values: Mapping[str, Any],
+    takeover: bool,
+    *,
+    retry_pending: Callable[[], bool] | None = None,
+) -> bool:
     """As `queries.limits.claimable`, from the entry a claim found (`select_entry_for_claim`)
     and the claim's values: whether the claim would take the key (limits are taken only
-    then)."""
+    then). `retry_pending`, asked of a failed key only: whether the step's retry timer is
+    pending (the retry fence: a step's claim, not a map item's)."""
     if entry is None or entry.get("entry_state") is None:
         return True
     if (
@@ -47,7 +54,7 @@ def claimable(entry: Mapping[str, Any] | None, values: Mapping[str, Any], takeov
         return False
     state = entry["entry_state"]
     if state == StepState.FAILED:
-        return True
+        return retry_pending is None or not retry_pending()
     started = state == StepState.STARTED
     return started and (
         entry["entry_owner"] == values["p_owner"]

@@ -38,6 +38,7 @@ from ledger.types import (
     LimitKind,
     OutcomeUnknown,
     Reading,
+    RetryPending,
     StepState,
 )
 
@@ -83,6 +84,10 @@ def decode_claim(
     if row["entry_state"] == StepState.SUCCEEDED:
         result, ours = row["entry_result"], step in results
         return AlreadySucceeded(job_id, step, key, result, ours, context, results, current_step)
+    if row["entry_state"] == StepState.FAILED:
+        # A claim takes a failed key over unless its retry timer is pending (on Postgres,
+        # else another claimant took it since the snapshot, and runs it).
+        return RetryPending(job_id, step, key)
     return not_claimed(job_id, step, key, row, takeover_expired)
 
 

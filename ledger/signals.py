@@ -12,16 +12,20 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 from uuid import UUID
 
 from sqlalchemy.engine import Connection, Engine
 
-from ledger import db, queries
+from ledger import db, queries, wait_outbox
 from ledger.errors import LedgerError
 from ledger.queries import signals as signal_queries
-from ledger.queries import timers as timer_queries
+from ledger.schema import signals
 from ledger.types import JSON, EventKind, JobState, SignalWait
+from ledger.wait_outbox import ResendRoute
+
+#: Seconds a signal no wait has taken stays takeable, unless told (`ONCELERY_SIGNAL_KEEP_FOR`).
+KEEP_FOR: Final = 7 * 86_400.0
 
 
 class SignalOutcome(enum.StrEnum):
@@ -104,11 +108,15 @@ class SignalLedger:
     Args:
         engine: where the ledger lives.
         unavailable_for: how long a call keeps retrying while the database is unreachable.
+        keep_for: seconds a signal no wait has taken stays takeable (then it is expired).
     """
 
-    def __init__(self, *, engine: Engine, unavailable_for: float = 15.0) -> None:
+    def __init__(
+        self, *, engine: Engine, unavailable_for: float = 15.0, keep_for: float = KEEP_FOR
+    ) -> None:
         self.engine = engine
         self.unavailable_for = unavailable_for
+        self.keep_for = keep_for
 
     def send(self, signal: NewSignal, *, route: Route) -> SignalSent:
         """Record a signal, and end the oldest wait for its name and key, if there is one,
@@ -146,7 +154,7 @@ class SignalLedger:
             row = conn.execute(insert).one_or_none()
             if row is None:
                 found = conn.execute(signal_queries.select_signal(signal.name, signal.signal_id))
-                if found.one().fingerprint != signal.fingerprint:
+                if not _same_signal(found.one(), signal):
                     raise SignalConflict(signal.name, signal.signal_id)
                 return SignalSent(SignalOutcome.DUPLICATE)
             woke = self._end_a_wait(conn, signal, row, route, passed)
@@ -197,56 +205,65 @@ class SignalLedger:
 
     def undo_sent(self, signal_rows: Sequence[int]) -> None:
         """Put signals back in the outbox (the resend of their job's next step failed)."""
-        if signal_rows:
-            with db.single_statement(self.engine) as conn:
-                conn.execute(signal_queries.undo_sent(signal_rows))
+        wait_outbox.undo_sent(self.engine, signals, signal_rows)
 
     def take_unsent(
-        self, *, older_than: float, limit: int, pipelines: Sequence[str]
-    ) -> list[tuple[int, UUID, str, str]]:
+        self, *, older_than: float, limit: int, pipelines: Sequence[str], route: ResendRoute
+    ) -> list[tuple[int, UUID, str, str, str]]:
         """Take signals whose job (of `pipelines`) had its next step not confirmed sent for
         `older_than` seconds, marked sent from now on (`undo_sent` if the send fails): (signal
-        row, job id, pipeline, step to send) for each whose job is still active."""
-        with db.transaction(self.engine) as conn:
-            dialect = conn.dialect.name
-            taken = {
-                row.job_id: row.id
-                for row in conn.execute(
-                    signal_queries.take_unsent(dialect, older_than, limit, pipelines)
-                )
-            }
-            if not taken:
-                return []
-            found = conn.execute(timer_queries.select_jobs_to_resend(list(taken)))
-            return [
-                (taken[job.id], job.id, job.pipeline, job.current_step)
-                for job in found
-                if job.current_step is not None
-            ]
+        row, job id, pipeline, step to send, "": no map item) for each whose job is still
+        active at the step the signal moved it on to (`route`, see `wait_outbox.take_unsent`)."""
+        dialect = self.engine.dialect.name
+        take = signal_queries.take_unsent(dialect, older_than, limit, pipelines)
+        return wait_outbox.take_unsent(self.engine, take, route)
 
     def kept(self, name: str, keys: Sequence[str]) -> int:
-        """How many signals of `name` for `keys` no wait has taken."""
+        """How many signals of `name` for `keys` a wait may still take."""
         with db.transaction(self.engine) as conn:
-            return int(conn.execute(signal_queries.count_kept(name, keys)).scalar_one())
+            count = signal_queries.count_kept(self.keep_for, name, keys)
+            return int(conn.execute(count).scalar_one())
 
     def counts(self) -> tuple[int, int]:
-        """(signals kept for a wait to come, active jobs waiting for a signal)."""
+        """(signals kept for a wait to come, not expired; active jobs waiting for a signal)."""
         with db.transaction(self.engine) as conn:
-            kept = int(conn.execute(signal_queries.count_kept()).scalar_one())
+            kept = int(conn.execute(signal_queries.count_kept(self.keep_for)).scalar_one())
             waiting = int(conn.execute(signal_queries.count_waiting_for_signals()).scalar_one())
         return kept, waiting
 
+    def expired(self) -> int:
+        """Signals kept past `keep_for`: no wait takes them; `prune` deletes them."""
+        with db.transaction(self.engine) as conn:
+            return int(conn.execute(signal_queries.count_expired(self.keep_for)).scalar_one())
+
+    def prune(self, *, older_than: float, batch: int = 1000) -> int:
+        """Delete, `batch` a transaction, the signals kept past `keep_for` and those a wait
+        took more than `older_than` seconds ago (once its next step's publish is settled);
+        how many. A pruned signal's id is forgotten: sent again, it is a new signal."""
+        deleted = 0
+        while True:
+            with db.transaction(self.engine) as conn:
+                dialect = conn.dialect.name
+                chosen = signal_queries.select_prunable(dialect, self.keep_for, older_than, batch)
+                rows: list[int] = list(conn.execute(chosen).scalars())
+                if rows:
+                    delete = signal_queries.delete_signals(rows, self.keep_for, older_than)
+                    deleted += conn.execute(delete).rowcount
+            if len(rows) < batch:
+                return deleted
+
 
 def take_kept(
-    conn: Connection, job_id: UUID, step: str, wait: SignalWait
+    conn: Connection, job_id: UUID, step: str, wait: SignalWait, keep_for: float
 ) -> tuple[JobState, JSON] | None:
     """Inside the transaction that moves a job to wait `step`: take the oldest signal kept
-    for the wait's name and key, if any, and move the job on past the wait with the wait's
-    result (`by`: signal). Returns the job's state then and the result; None when no signal
-    was kept (the caller sets the wait's timer)."""
+    for the wait's name and key, received within `keep_for` seconds, if any, and move the
+    job on past the wait with the wait's result (`by`: signal). Returns the job's state then
+    and the result; None when no signal was kept (the caller sets the wait's timer)."""
     if conn.dialect.name == "postgresql":
         conn.execute(signal_queries.lock_name_and_key(wait.signal, wait.key))
-    kept = conn.execute(signal_queries.oldest_kept(wait.signal, wait.key)).one_or_none()
+    oldest = signal_queries.oldest_kept(wait.signal, wait.key, keep_for)
+    kept = conn.execute(oldest).one_or_none()
     if kept is None:
         return None
     consumed_at: datetime | None = conn.execute(
@@ -264,6 +281,30 @@ def take_kept(
     if wait.then is None or state is not JobState.RUNNING:
         conn.execute(signal_queries.mark_rows_sent([kept.id]))
     return state, result
+
+
+def _same_signal(recorded: Any, signal: NewSignal) -> bool:
+    """Whether a recorded signal has `signal`'s key and data: by fingerprint, or else by
+    value, a number equal to another whatever its spelling (`1` and `1.0` are one JSON
+    number; the fingerprint, of the text, tells them apart)."""
+    if recorded.fingerprint == signal.fingerprint:
+        return True
+    return bool(recorded.key == signal.key and same_json(recorded.data, signal.data))
+
+
+def same_json(left: JSON, right: JSON) -> bool:
+    """Whether two JSON values are equal as JSON: numbers by value (`1` is `1.0`), `true`
+    and `false` never numbers (as Python's `True == 1` would have it), objects whatever the
+    order of their keys."""
+    if isinstance(left, bool) or isinstance(right, bool):
+        return type(left) is type(right) and left == right
+    if isinstance(left, int | float) and isinstance(right, int | float):
+        return left == right
+    if isinstance(left, dict) and isinstance(right, dict):
+        return left.keys() == right.keys() and all(same_json(left[k], right[k]) for k in left)
+    if isinstance(left, list) and isinstance(right, list):
+        return len(left) == len(right) and all(map(same_json, left, right))
+    return type(left) is type(right) and left == right
 
 
 def _move_on(

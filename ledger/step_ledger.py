@@ -18,6 +18,7 @@ from ledger.errors import LeaseLost, LedgerError
 from ledger.limit_types import LimitRules
 from ledger.limits import release_if_lost
 from ledger.outcomes import Failure, Record, answer, decode_claim, raised
+from ledger.signals import KEEP_FOR
 from ledger.types import (
     JSON,
     AlreadySucceeded,
@@ -57,6 +58,9 @@ class StepLedger:
 
     #: Whether read-only steps run unclaimed here (`read_steps`, `record_reads`).
     reads_unclaimed: ClassVar[bool] = False
+    #: Seconds a kept signal stays takeable by the waits this ledger moves jobs to (the
+    #: runtime sets `ONCELERY_SIGNAL_KEEP_FOR`'s).
+    signal_keep_for: float = KEEP_FOR
 
     def __new__(
         cls,
@@ -411,7 +415,7 @@ class StepLedger:
                 conn.execute(event)
                 if sleep_until is not None and next_step is not None and adopted == "running":
                     taken = timed_records.set_wait(
-                        conn, outcome.job_id, next_step, sleep_until, wait
+                        conn, outcome.job_id, next_step, sleep_until, wait, self.signal_keep_for
                     )
                     return taken or JobState(adopted)
                 return JobState(adopted)

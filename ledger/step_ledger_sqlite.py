@@ -4,14 +4,19 @@ config."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import sqlalchemy as sa
 
 from ledger import db, queries
 from ledger.errors import StepNotInJob
 from ledger.limit_types import LimitRules
 from ledger.limits import claimable, refused, take_limits
 from ledger.outcomes import Record
+from ledger.queries.common import ANY_ID, param
+from ledger.queries.timers import retry_timer_pending
 from ledger.step_ledger import StepLedger
 
 
@@ -34,7 +39,8 @@ class SqliteStepLedger(StepLedger):
             if limits is not None:
                 # As on Postgres: the limits are taken first, only for a key free to claim.
                 entry = self._entry(conn, job["key"])
-                if claimable(entry, found, takeover_expired):
+                pending = functools.partial(self._retry_pending, conn, values)
+                if claimable(entry, found, takeover_expired, retry_pending=pending):
                     taken = take_limits(conn, limits, found, context=job["context"])
                     if refused(taken):
                         return {**job, "claimed_attempts": None, **entry, **taken}
@@ -42,6 +48,13 @@ class SqliteStepLedger(StepLedger):
             if attempts is None and not entry:
                 entry = self._entry(conn, job["key"])
             return {**job, "claimed_attempts": attempts, **entry, **taken}
+
+    @staticmethod
+    def _retry_pending(conn: Any, values: Mapping[str, Any]) -> bool:
+        """The claimed step's retry waits as a pending timer (the claim's retry fence)."""
+        job_id, step = param("job_id", ANY_ID, sa.Uuid()), param("step", "", sa.String())
+        pending = sa.select(retry_timer_pending(job_id, step))
+        return bool(conn.execute(pending, values).scalar_one())
 
     @staticmethod
     def _entry(conn: Any, key: str) -> dict[str, Any]:

@@ -215,6 +215,9 @@ class JobStore:
             conn.execute(queries.cancel_timers(job_id))
             cancelled = conn.execute(queries.finish_job(job_id, JobState.CANCELLED)).one_or_none()
             if cancelled is not None:
+                # A record that moved the job to a wait as this began set a timer the first
+                # statement did not see (it committed while this waited for the job's row).
+                conn.execute(queries.cancel_unlocked_timers(conn.dialect.name, job_id))
                 detail: JSON = {"by": by, "reason": reason}
                 step = conn.execute(queries.select_job(job_id)).mappings().one()["current_step"]
                 conn.execute(

@@ -55,7 +55,7 @@ def record_and_wait(
             state: str = conn.execute(advance, values).scalar_one()
             if state != JobState.RUNNING:
                 return {"state": state}
-            taken = set_wait(conn, job_id, wait_step, due, wait)
+            taken = set_wait(conn, job_id, wait_step, due, wait, ledger.signal_keep_for)
             if taken is not None:
                 return {"state": taken, "signalled": True}
             return {"state": state}
@@ -72,13 +72,15 @@ def set_wait(
     job_id: UUID,
     step: str,
     due: datetime | timedelta,
-    wait: SignalWait | None = None,
+    wait: SignalWait | None,
+    keep_for: float,
 ) -> JobState | None:
     """In the caller's transaction, for a job that just reached wait `step`: take the
-    signal kept for it, if it waits for one and one is (the job's state after moving on
-    past the wait is returned); else set its timer and say so in its history (None)."""
+    signal kept for it (within `keep_for` seconds), if it waits for one and one is (the
+    job's state after moving on past the wait is returned); else set its timer and say so
+    in its history (None)."""
     if wait is not None:
-        taken = take_kept(conn, job_id, step, wait)
+        taken = take_kept(conn, job_id, step, wait, keep_for)
         if taken is not None:
             return taken[0]
     dialect = conn.dialect.name
@@ -179,7 +181,7 @@ def arm_wait(
                 return True
             # A timer of an earlier pass (fired or cancelled while the job was elsewhere).
             conn.execute(sa.delete(timers).where(*of_the_wait, timer.state != "pending"))
-            moved = set_wait(conn, job_id, step, due, wait)
+            moved = set_wait(conn, job_id, step, due, wait, ledger.signal_keep_for)
             return moved if moved is not None else True
 
     return ledger.retrying(attempt)

@@ -16,11 +16,13 @@ from uuid import UUID
 
 from sqlalchemy.engine import Connection, Engine, Row
 
-from ledger import db, queries
+from ledger import db, queries, wait_outbox
 from ledger.dead_letters import DeadLetterNote, write_dead_letter
 from ledger.queries import timers as timer_queries
+from ledger.schema import timers
 from ledger.signals import timeout_result
 from ledger.types import ACTIVE_JOB_STATES, JSON, DeadLetterReason, EventKind, JobState, TimerKind
+from ledger.wait_outbox import ResendRoute
 
 #: Where `TimerStats.pending` splits the pending timers by due time, in seconds from now
 #: (the first bucket holds the overdue ones).
@@ -267,34 +269,19 @@ class TimerLedger:
 
     def undo_sent(self, timer_ids: Sequence[int]) -> None:
         """Put fired timers back in the outbox (their resend failed)."""
-        if timer_ids:
-            with db.single_statement(self.engine) as conn:
-                conn.execute(timer_queries.undo_sent(timer_ids))
+        wait_outbox.undo_sent(self.engine, timers, timer_ids)
 
     def take_unsent(
-        self, *, older_than: float, limit: int, pipelines: Sequence[str]
+        self, *, older_than: float, limit: int, pipelines: Sequence[str], route: ResendRoute
     ) -> list[tuple[int, UUID, str, str, str]]:
         """Take fired timers whose publish was not confirmed for `older_than` seconds,
         marked sent from now on (`undo_sent` if the send fails): (timer id, job id, pipeline,
-        step to send, map item to send or "") for each whose job is still active; the others
-        are simply taken."""
-        with db.transaction(self.engine) as conn:
-            dialect = conn.dialect.name
-            taken = {
-                (row.job_id, row.item_id): row.id
-                for row in conn.execute(
-                    timer_queries.take_unsent(dialect, older_than, limit, pipelines)
-                )
-            }
-            if not taken:
-                return []
-            jobs = list({job_id for job_id, _ in taken})
-            found = {job.id: job for job in conn.execute(timer_queries.select_jobs_to_resend(jobs))}
-            return [
-                (timer_id, job_id, found[job_id].pipeline, found[job_id].current_step, item_id)
-                for (job_id, item_id), timer_id in taken.items()
-                if job_id in found and found[job_id].current_step is not None
-            ]
+        step to send, map item to send or "") for each whose job is still active at the step
+        the firing sent (`route`, see `wait_outbox.take_unsent`); the others are simply
+        taken."""
+        dialect = self.engine.dialect.name
+        take = timer_queries.take_unsent(dialect, older_than, limit, pipelines)
+        return wait_outbox.take_unsent(self.engine, take, route)
 
     def stats(
         self,

@@ -330,9 +330,19 @@ class JobInactive:
     state: JobState | None
 
 
+@dataclass(frozen=True)
+class RetryPending:
+    """The key's last attempt failed and its retry waits as a timer, not due yet: this copy
+    of the step's message must not run it early (the timer's firing sends the retry)."""
+
+    job_id: UUID
+    step: str
+    key: str
+
+
 #: Everything `StepLedger.claim_step` can answer.
 ClaimOutcome: TypeAlias = (
-    Claim | AlreadySucceeded | InFlight | OutcomeUnknown | JobInactive | LimitBusy
+    Claim | AlreadySucceeded | InFlight | OutcomeUnknown | JobInactive | RetryPending | LimitBusy
 )
 
 

@@ -13,15 +13,18 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from rich.table import Table
 
 from config import ConfigError, get_settings
+from jobs.cli import listing
 from jobs.cli import operators as operator_commands
 from jobs.cli import runs as run_commands
 from jobs.cli.support import (
     BadInput,
     JsonFlag,
     declared_pipeline,
+    human_duration,
     job_store,
     parse_job_id,
     print_json,
+    print_table,
     stderr,
     stdout,
 )
@@ -182,7 +185,7 @@ def _print_history(view: dict[str, JSON]) -> None:
         f"job {view['job_id']} ({view['pipeline']}, event {view['event_id']}): {view['state']}"
         + (f", {view['waiting']}" if view.get("waiting") else "")
     )
-    table = Table("step", "state", "attempts", "duration s", "output / error")
+    table = Table("step", "state", "attempts", "took", "output / error")
     steps = view["steps"] if isinstance(view["steps"], list) else []
     for step in steps:
         if not isinstance(step, dict):
@@ -192,10 +195,10 @@ def _print_history(view: dict[str, JSON]) -> None:
             str(step["name"]),
             str(step["state"]) + (" (dedup)" if step["deduplicated"] else ""),
             str(step["attempts"]),
-            str(step["duration"] or ""),
+            human_duration(step["duration"]) if isinstance(step["duration"], float) else "",
             json.dumps(shown)[:100],
         )
-    stdout.print(table)
+    print_table(table)
 
 
 @cli.command()
@@ -262,16 +265,19 @@ def status(
     from jobs.worker import app as celery_app
     from ledger import LedgerStats
 
-    stats = LedgerStats(engine=job_store(get_settings()).engine)
+    settings = get_settings()
+    stats = LedgerStats(engine=job_store(settings).engine)
+    keep_for = settings.signal_keep_for
     if as_json and not watch:
-        print_json(status_view(stats, celery_app, window=window))
+        print_json(status_view(stats, celery_app, window=window, signal_keep_for=keep_for))
         return
     if not watch:
-        stdout.print(status_table(status_view(stats, celery_app, window=window)))
+        view = status_view(stats, celery_app, window=window, signal_keep_for=keep_for)
+        print_table(status_table(view))
         return
     with Live(console=stdout, auto_refresh=False) as live:
         while True:
-            view = status_view(stats, celery_app, window=window)
+            view = status_view(stats, celery_app, window=window, signal_keep_for=keep_for)
             if as_json:
                 print_json(view)
             else:
@@ -281,6 +287,7 @@ def status(
 
 operator_commands.register(cli)
 run_commands.register(cli)
+listing.register(cli)
 
 
 def _fail(code: int, message: str) -> NoReturn:

@@ -20,6 +20,7 @@ from jobs.cli.support import (
     job_store,
     parse_duration,
     print_json,
+    print_table,
     stderr,
     stdout,
     who,
@@ -170,7 +171,7 @@ def dlq_list(
             letter.last_failed_at.strftime("%Y-%m-%d %H:%M:%S"),
             str(letter.state),
         )
-    stdout.print(table)
+    print_table(table)
     stderr.print(f"{len(letters)} dead letter(s)")
 
 
@@ -236,7 +237,7 @@ def dlq_replay(
                 ", ".join(plan.rerun) or "-",
                 plan.refused or "",
             )
-        stdout.print(table)
+        print_table(table)
         return
     results = [desk.replay(letter, by=who(by), force=force) for letter in letters]
     _report(results, as_json)

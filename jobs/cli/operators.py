@@ -24,7 +24,7 @@ from jobs.engine.runtime import load_pipelines
 from jobs.engine.sweeper import sweep as run_sweep
 from jobs.worker import CeleryDispatch, runtime
 from jobs.worker.queues import broker_watch, queued_steps
-from ledger import JSON, JobState, StepState
+from ledger import JSON, JobState, SignalLedger, StepState
 
 
 def register(cli: typer.Typer) -> None:
@@ -124,10 +124,17 @@ def prune(
     as_json: JsonFlag = False,
 ) -> None:
     """Delete succeeded and cancelled jobs older than this, with their ledger entries and
-    history, in batches; never a running job or a dead letter."""
+    history, in batches; never a running job or a dead letter. Also signals: those kept past
+    ONCELERY_SIGNAL_KEEP_FOR, and those a wait took before this."""
     seconds = parse_duration(older_than, name="--older-than")
-    deleted = job_store(get_settings()).prune(older_than=seconds, batch=batch)
+    settings = get_settings()
+    store = job_store(settings)
+    deleted = store.prune(older_than=seconds, batch=batch)
+    signals = SignalLedger(engine=store.engine, keep_for=settings.signal_keep_for)
+    signals_deleted = signals.prune(older_than=seconds, batch=batch)
     if as_json:
-        print_json({"deleted": deleted, "older_than_seconds": seconds})
+        print_json(
+            {"deleted": deleted, "signals_deleted": signals_deleted, "older_than_seconds": seconds}
+        )
     else:
-        stdout.print(f"deleted {deleted} finished job(s)")
+        stdout.print(f"deleted {deleted} finished job(s) and {signals_deleted} signal(s)")

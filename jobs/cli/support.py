@@ -1,5 +1,5 @@
-"""What the `oncelery` commands share: the consoles, JSON output, the bad-input error, and
-parsing of ids and durations."""
+"""What the `oncelery` commands share: the consoles, tables and JSON output, the bad-input
+error, and parsing of ids and durations (and showing them to people)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from uuid import UUID
 
 import typer
 from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
 
 from config import Settings
 from jobs.engine.runtime import load_pipelines
@@ -29,6 +31,8 @@ ByOption = Annotated[
 
 _DURATION: Final = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d|w)")
 _SECONDS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+#: Wider than any table we print: what a table is measured against.
+_WIDEST: Final = 100_000
 #: Durations past this are surely typos (and would overflow a timedelta).
 _LONGEST: Final = 100 * 365 * 86_400
 
@@ -40,6 +44,36 @@ class BadInput(Exception):
 def print_json(value: object) -> None:
     """Print one JSON object on stdout."""
     sys.stdout.write(json.dumps(value, default=str) + "\n")
+
+
+def print_table(table: Table) -> None:
+    """Print a table on stdout at its natural width, however narrow the terminal or pipe: rich
+    would otherwise shorten its cells with an ellipsis, and an id cut short is no id."""
+    unbounded = stdout.options.update_width(_WIDEST)
+    needed = Measurement.get(stdout, unbounded, table).maximum
+    if needed <= stdout.width:
+        stdout.print(table)
+        return
+    # A console as wide as the table, on the same stream (`print(width=)` is capped at the
+    # console's width): the terminal wraps the long lines, nothing is cut.
+    wide = Console(
+        file=stdout.file, width=needed, soft_wrap=True, force_terminal=stdout.is_terminal
+    )
+    wide.print(table)
+
+
+def human_duration(seconds: float) -> str:
+    """`850 ms`, `1.2 s`, `3 min 4 s`, `2 h 5 min`, `3 d 4 h`: for people, not for scripts."""
+    if seconds < 0.9995:
+        return f"{round(seconds * 1000)} ms"
+    if round(seconds, 1) < 60:
+        return f"{seconds:.1f} s"
+    whole = round(seconds)
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60} s"
+    if whole < 86_400:
+        return f"{whole // 3600} h {whole % 3600 // 60} min"
+    return f"{whole // 86_400} d {whole % 86_400 // 3600} h"
 
 
 def job_store(settings: Settings) -> JobStore:

@@ -28,6 +28,7 @@ from ledger import (
     LimitBusy,
     OutcomeUnknown,
     Reading,
+    RetryPending,
     StatementRejected,
     StepNotInJob,
 )
@@ -73,12 +74,8 @@ def verdict_on_claim(  # noqa: PLR0911 - one answer per thing a claim can find
         return Outcome.DEAD_LETTERED
     if isinstance(found, LedgerError):
         raise found
-    if isinstance(found, JobInactive):
-        if found.state is None:  # no such job: said and counted (`jobs.engine.step_messages`)
-            no_such_job(rt, run.pipeline.name, step.name, job_id)
-        else:
-            logger.info("job is %s; step not run", found.state, extra={"action": "skip", **log})
-        return Outcome.INACTIVE
+    if isinstance(found, RetryPending | JobInactive):
+        return _not_run(run, step, found)
     if isinstance(found, LimitBusy):
         return wait_for_limit(run, step, found)
     if isinstance(found, InFlight):
@@ -100,6 +97,20 @@ def verdict_on_claim(  # noqa: PLR0911 - one answer per thing a claim can find
     if isinstance(found, AlreadySucceeded):
         return _absorb_duplicate(run, step, found)
     return found
+
+
+def _not_run(run: Run, step: Step[object], found: RetryPending | JobInactive) -> Outcome:
+    """A claim that must not run its step now: the job's retry waits, or the job is gone."""
+    log = {"job_id": str(found.job_id), "step": step.name}
+    if isinstance(found, RetryPending):
+        # A stray copy (a redelivery, a duplicate publish): the timer sends the retry.
+        absorbed = {"action": "absorbed", **log, "key": found.key}
+        logger.info("a copy of a step waiting for its retry timer absorbed", extra=absorbed)
+    elif found.state is None:  # no such job: said and counted (`jobs.engine.step_messages`)
+        no_such_job(run.rt, run.pipeline.name, step.name, str(found.job_id))
+    else:
+        logger.info("job is %s; step not run", found.state, extra={"action": "skip", **log})
+    return Outcome.INACTIVE
 
 
 def wait_for_limit(run: Run, step: Step[object], busy: LimitBusy) -> Outcome:

@@ -52,10 +52,12 @@ class Runtime:
     def from_settings(cls, settings: Settings, *, engine: Engine | None = None) -> Runtime:
         """Open an engine (or take `engine`) and build the ledger and store on it."""
         engine = engine or create_engine(settings.database_url)
+        ledger = StepLedger(engine=engine, lease_seconds=settings.step_lease)
+        ledger.signal_keep_for = settings.signal_keep_for
         return cls(
             settings=settings,
             engine=engine,
-            ledger=StepLedger(engine=engine, lease_seconds=settings.step_lease),
+            ledger=ledger,
             store=JobStore(engine=engine),
             retry_policy=RetryPolicy(
                 max_attempts=settings.retry_max_attempts,
@@ -125,7 +127,9 @@ class Runtime:
         """This process's ledger of signals (on the same engine)."""
         if self._signals is None:
             self._signals = SignalLedger(
-                engine=self.engine, unavailable_for=self.ledger.unavailable_for
+                engine=self.engine,
+                unavailable_for=self.ledger.unavailable_for,
+                keep_for=self.ledger.signal_keep_for,
             )
         return self._signals
 

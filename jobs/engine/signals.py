@@ -1,6 +1,7 @@
 """Sending a signal (`jobs.signal`, `oncelery signal`, `POST /signals/{name}`): recorded once
 by its id; a job waiting for it is moved on in that transaction (`ledger.signals`) and its next
-step published after the commit, or left in the signals' outbox, which the sweeper resends."""
+step published after the commit, or left in the signals' outbox, which the sweeper resends
+(`jobs.engine.timers.resend_unsent`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 
 from jobs.engine.dispatch import Dispatch
 from jobs.engine.runtime import Runtime
-from jobs.engine.timers import FIRE_BATCH, step_after
+from jobs.engine.timers import step_after
 from jobs.pipelines import registry
 from ledger import JobState, NewSignal, SignalSent
 
@@ -54,27 +55,3 @@ def send_signal(rt: Runtime, dispatch: Dispatch, signal: NewSignal) -> SignalSen
 def _route(pipeline: str, step: str) -> str | None:
     registry.get(pipeline)  # UnknownPipeline: declared elsewhere, so not ours to move on
     return step_after(pipeline, step)
-
-
-def resend_unsent_signals(rt: Runtime, dispatch: Dispatch) -> int:
-    """Send again the next step of jobs a signal moved on whose publish was not confirmed
-    within `relay_after` seconds (their sender died between its commit and the publish); how
-    many were sent. A copy that was not lost after all is absorbed by the ledger."""
-    pipelines = [pipeline.name for pipeline in registry]
-    taken = rt.signals.take_unsent(
-        older_than=rt.settings.relay_after, limit=FIRE_BATCH, pipelines=pipelines
-    )
-    failed: list[int] = []
-    for signal_row, job_id, pipeline, step in taken:
-        try:
-            dispatch.send(pipeline, step, str(job_id), resend=True)
-        except Exception as exc:  # noqa: BLE001 - back in the outbox for the next sweep
-            logger.warning("resend of %s after its signal not sent: %s", job_id, exc)
-            failed.append(signal_row)
-            continue
-        logger.warning(
-            "resent the step after a signal",
-            extra={"action": "signal_resent", "job_id": str(job_id), "step": step},
-        )
-    rt.signals.undo_sent(failed)
-    return len(taken) - len(failed)

@@ -14,7 +14,6 @@ from typing import Final, Protocol
 from jobs.engine.dispatch import ITEMS_PER_MESSAGE, Dispatch, ItemDispatch
 from jobs.engine.enqueue import relay
 from jobs.engine.runtime import Runtime
-from jobs.engine.signals import resend_unsent_signals
 from jobs.engine.timers import resend_unsent
 from jobs.pipelines import registry
 from ledger import JobToSend
@@ -139,8 +138,8 @@ def sweep(
     (every transport we use answers otherwise): only jobs stalled past `MAX_BACKLOG_WAIT` are
     sent, since a re-drive judged without the backlog would resend every waiting job."""
     relayed = relay(rt, dispatch)
-    resent_timers = resend_unsent(rt, dispatch)
-    resent_signals = resend_unsent_signals(rt, dispatch)
+    resent_timers = resend_unsent(rt, dispatch, rt.timers, after="timer")
+    resent_signals = resend_unsent(rt, dispatch, rt.signals, after="signal")
     # Only the declared pipelines' jobs: a decorated Celery task's are its own app's to send.
     ours = [pipeline.name for pipeline in registry]
     base = stalled_after if stalled_after is not None else rt.settings.stalled_after
@@ -166,14 +165,18 @@ def sweep(
             timers=resent_timers,
             signals=resent_signals,
         )
+    waiting = backlog_wait(rt, depth, base)
     # A re-drive that nobody claimed within a few leases was lost in turn (a killed worker's
-    # prefetch, which Redis gives back only after its visibility timeout): sent again.
-    again = ABANDONED_AGAIN_AFTER_LEASES * rt.settings.step_lease
+    # prefetch, which Redis gives back only after its visibility timeout): sent again — after
+    # the backlog's wait too, since behind a backlog it is most likely still queued. Sent
+    # again every few leases whatever the backlog, the abandoned jobs of a Postgres restart
+    # grew the queue faster than workers drained it (a Redis chaos run stalled behind 67,205
+    # re-drives).
+    again = ABANDONED_AGAIN_AFTER_LEASES * rt.settings.step_lease + waiting
     abandoned, skipped = _redrive(
         dispatch, lambda n: rt.store.take_abandoned(again_after=again, limit=n, pipelines=ours)
     )
     lost, skipped_lost = _redrive_lost(rt, dispatch, watch or BlindWatch(), ours)
-    waiting = backlog_wait(rt, depth, base)
     stalled, skipped_stalled = _redrive(
         dispatch,
         lambda n: rt.store.take_stalled(stalled_after=base + waiting, limit=n, pipelines=ours),

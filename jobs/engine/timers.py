@@ -1,16 +1,18 @@
 """The timer loop: fires due timers (`ledger.timers`), each once, moving its job past its
 wait step (a retry's or a limit's timer: sending its step again) and publishing after the
-commit; the sweeper resends a firing whose publish was lost. Also when a job reaching a wait
-step is due, what it waits for, and which retries wait as timers."""
+commit; the sweeper resends a firing (or a signal) whose publish was lost. Also when a job
+reaching a wait step is due, what it waits for, and which retries wait as timers."""
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Final
+from typing import Final, Protocol
+from uuid import UUID
 
 from config.settings import CrashPoint
 from jobs.engine.dispatch import Dispatch, ItemDispatch, SendsMany
@@ -20,6 +22,7 @@ from jobs.pipelines import Step, registry
 from jobs.retry import RetryPolicy
 from jobs.waits import Wait
 from ledger import JSON, DueTimer, FiredTimer, SignalWait
+from ledger.wait_outbox import ResendRoute
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,8 @@ POLL_INTERVAL: Final = 0.2
 EMBEDDED_POLL_INTERVAL: Final = 1.0
 #: Seconds to wait after a failed round (the database or the broker is likely down).
 _BACKOFF: Final = 2.0
+#: Fired rounds that may wait for their publish before the loop waits too (back-pressure).
+_ROUNDS_UNPUBLISHED: Final = 2
 
 
 def waits_as_timer(delay: float | None, policy: RetryPolicy, timer_after: float) -> bool:
@@ -81,10 +86,29 @@ def _route(timer: DueTimer) -> str | None:
 def fire_round(rt: Runtime, dispatch: Dispatch, *, limit: int = FIRE_BATCH) -> int:
     """Fire up to `limit` due timers of the declared pipelines and publish their jobs' next
     steps; how many fired. A publish that fails stays in the outbox (`resend_unsent`)."""
+    fired = _fire(rt, limit)
+    _publish(rt, dispatch, fired)
+    return len(fired)
+
+
+def _fire(rt: Runtime, limit: int) -> list[FiredTimer]:
+    """Fire up to `limit` due timers in one transaction (committed on return)."""
     pipelines = [pipeline.name for pipeline in registry]
     fired = rt.timers.fire_due(limit=limit, pipelines=pipelines, route=_route)
     for each in fired:
         rt.crash(CrashPoint.AFTER_FIRE, each.step, str(each.job_id))
+    if fired:
+        logger.info(
+            "%d timers fired, at most %.3fs late",
+            len(fired),
+            max(each.late for each in fired),
+            extra={"action": "timers_fired"},
+        )
+    return fired
+
+
+def _publish(rt: Runtime, dispatch: Dispatch, fired: Sequence[FiredTimer]) -> None:
+    """Publish the steps fired timers moved their jobs to, and mark those sent."""
     by_step: dict[tuple[str, str, bool], list[FiredTimer]] = defaultdict(list)
     for each in fired:
         if not each.item_id:
@@ -106,13 +130,6 @@ def fire_round(rt: Runtime, dispatch: Dispatch, *, limit: int = FIRE_BATCH) -> i
                     unsent.add(job_id)
         sent.extend(each.id for each in group if str(each.job_id) not in unsent)
     rt.timers.mark_sent(sent)
-    for each in fired:
-        logger.info(
-            "timer fired %.3fs late",
-            each.late,
-            extra={"action": "timer_fired", "job_id": str(each.job_id), "step": each.next_step},
-        )
-    return len(fired)
 
 
 def send_items_again(dispatch: Dispatch, waited: list[FiredTimer]) -> list[int]:
@@ -131,16 +148,33 @@ def send_items_again(dispatch: Dispatch, waited: list[FiredTimer]) -> list[int]:
     return sent
 
 
-def resend_unsent(rt: Runtime, dispatch: Dispatch) -> int:
-    """Send again the next step of fired timers whose publish was not confirmed within
-    `relay_after` seconds (their loop died between its commit and the publish); how many
-    were sent. A copy that was not lost after all is absorbed by the ledger."""
+class _WaitOutbox(Protocol):
+    """A ledger whose rows are the outbox of moves past a wait (`TimerLedger`,
+    `SignalLedger`)."""
+
+    def take_unsent(
+        self, *, older_than: float, limit: int, pipelines: Sequence[str], route: ResendRoute
+    ) -> list[tuple[int, UUID, str, str, str]]: ...
+
+    def undo_sent(self, rows: Sequence[int], /) -> None: ...
+
+
+def resend_unsent(rt: Runtime, dispatch: Dispatch, outbox: _WaitOutbox, *, after: str) -> int:
+    """Send again the step that moves past a wait sent (the step after it, or a retried or
+    limited step itself, or the map item a limit timer sent) when its publish was not
+    confirmed within `relay_after` seconds (the mover died between its commit and the
+    publish) and its job is still there: `outbox` is `rt.timers` or `rt.signals` (`after`:
+    `timer` or `signal`, for the logs). How many were sent. A copy that was not lost after
+    all is absorbed by the ledger."""
     pipelines = [pipeline.name for pipeline in registry]
-    taken = rt.timers.take_unsent(
-        older_than=rt.settings.relay_after, limit=FIRE_BATCH, pipelines=pipelines
+    taken = outbox.take_unsent(
+        older_than=rt.settings.relay_after,
+        limit=FIRE_BATCH,
+        pipelines=pipelines,
+        route=resent_step,
     )
     failed: list[int] = []
-    for timer_id, job_id, pipeline, step, item_id in taken:
+    for row, job_id, pipeline, step, item_id in taken:
         try:
             if item_id and isinstance(dispatch, ItemDispatch):
                 if dispatch.send_items(pipeline, step, str(job_id), [item_id], resend=True):
@@ -148,15 +182,23 @@ def resend_unsent(rt: Runtime, dispatch: Dispatch) -> int:
             else:
                 dispatch.send(pipeline, step, str(job_id), resend=True)
         except Exception as exc:  # noqa: BLE001 - back in the outbox for the next sweep
-            logger.warning("resend of %s after its timer not sent: %s", job_id, exc)
-            failed.append(timer_id)
+            logger.warning("resend of %s after its %s not sent: %s", job_id, after, exc)
+            failed.append(row)
             continue
         logger.warning(
-            "resent the step after a fired timer",
-            extra={"action": "timer_resent", "job_id": str(job_id), "step": step},
+            "resent the step after a %s",
+            after,
+            extra={"action": f"{after}_resent", "job_id": str(job_id), "step": step},
         )
-    rt.timers.undo_sent(failed)
+    outbox.undo_sent(failed)
     return len(taken) - len(failed)
+
+
+def resent_step(pipeline: str, step: str, again: bool) -> str | None:
+    """The step a move past `step` sent: `step` itself for a retry or a limit's wait
+    (`again`), else the step after it (`LookupError`: the pipeline has no such step any
+    more)."""
+    return step if again else step_after(pipeline, step)
 
 
 def timer_loop(
@@ -165,16 +207,42 @@ def timer_loop(
     """Fire due timers until `stop` is set: round after round while they come back full,
     else every `interval` seconds (by default `POLL_INTERVAL` on Postgres,
     `EMBEDDED_POLL_INTERVAL` on SQLite). Several loops may run at once (each timer fires
-    once)."""
+    once).
+
+    A round's publish runs in a thread of its own while the loop fires the next: a broker
+    slow to confirm (RabbitMQ on a busy machine) delayed every round after it, and so the
+    firing of timers already due. At most `_ROUNDS_UNPUBLISHED` rounds wait to be
+    published; their timers are fired, in the outbox until then."""
     if interval is None:
         postgres = rt.engine.dialect.name == "postgresql"
         interval = POLL_INTERVAL if postgres else EMBEDDED_POLL_INTERVAL
-    while not stop.is_set():
+    unpublished: queue.Queue[list[FiredTimer] | None] = queue.Queue(_ROUNDS_UNPUBLISHED)
+    publisher = threading.Thread(
+        target=_publish_rounds, args=(rt, dispatch, unpublished), name="oncelery-timer-publish"
+    )
+    publisher.start()
+    try:
+        while not stop.is_set():
+            try:
+                fired = _fire(rt, FIRE_BATCH)
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive a bad round
+                logger.warning("timer round failed: %s", exc, extra={"action": "timer_error"})
+                stop.wait(_BACKOFF)
+                continue
+            if fired:
+                unpublished.put(fired)
+            if len(fired) < FIRE_BATCH:
+                stop.wait(interval)
+    finally:
+        unpublished.put(None)
+        publisher.join()
+
+
+def _publish_rounds(
+    rt: Runtime, dispatch: Dispatch, rounds: queue.Queue[list[FiredTimer] | None]
+) -> None:
+    while (fired := rounds.get()) is not None:
         try:
-            fired = fire_round(rt, dispatch)
-        except Exception as exc:  # noqa: BLE001 - the loop must outlive a bad round
-            logger.warning("timer round failed: %s", exc, extra={"action": "timer_error"})
-            stop.wait(_BACKOFF)
-            continue
-        if fired < FIRE_BATCH:
-            stop.wait(interval)
+            _publish(rt, dispatch, fired)
+        except Exception as exc:  # noqa: BLE001 - unmarked rows stay in the outbox
+            logger.warning("timer publish failed: %s", exc, extra={"action": "timer_error"})

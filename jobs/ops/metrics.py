@@ -45,7 +45,7 @@ class LedgerCollector(Collector):
         self.maps = MapViews(engine=rt.engine)
         self.timers = TimerLedger(engine=rt.engine)
         self.limits = LimitLedger(engine=rt.engine)
-        self.signals = SignalLedger(engine=rt.engine)
+        self.signals = SignalLedger(engine=rt.engine, keep_for=rt.settings.signal_keep_for)
         self.app = app
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
@@ -178,8 +178,14 @@ class LedgerCollector(Collector):
         )
         yield GaugeMetricFamily(
             "oncelery_signals_kept",
-            "Signals no wait has taken yet (sent before any job waited for them).",
+            "Signals no wait has taken yet (sent before any job waited for them), within "
+            "their lifetime (ONCELERY_SIGNAL_KEEP_FOR).",
             value=kept,
+        )
+        yield GaugeMetricFamily(
+            "oncelery_signals_expired",
+            "Signals kept past their lifetime: no wait takes them, `oncelery prune` deletes them.",
+            value=self.signals.expired(),
         )
 
     def _maps(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:

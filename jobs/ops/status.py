@@ -19,10 +19,13 @@ from ledger import (
 )
 from ledger.limits import LIMIT_WAITING_CAP
 from ledger.map_views import MapViews
+from ledger.signals import KEEP_FOR
 
 
-def status_view(stats: LedgerStats, app: Celery, *, window: float) -> dict[str, JSON]:
-    """Everything `status --json` prints."""
+def status_view(
+    stats: LedgerStats, app: Celery, *, window: float, signal_keep_for: float = KEEP_FOR
+) -> dict[str, JSON]:
+    """Everything `status --json` prints (kept signals: those within `signal_keep_for`)."""
     snapshot = stats.snapshot(window=window)
     return {
         "queues": dict(queue_depths(app)),
@@ -46,7 +49,7 @@ def status_view(stats: LedgerStats, app: Celery, *, window: float) -> dict[str, 
         "events": {str(kind): count for kind, count in snapshot.events.items()},
         "maps": maps_in_progress(MapViews(engine=stats.engine)),
         "timers": timers_view(TimerLedger(engine=stats.engine)),
-        "signals": signals_view(SignalLedger(engine=stats.engine)),
+        "signals": signals_view(SignalLedger(engine=stats.engine, keep_for=signal_keep_for)),
         "limits": limits_view(LimitLedger(engine=stats.engine)),
     }
 
@@ -71,7 +74,7 @@ def limits_view(limits: LimitLedger) -> dict[str, JSON]:
 
 def signals_view(signals: SignalLedger) -> dict[str, JSON]:
     """Jobs waiting for a signal (each also counts among the jobs waiting on timers: its
-    timeout), and signals kept for a wait that has not come yet."""
+    timeout), and signals kept for a wait that has not come yet (not expired)."""
     kept, waiting = signals.counts()
     return {"waiting_jobs": waiting, "kept": kept}
 

@@ -26,7 +26,15 @@ from jobs.errors import CallDeadLettered, NotInCall
 from jobs.pipelines import StepContext
 from jobs.tasks.calls import STEP, Call, CallSpec, TaskPipeline, task_pipeline
 from jobs.tasks.messages import decorated_followers, hands_on, request_message
-from ledger import JSON, DatabaseUnavailable, DeadLetterState, DeadLetterStore, Job, JobState
+from ledger import (
+    ACTIVE_JOB_STATES,
+    JSON,
+    DatabaseUnavailable,
+    DeadLetterState,
+    DeadLetterStore,
+    Job,
+    JobState,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +227,11 @@ def _run_call(
         # Its retry waits as a timer (set with the failure's record): this message is done
         # with, and the calls' sweeper re-sends the kept one when the timer fires.
         raise Retry("the call's retry waits for its timer")
-    return _ended(rt, call, rt.store.get_job(job_id))
+    job = rt.store.get_job(job_id)
+    if outcome is Outcome.INACTIVE and job.state in ACTIVE_JOB_STATES:
+        # A copy of it (a redelivery) while its retry timer is pending: absorbed, not run.
+        raise Retry("the call's retry waits for its timer")
+    return _ended(rt, call, job)
 
 
 def _followed(rt: Runtime, task: Task[Any, Any], message: dict[str, JSON]) -> bool:

@@ -166,11 +166,18 @@ def fire_call_timers(rt: Runtime, app: Celery) -> int:
     unsent = _resend_kept(rt, app, [each.job_id for each in fired])
     rt.timers.mark_sent([each.id for each in fired if each.job_id not in unsent])
     taken = rt.timers.take_unsent(
-        older_than=rt.settings.relay_after, limit=_BATCH, pipelines=pipelines
+        older_than=rt.settings.relay_after, limit=_BATCH, pipelines=pipelines, route=_retried
     )
     unsent = _resend_kept(rt, app, [each[1] for each in taken])
     rt.timers.undo_sent([each[0] for each in taken if each[1] in unsent])
     return len(fired)
+
+
+def _retried(_pipeline: str, step: str, again: bool) -> str:
+    # A retry timer's firing sent its call's step again; a call has no other timers.
+    if not again:
+        raise LookupError(f"a call has no timers but retries (at {step!r})")
+    return step
 
 
 def _no_route(timer: DueTimer) -> str | None:

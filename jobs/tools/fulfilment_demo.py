@@ -104,7 +104,8 @@ def run_fulfilment_demo(
         audit = harness.audit(pipeline)
         job_ids = [uuid.UUID(item.job_id) for item in enqueued]
         retries = harness.store.count_events(EventKind.FAILED, job_ids)
-        signals = SignalLedger(engine=harness.store.engine)
+        keep_for = harness.settings.signal_keep_for
+        signals = SignalLedger(engine=harness.store.engine, keep_for=keep_for)
         kept = signals.kept(SHIPPED, [order.order_id for order in orders])
     finally:
         harness.stop()

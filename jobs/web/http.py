@@ -14,8 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Final, TypeVar
 
-from fastapi import Depends, Header, HTTPException, Request
+from fastapi import Depends, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException
 
 from config import CookieSecurity, Settings
 from jobs.engine.enqueue import OutboxRelay
@@ -103,8 +106,25 @@ def api_error(_request: Request, exc: ApiError) -> JSONResponse:
 
 
 def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+    # Its headers too: a 405's `Allow` says which methods the path takes.
     return JSONResponse(
-        {"error": {"type": "http", "message": str(exc.detail)}}, status_code=exc.status_code
+        {"error": {"type": "http", "message": str(exc.detail)}},
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
+
+
+def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A request whose path, query or headers FastAPI refused: 422 in the one error shape,
+    naming each field (`query.limit`)."""
+    fields = [
+        {"field": ".".join(str(part) for part in error["loc"]), "message": error["msg"]}
+        for error in exc.errors()
+    ]
+    message = "; ".join(f"{field['field']}: {field['message']}" for field in fields)
+    return JSONResponse(
+        {"error": {"type": "invalid_request", "message": message, "fields": fields}},
+        status_code=422,
     )
 
 
@@ -124,7 +144,17 @@ def not_configured(variable: str) -> ApiError:
     )
 
 
-def require_token(intake: IntakeDep, authorization: Annotated[str | None, Header()] = None) -> None:
+#: Reads `Authorization: Bearer …` and documents the scheme (`securitySchemes`); a missing or
+#: malformed header is None, answered by `require_token` in the one error shape.
+_BEARER: Final = HTTPBearer(
+    auto_error=False, scheme_name="bearer", description="`Authorization: Bearer <API_TOKEN>`"
+)
+
+
+def require_token(
+    intake: IntakeDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
+) -> None:
     """`Authorization: Bearer <API_TOKEN>`, compared in constant time.
 
     Raises:
@@ -133,14 +163,33 @@ def require_token(intake: IntakeDep, authorization: Annotated[str | None, Header
     expected = intake.settings.api_token
     if expected is None or not expected.get_secret_value():
         raise not_configured("API_TOKEN")
-    scheme, _, token = (authorization or "").strip().partition(" ")
-    token = token.strip()
-    if (
-        scheme.lower() != "bearer"
-        or not token
-        or not hmac.compare_digest(token.encode(), expected.get_secret_value().encode())
+    token = credentials.credentials.strip() if credentials is not None else ""
+    if not token or not hmac.compare_digest(
+        token.encode("utf-8", "replace"), expected.get_secret_value().encode()
     ):
         raise ApiError(401, "unauthorized", "missing or wrong bearer token")
+
+
+def reject_unknown_query(request: Request) -> None:
+    """Refuse query parameters the operation does not declare in the OpenAPI schema (a typo,
+    `?stat=running`, would otherwise be ignored and answer something else).
+
+    Raises:
+        ApiError: 422 naming each unknown parameter.
+    """
+    if not request.query_params:
+        return
+    path = getattr(request.scope.get("route"), "path", "")
+    operation = request.app.openapi()["paths"].get(path, {}).get(request.method.lower(), {})
+    known = {p["name"] for p in operation.get("parameters", []) if p["in"] == "query"}
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        raise ApiError(
+            422,
+            "invalid_request",
+            "unknown query parameter(s): " + ", ".join(repr(name) for name in unknown),
+            fields=[{"field": f"query.{name}", "message": "unknown parameter"} for name in unknown],
+        )
 
 
 def cookie_secure(request: Request, settings: Settings) -> bool:

@@ -13,9 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Final
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.engine import Engine
+from starlette.exceptions import HTTPException
 
 from config import Settings
 from jobs.engine.enqueue import OutboxRelay
@@ -27,6 +29,7 @@ from jobs.ops.dead_letters import DeadLetterDesk, letter_view
 from jobs.ops.health import Probe
 from jobs.ops.history import history_view
 from jobs.ops.map_items import (
+    MAX_AFTER,
     MAX_PAGE_SIZE,
     PAGE_SIZE,
     BadItemsQuery,
@@ -36,7 +39,9 @@ from jobs.ops.map_items import (
 )
 from jobs.ops.metrics import render_metrics
 from jobs.pipelines import Pipeline, registry
-from jobs.web import pages, signal_route
+from jobs.web import docs_page, pages, signal_route
+from jobs.web.api_models import Accepted, DryRun, Health, JobList, LetterList
+from jobs.web.api_schema import api_schema, errors, package_version, signed_headers
 from jobs.web.http import (
     ApiError,
     Intake,
@@ -44,7 +49,9 @@ from jobs.web.http import (
     api_error,
     http_error,
     read_body,
+    reject_unknown_query,
     require_token,
+    validation_error,
     verify_signature,
 )
 from jobs.web.job_writer import JobWriter
@@ -55,6 +62,7 @@ from ledger import (
     DeadLetterState,
     DeadLetterStore,
     EventConflict,
+    ItemState,
     JobNotFound,
     JobState,
     PostgresLimits,
@@ -107,25 +115,55 @@ def create_app(settings: Settings) -> FastAPI:
             intake.database_threads.shutdown(wait=False, cancel_futures=True)
             rt.close()
 
-    app = FastAPI(title="oncelery", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="oncelery",
+        version=package_version(),
+        description="The HTTP intake: signed webhooks and signals, the read API (bearer "
+        "token), health and metrics. The pages for people (HTML) are not part of the API.",
+        lifespan=lifespan,
+        # Our own /docs (`docs_page`): FastAPI's loads unpinned scripts from a CDN.
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.intake = intake
     app.add_exception_handler(ApiError, api_error)  # type: ignore[arg-type]
+    # Starlette's class, not FastAPI's subclass: the router's own 404 and 405 are Starlette's.
     app.add_exception_handler(HTTPException, http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
     app.include_router(_routes())
     app.include_router(signal_route.router)
-    app.include_router(pages.router)
+    app.include_router(pages.router, include_in_schema=False)
+    app.include_router(docs_page.router)
+    app.openapi = lambda: api_schema(app)  # type: ignore[method-assign]
     return app
 
 
 def _routes() -> APIRouter:
     router = APIRouter()
-    authorized = [Depends(require_token)]
+    # The token first: who has none learns nothing of the parameters either.
+    authorized = [Depends(require_token), Depends(reject_unknown_query)]
+    token_errors = (401, 422, 503)
 
-    @router.post("/webhooks/{pipeline}")
+    @router.post(
+        "/webhooks/{pipeline}",
+        summary="Start a job",
+        status_code=202,
+        response_model=Accepted,
+        responses={
+            200: {"model": Accepted, "description": "The event was accepted before: its job."},
+            202: {
+                "model": Accepted,
+                "description": "A new job, stored (and sent or in the outbox).",
+            },
+            **errors(400, 401, 404, 409, 413, 422, 503),
+        },
+        openapi_extra={"parameters": signed_headers()},
+    )
     async def webhook(pipeline: str, request: Request, intake: IntakeDep) -> JSONResponse:
         body = await read_body(request)
         # Signed first: who cannot sign learns nothing, not even which pipelines exist.
         verify_signature(intake.settings, request.headers, body)
+        reject_unknown_query(request)
         found = declared_pipeline(pipeline)
         job = parse_event(found, body).new_job(found)
         try:
@@ -144,7 +182,15 @@ def _routes() -> APIRouter:
             intake.relay.accepted(found.name, job_id)
         return JSONResponse({"job_id": str(job_id)}, status_code=202 if created else 200)
 
-    @router.get("/healthz")
+    @router.get(
+        "/healthz",
+        response_model=Health,
+        responses={
+            503: {"model": Health, "description": "The database or the broker is down."},
+            **errors(422),
+        },
+        dependencies=[Depends(reject_unknown_query)],
+    )
     async def healthz(intake: IntakeDep) -> JSONResponse:
         # Which dependency is down, never its error text (logged): no token guards this.
         states = await asyncio.gather(*(probe.status() for probe in intake.probes))
@@ -152,26 +198,46 @@ def _routes() -> APIRouter:
         healthy = all(state == health.OK for state in states)
         return JSONResponse(checks, status_code=200 if healthy else 503)
 
-    @router.get("/jobs/{job_id}", dependencies=authorized)
+    @router.get(
+        "/jobs/{job_id}",
+        dependencies=authorized,
+        response_model=dict[str, Any],
+        responses=errors(404, *token_errors),
+    )
     def get_job(job_id: UUID, intake: IntakeDep) -> JSONResponse:
         try:
             return JSONResponse(history_view(intake.runtime.store.history(job_id)))
         except JobNotFound:
             raise ApiError(404, "not_found", f"no job {job_id}") from None
 
-    @router.get("/jobs/{job_id}/steps/{step}/items", dependencies=authorized)
+    @router.get(
+        "/jobs/{job_id}/steps/{step}/items",
+        dependencies=authorized,
+        response_model=dict[str, Any],
+        responses=errors(404, *token_errors),
+    )
     def get_items(
         job_id: str,
         step: str,
         intake: IntakeDep,
-        state: str = "",
-        after: str = "",
+        # Checked by `items_page`, as for the page: empty for every state.
+        state: Annotated[
+            str, Query(json_schema_extra={"enum": ["", *(str(s) for s in ItemState)]})
+        ] = "",
+        # A next link's cursor: an item's path, digits and dots.
+        after: Annotated[str, Query(max_length=MAX_AFTER, pattern=r"^[ -~]*$")] = "",
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = PAGE_SIZE,
     ) -> JSONResponse:
         views = MapViews(engine=intake.runtime.engine)
         try:
             page = items_page(
-                intake.runtime.store, views, job_id, step, state=state, after=after, limit=limit
+                intake.runtime.store,
+                views,
+                job_id,
+                step,
+                state=state,
+                after=after,
+                limit=limit,
             )
         except NoSuchMap as exc:
             raise ApiError(404, "not_found", str(exc)) from None
@@ -179,7 +245,12 @@ def _routes() -> APIRouter:
             raise ApiError(422, "bad_request", str(exc)) from None
         return JSONResponse(page_view(str(UUID(job_id)), step, page))
 
-    @router.get("/jobs", dependencies=authorized)
+    @router.get(
+        "/jobs",
+        dependencies=authorized,
+        response_model=JobList,
+        responses=errors(404, *token_errors),
+    )
     def list_jobs(
         intake: IntakeDep,
         state: JobState | None = None,
@@ -191,7 +262,12 @@ def _routes() -> APIRouter:
         jobs = intake.runtime.store.list_jobs(state=state, limit=limit, pipeline=pipeline)
         return JSONResponse({"jobs": [job_summary(job) for job in jobs]})
 
-    @router.get("/dead-letters", dependencies=authorized)
+    @router.get(
+        "/dead-letters",
+        dependencies=authorized,
+        response_model=LetterList,
+        responses=errors(*token_errors),
+    )
     def dead_letters(
         intake: IntakeDep,
         state: DeadLetterState | None = DeadLetterState.OPEN,
@@ -202,7 +278,15 @@ def _routes() -> APIRouter:
         found = intake.letters.list(state=state, step=step, error_type=error_type, limit=limit)
         return JSONResponse({"dead_letters": [letter_view(letter) for letter in found]})
 
-    @router.post("/dead-letters/{letter_id}/replay", dependencies=authorized)
+    @router.post(
+        "/dead-letters/{letter_id}/replay",
+        dependencies=authorized,
+        response_model=dict[str, Any],
+        responses={
+            200: {"description": "Replayed, or (`dry_run`) the plan.", "model": DryRun},
+            **errors(404, 409, *token_errors),
+        },
+    )
     def replay(
         letter_id: int,
         intake: IntakeDep,
@@ -220,9 +304,22 @@ def _routes() -> APIRouter:
         if dry_run:
             return JSONResponse({"dry_run": True, "plan": desk.plan(letter, force=force).as_json()})
         result = desk.replay(letter, by=by, force=force)
-        return JSONResponse(result.as_json(), status_code=200 if result.done else 409)
+        if not result.done:
+            raise ApiError(409, "replay_refused", result.detail, **result.as_json())
+        return JSONResponse(result.as_json())
 
-    @router.get("/metrics", dependencies=authorized)
+    @router.get(
+        "/metrics",
+        dependencies=authorized,
+        response_class=Response,
+        responses={
+            200: {
+                "description": "Prometheus's text exposition format.",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            },
+            **errors(401, 503),
+        },
+    )
     def metrics(intake: IntakeDep) -> Response:
         text, content_type = render_metrics(intake.runtime, intake.dispatch.sender)
         return Response(text, media_type=content_type)

@@ -12,17 +12,38 @@ from fastapi.responses import JSONResponse
 from jobs.engine.signals import send_signal
 from jobs.errors import UnknownPipeline
 from jobs.signals import InvalidSignal, read_signal
-from jobs.web.http import ApiError, IntakeDep, read_body, verify_signature
+from jobs.web.api_models import SignalAnswer
+from jobs.web.api_schema import errors, signed_headers
+from jobs.web.http import (
+    ApiError,
+    IntakeDep,
+    read_body,
+    reject_unknown_query,
+    verify_signature,
+)
 from ledger import NewSignal, SignalConflict, SignalOutcome, SignalSent
 
 router = APIRouter()
 
 
-@router.post("/signals/{name}")
+@router.post(
+    "/signals/{name}",
+    summary="Send a signal",
+    status_code=202,
+    response_model=SignalAnswer,
+    responses={
+        200: {"model": SignalAnswer, "description": "A duplicate: the id was sent before."},
+        202: {"model": SignalAnswer, "description": "Recorded (and the job it woke, if any)."},
+        **errors(400, 401, 409, 413, 422, 500, 503),
+    },
+    # The body is read raw (its signature covers its bytes): `api_schema` describes it.
+    openapi_extra={"parameters": signed_headers()},
+)
 async def post_signal(name: str, request: Request, intake: IntakeDep) -> JSONResponse:
     body = await read_body(request)
     # Signed first: who cannot sign learns nothing.
     verify_signature(intake.settings, request.headers, body)
+    reject_unknown_query(request)
     signal = _parse(name, body)
     rt, dispatch = intake.runtime, intake.dispatch
     try:

@@ -148,13 +148,16 @@ class Batcher:
             self._done(lambda: _requeue_all(batch))
 
     def _next_batch(self) -> list[Request]:
-        # A batch whose child dies is redelivered message by message, and a redelivered message
-        # always runs alone: a job that kills its worker cannot take its neighbours down with
-        # it twice.
-        if _redelivered(self.waiting[0][1]):
+        # A batch whose child dies is redelivered message by message, and a message that may
+        # repeat an attempt always runs alone: a job that kills its worker cannot take its
+        # neighbours down with it twice. That includes the sweeper's re-drives and the retry
+        # queue's, not only the broker's redeliveries: a poison job re-driven into a batch of
+        # fresh ones cost each of them an attempt every time (an innocent job dead-lettered
+        # beside the poison one, under load).
+        if _may_repeat(self.waiting[0][1]):
             return [self.waiting.popleft()[1]]
         batch: list[Request] = []
-        while self.waiting and len(batch) < self.size and not _redelivered(self.waiting[0][1]):
+        while self.waiting and len(batch) < self.size and not _may_repeat(self.waiting[0][1]):
             batch.append(self.waiting.popleft()[1])
         return batch
 
@@ -216,8 +219,8 @@ def _stopping() -> bool:
     return any(flag is not None and flag is not False for flag in flags)
 
 
-def _redelivered(request: Request) -> bool:
-    return bool((request.delivery_info or {}).get("redelivered"))
+def _may_repeat(request: Request) -> bool:
+    return is_repeat(request.delivery_info or {})
 
 
 def _acknowledge_all(batch: Sequence[Request], answers: Sequence[tuple[str, float]]) -> None:

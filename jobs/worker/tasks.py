@@ -121,7 +121,22 @@ def _sweep_forever() -> None:
             keys = ("redriven", "relayed", "items", "timers", "signals")
             if any(report[key] for key in keys):
                 logger.info("swept: %s", report, extra={"action": "swept"})
+            _beat_heartbeat()
         time.sleep(max(0.0, interval - (time.monotonic() - began)))
+
+
+#: Touched after every sweep that completed: beat's healthcheck (docker-compose.yml) reads its
+#: age, which says the sweeper is alive and reaching the ledger, not only that beat runs.
+BEAT_HEARTBEAT = "beat-heartbeat"
+
+
+def _beat_heartbeat() -> None:
+    path = get_settings().data_dir / BEAT_HEARTBEAT
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    except OSError as exc:
+        logger.warning("cannot touch %s: %s", path, exc, extra={"action": "heartbeat_failed"})
 
 
 def _sweep_once() -> dict[str, int]:

@@ -129,7 +129,13 @@ from ledger.queries.sweeps import (
     take_unfollowed_jobs,
     undo_dispatched,
 )
-from ledger.queries.timers import cancel_timers, drop_timers, insert_timer, lock_timers
+from ledger.queries.timers import (
+    cancel_timers,
+    cancel_unlocked_timers,
+    drop_timers,
+    insert_timer,
+    lock_timers,
+)
 
 __all__ = [
     "ACTIVE",
@@ -142,6 +148,7 @@ __all__ = [
     "append_event_once",
     "append_events",
     "cancel_timers",
+    "cancel_unlocked_timers",
     "claim_from",
     "claim_items",
     "claim_key_from",

@@ -15,6 +15,7 @@ from ledger import db
 from ledger.queries.common import ANY_ID, param
 from ledger.queries.job_rows import start_job
 from ledger.queries.limits import LimitsShape, in_claim
+from ledger.queries.timers import retry_timer_pending
 from ledger.schema import ledger_entries
 from ledger.types import StepState
 
@@ -52,7 +53,8 @@ def claim_key_template(takeover_expired: bool) -> Any:
         param("fingerprint", "", sa.String()),
     ]
     # SQLite needs a WHERE in INSERT … SELECT … ON CONFLICT to parse it unambiguously.
-    return _claim_key(sqlite.insert, sa.select(*row).where(sa.true()), takeover_expired)
+    source = sa.select(*row).where(sa.true())
+    return _claim_key(sqlite.insert, source, takeover_expired, retry_fence=True)
 
 
 def claim_from(
@@ -69,6 +71,7 @@ def claim_from(
         # A job whose plan lacks the step claims nothing (the caller raises StepNotInJob).
         sa.select(job.c.key, job.c.id, job.c.fingerprint).where(job.c.key.is_not(None), *granted),
         takeover_expired,
+        retry_fence=True,
     ).cte("claimed")
     existing = ledger_entries.alias("existing")
     columns = [
@@ -86,9 +89,10 @@ def claim_from(
 
 def claim_key_from(insert: Any, source: sa.Select[Any], takeover_expired: bool) -> Any:
     """Claim the key that `source` yields as (key, job_id, fingerprint), with the dialect's
-    `insert`, exactly as a step's key is claimed (a map step's items are: `queries.maps`);
-    returns `attempts` when the key is now ours."""
-    return _claim_key(insert, source, takeover_expired)
+    `insert`, as a step's key is claimed (a map step's items are: `queries.maps`) but for
+    the retry timer's fence (an item's retry is a countdown); returns `attempts` when the key
+    is now ours."""
+    return _claim_key(insert, source, takeover_expired, retry_fence=False)
 
 
 def entry_columns(entry: FromClause) -> list[ColumnElement[Any]]:
@@ -130,9 +134,13 @@ _CLAIM_COLUMNS = [
 ]
 
 
-def _claim_key(insert: Any, source: sa.Select[Any], takeover_expired: bool) -> Any:
+def _claim_key(
+    insert: Any, source: sa.Select[Any], takeover_expired: bool, *, retry_fence: bool
+) -> Any:
     """Insert a key as started for `p_owner` (at `p_step`, leased for `p_lease` seconds), or
-    take over a failed key (or an expired one if allowed), with the dialect's `insert`.
+    take over a failed key (or an expired one if allowed), with the dialect's `insert`; with
+    `retry_fence`, not a failed key whose retry waits as a pending timer (a stray copy of the
+    step's message would run it before its `Retry-After`).
 
     `source` yields one row of (key, job_id, fingerprint). The conflict branch only fires for
     the same fingerprint and step, so a key reused for different input is never taken over.
@@ -157,20 +165,24 @@ def _claim_key(insert: Any, source: sa.Select[Any], takeover_expired: bool) -> A
         where=sa.and_(
             entry.fingerprint == excluded.fingerprint,
             entry.step == excluded.step,
-            sa.or_(*_takeable(excluded, takeover_expired)),
+            sa.or_(*_takeable(excluded, takeover_expired, retry_fence)),
         ),
     ).returning(entry.attempts)
 
 
-def _takeable(excluded: Any, takeover_expired: bool) -> list[ColumnElement[bool]]:
-    """Which existing entries a claim takes over: a failed one, our own (a retry after an
-    ambiguous commit) and, if allowed, one whose lease expired."""
+def _takeable(
+    excluded: Any, takeover_expired: bool, retry_fence: bool
+) -> list[ColumnElement[bool]]:
+    """Which existing entries a claim takes over: a failed one (with `retry_fence`, unless
+    its retry timer is pending), our own (a retry after an ambiguous commit) and, if allowed,
+    one whose lease expired."""
     entry = ledger_entries.c
     started = entry.state == str(StepState.STARTED)
-    takeable = [
-        entry.state == str(StepState.FAILED),
-        sa.and_(started, entry.owner == excluded.owner),
-    ]
+    failed: ColumnElement[bool] = entry.state == str(StepState.FAILED)
+    if retry_fence:
+        # Read only on a conflict with a failed key, by the timers' unique (job, step, kind).
+        failed = sa.and_(failed, ~retry_timer_pending(excluded.job_id, excluded.step))
+    takeable = [failed, sa.and_(started, entry.owner == excluded.owner)]
     if takeover_expired:
         takeable.append(sa.and_(started, entry.locked_until < db.utcnow()))
     return takeable

@@ -16,6 +16,7 @@ from sqlalchemy.sql.expression import CTE, ColumnElement, FromClause
 from ledger import db
 from ledger.limit_types import KeySource
 from ledger.queries.common import ANY_ID, param
+from ledger.queries.timers import retry_timer_pending
 from ledger.schema import ledger_entries, limit_keys, limit_slots, map_items, timers
 from ledger.types import LimitKind, StepState, TimerKind, TimerState
 
@@ -173,17 +174,19 @@ def release_slot(key: str, slot: int, holder: UUID) -> sa.Delete:
 def claimable(job: FromClause, takeover_expired: bool) -> ColumnElement[bool]:
     """As the claim's snapshot sees it, the job's key (`job.c.key`) is new or takeable by
     this claim: only then are a limit's token and slot taken (a duplicate delivery, a key
-    in flight, a reused key take nothing, and the claim answers as without limits)."""
+    in flight, a reused key, a failed key whose retry timer is pending take nothing, and
+    the claim answers as without limits)."""
     entry = ledger_entries.c
+    step = param("step", "", sa.String())
     takeable = [
-        entry.state == str(StepState.FAILED),
+        sa.and_(entry.state == str(StepState.FAILED), ~retry_timer_pending(job.c.id, step)),
         sa.and_(entry.state == _STARTED, entry.owner == param("owner", ANY_ID, sa.Uuid())),
     ]
     if takeover_expired:
         takeable.append(sa.and_(entry.state == _STARTED, entry.locked_until < db.utcnow()))
     ours = sa.and_(
         entry.fingerprint == job.c.fingerprint,
-        entry.step == param("step", "", sa.String()),
+        entry.step == step,
         sa.or_(*takeable),
     )
     return ~sa.exists().where(entry.key == job.c.key, ~ours)

@@ -12,8 +12,8 @@ from uuid import UUID
 import sqlalchemy as sa
 
 from ledger import db
+from ledger.queries import wait_outbox
 from ledger.queries.common import ACTIVE, json_value
-from ledger.queries.timers import taken
 from ledger.schema import jobs, signals, timers
 from ledger.types import JSON, TimerKind, TimerState
 
@@ -52,11 +52,20 @@ def lock_name_and_key(name: str, key: str) -> sa.Select[Any]:
     return sa.select(sa.func.pg_advisory_xact_lock(lock_id))
 
 
-def oldest_kept(name: str, key: str) -> sa.Select[Any]:
-    """The oldest signal of a name and key no wait has taken."""
+def _kept_since(keep_for: float) -> sa.ColumnElement[bool]:
+    """A signal no wait has taken, received within its lifetime (`keep_for` seconds)."""
+    return sa.and_(
+        signals.c.consumed_at.is_(None),
+        signals.c.received_at > db.utcnow_plus(db.seconds(-keep_for)),
+    )
+
+
+def oldest_kept(name: str, key: str, keep_for: float) -> sa.Select[Any]:
+    """The oldest signal of a name and key no wait has taken, received within `keep_for`
+    seconds (an older one is expired: no wait takes it)."""
     return (
         sa.select(signals.c.id, signals.c.signal_id, signals.c.data, signals.c.received_at)
-        .where(signals.c.name == name, signals.c.key == key, signals.c.consumed_at.is_(None))
+        .where(signals.c.name == name, signals.c.key == key, _kept_since(keep_for))
         .order_by(signals.c.id)
         .limit(1)
     )
@@ -135,48 +144,79 @@ def mark_rows_sent(signal_rows: Sequence[int]) -> sa.Update:
     )
 
 
-def undo_sent(signal_rows: Sequence[int]) -> sa.Update:
-    """Put signals back in the outbox: the publish after them failed after all."""
-    return sa.update(signals).where(signals.c.id.in_(list(signal_rows))).values(dispatched_at=None)
-
-
 def take_unsent(
     dialect_name: str, older_than: float, limit: int, pipelines: Sequence[str]
 ) -> sa.Update:
     """Take signals whose job (of `pipelines`) had its next step not known to reach the broker
     for `older_than` seconds after they moved it on (the sender died between its commit and
-    the publish), marking them sent; returns their jobs, to send again."""
-    unsent = (
-        sa.select(signals.c.id)
-        .join(jobs, jobs.c.id == signals.c.job_id)
-        .where(
-            signals.c.consumed_at.is_not(None),
-            signals.c.dispatched_at.is_(None),
-            signals.c.consumed_at < db.utcnow_plus(db.seconds(-older_than)),
-            jobs.c.pipeline.in_(list(pipelines)),
-        )
-        .order_by(signals.c.consumed_at)
-        .limit(limit)
-    )
-    return (
-        sa.update(signals)
-        .where(
-            signals.c.id.in_(taken(dialect_name, unsent, signals)),
-            signals.c.dispatched_at.is_(None),
-        )
-        .values(dispatched_at=db.utcnow())
-        .returning(signals.c.id, signals.c.job_id)
+    the publish), marking them sent (see `wait_outbox.take_unsent`)."""
+    return wait_outbox.take_unsent(
+        dialect_name,
+        signals,
+        moved_at=signals.c.consumed_at,
+        unsent=sa.and_(signals.c.consumed_at.is_not(None), signals.c.dispatched_at.is_(None)),
+        again=sa.false(),
+        older_than=older_than,
+        limit=limit,
+        pipelines=pipelines,
     )
 
 
-def count_kept(name: str | None = None, keys: Sequence[str] | None = None) -> sa.Select[Any]:
-    """Signals no wait has taken (yet): all, or those of `name` for `keys`."""
-    query = sa.select(sa.func.count()).where(signals.c.consumed_at.is_(None))
+def count_kept(
+    keep_for: float, name: str | None = None, keys: Sequence[str] | None = None
+) -> sa.Select[Any]:
+    """Signals a wait may still take (kept, not expired): all, or those of `name` for `keys`."""
+    query = sa.select(sa.func.count()).where(_kept_since(keep_for))
     if name is not None:
         query = query.where(signals.c.name == name)
     if keys is not None:
         query = query.where(signals.c.key.in_(list(keys)))
     return query
+
+
+def count_expired(keep_for: float) -> sa.Select[Any]:
+    """Signals kept longer than `keep_for` seconds: no wait takes them, `prune` deletes them."""
+    return sa.select(sa.func.count()).where(
+        signals.c.consumed_at.is_(None),
+        signals.c.received_at <= db.utcnow_plus(db.seconds(-keep_for)),
+    )
+
+
+def _prunable(keep_for: float, older_than: float) -> sa.ColumnElement[bool]:
+    """Kept past its lifetime (`keep_for`), or taken more than `older_than` seconds ago by a
+    wait whose next step's publish is settled (sent, or its job no longer active)."""
+    active = sa.exists().where(jobs.c.id == signals.c.job_id, jobs.c.state.in_(ACTIVE))
+    expired = sa.and_(
+        signals.c.consumed_at.is_(None),
+        signals.c.received_at <= db.utcnow_plus(db.seconds(-keep_for)),
+    )
+    consumed = sa.and_(
+        signals.c.consumed_at.is_not(None),
+        signals.c.consumed_at < db.utcnow_plus(db.seconds(-older_than)),
+        sa.or_(signals.c.dispatched_at.is_not(None), ~active),
+    )
+    return sa.or_(expired, consumed)
+
+
+def select_prunable(
+    dialect_name: str, keep_for: float, older_than: float, limit: int
+) -> sa.Select[Any]:
+    """A batch of signals to delete (see `_prunable`), oldest first, locked: rows another
+    pruner holds are skipped."""
+    batch = (
+        sa.select(signals.c.id)
+        .where(_prunable(keep_for, older_than))
+        .order_by(signals.c.id)
+        .limit(limit)
+    )
+    return db.for_update_skip_locked(batch, dialect_name)
+
+
+def delete_signals(signal_rows: Sequence[int], keep_for: float, older_than: float) -> sa.Delete:
+    """Delete those of these signals still prunable."""
+    return sa.delete(signals).where(
+        signals.c.id.in_(list(signal_rows)), _prunable(keep_for, older_than)
+    )
 
 
 def count_waiting_for_signals() -> sa.Select[Any]:

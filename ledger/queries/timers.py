@@ -1,5 +1,6 @@
 """The timers' statements: set a timer, fire the due ones (a compare-and-set on each row,
-SKIP LOCKED), resend a lost firing's publish, cancel a job's timers, and count them."""
+SKIP LOCKED), take a lost firing's publish from the outbox, cancel a job's timers, and count
+them."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import sqlalchemy as sa
 from sqlalchemy.sql.expression import ColumnElement
 
 from ledger import db
+from ledger.queries import wait_outbox
 from ledger.queries.common import ACTIVE
+from ledger.queries.wait_outbox import taken
 from ledger.schema import jobs, timers
 from ledger.types import JSON, EventKind, TimerKind, TimerState
 
@@ -191,17 +194,6 @@ def fire_due(dialect_name: str, limit: int, pipelines: Sequence[str]) -> sa.Upda
     )
 
 
-def taken(dialect_name: str, chosen: sa.Select[Any], table: sa.Table) -> sa.Select[Any]:
-    """The ids `chosen` selects, for an UPDATE to take: on Postgres its rows locked, SKIP
-    LOCKED, in a materialized CTE read once. As a plain `IN (subquery)` the planner may run
-    the subquery again for each row the UPDATE scans (a semi join), each run locking the next
-    `LIMIT` rows: one round of the timer loop took every due timer, whatever its limit."""
-    if dialect_name != "postgresql":
-        return chosen
-    locked = chosen.with_for_update(skip_locked=True, of=table).cte("taken")
-    return sa.select(locked.prefix_with("MATERIALIZED").c.id)
-
-
 def select_waiting_jobs(job_ids: Sequence[UUID]) -> sa.Select[Any]:
     """What the firing of a job's timer needs of it."""
     return sa.select(
@@ -229,37 +221,37 @@ def mark_sent(timer_ids: Sequence[int]) -> sa.Update:
     )
 
 
-def undo_sent(timer_ids: Sequence[int]) -> sa.Update:
-    """Put fired timers back in the outbox: their publish failed after all."""
-    return sa.update(timers).where(timers.c.id.in_(list(timer_ids))).values(dispatched_at=None)
-
-
 def take_unsent(
     dialect_name: str, older_than: float, limit: int, pipelines: Sequence[str]
 ) -> sa.Update:
     """Take fired timers whose next step's publish is not known to have reached the broker
     for `older_than` seconds (the loop died between its commit and the publish), marking
-    them sent; returns their jobs, to send again."""
-    unsent = (
-        sa.select(timers.c.id)
-        .join(jobs, jobs.c.id == timers.c.job_id)
-        .where(
-            timers.c.state == _FIRED,
-            timers.c.dispatched_at.is_(None),
-            timers.c.fired_at < db.utcnow_plus(db.seconds(-older_than)),
-            jobs.c.pipeline.in_(list(pipelines)),
-        )
-        .order_by(timers.c.fired_at)
-        .limit(limit)
+    them sent (see `wait_outbox.take_unsent`; `again`: a retry's or a limit's timer, which
+    sends its own step, or its map item, again)."""
+    return wait_outbox.take_unsent(
+        dialect_name,
+        timers,
+        moved_at=timers.c.fired_at,
+        unsent=sa.and_(timers.c.state == _FIRED, timers.c.dispatched_at.is_(None)),
+        again=timers.c.kind.in_([str(TimerKind.RETRY), str(TimerKind.LIMIT)]),
+        item=timers.c.item_id,
+        older_than=older_than,
+        limit=limit,
+        pipelines=pipelines,
     )
-    return (
-        sa.update(timers)
-        .where(
-            timers.c.id.in_(taken(dialect_name, unsent, timers)),
-            timers.c.dispatched_at.is_(None),
-        )
-        .values(dispatched_at=db.utcnow())
-        .returning(timers.c.id, timers.c.job_id, timers.c.item_id)
+
+
+def retry_timer_pending(
+    job_id: ColumnElement[Any], step: ColumnElement[Any]
+) -> ColumnElement[bool]:
+    """A job's step's retry waits as a pending timer: a claim must not take its failed key
+    over (the retry fence, `queries.claims`), nor take its limits (`queries.limits`)."""
+    timer = timers.c
+    return sa.exists().where(
+        timer.job_id == job_id,
+        timer.step == step,
+        timer.kind == str(TimerKind.RETRY),
+        timer.state == _PENDING,
     )
 
 
@@ -275,6 +267,19 @@ def cancel_timers(job_id: UUID) -> sa.Update:
     return (
         sa.update(timers)
         .where(timers.c.job_id == job_id, timers.c.state == _PENDING)
+        .values(state=str(TimerState.CANCELLED))
+    )
+
+
+def cancel_unlocked_timers(dialect_name: str, job_id: UUID) -> sa.Update:
+    """Cancel a job's pending timers that no other transaction holds (SKIP LOCKED), for a
+    transaction that holds the job's row already: a timer the loop holds is being fired, and
+    its firing moves a job no longer active nowhere. (Waiting for it instead could deadlock:
+    the loop locks the timer, then the job.)"""
+    pending = sa.select(timers.c.id).where(timers.c.job_id == job_id, _IS_PENDING)
+    return (
+        sa.update(timers)
+        .where(timers.c.id.in_(taken(dialect_name, pending, timers)), timers.c.state == _PENDING)
         .values(state=str(TimerState.CANCELLED))
     )
 

@@ -17,6 +17,7 @@ import pytest
 
 from config import child_environment
 from jobs.tools import processes
+from jobs.worker.tasks import BEAT_HEARTBEAT
 from ledger import JobState, JobStore, create_engine
 from tests.conftest import REPO_ROOT
 from tests.factories import order_event
@@ -61,25 +62,29 @@ def test_the_procfile_runs_the_system(tmp_path: Path, postgres_url: str, redis_u
             "FLOWER_PORT": str(flower_port),
             "FLOWER_BASIC_AUTH": "ops:secret",
             "PYTHONPATH": str(REPO_ROOT),
-            "WEB_PORT": str(web_port),
+            # honcho gives PORT to the first line, web, and the next hundreds to the others.
+            "PORT": str(web_port),
             "API_TOKEN": "procfile-token-0123",
             "WEBHOOK_SECRET": "procfile-secret-0123",
         }
     )
-    honcho = processes.start(
-        "honcho",
-        [
-            sys.executable,
-            "-m",
-            "honcho",
-            "start",
-            "-f",
-            str(REPO_ROOT / "Procfile"),
-            "-d",
-            str(REPO_ROOT),
-        ],
+    honcho_start = [
+        *(sys.executable, "-m", "honcho", "start"),
+        *("-f", str(REPO_ROOT / "Procfile"), "-d", str(REPO_ROOT)),
+    ]
+    # The release line first, alone (as README says): honcho stops every process once one ends.
+    release = subprocess.run(
+        [*honcho_start, "release"],
         env=env,
-        log_dir=tmp_path / "logs",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert release.returncode == 0, release.stdout + release.stderr
+    assert "ledger schema is up to date" in release.stdout
+    honcho = processes.start(
+        "honcho", [*honcho_start, "-c", "release=0"], env=env, log_dir=tmp_path / "logs"
     )
     store = JobStore(engine=create_engine(postgres_url))
     system = System(env, tmp_path / "data", provider_url, store, tmp_path / "logs", [honcho])
@@ -111,6 +116,9 @@ def test_the_procfile_runs_the_system(tmp_path: Path, postgres_url: str, redis_u
         )
         web = f"http://127.0.0.1:{web_port}/healthz"
         processes.wait_until_answers(web, process=honcho, timeout=60)
+        # Beat's healthcheck in docker-compose.yml reads the file its sweeper touches.
+        heartbeat = tmp_path / "data" / BEAT_HEARTBEAT
+        wait_for(heartbeat.exists, lambda: f"{heartbeat} to be touched", timeout=60)
         flower = f"http://127.0.0.1:{flower_port}/api/workers"
         assert httpx.get(flower, timeout=10).status_code == 401
         assert httpx.get(flower, auth=("ops", "secret"), timeout=10).status_code == 200

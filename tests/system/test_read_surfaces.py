@@ -40,10 +40,10 @@ def test_every_read_surface_shows_a_pipeline_of_ones_own(
     fine, refused = _jobs_of_ones_own(system, f"own-{uuid.uuid4().hex[:8]}")
 
     # Then the command line shows them: history,
-    view = system.history(fine)
+    view = system.cli_json("history", fine)
     assert (view["pipeline"], view["state"]) == ("toy-typed", "succeeded")
     assert view["steps"][0]["output"] == {"letters": 4}
-    assert system.history(refused)["steps"][0]["error"]["type"] == "PermanentError"
+    assert system.cli_json("history", refused)["steps"][0]["error"]["type"] == "PermanentError"
     # status,
     status = system.cli_json("status")
     assert (status["jobs"]["succeeded"], status["jobs"]["dead_lettered"]) == (1, 1)

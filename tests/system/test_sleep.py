@@ -74,7 +74,7 @@ def test_the_step_after_a_sleep_runs_once_after_it_with_a_worker_killed_meanwhil
     system.wait_for(
         lambda: bool(system.history(cancelled_id)["waiting"]), "the long sleeper to sleep"
     )
-    assert system.history(cancelled_id)["waiting"] == f"sleeping until {later}"
+    assert system.cli_json("history", cancelled_id)["waiting"] == f"sleeping until {later}"
     assert system.cli_json("cancel", cancelled_id)["cancelled"] is True
 
     # Then every job ends, its step after the sleep run once, not before its timer was due

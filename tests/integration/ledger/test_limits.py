@@ -17,6 +17,8 @@ import sqlalchemy as sa
 from ledger import (
     Claim,
     ClaimOutcome,
+    DeadLetterReason,
+    Failure,
     InFlight,
     JobState,
     JobStore,
@@ -26,6 +28,7 @@ from ledger import (
     LimitKind,
     LimitRules,
     RateRule,
+    RetryPending,
     SlotRule,
     StepLedger,
     StepResult,
@@ -33,7 +36,7 @@ from ledger import (
     create_engine,
 )
 from ledger.limits import LimitLedger
-from ledger.schema import ledger_entries, step_events, timers
+from ledger.schema import ledger_entries, limit_keys, step_events, timers
 from tests.factories import new_job
 
 CUSTOMER = ((KeySource.TEXT, "customer:"), (KeySource.CONTEXT, "customer_id"))
@@ -217,6 +220,37 @@ def test_a_key_in_flight_is_answered_as_without_limits_and_takes_no_slot(
     busy(claim(led, other, rules))
 
 
+def test_a_stray_copy_fenced_by_its_pending_retry_timer_takes_no_token_and_no_wait(
+    engine: sa.Engine, store: JobStore
+) -> None:
+    # Given a step limited to 3 tokens at once (then one a minute) and one slot a customer,
+    # and a job whose attempt failed with its retry waiting as a timer, an hour away
+    name = f"provider:{uuid.uuid4().hex[:8]}"
+    rules = LimitRules(
+        rate=RateRule(name, ((KeySource.TEXT, name),), 60.0, 3, 0.0),
+        slots=SlotRule("customer:{customer_id}", CUSTOMER, 1),
+    )
+    led = ledger(engine)
+    [job] = jobs_of(store, "fay", 1)
+    failure = Failure({"message": "429"}, retry_in=3600.0, retry_timer=True)
+    led.record_failure(claimed(claim(led, job, rules)), failure)
+
+    def granted() -> int:
+        with engine.connect() as conn:
+            query = sa.select(limit_keys.c.granted).where(limit_keys.c.key == name)
+            return int(conn.execute(query).scalar_one())
+
+    # When a stray copy of the step claims it (a redelivery), a token being free
+    assert isinstance(claim(led, job, rules), RetryPending)
+    # Then it takes no token (the retry fence refuses the key: its limits are not asked)
+    assert granted() == 1
+    # and, the tokens gone, it hears of the fence, not of the limit (no limit wait for it)
+    for other in jobs_of(store, "gus", 1) + jobs_of(store, "hal", 1):
+        claimed(claim(led, other, rules))
+    assert isinstance(claim(led, job, rules), RetryPending)
+    assert granted() == 3
+
+
 def test_the_fast_path_takes_the_next_steps_limits_in_its_record(
     engine: sa.Engine, store: JobStore, statements: list[str]
 ) -> None:
@@ -341,6 +375,34 @@ def test_a_refused_step_waits_as_a_timer_and_says_so(engine: sa.Engine, store: J
     [(detail,)] = events
     assert isinstance(detail, dict)
     assert detail == {"limit": rules.rate.template, "kind": "rate", "until": detail["until"]}
+
+
+def test_a_job_ended_gives_back_its_slot_and_its_limit_waits_end_with_it(
+    engine: sa.Engine, store: JobStore
+) -> None:
+    # Given one slot a customer, held by one order, two more waiting for it as timers
+    rules = slots(1)
+    led, limits = ledger(engine), LimitLedger(engine=engine)
+    holder, dropped, cancelled, later = jobs_of(store, "jon", 4)
+    held = claimed(claim(led, holder, rules))
+    for job in (dropped, cancelled):
+        limits.wait(busy(claim(led, job, rules)), rules)
+
+    # When a person cancels one waiter, the other is dead-lettered
+    store.cancel(cancelled, by="test")
+    led.dead_letter(dropped, "first", {"message": "gone"}, reason=DeadLetterReason.PERMANENT)
+
+    # Then their limit timers never fire
+    with engine.connect() as conn:
+        found = conn.execute(
+            sa.select(timers.c.job_id, timers.c.state).where(
+                timers.c.job_id.in_([dropped, cancelled])
+            )
+        ).all()
+    assert sorted(state for _, state in found) == ["cancelled", "cancelled"]
+    # and the holder, its attempt failing for good (dead-lettered), gives its slot back
+    led.record_failure(held, Failure({"message": "declined"}, retry_in=None))
+    claimed(claim(led, later, rules))
 
 
 def test_the_limits_in_use_and_waiting_are_counted_for_people(

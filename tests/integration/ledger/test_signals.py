@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from ledger import NewSignal, SignalConflict, SignalLedger, SignalOutcome
+from ledger import JSON, NewSignal, SignalConflict, SignalLedger, SignalOutcome
 from ledger.schema import signals
 
 
@@ -64,6 +64,35 @@ def test_the_same_id_with_other_content_is_a_conflict_that_writes_nothing(
         ledger.send(changed, route=_nowhere)
 
     assert len(rows(engine)) == 1
+
+
+@pytest.mark.parametrize(
+    ("first", "again", "same"),
+    [
+        ({"n": 1}, {"n": 1.0}, True),
+        ([1.0, {"a": 2, "b": [3]}], [1, {"b": [3.0], "a": 2.0}], True),
+        ({"big": 10**20}, {"big": 1e20}, True),
+        ({"n": 1}, {"n": True}, False),
+        ({"n": 0}, {"n": False}, False),
+        ({"n": 1}, {"n": 1.5}, False),
+        ({"n": 1}, {"n": "1"}, False),
+    ],
+)
+def test_equal_numbers_in_the_data_are_the_same_signal(
+    engine: sa.Engine, first: JSON, again: JSON, same: bool
+) -> None:
+    """`1` and `1.0` are one JSON number (a sender's serializer may write either): the same
+    id with either is a duplicate, not a conflict. A boolean is never a number."""
+    ledger = SignalLedger(engine=engine)
+    ledger.send(NewSignal("shipped", "order-1", "s-1", first), route=_nowhere)
+
+    if same:
+        sent = ledger.send(NewSignal("shipped", "order-1", "s-1", again), route=_nowhere)
+        assert sent.outcome is SignalOutcome.DUPLICATE
+    else:
+        with pytest.raises(SignalConflict):
+            ledger.send(NewSignal("shipped", "order-1", "s-1", again), route=_nowhere)
+    assert [row.data for row in rows(engine)] == [first]
 
 
 def test_the_same_id_under_another_name_is_another_signal(engine: sa.Engine) -> None:

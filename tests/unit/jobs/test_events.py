@@ -32,7 +32,9 @@ def test_an_event_is_its_id_beside_the_validated_input_with_defaults() -> None:
     ("value", "message"),
     [
         ({"event_id": "e1", "word": "hi", "times": "2"}, "times: Input should be a valid integer"),
-        ({"event_id": "e1", "word": "hi", "times": 2.0}, "times: Input should be a valid integer"),
+        ({"event_id": "e1", "word": "hi", "times": 2.5}, "times: Input should be a valid integer"),
+        # 2.0 is the integer 2 (see below): only the unknown field is wrong.
+        ({"event_id": "e1", "word": "hi", "times": 2.0, "colour": 1}, "colour: unknown field"),
         ({"event_id": "e1", "word": "hi", "colour": "red"}, "colour: unknown field"),
         ({"event_id": "e1"}, "word: Field required"),
         ({"word": "hi"}, "event_id: Field required"),
@@ -42,6 +44,14 @@ def test_an_event_is_its_id_beside_the_validated_input_with_defaults() -> None:
 )
 def test_each_bad_field_is_named_and_nothing_is_coerced(value: object, message: str) -> None:
     assert str(_problem(value)) == message
+
+
+def test_an_integral_number_is_an_integer() -> None:
+    # JSON, and JSON Schema (the API's OpenAPI schema), do not tell 2.0 from 2.
+    event = read_event(TYPED, {"event_id": "e1", "word": "hi", "times": 2.0})
+
+    assert event.context == {"word": "hi", "times": 2}
+    assert isinstance(event.context["times"], int)
 
 
 def test_every_problem_is_listed_event_id_first() -> None:
@@ -100,3 +110,14 @@ def test_an_input_model_that_would_let_bad_input_through_is_refused(
             resources=lambda _settings: None,
             input=model,
         )
+
+
+def test_an_untyped_event_needs_the_fields_its_keys_name() -> None:
+    # `toy` has no input model: any object, but its keys are `toy:{word}:…`.
+    from tests.toy_pipeline import toy
+
+    with pytest.raises(InvalidEvent) as caught:
+        read_event(toy, {"event_id": "e1", "colour": "red"}, line=3)  # type: ignore[arg-type]
+
+    assert str(caught.value) == "line 3: word: Field required (step 'measure''s key names it)"
+    assert read_event(toy, {"event_id": "e1", "word": "hi"}).context == {"word": "hi"}  # type: ignore[arg-type]

@@ -322,14 +322,14 @@ class ModelBroker:
 
     def take_batch(self, pick: int, size: int) -> list[Message]:
         """The picked message and the next queued ones of its step, as a worker batches them
-        (`jobs.worker.batching`: a redelivered message always runs alone)."""
+        (`jobs.worker.batching`: a message that may repeat an attempt always runs alone)."""
         first = self.take(pick)
         batch = [first]
         for message in list(self.queue):
-            if len(batch) >= size or first.redelivered:
+            if len(batch) >= size or first.repeat:
                 break
             same = (message.pipeline, message.step) == (first.pipeline, first.step)
-            if same and not message.redelivered:
+            if same and not message.repeat:
                 self.queue.remove(message)
                 batch.append(message)
         return batch

@@ -79,6 +79,16 @@ def make_due(rt: Runtime, job_id: str) -> None:
         )
 
 
+def waiting_to_retry(rt: Runtime) -> tuple[Pipeline[list[Exception]], RecordingDispatch, str]:
+    """A job whose `second` a 429 turned away for an hour: its retry waits as a timer."""
+    failures: list[Exception] = [TransientError("429", retry_after=HOUR)]
+    pipeline, dispatch = pipeline_failing(failures), RecordingDispatch()
+    job_id = start(rt, pipeline)
+    run(rt, dispatch, pipeline, "first", job_id)
+    assert run(rt, dispatch, pipeline, "second", job_id) is Outcome.RETRYING
+    return pipeline, dispatch, job_id
+
+
 def as_utc(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
@@ -181,11 +191,7 @@ def test_on_the_fast_path_a_long_retry_is_a_timer_too(fast: Runtime) -> None:
 
 
 def test_cancelling_a_job_waiting_to_retry_cancels_its_timer(runtime: Runtime) -> None:
-    failures: list[Exception] = [TransientError("429", retry_after=HOUR)]
-    pipeline, dispatch = pipeline_failing(failures), RecordingDispatch()
-    job_id = start(runtime, pipeline)
-    run(runtime, dispatch, pipeline, "first", job_id)
-    run(runtime, dispatch, pipeline, "second", job_id)
+    _, dispatch, job_id = waiting_to_retry(runtime)
 
     assert runtime.store.cancel(uuid.UUID(job_id), by="test").state is JobState.CANCELLED
 
@@ -196,27 +202,28 @@ def test_cancelling_a_job_waiting_to_retry_cancels_its_timer(runtime: Runtime) -
     assert history_view(runtime.store.history(uuid.UUID(job_id)))["waiting"] is None
 
 
-def test_a_step_run_early_after_all_leaves_its_timer_nothing_to_send(runtime: Runtime) -> None:
-    """A redelivery (a worker killed between the failure's commit and its ack) runs the step
-    before the timer is due and it succeeds: the timer, when due, sends nothing, and it
-    does not hide the job at its later steps from the sweeper."""
-    failures: list[Exception] = [TransientError("429", retry_after=HOUR)]
-    pipeline, dispatch = pipeline_failing(failures), RecordingDispatch()
-    job_id = start(runtime, pipeline)
-    run(runtime, dispatch, pipeline, "first", job_id)
-    run(runtime, dispatch, pipeline, "second", job_id)
+def test_a_stray_copy_of_the_step_is_absorbed_while_its_retry_timer_is_pending(
+    runtime: Runtime,
+) -> None:
+    """A redelivery (a worker killed between the failure's commit and its ack, a duplicate
+    publish) before the timer is due: the step is not run before its `Retry-After`, its
+    attempt not counted; the timer's firing sends it."""
+    pipeline, dispatch, job_id = waiting_to_retry(runtime)
     dispatch.sent.clear()
 
+    assert run(runtime, dispatch, pipeline, "second", job_id) is Outcome.INACTIVE
+
+    assert dispatch.sent == []
+    job = runtime.store.get_job(uuid.UUID(job_id))
+    assert (job.state, job.current_step) == (JobState.RUNNING, "second")
+    [row] = rows(runtime, job_id)
+    assert row.state == TimerState.PENDING
+    assert sweep(runtime, dispatch, stalled_after=0.0).redriven == 0  # it waits
+    make_due(runtime, job_id)
+    assert fire_round(runtime, dispatch) == 1
+    assert dispatch.sent == [(pipeline.name, "second", job_id)]
+    dispatch.sent.clear()
     assert run(runtime, dispatch, pipeline, "second", job_id) is Outcome.SUCCEEDED
     assert dispatch.sent == [(pipeline.name, "third", job_id)]
-
-    # The job, at its next step, is the sweeper's as any other (its message may be lost)
-    assert sweep(runtime, dispatch, stalled_after=0.0).redriven == 1
-    assert runtime.timers.stats().waiting_jobs == 0
-    dispatch.sent.clear()
-    make_due(runtime, job_id)
-    assert fire_round(runtime, dispatch) == 0  # fired, with nothing to publish
-    assert dispatch.sent == []
-    [row] = rows(runtime, job_id)
-    assert row.state == TimerState.FIRED
-    assert runtime.store.get_job(uuid.UUID(job_id)).current_step == "third"
+    result = runtime.store.get_job(uuid.UUID(job_id)).results["second"]
+    assert result == {"attempt": 2}  # the absorbed copy counted no attempt

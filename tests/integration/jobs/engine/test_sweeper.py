@@ -192,6 +192,18 @@ def claim(runtime: Runtime, job_id: uuid.UUID, *, expired: bool) -> None:
             )
 
 
+def expired_long_ago(runtime: Runtime, job_id: uuid.UUID, passed: int) -> None:
+    """Pretend `passed` seconds went by since the job was last touched, its step's lease
+    expired well before that."""
+    age(runtime.engine, [job_id], passed)
+    with runtime.engine.begin() as conn:
+        conn.execute(
+            sa.update(ledger_entries)
+            .where(ledger_entries.c.job_id == job_id)
+            .values(locked_until=ledger_entries.c.locked_until - timedelta(seconds=passed + 60))
+        )
+
+
 def test_a_job_whose_owner_died_is_sent_again_once_its_lease_expired(
     runtime: Runtime, pipeline: Pipeline[None]
 ) -> None:
@@ -223,18 +235,32 @@ def test_an_abandoned_job_whose_re_drive_went_unclaimed_is_sent_again(
     # When a few leases pass with its key still expired (long before the re-drive), the
     # stall threshold far off
     passed = int(ABANDONED_AGAIN_AFTER_LEASES * runtime.settings.step_lease) + 1
-    age(runtime.engine, [job_id], passed)
-    with runtime.engine.begin() as conn:
-        conn.execute(
-            sa.update(ledger_entries)
-            .where(ledger_entries.c.job_id == job_id)
-            .values(locked_until=ledger_entries.c.locked_until - timedelta(seconds=passed + 60))
-        )
+    expired_long_ago(runtime, job_id, passed)
     again = sweep(runtime, dispatch, stalled_after=STALLED_AFTER)
 
     # Then it is sent again, at once
     assert (again.abandoned, again.job_ids) == (1, [str(job_id)])
     assert dispatch.sent == [(pipeline.name, "first", str(job_id))] * 2
+
+
+def test_an_abandoned_job_behind_a_backlog_is_sent_at_once_but_not_again(
+    runtime: Runtime, pipeline: Pipeline[None]
+) -> None:
+    # Given an abandoned job, and queues longer than the workers drain in a stall
+    job_id = create_job(runtime.store, pipeline=pipeline.name)
+    claim(runtime, job_id, expired=True)
+    dispatch = RecordingDispatch()
+
+    # When the sweeper runs, then again a few leases later with the job still unclaimed
+    first = sweep(runtime, dispatch, stalled_after=STALLED_AFTER, queued=lambda: 300)
+    passed = int(ABANDONED_AGAIN_AFTER_LEASES * runtime.settings.step_lease) + 1
+    expired_long_ago(runtime, job_id, passed)
+    again = sweep(runtime, dispatch, stalled_after=STALLED_AFTER, queued=lambda: 300)
+
+    # Then it was sent at once (its owner is dead), but not again: its re-drive is most
+    # likely queued behind the backlog, and one more each sweep would only lengthen it
+    assert (first.abandoned, again.abandoned) == (1, 0)
+    assert dispatch.sent == [(pipeline.name, "first", str(job_id))]
 
 
 def test_a_step_whose_lease_runs_is_not_stalled(runtime: Runtime, pipeline: Pipeline[None]) -> None:

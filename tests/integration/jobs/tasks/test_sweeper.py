@@ -320,6 +320,9 @@ def test_a_long_retry_of_a_call_is_a_timer_whose_firing_re_sends_its_message(
     assert queued_calls(shop_app) == 0
     assert sweep_calls(calls_ledger, shop_app, stalled_after=0) == []  # waiting, not stalled
     assert fire_call_timers(calls_ledger, shop_app) == 0  # not due
+    # A copy of its message meanwhile (a redelivery) is not run before the timer is due
+    assert rate_limited.apply(args=(order,), task_id=task_id).state == "RETRY"
+    assert _limited.count(order) == 1
 
     # When it is due (moved to now: the honest way not to wait an hour), it fires once and
     # the call's kept message is sent again through its app: same task id and arguments

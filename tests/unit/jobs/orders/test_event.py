@@ -90,7 +90,7 @@ _PATTERN = "String should match pattern '^[A-Z]{3}$'"
     [
         (_items("2"), f"items[0].quantity: {_INTEGER}"),
         (_items(2.5), f"items[0].quantity: {_INTEGER}"),
-        (_items(2.0), f"items[0].quantity: {_INTEGER}"),
+        (_items(2.0, sku=""), "items[0].sku: String should have at least 1 character"),
         (_items(True), f"items[0].quantity: {_INTEGER}"),
         (_items(1, 0), "items[1].quantity: Input should be greater than 0"),
         (_items(1, sku=""), "items[0].sku: String should have at least 1 character"),
@@ -114,6 +114,14 @@ def test_each_bad_field_is_named(overrides: dict[str, object], message: str) -> 
 
     assert str(error) == message
     assert error.line is None
+
+
+def test_an_integral_quantity_is_an_integer() -> None:
+    # JSON, and the OpenAPI schema's `integer`, do not tell 2.0 from 2; "2" is still refused.
+    [event] = parse_events(json.dumps(order_event(**_items(2.0))))
+
+    assert event.items[0].quantity == 2
+    assert isinstance(event.items[0].quantity, int)
 
 
 def test_a_missing_field_is_named() -> None:

@@ -14,6 +14,7 @@ from celery.exceptions import Reject
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 
+from config import MAIN_QUEUE, RETRY_QUEUE
 from jobs.engine.run import Outcome
 from jobs.worker.batching import MALFORMED, Batcher, Slots, run_batch
 
@@ -24,6 +25,8 @@ class FakeRequest:
 
     job_id: str
     redelivered: bool = False
+    #: The queue it came by (`oncelery.retry`: sent again, by a retry or the sweeper).
+    routing_key: str = MAIN_QUEUE
     time_limits: tuple[float | None, float | None] = (35.0, 30.0)
     ended: list[tuple[str, object]] = field(default_factory=list)
     #: The message's arguments, if not the usual `[job_id]`.
@@ -40,7 +43,7 @@ class FakeRequest:
 
     @property
     def delivery_info(self) -> dict[str, object]:
-        return {"redelivered": self.redelivered, "routing_key": "oncelery"}
+        return {"redelivered": self.redelivered, "routing_key": self.routing_key}
 
     @property
     def request_dict(self) -> dict[str, object]:
@@ -140,6 +143,21 @@ def test_a_redelivered_message_runs_alone() -> None:
     assert [a.job_ids for a in pool.applied] == [["busy"], ["a"], ["again"], ["b"]]
     # The child claims the repeated message's step whatever its delivery (attempts count).
     assert [a.repeats for a in pool.applied] == [[False], [False], [True], [False]]
+
+
+def test_a_message_sent_again_runs_alone() -> None:
+    # Given a busy child, then fresh messages around one the sweeper re-drove (a job whose
+    # worker died on it may be poison: it must not take fresh neighbours down with it)
+    batches, pool = batcher(size=8, processes=1)
+    add(batches, FakeRequest("busy"))
+    add(batches, FakeRequest("a"), FakeRequest("redriven", routing_key=RETRY_QUEUE))
+    add(batches, FakeRequest("b"), FakeRequest("c"))
+
+    for n in range(3):
+        pool.applied[n].finish([Outcome.SUCCEEDED] * len(pool.applied[n].job_ids))
+
+    assert [a.job_ids for a in pool.applied] == [["busy"], ["a"], ["redriven"], ["b", "c"]]
+    assert [a.repeats for a in pool.applied] == [[False], [False], [True], [False, False]]
 
 
 def test_each_message_ends_as_its_job_did() -> None:
