@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -25,7 +26,7 @@ from jobs.ops.status import status_view
 from jobs.pipelines import Pipeline, Step, StepContext
 from jobs.worker import CeleryDispatch
 from ledger import JSON, Claim, EventKind, JobState, LedgerStats
-from ledger.schema import ledger_entries, limit_keys
+from ledger.schema import ledger_entries, limit_keys, timers
 from tests.factories import RecordingDispatch
 from tests.integration.jobs.engine.test_map_step import QueueDispatch, World, drain, toy_map
 from tests.integration.jobs.engine.test_retry_timers import HOUR, make_due, pipeline_failing
@@ -228,3 +229,36 @@ def test_a_limit_wait_fires_in_one_round_with_a_sleep_and_a_long_retry(runtime: 
     assert fire_round(runtime, dispatch) == 0
     assert resend_unsent(runtime, dispatch, runtime.timers, after="timer") == 0
     assert run_step(runtime, dispatch, limited, charge, waiter) is Outcome.SUCCEEDED  # type: ignore[arg-type]
+
+
+def test_a_limit_waits_lost_publish_is_resent_as_its_own_step_while_the_job_is_at_it(
+    runtime: Runtime,
+) -> None:
+    # Given a step that waited for its customer's slot, its timer fired but its publish
+    # lost (the broker down), the firing older than `relay_after`
+    pipeline, dispatch = charging(), RecordingDispatch()
+    charge = pipeline.step("charge")
+    holder = start(runtime, pipeline, order="o1", customer="c9")
+    waiter = start(runtime, pipeline, order="o2", customer="c9")
+    rules = runtime.limits_for(pipeline.name, charge)  # type: ignore[arg-type]
+    held = runtime.ledger.claim_step(uuid.UUID(holder), "charge", limits=rules)
+    assert isinstance(held, Claim)
+    assert run_step(runtime, dispatch, pipeline, charge, waiter) is Outcome.WAITING  # type: ignore[arg-type]
+    runtime.ledger.record_success(held, {"ok": True}, next_step="notify", duration_ms=1.0)
+    make_due(runtime, waiter)
+    assert fire_round(runtime, RecordingDispatch(fail=True)) == 1
+    with runtime.engine.begin() as conn:
+        conn.execute(
+            sa.update(timers)
+            .where(timers.c.job_id == uuid.UUID(waiter))
+            .values(fired_at=timers.c.fired_at - timedelta(seconds=60))
+        )
+
+    # When the sweeper's resend runs, twice
+    sent = [resend_unsent(runtime, dispatch, runtime.timers, after="timer") for _ in range(2)]
+
+    # Then the waiting step itself is sent once more, on the retry queue (not the step
+    # after it, as for a sleep), and runs once
+    assert sent == [1, 0]
+    assert (dispatch.sent, dispatch.resent) == ([(pipeline.name, "charge", waiter)], [waiter])
+    assert run_step(runtime, dispatch, pipeline, charge, waiter) is Outcome.SUCCEEDED  # type: ignore[arg-type]
