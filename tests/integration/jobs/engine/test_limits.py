@@ -262,3 +262,41 @@ def test_a_limit_waits_lost_publish_is_resent_as_its_own_step_while_the_job_is_a
     assert sent == [1, 0]
     assert (dispatch.sent, dispatch.resent) == ([(pipeline.name, "charge", waiter)], [waiter])
     assert run_step(runtime, dispatch, pipeline, charge, waiter) is Outcome.SUCCEEDED  # type: ignore[arg-type]
+
+
+def test_a_map_items_limit_wait_whose_publish_was_lost_is_resent_as_that_item(
+    runtime: Runtime,
+) -> None:
+    # Given a map of 3 items under a rate limit of one a second: two items wait as timers
+    world, dispatch = World(), QueueDispatch()
+    pipeline = toy_map(
+        world,
+        "lost",
+        lambda ctx: [{"id": f"r{n}"} for n in range(3)],
+        lambda ctx: {"ok": True},
+        limits=[RateLimit(f"p-{job_id()}", 1)],
+    )
+    [(job, _)] = runtime.store.create_jobs([pipeline.new_job(f"evt-{job_id()}", {"crawl": "x"})])
+    dispatch.send(pipeline.name, "search", str(job))
+    drain(runtime, dispatch, pipeline, twice=False)
+    # and their timers fired, the items' publish lost, the firing older than `relay_after`
+    make_due(runtime, str(job))
+    dispatch.fail_items = True
+    assert fire_round(runtime, dispatch) == 2
+    dispatch.fail_items = False
+    with runtime.engine.begin() as conn:
+        conn.execute(
+            sa.update(timers)
+            .where(timers.c.job_id == job)
+            .values(fired_at=timers.c.fired_at - timedelta(seconds=60))
+        )
+
+    # When the sweeper's resend runs, twice
+    sent = [resend_unsent(runtime, dispatch, runtime.timers, after="timer") for _ in range(2)]
+
+    # Then each waiting item is sent once more, alone, as an item of the map step
+    assert sent == [2, 0]
+    assert sorted(dispatch.queue) == [
+        (pipeline.name, "search", str(job), ["r1"]),
+        (pipeline.name, "search", str(job), ["r2"]),
+    ]
