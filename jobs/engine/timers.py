@@ -176,8 +176,11 @@ def resend_unsent(rt: Runtime, dispatch: Dispatch, outbox: _WaitOutbox, *, after
     failed: list[int] = []
     for row, job_id, pipeline, step, item_id in taken:
         try:
-            if item_id and isinstance(dispatch, ItemDispatch):
-                if dispatch.send_items(pipeline, step, str(job_id), [item_id], resend=True):
+            if item_id:
+                # An item alone, never its whole map step (as `send_items_again`).
+                if not isinstance(dispatch, ItemDispatch) or dispatch.send_items(
+                    pipeline, step, str(job_id), [item_id], resend=True
+                ):
                     raise RuntimeError(f"item {item_id!r} not sent")
             else:
                 dispatch.send(pipeline, step, str(job_id), resend=True)
