@@ -34,7 +34,7 @@ def test_a_smoke_bench_reports_every_row_and_figure(
     # Given a Postgres ledger (the bench works in <its name>_bench) and a Redis,
     # when a small bench runs
     done = _bench(
-        postgres_url, tmp_path, ["--redis-url", redis_url, "--orders", "100", "--runs", "1"],
+        postgres_url, tmp_path, ["--redis-url", redis_url, "--orders", "50", "--runs", "1"],
         ["--latency-orders", "10", "--seed-jobs", "2000"], timeout=240,
     )  # fmt: skip
 
