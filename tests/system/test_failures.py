@@ -4,6 +4,7 @@ and replay. Real workers, a real sandbox, Postgres and RabbitMQ or Redis."""
 from __future__ import annotations
 
 import json
+import signal
 import uuid
 from typing import Any
 
@@ -330,6 +331,9 @@ def test_retries_do_not_starve_new_orders(
     unfinished = still_retrying[JobState.RUNNING] + still_retrying[JobState.PENDING]
     assert unfinished > 150, still_retrying
     assert system.store.count_by_state(event_prefix=fresh)[JobState.SUCCEEDED] == 30
+    # (Killed, not stopped: a warm shutdown waited out the storm's retries, 30 s of the suite.)
+    for process in system.started:
+        process.signal(signal.SIGKILL)
 
 
 def test_a_step_that_hangs_is_cut_by_its_time_limit(
