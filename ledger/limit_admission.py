@@ -1,6 +1,6 @@
 """Admission to a limited step's queue: a key's backlog stays in the ledger, not in the
-broker's one queue, where another key's first run would wait behind all of it. Must not
-import celery, kombu, jobs or config."""
+broker's one queue, where another key's first run would wait behind all of it.
+Must not import celery, kombu, jobs or config."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The step protocol's outcomes: a claim's, read from its row; a failed attempt (`Failure`) and
-the record to write (with its statement's parameters); a batch's answers job by job. Must not
-import celery, kombu, jobs or config."""
+the record to write (with its statement's parameters); a batch's answers job by job.
+Must not import celery, kombu, jobs or config."""
 
 from __future__ import annotations
 

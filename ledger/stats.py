@@ -1,6 +1,6 @@
 """`LedgerStats`: the figures `status`, the metrics and the home page show — jobs by state, the
-oldest pending job, step duration percentiles, completions per minute, histograms. Must not
-import celery, kombu, jobs or config."""
+oldest pending job, step duration percentiles, completions per minute, histograms.
+Must not import celery, kombu, jobs or config."""
 
 from __future__ import annotations
 

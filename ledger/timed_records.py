@@ -1,7 +1,7 @@
 """The records that set a timer in their own transaction (`StepLedger`'s): a success that
 moves its job to a wait step (a sleep, or a wait for a signal, which may take a signal kept
-for it instead), and a failed attempt whose retry waits as a timer. Must not
-import celery, kombu, jobs or config."""
+for it instead), and a failed attempt whose retry waits as a timer.
+Must not import celery, kombu, jobs or config."""
 
 from __future__ import annotations
 
